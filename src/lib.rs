@@ -1,0 +1,4 @@
+//! Turbocat: an open backend for orchestrating AI agents and workflows.
+#![forbid(unsafe_code)]
+
+pub mod store;

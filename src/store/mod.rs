@@ -1,0 +1,278 @@
+//! Persistence: the `Store` trait, source of truth for users, resources, executions and the
+//! audit trail, with one PostgreSQL and one SQLite implementation. May call: sqlx. Knows nothing
+//! of proto, HTTP, the queue or the engine.
+//!
+//! Each area (`identity`, `resources`, `executions`) owns its model types, its sub-trait and one
+//! `macro_rules!` body that is instantiated for both backends, so the two implementations cannot
+//! drift apart. Where the SQL dialects differ, the body calls an associated function of the
+//! concrete store type (see `Dialect`). Timestamps are made in Rust (`Utc::now()`), never by
+//! the database, so both backends store and order them identically.
+
+mod executions;
+mod identity;
+mod resources;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+pub use executions::*;
+pub use identity::*;
+pub use resources::*;
+
+static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// Every failure a store operation can report. Database errors stay opaque to callers: the
+/// service layer logs them and answers a generic internal error.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// Optimistic locking failed: the row exists but has moved on to `current_version`.
+    #[error("version conflict, current version is {current_version}")]
+    VersionConflict { current_version: i64 },
+    /// A unique constraint refused the row; the payload names what was duplicated.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// A foreign key refused the change (a referenced row is missing, or a row is still in use).
+    #[error("reference violated: {0}")]
+    ReferenceViolated(String),
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        if matches!(error, sqlx::Error::RowNotFound) {
+            return StoreError::NotFound;
+        }
+        if let Some(database_error) = error.as_database_error() {
+            let constraint = database_error
+                .constraint()
+                .map(str::to_owned)
+                .unwrap_or_else(|| database_error.message().to_owned());
+            match database_error.kind() {
+                sqlx::error::ErrorKind::UniqueViolation => {
+                    return StoreError::AlreadyExists(constraint);
+                }
+                sqlx::error::ErrorKind::ForeignKeyViolation => {
+                    return StoreError::ReferenceViolated(constraint);
+                }
+                _ => {}
+            }
+        }
+        StoreError::Database(error)
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One page of a numbered-page list: `page` counts from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    pub page: u32,
+    pub page_size: u32,
+}
+
+impl PageRequest {
+    pub const DEFAULT_PAGE_SIZE: u32 = 20;
+    pub const MAX_PAGE_SIZE: u32 = 100;
+
+    pub fn new(page: u32, page_size: u32) -> Self {
+        debug_assert!(page >= 1, "pages count from 1");
+        debug_assert!((1..=Self::MAX_PAGE_SIZE).contains(&page_size));
+        Self { page, page_size }
+    }
+
+    pub fn limit(&self) -> i64 {
+        i64::from(self.page_size)
+    }
+
+    pub fn offset(&self) -> i64 {
+        i64::from(self.page.saturating_sub(1)) * i64::from(self.page_size)
+    }
+}
+
+impl Default for PageRequest {
+    fn default() -> Self {
+        Self { page: 1, page_size: Self::DEFAULT_PAGE_SIZE }
+    }
+}
+
+/// A page of rows and the total number of rows that match the filter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub total: i64,
+}
+
+/// A sort key from a resource's allowlist, ascending unless `descending`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SortOrder<F> {
+    pub field: F,
+    pub descending: bool,
+}
+
+/// A page of a cursor-paged list (executions, logs): constant cost however deep.
+/// `next_cursor` is opaque to callers and `None` on the last page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CursorPage<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// Whose rows a query may see: one owner's, or everyone's (an admin).
+/// A row outside the scope behaves exactly like a missing row (`StoreError::NotFound`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerScope {
+    All,
+    Owner(uuid::Uuid),
+}
+
+impl OwnerScope {
+    /// The owner id to filter on, or `None` when every owner is visible.
+    pub fn owner_id(self) -> Option<uuid::Uuid> {
+        match self {
+            OwnerScope::All => None,
+            OwnerScope::Owner(owner_id) => Some(owner_id),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgres",
+            Backend::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// The whole persistence seam. Services hold an `Arc<dyn Store>`.
+#[async_trait]
+pub trait Store: IdentityStore + ResourceStore + ExecutionStore + Send + Sync + 'static {
+    fn backend(&self) -> Backend;
+
+    /// A round trip to the database, for health checks.
+    async fn ping(&self) -> StoreResult<()>;
+}
+
+/// PostgreSQL: the source of truth in `serve` mode.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+/// SQLite in WAL mode: the embedded default of `turbocat dev`.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl PostgresStore {
+    /// Connects without migrating; `migrate` applies the embedded migrations.
+    pub async fn connect(database_url: &str, max_connections: u32) -> StoreResult<Self> {
+        let options = PgConnectOptions::from_str(database_url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> StoreResult<()> {
+        POSTGRES_MIGRATOR.run(&self.pool).await.map_err(|error| StoreError::Database(error.into()))
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` in WAL mode with foreign keys on.
+    pub async fn open(path: &std::path::Path) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> StoreResult<()> {
+        SQLITE_MIGRATOR.run(&self.pool).await.map_err(|error| StoreError::Database(error.into()))
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// Opens the store a database URL names (`postgres://…` or `sqlite://path`), migrated.
+pub async fn open(database_url: &str) -> StoreResult<Arc<dyn Store>> {
+    if let Some(path) = database_url.strip_prefix("sqlite://") {
+        let store = SqliteStore::open(std::path::Path::new(path)).await?;
+        store.migrate().await?;
+        return Ok(Arc::new(store));
+    }
+    let store = PostgresStore::connect(database_url, 20).await?;
+    store.migrate().await?;
+    Ok(Arc::new(store))
+}
+
+/// Escapes `%`, `_` and `\` so user text can sit inside a `LIKE … ESCAPE '\'` pattern.
+pub(crate) fn like_pattern(search: &str) -> String {
+    let mut pattern = String::with_capacity(search.len() + 2);
+    pattern.push('%');
+    for character in search.to_lowercase().chars() {
+        if matches!(character, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(character);
+    }
+    pattern.push('%');
+    pattern
+}

@@ -1,0 +1,8 @@
+//! The Store conformance suite: every test runs against PostgreSQL and SQLite.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod executions;
+mod identity;
+mod resources;
