@@ -1,4 +1,5 @@
 //! Turbocat: an open backend for orchestrating AI agents and workflows.
 #![forbid(unsafe_code)]
 
+pub mod proto;
 pub mod store;
