@@ -19,14 +19,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for path in &proto_files {
         compiler.open_file(path.strip_prefix("proto")?)?;
     }
-    std::fs::write(
-        out_dir.join("turbocat_descriptor.bin"),
-        compiler.encode_file_descriptor_set(),
-    )?;
+    std::fs::write(out_dir.join("turbocat_descriptor.bin"), compiler.encode_file_descriptor_set())?;
 
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .generate_default_stubs(true)
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

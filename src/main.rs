@@ -1,1 +1,65 @@
-fn main() {}
+//! The `turbocat` binary: `dev`, `serve`, `runner`, `migrate`, `seed`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use turbocat::config::{Cli, Command, LogFormat};
+use turbocat::server;
+
+fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli);
+    match run(cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!(error = %message, "turbocat stopped");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Dev(args) => {
+            let running = server::start_dev(&args).await.map_err(|error| error.to_string())?;
+            announce("dev", running.local_addr);
+            running.run_until_signal().await.map_err(|error| error.to_string())
+        }
+        Command::Serve(args) => {
+            let running = server::start_serve(&args).await.map_err(|error| error.to_string())?;
+            announce("serve", running.local_addr);
+            running.run_until_signal().await.map_err(|error| error.to_string())
+        }
+        Command::Migrate(args) => {
+            let store =
+                server::open_store_for_command(&args).await.map_err(|error| error.to_string())?;
+            tracing::info!(backend = store.backend().as_str(), "migrations applied");
+            println!("migrations applied ({})", store.backend().as_str());
+            Ok(())
+        }
+        Command::Seed(_args) => {
+            Err("`turbocat seed` needs the resource services (not built yet)".into())
+        }
+        Command::Runner(_args) => {
+            Err("`turbocat runner` arrives with the execution engine (not built yet)".into())
+        }
+    }
+}
+
+/// The one line a person (or a test) reads to find the server.
+fn announce(mode: &str, address: std::net::SocketAddr) {
+    tracing::info!(%address, mode, "turbocat is listening");
+    println!("turbocat {mode} listening on http://{address} (REST /api/v1, gRPC, grpc-web)");
+}

@@ -1,0 +1,187 @@
+//! The edges: one listener serving gRPC (HTTP/2), grpc-web, REST/JSON under `/api/v1`,
+//! `grpc.health.v1.Health`, gRPC reflection and `GET /health`. Authentication, request ids,
+//! CORS and tracing are layers shared by every transport.
+//! May call: the service layer through `AppContext`; the store only for health probes.
+
+pub mod grpc;
+pub mod health;
+pub mod rest;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::response::{IntoResponse, Response};
+use http::HeaderValue;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::error::{ErrorCode, ServiceError};
+use crate::store::Store;
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Set by the REST edge on the gRPC requests it makes, so services can tell the transports apart.
+pub const TRANSPORT_HEADER: &str = "x-turbocat-transport";
+
+/// How the process was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `turbocat dev`: SQLite, in-process queue and bus.
+    Dev,
+    /// `turbocat serve`: PostgreSQL and Redis.
+    Serve,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Dev => "dev",
+            Mode::Serve => "serve",
+        }
+    }
+}
+
+/// What every edge handler and service can reach.
+pub struct AppContext {
+    pub mode: Mode,
+    pub store: Arc<dyn Store>,
+    pub probes: Vec<Arc<dyn health::HealthProbe>>,
+    pub started_at: Instant,
+}
+
+/// Settings of the edges.
+#[derive(Debug, Clone)]
+pub struct EdgeSettings {
+    /// Largest REST request body; larger ones get 413 PAYLOAD_TOO_LARGE.
+    pub max_body_bytes: usize,
+    /// Largest gRPC message in either direction.
+    pub max_message_bytes: usize,
+    /// Origins allowed to call from a browser; empty means same-origin only.
+    pub cors_origins: Vec<String>,
+}
+
+/// Builds the one router that serves every transport.
+pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result<Router, String> {
+    let pool = prost_reflect::DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
+        .map_err(|error| format!("the embedded descriptor set does not decode: {error}"))?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(health::keep_grpc_health(
+        context.clone(),
+        health_reporter,
+        Duration::from_secs(5),
+    ));
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| format!("reflection: {error}"))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|error| format!("reflection: {error}"))?;
+
+    let grpc_router = grpc::routes(&context, settings.max_message_bytes)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .into_axum_router();
+
+    let bindings = rest::bindings::http_bindings(&pool)?;
+    let rest_router = rest::router(bindings, grpc_router.clone(), settings.max_body_bytes);
+
+    let health_router = Router::new()
+        .route("/health", axum::routing::get(health::liveness))
+        .route("/health/ready", axum::routing::get(health::readiness))
+        .with_state(context.clone());
+
+    let app = Router::new()
+        .merge(health_router)
+        .merge(rest_router)
+        .merge(grpc_router.layer(tonic_web::GrpcWebLayer::new()))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(cors_layer(&settings.cors_origins))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &http::Request<_>| {
+            let request_id = request
+                .headers()
+                .get(REQUEST_ID_HEADER)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default();
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
+        }))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
+    Ok(app)
+}
+
+fn cors_layer(origins: &[String]) -> CorsLayer {
+    let origins: Vec<HeaderValue> =
+        origins.iter().filter_map(|origin| HeaderValue::from_str(origin).ok()).collect();
+    let exposed = [
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        REQUEST_ID_HEADER,
+        "etag",
+        "retry-after",
+    ]
+    .map(http::HeaderName::from_static);
+    let allowed = [
+        "authorization",
+        "content-type",
+        "x-api-key",
+        REQUEST_ID_HEADER,
+        "x-grpc-web",
+        "x-user-agent",
+        "grpc-timeout",
+        "if-match",
+    ]
+    .map(http::HeaderName::from_static);
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([
+            http::Method::GET,
+            http::Method::POST,
+            http::Method::PUT,
+            http::Method::PATCH,
+            http::Method::DELETE,
+            http::Method::OPTIONS,
+        ])
+        .allow_headers(allowed)
+        .expose_headers(exposed)
+        .max_age(Duration::from_secs(600))
+}
+
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|content_type| content_type.starts_with("application/grpc"))
+}
+
+/// Unknown routes: a gRPC status for gRPC callers, the envelope for everyone else.
+async fn fallback(method: http::Method, uri: http::Uri, headers: http::HeaderMap) -> Response {
+    if is_grpc(&headers) {
+        return tonic::Status::unimplemented(format!("unknown method {}", uri.path()))
+            .into_http::<axum::body::Body>()
+            .into_response();
+    }
+    let error =
+        ServiceError::new(ErrorCode::NotFound, format!("no route for {method} {}", uri.path()));
+    rest::envelope::error(&error, &rest::envelope::request_id_of(&headers))
+}
+
+async fn method_not_allowed(
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+) -> Response {
+    let error = ServiceError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{method} is not allowed on {}", uri.path()),
+    );
+    rest::envelope::error(&error, &rest::envelope::request_id_of(&headers))
+}

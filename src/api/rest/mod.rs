@@ -1,0 +1,496 @@
+//! The REST edge under `/api/v1`: a transcoder, not a second implementation. Each route is read
+//! from the contract (`bindings`), turns JSON + path + query into the RPC's request message,
+//! calls the very gRPC service the gRPC clients call (in process, through the same layers), and
+//! turns the answer into the envelope. Server-streaming RPCs become Server-Sent Events.
+//! May call: the gRPC router it is given, the descriptor pool. Nothing else.
+
+pub mod bindings;
+pub mod envelope;
+pub mod json;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::Stream;
+use http_body_util::BodyExt;
+use prost::Message as _;
+use prost_reflect::{DynamicMessage, Kind, MessageDescriptor};
+use serde_json::{Map, Value};
+use tower::ServiceExt;
+
+use self::bindings::{BodyMapping, HttpBinding};
+use crate::error::{ErrorCode, FieldError, ServiceError};
+
+/// Headers the REST edge hands on to the gRPC service as metadata.
+const FORWARDED_HEADERS: [&str; 6] =
+    ["authorization", "x-api-key", "x-request-id", "user-agent", "x-forwarded-for", "x-real-ip"];
+
+/// What the transcoder needs: the routes, the gRPC service to call, the body limit.
+#[derive(Clone)]
+pub struct RestEdge {
+    grpc: Router,
+    max_body_bytes: usize,
+}
+
+/// Builds the REST router from the annotated RPCs; `grpc` is the gRPC router (with its layers).
+pub fn router(bindings: Vec<HttpBinding>, grpc: Router, max_body_bytes: usize) -> Router {
+    let edge = RestEdge { grpc, max_body_bytes };
+    let mut router = Router::new();
+    for binding in bindings {
+        let binding = Arc::new(binding);
+        let edge = edge.clone();
+        let method_filter = axum::routing::MethodFilter::try_from(binding.http_method.clone())
+            .unwrap_or(axum::routing::MethodFilter::GET);
+        let path = binding.route_path.clone();
+        let handler = move |request: Request| {
+            let binding = binding.clone();
+            let edge = edge.clone();
+            async move { edge.handle(&binding, request).await }
+        };
+        router = router.route(&path, axum::routing::on(method_filter, handler));
+    }
+    router
+}
+
+impl RestEdge {
+    async fn handle(&self, binding: &HttpBinding, request: Request) -> Response {
+        let request_id = envelope::request_id_of(request.headers());
+        match self.transcode(binding, request).await {
+            Ok(response) => response,
+            Err(error) => envelope::error(&error, &request_id),
+        }
+    }
+
+    async fn transcode(
+        &self,
+        binding: &HttpBinding,
+        request: Request,
+    ) -> Result<Response, ServiceError> {
+        let (mut parts, body) = request.into_parts();
+        let request_id = envelope::request_id_of(&parts.headers);
+        let body_bytes = self.read_body(body).await?;
+        let path_values = path_values(&mut parts).await?;
+        let query = parts.uri.query().unwrap_or_default().to_owned();
+        let mut query_pairs: Vec<(String, String)> =
+            url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        if binding.server_streaming {
+            // An EventSource cannot send headers: the event stream alone takes the token here.
+            if let Some(position) = query_pairs.iter().position(|(key, _)| key == "access_token") {
+                let (_, token) = query_pairs.remove(position);
+                if let Ok(value) = http::HeaderValue::from_str(&format!("Bearer {token}")) {
+                    parts.headers.insert(http::header::AUTHORIZATION, value);
+                }
+            }
+        }
+        let if_match = parts
+            .headers
+            .get(http::header::IF_MATCH)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let request_json = build_request_json(
+            binding,
+            &parts.headers,
+            &body_bytes,
+            RequestParts { path_values, query_pairs, if_match },
+        )?;
+        let message = json::message_from_json(&binding.input, request_json)
+            .map_err(ServiceError::validation)?;
+
+        let grpc_request = grpc_request(binding, &parts, &message)?;
+        let grpc_response = match self.grpc.clone().oneshot(grpc_request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        let (response_parts, response_body) = grpc_response.into_parts();
+        if let Some(status) = tonic::Status::from_header_map(&response_parts.headers)
+            && status.code() != tonic::Code::Ok
+        {
+            return Err(ServiceError::from_status(&status));
+        }
+        if binding.server_streaming {
+            return Ok(
+                event_stream(binding.output.clone(), response_body, request_id).into_response()
+            );
+        }
+        let collected = response_body
+            .collect()
+            .await
+            .map_err(|error| ServiceError::internal(&*error.into_inner()))?;
+        if let Some(trailers) = collected.trailers()
+            && let Some(status) = tonic::Status::from_header_map(trailers)
+            && status.code() != tonic::Code::Ok
+        {
+            return Err(ServiceError::from_status(&status));
+        }
+        let mut frames = collected.to_bytes();
+        let payload = next_frame(&mut frames)
+            .ok_or_else(|| ServiceError::new(ErrorCode::InternalError, "internal error"))?;
+        let output = DynamicMessage::decode(binding.output.clone(), payload)
+            .map_err(|error| ServiceError::internal(&error))?;
+        Ok(success_response(binding, &output, &request_id))
+    }
+
+    async fn read_body(&self, body: Body) -> Result<Bytes, ServiceError> {
+        let limited = http_body_util::Limited::new(body, self.max_body_bytes);
+        match limited.collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                Err(payload_too_large(self.max_body_bytes))
+            }
+            Err(error) => {
+                Err(ServiceError::invalid_field("body", format!("could not be read: {error}")))
+            }
+        }
+    }
+}
+
+pub fn payload_too_large(limit: usize) -> ServiceError {
+    ServiceError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("the request body exceeds the limit of {limit} bytes"),
+    )
+    .with_metadata("limitBytes", limit)
+}
+
+async fn path_values(
+    parts: &mut http::request::Parts,
+) -> Result<Vec<(String, String)>, ServiceError> {
+    use axum::extract::FromRequestParts;
+    let params = axum::extract::RawPathParams::from_request_parts(parts, &())
+        .await
+        .map_err(|rejection| ServiceError::invalid_field("path", rejection.body_text()))?;
+    Ok(params.iter().map(|(name, value)| (name.to_owned(), value.to_owned())).collect())
+}
+
+struct RequestParts {
+    path_values: Vec<(String, String)>,
+    query_pairs: Vec<(String, String)>,
+    if_match: Option<String>,
+}
+
+fn build_request_json(
+    binding: &HttpBinding,
+    headers: &http::HeaderMap,
+    body_bytes: &Bytes,
+    parts: RequestParts,
+) -> Result<Value, ServiceError> {
+    let mut root = Map::new();
+    let mut errors = Vec::new();
+
+    if binding.body != BodyMapping::None && !body_bytes.iter().all(u8::is_ascii_whitespace) {
+        let content_type = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default();
+        let is_json = content_type
+            .split(';')
+            .next()
+            .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+        if !is_json {
+            return Err(ServiceError::new(
+                ErrorCode::UnsupportedMediaType,
+                "the request body must be application/json",
+            )
+            .with_metadata("contentType", content_type));
+        }
+        let body: Value = serde_json::from_slice(body_bytes).map_err(|error| {
+            ServiceError::invalid_field("body", format!("malformed JSON: {error}"))
+        })?;
+        if !body.is_object() {
+            return Err(ServiceError::invalid_field("body", "must be a JSON object"));
+        }
+        match &binding.body {
+            BodyMapping::Whole => {
+                if let Value::Object(object) = body {
+                    root = object;
+                }
+            }
+            BodyMapping::Field(field_name) => {
+                let key = json_name(&binding.input, field_name);
+                fill_update_mask(&binding.input, field_name, &body, &mut root);
+                root.insert(key, body);
+            }
+            BodyMapping::None => {}
+        }
+    }
+
+    for (route_name, text) in &parts.path_values {
+        let Some(variable) =
+            binding.path_variables.iter().find(|variable| &variable.route_name == route_name)
+        else {
+            continue;
+        };
+        if let Err(error) = set_path(&binding.input, &mut root, &variable.field_path, text) {
+            errors.push(error);
+        }
+    }
+
+    for (key, text) in &parts.query_pairs {
+        let Some(field) = binding
+            .input
+            .get_field_by_json_name(key)
+            .or_else(|| binding.input.get_field_by_name(key))
+        else {
+            errors.push(FieldError::new(key.clone(), "unknown query parameter"));
+            continue;
+        };
+        match json::scalar_from_text(&field, text, key) {
+            Ok(value) if field.is_list() => {
+                let entry = root
+                    .entry(field.json_name().to_owned())
+                    .or_insert_with(|| Value::Array(Vec::new()));
+                if let Value::Array(items) = entry {
+                    items.push(value);
+                }
+            }
+            Ok(value) => {
+                root.insert(field.json_name().to_owned(), value);
+            }
+            Err(error) => errors.push(error),
+        }
+    }
+
+    if let Some(if_match) = parts.if_match {
+        apply_if_match(binding, &mut root, &if_match, &mut errors);
+    }
+
+    if !errors.is_empty() {
+        return Err(ServiceError::validation(errors));
+    }
+    Ok(Value::Object(root))
+}
+
+fn json_name(message: &MessageDescriptor, field_name: &str) -> String {
+    message
+        .get_field_by_name(field_name)
+        .map(|field| field.json_name().to_owned())
+        .unwrap_or_else(|| field_name.to_owned())
+}
+
+/// A PATCH names what it changes by the keys it sends: when the request has an `update_mask`
+/// and the client gave none, the mask is the body's keys (less `id` and `version`).
+fn fill_update_mask(
+    input: &MessageDescriptor,
+    body_field: &str,
+    body: &Value,
+    root: &mut Map<String, Value>,
+) {
+    let Some(mask_field) = input.get_field_by_name("update_mask") else { return };
+    let Some(resource_field) = input.get_field_by_name(body_field) else { return };
+    let Kind::Message(resource) = resource_field.kind() else { return };
+    let Value::Object(object) = body else { return };
+    let mut paths = Vec::new();
+    for key in object.keys() {
+        let Some(field) =
+            resource.get_field_by_json_name(key).or_else(|| resource.get_field_by_name(key))
+        else {
+            continue;
+        };
+        if matches!(field.name(), "id" | "version") {
+            continue;
+        }
+        paths.push(field.json_name().to_owned());
+    }
+    root.entry(mask_field.json_name().to_owned()).or_insert_with(|| Value::String(paths.join(",")));
+}
+
+fn set_path(
+    input: &MessageDescriptor,
+    root: &mut Map<String, Value>,
+    field_path: &[String],
+    text: &str,
+) -> Result<(), FieldError> {
+    let mut current_message = input.clone();
+    let mut current_object = root;
+    for (index, name) in field_path.iter().enumerate() {
+        let field = current_message
+            .get_field_by_name(name)
+            .ok_or_else(|| FieldError::new(name.clone(), "unknown path field"))?;
+        let key = field.json_name().to_owned();
+        if index + 1 == field_path.len() {
+            let value = json::scalar_from_text(&field, text, &key)?;
+            current_object.insert(key, value);
+            return Ok(());
+        }
+        let Kind::Message(next_message) = field.kind() else {
+            return Err(FieldError::new(key, "is not an object"));
+        };
+        let entry = current_object.entry(key.clone()).or_insert_with(|| Value::Object(Map::new()));
+        if !entry.is_object() {
+            *entry = Value::Object(Map::new());
+        }
+        let Value::Object(next_object) = entry else { unreachable!("just made an object") };
+        current_object = next_object;
+        current_message = next_message;
+    }
+    Ok(())
+}
+
+/// `If-Match: "3"` stands for `version: 3` wherever the request carries a version.
+fn apply_if_match(
+    binding: &HttpBinding,
+    root: &mut Map<String, Value>,
+    if_match: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    let trimmed = if_match.trim().trim_start_matches("W/").trim_matches('"');
+    let Ok(version) = trimmed.parse::<i64>() else {
+        errors.push(FieldError::new("If-Match", "must be an ETag this API gave out"));
+        return;
+    };
+    if binding.input.get_field_by_name("version").is_some() {
+        root.entry("version").or_insert(Value::from(version));
+        return;
+    }
+    if let BodyMapping::Field(field_name) = &binding.body {
+        let key = json_name(&binding.input, field_name);
+        if let Some(Value::Object(resource)) = root.get_mut(&key) {
+            resource.entry("version").or_insert(Value::from(version));
+        }
+    }
+}
+
+fn grpc_request(
+    binding: &HttpBinding,
+    parts: &http::request::Parts,
+    message: &DynamicMessage,
+) -> Result<http::Request<Body>, ServiceError> {
+    let encoded = message.encode_to_vec();
+    let length = u32::try_from(encoded.len()).map_err(|_| payload_too_large(u32::MAX as usize))?;
+    let mut framed = BytesMut::with_capacity(encoded.len() + 5);
+    framed.put_u8(0);
+    framed.put_u32(length);
+    framed.extend_from_slice(&encoded);
+
+    let mut builder = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(binding.grpc_path.as_str())
+        .version(http::Version::HTTP_2)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header("te", "trailers")
+        .header(crate::api::TRANSPORT_HEADER, "rest");
+    for name in FORWARDED_HEADERS {
+        for value in parts.headers.get_all(name) {
+            builder = builder.header(name, value);
+        }
+    }
+    let mut request = builder
+        .body(Body::from(framed.freeze()))
+        .map_err(|error| ServiceError::internal(&error))?;
+    *request.extensions_mut() = parts.extensions.clone();
+    Ok(request)
+}
+
+/// Takes the next length-prefixed gRPC message off `buffer`.
+fn next_frame(buffer: &mut Bytes) -> Option<Bytes> {
+    if buffer.len() < 5 {
+        return None;
+    }
+    let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+    if buffer.len() < 5 + length {
+        return None;
+    }
+    buffer.advance(5);
+    Some(buffer.split_to(length))
+}
+
+fn success_response(binding: &HttpBinding, output: &DynamicMessage, request_id: &str) -> Response {
+    let mut value = json::message_to_json(output);
+    let mut pagination = None;
+    if let Value::Object(object) = &mut value {
+        pagination = object.remove("pagination").filter(|pagination| !pagination.is_null());
+    }
+    let data = match &binding.response_body {
+        Some(field_name) => {
+            let key = json_name(&binding.output, field_name);
+            match &mut value {
+                Value::Object(object) => object.remove(&key).unwrap_or(Value::Null),
+                _ => Value::Null,
+            }
+        }
+        None => value,
+    };
+    let etag = data.get("version").and_then(Value::as_i64).map(|version| format!("\"{version}\""));
+    let mut response = envelope::success(binding.success_status, data, pagination, request_id);
+    if let Some(etag) = etag
+        && let Ok(value) = http::HeaderValue::from_str(&etag)
+    {
+        response.headers_mut().insert(http::header::ETAG, value);
+    }
+    response
+}
+
+/// Relays a server stream as Server-Sent Events: one `message` event per response, and an
+/// `error` event (the error envelope) if the stream ends with a failure.
+fn event_stream(
+    output: MessageDescriptor,
+    body: Body,
+    request_id: String,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let stream = futures::stream::unfold(
+        (body, BytesMut::new(), false),
+        move |(mut body, mut buffer, finished)| {
+            let output = output.clone();
+            let request_id = request_id.clone();
+            async move {
+                if finished {
+                    return None;
+                }
+                loop {
+                    let mut frozen = buffer.clone().freeze();
+                    if let Some(payload) = next_frame(&mut frozen) {
+                        let consumed = buffer.len() - frozen.len();
+                        buffer.advance(consumed);
+                        let event = match DynamicMessage::decode(output.clone(), payload) {
+                            Ok(message) => Event::default()
+                                .event("message")
+                                .data(json::message_to_json(&message).to_string()),
+                            Err(error) => error_event(&ServiceError::internal(&error), &request_id),
+                        };
+                        return Some((Ok(event), (body, buffer, false)));
+                    }
+                    match body.frame().await {
+                        Some(Ok(frame)) => {
+                            if let Some(data) = frame.data_ref() {
+                                buffer.extend_from_slice(data);
+                                continue;
+                            }
+                            if let Some(trailers) = frame.trailers_ref()
+                                && let Some(status) = tonic::Status::from_header_map(trailers)
+                                && status.code() != tonic::Code::Ok
+                            {
+                                let error = ServiceError::from_status(&status);
+                                return Some((
+                                    Ok(error_event(&error, &request_id)),
+                                    (body, buffer, true),
+                                ));
+                            }
+                        }
+                        Some(Err(error)) => {
+                            let error = ServiceError::new(
+                                ErrorCode::ServiceUnavailable,
+                                format!("stream broken: {error}"),
+                            );
+                            return Some((
+                                Ok(error_event(&error, &request_id)),
+                                (body, buffer, true),
+                            ));
+                        }
+                        None => return None,
+                    }
+                }
+            }
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn error_event(error: &ServiceError, request_id: &str) -> Event {
+    Event::default().event("error").data(envelope::error_body(error, request_id).to_string())
+}

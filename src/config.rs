@@ -1,0 +1,270 @@
+//! Command line and environment: every flag also reads a `TURBOCAT_*` variable. Settings are
+//! validated once here, and their `Debug` never shows a secret.
+//! May call: nothing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// A secret setting (JWT key, API key). Its `Debug` and `Display` print `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("[redacted]")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("[redacted]")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Self(value.to_owned()))
+    }
+}
+
+/// A URL that may carry a password (database, Redis). `Debug`/`Display` mask the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectionUrl(String);
+
+impl ConnectionUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password replaced by `***`, safe to log and to show in errors.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(mut parsed) => {
+                if parsed.password().is_some() {
+                    let _ = parsed.set_password(Some("***"));
+                }
+                parsed.to_string()
+            }
+            Err(_) => "<unparseable url>".to_owned(),
+        }
+    }
+
+    pub fn scheme(&self) -> Option<String> {
+        url::Url::parse(&self.0).ok().map(|parsed| parsed.scheme().to_owned())
+    }
+}
+
+impl std::fmt::Debug for ConnectionUrl {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.redacted())
+    }
+}
+
+impl std::fmt::Display for ConnectionUrl {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.redacted())
+    }
+}
+
+impl std::str::FromStr for ConnectionUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Self(value.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines for a terminal.
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "turbocat", version, about = "Orchestrate AI agents and workflows")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, env = "TURBOCAT_LOG_FORMAT", value_enum, default_value = "human", global = true)]
+    pub log_format: LogFormat,
+    /// Log filter, in `tracing` EnvFilter syntax (`info`, `turbocat=debug,info`).
+    #[arg(long, env = "TURBOCAT_LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run everything in one process: SQLite, in-process queue and bus. Nothing to install.
+    Dev(DevArgs),
+    /// Run a server replica on PostgreSQL and Redis.
+    Serve(ServeArgs),
+    /// Run a runner that executes steps for a server.
+    Runner(RunnerArgs),
+    /// Apply database migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Load demo data: an admin user, sample agents, a workflow, templates.
+    Seed(DatabaseArgs),
+}
+
+/// Settings of the listener, shared by `dev` and `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ListenArgs {
+    /// Address to listen on for REST, gRPC and grpc-web.
+    #[arg(long, env = "TURBOCAT_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Origins allowed to call from a browser, comma-separated.
+    #[arg(long, env = "TURBOCAT_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Largest REST request body in bytes.
+    #[arg(long, env = "TURBOCAT_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest gRPC message in bytes.
+    #[arg(long, env = "TURBOCAT_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DevArgs {
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    /// Directory of the SQLite database and the generated JWT secret.
+    #[arg(long, env = "TURBOCAT_DATA_DIR", default_value = ".turbocat")]
+    pub data_dir: PathBuf,
+    /// JWT signing secret (at least 32 bytes). Generated once and kept in the data directory
+    /// when not given.
+    #[arg(long, env = "TURBOCAT_JWT_SECRET")]
+    pub jwt_secret: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    /// PostgreSQL URL, e.g. `postgres://turbocat:secret@db:5432/turbocat`.
+    #[arg(long, env = "TURBOCAT_DATABASE_URL")]
+    pub database_url: ConnectionUrl,
+    /// Largest number of database connections of this replica.
+    #[arg(long, env = "TURBOCAT_DATABASE_MAX_CONNECTIONS", default_value_t = 20)]
+    pub database_max_connections: u32,
+    /// Redis URL, e.g. `redis://redis:6379`.
+    #[arg(long, env = "TURBOCAT_REDIS_URL")]
+    pub redis_url: ConnectionUrl,
+    /// JWT signing secret, at least 32 bytes.
+    #[arg(long, env = "TURBOCAT_JWT_SECRET")]
+    pub jwt_secret: Secret,
+}
+
+/// Which database a one-shot command works on: `--database-url`, or the `dev` SQLite file.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL (or `sqlite://path`); default: the SQLite file of `--data-dir`.
+    #[arg(long, env = "TURBOCAT_DATABASE_URL")]
+    pub database_url: Option<ConnectionUrl>,
+    /// Directory of the `dev` SQLite database.
+    #[arg(long, env = "TURBOCAT_DATA_DIR", default_value = ".turbocat")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunnerArgs {
+    /// Server to attach to, e.g. `https://turbocat.example.com`.
+    #[arg(long, env = "TURBOCAT_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// API key with the `runner` scope.
+    #[arg(long, env = "TURBOCAT_API_KEY")]
+    pub api_key: Option<Secret>,
+    /// Name shown in `GET /api/v1/runners`.
+    #[arg(long, env = "TURBOCAT_RUNNER_NAME")]
+    pub name: Option<String>,
+    /// Steps run at once.
+    #[arg(long, env = "TURBOCAT_RUNNER_CAPACITY", default_value_t = 4)]
+    pub capacity: u32,
+    /// Labels, comma-separated: `gpu,region=eu`.
+    #[arg(long, env = "TURBOCAT_RUNNER_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+}
+
+/// A setting that failed validation: names the flag and its variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {flag} ({variable}): {problem}")]
+pub struct SettingError {
+    pub flag: &'static str,
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
+/// Checks a JWT secret's length.
+pub fn validate_jwt_secret(secret: &Secret) -> Result<(), SettingError> {
+    if secret.expose().len() < MIN_JWT_SECRET_BYTES {
+        return Err(SettingError {
+            flag: "--jwt-secret",
+            variable: "TURBOCAT_JWT_SECRET",
+            problem: format!("must be at least {MIN_JWT_SECRET_BYTES} bytes"),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that a database URL is one Turbocat can open.
+pub fn validate_database_url(url: &ConnectionUrl, postgres_only: bool) -> Result<(), SettingError> {
+    let error = |problem: String| SettingError {
+        flag: "--database-url",
+        variable: "TURBOCAT_DATABASE_URL",
+        problem,
+    };
+    let parsed = url::Url::parse(url.expose()).map_err(|parse_error| {
+        error(format!(
+            "not a URL ({parse_error}); expected postgres://user:password@host:5432/database"
+        ))
+    })?;
+    match parsed.scheme() {
+        "postgres" | "postgresql" => {
+            if parsed.host_str().is_none_or(str::is_empty) {
+                return Err(error("the URL names no host".into()));
+            }
+            Ok(())
+        }
+        "sqlite" if !postgres_only => Ok(()),
+        other => Err(error(format!(
+            "unsupported scheme `{other}`; expected postgres://{}",
+            if postgres_only { "" } else { " or sqlite://" }
+        ))),
+    }
+}
+
+/// Checks that a Redis URL parses.
+pub fn validate_redis_url(url: &ConnectionUrl) -> Result<(), SettingError> {
+    let error = |problem: String| SettingError {
+        flag: "--redis-url",
+        variable: "TURBOCAT_REDIS_URL",
+        problem,
+    };
+    let parsed = url::Url::parse(url.expose()).map_err(|parse_error| {
+        error(format!("not a URL ({parse_error}); expected redis://host:6379"))
+    })?;
+    match parsed.scheme() {
+        "redis" | "rediss" => Ok(()),
+        other => {
+            Err(error(format!("unsupported scheme `{other}`; expected redis:// or rediss://")))
+        }
+    }
+}

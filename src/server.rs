@@ -1,0 +1,280 @@
+//! Process start-up of `dev` and `serve`: opens the store (and Redis), builds the context,
+//! binds the one listener and serves until SIGINT/SIGTERM.
+//! May call: config, store, api.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppContext, EdgeSettings, Mode};
+use crate::config::{self, ConnectionUrl, DevArgs, ListenArgs, Secret, ServeArgs, SettingError};
+use crate::store::{PostgresStore, SqliteStore, Store};
+
+/// A start-up failure, worded for the person who launched the process.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Setting(#[from] SettingError),
+    #[error("cannot reach the database at {url} (--database-url / TURBOCAT_DATABASE_URL): {cause}")]
+    DatabaseUnreachable { url: String, cause: String },
+    #[error("cannot migrate the database: {0}")]
+    Migration(String),
+    #[error("cannot reach Redis at {url} (--redis-url / TURBOCAT_REDIS_URL): {cause}")]
+    RedisUnreachable { url: String, cause: String },
+    #[error("cannot use the data directory {path} (--data-dir / TURBOCAT_DATA_DIR): {cause}")]
+    DataDirectory { path: String, cause: String },
+    #[error("cannot listen on {address} (--listen / TURBOCAT_LISTEN): {cause}")]
+    Listen { address: SocketAddr, cause: String },
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// A server that is accepting connections.
+pub struct RunningServer {
+    pub local_addr: SocketAddr,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight requests finish, and waits.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.task.await.unwrap_or_else(|join_error| Err(std::io::Error::other(join_error)))
+    }
+
+    /// Serves until the process is asked to stop.
+    pub async fn run_until_signal(self) -> std::io::Result<()> {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        self.shutdown().await
+    }
+}
+
+async fn wait_for_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+/// Binds the listener and serves `context` on it.
+pub async fn start(
+    context: Arc<AppContext>,
+    listen: &ListenArgs,
+) -> Result<RunningServer, StartupError> {
+    let settings = EdgeSettings {
+        max_body_bytes: listen.max_body_bytes,
+        max_message_bytes: listen.max_message_bytes,
+        cors_origins: listen.cors_origins.clone(),
+    };
+    let app = api::router(context, &settings).await.map_err(StartupError::Internal)?;
+    let listener = TcpListener::bind(listen.listen).await.map_err(|error| {
+        StartupError::Listen { address: listen.listen, cause: error.to_string() }
+    })?;
+    let local_addr =
+        listener.local_addr().map_err(|error| StartupError::Internal(error.to_string()))?;
+    let (shutdown, mut shutdown_requested) = tokio::sync::watch::channel(false);
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, service)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown_requested.wait_for(|requested| *requested).await;
+            })
+            .await
+    });
+    Ok(RunningServer { local_addr, shutdown, task })
+}
+
+/// Opens the `dev` SQLite database in `data_dir`, migrated.
+pub async fn open_dev_store(data_dir: &Path) -> Result<SqliteStore, StartupError> {
+    let data_directory_error =
+        |cause: String| StartupError::DataDirectory { path: data_dir.display().to_string(), cause };
+    std::fs::create_dir_all(data_dir).map_err(|error| data_directory_error(error.to_string()))?;
+    let store = SqliteStore::open(&data_dir.join("turbocat.db"))
+        .await
+        .map_err(|error| data_directory_error(describe_store_error(error)))?;
+    store.migrate().await.map_err(|error| StartupError::Migration(describe_store_error(error)))?;
+    Ok(store)
+}
+
+/// Opens PostgreSQL at `url`, migrated.
+pub async fn open_postgres_store(
+    url: &ConnectionUrl,
+    max_connections: u32,
+) -> Result<PostgresStore, StartupError> {
+    config::validate_database_url(url, true)?;
+    let store = PostgresStore::connect(url.expose(), max_connections).await.map_err(|error| {
+        StartupError::DatabaseUnreachable {
+            url: url.redacted(),
+            cause: describe_store_error(error),
+        }
+    })?;
+    store.migrate().await.map_err(|error| StartupError::Migration(describe_store_error(error)))?;
+    Ok(store)
+}
+
+/// Opens the store a one-shot command names: `--database-url`, else the `dev` SQLite file.
+pub async fn open_store_for_command(
+    args: &config::DatabaseArgs,
+) -> Result<Arc<dyn Store>, StartupError> {
+    match &args.database_url {
+        Some(url) if url.scheme().as_deref() == Some("sqlite") => {
+            config::validate_database_url(url, false)?;
+            let path = url.expose().trim_start_matches("sqlite://");
+            let store = SqliteStore::open(Path::new(path)).await.map_err(|error| {
+                StartupError::DatabaseUnreachable {
+                    url: url.redacted(),
+                    cause: describe_store_error(error),
+                }
+            })?;
+            store
+                .migrate()
+                .await
+                .map_err(|error| StartupError::Migration(describe_store_error(error)))?;
+            Ok(Arc::new(store))
+        }
+        Some(url) => Ok(Arc::new(open_postgres_store(url, 5).await?)),
+        None => Ok(Arc::new(open_dev_store(&args.data_dir).await?)),
+    }
+}
+
+fn describe_store_error(error: crate::store::StoreError) -> String {
+    match error {
+        crate::store::StoreError::Database(cause) => cause.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// The JWT secret of `dev`: the given one, or one generated once and kept in the data directory.
+pub fn dev_jwt_secret(args: &DevArgs) -> Result<Secret, StartupError> {
+    if let Some(secret) = &args.jwt_secret {
+        config::validate_jwt_secret(secret)?;
+        return Ok(secret.clone());
+    }
+    let path = args.data_dir.join("jwt-secret");
+    let data_directory_error = |cause: String| StartupError::DataDirectory {
+        path: args.data_dir.display().to_string(),
+        cause,
+    };
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let secret = Secret::new(existing.trim());
+        if config::validate_jwt_secret(&secret).is_ok() {
+            return Ok(secret);
+        }
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|error| data_directory_error(error.to_string()))?;
+    let mut bytes = [0u8; 32];
+    rand::Rng::fill(&mut rand::rng(), &mut bytes);
+    let secret = Secret::new(hex::encode(bytes));
+    write_private_file(&path, secret.expose())
+        .map_err(|error| data_directory_error(error.to_string()))?;
+    tracing::info!(path = %path.display(), "generated a jwt secret for dev mode");
+    Ok(secret)
+}
+
+fn write_private_file(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(contents.as_bytes())
+}
+
+/// `turbocat dev`: SQLite in the data directory, everything in one process.
+pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
+    let _jwt_secret = dev_jwt_secret(args)?;
+    let store: Arc<dyn Store> = Arc::new(open_dev_store(&args.data_dir).await?);
+    let context = Arc::new(AppContext {
+        mode: Mode::Dev,
+        probes: vec![Arc::new(api::health::StoreProbe(store.clone()))],
+        store,
+        started_at: Instant::now(),
+    });
+    start(context, &args.listen).await
+}
+
+/// `turbocat serve`: PostgreSQL and Redis.
+pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError> {
+    config::validate_jwt_secret(&args.jwt_secret)?;
+    config::validate_database_url(&args.database_url, true)?;
+    config::validate_redis_url(&args.redis_url)?;
+    let store: Arc<dyn Store> =
+        Arc::new(open_postgres_store(&args.database_url, args.database_max_connections).await?);
+    let redis_probe = RedisProbe::connect(&args.redis_url).await?;
+    let context = Arc::new(AppContext {
+        mode: Mode::Serve,
+        probes: vec![Arc::new(api::health::StoreProbe(store.clone())), Arc::new(redis_probe)],
+        store,
+        started_at: Instant::now(),
+    });
+    start(context, &args.listen).await
+}
+
+/// Redis as a health probe.
+pub struct RedisProbe {
+    connection: redis::aio::ConnectionManager,
+}
+
+impl RedisProbe {
+    pub async fn connect(url: &ConnectionUrl) -> Result<Self, StartupError> {
+        let unreachable =
+            |cause: String| StartupError::RedisUnreachable { url: url.redacted(), cause };
+        let client =
+            redis::Client::open(url.expose()).map_err(|error| unreachable(error.to_string()))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(3)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(3)))
+            .set_number_of_retries(1);
+        let connection = redis::aio::ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|error| unreachable(error.to_string()))?;
+        Ok(Self { connection })
+    }
+}
+
+#[async_trait::async_trait]
+impl api::health::HealthProbe for RedisProbe {
+    fn component(&self) -> &'static str {
+        "redis"
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    fn critical(&self) -> bool {
+        false
+    }
+
+    async fn ping(&self) -> Result<(), String> {
+        let mut connection = self.connection.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+            .map(|_| ())
+            .map_err(|error| error.to_string())
+    }
+}
