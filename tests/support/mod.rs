@@ -110,3 +110,185 @@ macro_rules! conformance {
         }
     };
 }
+
+/// A real `turbocat` process, killed when dropped. Its stderr is kept for assertions.
+pub struct TurbocatProcess {
+    child: std::process::Child,
+    pub address: std::net::SocketAddr,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    pub stdout: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl TurbocatProcess {
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().map(|text| text.clone()).unwrap_or_default()
+    }
+
+    /// Sends SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TurbocatProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_reader(
+    stream: impl std::io::Read + Send + 'static,
+    sink: std::sync::Arc<std::sync::Mutex<String>>,
+    lines: Option<std::sync::mpsc::Sender<String>>,
+) {
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+            if let Ok(mut text) = sink.lock() {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            if let Some(sender) = &lines {
+                let _ = sender.send(line);
+            }
+        }
+    });
+}
+
+/// Starts `turbocat <arguments>` and waits for its "listening on" line (at most 60 s).
+pub fn start_turbocat(arguments: &[&str], environment: &[(&str, &str)]) -> TurbocatProcess {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
+    command
+        .args(arguments)
+        .env_remove("TURBOCAT_JWT_SECRET")
+        .env_remove("TURBOCAT_DATABASE_URL")
+        .env_remove("TURBOCAT_REDIS_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (key, value) in environment {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("spawn turbocat");
+    let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (sender, receiver) = std::sync::mpsc::channel();
+    spawn_reader(child.stdout.take().expect("stdout"), stdout.clone(), Some(sender));
+    spawn_reader(child.stderr.take().expect("stderr"), stderr.clone(), None);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+        match receiver.recv_timeout(remaining) {
+            Ok(line) => {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let address = rest.split_whitespace().next().expect("address").parse().expect("socket address");
+                    return TurbocatProcess { child, address, stderr, stdout };
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let text = stderr.lock().map(|text| text.clone()).unwrap_or_default();
+                panic!("turbocat did not start: {text}");
+            }
+        }
+    }
+}
+
+/// Runs `turbocat <arguments>` to completion: (success, stdout, stderr).
+pub fn run_turbocat(arguments: &[&str], environment: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
+    command
+        .args(arguments)
+        .env_remove("TURBOCAT_JWT_SECRET")
+        .env_remove("TURBOCAT_DATABASE_URL")
+        .env_remove("TURBOCAT_REDIS_URL")
+        .stdin(std::process::Stdio::null());
+    for (key, value) in environment {
+        command.env(key, value);
+    }
+    let output = command.output().expect("run turbocat");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+pub const TEST_JWT_SECRET: &str = "test-secret-that-is-long-enough-0123456789";
+
+pub fn redis_url() -> String {
+    std::env::var("TURBOCAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// `turbocat dev` on a fresh data directory and a free port.
+pub fn start_dev(extra: &[&str]) -> (TurbocatProcess, tempfile::TempDir) {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let data_dir = directory.path().to_str().expect("utf-8 path").to_owned();
+    let mut arguments = vec!["dev", "--listen", "127.0.0.1:0", "--data-dir", data_dir.as_str()];
+    arguments.extend_from_slice(extra);
+    (start_turbocat(&arguments, &[]), directory)
+}
+
+/// A fresh PostgreSQL database (dropped with the guard) for a `serve` process.
+pub struct ServeDatabase {
+    pub url: String,
+    name: String,
+}
+
+impl Drop for ServeDatabase {
+    fn drop(&mut self) {
+        let admin_url = admin_database_url();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                runtime.block_on(async move {
+                    if let Ok(mut connection) = sqlx::PgConnection::connect(&admin_url).await {
+                        let statement = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut connection).await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+impl ServeDatabase {
+    pub fn new(url: String, name: String) -> Self {
+        Self { url, name }
+    }
+}
+
+/// `turbocat serve` on a fresh PostgreSQL database, the local Redis and a free port.
+pub async fn start_serve(extra: &[&str]) -> (TurbocatProcess, ServeDatabase) {
+    let (url, name) = create_postgres_database().await;
+    let database = ServeDatabase { url, name };
+    let redis = redis_url();
+    let mut arguments = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        database.url.as_str(),
+        "--redis-url",
+        redis.as_str(),
+        "--jwt-secret",
+        TEST_JWT_SECRET,
+    ];
+    arguments.extend_from_slice(extra);
+    let process = tokio::task::spawn_blocking({
+        let arguments: Vec<String> = arguments.iter().map(|argument| argument.to_string()).collect();
+        move || {
+            let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
+            start_turbocat(&borrowed, &[])
+        }
+    })
+    .await
+    .expect("start serve");
+    (process, database)
+}

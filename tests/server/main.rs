@@ -1,0 +1,417 @@
+//! The server as a user meets it: the real `turbocat` binary in `dev` (SQLite) and `serve`
+//! (PostgreSQL + Redis) mode, called over REST, gRPC and grpc-web.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use prost::Message;
+use serde_json::Value;
+use support::{TEST_JWT_SECRET, run_turbocat, start_dev, start_serve};
+use turbocat::proto::v1::agent_service_client::AgentServiceClient;
+use turbocat::proto::v1::{GetAgentRequest, ListAgentsRequest};
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("http client")
+}
+
+async fn get_json(url: &str) -> (reqwest::StatusCode, Value) {
+    let response = http().get(url).send().await.expect("request");
+    let status = response.status();
+    (status, response.json().await.expect("json body"))
+}
+
+fn assert_envelope_meta(body: &Value) {
+    let timestamp = body["meta"]["timestamp"].as_str().expect("meta.timestamp");
+    assert!(chrono::DateTime::parse_from_rfc3339(timestamp).is_ok(), "timestamp {timestamp} is RFC 3339");
+    let request_id = body["meta"]["requestId"].as_str().expect("meta.requestId");
+    assert!(uuid::Uuid::parse_str(request_id).is_ok(), "request id {request_id} is a uuid");
+}
+
+fn assert_error(body: &Value, code: &str) {
+    assert_eq!(body["success"], false, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|message| !message.is_empty()), "{body}");
+    assert!(body["error"]["details"].is_array(), "{body}");
+    assert_envelope_meta(body);
+}
+
+async fn grpc_health(base_url: &str) -> i32 {
+    let channel = tonic::transport::Endpoint::from_shared(base_url.to_owned())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("grpc connect");
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let response = client
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .expect("health check");
+    response.into_inner().status
+}
+
+/// A unary grpc-web call over HTTP/1.1, as a browser makes it.
+async fn grpc_web_call(base_url: &str, path: &str, request: Vec<u8>) -> (Option<Vec<u8>>, String) {
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(request.len()).expect("small").to_be_bytes());
+    framed.extend_from_slice(&request);
+    let response = http()
+        .post(format!("{base_url}{path}"))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(framed)
+        .send()
+        .await
+        .expect("grpc-web request");
+    assert_eq!(response.status(), 200);
+    let header_status = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let body = response.bytes().await.expect("grpc-web body").to_vec();
+    let mut message = None;
+    let mut trailers = String::new();
+    let mut offset = 0;
+    while offset + 5 <= body.len() {
+        let flag = body[offset];
+        let length = u32::from_be_bytes([body[offset + 1], body[offset + 2], body[offset + 3], body[offset + 4]]) as usize;
+        let payload = body[offset + 5..offset + 5 + length].to_vec();
+        if flag & 0x80 == 0 {
+            message = Some(payload);
+        } else {
+            trailers = String::from_utf8_lossy(&payload).into_owned();
+        }
+        offset += 5 + length;
+    }
+    let status = trailers
+        .lines()
+        .find_map(|line| line.strip_prefix("grpc-status:").map(|value| value.trim().to_owned()))
+        .or(header_status)
+        .unwrap_or_default();
+    (message, status)
+}
+
+async fn reflection_services(base_url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let channel = tonic::transport::Endpoint::from_shared(base_url.to_owned())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let response = responses.message().await.expect("reflection answer").expect("one answer");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|service| service.name).collect(),
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_serves_rest_grpc_and_grpc_web_on_one_port() {
+    let (server, data_dir) = start_dev(&[]);
+    let base_url = server.base_url();
+    assert!(data_dir.path().join("turbocat.db").exists(), "dev creates its SQLite file");
+    assert!(data_dir.path().join("jwt-secret").exists(), "dev keeps a generated JWT secret");
+
+    let (status, body) = get_json(&format!("{base_url}/health")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["success"], true);
+    assert_eq!(body["data"]["mode"], "dev");
+    assert_eq!(body["data"]["components"][0]["name"], "database");
+    assert_eq!(body["data"]["components"][0]["backend"], "sqlite");
+    assert_eq!(body["data"]["components"][0]["status"], "UP");
+    assert_envelope_meta(&body);
+    let (ready_status, _) = get_json(&format!("{base_url}/health/ready")).await;
+    assert_eq!(ready_status, 200);
+
+    assert_eq!(grpc_health(&base_url).await, 1, "gRPC health answers SERVING");
+    let (message, grpc_status) = grpc_web_call(
+        &base_url,
+        "/grpc.health.v1.Health/Check",
+        tonic_health::pb::HealthCheckRequest { service: String::new() }.encode_to_vec(),
+    )
+    .await;
+    assert_eq!(grpc_status, "0");
+    let answer = tonic_health::pb::HealthCheckResponse::decode(message.expect("a message").as_slice()).expect("decode");
+    assert_eq!(answer.status, 1, "grpc-web health answers SERVING");
+
+    let services = reflection_services(&base_url).await;
+    for expected in [
+        "turbocat.v1.AuthService",
+        "turbocat.v1.AgentService",
+        "turbocat.v1.WorkflowService",
+        "turbocat.v1.ExecutionService",
+        "turbocat.v1.RunnerService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.iter().any(|service| service == expected), "reflection lists {expected}: {services:?}");
+    }
+
+    let mut agents = AgentServiceClient::connect(base_url.clone()).await.expect("connect");
+    let error = agents.list_agents(ListAgentsRequest::default()).await.expect_err("not implemented yet");
+    assert_eq!(error.code(), tonic::Code::Unimplemented);
+    let (web_message, web_status) = grpc_web_call(
+        &base_url,
+        "/turbocat.v1.AgentService/GetAgent",
+        GetAgentRequest { agent_id: "x".into() }.encode_to_vec(),
+    )
+    .await;
+    assert!(web_message.is_none());
+    assert_eq!(web_status, "12", "grpc-web answers UNIMPLEMENTED");
+    let (status, body) = get_json(&format!("{base_url}/api/v1/agents")).await;
+    assert_eq!(status, 501);
+    assert_error(&body, "NOT_IMPLEMENTED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_on_postgres_and_redis_and_reports_a_lost_database() {
+    let (server, database) = start_serve(&[]).await;
+    let base_url = server.base_url();
+    let (status, body) = get_json(&format!("{base_url}/health")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["mode"], "serve");
+    let components = body["data"]["components"].as_array().expect("components");
+    let backend_of = |name: &str| {
+        components.iter().find(|component| component["name"] == name).map(|component| {
+            (component["backend"].as_str().unwrap_or_default().to_owned(), component["status"].as_str().unwrap_or_default().to_owned())
+        })
+    };
+    assert_eq!(backend_of("database"), Some(("postgres".into(), "UP".into())));
+    assert_eq!(backend_of("redis"), Some(("redis".into(), "UP".into())));
+    assert_eq!(grpc_health(&base_url).await, 1);
+
+    // Take the database away under the running server.
+    let admin_url = support::admin_database_url();
+    let name = database.url.rsplit('/').next().expect("name").to_owned();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await.expect("admin");
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
+        .execute(&mut admin)
+        .await
+        .expect("drop database");
+
+    let (status, body) = get_json(&format!("{base_url}/health")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_error(&body, "SERVICE_UNAVAILABLE");
+    let (ready_status, _) = get_json(&format!("{base_url}/health/ready")).await;
+    assert_eq!(ready_status, 503);
+    let mut serving = 1;
+    for _ in 0..30 {
+        serving = grpc_health(&base_url).await;
+        if serving != 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(serving, 2, "gRPC health turns NOT_SERVING");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rest_input_gets_the_error_envelope() {
+    let (server, _data_dir) = start_dev(&["--max-body-bytes", "1024"]);
+    let base_url = server.base_url();
+    let register = format!("{base_url}/api/v1/auth/register");
+
+    let response = http().post(&register).header("content-type", "application/json").body("{\"email\": ").send().await.expect("send");
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.expect("json");
+    assert_error(&body, "VALIDATION_ERROR");
+    assert_eq!(body["error"]["details"][0]["field"], "body");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("malformed JSON"));
+
+    let response = http().post(&register).header("content-type", "text/plain").body("hello").send().await.expect("send");
+    assert_eq!(response.status(), 415);
+    assert_error(&response.json().await.expect("json"), "UNSUPPORTED_MEDIA_TYPE");
+
+    let response = http()
+        .post(&register)
+        .header("content-type", "application/json")
+        .body(format!("{{\"fullName\": \"{}\"}}", "x".repeat(4096)))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 413);
+    assert_error(&response.json().await.expect("json"), "PAYLOAD_TOO_LARGE");
+
+    let response = http()
+        .post(&register)
+        .json(&serde_json::json!({"email": 42, "password": "long enough", "nickname": "x"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.expect("json");
+    assert_error(&body, "VALIDATION_ERROR");
+    let fields: Vec<&str> = body["error"]["details"].as_array().expect("details").iter().filter_map(|detail| detail["field"].as_str()).collect();
+    assert!(fields.contains(&"email"), "names the mistyped field: {body}");
+    assert!(fields.contains(&"nickname"), "names the unknown field: {body}");
+
+    let response = http().post(&register).json(&serde_json::json!([1, 2])).send().await.expect("send");
+    assert_eq!(response.status(), 400);
+    assert_error(&response.json().await.expect("json"), "VALIDATION_ERROR");
+
+    let (status, body) = get_json(&format!("{base_url}/api/v1/agents?pageSize=ten&color=red")).await;
+    assert_eq!(status, 400);
+    assert_error(&body, "VALIDATION_ERROR");
+    let fields: Vec<&str> = body["error"]["details"].as_array().expect("details").iter().filter_map(|detail| detail["field"].as_str()).collect();
+    assert_eq!(fields, vec!["pageSize", "color"]);
+
+    let (status, body) = get_json(&format!("{base_url}/api/v1/no-such-thing")).await;
+    assert_eq!(status, 404);
+    assert_error(&body, "NOT_FOUND");
+    let (status, body) = get_json(&format!("{base_url}/")).await;
+    assert_eq!(status, 404);
+    assert_error(&body, "NOT_FOUND");
+
+    let response = http().put(format!("{base_url}/api/v1/agents")).send().await.expect("send");
+    assert_eq!(response.status(), 405);
+    assert_error(&response.json().await.expect("json"), "METHOD_NOT_ALLOWED");
+
+    // A gRPC caller of a method that does not exist gets a gRPC status, not a web page.
+    let channel = tonic::transport::Endpoint::from_shared(base_url.clone()).expect("endpoint").connect().await.expect("connect");
+    let mut client = tonic::client::Grpc::new(channel);
+    client.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<ListAgentsRequest, ListAgentsRequest>::default();
+    let path = http::uri::PathAndQuery::from_static("/turbocat.v1.NoSuchService/Nothing");
+    let error = client.unary(tonic::Request::new(ListAgentsRequest::default()), path, codec).await.expect_err("unknown method");
+    assert_eq!(error.code(), tonic::Code::Unimplemented);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_taken_or_made_on_both_transports() {
+    let (server, _data_dir) = start_dev(&[]);
+    let base_url = server.base_url();
+    let response = http().get(format!("{base_url}/health")).header("x-request-id", "trace-me-42").send().await.expect("send");
+    assert_eq!(response.headers()["x-request-id"], "trace-me-42");
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["meta"]["requestId"], "trace-me-42");
+
+    let response = http().get(format!("{base_url}/api/v1/agents")).send().await.expect("send");
+    let made = response.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    assert!(uuid::Uuid::parse_str(&made).is_ok());
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["meta"]["requestId"], made.as_str(), "the envelope carries the id of the response header");
+
+    let mut agents = AgentServiceClient::connect(base_url.clone()).await.expect("connect");
+    let mut request = tonic::Request::new(ListAgentsRequest::default());
+    request.metadata_mut().insert("x-request-id", "grpc-trace-7".parse().expect("metadata"));
+    let status = agents.list_agents(request).await.expect_err("unimplemented");
+    assert_eq!(status.metadata().get("x-request-id").and_then(|value| value.to_str().ok()), Some("grpc-trace-7"));
+    let status = agents.list_agents(ListAgentsRequest::default()).await.expect_err("unimplemented");
+    let made = status.metadata().get("x-request-id").and_then(|value| value.to_str().ok()).expect("a made-up id");
+    assert!(uuid::Uuid::parse_str(made).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_answers_only_configured_origins() {
+    let (server, _data_dir) = start_dev(&["--cors-origins", "http://console.example"]);
+    let base_url = server.base_url();
+    let preflight = |origin: &'static str| {
+        http()
+            .request(reqwest::Method::OPTIONS, format!("{base_url}/turbocat.v1.AgentService/ListAgents"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type,x-grpc-web")
+            .send()
+    };
+    let allowed = preflight("http://console.example").await.expect("preflight");
+    assert_eq!(allowed.headers().get("access-control-allow-origin").and_then(|value| value.to_str().ok()), Some("http://console.example"));
+    let refused = preflight("http://evil.example").await.expect("preflight");
+    assert!(refused.headers().get("access-control-allow-origin").is_none());
+    let simple = http().get(format!("{base_url}/health")).header("origin", "http://console.example").send().await.expect("get");
+    let exposed = simple.headers().get("access-control-expose-headers").and_then(|value| value.to_str().ok()).unwrap_or_default().to_owned();
+    for header in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        assert!(exposed.contains(header), "exposes {header}: {exposed}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_refuses_bad_configuration_naming_the_setting() {
+    let redis = support::redis_url();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["serve", "--database-url", "postgres://postgres@127.0.0.1:5432/test", "--redis-url", &redis], "--jwt-secret"),
+        (vec!["serve", "--database-url", "postgres://postgres@127.0.0.1:5432/test", "--redis-url", &redis, "--jwt-secret", "short"], "--jwt-secret"),
+        (vec!["serve", "--database-url", "not a url", "--redis-url", &redis, "--jwt-secret", TEST_JWT_SECRET], "--database-url"),
+        (vec!["serve", "--database-url", "mysql://db/x", "--redis-url", &redis, "--jwt-secret", TEST_JWT_SECRET], "--database-url"),
+        (vec!["serve", "--database-url", "postgres://admin:hunter2-secret@127.0.0.1:1/x", "--redis-url", &redis, "--jwt-secret", TEST_JWT_SECRET], "--database-url"),
+        (vec!["serve", "--database-url", "postgres://postgres@127.0.0.1:5432/test", "--redis-url", "redis://:hunter2-secret@127.0.0.1:1", "--jwt-secret", TEST_JWT_SECRET], "--redis-url"),
+        (vec!["serve", "--database-url", "postgres://postgres@127.0.0.1:5432/test", "--redis-url", "http://redis", "--jwt-secret", TEST_JWT_SECRET], "--redis-url"),
+        (vec!["serve", "--listen", "not-an-address", "--database-url", "postgres://postgres@127.0.0.1:5432/test", "--redis-url", &redis, "--jwt-secret", TEST_JWT_SECRET], "--listen"),
+        (vec!["dev", "--listen", "127.0.0.1:0", "--jwt-secret", "short"], "--jwt-secret"),
+    ];
+    for (arguments, setting) in cases {
+        let (success, _stdout, stderr) = tokio::task::spawn_blocking({
+            let arguments: Vec<String> = arguments.iter().map(|argument| argument.to_string()).collect();
+            move || {
+                let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
+                run_turbocat(&borrowed, &[])
+            }
+        })
+        .await
+        .expect("join");
+        assert!(!success, "{arguments:?} must fail");
+        assert!(stderr.contains(setting), "{arguments:?}: the error names {setting}: {stderr}");
+        assert!(!stderr.contains("hunter2-secret"), "{arguments:?}: a password leaked: {stderr}");
+    }
+    // The variables work like the flags.
+    let (success, _stdout, stderr) = run_turbocat(
+        &["serve"],
+        &[("TURBOCAT_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"), ("TURBOCAT_REDIS_URL", redis.as_str()), ("TURBOCAT_JWT_SECRET", "short")],
+    );
+    assert!(!success);
+    assert!(stderr.contains("TURBOCAT_JWT_SECRET"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_never_carry_secrets() {
+    let secret = "a-jwt-secret-nobody-may-ever-see-0123456789";
+    let (server, _data_dir) = start_dev(&["--log-format", "json", "--jwt-secret", secret, "--log-level", "debug"]);
+    let base_url = server.base_url();
+    let response = http().get(format!("{base_url}/api/v1/agents")).header("authorization", format!("Bearer {secret}")).send().await.expect("send");
+    assert_eq!(response.status(), 501);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = server.stderr_text();
+    assert!(logs.lines().count() >= 2, "logs were written: {logs}");
+    for line in logs.lines() {
+        let parsed: Result<Value, _> = serde_json::from_str(line);
+        assert!(parsed.is_ok(), "every log line is JSON: {line}");
+    }
+    assert!(!logs.contains(secret), "the secret leaked into the logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_applies_once_and_again_is_a_no_op() {
+    let (url, name) = support::create_postgres_database().await;
+    let _guard = support::ServeDatabase::new(url.clone(), name);
+    for _ in 0..2 {
+        let (success, stdout, stderr) = tokio::task::spawn_blocking({
+            let url = url.clone();
+            move || run_turbocat(&["migrate", "--database-url", &url], &[])
+        })
+        .await
+        .expect("join");
+        assert!(success, "{stderr}");
+        assert!(stdout.contains("migrations applied (postgres)"), "{stdout}");
+    }
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let data_dir = directory.path().to_str().expect("utf-8").to_owned();
+    for _ in 0..2 {
+        let (success, stdout, stderr) = run_turbocat(&["migrate", "--data-dir", &data_dir], &[]);
+        assert!(success, "{stderr}");
+        assert!(stdout.contains("migrations applied (sqlite)"), "{stdout}");
+    }
+    assert!(directory.path().join("turbocat.db").exists());
+}
