@@ -225,6 +225,15 @@ impl ServiceError {
                 tracing::debug!(constraint = %what, "foreign key refused a change");
                 Self::conflict(format!("{resource} refers to something missing or in use"))
             }
+            StoreError::InUse { by } => {
+                let names: Vec<&str> = by.iter().map(|(_, name)| name.as_str()).collect();
+                let ids: Vec<String> = by.iter().map(|(id, _)| id.to_string()).collect();
+                Self::conflict(format!("{resource} is in use by {}", names.join(", ")))
+                    .with_metadata("usedBy", ids.join(","))
+            }
+            StoreError::InvalidCursor => {
+                Self::invalid_field("cursor", "is not a cursor this API gave out")
+            }
             database_error @ StoreError::Database(_) => Self::internal(&database_error),
         }
     }
@@ -276,5 +285,76 @@ impl ServiceError {
         }
         error.retry_after = details.retry_info().and_then(|info| info.retry_delay);
         error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ErrorCode, FieldError, ServiceError};
+
+    #[test]
+    fn every_code_survives_the_trip_through_a_grpc_status() {
+        for code in ErrorCode::ALL {
+            let error =
+                ServiceError::new(code, "something happened").with_metadata("currentVersion", 4);
+            let status = tonic::Status::from(error);
+            assert_eq!(status.code(), code.grpc_code());
+            let back = ServiceError::from_status(&status);
+            assert_eq!(back.code, code, "{code:?}");
+            assert_eq!(back.metadata.get("currentVersion").map(String::as_str), Some("4"));
+        }
+    }
+
+    #[test]
+    fn statuses_match_the_product_spec() {
+        let expected = [
+            (ErrorCode::ValidationError, 400, "VALIDATION_ERROR"),
+            (ErrorCode::Unauthorized, 401, "UNAUTHORIZED"),
+            (ErrorCode::Forbidden, 403, "FORBIDDEN"),
+            (ErrorCode::NotFound, 404, "NOT_FOUND"),
+            (ErrorCode::Conflict, 409, "CONFLICT"),
+            (ErrorCode::PayloadTooLarge, 413, "PAYLOAD_TOO_LARGE"),
+            (ErrorCode::UnsupportedMediaType, 415, "UNSUPPORTED_MEDIA_TYPE"),
+            (ErrorCode::RateLimited, 429, "RATE_LIMITED"),
+            (ErrorCode::InternalError, 500, "INTERNAL_ERROR"),
+            (ErrorCode::ServiceUnavailable, 503, "SERVICE_UNAVAILABLE"),
+        ];
+        for (code, status, name) in expected {
+            assert_eq!(code.http_status().as_u16(), status, "{name}");
+            assert_eq!(code.as_str(), name);
+            assert_eq!(ErrorCode::from_name(name), Some(code));
+        }
+        assert_eq!(ErrorCode::ValidationError.grpc_code(), tonic::Code::InvalidArgument);
+        assert_eq!(ErrorCode::RateLimited.grpc_code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn field_violations_and_retry_hints_travel_and_internals_do_not_leak() {
+        let error = ServiceError::validation(vec![
+            FieldError::new("email", "is not an email address"),
+            FieldError::new("password", "must be at least 8 characters"),
+        ]);
+        let back = ServiceError::from_status(&tonic::Status::from(error));
+        assert_eq!(back.code, ErrorCode::ValidationError);
+        assert_eq!(back.field_errors.len(), 2);
+        assert_eq!(back.field_errors[1].field, "password");
+
+        let limited = ServiceError::new(ErrorCode::RateLimited, "slow down")
+            .with_retry_after(std::time::Duration::from_secs(30));
+        let back = ServiceError::from_status(&tonic::Status::from(limited));
+        assert_eq!(back.retry_after, Some(std::time::Duration::from_secs(30)));
+
+        let foreign = tonic::Status::internal("password=hunter2 at db.internal:5432");
+        let back = ServiceError::from_status(&foreign);
+        assert_eq!(back.code, ErrorCode::InternalError);
+        assert_eq!(back.message, "internal error");
+        assert_eq!(
+            ServiceError::from_status(&tonic::Status::already_exists("x")).code,
+            ErrorCode::Conflict
+        );
+        assert_eq!(
+            ServiceError::from_status(&tonic::Status::unavailable("x")).code,
+            ErrorCode::ServiceUnavailable
+        );
     }
 }

@@ -8,6 +8,96 @@
 //! concrete store type (see `Dialect`). Timestamps are made in Rust (`Utc::now()`), never by
 //! the database, so both backends store and order them identically.
 
+/// Defines a TEXT-backed enum with `as_str`, `FromStr`, `Display`, serde (as its text) and sqlx
+/// Type/Encode/Decode for every database whose `str` is a type.
+macro_rules! text_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident { $($(#[$variant_meta:meta])* $variant:ident => $text:literal),+ $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$variant_meta])* $variant),+ }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The text stored in the database.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = $crate::store::UnknownEnumValue;
+
+            fn from_str(text: &str) -> Result<Self, Self::Err> {
+                match text {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err($crate::store::UnknownEnumValue { enum_name: stringify!($name), value: text.to_owned() }),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl<Db: sqlx::Database> sqlx::Type<Db> for $name
+        where
+            str: sqlx::Type<Db>,
+        {
+            fn type_info() -> Db::TypeInfo {
+                <str as sqlx::Type<Db>>::type_info()
+            }
+
+            fn compatible(type_info: &Db::TypeInfo) -> bool {
+                <str as sqlx::Type<Db>>::compatible(type_info)
+            }
+        }
+
+        impl<'query, Db: sqlx::Database> sqlx::Encode<'query, Db> for $name
+        where
+            for<'text> &'text str: sqlx::Encode<'query, Db>,
+        {
+            fn encode_by_ref(
+                &self,
+                buffer: &mut <Db as sqlx::Database>::ArgumentBuffer,
+            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&str as sqlx::Encode<'query, Db>>::encode_by_ref(&self.as_str(), buffer)
+            }
+        }
+
+        impl<'row, Db: sqlx::Database> sqlx::Decode<'row, Db> for $name
+        where
+            &'row str: sqlx::Decode<'row, Db>,
+        {
+            fn decode(
+                value: <Db as sqlx::Database>::ValueRef<'row>,
+            ) -> Result<Self, sqlx::error::BoxDynError> {
+                let text = <&'row str as sqlx::Decode<'row, Db>>::decode(value)?;
+                Ok(text.parse::<$name>()?)
+            }
+        }
+    };
+}
+
 mod executions;
 mod identity;
 mod resources;
@@ -45,6 +135,12 @@ pub enum StoreError {
     /// A foreign key refused the change (a referenced row is missing, or a row is still in use).
     #[error("reference violated: {0}")]
     ReferenceViolated(String),
+    /// The row is still used by the live rows listed (id and name), so it cannot be removed.
+    #[error("in use by {} other resources", by.len())]
+    InUse { by: Vec<(uuid::Uuid, String)> },
+    /// A list cursor that this store did not hand out (or that was altered).
+    #[error("invalid cursor")]
+    InvalidCursor,
     #[error("database error")]
     Database(#[source] sqlx::Error),
 }
@@ -74,6 +170,14 @@ impl From<sqlx::Error> for StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A stored enum column held a value this build does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {enum_name} value {value:?}")]
+pub struct UnknownEnumValue {
+    pub enum_name: &'static str,
+    pub value: String,
+}
 
 /// One page of a numbered-page list: `page` counts from 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,4 +5,5 @@ mod support;
 
 mod executions;
 mod identity;
+mod migrations;
 mod resources;

@@ -1,0 +1,2042 @@
+//! Store area: executions. Owns executions, step runs, step attempts and execution logs: the
+//! durable state the execution engine runs from (ARCHITECTURE.md principles 2 and 4).
+//! May call: sqlx and `super` (the Store seam). Knows nothing of the engine, queue or bus.
+//!
+//! How the engine uses it:
+//! - Every state change is one conditional UPDATE (a compare-and-set on status and, for step
+//!   runs, on the attempt number), committed before the engine acts on it. A call whose
+//!   condition does not hold changes nothing and says so (`false`, `Rejected`, `Stale`,
+//!   `Duplicate`), so late, duplicate or concurrent reports are harmless.
+//! - A step run's `attempt` is its fencing token. Lease loss and user retries both start a new
+//!   attempt; `infra_reassignments` counts the former so they never eat the user's retry budget.
+//! - `step_attempts` keeps one row per (step run, attempt). The row of the current attempt is
+//!   updated in the same transaction as the step run; older rows are final.
+//! - Retry backoff: `schedule_retry` puts the step back to `PENDING` with `next_attempt_at`.
+//!   `list_ready_step_runs` returns it once the backoff is over and `mark_step_queued` moves it
+//!   to `QUEUED` (committed) before it is pushed to the queue. `QUEUED` therefore always means
+//!   "in the queue, or to be put back there by the reconciler".
+//! - Engine-side calls (transitions, ready/expired queries) are unscoped and see soft-deleted
+//!   executions too: hiding an execution does not stop it (the service cancels it first).
+//!   User-facing reads take an `OwnerScope` and never return soft-deleted executions.
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use chrono::{DateTime, SubsecRound, Utc};
+use serde_json::Value;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::{CursorPage, OwnerScope, Page, PageRequest, StoreError, StoreResult};
+
+/// The largest page `list_execution_logs` returns.
+pub const MAX_EXECUTION_LOG_PAGE_SIZE: u32 = 1000;
+
+/// Rows per INSERT statement in batch inserts (well under both backends' bind limits).
+const INSERT_BATCH_ROWS: usize = 500;
+
+/// Times are stored with microsecond precision (PostgreSQL's), so both backends hold and return
+/// exactly the same values.
+fn stored_time(at: DateTime<Utc>) -> DateTime<Utc> {
+    at.trunc_subsecs(6)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enums
+// ---------------------------------------------------------------------------------------------
+
+text_enum! {
+    /// What started an execution.
+    pub enum ExecutionTrigger {
+        Manual => "MANUAL",
+        Cron => "CRON",
+        Webhook => "WEBHOOK",
+        /// Started by a WORKFLOW-type step of a parent execution (then it has a parent).
+        SubWorkflow => "SUB_WORKFLOW",
+        Api => "API",
+    }
+}
+
+text_enum! {
+    /// The lifecycle of an execution: QUEUED -> RUNNING -> one of the four final statuses.
+    pub enum ExecutionStatus {
+        Queued => "QUEUED",
+        Running => "RUNNING",
+        Succeeded => "SUCCEEDED",
+        Failed => "FAILED",
+        Cancelled => "CANCELLED",
+        TimedOut => "TIMED_OUT",
+    }
+}
+
+impl ExecutionStatus {
+    /// The statuses of an execution that has not finished yet.
+    pub const UNFINISHED: &'static [ExecutionStatus] =
+        &[ExecutionStatus::Queued, ExecutionStatus::Running];
+
+    /// Whether this is a final status (nothing moves it any more).
+    pub fn is_finished(self) -> bool {
+        !Self::UNFINISHED.contains(&self)
+    }
+}
+
+text_enum! {
+    /// The lifecycle of a step run's current attempt.
+    pub enum StepRunStatus {
+        /// Waiting for its dependencies, or (with `next_attempt_at`) for a retry's backoff.
+        Pending => "PENDING",
+        /// Committed as ready: in the queue, or to be put back there by the reconciler.
+        Queued => "QUEUED",
+        /// Sent to a runner under a lease.
+        Assigned => "ASSIGNED",
+        /// The runner reported that it started.
+        Running => "RUNNING",
+        Succeeded => "SUCCEEDED",
+        Failed => "FAILED",
+        Cancelled => "CANCELLED",
+        TimedOut => "TIMED_OUT",
+    }
+}
+
+impl StepRunStatus {
+    /// The statuses of a step run whose current attempt has not finished.
+    pub const UNFINISHED: &'static [StepRunStatus] = &[
+        StepRunStatus::Pending,
+        StepRunStatus::Queued,
+        StepRunStatus::Assigned,
+        StepRunStatus::Running,
+    ];
+
+    /// Whether the current attempt reached a final status.
+    pub fn is_finished(self) -> bool {
+        !Self::UNFINISHED.contains(&self)
+    }
+}
+
+text_enum! {
+    /// The status of one attempt: a step run status, or `LeaseLost` for an attempt whose runner
+    /// lost its lease (the step went on with a new attempt).
+    pub enum StepAttemptStatus {
+        Pending => "PENDING",
+        Queued => "QUEUED",
+        Assigned => "ASSIGNED",
+        Running => "RUNNING",
+        Succeeded => "SUCCEEDED",
+        Failed => "FAILED",
+        Cancelled => "CANCELLED",
+        TimedOut => "TIMED_OUT",
+        LeaseLost => "LEASE_LOST",
+    }
+}
+
+impl From<StepRunStatus> for StepAttemptStatus {
+    fn from(status: StepRunStatus) -> Self {
+        match status {
+            StepRunStatus::Pending => StepAttemptStatus::Pending,
+            StepRunStatus::Queued => StepAttemptStatus::Queued,
+            StepRunStatus::Assigned => StepAttemptStatus::Assigned,
+            StepRunStatus::Running => StepAttemptStatus::Running,
+            StepRunStatus::Succeeded => StepAttemptStatus::Succeeded,
+            StepRunStatus::Failed => StepAttemptStatus::Failed,
+            StepRunStatus::Cancelled => StepAttemptStatus::Cancelled,
+            StepRunStatus::TimedOut => StepAttemptStatus::TimedOut,
+        }
+    }
+}
+
+text_enum! {
+    /// The severity of a log line, from least to most severe.
+    pub enum ExecutionLogLevel {
+        Debug => "DEBUG",
+        Info => "INFO",
+        Warn => "WARN",
+        Error => "ERROR",
+    }
+}
+
+impl ExecutionLogLevel {
+    /// This level and every more severe one.
+    pub fn and_more_severe(self) -> &'static [ExecutionLogLevel] {
+        let position = Self::ALL.iter().position(|level| *level == self).unwrap_or(0);
+        &Self::ALL[position..]
+    }
+}
+
+text_enum! {
+    /// Where a log line came from.
+    pub enum ExecutionLogSource {
+        /// The engine itself (transitions, retries, timeouts).
+        System => "SYSTEM",
+        Stdout => "STDOUT",
+        Stderr => "STDERR",
+        /// The runner process (not the user's code).
+        Runner => "RUNNER",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Executions
+// ---------------------------------------------------------------------------------------------
+
+/// One run of a workflow (or of a single agent), with its definition snapshot.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Execution {
+    pub id: Uuid,
+    pub owner_id: Uuid,
+    pub workflow_id: Option<Uuid>,
+    pub deployment_id: Option<Uuid>,
+    pub parent_execution_id: Option<Uuid>,
+    pub parent_step_run_id: Option<Uuid>,
+    /// 0 for a top-level execution, the parent's depth + 1 for a sub-workflow.
+    pub depth: i32,
+    pub trigger: ExecutionTrigger,
+    pub status: ExecutionStatus,
+    /// 1 (lowest) to 10 (highest).
+    pub priority: i32,
+    #[sqlx(json)]
+    pub input: Value,
+    #[sqlx(json(nullable))]
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    /// The workflow and agent snapshots the engine runs from (never the live workflow).
+    #[sqlx(json)]
+    pub definition: Value,
+    pub timeout_seconds: Option<i32>,
+    pub deadline_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The step of a parent execution that starts a sub-workflow execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParentStep {
+    pub execution_id: Uuid,
+    pub step_run_id: Uuid,
+}
+
+/// The fields of a new execution; it starts `QUEUED`, at depth 0 or its parent's depth + 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewExecution {
+    pub owner_id: Uuid,
+    pub workflow_id: Option<Uuid>,
+    pub deployment_id: Option<Uuid>,
+    /// Set exactly when `trigger` is `SubWorkflow`; the step run must belong to that execution.
+    pub parent: Option<ParentStep>,
+    pub trigger: ExecutionTrigger,
+    /// 1 (lowest) to 10 (highest).
+    pub priority: i32,
+    pub input: Value,
+    /// Must be a JSON object.
+    pub definition: Value,
+    pub timeout_seconds: Option<i32>,
+    /// Decided by the caller (for example created_at + timeout, capped by the parent's deadline).
+    pub deadline_at: Option<DateTime<Utc>>,
+}
+
+impl NewExecution {
+    /// Default priority of executions that do not ask for one.
+    pub const DEFAULT_PRIORITY: i32 = 5;
+
+    /// A top-level execution with empty input, default priority and no timeout.
+    pub fn new(owner_id: Uuid, trigger: ExecutionTrigger, definition: Value) -> Self {
+        Self {
+            owner_id,
+            workflow_id: None,
+            deployment_id: None,
+            parent: None,
+            trigger,
+            priority: Self::DEFAULT_PRIORITY,
+            input: Value::Object(serde_json::Map::new()),
+            definition,
+            timeout_seconds: None,
+            deadline_at: None,
+        }
+    }
+}
+
+/// The change `transition_execution` applies when the status matches. `None` fields keep their
+/// value; `started_at` is only ever set once (the first start wins).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecutionChange {
+    pub to: ExecutionStatus,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub deadline_at: Option<DateTime<Utc>>,
+    /// The time of the change (`updated_at`).
+    pub at: DateTime<Utc>,
+}
+
+impl ExecutionChange {
+    /// A bare status change at `at`; fill the other fields with struct update syntax.
+    pub fn new(to: ExecutionStatus, at: DateTime<Utc>) -> Self {
+        Self {
+            to,
+            output: None,
+            error: None,
+            started_at: None,
+            finished_at: None,
+            deadline_at: None,
+            at,
+        }
+    }
+}
+
+/// What `request_cancel` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelRequestOutcome {
+    /// The request is now recorded (`cancel_requested_at` set, version bumped).
+    Recorded,
+    /// A cancel had already been requested; the first request time stands.
+    AlreadyRequested,
+    /// The execution had already finished with this status; nothing changed.
+    AlreadyFinished(ExecutionStatus),
+}
+
+/// Filters of `list_executions`; results are always newest first (`created_at`, then `id`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecutionFilter {
+    pub scope: OwnerScope,
+    pub workflow_id: Option<Uuid>,
+    pub deployment_id: Option<Uuid>,
+    pub status: Option<ExecutionStatus>,
+    pub parent_execution_id: Option<Uuid>,
+    /// Inclusive lower bound of `created_at`.
+    pub created_from: Option<DateTime<Utc>>,
+    /// Exclusive upper bound of `created_at`.
+    pub created_before: Option<DateTime<Utc>>,
+}
+
+impl ExecutionFilter {
+    /// Every execution visible in `scope`.
+    pub fn new(scope: OwnerScope) -> Self {
+        Self {
+            scope,
+            workflow_id: None,
+            deployment_id: None,
+            status: None,
+            parent_execution_id: None,
+            created_from: None,
+            created_before: None,
+        }
+    }
+}
+
+/// A position in the newest-first execution list: the last row of the previous page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecutionCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: Uuid,
+}
+
+impl ExecutionCursor {
+    /// The cursor just after `execution` in the newest-first order.
+    pub fn after(execution: &Execution) -> Self {
+        Self { created_at: execution.created_at, id: execution.id }
+    }
+
+    /// The opaque text form handed to clients (URL-safe base64).
+    pub fn encode(&self) -> String {
+        let plain = format!("{}:{}", self.created_at.timestamp_micros(), self.id.simple());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(plain)
+    }
+
+    /// Parses a cursor made by `encode`; `None` when it is malformed (a client error).
+    pub fn decode(text: &str) -> Option<Self> {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).ok()?;
+        let plain = String::from_utf8(bytes).ok()?;
+        let (micros, id) = plain.split_once(':')?;
+        let created_at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+        let id = Uuid::parse_str(id).ok()?;
+        Some(Self { created_at, id })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step runs and attempts
+// ---------------------------------------------------------------------------------------------
+
+/// One step of an execution, with the state of its current attempt.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct StepRun {
+    pub id: Uuid,
+    pub execution_id: Uuid,
+    /// The step's key in the workflow definition, unique per execution.
+    pub step_key: String,
+    pub agent_id: Option<Uuid>,
+    pub status: StepRunStatus,
+    /// The current attempt (from 1): the fencing token of every transition.
+    pub attempt: i32,
+    /// Attempts the user's retry policy allows (infrastructure reassignments do not count).
+    pub max_attempts: i32,
+    /// Attempts started because a runner lost its lease.
+    pub infra_reassignments: i32,
+    /// Resolved when the step is queued.
+    #[sqlx(json(nullable))]
+    pub input: Option<Value>,
+    #[sqlx(json(nullable))]
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub error_retryable: Option<bool>,
+    pub runner_id: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// When a retry waiting in `PENDING` becomes ready.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub assigned_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Bumped by every transition.
+    pub version: i64,
+}
+
+impl StepRun {
+    /// The fence for transitions of the current attempt.
+    pub fn attempt_key(&self) -> AttemptKey {
+        AttemptKey { step_run_id: self.id, attempt: self.attempt }
+    }
+
+    /// Attempts that count against `max_attempts`, the current one included: lease losses are
+    /// excluded. A retry is allowed while this is below `max_attempts`.
+    pub fn user_attempts_used(&self) -> i32 {
+        self.attempt - self.infra_reassignments
+    }
+}
+
+/// A step run to create with its execution: it starts `PENDING` at attempt 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewStepRun {
+    pub step_key: String,
+    pub agent_id: Option<Uuid>,
+    /// At least 1.
+    pub max_attempts: i32,
+    /// Usually `None`: the input is resolved when the step is queued.
+    pub input: Option<Value>,
+}
+
+impl NewStepRun {
+    /// A step without agent or input.
+    pub fn new(step_key: impl Into<String>, max_attempts: i32) -> Self {
+        Self { step_key: step_key.into(), agent_id: None, max_attempts, input: None }
+    }
+}
+
+/// Identifies one attempt of one step run: the fence every step transition checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AttemptKey {
+    pub step_run_id: Uuid,
+    pub attempt: i32,
+}
+
+/// The permanent record of one attempt of a step run.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct StepAttempt {
+    pub step_run_id: Uuid,
+    pub attempt: i32,
+    pub status: StepAttemptStatus,
+    pub runner_id: Option<String>,
+    #[sqlx(json(nullable))]
+    pub input: Option<Value>,
+    #[sqlx(json(nullable))]
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub retryable: Option<bool>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub assigned_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The assignment of a queued step to a runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepAssignment {
+    pub runner_id: String,
+    pub lease_expires_at: DateTime<Utc>,
+    pub assigned_at: DateTime<Utc>,
+}
+
+/// The result of an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Completion {
+    /// Reported by the runner; accepted from `ASSIGNED` or `RUNNING`.
+    Succeeded { output: Value },
+    /// Reported by the runner (or the engine, for example when reassignments are exhausted);
+    /// accepted from `ASSIGNED` or `RUNNING`.
+    Failed { error: String, retryable: bool },
+    /// Decided by the engine; accepted from any unfinished status.
+    TimedOut,
+    /// Decided by the engine; accepted from any unfinished status.
+    Cancelled,
+}
+
+impl Completion {
+    /// The status the step run and its attempt take.
+    pub fn status(&self) -> StepRunStatus {
+        match self {
+            Completion::Succeeded { .. } => StepRunStatus::Succeeded,
+            Completion::Failed { .. } => StepRunStatus::Failed,
+            Completion::TimedOut => StepRunStatus::TimedOut,
+            Completion::Cancelled => StepRunStatus::Cancelled,
+        }
+    }
+}
+
+/// What `complete_step` did.
+#[derive(Debug, Clone, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per transition and never stored; a box would only add an allocation"
+)]
+pub enum CompletionOutcome {
+    /// The result is committed; this is the step run after the change.
+    Applied(StepRun),
+    /// This attempt had already finished (a repeated report, or one that lost the race with
+    /// another result, a timeout or a cancel). The first final status stands; nothing changed.
+    Duplicate { status: StepRunStatus },
+    /// The report is for an attempt other than the current one, or the current attempt is in a
+    /// status that does not accept this result (a success for a step never assigned). Ignored.
+    Stale { current_attempt: i32, current_status: StepRunStatus },
+}
+
+impl CompletionOutcome {
+    /// Whether the completion changed the step run.
+    pub fn is_applied(&self) -> bool {
+        matches!(self, CompletionOutcome::Applied(_))
+    }
+}
+
+/// What a fenced step transition did.
+#[derive(Debug, Clone, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per transition and never stored; a box would only add an allocation"
+)]
+pub enum StepTransitionOutcome {
+    /// The compare-and-set matched and is committed; this is the step run after the change.
+    Applied(StepRun),
+    /// The step run was not at this attempt in an allowed status; nothing changed.
+    Rejected { current_attempt: i32, current_status: StepRunStatus },
+}
+
+impl StepTransitionOutcome {
+    /// Whether the transition changed the step run.
+    pub fn is_applied(&self) -> bool {
+        matches!(self, StepTransitionOutcome::Applied(_))
+    }
+
+    /// The step run after the change, when it was applied.
+    pub fn applied(self) -> Option<StepRun> {
+        match self {
+            StepTransitionOutcome::Applied(step_run) => Some(step_run),
+            StepTransitionOutcome::Rejected { .. } => None,
+        }
+    }
+}
+
+/// A step run that a runner was holding when it was cancelled: send it a cancel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlightStepRun {
+    pub step_run_id: Uuid,
+    pub attempt: i32,
+    pub runner_id: String,
+}
+
+/// A step run the dispatcher may act on, with the priority of its execution.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ReadyStepRun {
+    #[sqlx(flatten)]
+    pub step_run: StepRun,
+    pub execution_priority: i32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs
+// ---------------------------------------------------------------------------------------------
+
+/// One log line of an execution; `id` grows with insertion order and is the paging cursor.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ExecutionLog {
+    pub id: i64,
+    pub execution_id: Uuid,
+    pub step_run_id: Option<Uuid>,
+    pub attempt: Option<i32>,
+    pub level: ExecutionLogLevel,
+    pub source: ExecutionLogSource,
+    pub message: String,
+    #[sqlx(json(nullable))]
+    pub fields: Option<Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A log line to append. `created_at` is when it was produced (the runner's clock or now).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewExecutionLog {
+    pub execution_id: Uuid,
+    /// Must be a step run of `execution_id`.
+    pub step_run_id: Option<Uuid>,
+    /// Only with `step_run_id`.
+    pub attempt: Option<i32>,
+    pub level: ExecutionLogLevel,
+    pub source: ExecutionLogSource,
+    pub message: String,
+    pub fields: Option<Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Filters of `list_execution_logs`; results are in id (insertion) order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutionLogFilter {
+    pub step_run_id: Option<Uuid>,
+    /// Only lines at this level or more severe.
+    pub minimum_level: Option<ExecutionLogLevel>,
+    /// Only lines after this id: the `next_cursor` of the previous page, parsed.
+    pub after_id: Option<i64>,
+    /// 1 to `MAX_EXECUTION_LOG_PAGE_SIZE` (clamped).
+    pub limit: u32,
+}
+
+impl ExecutionLogFilter {
+    /// The first `limit` lines of every step and level.
+    pub fn first(limit: u32) -> Self {
+        Self { step_run_id: None, minimum_level: None, after_id: None, limit }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------------------------
+
+/// Executions per status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExecutionStatusCounts {
+    pub queued: i64,
+    pub running: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    pub timed_out: i64,
+}
+
+impl ExecutionStatusCounts {
+    /// All executions counted.
+    pub fn total(&self) -> i64 {
+        self.queued + self.running + self.succeeded + self.failed + self.cancelled + self.timed_out
+    }
+
+    fn add(&mut self, status: ExecutionStatus, count: i64) {
+        let slot = match status {
+            ExecutionStatus::Queued => &mut self.queued,
+            ExecutionStatus::Running => &mut self.running,
+            ExecutionStatus::Succeeded => &mut self.succeeded,
+            ExecutionStatus::Failed => &mut self.failed,
+            ExecutionStatus::Cancelled => &mut self.cancelled,
+            ExecutionStatus::TimedOut => &mut self.timed_out,
+        };
+        *slot += count;
+    }
+}
+
+/// Succeeded executions of one workflow and their average wall-clock duration.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct WorkflowDurationStats {
+    pub workflow_id: Uuid,
+    pub succeeded: i64,
+    /// From `started_at` to `finished_at`, in seconds (millisecond precision).
+    pub average_duration_seconds: f64,
+}
+
+/// Step runs of one agent, by final status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentStepStats {
+    pub agent_id: Uuid,
+    /// Every step run of the agent, finished or not.
+    pub step_runs: i64,
+    pub succeeded: i64,
+    /// FAILED and TIMED_OUT (cancelled steps are nobody's failure and are left out).
+    pub failed: i64,
+    /// succeeded / (succeeded + failed); `None` before any of them finished.
+    pub success_rate: Option<f64>,
+}
+
+/// Numbers about the executions created in a time range, within a scope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecutionStats {
+    pub status_counts: ExecutionStatusCounts,
+    /// Workflows with at least one succeeded execution, ordered by workflow id.
+    pub workflow_durations: Vec<WorkflowDurationStats>,
+    /// Agents with at least one step run, ordered by agent id.
+    pub agent_steps: Vec<AgentStepStats>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trait
+// ---------------------------------------------------------------------------------------------
+
+/// Executions, step runs, attempts and logs: the source of truth of the execution engine.
+#[async_trait]
+pub trait ExecutionStore: Send + Sync {
+    /// Creates a `QUEUED` execution and its `PENDING` step runs (attempt 1, with their attempt
+    /// rows) in one transaction: all of it or nothing. A missing parent execution is
+    /// `ReferenceViolated("parent_execution_id")`; a repeated step key `AlreadyExists("step_key")`.
+    async fn create_execution(
+        &self,
+        new_execution: NewExecution,
+        step_runs: Vec<NewStepRun>,
+    ) -> StoreResult<(Execution, Vec<StepRun>)>;
+
+    /// A non-deleted execution visible in `scope`.
+    async fn get_execution(&self, scope: OwnerScope, execution_id: Uuid) -> StoreResult<Execution>;
+
+    /// A non-deleted execution visible in `scope` and its step runs in creation order.
+    async fn get_execution_with_steps(
+        &self,
+        scope: OwnerScope,
+        execution_id: Uuid,
+    ) -> StoreResult<(Execution, Vec<StepRun>)>;
+
+    /// One numbered page of executions, newest first, with the total count.
+    async fn list_executions(
+        &self,
+        filter: ExecutionFilter,
+        page: PageRequest,
+    ) -> StoreResult<Page<Execution>>;
+
+    /// Up to `limit` executions after `after`, newest first, at constant cost however deep.
+    /// `next_cursor` decodes with `ExecutionCursor::decode` and is `None` on the last page.
+    async fn list_executions_by_cursor(
+        &self,
+        filter: ExecutionFilter,
+        after: Option<ExecutionCursor>,
+        limit: u32,
+    ) -> StoreResult<CursorPage<Execution>>;
+
+    /// Soft-deletes an execution (optionally version-checked). It is hidden from reads but
+    /// not stopped: cancel it first. Missing or outside `scope`: `NotFound`.
+    async fn delete_execution(
+        &self,
+        scope: OwnerScope,
+        execution_id: Uuid,
+        expected_version: Option<i64>,
+    ) -> StoreResult<()>;
+
+    /// Compare-and-set on the status: applies `change` (and bumps the version) only when the
+    /// execution is in one of `from`. `Ok(false)` means it was not, and nothing changed.
+    async fn transition_execution(
+        &self,
+        execution_id: Uuid,
+        from: &[ExecutionStatus],
+        change: ExecutionChange,
+    ) -> StoreResult<bool>;
+
+    /// Records a user's cancel request on an unfinished execution (the engine then cancels its
+    /// steps and finishes it). Idempotent: the first request time stands.
+    async fn request_cancel(
+        &self,
+        scope: OwnerScope,
+        execution_id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<CancelRequestOutcome>;
+
+    /// Unfinished (QUEUED or RUNNING) executions whose deadline is before `now`, earliest
+    /// deadline first: the reconciler times them out.
+    async fn list_running_executions_past_deadline(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Execution>>;
+
+    /// PENDING -> QUEUED for this attempt, when no retry backoff is still running
+    /// (`next_attempt_at` is empty or not after `at`). Sets the resolved `input` (`None` keeps
+    /// the current one) and clears `next_attempt_at`. Commit this before pushing to the queue.
+    async fn mark_step_queued(
+        &self,
+        key: AttemptKey,
+        input: Option<Value>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<StepTransitionOutcome>;
+
+    /// QUEUED -> ASSIGNED for this attempt only, with the runner and its lease. Of two
+    /// concurrent assignments of the same attempt exactly one is applied.
+    async fn assign_step(
+        &self,
+        key: AttemptKey,
+        assignment: StepAssignment,
+    ) -> StoreResult<StepTransitionOutcome>;
+
+    /// ASSIGNED -> RUNNING for this attempt (the runner reported that it started).
+    async fn mark_step_running(
+        &self,
+        key: AttemptKey,
+        at: DateTime<Utc>,
+    ) -> StoreResult<StepTransitionOutcome>;
+
+    /// Records the result of this attempt, idempotently: applied only when `key` is the current
+    /// attempt and its status accepts the completion (see `Completion`); a repeated or late
+    /// report is `Duplicate` or `Stale` and changes nothing. Clears the lease.
+    async fn complete_step(
+        &self,
+        key: AttemptKey,
+        completion: Completion,
+        at: DateTime<Utc>,
+    ) -> StoreResult<CompletionOutcome>;
+
+    /// Starts attempt `key.attempt + 1` after attempt `key.attempt` FAILED or TIMED_OUT: the
+    /// step goes back to PENDING with `next_attempt_at` (the backoff) and a new attempt row.
+    /// Rejected when the attempt is not the current one or not failed, when the user's retry
+    /// budget is spent (`user_attempts_used() >= max_attempts`), or when the execution is
+    /// finished or being cancelled.
+    async fn schedule_retry(
+        &self,
+        key: AttemptKey,
+        next_attempt_at: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<StepTransitionOutcome>;
+
+    /// The runner holding this ASSIGNED/RUNNING attempt lost its lease: the attempt's row
+    /// becomes LEASE_LOST and the step is QUEUED again at `attempt + 1` with
+    /// `infra_reassignments + 1` (the new counts are in the returned step run). This does not
+    /// use the user's retry budget. The caller enforces the reassignment cap: at the cap it
+    /// completes the attempt with `Completion::Failed` instead of calling this.
+    async fn requeue_after_lease_loss(
+        &self,
+        key: AttemptKey,
+        at: DateTime<Utc>,
+    ) -> StoreResult<StepTransitionOutcome>;
+
+    /// Cancels every unfinished step run of an execution (and its current attempt row) in one
+    /// statement. Returns those a runner was holding (ASSIGNED/RUNNING) so the engine can send
+    /// them a cancel; their late results will then be `Duplicate`.
+    async fn cancel_pending_steps(
+        &self,
+        execution_id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Vec<InFlightStepRun>>;
+
+    /// Step runs the dispatcher should act on, across executions: QUEUED ones (to put in the
+    /// queue if missing) and PENDING retries whose backoff ended by `now` (to `mark_step_queued`).
+    /// Only unfinished executions without a cancel request. Highest execution priority first,
+    /// then longest waiting.
+    async fn list_ready_step_runs(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<ReadyStepRun>>;
+
+    /// ASSIGNED/RUNNING step runs whose lease (as granted at assignment) ended before `now`,
+    /// oldest first. Candidates only: heartbeats extend leases outside the database.
+    async fn list_expired_leases(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<StepRun>>;
+
+    /// The step runs of an execution in creation order (unscoped: for the engine).
+    async fn list_step_runs(&self, execution_id: Uuid) -> StoreResult<Vec<StepRun>>;
+
+    /// One step run (unscoped: for the engine).
+    async fn get_step_run(&self, step_run_id: Uuid) -> StoreResult<StepRun>;
+
+    /// Every attempt of a step run, in attempt order. The step run's execution must be
+    /// visible in `scope` (and not deleted), otherwise `NotFound`.
+    async fn list_step_attempts(
+        &self,
+        scope: OwnerScope,
+        step_run_id: Uuid,
+    ) -> StoreResult<Vec<StepAttempt>>;
+
+    /// Appends log lines in one transaction (multi-row inserts); returns how many were written.
+    async fn append_execution_logs(&self, logs: Vec<NewExecutionLog>) -> StoreResult<u64>;
+
+    /// Log lines of an execution visible in `scope`, ascending by id. `next_cursor` is the last
+    /// id in decimal (pass it back as `after_id`) and `None` when no more lines exist yet.
+    /// Paging a finished set has no gaps or repeats. A live tail on PostgreSQL must allow for
+    /// ids being taken before commit: two concurrent appends to one execution can become
+    /// visible out of id order (keep one writer per execution, or re-read a short window).
+    async fn list_execution_logs(
+        &self,
+        scope: OwnerScope,
+        execution_id: Uuid,
+        filter: ExecutionLogFilter,
+    ) -> StoreResult<CursorPage<ExecutionLog>>;
+
+    /// Counts and averages over the non-deleted executions created in `[from, to)` in `scope`.
+    async fn execution_stats(
+        &self,
+        scope: OwnerScope,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> StoreResult<ExecutionStats>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows that are not part of the public model
+// ---------------------------------------------------------------------------------------------
+
+/// The status and attempt of a step run, to explain a rejected transition.
+#[derive(sqlx::FromRow)]
+struct StepRunPosition {
+    status: StepRunStatus,
+    attempt: i32,
+}
+
+/// A step run cancelled by `cancel_pending_steps`.
+#[derive(sqlx::FromRow)]
+struct CancelledStepRunRow {
+    id: Uuid,
+    attempt: i32,
+    runner_id: Option<String>,
+}
+
+/// The state `request_cancel` looks at when its update did not apply.
+#[derive(sqlx::FromRow)]
+struct CancelStateRow {
+    status: ExecutionStatus,
+}
+
+#[derive(sqlx::FromRow)]
+struct StatusCountRow {
+    status: ExecutionStatus,
+    count: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct AgentStepCountRow {
+    agent_id: Uuid,
+    step_runs: i64,
+    succeeded: i64,
+    failed: i64,
+}
+
+/// Names the unique constraint an execution insert tripped over, the same on both backends.
+fn name_execution_conflict(error: StoreError) -> StoreError {
+    let StoreError::AlreadyExists(constraint) = error else { return error };
+    if constraint.contains("step_key") {
+        return StoreError::AlreadyExists("step_key".to_owned());
+    }
+    StoreError::AlreadyExists(constraint)
+}
+
+/// Why a fenced step transition did not apply: `Rejected`, or `NotFound` for an unknown id.
+fn rejection(position: Option<StepRunPosition>) -> StoreResult<StepTransitionOutcome> {
+    let Some(position) = position else { return Err(StoreError::NotFound) };
+    Ok(StepTransitionOutcome::Rejected {
+        current_attempt: position.attempt,
+        current_status: position.status,
+    })
+}
+
+/// Why a completion did not apply: `Duplicate`, `Stale`, or `NotFound` for an unknown id.
+fn ignored_completion(
+    key: AttemptKey,
+    position: Option<StepRunPosition>,
+) -> StoreResult<CompletionOutcome> {
+    let Some(position) = position else { return Err(StoreError::NotFound) };
+    if position.attempt == key.attempt && position.status.is_finished() {
+        return Ok(CompletionOutcome::Duplicate { status: position.status });
+    }
+    Ok(CompletionOutcome::Stale {
+        current_attempt: position.attempt,
+        current_status: position.status,
+    })
+}
+
+/// Cursor-page limits: at least one row, at most `maximum`.
+fn clamp_limit(limit: u32, maximum: u32) -> i64 {
+    i64::from(limit.clamp(1, maximum))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dialect differences
+// ---------------------------------------------------------------------------------------------
+
+impl super::PostgresStore {
+    /// Starts a transaction that will write; row locks do the serialising on PostgreSQL.
+    async fn begin_execution_transaction(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
+    /// `AND (created_at, id) < (cursor)`: a row comparison PostgreSQL turns into an index bound.
+    fn push_execution_cursor_condition(
+        builder: &mut sqlx::QueryBuilder<sqlx::Postgres>,
+        cursor: ExecutionCursor,
+    ) {
+        builder.push(" AND (created_at, id) < (");
+        builder.push_bind(cursor.created_at);
+        builder.push(", ");
+        builder.push_bind(cursor.id);
+        builder.push(")");
+    }
+
+    /// The wall-clock seconds from `started_at` to `finished_at` of an execution row.
+    fn execution_duration_seconds_expression() -> &'static str {
+        "EXTRACT(EPOCH FROM (finished_at - started_at))::DOUBLE PRECISION"
+    }
+}
+
+impl super::SqliteStore {
+    /// Starts a transaction holding the database write lock from its first statement, so a
+    /// read-then-write sequence never fails halfway with a busy snapshot.
+    async fn begin_execution_transaction(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    /// The cursor condition spelled without row values; the redundant `created_at <=` bound
+    /// lets SQLite seek the index instead of scanning from the newest row.
+    fn push_execution_cursor_condition(
+        builder: &mut sqlx::QueryBuilder<sqlx::Sqlite>,
+        cursor: ExecutionCursor,
+    ) {
+        builder.push(" AND created_at <= ");
+        builder.push_bind(cursor.created_at);
+        builder.push(" AND (created_at < ");
+        builder.push_bind(cursor.created_at);
+        builder.push(" OR (created_at = ");
+        builder.push_bind(cursor.created_at);
+        builder.push(" AND id < ");
+        builder.push_bind(cursor.id);
+        builder.push("))");
+    }
+
+    /// The wall-clock seconds from `started_at` to `finished_at` of an execution row.
+    fn execution_duration_seconds_expression() -> &'static str {
+        "((julianday(finished_at) - julianday(started_at)) * 86400.0)"
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The implementation, written once for both backends
+// ---------------------------------------------------------------------------------------------
+
+macro_rules! execution_columns {
+    () => {
+        "id, owner_id, workflow_id, deployment_id, parent_execution_id, parent_step_run_id, \
+         depth, trigger, status, priority, input, output, error, definition, timeout_seconds, \
+         deadline_at, started_at, finished_at, cancel_requested_at, version, created_at, \
+         updated_at"
+    };
+}
+
+macro_rules! step_run_columns {
+    () => {
+        "id, execution_id, step_key, agent_id, status, attempt, max_attempts, \
+         infra_reassignments, input, output, error, error_retryable, runner_id, \
+         lease_expires_at, next_attempt_at, queued_at, assigned_at, started_at, finished_at, \
+         created_at, updated_at, version"
+    };
+    (s) => {
+        "s.id, s.execution_id, s.step_key, s.agent_id, s.status, s.attempt, s.max_attempts, \
+         s.infra_reassignments, s.input, s.output, s.error, s.error_retryable, s.runner_id, \
+         s.lease_expires_at, s.next_attempt_at, s.queued_at, s.assigned_at, s.started_at, \
+         s.finished_at, s.created_at, s.updated_at, s.version"
+    };
+}
+
+macro_rules! step_attempt_columns {
+    () => {
+        "step_run_id, attempt, status, runner_id, input, output, error, retryable, queued_at, \
+         assigned_at, started_at, finished_at, created_at, updated_at"
+    };
+}
+
+macro_rules! execution_log_columns {
+    () => {
+        "id, execution_id, step_run_id, attempt, level, source, message, fields, created_at"
+    };
+}
+
+macro_rules! impl_executions_store {
+    ($store:ty, $db:ty) => {
+        impl $store {
+            /// Appends the `WHERE` clause of `list_executions` for `filter`.
+            fn push_execution_filter(
+                builder: &mut sqlx::QueryBuilder<$db>,
+                filter: &ExecutionFilter,
+            ) {
+                builder.push(" WHERE deleted_at IS NULL");
+                if let Some(owner_id) = filter.scope.owner_id() {
+                    builder.push(" AND owner_id = ");
+                    builder.push_bind(owner_id);
+                }
+                if let Some(workflow_id) = filter.workflow_id {
+                    builder.push(" AND workflow_id = ");
+                    builder.push_bind(workflow_id);
+                }
+                if let Some(deployment_id) = filter.deployment_id {
+                    builder.push(" AND deployment_id = ");
+                    builder.push_bind(deployment_id);
+                }
+                if let Some(status) = filter.status {
+                    builder.push(" AND status = ");
+                    builder.push_bind(status);
+                }
+                if let Some(parent_execution_id) = filter.parent_execution_id {
+                    builder.push(" AND parent_execution_id = ");
+                    builder.push_bind(parent_execution_id);
+                }
+                if let Some(created_from) = filter.created_from {
+                    builder.push(" AND created_at >= ");
+                    builder.push_bind(stored_time(created_from));
+                }
+                if let Some(created_before) = filter.created_before {
+                    builder.push(" AND created_at < ");
+                    builder.push_bind(stored_time(created_before));
+                }
+            }
+
+            /// Appends the scope and creation-time range of `execution_stats` (after a `WHERE`),
+            /// on the executions table aliased `e`.
+            fn push_execution_stats_range(
+                builder: &mut sqlx::QueryBuilder<$db>,
+                scope: OwnerScope,
+                from: DateTime<Utc>,
+                to: DateTime<Utc>,
+            ) {
+                builder.push(" WHERE e.deleted_at IS NULL AND e.created_at >= ");
+                builder.push_bind(stored_time(from));
+                builder.push(" AND e.created_at < ");
+                builder.push_bind(stored_time(to));
+                if let Some(owner_id) = scope.owner_id() {
+                    builder.push(" AND e.owner_id = ");
+                    builder.push_bind(owner_id);
+                }
+            }
+
+            /// The status and attempt of a step run (to explain a rejected transition).
+            async fn step_run_position(
+                &self,
+                step_run_id: Uuid,
+            ) -> StoreResult<Option<StepRunPosition>> {
+                let position = sqlx::query_as::<$db, StepRunPosition>(
+                    "SELECT status, attempt FROM step_runs WHERE id = $1",
+                )
+                .bind(step_run_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(position)
+            }
+
+            /// Whether a non-deleted execution is visible in `scope`.
+            async fn execution_is_visible(
+                &self,
+                scope: OwnerScope,
+                execution_id: Uuid,
+            ) -> StoreResult<bool> {
+                let found: Option<Uuid> = sqlx::query_scalar::<$db, Uuid>(
+                    "SELECT id FROM executions \
+                     WHERE id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR owner_id = $2)",
+                )
+                .bind(execution_id)
+                .bind(scope.owner_id())
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(found.is_some())
+            }
+        }
+
+        #[async_trait]
+        impl ExecutionStore for $store {
+            async fn create_execution(
+                &self,
+                new_execution: NewExecution,
+                step_runs: Vec<NewStepRun>,
+            ) -> StoreResult<(Execution, Vec<StepRun>)> {
+                debug_assert!((1..=10).contains(&new_execution.priority), "priority is 1..=10");
+                debug_assert!(step_runs.iter().all(|step_run| step_run.max_attempts >= 1));
+                let now = stored_time(Utc::now());
+                let mut transaction = self.begin_execution_transaction().await?;
+                let depth = match new_execution.parent {
+                    None => 0,
+                    Some(parent) => {
+                        let parent_depth: Option<i32> = sqlx::query_scalar::<$db, i32>(
+                            "SELECT depth FROM executions WHERE id = $1",
+                        )
+                        .bind(parent.execution_id)
+                        .fetch_optional(&mut *transaction)
+                        .await?;
+                        let Some(parent_depth) = parent_depth else {
+                            return Err(StoreError::ReferenceViolated(
+                                "parent_execution_id".to_owned(),
+                            ));
+                        };
+                        parent_depth + 1
+                    }
+                };
+                let execution = sqlx::query_as::<$db, Execution>(concat!(
+                    "INSERT INTO executions (id, owner_id, workflow_id, deployment_id, \
+                     parent_execution_id, parent_step_run_id, depth, trigger, status, priority, \
+                     input, definition, timeout_seconds, deadline_at, created_at, updated_at, \
+                     version) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'QUEUED', $9, $10, $11, $12, $13, \
+                     $14, $14, 1) RETURNING ",
+                    execution_columns!()
+                ))
+                .bind(Uuid::now_v7())
+                .bind(new_execution.owner_id)
+                .bind(new_execution.workflow_id)
+                .bind(new_execution.deployment_id)
+                .bind(new_execution.parent.map(|parent| parent.execution_id))
+                .bind(new_execution.parent.map(|parent| parent.step_run_id))
+                .bind(depth)
+                .bind(new_execution.trigger)
+                .bind(new_execution.priority)
+                .bind(Json(new_execution.input))
+                .bind(Json(new_execution.definition))
+                .bind(new_execution.timeout_seconds)
+                .bind(new_execution.deadline_at.map(stored_time))
+                .bind(now)
+                .fetch_one(&mut *transaction)
+                .await?;
+
+                // Ids are v7 and made in order, so `ORDER BY id` returns the caller's order.
+                let step_rows: Vec<(Uuid, NewStepRun)> =
+                    step_runs.into_iter().map(|step_run| (Uuid::now_v7(), step_run)).collect();
+                for chunk in step_rows.chunks(INSERT_BATCH_ROWS) {
+                    let mut step_insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO step_runs (id, execution_id, step_key, agent_id, status, \
+                         attempt, max_attempts, infra_reassignments, input, created_at, \
+                         updated_at, version) ",
+                    );
+                    step_insert.push_values(chunk, |mut row, (step_run_id, step_run)| {
+                        row.push_bind(*step_run_id)
+                            .push_bind(execution.id)
+                            .push_bind(step_run.step_key.clone())
+                            .push_bind(step_run.agent_id)
+                            .push("'PENDING'")
+                            .push("1")
+                            .push_bind(step_run.max_attempts)
+                            .push("0")
+                            .push_bind(step_run.input.clone().map(Json))
+                            .push_bind(now)
+                            .push_bind(now)
+                            .push("1");
+                    });
+                    step_insert
+                        .build()
+                        .execute(&mut *transaction)
+                        .await
+                        .map_err(|error| name_execution_conflict(error.into()))?;
+
+                    let mut attempt_insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO step_attempts (step_run_id, attempt, status, input, \
+                         created_at, updated_at) ",
+                    );
+                    attempt_insert.push_values(chunk, |mut row, (step_run_id, step_run)| {
+                        row.push_bind(*step_run_id)
+                            .push("1")
+                            .push("'PENDING'")
+                            .push_bind(step_run.input.clone().map(Json))
+                            .push_bind(now)
+                            .push_bind(now);
+                    });
+                    attempt_insert.build().execute(&mut *transaction).await?;
+                }
+                let created_step_runs = sqlx::query_as::<$db, StepRun>(concat!(
+                    "SELECT ",
+                    step_run_columns!(),
+                    " FROM step_runs WHERE execution_id = $1 ORDER BY id"
+                ))
+                .bind(execution.id)
+                .fetch_all(&mut *transaction)
+                .await?;
+                transaction.commit().await?;
+                Ok((execution, created_step_runs))
+            }
+
+            async fn get_execution(
+                &self,
+                scope: OwnerScope,
+                execution_id: Uuid,
+            ) -> StoreResult<Execution> {
+                let execution = sqlx::query_as::<$db, Execution>(concat!(
+                    "SELECT ",
+                    execution_columns!(),
+                    " FROM executions \
+                     WHERE id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR owner_id = $2)"
+                ))
+                .bind(execution_id)
+                .bind(scope.owner_id())
+                .fetch_optional(&self.pool)
+                .await?;
+                execution.ok_or(StoreError::NotFound)
+            }
+
+            async fn get_execution_with_steps(
+                &self,
+                scope: OwnerScope,
+                execution_id: Uuid,
+            ) -> StoreResult<(Execution, Vec<StepRun>)> {
+                let execution = self.get_execution(scope, execution_id).await?;
+                let step_runs = self.list_step_runs(execution_id).await?;
+                Ok((execution, step_runs))
+            }
+
+            async fn list_executions(
+                &self,
+                filter: ExecutionFilter,
+                page: PageRequest,
+            ) -> StoreResult<Page<Execution>> {
+                let mut count_query =
+                    sqlx::QueryBuilder::<$db>::new("SELECT COUNT(*) FROM executions");
+                <$store>::push_execution_filter(&mut count_query, &filter);
+                let total: i64 =
+                    count_query.build_query_scalar::<i64>().fetch_one(&self.pool).await?;
+
+                let mut list_query = sqlx::QueryBuilder::<$db>::new(concat!(
+                    "SELECT ",
+                    execution_columns!(),
+                    " FROM executions"
+                ));
+                <$store>::push_execution_filter(&mut list_query, &filter);
+                list_query.push(" ORDER BY created_at DESC, id DESC LIMIT ");
+                list_query.push_bind(page.limit());
+                list_query.push(" OFFSET ");
+                list_query.push_bind(page.offset());
+                let items =
+                    list_query.build_query_as::<Execution>().fetch_all(&self.pool).await?;
+                Ok(Page { items, total })
+            }
+
+            async fn list_executions_by_cursor(
+                &self,
+                filter: ExecutionFilter,
+                after: Option<ExecutionCursor>,
+                limit: u32,
+            ) -> StoreResult<CursorPage<Execution>> {
+                let limit = clamp_limit(limit, PageRequest::MAX_PAGE_SIZE);
+                let mut list_query = sqlx::QueryBuilder::<$db>::new(concat!(
+                    "SELECT ",
+                    execution_columns!(),
+                    " FROM executions"
+                ));
+                <$store>::push_execution_filter(&mut list_query, &filter);
+                if let Some(cursor) = after {
+                    <$store>::push_execution_cursor_condition(&mut list_query, cursor);
+                }
+                list_query.push(" ORDER BY created_at DESC, id DESC LIMIT ");
+                // One row more than asked tells whether another page exists.
+                list_query.push_bind(limit + 1);
+                let mut items =
+                    list_query.build_query_as::<Execution>().fetch_all(&self.pool).await?;
+                let has_more = i64::try_from(items.len()).unwrap_or(i64::MAX) > limit;
+                if has_more {
+                    items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+                }
+                let next_cursor = match items.last() {
+                    Some(last) if has_more => Some(ExecutionCursor::after(last).encode()),
+                    _ => None,
+                };
+                Ok(CursorPage { items, next_cursor })
+            }
+
+            async fn delete_execution(
+                &self,
+                scope: OwnerScope,
+                execution_id: Uuid,
+                expected_version: Option<i64>,
+            ) -> StoreResult<()> {
+                let now = stored_time(Utc::now());
+                let deleted = sqlx::query::<$db>(
+                    "UPDATE executions \
+                     SET deleted_at = $1, updated_at = $1, version = version + 1 \
+                     WHERE id = $2 AND deleted_at IS NULL AND ($3 IS NULL OR owner_id = $3) \
+                     AND ($4 IS NULL OR version = $4)",
+                )
+                .bind(now)
+                .bind(execution_id)
+                .bind(scope.owner_id())
+                .bind(expected_version)
+                .execute(&self.pool)
+                .await?;
+                if deleted.rows_affected() == 1 {
+                    return Ok(());
+                }
+                let current_version: Option<i64> = sqlx::query_scalar::<$db, i64>(
+                    "SELECT version FROM executions \
+                     WHERE id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR owner_id = $2)",
+                )
+                .bind(execution_id)
+                .bind(scope.owner_id())
+                .fetch_optional(&self.pool)
+                .await?;
+                match current_version {
+                    None => Err(StoreError::NotFound),
+                    Some(current_version) => Err(StoreError::VersionConflict { current_version }),
+                }
+            }
+
+            async fn transition_execution(
+                &self,
+                execution_id: Uuid,
+                from: &[ExecutionStatus],
+                change: ExecutionChange,
+            ) -> StoreResult<bool> {
+                debug_assert!(!from.is_empty(), "a transition needs at least one from-status");
+                if from.is_empty() {
+                    return Ok(false);
+                }
+                let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE executions SET status = ");
+                update.push_bind(change.to);
+                update.push(", output = COALESCE(");
+                update.push_bind(change.output.map(Json));
+                update.push(", output), error = COALESCE(");
+                update.push_bind(change.error);
+                update.push(", error), started_at = COALESCE(started_at, ");
+                update.push_bind(change.started_at.map(stored_time));
+                update.push("), finished_at = COALESCE(");
+                update.push_bind(change.finished_at.map(stored_time));
+                update.push(", finished_at), deadline_at = COALESCE(");
+                update.push_bind(change.deadline_at.map(stored_time));
+                update.push(", deadline_at), updated_at = ");
+                update.push_bind(stored_time(change.at));
+                update.push(", version = version + 1 WHERE id = ");
+                update.push_bind(execution_id);
+                update.push(" AND status IN (");
+                let mut statuses = update.separated(", ");
+                for status in from {
+                    statuses.push_bind(*status);
+                }
+                update.push(")");
+                let updated = update.build().execute(&self.pool).await?;
+                if updated.rows_affected() == 1 {
+                    return Ok(true);
+                }
+                let exists: Option<Uuid> =
+                    sqlx::query_scalar::<$db, Uuid>("SELECT id FROM executions WHERE id = $1")
+                        .bind(execution_id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                match exists {
+                    None => Err(StoreError::NotFound),
+                    Some(_) => Ok(false),
+                }
+            }
+
+            async fn request_cancel(
+                &self,
+                scope: OwnerScope,
+                execution_id: Uuid,
+                at: DateTime<Utc>,
+            ) -> StoreResult<CancelRequestOutcome> {
+                let updated = sqlx::query::<$db>(
+                    "UPDATE executions \
+                     SET cancel_requested_at = $1, updated_at = $1, version = version + 1 \
+                     WHERE id = $2 AND deleted_at IS NULL AND ($3 IS NULL OR owner_id = $3) \
+                     AND status IN ('QUEUED', 'RUNNING') AND cancel_requested_at IS NULL",
+                )
+                .bind(stored_time(at))
+                .bind(execution_id)
+                .bind(scope.owner_id())
+                .execute(&self.pool)
+                .await?;
+                if updated.rows_affected() == 1 {
+                    return Ok(CancelRequestOutcome::Recorded);
+                }
+                let state = sqlx::query_as::<$db, CancelStateRow>(
+                    "SELECT status FROM executions \
+                     WHERE id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR owner_id = $2)",
+                )
+                .bind(execution_id)
+                .bind(scope.owner_id())
+                .fetch_optional(&self.pool)
+                .await?;
+                let Some(state) = state else { return Err(StoreError::NotFound) };
+                if state.status.is_finished() {
+                    return Ok(CancelRequestOutcome::AlreadyFinished(state.status));
+                }
+                Ok(CancelRequestOutcome::AlreadyRequested)
+            }
+
+            async fn list_running_executions_past_deadline(
+                &self,
+                now: DateTime<Utc>,
+                limit: u32,
+            ) -> StoreResult<Vec<Execution>> {
+                // The condition repeats the partial index's predicate word for word, which is
+                // what lets SQLite use it.
+                let executions = sqlx::query_as::<$db, Execution>(concat!(
+                    "SELECT ",
+                    execution_columns!(),
+                    " FROM executions \
+                     WHERE deadline_at IS NOT NULL AND status IN ('QUEUED', 'RUNNING') \
+                     AND deadline_at < $1 ORDER BY deadline_at, id LIMIT $2"
+                ))
+                .bind(stored_time(now))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(executions)
+            }
+
+            async fn mark_step_queued(
+                &self,
+                key: AttemptKey,
+                input: Option<Value>,
+                at: DateTime<Utc>,
+            ) -> StoreResult<StepTransitionOutcome> {
+                let at = stored_time(at);
+                let mut transaction = self.begin_execution_transaction().await?;
+                let step_run = sqlx::query_as::<$db, StepRun>(concat!(
+                    "UPDATE step_runs SET status = 'QUEUED', input = COALESCE($3, input), \
+                     queued_at = $4, next_attempt_at = NULL, updated_at = $4, \
+                     version = version + 1 \
+                     WHERE id = $1 AND attempt = $2 AND status = 'PENDING' \
+                     AND (next_attempt_at IS NULL OR next_attempt_at <= $4) RETURNING ",
+                    step_run_columns!()
+                ))
+                .bind(key.step_run_id)
+                .bind(key.attempt)
+                .bind(input.map(Json))
+                .bind(at)
+                .fetch_optional(&mut *transaction)
+                .await?;
+                let Some(step_run) = step_run else {
+                    transaction.rollback().await?;
+                    return rejection(self.step_run_position(key.step_run_id).await?);
+                };
+                sqlx::query::<$db>(
+                    "UPDATE step_attempts SET status = 'QUEUED', input = $3, queued_at = $4, \
+                     updated_at = $4 WHERE step_run_id = $1 AND attempt = $2",
+                )
+                .bind(key.step_run_id)
+                .bind(key.attempt)
+                .bind(step_run.input.clone().map(Json))
+                .bind(at)
+                .execute(&mut *transaction)
+                .await?;
+                transaction.commit().await?;
+                Ok(StepTransitionOutcome::Applied(step_run))
+            }
+
+            async fn assign_step(
+                &self,
+                key: AttemptKey,
+                assignment: StepAssignment,
+            ) -> StoreResult<StepTransitionOutcome> {
+                let assigned_at = stored_time(assignment.assigned_at);
+                let mut transaction = self.begin_execution_transaction().await?;
+                let step_run = sqlx::query_as::<$db, StepRun>(concat!(
+                    "UPDATE step_runs SET status = 'ASSIGNED', runner_id = $3, \
+                     lease_expires_at = $4, assigned_at = $5, updated_at = $5, \
+                     version = version + 1 \
+                     WHERE id = $1 AND attempt = $2 AND status = 'QUEUED' RETURNING ",
+                    step_run_columns!()
+                ))
+                .bind(key.step_run_id)
+                .bind(key.attempt)
+                .bind(assignment.runner_id.clone())
+                .bind(stored_time(assignment.lease_expires_at))
+                .bind(assigned_at)
+                .fetch_optional(&mut *transaction)
+                .await?;
+                let Some(step_run) = step_run else {
+                    transaction.rollback().await?;
+                    return rejection(self.step_run_position(key.step_run_id).await?);
+                };
+                sqlx::query::<$db>(
+                    "UPDATE step_attempts SET status = 'ASSIGNED', runner_id = $3, \
+                     assigned_at = $4, updated_at = $4 WHERE step_run_id = $1 AND attempt = $2",
+                )
+                .bind(key.step_run_id)
+                .bind(key.attempt)
+                .bind(assignment.runner_id)
+                .bind(assigned_at)
+                .execute(&mut *transaction)
+                .await?;
+                transaction.commit().await?;
+                Ok(StepTransitionOutcome::Applied(step_run))
+            }
+
+            async fn mark_step_running(
+                &self,
+                key: AttemptKey,
+                at: DateTime<Utc>,
+            ) -> StoreResult<StepTransitionOutcome> {
+                let at = stored_time(at);
+                let mut transaction = self.begin_execution_transaction().await?;
+                let step_run = sqlx::query_as::<$db, StepRun>(concat!(
+                    "UPDATE step_runs SET status = 'RUNNING', started_at = $3, updated_at = $3, \
+                     version = version + 1 \
+                     WHERE id = $1 AND attempt = $2 AND status = 'ASSIGNED' RETURNING ",
+                    step_run_columns!()
+                ))
+                .bind(key.step_run_id)
+                .bind(key.attempt)
+                .bind(at)
+                .fetch_optional(&mut *transaction)
+                .await?;
+                let Some(step_run) = step_run else {
+                    transaction.rollback().await?;
+                    return rejection(self.step_run_position(key.step_run_id).await?);
+                };
+                sqlx::query::<$db>(
+                    "UPDATE step_attempts SET status = 'RUNNING', started_at = $3, \
+                     updated_at = $3 WHERE step_run_id = $1 AND attempt = $2",
+                )
+                .bind(key.step_run_id)
+                .bind(key.attempt)
+                .bind(at)
+                .execute(&mut *transaction)
+                .await?;
+                transaction.commit().await?;
+                Ok(StepTransitionOutcome::Applied(step_run))
+            }
+
+            async fn complete_step(
+                &self,
+                key: AttemptKey,
+                completion: Completion,
+                at: DateTime<Utc>,
+            ) -> StoreResult<CompletionOutcome> {
+                let at = stored_time(at);
+                let status = completion.status();
+                let (output, error, retryable) = match completion {
+                    Completion::Succeeded { output } => (Some(output), None, None),
+                    Completion::Failed { error, retryable } => (None, Some(error), Some(retryable)),
+                    Completion::TimedOut | Completion::Cancelled => (None, None, None),
+                };
+                // Results come from a runner, which only ever holds ASSIGNED/RUNNING attempts;
+                // timeouts and cancels are the engine's verdicts on any unfinished attempt.
+                let update_sql = match status {
+                    StepRunStatus::Succeeded | StepRunStatus::Failed => concat!(
+                        "UPDATE step_runs SET status = $3, output = $4, error = $5, \
+                         error_retryable = $6, finished_at = $7, lease_expires_at = NULL, \
+                         next_attempt_at = NULL, updated_at = $7, version = version + 1 \
+                         WHERE id = $1 AND attempt = $2 AND status IN ('ASSIGNED', 'RUNNING') \
+                         RETURNING ",
+                        step_run_columns!()
+                    ),
+                    _ => concat!(
+                        "UPDATE step_runs SET status = $3, output = $4, error = $5, \
+                         error_retryable = $6, finished_at = $7, lease_expires_at = NULL, \
+                         next_attempt_at = NULL, updated_at = $7, version = version + 1 \
+                         WHERE id = $1 AND attempt = $2 \
+                         AND status IN ('PENDING', 'QUEUED', 'ASSIGNED', 'RUNNING') RETURNING ",
+                        step_run_columns!()
+                    ),
+                };
+                let output = output.map(Json);
+                let mut transaction = self.begin_execution_transaction().await?;
+                let step_run = sqlx::query_as::<$db, StepRun>(update_sql)
+                    .bind(key.step_run_id)
+                    .bind(key.attempt)
+                    .bind(status)
+                    .bind(output.clone())
+                    .bind(error.clone())
+                    .bind(retryable)
+                    .bind(at)
+                    .fetch_optional(&mut *transaction)
+                    .await?;
+                let Some(step_run) = step_run else {
+                    transaction.rollback().await?;
+                    return ignored_completion(key, self.step_run_position(key.step_run_id).await?);
+                };
+                sqlx::query::<$db>(
+                    "UPDATE step_attempts SET status = $3, output = $4, error = $5, \
+                     retryable = $6, finished_at = $7, updated_at = $7 \
+                     WHERE step_run_id = $1 AND attempt = $2",
+                )
+                .bind(key.step_run_id)
+                .bind(key.attempt)
+                .bind(StepAttemptStatus::from(status))
+                .bind(output)
+                .bind(error)
+                .bind(retryable)
+                .bind(at)
+                .execute(&mut *transaction)
+                .await?;
+                transaction.commit().await?;
+                Ok(CompletionOutcome::Applied(step_run))
+            }
+
+            async fn schedule_retry(
+                &self,
+                key: AttemptKey,
+                next_attempt_at: DateTime<Utc>,
+                at: DateTime<Utc>,
+            ) -> StoreResult<StepTransitionOutcome> {
+                let at = stored_time(at);
+                let mut transaction = self.begin_execution_transaction().await?;
+                let step_run = sqlx::query_as::<$db, StepRun>(concat!(
+                    "UPDATE step_runs SET attempt = attempt + 1, status = 'PENDING', \
+                     next_attempt_at = $3, output = NULL, error = NULL, error_retryable = NULL, \
+                     runner_id = NULL, lease_expires_at = NULL, queued_at = NULL, \
+                     assigned_at = NULL, started_at = NULL, finished_at = NULL, \
+                     updated_at = $4, version = version + 1 \
+                     WHERE id = $1 AND attempt = $2 AND status IN ('FAILED', 'TIMED_OUT') \
+                     AND attempt - infra_reassignments < max_attempts \
+                     AND EXISTS (SELECT 1 FROM executions WHERE executions.id = \
+                     step_runs.execution_id AND executions.status IN ('QUEUED', 'RUNNING') \
+                     AND executions.cancel_requested_at IS NULL) RETURNING ",
+                    step_run_columns!()
+                ))
+                .bind(key.step_run_id)
+                .bind(key.attempt)
+                .bind(stored_time(next_attempt_at))
+                .bind(at)
+                .fetch_optional(&mut *transaction)
+                .await?;
+                let Some(step_run) = step_run else {
+                    transaction.rollback().await?;
+                    return rejection(self.step_run_position(key.step_run_id).await?);
+                };
+                sqlx::query::<$db>(
+                    "INSERT INTO step_attempts (step_run_id, attempt, status, input, created_at, \
+                     updated_at) VALUES ($1, $2, 'PENDING', $3, $4, $4)",
+                )
+                .bind(step_run.id)
+                .bind(step_run.attempt)
+                .bind(step_run.input.clone().map(Json))
+                .bind(at)
+                .execute(&mut *transaction)
+                .await?;
+                transaction.commit().await?;
+                Ok(StepTransitionOutcome::Applied(step_run))
+            }
+
+            async fn requeue_after_lease_loss(
+                &self,
+                key: AttemptKey,
+                at: DateTime<Utc>,
+            ) -> StoreResult<StepTransitionOutcome> {
+                let at = stored_time(at);
+                let mut transaction = self.begin_execution_transaction().await?;
+                let step_run = sqlx::query_as::<$db, StepRun>(concat!(
+                    "UPDATE step_runs SET attempt = attempt + 1, \
+                     infra_reassignments = infra_reassignments + 1, status = 'QUEUED', \
+                     queued_at = $3, runner_id = NULL, lease_expires_at = NULL, \
+                     assigned_at = NULL, started_at = NULL, next_attempt_at = NULL, \
+                     updated_at = $3, version = version + 1 \
+                     WHERE id = $1 AND attempt = $2 AND status IN ('ASSIGNED', 'RUNNING') \
+                     RETURNING ",
+                    step_run_columns!()
+                ))
+                .bind(key.step_run_id)
+                .bind(key.attempt)
+                .bind(at)
+                .fetch_optional(&mut *transaction)
+                .await?;
+                let Some(step_run) = step_run else {
+                    transaction.rollback().await?;
+                    return rejection(self.step_run_position(key.step_run_id).await?);
+                };
+                sqlx::query::<$db>(
+                    "UPDATE step_attempts SET status = 'LEASE_LOST', finished_at = $3, \
+                     updated_at = $3 WHERE step_run_id = $1 AND attempt = $2",
+                )
+                .bind(key.step_run_id)
+                .bind(key.attempt)
+                .bind(at)
+                .execute(&mut *transaction)
+                .await?;
+                sqlx::query::<$db>(
+                    "INSERT INTO step_attempts (step_run_id, attempt, status, input, queued_at, \
+                     created_at, updated_at) VALUES ($1, $2, 'QUEUED', $3, $4, $4, $4)",
+                )
+                .bind(step_run.id)
+                .bind(step_run.attempt)
+                .bind(step_run.input.clone().map(Json))
+                .bind(at)
+                .execute(&mut *transaction)
+                .await?;
+                transaction.commit().await?;
+                Ok(StepTransitionOutcome::Applied(step_run))
+            }
+
+            async fn cancel_pending_steps(
+                &self,
+                execution_id: Uuid,
+                at: DateTime<Utc>,
+            ) -> StoreResult<Vec<InFlightStepRun>> {
+                let at = stored_time(at);
+                let mut transaction = self.begin_execution_transaction().await?;
+                // One statement, so no step can slip from QUEUED to ASSIGNED in between. Only
+                // ASSIGNED/RUNNING step runs carry a runner_id (it is cleared on requeue/retry).
+                let cancelled = sqlx::query_as::<$db, CancelledStepRunRow>(
+                    "UPDATE step_runs SET status = 'CANCELLED', finished_at = $2, \
+                     lease_expires_at = NULL, next_attempt_at = NULL, updated_at = $2, \
+                     version = version + 1 \
+                     WHERE execution_id = $1 \
+                     AND status IN ('PENDING', 'QUEUED', 'ASSIGNED', 'RUNNING') \
+                     RETURNING id, attempt, runner_id",
+                )
+                .bind(execution_id)
+                .bind(at)
+                .fetch_all(&mut *transaction)
+                .await?;
+                if !cancelled.is_empty() {
+                    // Only the current attempt of a step run can be unfinished.
+                    sqlx::query::<$db>(
+                        "UPDATE step_attempts SET status = 'CANCELLED', finished_at = $2, \
+                         updated_at = $2 \
+                         WHERE status IN ('PENDING', 'QUEUED', 'ASSIGNED', 'RUNNING') \
+                         AND step_run_id IN (SELECT id FROM step_runs WHERE execution_id = $1)",
+                    )
+                    .bind(execution_id)
+                    .bind(at)
+                    .execute(&mut *transaction)
+                    .await?;
+                }
+                transaction.commit().await?;
+                let in_flight = cancelled
+                    .into_iter()
+                    .filter_map(|row| {
+                        row.runner_id.map(|runner_id| InFlightStepRun {
+                            step_run_id: row.id,
+                            attempt: row.attempt,
+                            runner_id,
+                        })
+                    })
+                    .collect();
+                Ok(in_flight)
+            }
+
+            async fn list_ready_step_runs(
+                &self,
+                now: DateTime<Utc>,
+                limit: u32,
+            ) -> StoreResult<Vec<ReadyStepRun>> {
+                let ready = sqlx::query_as::<$db, ReadyStepRun>(concat!(
+                    "SELECT ",
+                    step_run_columns!(s),
+                    ", e.priority AS execution_priority \
+                     FROM step_runs s JOIN executions e ON e.id = s.execution_id \
+                     WHERE (s.status = 'QUEUED' \
+                     OR (s.status = 'PENDING' AND s.next_attempt_at <= $1)) \
+                     AND e.status IN ('QUEUED', 'RUNNING') AND e.cancel_requested_at IS NULL \
+                     ORDER BY e.priority DESC, COALESCE(s.queued_at, s.next_attempt_at), s.id \
+                     LIMIT $2"
+                ))
+                .bind(stored_time(now))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(ready)
+            }
+
+            async fn list_expired_leases(
+                &self,
+                now: DateTime<Utc>,
+                limit: u32,
+            ) -> StoreResult<Vec<StepRun>> {
+                let expired = sqlx::query_as::<$db, StepRun>(concat!(
+                    "SELECT ",
+                    step_run_columns!(),
+                    " FROM step_runs WHERE status IN ('ASSIGNED', 'RUNNING') \
+                     AND lease_expires_at < $1 ORDER BY lease_expires_at, id LIMIT $2"
+                ))
+                .bind(stored_time(now))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(expired)
+            }
+
+            async fn list_step_runs(&self, execution_id: Uuid) -> StoreResult<Vec<StepRun>> {
+                let step_runs = sqlx::query_as::<$db, StepRun>(concat!(
+                    "SELECT ",
+                    step_run_columns!(),
+                    " FROM step_runs WHERE execution_id = $1 ORDER BY id"
+                ))
+                .bind(execution_id)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(step_runs)
+            }
+
+            async fn get_step_run(&self, step_run_id: Uuid) -> StoreResult<StepRun> {
+                let step_run = sqlx::query_as::<$db, StepRun>(concat!(
+                    "SELECT ",
+                    step_run_columns!(),
+                    " FROM step_runs WHERE id = $1"
+                ))
+                .bind(step_run_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                step_run.ok_or(StoreError::NotFound)
+            }
+
+            async fn list_step_attempts(
+                &self,
+                scope: OwnerScope,
+                step_run_id: Uuid,
+            ) -> StoreResult<Vec<StepAttempt>> {
+                let visible: Option<Uuid> = sqlx::query_scalar::<$db, Uuid>(
+                    "SELECT s.id FROM step_runs s JOIN executions e ON e.id = s.execution_id \
+                     WHERE s.id = $1 AND e.deleted_at IS NULL \
+                     AND ($2 IS NULL OR e.owner_id = $2)",
+                )
+                .bind(step_run_id)
+                .bind(scope.owner_id())
+                .fetch_optional(&self.pool)
+                .await?;
+                if visible.is_none() {
+                    return Err(StoreError::NotFound);
+                }
+                let attempts = sqlx::query_as::<$db, StepAttempt>(concat!(
+                    "SELECT ",
+                    step_attempt_columns!(),
+                    " FROM step_attempts WHERE step_run_id = $1 ORDER BY attempt"
+                ))
+                .bind(step_run_id)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(attempts)
+            }
+
+            async fn append_execution_logs(&self, logs: Vec<NewExecutionLog>) -> StoreResult<u64> {
+                if logs.is_empty() {
+                    return Ok(0);
+                }
+                let mut written = 0;
+                let mut transaction = self.begin_execution_transaction().await?;
+                for chunk in logs.chunks(INSERT_BATCH_ROWS) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO execution_logs (execution_id, step_run_id, attempt, level, \
+                         source, message, fields, created_at) ",
+                    );
+                    insert.push_values(chunk, |mut row, log| {
+                        row.push_bind(log.execution_id)
+                            .push_bind(log.step_run_id)
+                            .push_bind(log.attempt)
+                            .push_bind(log.level)
+                            .push_bind(log.source)
+                            .push_bind(log.message.clone())
+                            .push_bind(log.fields.clone().map(Json))
+                            .push_bind(stored_time(log.created_at));
+                    });
+                    written += insert.build().execute(&mut *transaction).await?.rows_affected();
+                }
+                transaction.commit().await?;
+                Ok(written)
+            }
+
+            async fn list_execution_logs(
+                &self,
+                scope: OwnerScope,
+                execution_id: Uuid,
+                filter: ExecutionLogFilter,
+            ) -> StoreResult<CursorPage<ExecutionLog>> {
+                if !self.execution_is_visible(scope, execution_id).await? {
+                    return Err(StoreError::NotFound);
+                }
+                let limit = clamp_limit(filter.limit, MAX_EXECUTION_LOG_PAGE_SIZE);
+                let mut query = sqlx::QueryBuilder::<$db>::new(concat!(
+                    "SELECT ",
+                    execution_log_columns!(),
+                    " FROM execution_logs WHERE execution_id = "
+                ));
+                query.push_bind(execution_id);
+                if let Some(step_run_id) = filter.step_run_id {
+                    query.push(" AND step_run_id = ");
+                    query.push_bind(step_run_id);
+                }
+                if let Some(minimum_level) = filter.minimum_level {
+                    query.push(" AND level IN (");
+                    let mut levels = query.separated(", ");
+                    for level in minimum_level.and_more_severe() {
+                        levels.push_bind(*level);
+                    }
+                    query.push(")");
+                }
+                if let Some(after_id) = filter.after_id {
+                    query.push(" AND id > ");
+                    query.push_bind(after_id);
+                }
+                query.push(" ORDER BY id LIMIT ");
+                query.push_bind(limit + 1);
+                let mut items = query.build_query_as::<ExecutionLog>().fetch_all(&self.pool).await?;
+                let has_more = i64::try_from(items.len()).unwrap_or(i64::MAX) > limit;
+                if has_more {
+                    items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+                }
+                let next_cursor = match items.last() {
+                    Some(last) if has_more => Some(last.id.to_string()),
+                    _ => None,
+                };
+                Ok(CursorPage { items, next_cursor })
+            }
+
+            async fn execution_stats(
+                &self,
+                scope: OwnerScope,
+                from: DateTime<Utc>,
+                to: DateTime<Utc>,
+            ) -> StoreResult<ExecutionStats> {
+                let mut status_query = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT e.status AS status, COUNT(*) AS count FROM executions e",
+                );
+                <$store>::push_execution_stats_range(&mut status_query, scope, from, to);
+                status_query.push(" GROUP BY e.status");
+                let status_rows =
+                    status_query.build_query_as::<StatusCountRow>().fetch_all(&self.pool).await?;
+                let mut status_counts = ExecutionStatusCounts::default();
+                for row in status_rows {
+                    status_counts.add(row.status, row.count);
+                }
+
+                let mut duration_query = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT e.workflow_id AS workflow_id, COUNT(*) AS succeeded, AVG(",
+                );
+                duration_query.push(<$store>::execution_duration_seconds_expression());
+                duration_query.push(") AS average_duration_seconds FROM executions e");
+                <$store>::push_execution_stats_range(&mut duration_query, scope, from, to);
+                duration_query.push(
+                    " AND e.status = 'SUCCEEDED' AND e.workflow_id IS NOT NULL \
+                     AND e.started_at IS NOT NULL AND e.finished_at IS NOT NULL \
+                     GROUP BY e.workflow_id ORDER BY e.workflow_id",
+                );
+                let workflow_durations = duration_query
+                    .build_query_as::<WorkflowDurationStats>()
+                    .fetch_all(&self.pool)
+                    .await?;
+
+                let mut agent_query = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT s.agent_id AS agent_id, COUNT(*) AS step_runs, \
+                     COUNT(*) FILTER (WHERE s.status = 'SUCCEEDED') AS succeeded, \
+                     COUNT(*) FILTER (WHERE s.status IN ('FAILED', 'TIMED_OUT')) AS failed \
+                     FROM step_runs s JOIN executions e ON e.id = s.execution_id",
+                );
+                <$store>::push_execution_stats_range(&mut agent_query, scope, from, to);
+                agent_query.push(
+                    " AND s.agent_id IS NOT NULL GROUP BY s.agent_id ORDER BY s.agent_id",
+                );
+                let agent_rows =
+                    agent_query.build_query_as::<AgentStepCountRow>().fetch_all(&self.pool).await?;
+                let agent_steps = agent_rows
+                    .into_iter()
+                    .map(|row| {
+                        let judged = row.succeeded + row.failed;
+                        let success_rate = if judged == 0 {
+                            None
+                        } else {
+                            Some(row.succeeded as f64 / judged as f64)
+                        };
+                        AgentStepStats {
+                            agent_id: row.agent_id,
+                            step_runs: row.step_runs,
+                            succeeded: row.succeeded,
+                            failed: row.failed,
+                            success_rate,
+                        }
+                    })
+                    .collect();
+                Ok(ExecutionStats { status_counts, workflow_durations, agent_steps })
+            }
+        }
+    };
+}
+
+impl_executions_store!(super::PostgresStore, sqlx::Postgres);
+impl_executions_store!(super::SqliteStore, sqlx::Sqlite);

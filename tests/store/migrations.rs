@@ -1,0 +1,126 @@
+//! Migrations: applying them again is a no-op, and a database upgraded one migration at a time
+//! ends up with exactly the schema of a fresh one, on both backends.
+
+use sqlx::Connection;
+use sqlx::migrate::Migrator;
+
+use crate::support;
+
+async fn migrator(backend: &str) -> Migrator {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(backend);
+    Migrator::new(path).await.expect("read migrations")
+}
+
+async fn postgres_schema(url: &str) -> Vec<String> {
+    let mut connection = sqlx::PgConnection::connect(url).await.expect("connect");
+    let mut schema: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name || '.' || column_name || ' ' || data_type || ' null=' || is_nullable \
+         || ' default=' || COALESCE(column_default, '') \
+         FROM information_schema.columns WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations'",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .expect("columns");
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename <> '_sqlx_migrations'",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .expect("indexes");
+    let constraints: Vec<String> = sqlx::query_scalar(
+        "SELECT conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid) \
+         FROM pg_constraint WHERE connamespace = 'public'::regnamespace",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .expect("constraints");
+    schema.extend(indexes);
+    schema.extend(constraints);
+    schema.sort();
+    schema
+}
+
+async fn sqlite_schema(path: &std::path::Path) -> Vec<String> {
+    let mut connection = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("connect");
+    let mut schema: Vec<String> = sqlx::query_scalar(
+        "SELECT type || ' ' || name || ' ' || COALESCE(sql, '') FROM sqlite_master \
+         WHERE name NOT LIKE '_sqlx_migrations%' AND name NOT LIKE 'sqlite_%'",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .expect("schema");
+    schema.sort();
+    schema
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migrations_are_idempotent_and_upgrades_match_fresh_installs() {
+    let migrator = migrator("postgres").await;
+    let versions: Vec<i64> = migrator.iter().map(|migration| migration.version).collect();
+    assert!(versions.len() >= 4, "the schema has its migrations: {versions:?}");
+
+    let (fresh_url, fresh_name) = support::create_postgres_database().await;
+    let _fresh = support::ServeDatabase::new(fresh_url.clone(), fresh_name);
+    let mut fresh = sqlx::PgConnection::connect(&fresh_url).await.expect("connect");
+    migrator.run(&mut fresh).await.expect("migrate");
+    let fresh_schema = postgres_schema(&fresh_url).await;
+    assert!(fresh_schema.iter().any(|line| line.starts_with("users.email ")), "users table exists");
+    assert!(
+        fresh_schema.iter().any(|line| line.starts_with("step_runs.attempt ")),
+        "step_runs table exists"
+    );
+
+    migrator.run(&mut fresh).await.expect("migrate again");
+    assert_eq!(postgres_schema(&fresh_url).await, fresh_schema, "a second run changes nothing");
+    let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(&mut fresh)
+        .await
+        .expect("count");
+    assert_eq!(applied, versions.len() as i64);
+
+    let (upgraded_url, upgraded_name) = support::create_postgres_database().await;
+    let _upgraded = support::ServeDatabase::new(upgraded_url.clone(), upgraded_name);
+    let mut upgraded = sqlx::PgConnection::connect(&upgraded_url).await.expect("connect");
+    for version in &versions {
+        migrator.run_to(*version, &mut upgraded).await.expect("upgrade one step");
+    }
+    assert_eq!(postgres_schema(&upgraded_url).await, fresh_schema, "upgraded equals fresh");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_migrations_are_idempotent_and_upgrades_match_fresh_installs() {
+    let migrator = migrator("sqlite").await;
+    let versions: Vec<i64> = migrator.iter().map(|migration| migration.version).collect();
+    let postgres_versions: Vec<i64> = migrator_versions("postgres").await;
+    assert_eq!(versions, postgres_versions, "both backends have the same migrations");
+
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let fresh_path = directory.path().join("fresh.db");
+    let upgraded_path = directory.path().join("upgraded.db");
+    for path in [&fresh_path, &upgraded_path] {
+        std::fs::File::create(path).expect("create file");
+    }
+    let mut fresh = sqlx::SqliteConnection::connect(&format!("sqlite://{}", fresh_path.display()))
+        .await
+        .expect("connect");
+    migrator.run(&mut fresh).await.expect("migrate");
+    let fresh_schema = sqlite_schema(&fresh_path).await;
+    assert!(fresh_schema.iter().any(|line| line.starts_with("table users ")), "users table exists");
+    migrator.run(&mut fresh).await.expect("migrate again");
+    assert_eq!(sqlite_schema(&fresh_path).await, fresh_schema);
+
+    let mut upgraded =
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}", upgraded_path.display()))
+            .await
+            .expect("connect");
+    for version in &versions {
+        migrator.run_to(*version, &mut upgraded).await.expect("upgrade one step");
+    }
+    assert_eq!(sqlite_schema(&upgraded_path).await, fresh_schema, "upgraded equals fresh");
+}
+
+async fn migrator_versions(backend: &str) -> Vec<i64> {
+    migrator(backend).await.iter().map(|migration| migration.version).collect()
+}
