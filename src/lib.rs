@@ -2,8 +2,11 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bus;
 pub mod config;
 pub mod error;
 pub mod proto;
+pub mod queue;
+pub mod redis_pool;
 pub mod server;
 pub mod store;
