@@ -120,7 +120,7 @@ pub enum Command {
     /// Apply database migrations and exit.
     Migrate(DatabaseArgs),
     /// Load demo data: an admin user, sample agents, a workflow, templates.
-    Seed(DatabaseArgs),
+    Seed(SeedArgs),
 }
 
 /// Settings of the listener, shared by `dev` and `serve`.
@@ -180,6 +180,18 @@ pub struct DatabaseArgs {
     /// Directory of the `dev` SQLite database.
     #[arg(long, env = "TURBOCAT_DATA_DIR", default_value = ".turbocat")]
     pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SeedArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Email of the demo admin.
+    #[arg(long, env = "TURBOCAT_ADMIN_EMAIL", default_value = "admin@turbocat.local")]
+    pub admin_email: String,
+    /// Password of the demo admin (8 to 128 characters); generated and printed once if unset.
+    #[arg(long, env = "TURBOCAT_ADMIN_PASSWORD")]
+    pub admin_password: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Args)]

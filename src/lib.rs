@@ -2,11 +2,13 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod error;
 pub mod proto;
 pub mod queue;
 pub mod redis_pool;
+pub mod seed;
 pub mod server;
 pub mod store;

@@ -49,8 +49,30 @@ async fn run(command: Command) -> Result<(), String> {
             println!("migrations applied ({})", store.backend().as_str());
             Ok(())
         }
-        Command::Seed(_args) => {
-            Err("`turbocat seed` needs the resource services (not built yet)".into())
+        Command::Seed(args) => {
+            let store = server::open_store_for_command(&args.database)
+                .await
+                .map_err(|error| error.to_string())?;
+            let options = turbocat::seed::SeedOptions {
+                admin_email: args.admin_email.clone(),
+                admin_password: args.admin_password.clone(),
+            };
+            let report = turbocat::seed::seed(store.as_ref(), options)
+                .await
+                .map_err(|error| error.to_string())?;
+            if report.admin_created {
+                println!("created admin {}", report.admin_email);
+            } else {
+                println!("admin {} already exists", report.admin_email);
+            }
+            if let Some(password) = &report.generated_password {
+                println!("generated admin password (shown once): {password}");
+            }
+            println!(
+                "seeded {} agents and {} workflows; {} starter templates written",
+                report.agents_created, report.workflows_created, report.templates_written
+            );
+            Ok(())
         }
         Command::Runner(_args) => {
             Err("`turbocat runner` arrives with the execution engine (not built yet)".into())

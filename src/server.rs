@@ -10,7 +10,10 @@ use std::time::Instant;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppContext, EdgeSettings, Mode};
+use crate::bus::{MemoryBus, RedisBus, RedisBusConfig};
 use crate::config::{self, ConnectionUrl, DevArgs, ListenArgs, Secret, ServeArgs, SettingError};
+use crate::queue::{MemoryQueue, RedisQueue, RedisQueueConfig};
+use crate::redis_pool::{RedisPool, connect_redis};
 use crate::store::{PostgresStore, SqliteStore, Store};
 
 /// A start-up failure, worded for the person who launched the process.
@@ -82,6 +85,12 @@ pub async fn start(
     context: Arc<AppContext>,
     listen: &ListenArgs,
 ) -> Result<RunningServer, StartupError> {
+    crate::seed::install_starter_templates(context.store.as_ref()).await.map_err(|error| {
+        StartupError::Migration(format!(
+            "cannot install the starter templates: {}",
+            describe_store_error(error)
+        ))
+    })?;
     let settings = EdgeSettings {
         max_body_bytes: listen.max_body_bytes,
         max_message_bytes: listen.max_message_bytes,
@@ -117,18 +126,26 @@ pub async fn open_dev_store(data_dir: &Path) -> Result<SqliteStore, StartupError
     Ok(store)
 }
 
+/// Connects to PostgreSQL at `url` without migrating.
+pub async fn connect_postgres_store(
+    url: &ConnectionUrl,
+    max_connections: u32,
+) -> Result<PostgresStore, StartupError> {
+    config::validate_database_url(url, true)?;
+    PostgresStore::connect(url.expose(), max_connections).await.map_err(|error| {
+        StartupError::DatabaseUnreachable {
+            url: url.redacted(),
+            cause: describe_store_error(error),
+        }
+    })
+}
+
 /// Opens PostgreSQL at `url`, migrated.
 pub async fn open_postgres_store(
     url: &ConnectionUrl,
     max_connections: u32,
 ) -> Result<PostgresStore, StartupError> {
-    config::validate_database_url(url, true)?;
-    let store = PostgresStore::connect(url.expose(), max_connections).await.map_err(|error| {
-        StartupError::DatabaseUnreachable {
-            url: url.redacted(),
-            cause: describe_store_error(error),
-        }
-    })?;
+    let store = connect_postgres_store(url, max_connections).await?;
     store.migrate().await.map_err(|error| StartupError::Migration(describe_store_error(error)))?;
     Ok(store)
 }
@@ -211,6 +228,8 @@ pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
         mode: Mode::Dev,
         probes: vec![Arc::new(api::health::StoreProbe(store.clone()))],
         store,
+        queue: Arc::new(MemoryQueue::new(crate::queue::DEFAULT_MAX_LEN)),
+        bus: Arc::new(MemoryBus::new()),
         started_at: Instant::now(),
     });
     start(context, &args.listen).await
@@ -221,39 +240,38 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
     config::validate_jwt_secret(&args.jwt_secret)?;
     config::validate_database_url(&args.database_url, true)?;
     config::validate_redis_url(&args.redis_url)?;
-    let store: Arc<dyn Store> =
-        Arc::new(open_postgres_store(&args.database_url, args.database_max_connections).await?);
-    let redis_probe = RedisProbe::connect(&args.redis_url).await?;
+    // Reach every dependency before changing anything: a bad Redis URL must not migrate.
+    let postgres =
+        connect_postgres_store(&args.database_url, args.database_max_connections).await?;
+    let redis_unreachable =
+        |cause: String| StartupError::RedisUnreachable { url: args.redis_url.redacted(), cause };
+    let redis = connect_redis(args.redis_url.expose())
+        .await
+        .map_err(|error| redis_unreachable(error.to_string()))?;
+    let bus = RedisBus::connect(redis.clone(), RedisBusConfig::default())
+        .await
+        .map_err(|error| redis_unreachable(error.to_string()))?;
+    postgres
+        .migrate()
+        .await
+        .map_err(|error| StartupError::Migration(describe_store_error(error)))?;
+    let store: Arc<dyn Store> = Arc::new(postgres);
     let context = Arc::new(AppContext {
         mode: Mode::Serve,
-        probes: vec![Arc::new(api::health::StoreProbe(store.clone())), Arc::new(redis_probe)],
+        probes: vec![
+            Arc::new(api::health::StoreProbe(store.clone())),
+            Arc::new(RedisProbe(redis.clone())),
+        ],
         store,
+        queue: Arc::new(RedisQueue::new(redis, RedisQueueConfig::default())),
+        bus: Arc::new(bus),
         started_at: Instant::now(),
     });
     start(context, &args.listen).await
 }
 
-/// Redis as a health probe.
-pub struct RedisProbe {
-    connection: redis::aio::ConnectionManager,
-}
-
-impl RedisProbe {
-    pub async fn connect(url: &ConnectionUrl) -> Result<Self, StartupError> {
-        let unreachable =
-            |cause: String| StartupError::RedisUnreachable { url: url.redacted(), cause };
-        let client =
-            redis::Client::open(url.expose()).map_err(|error| unreachable(error.to_string()))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(3)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(3)))
-            .set_number_of_retries(1);
-        let connection = redis::aio::ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|error| unreachable(error.to_string()))?;
-        Ok(Self { connection })
-    }
-}
+/// Redis as a health probe (not critical: the database is the source of truth).
+pub struct RedisProbe(pub RedisPool);
 
 #[async_trait::async_trait]
 impl api::health::HealthProbe for RedisProbe {
@@ -270,9 +288,9 @@ impl api::health::HealthProbe for RedisProbe {
     }
 
     async fn ping(&self) -> Result<(), String> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.0.connection().await.map_err(|error| error.to_string())?;
         redis::cmd("PING")
-            .query_async::<String>(&mut connection)
+            .query_async::<String>(&mut *connection)
             .await
             .map(|_| ())
             .map_err(|error| error.to_string())

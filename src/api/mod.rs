@@ -46,6 +46,10 @@ impl Mode {
 pub struct AppContext {
     pub mode: Mode,
     pub store: Arc<dyn Store>,
+    /// Ready step runs: Redis in `serve`, in-process in `dev`.
+    pub queue: Arc<dyn crate::queue::Queue>,
+    /// Events between replicas: Redis pub/sub in `serve`, in-process in `dev`.
+    pub bus: Arc<dyn crate::bus::Bus>,
     pub probes: Vec<Arc<dyn health::HealthProbe>>,
     pub started_at: Instant,
 }

@@ -24,7 +24,10 @@ async fn get_json(url: &str) -> (reqwest::StatusCode, Value) {
 
 fn assert_envelope_meta(body: &Value) {
     let timestamp = body["meta"]["timestamp"].as_str().expect("meta.timestamp");
-    assert!(chrono::DateTime::parse_from_rfc3339(timestamp).is_ok(), "timestamp {timestamp} is RFC 3339");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(timestamp).is_ok(),
+        "timestamp {timestamp} is RFC 3339"
+    );
     let request_id = body["meta"]["requestId"].as_str().expect("meta.requestId");
     assert!(uuid::Uuid::parse_str(request_id).is_ok(), "request id {request_id} is a uuid");
 }
@@ -76,7 +79,12 @@ async fn grpc_web_call(base_url: &str, path: &str, request: Vec<u8>) -> (Option<
     let mut offset = 0;
     while offset + 5 <= body.len() {
         let flag = body[offset];
-        let length = u32::from_be_bytes([body[offset + 1], body[offset + 2], body[offset + 3], body[offset + 4]]) as usize;
+        let length = u32::from_be_bytes([
+            body[offset + 1],
+            body[offset + 2],
+            body[offset + 3],
+            body[offset + 4],
+        ]) as usize;
         let payload = body[offset + 5..offset + 5 + length].to_vec();
         if flag & 0x80 == 0 {
             message = Some(payload);
@@ -94,10 +102,10 @@ async fn grpc_web_call(base_url: &str, path: &str, request: Vec<u8>) -> (Option<
 }
 
 async fn reflection_services(base_url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let channel = tonic::transport::Endpoint::from_shared(base_url.to_owned())
         .expect("endpoint")
         .connect()
@@ -115,7 +123,9 @@ async fn reflection_services(base_url: &str) -> Vec<String> {
         .into_inner();
     let response = responses.message().await.expect("reflection answer").expect("one answer");
     match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|service| service.name).collect(),
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|service| service.name).collect()
+        }
         other => panic!("unexpected reflection answer {other:?}"),
     }
 }
@@ -146,7 +156,9 @@ async fn dev_serves_rest_grpc_and_grpc_web_on_one_port() {
     )
     .await;
     assert_eq!(grpc_status, "0");
-    let answer = tonic_health::pb::HealthCheckResponse::decode(message.expect("a message").as_slice()).expect("decode");
+    let answer =
+        tonic_health::pb::HealthCheckResponse::decode(message.expect("a message").as_slice())
+            .expect("decode");
     assert_eq!(answer.status, 1, "grpc-web health answers SERVING");
 
     let services = reflection_services(&base_url).await;
@@ -158,11 +170,15 @@ async fn dev_serves_rest_grpc_and_grpc_web_on_one_port() {
         "turbocat.v1.RunnerService",
         "grpc.health.v1.Health",
     ] {
-        assert!(services.iter().any(|service| service == expected), "reflection lists {expected}: {services:?}");
+        assert!(
+            services.iter().any(|service| service == expected),
+            "reflection lists {expected}: {services:?}"
+        );
     }
 
     let mut agents = AgentServiceClient::connect(base_url.clone()).await.expect("connect");
-    let error = agents.list_agents(ListAgentsRequest::default()).await.expect_err("not implemented yet");
+    let error =
+        agents.list_agents(ListAgentsRequest::default()).await.expect_err("not implemented yet");
     assert_eq!(error.code(), tonic::Code::Unimplemented);
     let (web_message, web_status) = grpc_web_call(
         &base_url,
@@ -187,7 +203,10 @@ async fn serve_runs_on_postgres_and_redis_and_reports_a_lost_database() {
     let components = body["data"]["components"].as_array().expect("components");
     let backend_of = |name: &str| {
         components.iter().find(|component| component["name"] == name).map(|component| {
-            (component["backend"].as_str().unwrap_or_default().to_owned(), component["status"].as_str().unwrap_or_default().to_owned())
+            (
+                component["backend"].as_str().unwrap_or_default().to_owned(),
+                component["status"].as_str().unwrap_or_default().to_owned(),
+            )
         })
     };
     assert_eq!(backend_of("database"), Some(("postgres".into(), "UP".into())));
@@ -197,7 +216,8 @@ async fn serve_runs_on_postgres_and_redis_and_reports_a_lost_database() {
     // Take the database away under the running server.
     let admin_url = support::admin_database_url();
     let name = database.url.rsplit('/').next().expect("name").to_owned();
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await.expect("admin");
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await.expect("admin");
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
         .execute(&mut admin)
         .await
@@ -225,14 +245,26 @@ async fn bad_rest_input_gets_the_error_envelope() {
     let base_url = server.base_url();
     let register = format!("{base_url}/api/v1/auth/register");
 
-    let response = http().post(&register).header("content-type", "application/json").body("{\"email\": ").send().await.expect("send");
+    let response = http()
+        .post(&register)
+        .header("content-type", "application/json")
+        .body("{\"email\": ")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(response.status(), 400);
     let body: Value = response.json().await.expect("json");
     assert_error(&body, "VALIDATION_ERROR");
     assert_eq!(body["error"]["details"][0]["field"], "body");
     assert!(body["error"]["message"].as_str().unwrap_or_default().contains("malformed JSON"));
 
-    let response = http().post(&register).header("content-type", "text/plain").body("hello").send().await.expect("send");
+    let response = http()
+        .post(&register)
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(response.status(), 415);
     assert_error(&response.json().await.expect("json"), "UNSUPPORTED_MEDIA_TYPE");
 
@@ -255,18 +287,30 @@ async fn bad_rest_input_gets_the_error_envelope() {
     assert_eq!(response.status(), 400);
     let body: Value = response.json().await.expect("json");
     assert_error(&body, "VALIDATION_ERROR");
-    let fields: Vec<&str> = body["error"]["details"].as_array().expect("details").iter().filter_map(|detail| detail["field"].as_str()).collect();
+    let fields: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .expect("details")
+        .iter()
+        .filter_map(|detail| detail["field"].as_str())
+        .collect();
     assert!(fields.contains(&"email"), "names the mistyped field: {body}");
     assert!(fields.contains(&"nickname"), "names the unknown field: {body}");
 
-    let response = http().post(&register).json(&serde_json::json!([1, 2])).send().await.expect("send");
+    let response =
+        http().post(&register).json(&serde_json::json!([1, 2])).send().await.expect("send");
     assert_eq!(response.status(), 400);
     assert_error(&response.json().await.expect("json"), "VALIDATION_ERROR");
 
-    let (status, body) = get_json(&format!("{base_url}/api/v1/agents?pageSize=ten&color=red")).await;
+    let (status, body) =
+        get_json(&format!("{base_url}/api/v1/agents?pageSize=ten&color=red")).await;
     assert_eq!(status, 400);
     assert_error(&body, "VALIDATION_ERROR");
-    let fields: Vec<&str> = body["error"]["details"].as_array().expect("details").iter().filter_map(|detail| detail["field"].as_str()).collect();
+    let fields: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .expect("details")
+        .iter()
+        .filter_map(|detail| detail["field"].as_str())
+        .collect();
     assert_eq!(fields, vec!["pageSize", "color"]);
 
     let (status, body) = get_json(&format!("{base_url}/api/v1/no-such-thing")).await;
@@ -281,12 +325,19 @@ async fn bad_rest_input_gets_the_error_envelope() {
     assert_error(&response.json().await.expect("json"), "METHOD_NOT_ALLOWED");
 
     // A gRPC caller of a method that does not exist gets a gRPC status, not a web page.
-    let channel = tonic::transport::Endpoint::from_shared(base_url.clone()).expect("endpoint").connect().await.expect("connect");
+    let channel = tonic::transport::Endpoint::from_shared(base_url.clone())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
     let mut client = tonic::client::Grpc::new(channel);
     client.ready().await.expect("ready");
     let codec = tonic_prost::ProstCodec::<ListAgentsRequest, ListAgentsRequest>::default();
     let path = http::uri::PathAndQuery::from_static("/turbocat.v1.NoSuchService/Nothing");
-    let error = client.unary(tonic::Request::new(ListAgentsRequest::default()), path, codec).await.expect_err("unknown method");
+    let error = client
+        .unary(tonic::Request::new(ListAgentsRequest::default()), path, codec)
+        .await
+        .expect_err("unknown method");
     assert_eq!(error.code(), tonic::Code::Unimplemented);
 }
 
@@ -294,7 +345,12 @@ async fn bad_rest_input_gets_the_error_envelope() {
 async fn request_ids_are_taken_or_made_on_both_transports() {
     let (server, _data_dir) = start_dev(&[]);
     let base_url = server.base_url();
-    let response = http().get(format!("{base_url}/health")).header("x-request-id", "trace-me-42").send().await.expect("send");
+    let response = http()
+        .get(format!("{base_url}/health"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(response.headers()["x-request-id"], "trace-me-42");
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["meta"]["requestId"], "trace-me-42");
@@ -303,15 +359,26 @@ async fn request_ids_are_taken_or_made_on_both_transports() {
     let made = response.headers()["x-request-id"].to_str().expect("ascii").to_owned();
     assert!(uuid::Uuid::parse_str(&made).is_ok());
     let body: Value = response.json().await.expect("json");
-    assert_eq!(body["meta"]["requestId"], made.as_str(), "the envelope carries the id of the response header");
+    assert_eq!(
+        body["meta"]["requestId"],
+        made.as_str(),
+        "the envelope carries the id of the response header"
+    );
 
     let mut agents = AgentServiceClient::connect(base_url.clone()).await.expect("connect");
     let mut request = tonic::Request::new(ListAgentsRequest::default());
     request.metadata_mut().insert("x-request-id", "grpc-trace-7".parse().expect("metadata"));
     let status = agents.list_agents(request).await.expect_err("unimplemented");
-    assert_eq!(status.metadata().get("x-request-id").and_then(|value| value.to_str().ok()), Some("grpc-trace-7"));
+    assert_eq!(
+        status.metadata().get("x-request-id").and_then(|value| value.to_str().ok()),
+        Some("grpc-trace-7")
+    );
     let status = agents.list_agents(ListAgentsRequest::default()).await.expect_err("unimplemented");
-    let made = status.metadata().get("x-request-id").and_then(|value| value.to_str().ok()).expect("a made-up id");
+    let made = status
+        .metadata()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .expect("a made-up id");
     assert!(uuid::Uuid::parse_str(made).is_ok());
 }
 
@@ -321,18 +388,34 @@ async fn cors_answers_only_configured_origins() {
     let base_url = server.base_url();
     let preflight = |origin: &'static str| {
         http()
-            .request(reqwest::Method::OPTIONS, format!("{base_url}/turbocat.v1.AgentService/ListAgents"))
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{base_url}/turbocat.v1.AgentService/ListAgents"),
+            )
             .header("origin", origin)
             .header("access-control-request-method", "POST")
             .header("access-control-request-headers", "content-type,x-grpc-web")
             .send()
     };
     let allowed = preflight("http://console.example").await.expect("preflight");
-    assert_eq!(allowed.headers().get("access-control-allow-origin").and_then(|value| value.to_str().ok()), Some("http://console.example"));
+    assert_eq!(
+        allowed.headers().get("access-control-allow-origin").and_then(|value| value.to_str().ok()),
+        Some("http://console.example")
+    );
     let refused = preflight("http://evil.example").await.expect("preflight");
     assert!(refused.headers().get("access-control-allow-origin").is_none());
-    let simple = http().get(format!("{base_url}/health")).header("origin", "http://console.example").send().await.expect("get");
-    let exposed = simple.headers().get("access-control-expose-headers").and_then(|value| value.to_str().ok()).unwrap_or_default().to_owned();
+    let simple = http()
+        .get(format!("{base_url}/health"))
+        .header("origin", "http://console.example")
+        .send()
+        .await
+        .expect("get");
+    let exposed = simple
+        .headers()
+        .get("access-control-expose-headers")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     for header in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
         assert!(exposed.contains(header), "exposes {header}: {exposed}");
     }
@@ -341,20 +424,103 @@ async fn cors_answers_only_configured_origins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_refuses_bad_configuration_naming_the_setting() {
     let redis = support::redis_url();
+    let (database_url, database_name) = support::create_postgres_database().await;
+    let database = support::ServeDatabase::new(database_url.clone(), database_name);
+    let good_database = database.url.as_str();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["serve", "--database-url", "postgres://postgres@127.0.0.1:5432/test", "--redis-url", &redis], "--jwt-secret"),
-        (vec!["serve", "--database-url", "postgres://postgres@127.0.0.1:5432/test", "--redis-url", &redis, "--jwt-secret", "short"], "--jwt-secret"),
-        (vec!["serve", "--database-url", "not a url", "--redis-url", &redis, "--jwt-secret", TEST_JWT_SECRET], "--database-url"),
-        (vec!["serve", "--database-url", "mysql://db/x", "--redis-url", &redis, "--jwt-secret", TEST_JWT_SECRET], "--database-url"),
-        (vec!["serve", "--database-url", "postgres://admin:hunter2-secret@127.0.0.1:1/x", "--redis-url", &redis, "--jwt-secret", TEST_JWT_SECRET], "--database-url"),
-        (vec!["serve", "--database-url", "postgres://postgres@127.0.0.1:5432/test", "--redis-url", "redis://:hunter2-secret@127.0.0.1:1", "--jwt-secret", TEST_JWT_SECRET], "--redis-url"),
-        (vec!["serve", "--database-url", "postgres://postgres@127.0.0.1:5432/test", "--redis-url", "http://redis", "--jwt-secret", TEST_JWT_SECRET], "--redis-url"),
-        (vec!["serve", "--listen", "not-an-address", "--database-url", "postgres://postgres@127.0.0.1:5432/test", "--redis-url", &redis, "--jwt-secret", TEST_JWT_SECRET], "--listen"),
+        (vec!["serve", "--database-url", good_database, "--redis-url", &redis], "--jwt-secret"),
+        (
+            vec![
+                "serve",
+                "--database-url",
+                good_database,
+                "--redis-url",
+                &redis,
+                "--jwt-secret",
+                "short",
+            ],
+            "--jwt-secret",
+        ),
+        (
+            vec![
+                "serve",
+                "--database-url",
+                "not a url",
+                "--redis-url",
+                &redis,
+                "--jwt-secret",
+                TEST_JWT_SECRET,
+            ],
+            "--database-url",
+        ),
+        (
+            vec![
+                "serve",
+                "--database-url",
+                "mysql://db/x",
+                "--redis-url",
+                &redis,
+                "--jwt-secret",
+                TEST_JWT_SECRET,
+            ],
+            "--database-url",
+        ),
+        (
+            vec![
+                "serve",
+                "--database-url",
+                "postgres://admin:hunter2-secret@127.0.0.1:1/x",
+                "--redis-url",
+                &redis,
+                "--jwt-secret",
+                TEST_JWT_SECRET,
+            ],
+            "--database-url",
+        ),
+        (
+            vec![
+                "serve",
+                "--database-url",
+                good_database,
+                "--redis-url",
+                "redis://:hunter2-secret@127.0.0.1:1",
+                "--jwt-secret",
+                TEST_JWT_SECRET,
+            ],
+            "--redis-url",
+        ),
+        (
+            vec![
+                "serve",
+                "--database-url",
+                good_database,
+                "--redis-url",
+                "http://redis",
+                "--jwt-secret",
+                TEST_JWT_SECRET,
+            ],
+            "--redis-url",
+        ),
+        (
+            vec![
+                "serve",
+                "--listen",
+                "not-an-address",
+                "--database-url",
+                good_database,
+                "--redis-url",
+                &redis,
+                "--jwt-secret",
+                TEST_JWT_SECRET,
+            ],
+            "--listen",
+        ),
         (vec!["dev", "--listen", "127.0.0.1:0", "--jwt-secret", "short"], "--jwt-secret"),
     ];
     for (arguments, setting) in cases {
         let (success, _stdout, stderr) = tokio::task::spawn_blocking({
-            let arguments: Vec<String> = arguments.iter().map(|argument| argument.to_string()).collect();
+            let arguments: Vec<String> =
+                arguments.iter().map(|argument| argument.to_string()).collect();
             move || {
                 let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
                 run_turbocat(&borrowed, &[])
@@ -366,10 +532,24 @@ async fn start_up_refuses_bad_configuration_naming_the_setting() {
         assert!(stderr.contains(setting), "{arguments:?}: the error names {setting}: {stderr}");
         assert!(!stderr.contains("hunter2-secret"), "{arguments:?}: a password leaked: {stderr}");
     }
+    // Nothing was migrated by the attempts that failed on Redis.
+    let mut connection =
+        <sqlx::PgConnection as sqlx::Connection>::connect(good_database).await.expect("connect");
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(&mut connection)
+    .await
+    .expect("count tables");
+    assert_eq!(tables, 0, "a failed start-up leaves the database untouched");
     // The variables work like the flags.
     let (success, _stdout, stderr) = run_turbocat(
         &["serve"],
-        &[("TURBOCAT_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"), ("TURBOCAT_REDIS_URL", redis.as_str()), ("TURBOCAT_JWT_SECRET", "short")],
+        &[
+            ("TURBOCAT_DATABASE_URL", good_database),
+            ("TURBOCAT_REDIS_URL", redis.as_str()),
+            ("TURBOCAT_JWT_SECRET", "short"),
+        ],
     );
     assert!(!success);
     assert!(stderr.contains("TURBOCAT_JWT_SECRET"), "{stderr}");
@@ -378,9 +558,15 @@ async fn start_up_refuses_bad_configuration_naming_the_setting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_never_carry_secrets() {
     let secret = "a-jwt-secret-nobody-may-ever-see-0123456789";
-    let (server, _data_dir) = start_dev(&["--log-format", "json", "--jwt-secret", secret, "--log-level", "debug"]);
+    let (server, _data_dir) =
+        start_dev(&["--log-format", "json", "--jwt-secret", secret, "--log-level", "debug"]);
     let base_url = server.base_url();
-    let response = http().get(format!("{base_url}/api/v1/agents")).header("authorization", format!("Bearer {secret}")).send().await.expect("send");
+    let response = http()
+        .get(format!("{base_url}/api/v1/agents"))
+        .header("authorization", format!("Bearer {secret}"))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(response.status(), 501);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let logs = server.stderr_text();
@@ -414,4 +600,87 @@ async fn migrate_applies_once_and_again_is_a_no_op() {
         assert!(stdout.contains("migrations applied (sqlite)"), "{stdout}");
     }
     assert!(directory.path().join("turbocat.db").exists());
+}
+
+async fn assert_seeded(store: std::sync::Arc<dyn turbocat::store::Store>) {
+    use turbocat::store::{AgentFilter, AgentType, OwnerScope, TemplateFilter, WorkflowFilter};
+    let admin = store.get_user_by_email("demo-admin@example.com").await.expect("admin exists");
+    assert_eq!(admin.role, turbocat::store::UserRole::Admin);
+    let hash = admin.password_hash.clone().expect("a password hash");
+    assert!(
+        turbocat::auth::password::verify_password("demo-password-1".into(), hash)
+            .await
+            .expect("verify")
+    );
+    let agents =
+        store.list_agents(AgentFilter::new(OwnerScope::Owner(admin.id))).await.expect("agents");
+    assert_eq!(agents.total, 6, "one agent of every type, plus a second CODE agent");
+    for agent_type in AgentType::ALL {
+        assert!(
+            agents.items.iter().any(|agent| agent.agent_type == *agent_type),
+            "a {agent_type} agent"
+        );
+    }
+    let workflows = store
+        .list_workflows(WorkflowFilter::new(OwnerScope::Owner(admin.id)))
+        .await
+        .expect("workflows");
+    assert_eq!(workflows.total, 1);
+    let templates = store
+        .list_templates(TemplateFilter::new(OwnerScope::Owner(admin.id)))
+        .await
+        .expect("templates");
+    assert_eq!(
+        templates.items.iter().filter(|template| template.owner_id.is_none()).count(),
+        5,
+        "the starter templates"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_loads_demo_data_once_on_both_backends() {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let data_dir = directory.path().to_str().expect("utf-8").to_owned();
+    let (url, name) = support::create_postgres_database().await;
+    let _database = support::ServeDatabase::new(url.clone(), name);
+    for target in [vec!["--data-dir", data_dir.as_str()], vec!["--database-url", url.as_str()]] {
+        for round in 0..2 {
+            let mut arguments = vec![
+                "seed",
+                "--admin-email",
+                "Demo-Admin@example.com",
+                "--admin-password",
+                "demo-password-1",
+            ];
+            arguments.extend_from_slice(&target);
+            let (success, stdout, stderr) = tokio::task::spawn_blocking({
+                let arguments: Vec<String> =
+                    arguments.iter().map(|argument| argument.to_string()).collect();
+                move || {
+                    let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
+                    run_turbocat(&borrowed, &[])
+                }
+            })
+            .await
+            .expect("join");
+            assert!(success, "{stderr}");
+            if round == 0 {
+                assert!(stdout.contains("created admin demo-admin@example.com"), "{stdout}");
+                assert!(stdout.contains("seeded 6 agents and 1 workflows"), "{stdout}");
+            } else {
+                assert!(stdout.contains("already exists"), "{stdout}");
+                assert!(stdout.contains("seeded 0 agents and 0 workflows"), "{stdout}");
+            }
+            assert!(
+                !stdout.contains("demo-password-1") && !stderr.contains("demo-password-1"),
+                "the password is never printed"
+            );
+        }
+    }
+    let sqlite = turbocat::store::SqliteStore::open(&directory.path().join("turbocat.db"))
+        .await
+        .expect("open");
+    assert_seeded(std::sync::Arc::new(sqlite)).await;
+    let postgres = turbocat::store::PostgresStore::connect(&url, 2).await.expect("connect");
+    assert_seeded(std::sync::Arc::new(postgres)).await;
 }

@@ -186,12 +186,18 @@ pub fn start_turbocat(arguments: &[&str], environment: &[(&str, &str)]) -> Turbo
         match receiver.recv_timeout(remaining) {
             Ok(line) => {
                 if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let address = rest.split_whitespace().next().expect("address").parse().expect("socket address");
+                    let address = rest
+                        .split_whitespace()
+                        .next()
+                        .expect("address")
+                        .parse()
+                        .expect("socket address");
                     return TurbocatProcess { child, address, stderr, stdout };
                 }
             }
             Err(_) => {
                 let _ = child.kill();
+                let _ = child.wait();
                 let text = stderr.lock().map(|text| text.clone()).unwrap_or_default();
                 panic!("turbocat did not start: {text}");
             }
@@ -245,11 +251,14 @@ impl Drop for ServeDatabase {
         let admin_url = admin_database_url();
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build()
+            {
                 runtime.block_on(async move {
                     if let Ok(mut connection) = sqlx::PgConnection::connect(&admin_url).await {
                         let statement = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                        let _ = sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut connection).await;
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
+                            .execute(&mut connection)
+                            .await;
                     }
                 });
             }
@@ -282,7 +291,8 @@ pub async fn start_serve(extra: &[&str]) -> (TurbocatProcess, ServeDatabase) {
     ];
     arguments.extend_from_slice(extra);
     let process = tokio::task::spawn_blocking({
-        let arguments: Vec<String> = arguments.iter().map(|argument| argument.to_string()).collect();
+        let arguments: Vec<String> =
+            arguments.iter().map(|argument| argument.to_string()).collect();
         move || {
             let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
             start_turbocat(&borrowed, &[])

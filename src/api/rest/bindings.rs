@@ -161,3 +161,72 @@ fn check_field_path(message: &MessageDescriptor, path: &[String]) -> Result<(), 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use prost_reflect::DescriptorPool;
+
+    use super::{BodyMapping, http_bindings};
+
+    fn pool() -> DescriptorPool {
+        DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET).expect("pool")
+    }
+
+    #[test]
+    fn every_rpc_but_the_runner_stream_has_exactly_one_rest_route() {
+        let pool = pool();
+        let bindings = http_bindings(&pool).expect("bindings");
+        let bound: HashSet<String> =
+            bindings.iter().map(|binding| binding.grpc_path.clone()).collect();
+        assert_eq!(bound.len(), bindings.len(), "one route per rpc");
+        let mut unbound = Vec::new();
+        for service in
+            pool.services().filter(|service| service.full_name().starts_with("turbocat."))
+        {
+            for method in service.methods() {
+                let path = format!("/{}/{}", service.full_name(), method.name());
+                if !bound.contains(&path) {
+                    unbound.push(path);
+                }
+            }
+        }
+        assert_eq!(unbound, vec!["/turbocat.v1.RunnerService/Attach".to_owned()]);
+        let routes: HashSet<(String, String)> = bindings
+            .iter()
+            .map(|binding| (binding.http_method.to_string(), binding.route_path.clone()))
+            .collect();
+        assert_eq!(routes.len(), bindings.len(), "no two rpcs share a method and path");
+    }
+
+    #[test]
+    fn success_statuses_bodies_and_paths_come_from_the_contract() {
+        let bindings = http_bindings(&pool()).expect("bindings");
+        let find = |grpc_path: &str| {
+            bindings.iter().find(|binding| binding.grpc_path == grpc_path).expect(grpc_path)
+        };
+        let register = find("/turbocat.v1.AuthService/Register");
+        assert_eq!(register.success_status, 201);
+        assert_eq!(register.body, BodyMapping::Whole);
+        assert_eq!(find("/turbocat.v1.WorkflowService/ExecuteWorkflow").success_status, 202);
+        assert_eq!(find("/turbocat.v1.AuthService/ForgotPassword").success_status, 202);
+        let get_agent = find("/turbocat.v1.AgentService/GetAgent");
+        assert_eq!(get_agent.success_status, 200);
+        assert_eq!(get_agent.body, BodyMapping::None);
+        assert_eq!(get_agent.response_body.as_deref(), Some("agent"));
+        let update_agent = find("/turbocat.v1.AgentService/UpdateAgent");
+        assert_eq!(update_agent.http_method, http::Method::PATCH);
+        assert_eq!(update_agent.route_path, "/api/v1/agents/{p0}");
+        assert_eq!(update_agent.path_variables[0].field_path, vec!["agent", "id"]);
+        assert_eq!(update_agent.body, BodyMapping::Field("agent".into()));
+        assert!(find("/turbocat.v1.ExecutionService/WatchExecution").server_streaming);
+        for binding in &bindings {
+            assert!(
+                binding.template.starts_with("/api/v1/"),
+                "{} is under /api/v1",
+                binding.template
+            );
+        }
+    }
+}

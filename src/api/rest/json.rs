@@ -319,3 +319,101 @@ pub fn scalar_from_text(
     };
     Ok(value)
 }
+
+#[cfg(test)]
+mod tests {
+    use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, Value as ReflectValue};
+    use serde_json::json;
+
+    use super::{message_from_json, message_to_json};
+
+    fn descriptor(name: &str) -> MessageDescriptor {
+        let pool = DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET).expect("pool");
+        pool.get_message_by_name(name).expect("message")
+    }
+
+    #[test]
+    fn enum_input_is_accepted_in_any_case_with_or_without_prefix() {
+        let agent = descriptor("turbocat.v1.Agent");
+        for spelling in ["code", "CODE", "Code", "AGENT_TYPE_CODE", "agent_type_code"] {
+            let message = message_from_json(&agent, json!({ "type": spelling })).expect(spelling);
+            let value = message.get_field_by_name("type").expect("type");
+            assert_eq!(value.as_enum_number(), Some(1), "{spelling} is AGENT_TYPE_CODE");
+        }
+        let errors =
+            message_from_json(&agent, json!({ "type": "robot" })).expect_err("unknown value");
+        assert_eq!(errors[0].field, "type");
+        assert_eq!(errors[0].message, "must be one of CODE, API, LLM, DATA, WORKFLOW");
+        let errors =
+            message_from_json(&agent, json!({ "type": "unspecified" })).expect_err("zero value");
+        assert_eq!(errors[0].field, "type");
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_with_its_path() {
+        let agent = descriptor("turbocat.v1.Agent");
+        let errors = message_from_json(
+            &agent,
+            json!({
+                "name": 7,
+                "tags": "not-a-list",
+                "version": 9_999_999_999_i64,
+                "config": { "code": { "language": "cobol", "sauce": "x" } },
+                "limits": { "memoryMb": "lots" },
+                "colour": "blue",
+            }),
+        )
+        .expect_err("invalid");
+        let mut fields: Vec<&str> = errors.iter().map(|error| error.field.as_str()).collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            vec![
+                "colour",
+                "config.code.language",
+                "config.code.sauce",
+                "limits.memoryMb",
+                "name",
+                "tags",
+                "version"
+            ]
+        );
+        let version_error = errors.iter().find(|error| error.field == "version").expect("version");
+        assert_eq!(version_error.message, "is out of range");
+    }
+
+    #[test]
+    fn well_known_types_follow_proto3_json() {
+        let step = descriptor("turbocat.v1.WorkflowStep");
+        let message = message_from_json(
+            &step,
+            json!({ "key": "a", "timeout": "1.5s", "inputMapping": {"x": "{{input.y}}", "n": [1, true]} }),
+        )
+        .expect("valid");
+        let output = message_to_json(&message);
+        assert_eq!(output["timeout"], "1.500s");
+        assert_eq!(output["inputMapping"], json!({"x": "{{input.y}}", "n": [1.0, true]}));
+        let errors =
+            message_from_json(&step, json!({ "timeout": "soon" })).expect_err("bad duration");
+        assert!(errors[0].message.contains("duration") || errors[0].field == "body", "{errors:?}");
+    }
+
+    #[test]
+    fn output_strips_enum_prefixes_and_shows_defaults() {
+        let agent = descriptor("turbocat.v1.Agent");
+        let mut message = DynamicMessage::new(agent.clone());
+        message.set_field_by_name("name", ReflectValue::String("scraper".into()));
+        message.set_field_by_name("type", ReflectValue::EnumNumber(3));
+        message.set_field_by_name("status", ReflectValue::EnumNumber(2));
+        let output = message_to_json(&message);
+        assert_eq!(output["type"], "LLM");
+        assert_eq!(output["status"], "RUNNING");
+        assert_eq!(output["description"], "");
+        assert_eq!(output["tags"], json!([]));
+        assert_eq!(output["version"], 0);
+        assert_eq!(output["createdAt"], serde_json::Value::Null);
+        let created =
+            message_from_json(&agent, json!({"createdAt": "2026-01-02T03:04:05Z"})).expect("time");
+        assert_eq!(message_to_json(&created)["createdAt"], "2026-01-02T03:04:05Z");
+    }
+}
