@@ -135,6 +135,9 @@ pub struct ListenArgs {
     /// Largest REST request body in bytes.
     #[arg(long, env = "TURBOCAT_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Proxies whose `X-Forwarded-For` is believed, comma-separated IP addresses.
+    #[arg(long, env = "TURBOCAT_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Largest gRPC message in bytes.
     #[arg(long, env = "TURBOCAT_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,

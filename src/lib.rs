@@ -11,4 +11,5 @@ pub mod queue;
 pub mod redis_pool;
 pub mod seed;
 pub mod server;
+pub mod service;
 pub mod store;

@@ -220,17 +220,46 @@ fn write_private_file(path: &Path, contents: &str) -> std::io::Result<()> {
     file.write_all(contents.as_bytes())
 }
 
+/// What differs between the `dev` and `serve` contexts.
+struct ContextParts<'a> {
+    mode: Mode,
+    store: Arc<dyn Store>,
+    queue: Arc<dyn crate::queue::Queue>,
+    bus: Arc<dyn crate::bus::Bus>,
+    probes: Vec<Arc<dyn api::health::HealthProbe>>,
+    jwt_secret: Secret,
+    listen: &'a ListenArgs,
+}
+
+fn build_context(parts: ContextParts<'_>) -> Arc<AppContext> {
+    let tokens = crate::auth::tokens::TokenService::new(crate::auth::tokens::TokenSettings::new(
+        parts.jwt_secret,
+    ));
+    Arc::new(AppContext {
+        mode: parts.mode,
+        store: parts.store,
+        queue: parts.queue,
+        bus: parts.bus,
+        probes: parts.probes,
+        tokens: Arc::new(tokens),
+        revoked_sessions: Arc::new(crate::auth::revocation::RevokedSessions::default()),
+        trusted_proxies: parts.listen.trusted_proxies.clone(),
+        started_at: Instant::now(),
+    })
+}
+
 /// `turbocat dev`: SQLite in the data directory, everything in one process.
 pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
-    let _jwt_secret = dev_jwt_secret(args)?;
+    let jwt_secret = dev_jwt_secret(args)?;
     let store: Arc<dyn Store> = Arc::new(open_dev_store(&args.data_dir).await?);
-    let context = Arc::new(AppContext {
+    let context = build_context(ContextParts {
         mode: Mode::Dev,
         probes: vec![Arc::new(api::health::StoreProbe(store.clone()))],
         store,
         queue: Arc::new(MemoryQueue::new(crate::queue::DEFAULT_MAX_LEN)),
         bus: Arc::new(MemoryBus::new()),
-        started_at: Instant::now(),
+        jwt_secret,
+        listen: &args.listen,
     });
     start(context, &args.listen).await
 }
@@ -256,7 +285,7 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
         .await
         .map_err(|error| StartupError::Migration(describe_store_error(error)))?;
     let store: Arc<dyn Store> = Arc::new(postgres);
-    let context = Arc::new(AppContext {
+    let context = build_context(ContextParts {
         mode: Mode::Serve,
         probes: vec![
             Arc::new(api::health::StoreProbe(store.clone())),
@@ -265,7 +294,8 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
         store,
         queue: Arc::new(RedisQueue::new(redis, RedisQueueConfig::default())),
         bus: Arc::new(bus),
-        started_at: Instant::now(),
+        jwt_secret: args.jwt_secret.clone(),
+        listen: &args.listen,
     });
     start(context, &args.listen).await
 }

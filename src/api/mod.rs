@@ -50,6 +50,12 @@ pub struct AppContext {
     pub queue: Arc<dyn crate::queue::Queue>,
     /// Events between replicas: Redis pub/sub in `serve`, in-process in `dev`.
     pub bus: Arc<dyn crate::bus::Bus>,
+    /// Signs and verifies access tokens.
+    pub tokens: Arc<crate::auth::tokens::TokenService>,
+    /// Sessions revoked anywhere, known here within a second.
+    pub revoked_sessions: Arc<crate::auth::revocation::RevokedSessions>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     pub probes: Vec<Arc<dyn health::HealthProbe>>,
     pub started_at: Instant,
 }
@@ -87,11 +93,26 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
         .build_v1alpha()
         .map_err(|error| format!("reflection: {error}"))?;
 
+    let authenticator = Arc::new(crate::auth::layer::Authenticator {
+        store: context.store.clone(),
+        tokens: context.tokens.clone(),
+        revoked_sessions: context.revoked_sessions.clone(),
+        trusted_proxies: context.trusted_proxies.clone(),
+    });
+    tokio::spawn(context.revoked_sessions.clone().keep_current(
+        context.store.clone(),
+        context.bus.clone(),
+        context.tokens.settings().access_token_lifetime,
+    ));
     let grpc_router = grpc::routes(&context, settings.max_message_bytes)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .into_axum_router();
+        .into_axum_router()
+        .layer(axum::middleware::from_fn_with_state(
+            authenticator,
+            crate::auth::layer::authenticate,
+        ));
 
     let bindings = rest::bindings::http_bindings(&pool)?;
     let rest_router = rest::router(bindings, grpc_router.clone(), settings.max_body_bytes);

@@ -1,4 +1,12 @@
-//! Authentication: password hashing now; tokens, sessions and API keys with the auth issue.
-//! May call: nothing but its crates (argon2 runs on the blocking pool).
+//! Authentication: who a caller is (access tokens, API keys), sessions and their revocation,
+//! password hashing. Services read the `Caller` the layer leaves on each request.
+//! May call: the store and the bus.
 
+pub mod caller;
+pub mod layer;
 pub mod password;
+pub mod revocation;
+pub mod tokens;
+
+/// Every API key starts with this, so a bearer value can be told apart from a JWT.
+pub const API_KEY_PREFIX: &str = "tc_";

@@ -5,6 +5,9 @@
 
 use std::sync::Arc;
 
+mod auth;
+
+pub use self::auth::AuthGrpc;
 use crate::api::AppContext;
 use crate::proto::v1::{
     agent_service_server, analytics_service_server, api_key_service_server,
@@ -33,7 +36,6 @@ macro_rules! grpc_service {
     };
 }
 
-grpc_service!(AuthGrpc, auth_service_server, AuthService);
 grpc_service!(UserGrpc, user_service_server, UserService);
 grpc_service!(ApiKeyGrpc, api_key_service_server, ApiKeyService);
 grpc_service!(AgentGrpc, agent_service_server, AgentService);

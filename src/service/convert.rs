@@ -1,0 +1,89 @@
+//! Store rows -> proto messages (and the few conversions back).
+
+use chrono::{DateTime, Utc};
+
+use crate::proto::v1 as pb;
+use crate::store;
+
+pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: time.timestamp(),
+        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+pub fn optional_timestamp(time: Option<DateTime<Utc>>) -> Option<prost_types::Timestamp> {
+    time.map(timestamp)
+}
+
+pub fn user_role(role: store::UserRole) -> pb::UserRole {
+    match role {
+        store::UserRole::Admin => pb::UserRole::Admin,
+        store::UserRole::User => pb::UserRole::User,
+        store::UserRole::Agent => pb::UserRole::Agent,
+    }
+}
+
+/// A JSON object as a protobuf `Struct` (anything else becomes an empty struct).
+pub fn json_object_to_struct(value: &serde_json::Value) -> prost_types::Struct {
+    let mut fields = std::collections::BTreeMap::new();
+    if let serde_json::Value::Object(object) = value {
+        for (key, item) in object {
+            fields.insert(key.clone(), json_to_value(item));
+        }
+    }
+    prost_types::Struct { fields }
+}
+
+pub fn json_to_value(value: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(flag) => Kind::BoolValue(*flag),
+        serde_json::Value::Number(number) => Kind::NumberValue(number.as_f64().unwrap_or(0.0)),
+        serde_json::Value::String(text) => Kind::StringValue(text.clone()),
+        serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(_) => Kind::StructValue(json_object_to_struct(value)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+pub fn struct_to_json(value: &prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        value.fields.iter().map(|(key, item)| (key.clone(), value_to_json(item))).collect(),
+    )
+}
+
+pub fn value_to_json(value: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(flag)) => serde_json::Value::Bool(*flag),
+        Some(Kind::NumberValue(number)) => serde_json::Number::from_f64(*number)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        Some(Kind::StringValue(text)) => serde_json::Value::String(text.clone()),
+        Some(Kind::ListValue(list)) => {
+            serde_json::Value::Array(list.values.iter().map(value_to_json).collect())
+        }
+        Some(Kind::StructValue(object)) => struct_to_json(object),
+    }
+}
+
+/// A user as the API shows it: never the password hash.
+pub fn user(user: &store::User) -> pb::User {
+    pb::User {
+        id: user.id.to_string(),
+        email: user.email.clone(),
+        full_name: user.full_name.clone(),
+        avatar_url: user.avatar_url.clone().unwrap_or_default(),
+        role: user_role(user.role).into(),
+        preferences: Some(json_object_to_struct(&user.preferences)),
+        last_login_at: optional_timestamp(user.last_login_at),
+        created_at: Some(timestamp(user.created_at)),
+        updated_at: Some(timestamp(user.updated_at)),
+        version: i32::try_from(user.version).unwrap_or(i32::MAX),
+    }
+}

@@ -1,0 +1,127 @@
+//! Input checks at the service boundary. A `Validator` collects every bad field, so the caller
+//! learns about all of them at once.
+
+use crate::error::{FieldError, ServiceError, ServiceResult};
+
+/// The longest email address (RFC 5321 path limit).
+pub const MAX_EMAIL_CHARS: usize = 254;
+/// The longest name of anything.
+pub const MAX_NAME_CHARS: usize = 200;
+/// The longest description of anything.
+pub const MAX_DESCRIPTION_CHARS: usize = 5_000;
+
+/// Collects field errors; `finish` turns them into one VALIDATION_ERROR.
+#[derive(Debug, Default)]
+pub struct Validator {
+    errors: Vec<FieldError>,
+}
+
+impl Validator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn error(&mut self, field: &str, message: impl Into<String>) -> &mut Self {
+        self.errors.push(FieldError::new(field, message));
+        self
+    }
+
+    /// A required text of at most `max_chars` characters (after trimming).
+    pub fn required_text(&mut self, field: &str, value: &str, max_chars: usize) -> &mut Self {
+        if value.trim().is_empty() {
+            return self.error(field, "is required");
+        }
+        self.max_chars(field, value, max_chars)
+    }
+
+    pub fn max_chars(&mut self, field: &str, value: &str, max_chars: usize) -> &mut Self {
+        if value.chars().count() > max_chars {
+            return self.error(field, format!("must be at most {max_chars} characters"));
+        }
+        self
+    }
+
+    /// A plausible email address: one `@`, something on both sides, a dot in the domain.
+    pub fn email(&mut self, field: &str, value: &str) -> &mut Self {
+        let trimmed = value.trim();
+        if trimmed.is_empty() {
+            return self.error(field, "is required");
+        }
+        if trimmed.chars().count() > MAX_EMAIL_CHARS {
+            return self.error(field, format!("must be at most {MAX_EMAIL_CHARS} characters"));
+        }
+        let valid = match trimmed.split_once('@') {
+            Some((local, domain)) => {
+                !local.is_empty()
+                    && !domain.contains('@')
+                    && domain.contains('.')
+                    && !domain.starts_with('.')
+                    && !domain.ends_with('.')
+                    && !trimmed.chars().any(char::is_whitespace)
+            }
+            None => false,
+        };
+        if !valid {
+            return self.error(field, "is not an email address");
+        }
+        self
+    }
+
+    /// A password within the allowed length.
+    pub fn password(&mut self, field: &str, value: &str) -> &mut Self {
+        use crate::auth::password::{MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS};
+        let length = value.chars().count();
+        if length < MIN_PASSWORD_CHARS {
+            return self.error(field, format!("must be at least {MIN_PASSWORD_CHARS} characters"));
+        }
+        if length > MAX_PASSWORD_CHARS {
+            return self.error(field, format!("must be at most {MAX_PASSWORD_CHARS} characters"));
+        }
+        self
+    }
+
+    pub fn finish(&mut self) -> ServiceResult<()> {
+        if self.errors.is_empty() {
+            return Ok(());
+        }
+        Err(ServiceError::validation(std::mem::take(&mut self.errors)))
+    }
+}
+
+/// Parses an id field; a malformed id is a VALIDATION_ERROR naming the field.
+pub fn parse_id(field: &str, value: &str) -> ServiceResult<uuid::Uuid> {
+    uuid::Uuid::parse_str(value.trim())
+        .map_err(|_| ServiceError::invalid_field(field, "is not a valid id"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Validator;
+
+    #[test]
+    fn every_bad_field_is_reported() {
+        let error = Validator::new()
+            .email("email", "not-an-email")
+            .password("password", "short")
+            .required_text("fullName", "  ", 200)
+            .max_chars("description", &"x".repeat(5_001), 5_000)
+            .finish()
+            .expect_err("four problems");
+        let fields: Vec<&str> =
+            error.field_errors.iter().map(|field| field.field.as_str()).collect();
+        assert_eq!(fields, vec!["email", "password", "fullName", "description"]);
+        assert!(
+            Validator::new()
+                .email("email", "ann@example.com")
+                .password("p", "12345678")
+                .finish()
+                .is_ok()
+        );
+        for bad in ["a@b", "@example.com", "a b@example.com", "a@@example.com", "a@.com"] {
+            assert!(Validator::new().email("email", bad).finish().is_err(), "{bad}");
+        }
+        let long_email = format!("{}@example.com", "a".repeat(250));
+        assert!(Validator::new().email("email", &long_email).finish().is_err());
+        assert!(Validator::new().password("p", &"x".repeat(129)).finish().is_err());
+    }
+}
