@@ -259,12 +259,45 @@ fn present_field(field: &FieldDescriptor, value: &mut Value) {
 
 fn present_single(field: &FieldDescriptor, value: &mut Value) {
     match field.kind() {
+        Kind::Message(message) if is_json_value(&message) => integral_numbers_as_integers(value),
         Kind::Message(message) if !is_well_known(&message) => present_message(&message, value),
         Kind::Enum(enumeration) => {
             if let Value::String(name) = value {
                 *name = short_enum_name(&enumeration, name);
             }
         }
+        _ => {}
+    }
+}
+
+fn is_json_value(message: &MessageDescriptor) -> bool {
+    matches!(
+        message.full_name(),
+        "google.protobuf.Value" | "google.protobuf.Struct" | "google.protobuf.ListValue"
+    )
+}
+
+/// `google.protobuf.Value` keeps every number as a double; JSON written by people has `50`,
+/// not `50.0`, so whole numbers within the exact range of a double go back to integers.
+fn integral_numbers_as_integers(value: &mut Value) {
+    const EXACT_LIMIT: f64 = 9_007_199_254_740_992.0;
+    match value {
+        Value::Number(number) => {
+            if let Some(float) = number.as_f64()
+                && number.as_i64().is_none()
+                && float.fract() == 0.0
+                && float.abs() < EXACT_LIMIT
+            {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    reason = "checked integral and in range"
+                )]
+                let integer = float as i64;
+                *value = Value::from(integer);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers_as_integers),
+        Value::Object(object) => object.values_mut().for_each(integral_numbers_as_integers),
         _ => {}
     }
 }
@@ -392,7 +425,10 @@ mod tests {
         .expect("valid");
         let output = message_to_json(&message);
         assert_eq!(output["timeout"], "1.500s");
-        assert_eq!(output["inputMapping"], json!({"x": "{{input.y}}", "n": [1.0, true]}));
+        assert_eq!(output["inputMapping"], json!({"x": "{{input.y}}", "n": [1, true]}));
+        let fractional =
+            message_from_json(&step, json!({ "inputMapping": {"f": 2.5} })).expect("valid");
+        assert_eq!(message_to_json(&fractional)["inputMapping"], json!({"f": 2.5}));
         let errors =
             message_from_json(&step, json!({ "timeout": "soon" })).expect_err("bad duration");
         assert!(errors[0].message.contains("duration") || errors[0].field == "body", "{errors:?}");
