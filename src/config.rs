@@ -121,6 +121,30 @@ pub enum Command {
     Migrate(DatabaseArgs),
     /// Load demo data: an admin user, sample agents, a workflow, templates.
     Seed(SeedArgs),
+    /// Administer accounts from the command line.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Create an administrator account (on the database `migrate` would open).
+    Create(AdminCreateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AdminCreateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Email of the new administrator.
+    #[arg(long)]
+    pub email: String,
+    /// Password of the new administrator (8 to 128 characters).
+    #[arg(long, env = "TURBOCAT_ADMIN_PASSWORD")]
+    pub password: Secret,
+    /// Full name of the new administrator; default "Administrator".
+    #[arg(long)]
+    pub full_name: Option<String>,
 }
 
 /// Settings of the listener, shared by `dev` and `serve`.
@@ -141,6 +165,119 @@ pub struct ListenArgs {
     /// Largest gRPC message in bytes.
     #[arg(long, env = "TURBOCAT_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    #[command(flatten)]
+    pub external_identity: ExternalIdentityArgs,
+    #[command(flatten)]
+    pub account_security: AccountSecurityArgs,
+}
+
+/// Password reset links and the rate limits of the sign-in operations.
+#[derive(Debug, Clone, Args)]
+pub struct AccountSecurityArgs {
+    /// Public base URL of this installation, used in password reset links
+    /// (`<url>/reset-password?token=…`); default `http://<listen address>`.
+    #[arg(long, env = "TURBOCAT_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Attempts of each sign-in operation (register, login, refresh, forgot and reset password)
+    /// one client address may make per window; 0 switches the limit off.
+    #[arg(long, env = "TURBOCAT_AUTH_RATE_LIMIT_PER_IP", default_value_t = 30)]
+    pub auth_rate_limit_per_ip: u32,
+    /// Attempts of each sign-in operation naming one account (email) per window; 0 switches the
+    /// limit off.
+    #[arg(long, env = "TURBOCAT_AUTH_RATE_LIMIT_PER_ACCOUNT", default_value_t = 10)]
+    pub auth_rate_limit_per_account: u32,
+    /// Length of a rate limit window in seconds.
+    #[arg(
+        long,
+        env = "TURBOCAT_AUTH_RATE_LIMIT_WINDOW_SECONDS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub auth_rate_limit_window_seconds: u64,
+    /// Prefix of the rate limit counters in Redis (`serve`); replicas of one installation must
+    /// agree on it, installations sharing a Redis must not.
+    #[arg(long, env = "TURBOCAT_RATE_LIMIT_KEY_PREFIX", default_value = "turbocat:ratelimit:")]
+    pub rate_limit_key_prefix: String,
+}
+
+/// The public base URL, checked, without a trailing slash.
+pub fn validate_public_url(url: &str) -> Result<String, SettingError> {
+    let error = |problem: String| SettingError {
+        flag: "--public-url",
+        variable: "TURBOCAT_PUBLIC_URL",
+        problem,
+    };
+    let parsed = url::Url::parse(url.trim())
+        .map_err(|parse_error| error(format!("not a URL ({parse_error})")))?;
+    if !matches!(parsed.scheme(), "https" | "http") || parsed.host_str().is_none() {
+        return Err(error("expected an http:// or https:// URL with a host".to_owned()));
+    }
+    Ok(parsed.as_str().trim_end_matches('/').to_owned())
+}
+
+/// An external identity provider (OIDC, Supabase Auth) whose bearer tokens are accepted: all
+/// three settings, or none.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ExternalIdentityArgs {
+    /// URL of the provider's JWKS, e.g. `https://<project>.supabase.co/auth/v1/.well-known/jwks.json`.
+    #[arg(long, env = "TURBOCAT_EXTERNAL_JWKS_URL")]
+    pub external_jwks_url: Option<String>,
+    /// The exact `iss` claim of the provider's tokens.
+    #[arg(long, env = "TURBOCAT_EXTERNAL_ISSUER")]
+    pub external_issuer: Option<String>,
+    /// The `aud` claim the provider's tokens must carry (Supabase: `authenticated`).
+    #[arg(long, env = "TURBOCAT_EXTERNAL_AUDIENCE")]
+    pub external_audience: Option<String>,
+}
+
+/// The external identity settings, checked: `None` when none is configured.
+pub fn validate_external_identity(
+    args: &ExternalIdentityArgs,
+) -> Result<Option<crate::auth::external::ExternalIdentitySettings>, SettingError> {
+    let non_empty = |value: &Option<String>| {
+        value.as_deref().map(str::trim).filter(|text| !text.is_empty()).map(str::to_owned)
+    };
+    let (jwks_url, issuer, audience) = (
+        non_empty(&args.external_jwks_url),
+        non_empty(&args.external_issuer),
+        non_empty(&args.external_audience),
+    );
+    let missing = |flag: &'static str, variable: &'static str| SettingError {
+        flag,
+        variable,
+        problem: "required with the other --external-* settings".to_owned(),
+    };
+    let (jwks_url, issuer, audience) = match (jwks_url, issuer, audience) {
+        (None, None, None) => return Ok(None),
+        (Some(jwks_url), Some(issuer), Some(audience)) => (jwks_url, issuer, audience),
+        (None, _, _) => {
+            return Err(missing("--external-jwks-url", "TURBOCAT_EXTERNAL_JWKS_URL"));
+        }
+        (_, None, _) => return Err(missing("--external-issuer", "TURBOCAT_EXTERNAL_ISSUER")),
+        (_, _, None) => {
+            return Err(missing("--external-audience", "TURBOCAT_EXTERNAL_AUDIENCE"));
+        }
+    };
+    let url_error = |problem: String| SettingError {
+        flag: "--external-jwks-url",
+        variable: "TURBOCAT_EXTERNAL_JWKS_URL",
+        problem,
+    };
+    let parsed =
+        url::Url::parse(&jwks_url).map_err(|error| url_error(format!("not a URL ({error})")))?;
+    if !matches!(parsed.scheme(), "https" | "http") {
+        return Err(url_error(format!(
+            "unsupported scheme `{}`; expected https://",
+            parsed.scheme()
+        )));
+    }
+    Ok(Some(crate::auth::external::ExternalIdentitySettings {
+        jwks_url: parsed,
+        issuer,
+        audience,
+        cache_ttl: crate::auth::external::DEFAULT_JWKS_CACHE_TTL,
+        min_refetch_interval: crate::auth::external::DEFAULT_MIN_REFETCH_INTERVAL,
+    }))
 }
 
 #[derive(Debug, Clone, Args)]

@@ -1,9 +1,9 @@
-//! The `turbocat` binary: `dev`, `serve`, `runner`, `migrate`, `seed`.
+//! The `turbocat` binary: `dev`, `serve`, `runner`, `migrate`, `seed`, `admin`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use turbocat::config::{Cli, Command, LogFormat};
+use turbocat::config::{AdminCommand, Cli, Command, LogFormat};
 use turbocat::server;
 
 fn init_tracing(cli: &Cli) {
@@ -74,10 +74,37 @@ async fn run(command: Command) -> Result<(), String> {
             );
             Ok(())
         }
+        Command::Admin(AdminCommand::Create(args)) => {
+            let store = server::open_store_for_command(&args.database)
+                .await
+                .map_err(|error| error.to_string())?;
+            let new_administrator = turbocat::service::users::NewAdministrator {
+                email: args.email.clone(),
+                password: args.password.expose().to_owned(),
+                full_name: args.full_name.clone(),
+            };
+            let user =
+                turbocat::service::users::create_administrator(store.as_ref(), new_administrator)
+                    .await
+                    .map_err(|error| describe_service_error(&error))?;
+            println!("created admin {} ({})", user.email, user.id);
+            Ok(())
+        }
         Command::Runner(_args) => {
             Err("`turbocat runner` arrives with the execution engine (not built yet)".into())
         }
     }
+}
+
+/// A service error for a terminal: the message and every rejected field.
+fn describe_service_error(error: &turbocat::error::ServiceError) -> String {
+    let mut text = error.message.clone();
+    if error.field_errors.len() > 1 {
+        for field_error in &error.field_errors {
+            text.push_str(&format!("\n  {}: {}", field_error.field, field_error.message));
+        }
+    }
+    text
 }
 
 /// The one line a person (or a test) reads to find the server.

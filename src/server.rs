@@ -229,13 +229,44 @@ struct ContextParts<'a> {
     probes: Vec<Arc<dyn api::health::HealthProbe>>,
     jwt_secret: Secret,
     listen: &'a ListenArgs,
+    external_identity: Option<crate::auth::external::ExternalIdentitySettings>,
+    /// Counters of the sign-in rate limits: in memory (`dev`) or Redis (`serve`).
+    rate_limiter: Arc<dyn crate::auth::rate_limit::RateLimiter>,
 }
 
-fn build_context(parts: ContextParts<'_>) -> Arc<AppContext> {
+fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupError> {
     let tokens = crate::auth::tokens::TokenService::new(crate::auth::tokens::TokenSettings::new(
         parts.jwt_secret,
     ));
-    Arc::new(AppContext {
+    let external_identity = match parts.external_identity {
+        Some(settings) => Some(Arc::new(
+            crate::auth::external::ExternalVerifier::new(settings, parts.store.clone()).map_err(
+                |error| StartupError::Internal(format!("cannot build the jwks client: {error}")),
+            )?,
+        )),
+        None => None,
+    };
+    let account_security = &parts.listen.account_security;
+    let public_url = match &account_security.public_url {
+        Some(url) => config::validate_public_url(url)?,
+        None => format!("http://{}", parts.listen.listen),
+    };
+    let window = std::time::Duration::from_secs(account_security.auth_rate_limit_window_seconds);
+    let rate_limiter = crate::auth::rate_limit::AuthRateLimits::new(
+        parts.rate_limiter,
+        crate::auth::rate_limit::RateRule::per_window(
+            account_security.auth_rate_limit_per_ip,
+            window,
+        ),
+        crate::auth::rate_limit::RateRule::per_window(
+            account_security.auth_rate_limit_per_account,
+            window,
+        ),
+    );
+    Ok(Arc::new(AppContext {
+        mailer: Arc::new(crate::auth::mailer::LogMailer),
+        rate_limiter: Arc::new(rate_limiter),
+        public_url,
         mode: parts.mode,
         store: parts.store,
         queue: parts.queue,
@@ -244,13 +275,15 @@ fn build_context(parts: ContextParts<'_>) -> Arc<AppContext> {
         tokens: Arc::new(tokens),
         revoked_sessions: Arc::new(crate::auth::revocation::RevokedSessions::default()),
         trusted_proxies: parts.listen.trusted_proxies.clone(),
+        external_identity,
         started_at: Instant::now(),
-    })
+    }))
 }
 
 /// `turbocat dev`: SQLite in the data directory, everything in one process.
 pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
     let jwt_secret = dev_jwt_secret(args)?;
+    let external_identity = config::validate_external_identity(&args.listen.external_identity)?;
     let store: Arc<dyn Store> = Arc::new(open_dev_store(&args.data_dir).await?);
     let context = build_context(ContextParts {
         mode: Mode::Dev,
@@ -260,7 +293,9 @@ pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
         bus: Arc::new(MemoryBus::new()),
         jwt_secret,
         listen: &args.listen,
-    });
+        external_identity,
+        rate_limiter: Arc::new(crate::auth::rate_limit::MemoryRateLimiter::new()),
+    })?;
     start(context, &args.listen).await
 }
 
@@ -269,6 +304,10 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
     config::validate_jwt_secret(&args.jwt_secret)?;
     config::validate_database_url(&args.database_url, true)?;
     config::validate_redis_url(&args.redis_url)?;
+    let external_identity = config::validate_external_identity(&args.listen.external_identity)?;
+    if let Some(public_url) = &args.listen.account_security.public_url {
+        config::validate_public_url(public_url)?;
+    }
     // Reach every dependency before changing anything: a bad Redis URL must not migrate.
     let postgres =
         connect_postgres_store(&args.database_url, args.database_max_connections).await?;
@@ -292,11 +331,16 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
             Arc::new(RedisProbe(redis.clone())),
         ],
         store,
+        rate_limiter: Arc::new(crate::auth::rate_limit::RedisRateLimiter::new(
+            redis.clone(),
+            args.listen.account_security.rate_limit_key_prefix.clone(),
+        )),
         queue: Arc::new(RedisQueue::new(redis, RedisQueueConfig::default())),
         bus: Arc::new(bus),
         jwt_secret: args.jwt_secret.clone(),
         listen: &args.listen,
-    });
+        external_identity,
+    })?;
     start(context, &args.listen).await
 }
 

@@ -6,6 +6,7 @@
 pub mod grpc;
 pub mod health;
 pub mod rest;
+pub mod security_headers;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +57,14 @@ pub struct AppContext {
     pub revoked_sessions: Arc<crate::auth::revocation::RevokedSessions>,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// The external identity provider (OIDC, Supabase Auth), when configured.
+    pub external_identity: Option<Arc<crate::auth::external::ExternalVerifier>>,
+    /// Sends password reset links (to the log until SMTP exists).
+    pub mailer: Arc<dyn crate::auth::mailer::Mailer>,
+    /// Limits of the sign-in operations: in memory in `dev`, in Redis in `serve`.
+    pub rate_limiter: Arc<crate::auth::rate_limit::AuthRateLimits>,
+    /// Base of the links the product mails, without a trailing slash.
+    pub public_url: String,
     pub probes: Vec<Arc<dyn health::HealthProbe>>,
     pub started_at: Instant,
 }
@@ -98,6 +107,8 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
         tokens: context.tokens.clone(),
         revoked_sessions: context.revoked_sessions.clone(),
         trusted_proxies: context.trusted_proxies.clone(),
+        external: context.external_identity.clone(),
+        api_key_last_used: crate::auth::api_keys::LastUsedThrottle::default(),
     });
     tokio::spawn(context.revoked_sessions.clone().keep_current(
         context.store.clone(),
@@ -115,6 +126,12 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
         ));
 
     let bindings = rest::bindings::http_bindings(&pool)?;
+    let security_headers = axum::middleware::from_fn_with_state(
+        Arc::new(security_headers::SecurityHeaders {
+            trusted_proxies: context.trusted_proxies.clone(),
+        }),
+        security_headers::add_security_headers,
+    );
     let rest_router = rest::router(bindings, grpc_router.clone(), settings.max_body_bytes);
 
     let health_router = Router::new()
@@ -128,6 +145,8 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
         .merge(grpc_router.layer(tonic_web::GrpcWebLayer::new()))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        // Skips gRPC and grpc-web responses by their content type; covers the fallbacks too.
+        .layer(security_headers)
         .layer(cors_layer(&settings.cors_origins))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|request: &http::Request<_>| {

@@ -23,6 +23,10 @@ pub struct Authenticator {
     pub revoked_sessions: Arc<RevokedSessions>,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpAddr>,
+    /// The configured external identity provider, whose tokens it verifies.
+    pub external: Option<Arc<super::external::ExternalVerifier>>,
+    /// Which API keys had `last_used_at` stamped recently (one write a minute per key).
+    pub api_key_last_used: super::api_keys::LastUsedThrottle,
 }
 
 impl Authenticator {
@@ -43,6 +47,14 @@ impl Authenticator {
         };
         if token.starts_with(super::API_KEY_PREFIX) {
             return self.authenticate_api_key(token).await;
+        }
+        if let Some(external) = &self.external
+            && external.claims_issuer(token)
+        {
+            return match external.authenticate(token).await {
+                Ok(caller) => Authentication::Authenticated(caller),
+                Err(error) => rejected(error.to_string()),
+            };
         }
         self.authenticate_access_token(token)
     }
@@ -69,9 +81,9 @@ impl Authenticator {
         })
     }
 
-    /// API keys arrive with the auth issue's key management.
-    async fn authenticate_api_key(&self, _key: &str) -> Authentication {
-        rejected("api keys are not accepted yet")
+    /// A key of `ApiKeyService`; see `super::api_keys`.
+    async fn authenticate_api_key(&self, key: &str) -> Authentication {
+        super::api_keys::authenticate(self.store.as_ref(), &self.api_key_last_used, key).await
     }
 
     /// The client's address: the peer, or the first `X-Forwarded-For` hop behind trusted proxies.
@@ -84,7 +96,8 @@ impl Authenticator {
         if !self.trusted_proxies.contains(&peer) {
             return Some(peer);
         }
-        let forwarded = header_text(headers, "x-forwarded-for")?;
+        // A trusted proxy that forwards nothing is itself the client.
+        let Some(forwarded) = header_text(headers, "x-forwarded-for") else { return Some(peer) };
         // The rightmost address not of a trusted proxy is the client.
         forwarded
             .split(',')

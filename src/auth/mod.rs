@@ -2,9 +2,13 @@
 //! password hashing. Services read the `Caller` the layer leaves on each request.
 //! May call: the store and the bus.
 
+pub mod api_keys;
 pub mod caller;
+pub mod external;
 pub mod layer;
+pub mod mailer;
 pub mod password;
+pub mod rate_limit;
 pub mod revocation;
 pub mod tokens;
 

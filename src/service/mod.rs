@@ -4,7 +4,9 @@
 //! response or a `ServiceError`. The gRPC methods call these; REST reaches them through gRPC.
 //! May call: store, queue, bus, auth. Never the edges.
 
+pub mod api_keys;
 pub mod audit;
 pub mod auth;
 pub mod convert;
+pub mod users;
 pub mod validate;

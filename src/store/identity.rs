@@ -713,6 +713,10 @@ pub trait IdentityStore: Send + Sync {
         rotation: RefreshTokenRotation,
     ) -> StoreResult<RotateOutcome>;
 
+    /// The session (revoked or not) a refresh token, used or not, belongs to, by the token's
+    /// hash; `NotFound` for an unknown hash. Logout reads it; it changes nothing.
+    async fn get_session_by_refresh_token(&self, token_hash: &str) -> StoreResult<Session>;
+
     // Password reset.
 
     /// Stores a reset token for a live user (`NotFound` otherwise).
@@ -1454,6 +1458,22 @@ macro_rules! impl_identity_store {
                 .await?;
                 transaction.commit().await?;
                 Ok(RotateOutcome::Rotated { session, user })
+            }
+
+            async fn get_session_by_refresh_token(
+                &self,
+                token_hash: &str,
+            ) -> StoreResult<Session> {
+                sqlx::query_as::<$db, Session>(concat!(
+                    "SELECT ",
+                    session_columns!(),
+                    " FROM sessions WHERE id = \
+                     (SELECT session_id FROM refresh_tokens WHERE token_hash = $1)"
+                ))
+                .bind(token_hash.to_owned())
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or(StoreError::NotFound)
             }
 
             async fn create_password_reset_token(

@@ -515,6 +515,34 @@ async fn refresh_rotation_and_reuse(store: Arc<dyn Store>) {
     assert!(matches!(never_stored, Ok(RotateOutcome::NotFound)), "{never_stored:?}");
 }
 
+async fn session_found_by_refresh_token(store: Arc<dyn Store>) {
+    let uma = create_user(&store, "uma@example.com", "Uma").await;
+    let session = store.create_session(new_session(uma.id, "uma-a")).await.expect("session");
+    let other = store.create_session(new_session(uma.id, "uma-other")).await.expect("other");
+    let found = store.get_session_by_refresh_token("uma-a").await.expect("by first token");
+    assert_eq!(found, session);
+    let rotated = store.rotate_refresh_token(rotation("uma-a", "uma-b", now())).await;
+    assert!(matches!(rotated, Ok(RotateOutcome::Rotated { .. })), "{rotated:?}");
+    // Both the used and the current token name the session; lookup changes nothing.
+    assert_eq!(store.get_session_by_refresh_token("uma-a").await.expect("used").id, session.id);
+    assert_eq!(store.get_session_by_refresh_token("uma-b").await.expect("current").id, session.id);
+    assert_eq!(store.get_session_by_refresh_token("uma-other").await.expect("other"), other);
+    let revoked_at = now();
+    assert!(
+        store
+            .revoke_session(session.id, SessionRevokeReason::Logout, revoked_at)
+            .await
+            .expect("revoke")
+    );
+    let revoked = store.get_session_by_refresh_token("uma-b").await.expect("revoked session");
+    assert_eq!(revoked.revoked_at, Some(revoked_at));
+    assert_eq!(revoked.revoke_reason, Some(SessionRevokeReason::Logout));
+    let unknown = store.get_session_by_refresh_token("uma-unknown").await;
+    assert!(matches!(unknown, Err(StoreError::NotFound)), "{unknown:?}");
+    let next = store.rotate_refresh_token(rotation("uma-other", "uma-other-2", now())).await;
+    assert!(matches!(next, Ok(RotateOutcome::Rotated { .. })), "lookup did not use the token");
+}
+
 async fn refresh_rotation_rejects_expired_and_revoked(store: Arc<dyn Store>) {
     let ivy = create_user(&store, "ivy@example.com", "Ivy").await;
 
@@ -1040,6 +1068,7 @@ crate::conformance!(
     user_soft_delete,
     session_create_revoke_and_poll,
     refresh_rotation_and_reuse,
+    session_found_by_refresh_token,
     refresh_rotation_rejects_expired_and_revoked,
     refresh_concurrent_double_rotation,
     session_purge_expired_rows,

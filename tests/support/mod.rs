@@ -278,6 +278,7 @@ pub async fn start_serve(extra: &[&str]) -> (TurbocatProcess, ServeDatabase) {
     let (url, name) = create_postgres_database().await;
     let database = ServeDatabase { url, name };
     let redis = redis_url();
+    let rate_limit_prefix = format!("turbocat-test:{}:ratelimit:", uuid::Uuid::new_v4().simple());
     let mut arguments = vec![
         "serve",
         "--listen",
@@ -289,6 +290,10 @@ pub async fn start_serve(extra: &[&str]) -> (TurbocatProcess, ServeDatabase) {
         "--jwt-secret",
         TEST_JWT_SECRET,
     ];
+    // Rate-limit counters live in the shared Redis: keep each server's apart.
+    if !extra.contains(&"--rate-limit-key-prefix") {
+        arguments.extend_from_slice(&["--rate-limit-key-prefix", rate_limit_prefix.as_str()]);
+    }
     arguments.extend_from_slice(extra);
     let process = tokio::task::spawn_blocking({
         let arguments: Vec<String> =

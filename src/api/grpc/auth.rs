@@ -40,4 +40,43 @@ impl auth_service_server::AuthService for AuthGrpc {
         let response = service::auth::login(&self.context, &client, request.into_inner()).await?;
         Ok(Response::new(response))
     }
+
+    async fn refresh_token(
+        &self,
+        request: Request<pb::RefreshTokenRequest>,
+    ) -> Result<Response<pb::RefreshTokenResponse>, Status> {
+        let client = client_of(&request);
+        let response =
+            service::auth::refresh_token(&self.context, &client, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn logout(
+        &self,
+        request: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::LogoutResponse>, Status> {
+        let client = client_of(&request);
+        let response = service::auth::logout(&self.context, &client, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn forgot_password(
+        &self,
+        request: Request<pb::ForgotPasswordRequest>,
+    ) -> Result<Response<pb::ForgotPasswordResponse>, Status> {
+        let client = client_of(&request);
+        let response =
+            service::auth::forgot_password(&self.context, &client, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn reset_password(
+        &self,
+        request: Request<pb::ResetPasswordRequest>,
+    ) -> Result<Response<pb::ResetPasswordResponse>, Status> {
+        let client = client_of(&request);
+        let response =
+            service::auth::reset_password(&self.context, &client, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
 }

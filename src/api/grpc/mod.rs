@@ -5,9 +5,13 @@
 
 use std::sync::Arc;
 
+mod api_keys;
 mod auth;
+mod users;
 
+pub use self::api_keys::ApiKeyGrpc;
 pub use self::auth::AuthGrpc;
+pub use self::users::UserGrpc;
 use crate::api::AppContext;
 use crate::proto::v1::{
     agent_service_server, analytics_service_server, api_key_service_server,
@@ -36,8 +40,6 @@ macro_rules! grpc_service {
     };
 }
 
-grpc_service!(UserGrpc, user_service_server, UserService);
-grpc_service!(ApiKeyGrpc, api_key_service_server, ApiKeyService);
 grpc_service!(AgentGrpc, agent_service_server, AgentService);
 grpc_service!(WorkflowGrpc, workflow_service_server, WorkflowService);
 grpc_service!(ExecutionGrpc, execution_service_server, ExecutionService);
