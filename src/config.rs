@@ -147,6 +147,41 @@ pub struct AdminCreateArgs {
     pub full_name: Option<String>,
 }
 
+/// The algorithm of the access tokens this server signs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum JwtAlgorithm {
+    /// HMAC-SHA256 with `--jwt-secret`.
+    #[default]
+    #[value(name = "HS256")]
+    Hs256,
+    /// Ed25519 with a PEM key pair.
+    #[value(name = "EdDSA")]
+    EdDsa,
+    /// RSA PKCS#1 v1.5 with SHA-256 and a PEM key pair.
+    #[value(name = "RS256")]
+    Rs256,
+}
+
+/// How access tokens are signed: HS256 with `--jwt-secret`, or a key pair in PEM files.
+#[derive(Debug, Clone, Args)]
+pub struct JwtKeyArgs {
+    /// Signing algorithm of access tokens; only this one is accepted when verifying.
+    #[arg(
+        long,
+        env = "TURBOCAT_JWT_ALGORITHM",
+        value_enum,
+        ignore_case = true,
+        default_value = "HS256"
+    )]
+    pub jwt_algorithm: JwtAlgorithm,
+    /// PEM private key (PKCS#8; PKCS#1 also for RS256), required with EdDSA and RS256.
+    #[arg(long, env = "TURBOCAT_JWT_PRIVATE_KEY_FILE")]
+    pub jwt_private_key_file: Option<PathBuf>,
+    /// PEM public key (SubjectPublicKeyInfo), required with EdDSA and RS256.
+    #[arg(long, env = "TURBOCAT_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+}
+
 /// Settings of the listener, shared by `dev` and `serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ListenArgs {
@@ -198,6 +233,14 @@ pub struct AccountSecurityArgs {
     /// agree on it, installations sharing a Redis must not.
     #[arg(long, env = "TURBOCAT_RATE_LIMIT_KEY_PREFIX", default_value = "turbocat:ratelimit:")]
     pub rate_limit_key_prefix: String,
+    /// SMTP server that sends password reset mail: `smtps://user:pass@host:465` (TLS) or
+    /// `smtp://user:pass@host:587?tls=required` (STARTTLS); plain `smtp://host:25` is unencrypted.
+    /// Unset: reset links are written to the log.
+    #[arg(long, env = "TURBOCAT_SMTP_URL", hide_env_values = true)]
+    pub smtp_url: Option<ConnectionUrl>,
+    /// Sender of that mail, e.g. `Turbocat <no-reply@example.com>`; required with --smtp-url.
+    #[arg(long, env = "TURBOCAT_SMTP_FROM")]
+    pub smtp_from: Option<String>,
 }
 
 /// The public base URL, checked, without a trailing slash.
@@ -287,10 +330,12 @@ pub struct DevArgs {
     /// Directory of the SQLite database and the generated JWT secret.
     #[arg(long, env = "TURBOCAT_DATA_DIR", default_value = ".turbocat")]
     pub data_dir: PathBuf,
-    /// JWT signing secret (at least 32 bytes). Generated once and kept in the data directory
-    /// when not given.
+    /// JWT signing secret (at least 32 bytes) for HS256. Generated once and kept in the data
+    /// directory when not given.
     #[arg(long, env = "TURBOCAT_JWT_SECRET")]
     pub jwt_secret: Option<Secret>,
+    #[command(flatten)]
+    pub jwt_keys: JwtKeyArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -306,9 +351,11 @@ pub struct ServeArgs {
     /// Redis URL, e.g. `redis://redis:6379`.
     #[arg(long, env = "TURBOCAT_REDIS_URL")]
     pub redis_url: ConnectionUrl,
-    /// JWT signing secret, at least 32 bytes.
+    /// JWT signing secret, at least 32 bytes; required with HS256 (the default algorithm).
     #[arg(long, env = "TURBOCAT_JWT_SECRET")]
-    pub jwt_secret: Secret,
+    pub jwt_secret: Option<Secret>,
+    #[command(flatten)]
+    pub jwt_keys: JwtKeyArgs,
 }
 
 /// Which database a one-shot command works on: `--database-url`, or the `dev` SQLite file.
@@ -374,6 +421,17 @@ pub fn validate_jwt_secret(secret: &Secret) -> Result<(), SettingError> {
         });
     }
     Ok(())
+}
+
+/// The HS256 secret of `serve`: required, and long enough.
+pub fn required_jwt_secret(secret: Option<&Secret>) -> Result<Secret, SettingError> {
+    let secret = secret.ok_or(SettingError {
+        flag: "--jwt-secret",
+        variable: "TURBOCAT_JWT_SECRET",
+        problem: "required with --jwt-algorithm HS256 (the default)".to_owned(),
+    })?;
+    validate_jwt_secret(secret)?;
+    Ok(secret.clone())
 }
 
 /// Checks that a database URL is one Turbocat can open.

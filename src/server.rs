@@ -227,7 +227,7 @@ struct ContextParts<'a> {
     queue: Arc<dyn crate::queue::Queue>,
     bus: Arc<dyn crate::bus::Bus>,
     probes: Vec<Arc<dyn api::health::HealthProbe>>,
-    jwt_secret: Secret,
+    signing_key: crate::auth::tokens::SigningKey,
     listen: &'a ListenArgs,
     external_identity: Option<crate::auth::external::ExternalIdentitySettings>,
     /// Counters of the sign-in rate limits: in memory (`dev`) or Redis (`serve`).
@@ -235,9 +235,9 @@ struct ContextParts<'a> {
 }
 
 fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupError> {
-    let tokens = crate::auth::tokens::TokenService::new(crate::auth::tokens::TokenSettings::new(
-        parts.jwt_secret,
-    ));
+    let tokens = crate::auth::tokens::TokenService::new(
+        crate::auth::tokens::TokenSettings::with_signing_key(parts.signing_key),
+    );
     let external_identity = match parts.external_identity {
         Some(settings) => Some(Arc::new(
             crate::auth::external::ExternalVerifier::new(settings, parts.store.clone()).map_err(
@@ -263,8 +263,16 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
             window,
         ),
     );
+    let mailer: Arc<dyn crate::auth::mailer::Mailer> =
+        match crate::auth::mailer::SmtpMailer::from_settings(
+            account_security.smtp_url.as_ref(),
+            account_security.smtp_from.as_deref(),
+        )? {
+            Some(smtp) => Arc::new(smtp),
+            None => Arc::new(crate::auth::mailer::LogMailer),
+        };
     Ok(Arc::new(AppContext {
-        mailer: Arc::new(crate::auth::mailer::LogMailer),
+        mailer,
         rate_limiter: Arc::new(rate_limiter),
         public_url,
         mode: parts.mode,
@@ -282,7 +290,13 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
 
 /// `turbocat dev`: SQLite in the data directory, everything in one process.
 pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
-    let jwt_secret = dev_jwt_secret(args)?;
+    let jwt_keys = &args.jwt_keys;
+    let signing_key = crate::auth::tokens::signing_key_from_settings(
+        jwt_keys.jwt_algorithm,
+        jwt_keys.jwt_private_key_file.as_deref(),
+        jwt_keys.jwt_public_key_file.as_deref(),
+        || dev_jwt_secret(args),
+    )?;
     let external_identity = config::validate_external_identity(&args.listen.external_identity)?;
     let store: Arc<dyn Store> = Arc::new(open_dev_store(&args.data_dir).await?);
     let context = build_context(ContextParts {
@@ -291,7 +305,7 @@ pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
         store,
         queue: Arc::new(MemoryQueue::new(crate::queue::DEFAULT_MAX_LEN)),
         bus: Arc::new(MemoryBus::new()),
-        jwt_secret,
+        signing_key,
         listen: &args.listen,
         external_identity,
         rate_limiter: Arc::new(crate::auth::rate_limit::MemoryRateLimiter::new()),
@@ -301,7 +315,17 @@ pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
 
 /// `turbocat serve`: PostgreSQL and Redis.
 pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError> {
-    config::validate_jwt_secret(&args.jwt_secret)?;
+    let jwt_keys = &args.jwt_keys;
+    let signing_key = crate::auth::tokens::signing_key_from_settings(
+        jwt_keys.jwt_algorithm,
+        jwt_keys.jwt_private_key_file.as_deref(),
+        jwt_keys.jwt_public_key_file.as_deref(),
+        || config::required_jwt_secret(args.jwt_secret.as_ref()),
+    )?;
+    crate::auth::mailer::SmtpMailer::from_settings(
+        args.listen.account_security.smtp_url.as_ref(),
+        args.listen.account_security.smtp_from.as_deref(),
+    )?;
     config::validate_database_url(&args.database_url, true)?;
     config::validate_redis_url(&args.redis_url)?;
     let external_identity = config::validate_external_identity(&args.listen.external_identity)?;
@@ -337,7 +361,7 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
         )),
         queue: Arc::new(RedisQueue::new(redis, RedisQueueConfig::default())),
         bus: Arc::new(bus),
-        jwt_secret: args.jwt_secret.clone(),
+        signing_key,
         listen: &args.listen,
         external_identity,
     })?;

@@ -1,5 +1,7 @@
 //! External identity (OIDC, Supabase Auth): verifies bearer JWTs of one configured issuer
 //! against its JWKS and maps their `sub` to a local user, created on first sight.
+//! Creating a user writes an `auth.external_user_created` audit row; each user's
+//! `last_login_at` is stamped at most once per `LAST_LOGIN_INTERVAL` (throttled here, in memory).
 //! May call: the store; the issuer's JWKS URL over HTTP(S).
 
 use std::collections::HashMap;
@@ -11,8 +13,13 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::Digest;
 
-use super::caller::{Caller, Credential};
-use crate::store::{ExternalIdentity, NewUser, RoleAssignment, Store, StoreError, User, UserRole};
+use uuid::Uuid;
+
+use super::caller::{Caller, ClientInfo, Credential};
+use crate::store::{
+    AuditActorKind, AuditOutcome, ExternalIdentity, NewAuditLog, NewUser, RoleAssignment, Store,
+    StoreError, User, UserRole,
+};
 
 /// How long a fetched JWKS is trusted before it is fetched again.
 pub const DEFAULT_JWKS_CACHE_TTL: Duration = Duration::from_secs(10 * 60);
@@ -25,6 +32,11 @@ const MAX_JWKS_BYTES: usize = 1024 * 1024;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Emails of users whose provider gave none (or an unverified one) end with this.
 const PLACEHOLDER_EMAIL_DOMAIN: &str = "external.invalid";
+/// A user's `last_login_at` is written at most once per this interval (tokens arrive with
+/// every request; one write per request would be a write per call).
+pub const LAST_LOGIN_INTERVAL: Duration = Duration::from_secs(60);
+/// Above this many remembered users, stamps older than `LAST_LOGIN_INTERVAL` are swept out.
+const LAST_LOGIN_SWEEP_THRESHOLD: usize = 10_000;
 
 /// Settings of the external identity provider.
 #[derive(Debug, Clone)]
@@ -108,6 +120,14 @@ pub struct ExternalVerifier {
     store: Arc<dyn Store>,
     http: reqwest::Client,
     cache: tokio::sync::Mutex<KeyCache>,
+    /// When each user's `last_login_at` was last written by this process.
+    last_login_stamped: std::sync::Mutex<HashMap<Uuid, Instant>>,
+}
+
+/// The local user of an external identity, and whether this request created it.
+struct LocalUser {
+    user: User,
+    created: bool,
 }
 
 impl ExternalVerifier {
@@ -119,7 +139,13 @@ impl ExternalVerifier {
             .timeout(FETCH_TIMEOUT)
             .redirect(reqwest::redirect::Policy::limited(3))
             .build()?;
-        Ok(Self { settings, store, http, cache: tokio::sync::Mutex::new(KeyCache::default()) })
+        Ok(Self {
+            settings,
+            store,
+            http,
+            cache: tokio::sync::Mutex::new(KeyCache::default()),
+            last_login_stamped: std::sync::Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn issuer(&self) -> &str {
@@ -134,10 +160,19 @@ impl ExternalVerifier {
             .is_some_and(|issuer| issuer == self.settings.issuer)
     }
 
-    /// Verifies `token` and returns its local caller, creating the user on first sight.
-    pub async fn authenticate(&self, token: &str) -> Result<Caller, ExternalTokenError> {
+    /// Verifies `token` (sent by `client`) and returns its local caller, creating the user on
+    /// first sight (audited) and stamping its last login (throttled).
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        client: &ClientInfo,
+    ) -> Result<Caller, ExternalTokenError> {
         let claims = self.verify(token).await?;
-        let user = self.local_user(&claims).await?;
+        let LocalUser { user, created } = self.local_user(&claims).await?;
+        if created {
+            self.audit_user_created(&user, client).await;
+        }
+        self.stamp_last_login(user.id).await;
         Ok(Caller {
             user_id: user.id,
             role: user.role,
@@ -226,10 +261,61 @@ impl ExternalVerifier {
         parse_key_set(&body)
     }
 
-    async fn local_user(&self, claims: &ExternalClaims) -> Result<User, ExternalTokenError> {
+    /// Appends the `auth.external_user_created` row; a failure is logged, never the caller's.
+    async fn audit_user_created(&self, user: &User, client: &ClientInfo) {
+        let entry = NewAuditLog {
+            actor_id: Some(user.id),
+            actor_kind: AuditActorKind::User,
+            action: "auth.external_user_created".to_owned(),
+            resource_type: "user".to_owned(),
+            resource_id: Some(user.id.to_string()),
+            outcome: AuditOutcome::Success,
+            ip_address: client.ip_address.map(|address| address.to_string()),
+            user_agent: client.user_agent.clone(),
+            request_id: client.request_id.clone(),
+            changes: None,
+            metadata: serde_json::json!({ "issuer": self.settings.issuer }),
+        };
+        if let Err(error) = self.store.append_audit_log(entry).await {
+            tracing::error!(%error, user_id = %user.id, "could not write the audit row of an external user");
+        }
+    }
+
+    /// Writes `last_login_at` of `user_id` unless this process did within `LAST_LOGIN_INTERVAL`.
+    async fn stamp_last_login(&self, user_id: Uuid) {
+        let now = Instant::now();
+        let due = {
+            // A poisoned lock only means another request panicked; the stamps are still usable.
+            let mut stamped =
+                self.last_login_stamped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if stamped.len() > LAST_LOGIN_SWEEP_THRESHOLD {
+                stamped.retain(|_, at| now.duration_since(*at) < LAST_LOGIN_INTERVAL);
+            }
+            let due = stamped
+                .get(&user_id)
+                .is_none_or(|at| now.duration_since(*at) >= LAST_LOGIN_INTERVAL);
+            if due {
+                stamped.insert(user_id, now);
+            }
+            due
+        };
+        if !due {
+            return;
+        }
+        if let Err(error) = self.store.record_login(user_id, chrono::Utc::now()).await {
+            tracing::warn!(%error, user_id = %user_id, "could not record the login of an external user");
+            // Let the next request try again.
+            self.last_login_stamped
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&user_id);
+        }
+    }
+
+    async fn local_user(&self, claims: &ExternalClaims) -> Result<LocalUser, ExternalTokenError> {
         let issuer = &self.settings.issuer;
         match self.store.get_user_by_external_identity(issuer, &claims.sub).await {
-            Ok(user) => return Ok(user),
+            Ok(user) => return Ok(LocalUser { user, created: false }),
             Err(StoreError::NotFound) => {}
             Err(error) => return Err(ExternalTokenError::Store(error)),
         }
@@ -242,7 +328,7 @@ impl ExternalVerifier {
                 if existing.external_issuer.as_deref() == Some(issuer.as_str())
                     && existing.external_subject.as_deref() == Some(claims.sub.as_str()) =>
             {
-                return Ok(existing);
+                return Ok(LocalUser { user: existing, created: false });
             }
             Ok(existing) => {
                 tracing::warn!(
@@ -280,12 +366,12 @@ impl ExternalVerifier {
         match self.store.create_user(new_user).await {
             Ok(user) => {
                 tracing::info!(user_id = %user.id, issuer = %issuer, "created the local user of an external identity");
-                Ok(user)
+                Ok(LocalUser { user, created: true })
             }
             // Two first requests at once: the other one created it.
             Err(StoreError::AlreadyExists(what)) => {
                 match self.store.get_user_by_external_identity(issuer, &claims.sub).await {
-                    Ok(user) => Ok(user),
+                    Ok(user) => Ok(LocalUser { user, created: false }),
                     Err(_) => {
                         tracing::warn!(issuer = %issuer, duplicate = %what, "refused an external identity that collides with another account");
                         Err(ExternalTokenError::EmailTaken)

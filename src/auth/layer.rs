@@ -30,8 +30,12 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// Decides who sent `headers`.
-    pub async fn authenticate(&self, headers: &http::HeaderMap) -> Authentication {
+    /// Decides who sent `headers` (from `client`, which audit rows it causes name).
+    pub async fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        client: &ClientInfo,
+    ) -> Authentication {
         if let Some(api_key) = header_text(headers, "x-api-key") {
             return self.authenticate_api_key(api_key).await;
         }
@@ -51,7 +55,7 @@ impl Authenticator {
         if let Some(external) = &self.external
             && external.claims_issuer(token)
         {
-            return match external.authenticate(token).await {
+            return match external.authenticate(token, client).await {
                 Ok(caller) => Authentication::Authenticated(caller),
                 Err(error) => rejected(error.to_string()),
             };
@@ -133,7 +137,7 @@ pub async fn authenticate(
         user_agent: header_text(headers, "user-agent").map(str::to_owned),
         request_id: header_text(headers, crate::api::REQUEST_ID_HEADER).map(str::to_owned),
     };
-    let authentication = authenticator.authenticate(headers).await;
+    let authentication = authenticator.authenticate(headers, &client).await;
     if let Authentication::Rejected { reason } = &authentication {
         tracing::debug!(reason = %reason, "credentials refused");
     }

@@ -160,6 +160,98 @@ async fn concurrent_first_requests_of_one_identity_make_one_user() {
     let users = users_of_subject(data_dir.path()).await;
     assert_eq!(users.len(), 1, "{users:?}");
     assert_eq!(users[0].1, "eager@idp.test");
+    // Only the request that created the user audits the creation.
+    let created = sqlite_rows(
+        data_dir.path(),
+        "SELECT id FROM audit_logs WHERE action = 'auth.external_user_created'",
+    )
+    .await;
+    assert_eq!(created.len(), 1, "one creation, one audit row");
+}
+
+/// `last_login_at` of the external user of `subject`, as stored.
+async fn last_login_of_subject(data_dir: &std::path::Path, subject: &str) -> Option<String> {
+    let rows = sqlite_rows(
+        data_dir,
+        "SELECT external_subject, last_login_at FROM users WHERE external_issuer IS NOT NULL",
+    )
+    .await;
+    let row = rows
+        .iter()
+        .find(|row| row.get::<String, _>("external_subject") == subject)
+        .expect("the user of the subject");
+    row.get::<Option<String>, _>("last_login_at")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sight_is_audited_and_logins_are_stamped_at_most_once_a_minute() {
+    let ed_key = SigningKey::ed25519("ed-1");
+    let provider = JwksServer::start(&[&ed_key]).await;
+    let (server, data_dir) = start_with_provider(&provider);
+    let base_url = server.base_url();
+    let token = ed_key.sign(&claims("audited", Some("audited@idp.test")));
+
+    let response = http()
+        .get(format!("{base_url}/api/v1/users/me"))
+        .bearer_auth(&token)
+        .header("user-agent", "edge-audit-test/1.0")
+        .header("x-request-id", "external-first-sight-1")
+        .send()
+        .await
+        .expect("users/me");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    let user_id = body["data"]["id"].as_str().expect("id").to_owned();
+    let compact_user_id = user_id.replace('-', "");
+
+    let rows = sqlite_rows(
+        data_dir.path(),
+        "SELECT lower(hex(actor_id)) AS actor, actor_kind, resource_type, resource_id, outcome, \
+         ip_address, user_agent, request_id, metadata \
+         FROM audit_logs WHERE action = 'auth.external_user_created'",
+    )
+    .await;
+    assert_eq!(rows.len(), 1, "the creation is audited once");
+    let row = &rows[0];
+    assert_eq!(row.get::<String, _>("actor"), compact_user_id, "the new user is the actor");
+    assert_eq!(row.get::<String, _>("actor_kind"), "USER");
+    assert_eq!(row.get::<String, _>("resource_type"), "user");
+    assert_eq!(row.get::<Option<String>, _>("resource_id").as_deref(), Some(user_id.as_str()));
+    assert_eq!(row.get::<String, _>("outcome"), "SUCCESS");
+    assert_eq!(row.get::<Option<String>, _>("ip_address").as_deref(), Some("127.0.0.1"));
+    assert_eq!(row.get::<Option<String>, _>("user_agent").as_deref(), Some("edge-audit-test/1.0"));
+    assert_eq!(
+        row.get::<Option<String>, _>("request_id").as_deref(),
+        Some("external-first-sight-1")
+    );
+    let metadata: Value =
+        serde_json::from_str(&row.get::<String, _>("metadata")).expect("metadata json");
+    assert_eq!(metadata["issuer"], ISSUER, "{metadata}");
+    assert!(!metadata.to_string().contains(&token), "no token in the audit row");
+
+    let first_login = last_login_of_subject(data_dir.path(), "audited").await;
+    assert!(first_login.is_some(), "the first sight stamps last_login_at");
+
+    // Within the minute, further requests (either transport) neither stamp nor audit again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let same_user = authenticated_user(&base_url, &token).await;
+    assert_eq!(same_user["id"], user_id.as_str());
+    assert_eq!(
+        last_login_of_subject(data_dir.path(), "audited").await,
+        first_login,
+        "last_login_at is written at most once a minute"
+    );
+    let audit_rows = sqlite_rows(
+        data_dir.path(),
+        "SELECT id FROM audit_logs WHERE action = 'auth.external_user_created'",
+    )
+    .await;
+    assert_eq!(audit_rows.len(), 1, "a known identity is not audited as created again");
+
+    // The stamp is per user: another identity is stamped on its own first sight.
+    let other = ed_key.sign(&claims("audited-too", None));
+    authenticated_user(&base_url, &other).await;
+    assert!(last_login_of_subject(data_dir.path(), "audited-too").await.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,7 +475,7 @@ async fn serve_maps_external_tokens_on_postgres() {
     let provider = JwksServer::start(&[&ed_key]).await;
     let flags = provider.flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let (server, _database) = start_serve(&flags).await;
+    let (server, database) = start_serve(&flags).await;
     let base_url = server.base_url();
 
     let first =
@@ -397,4 +489,26 @@ async fn serve_maps_external_tokens_on_postgres() {
     let mut wrong_audience = claims("pg-subject", None);
     wrong_audience["aud"] = json!("someone-else");
     assert_refused(&base_url, &ed_key.sign(&wrong_audience), "wrong audience").await;
+
+    // On PostgreSQL too: one creation audit row naming the user, and a stamped last login.
+    use sqlx::Connection;
+    let mut connection =
+        sqlx::PgConnection::connect(&database.url).await.expect("open serve database");
+    let audit_actors: Vec<(Option<uuid::Uuid>, serde_json::Value)> = sqlx::query_as(
+        "SELECT actor_id, metadata FROM audit_logs WHERE action = 'auth.external_user_created'",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .expect("audit rows");
+    let first_id: uuid::Uuid = first["id"].as_str().expect("id").parse().expect("uuid");
+    assert_eq!(audit_actors.len(), 1, "{audit_actors:?}");
+    assert_eq!(audit_actors[0].0, Some(first_id));
+    assert_eq!(audit_actors[0].1["issuer"], ISSUER);
+    let last_login: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT last_login_at FROM users WHERE id = $1")
+            .bind(first_id)
+            .fetch_one(&mut connection)
+            .await
+            .expect("last login");
+    assert!(last_login.is_some(), "last_login_at is stamped");
 }

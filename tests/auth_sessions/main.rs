@@ -8,6 +8,7 @@ mod support;
 
 mod flows;
 mod limits;
+mod redis_outage;
 mod replicas;
 mod tokens;
 
