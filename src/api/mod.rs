@@ -82,8 +82,7 @@ pub struct EdgeSettings {
 
 /// Builds the one router that serves every transport.
 pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result<Router, String> {
-    let pool = prost_reflect::DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
-        .map_err(|error| format!("the embedded descriptor set does not decode: {error}"))?;
+    let pool = crate::proto::descriptor_pool();
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(health::keep_grpc_health(
@@ -125,7 +124,7 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
             crate::auth::layer::authenticate,
         ));
 
-    let bindings = rest::bindings::http_bindings(&pool)?;
+    let bindings = rest::bindings::http_bindings(pool)?;
     let security_headers = axum::middleware::from_fn_with_state(
         Arc::new(security_headers::SecurityHeaders {
             trusted_proxies: context.trusted_proxies.clone(),

@@ -6,7 +6,7 @@ use turbocat::proto::v1::{
     GetCurrentUserRequest, GetUserRequest, ListUsersRequest, UpdateUserRoleRequest, UserRole,
 };
 
-use crate::harness::{Api, Auth, assert_error, audit_rows, dev_store, error_reason, grpc};
+use crate::support::api::{Api, Auth, assert_error, audit_rows, dev_store, error_reason, grpc};
 use crate::support::start_dev;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use turbocat::proto::v1::{
     GetCurrentUserResponse, ListApiKeysRequest, ListUsersRequest, UpdateCurrentUserRequest, User,
 };
 
-use crate::harness::{Api, Auth, assert_error, dev_store, grpc, violated_fields};
+use crate::support::api::{Api, Auth, assert_error, dev_store, grpc, violated_fields};
 use crate::support::start_dev;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

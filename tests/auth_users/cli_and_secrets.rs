@@ -5,7 +5,7 @@ use serde_json::json;
 use turbocat::proto::v1::{GetCurrentUserRequest, ListUsersRequest};
 use turbocat::store::AuditActorKind;
 
-use crate::harness::{Api, Auth, assert_error, audit_rows, dev_store, grpc};
+use crate::support::api::{Api, Auth, assert_error, audit_rows, dev_store, grpc};
 use crate::support::{run_turbocat, start_serve, start_turbocat};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

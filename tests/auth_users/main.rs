@@ -8,5 +8,4 @@ mod support;
 mod admin;
 mod api_keys;
 mod cli_and_secrets;
-mod harness;
 mod profile;

@@ -5,7 +5,7 @@ use prost_types::FieldMask;
 use serde_json::json;
 use turbocat::proto::v1::{GetCurrentUserRequest, UpdateCurrentUserRequest, User};
 
-use crate::harness::{
+use crate::support::api::{
     Api, Auth, assert_error, error_metadata, error_reason, grpc, violated_fields,
 };
 use crate::support::start_dev;

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use sqlx::Connection;
 use turbocat::store::{PostgresStore, SqliteStore, Store};
 
+pub mod api;
+
 pub fn admin_database_url() -> String {
     std::env::var("TURBOCAT_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())

@@ -6,7 +6,6 @@
 
 pub mod bindings;
 pub mod envelope;
-pub mod json;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,6 +25,7 @@ use tower::ServiceExt;
 
 use self::bindings::{BodyMapping, HttpBinding};
 use crate::error::{ErrorCode, FieldError, ServiceError};
+use crate::proto::json;
 
 /// Headers the REST edge hands on to the gRPC service as metadata.
 const FORWARDED_HEADERS: [&str; 6] =

@@ -1,5 +1,6 @@
-//! Calls against a real `turbocat` process: REST through reqwest, gRPC through the generated
-//! clients, each with a bearer token, an API key, or nothing.
+//! Calls against a real `turbocat` process, shared by the end-to-end test binaries: REST through
+//! reqwest, grpc-web as a browser sends it, and gRPC through the generated clients, each with a
+//! bearer token, an API key, or nothing.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use tonic::transport::Channel;
 use turbocat::proto::v1::api_key_service_client::ApiKeyServiceClient;
 use turbocat::proto::v1::user_service_client::UserServiceClient;
 
-use crate::support::TurbocatProcess;
+use super::TurbocatProcess;
 
 /// The credentials a call carries.
 #[derive(Debug, Clone)]
@@ -194,7 +195,8 @@ impl Api {
         (status, payload)
     }
 
-    async fn channel(&self) -> Channel {
+    /// A gRPC channel to the server, for any generated client.
+    pub async fn channel(&self) -> Channel {
         tonic::transport::Endpoint::from_shared(self.base_url.clone())
             .expect("endpoint")
             .connect()
