@@ -7,8 +7,7 @@ use serde_json::json;
 
 use super::audit::{self, Actor, AuditEvent};
 use super::convert;
-use super::users::page_request;
-use super::validate::{MAX_NAME_CHARS, Validator, parse_id};
+use super::validate::{MAX_NAME_CHARS, Validator, page_request, parse_id};
 use crate::api::AppContext;
 use crate::auth::api_keys::generate_api_key;
 use crate::auth::caller::{Access, Caller, ClientInfo, Credential};

@@ -8,15 +8,15 @@ use uuid::Uuid;
 
 use super::audit::{self, Actor, AuditEvent};
 use super::convert;
-use super::validate::{MAX_NAME_CHARS, Validator, parse_id};
+use super::validate::{MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order};
 use crate::api::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
 use crate::auth::password;
 use crate::error::{ServiceError, ServiceResult};
 use crate::proto::v1 as pb;
 use crate::store::{
-    AuditActorKind, NewAuditLog, NewUser, PageRequest, RoleAssignment, SessionRevokeReason,
-    SortOrder, Store, StoreError, User, UserFilter, UserProfileChanges, UserRole, UserSortField,
+    AuditActorKind, NewAuditLog, NewUser, RoleAssignment, SessionRevokeReason, SortOrder, Store,
+    StoreError, User, UserFilter, UserProfileChanges, UserRole, UserSortField,
 };
 
 /// The longest avatar URL.
@@ -48,52 +48,16 @@ impl ProfileField {
     }
 }
 
-/// Reads the page and page size of a numbered list: page from 1 (0 means 1), page size 1 to
-/// 100 (0 means 20). Bad values are added to `validator`.
-pub(crate) fn page_request(validator: &mut Validator, page: i32, page_size: i32) -> PageRequest {
-    let mut request = PageRequest::default();
-    match u32::try_from(page) {
-        Ok(0) => {}
-        Ok(number) => request.page = number,
-        Err(_) => {
-            validator.error("page", "must be 1 or more");
-        }
-    }
-    match u32::try_from(page_size) {
-        Ok(0) => {}
-        Ok(size) if size <= PageRequest::MAX_PAGE_SIZE => request.page_size = size,
-        _ => {
-            validator
-                .error("pageSize", format!("must be between 1 and {}", PageRequest::MAX_PAGE_SIZE));
-        }
-    }
-    request
-}
+/// The sort keys of the users list, by their JSON names.
+const USER_SORT_FIELDS: &[(&str, UserSortField)] = &[
+    ("createdAt", UserSortField::CreatedAt),
+    ("updatedAt", UserSortField::UpdatedAt),
+    ("email", UserSortField::Email),
+    ("fullName", UserSortField::FullName),
+];
 
-/// Reads `createdAt`, `-email` and the like; an empty text means the default order.
 fn user_sort(validator: &mut Validator, sort: &str) -> Option<SortOrder<UserSortField>> {
-    let trimmed = sort.trim();
-    if trimmed.is_empty() {
-        return None;
-    }
-    let (descending, name) = match trimmed.strip_prefix('-') {
-        Some(name) => (true, name),
-        None => (false, trimmed),
-    };
-    let field = match name {
-        "createdAt" => UserSortField::CreatedAt,
-        "updatedAt" => UserSortField::UpdatedAt,
-        "email" => UserSortField::Email,
-        "fullName" => UserSortField::FullName,
-        _ => {
-            validator.error(
-                "sort",
-                "must be one of createdAt, updatedAt, email, fullName, optionally with a leading -",
-            );
-            return None;
-        }
-    };
-    Some(SortOrder { field, descending })
+    sort_order(validator, sort, USER_SORT_FIELDS)
 }
 
 /// Checks an avatar URL: absolute http(s) with a host, at most `MAX_AVATAR_URL_CHARS`.
@@ -443,19 +407,23 @@ pub async fn create_administrator(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::PageRequest;
 
     #[test]
     fn pages_default_and_refuse_out_of_range_values() {
         let mut validator = Validator::new();
-        assert_eq!(page_request(&mut validator, 0, 0), PageRequest::new(1, 20));
-        assert_eq!(page_request(&mut validator, 3, 100), PageRequest::new(3, 100));
+        assert_eq!(page_request(&mut validator, None, None), PageRequest::new(1, 20));
+        assert_eq!(page_request(&mut validator, Some(3), Some(100)), PageRequest::new(3, 100));
+        assert_eq!(page_request(&mut validator, Some(1), Some(1)), PageRequest::new(1, 1));
         assert!(validator.finish().is_ok());
-        let mut validator = Validator::new();
-        page_request(&mut validator, -1, 101);
-        let error = validator.finish().expect_err("both bad");
-        let fields: Vec<&str> =
-            error.field_errors.iter().map(|field| field.field.as_str()).collect();
-        assert_eq!(fields, vec!["page", "pageSize"]);
+        for (page, page_size) in [(-1, 101), (0, 0)] {
+            let mut validator = Validator::new();
+            page_request(&mut validator, Some(page), Some(page_size));
+            let error = validator.finish().expect_err("both bad");
+            let fields: Vec<&str> =
+                error.field_errors.iter().map(|field| field.field.as_str()).collect();
+            assert_eq!(fields, vec!["page", "pageSize"]);
+        }
     }
 
     #[test]

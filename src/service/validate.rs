@@ -2,6 +2,7 @@
 //! learns about all of them at once.
 
 use crate::error::{FieldError, ServiceError, ServiceResult};
+use crate::store::{PageRequest, SortOrder};
 
 /// The longest email address (RFC 5321 path limit).
 pub const MAX_EMAIL_CHARS: usize = 254;
@@ -86,6 +87,80 @@ impl Validator {
         }
         Err(ServiceError::validation(std::mem::take(&mut self.errors)))
     }
+}
+
+/// Reads the page and page size of a numbered list: page from 1, page size 1 to 100; absent
+/// means page 1 of 20. Bad values (0 included) are added to `validator`.
+pub fn page_request(
+    validator: &mut Validator,
+    page: Option<i32>,
+    page_size: Option<i32>,
+) -> PageRequest {
+    let mut request = PageRequest::default();
+    if let Some(page) = page {
+        match u32::try_from(page) {
+            Ok(number) if number >= 1 => request.page = number,
+            _ => {
+                validator.error("page", "must be 1 or more");
+            }
+        }
+    }
+    if let Some(page_size) = page_size {
+        match u32::try_from(page_size) {
+            Ok(size) if (1..=PageRequest::MAX_PAGE_SIZE).contains(&size) => {
+                request.page_size = size;
+            }
+            _ => {
+                validator.error(
+                    "pageSize",
+                    format!("must be between 1 and {}", PageRequest::MAX_PAGE_SIZE),
+                );
+            }
+        }
+    }
+    request
+}
+
+/// The page size of a cursor-paged list: 1 to 100, absent means `default`.
+pub fn cursor_page_size(validator: &mut Validator, page_size: Option<i32>, default: u32) -> u32 {
+    match page_size {
+        None => default,
+        Some(size) => match u32::try_from(size) {
+            Ok(size) if (1..=PageRequest::MAX_PAGE_SIZE).contains(&size) => size,
+            _ => {
+                validator.error(
+                    "pageSize",
+                    format!("must be between 1 and {}", PageRequest::MAX_PAGE_SIZE),
+                );
+                default
+            }
+        },
+    }
+}
+
+/// Reads a sort text such as `name` or `-updatedAt` against a resource's allowlist of JSON
+/// field names; an empty text means the resource's default order (`None`). A name outside the
+/// allowlist is a `sort` error listing the allowed ones.
+pub fn sort_order<F: Copy>(
+    validator: &mut Validator,
+    sort: &str,
+    allowed: &[(&str, F)],
+) -> Option<SortOrder<F>> {
+    let trimmed = sort.trim();
+    if trimmed.is_empty() {
+        return None;
+    }
+    let (descending, name) = match trimmed.strip_prefix('-') {
+        Some(name) => (true, name),
+        None => (false, trimmed),
+    };
+    if let Some((_, field)) = allowed.iter().find(|(allowed_name, _)| *allowed_name == name) {
+        return Some(SortOrder { field: *field, descending });
+    }
+    let names: Vec<&str> = allowed.iter().map(|(allowed_name, _)| *allowed_name).collect();
+    validator
+        .error("sort", format!("must be one of {}, optionally with a leading -", names.join(", ")));
+    None
 }
 
 /// Parses an id field; a malformed id is a VALIDATION_ERROR naming the field.

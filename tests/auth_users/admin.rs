@@ -149,7 +149,7 @@ async fn admins_list_get_and_change_roles_over_grpc_and_users_cannot() {
 
     let listed = users
         .list_users(grpc(
-            ListUsersRequest { page_size: 2, sort: "email".into(), ..Default::default() },
+            ListUsersRequest { page_size: Some(2), sort: "email".into(), ..Default::default() },
             &admin.auth(),
         ))
         .await
