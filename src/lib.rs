@@ -1,5 +1,5 @@
 //! Turbocat: an open backend for orchestrating AI agents and workflows.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod api;
 pub mod auth;
