@@ -434,6 +434,24 @@ pub fn required_jwt_secret(secret: Option<&Secret>) -> Result<Secret, SettingErr
     Ok(secret.clone())
 }
 
+/// Refuses a `--jwt-secret` that the chosen algorithm would silently ignore: with a key pair,
+/// a forgotten secret in the environment must not look like it protects anything.
+pub fn reject_unused_jwt_secret(
+    algorithm: JwtAlgorithm,
+    secret: Option<&Secret>,
+) -> Result<(), SettingError> {
+    if algorithm == JwtAlgorithm::Hs256 || secret.is_none() {
+        return Ok(());
+    }
+    Err(SettingError {
+        flag: "--jwt-secret",
+        variable: "TURBOCAT_JWT_SECRET",
+        problem: "is not used with --jwt-algorithm EdDSA or RS256 (tokens are signed with the key \
+                  files); remove it"
+            .to_owned(),
+    })
+}
+
 /// Checks that a database URL is one Turbocat can open.
 pub fn validate_database_url(url: &ConnectionUrl, postgres_only: bool) -> Result<(), SettingError> {
     let error = |problem: String| SettingError {

@@ -291,6 +291,7 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
 /// `turbocat dev`: SQLite in the data directory, everything in one process.
 pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
     let jwt_keys = &args.jwt_keys;
+    config::reject_unused_jwt_secret(jwt_keys.jwt_algorithm, args.jwt_secret.as_ref())?;
     let signing_key = crate::auth::tokens::signing_key_from_settings(
         jwt_keys.jwt_algorithm,
         jwt_keys.jwt_private_key_file.as_deref(),
@@ -316,6 +317,7 @@ pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
 /// `turbocat serve`: PostgreSQL and Redis.
 pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError> {
     let jwt_keys = &args.jwt_keys;
+    config::reject_unused_jwt_secret(jwt_keys.jwt_algorithm, args.jwt_secret.as_ref())?;
     let signing_key = crate::auth::tokens::signing_key_from_settings(
         jwt_keys.jwt_algorithm,
         jwt_keys.jwt_private_key_file.as_deref(),

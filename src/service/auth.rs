@@ -88,13 +88,21 @@ pub async fn register(
     let mut new_user = NewUser::new(email, request.full_name.trim());
     new_user.password_hash = Some(password_hash);
     new_user.role = RoleAssignment::FirstUserIsAdmin { otherwise: UserRole::User };
-    let user = match context.store.create_user(new_user).await {
+    let mut user = match context.store.create_user(new_user).await {
         Ok(user) => user,
         Err(StoreError::AlreadyExists(_)) => {
             return Err(ServiceError::conflict("an account with this email already exists"));
         }
         Err(error) => return Err(ServiceError::from_store(error, "user")),
     };
+    // Registering signs the new user in.
+    let signed_in_at = Utc::now();
+    context
+        .store
+        .record_login(user.id, signed_in_at)
+        .await
+        .map_err(|error| ServiceError::from_store(error, "user"))?;
+    user.last_login_at = Some(signed_in_at);
     let tokens = open_session(context, client, &user).await?;
     audit::record(
         context,

@@ -385,6 +385,20 @@ fn bad_key_settings_stop_start_up_naming_the_flag() {
             "--jwt-private-key-file",
             "only used with",
         ),
+        (
+            vec![
+                "--jwt-algorithm".into(),
+                "EdDSA".into(),
+                "--jwt-private-key-file".into(),
+                path(&ed.private_path),
+                "--jwt-public-key-file".into(),
+                path(&ed.public_path),
+                "--jwt-secret".into(),
+                "an-hs256-secret-that-would-be-ignored".into(),
+            ],
+            "--jwt-secret",
+            "is not used with --jwt-algorithm EdDSA or RS256",
+        ),
     ];
     for (arguments, flag, problem) in cases {
         let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();

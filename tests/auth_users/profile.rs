@@ -3,7 +3,8 @@
 
 use prost_types::FieldMask;
 use serde_json::json;
-use turbocat::proto::v1::{GetCurrentUserRequest, UpdateCurrentUserRequest, User};
+use turbocat::proto::v1::auth_service_client::AuthServiceClient;
+use turbocat::proto::v1::{GetCurrentUserRequest, RegisterRequest, UpdateCurrentUserRequest, User};
 
 use crate::support::api::{
     Api, Auth, assert_error, error_metadata, error_reason, grpc, violated_fields,
@@ -23,6 +24,7 @@ async fn profile_is_read_and_updated_with_optimistic_locking_over_rest() {
     assert_eq!(body["data"]["role"], "USER");
     assert_eq!(body["data"]["version"], 1);
     assert!(body["data"].get("passwordHash").is_none(), "{body}");
+    assert!(body["data"]["lastLoginAt"].is_string(), "registering signs in: {body}");
     let (_, admin_body) = api.get("/api/v1/users/me", &admin.auth()).await;
     assert_eq!(admin_body["data"]["role"], "ADMIN", "the first account is the admin");
     let (status, body) = api.get("/api/v1/users/me", &Auth::None).await;
@@ -137,6 +139,17 @@ async fn profile_is_read_and_updated_with_optimistic_locking_over_grpc() {
         .expect("user");
     assert_eq!(me.email, "bob@example.com");
     assert_eq!(me.id, user.id);
+    assert!(me.last_login_at.is_some(), "registering signs in");
+    let registered = AuthServiceClient::new(api.channel().await)
+        .register(RegisterRequest {
+            email: "cat@example.com".to_owned(),
+            password: "a-long-enough-password".to_owned(),
+            full_name: "Cat".to_owned(),
+        })
+        .await
+        .expect("register over gRPC")
+        .into_inner();
+    assert!(registered.user.expect("user").last_login_at.is_some(), "registering signs in");
     assert_eq!(me.version, 1);
 
     let mut preferences = prost_types::Struct::default();
