@@ -204,6 +204,45 @@ pub struct ListenArgs {
     pub external_identity: ExternalIdentityArgs,
     #[command(flatten)]
     pub account_security: AccountSecurityArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// How the execution engine treats runners.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Seconds a runner may go without a heartbeat before its steps run elsewhere.
+    #[arg(
+        long,
+        env = "TURBOCAT_RUNNER_LEASE_SECONDS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(2..=3_600)
+    )]
+    pub runner_lease_seconds: u64,
+    /// Times a step may be taken back from a lost runner before it fails (not retries).
+    #[arg(long, env = "TURBOCAT_MAX_RUNNER_REASSIGNMENTS", default_value_t = 3)]
+    pub max_runner_reassignments: u16,
+    /// Largest step input or output, in bytes of JSON.
+    #[arg(long, env = "TURBOCAT_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+    /// Deepest nesting of sub-workflow executions.
+    #[arg(long, env = "TURBOCAT_MAX_WORKFLOW_DEPTH", default_value_t = 5)]
+    pub max_workflow_depth: u16,
+}
+
+impl EngineArgs {
+    pub fn settings(&self) -> crate::engine::EngineSettings {
+        let lease = std::time::Duration::from_secs(self.runner_lease_seconds);
+        crate::engine::EngineSettings {
+            lease_duration: lease,
+            // Three heartbeats per lease: one lost beat never costs a lease.
+            heartbeat_interval: (lease / 3).max(std::time::Duration::from_millis(500)),
+            max_infrastructure_reassignments: i32::from(self.max_runner_reassignments),
+            max_payload_bytes: self.max_payload_bytes,
+            max_workflow_depth: i32::from(self.max_workflow_depth),
+            ..crate::engine::EngineSettings::default()
+        }
+    }
 }
 
 /// Password reset links and the rate limits of the sign-in operations.
@@ -351,6 +390,10 @@ pub struct ServeArgs {
     /// Redis URL, e.g. `redis://redis:6379`.
     #[arg(long, env = "TURBOCAT_REDIS_URL")]
     pub redis_url: ConnectionUrl,
+    /// Prefix of the queue, event and lease keys in Redis; replicas of one installation must
+    /// agree on it, installations sharing a Redis must not.
+    #[arg(long, env = "TURBOCAT_REDIS_KEY_PREFIX", default_value = "turbocat:")]
+    pub redis_key_prefix: String,
     /// JWT signing secret, at least 32 bytes; required with HS256 (the default algorithm).
     #[arg(long, env = "TURBOCAT_JWT_SECRET")]
     pub jwt_secret: Option<Secret>,
@@ -398,6 +441,59 @@ pub struct RunnerArgs {
     /// Labels, comma-separated: `gpu,region=eu`.
     #[arg(long, env = "TURBOCAT_RUNNER_LABELS", value_delimiter = ',')]
     pub labels: Vec<String>,
+    /// On SIGTERM, how long to finish the steps held before handing them back.
+    #[arg(long, env = "TURBOCAT_RUNNER_DRAIN_SECONDS", default_value_t = 30)]
+    pub drain_seconds: u64,
+    /// Largest gRPC message, in bytes.
+    #[arg(long, env = "TURBOCAT_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+}
+
+impl RunnerArgs {
+    /// The runner's settings, or the flag at fault.
+    pub fn settings(&self) -> Result<crate::runner::client::RunnerSettings, SettingError> {
+        let api_key = self.api_key.as_ref().ok_or(SettingError {
+            flag: "--api-key",
+            variable: "TURBOCAT_API_KEY",
+            problem: "required: an API key with the runner scope".to_owned(),
+        })?;
+        if !(1..=1000).contains(&self.capacity) {
+            return Err(SettingError {
+                flag: "--capacity",
+                variable: "TURBOCAT_RUNNER_CAPACITY",
+                problem: "must be between 1 and 1000".to_owned(),
+            });
+        }
+        let mut labels = std::collections::BTreeMap::new();
+        for label in self.labels.iter().map(|label| label.trim()).filter(|label| !label.is_empty())
+        {
+            let (key, value) = label.split_once('=').unwrap_or((label, ""));
+            if key.trim().is_empty() {
+                return Err(SettingError {
+                    flag: "--labels",
+                    variable: "TURBOCAT_RUNNER_LABELS",
+                    problem: format!("{label:?} has no name before ="),
+                });
+            }
+            labels.insert(key.trim().to_owned(), value.trim().to_owned());
+        }
+        let name = self.name.clone().unwrap_or_else(|| {
+            std::env::var("HOSTNAME")
+                .ok()
+                .filter(|host| !host.is_empty())
+                .unwrap_or_else(|| "runner".to_owned())
+        });
+        Ok(crate::runner::client::RunnerSettings {
+            server_url: self.server.trim_end_matches('/').to_owned(),
+            api_key: api_key.expose().to_owned(),
+            name,
+            labels,
+            capacity: self.capacity,
+            agent_types: crate::runner::client::RunnerSettings::default_agent_types(),
+            drain_grace: std::time::Duration::from_secs(self.drain_seconds),
+            max_message_bytes: self.max_message_bytes,
+        })
+    }
 }
 
 /// A setting that failed validation: names the flag and its variable.

@@ -234,6 +234,15 @@ impl ServiceError {
             StoreError::InvalidCursor => {
                 Self::invalid_field("cursor", "is not a cursor this API gave out")
             }
+            StoreError::ValueRefused(what) => {
+                tracing::debug!(constraint = %what, "the database refused a value");
+                Self::invalid_field(
+                    "body",
+                    format!(
+                        "the {resource} holds a value that cannot be stored (control characters, or out of range)"
+                    ),
+                )
+            }
             database_error @ StoreError::Database(_) => Self::internal(&database_error),
         }
     }

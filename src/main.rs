@@ -90,8 +90,20 @@ async fn run(command: Command) -> Result<(), String> {
             println!("created admin {} ({})", user.email, user.id);
             Ok(())
         }
-        Command::Runner(_args) => {
-            Err("`turbocat runner` arrives with the execution engine (not built yet)".into())
+        Command::Runner(args) => {
+            let settings = args.settings().map_err(|error| error.to_string())?;
+            let (shutdown, shutdown_requested) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                server::shutdown_signal().await;
+                let _ = shutdown.send(true);
+            });
+            println!(
+                "turbocat runner {} attaching to {} (capacity {})",
+                settings.name, settings.server_url, settings.capacity
+            );
+            turbocat::runner::client::run(settings, shutdown_requested)
+                .await
+                .map_err(|error| error.to_string())
         }
     }
 }

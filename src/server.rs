@@ -40,11 +40,16 @@ pub struct RunningServer {
     pub local_addr: SocketAddr,
     shutdown: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The engine's loops and the local runner, stopped with the server.
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningServer {
     /// Stops accepting, lets in-flight requests finish, and waits.
     pub async fn shutdown(self) -> std::io::Result<()> {
+        for task in &self.background {
+            task.abort();
+        }
         let _ = self.shutdown.send(true);
         self.task.await.unwrap_or_else(|join_error| Err(std::io::Error::other(join_error)))
     }
@@ -55,6 +60,11 @@ impl RunningServer {
         tracing::info!("shutting down");
         self.shutdown().await
     }
+}
+
+/// Resolves when the process gets SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    wait_for_signal().await;
 }
 
 async fn wait_for_signal() {
@@ -96,12 +106,13 @@ pub async fn start(
         max_message_bytes: listen.max_message_bytes,
         cors_origins: listen.cors_origins.clone(),
     };
-    let app = api::router(context, &settings).await.map_err(StartupError::Internal)?;
+    let app = api::router(context.clone(), &settings).await.map_err(StartupError::Internal)?;
     let listener = TcpListener::bind(listen.listen).await.map_err(|error| {
         StartupError::Listen { address: listen.listen, cause: error.to_string() }
     })?;
     let local_addr =
         listener.local_addr().map_err(|error| StartupError::Internal(error.to_string()))?;
+    let background = start_engine(&context, local_addr);
     let (shutdown, mut shutdown_requested) = tokio::sync::watch::channel(false);
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
@@ -111,7 +122,7 @@ pub async fn start(
             })
             .await
     });
-    Ok(RunningServer { local_addr, shutdown, task })
+    Ok(RunningServer { local_addr, shutdown, task, background })
 }
 
 /// Opens the `dev` SQLite database in `data_dir`, migrated.
@@ -210,6 +221,50 @@ pub fn dev_jwt_secret(args: &DevArgs) -> Result<Secret, StartupError> {
     Ok(secret)
 }
 
+/// 32 random bytes, hex: a credential that lives as long as the process.
+fn random_secret() -> Secret {
+    let mut bytes = [0u8; 32];
+    rand::Rng::fill(&mut rand::rng(), &mut bytes);
+    Secret::new(hex::encode(bytes))
+}
+
+/// Starts the engine's loops and, in `dev`, the in-process runner attached over gRPC to
+/// `local_addr` like any remote runner.
+fn start_engine(
+    context: &Arc<AppContext>,
+    local_addr: SocketAddr,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = context.engine.spawn();
+    if let Some(key) = &context.local_runner_key {
+        let host = if local_addr.ip().is_unspecified() {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local_addr.port())
+        } else {
+            local_addr
+        };
+        let settings = crate::runner::client::RunnerSettings {
+            server_url: format!("http://{host}"),
+            api_key: key.expose().to_owned(),
+            name: "local".to_owned(),
+            labels: std::collections::BTreeMap::new(),
+            capacity: LOCAL_RUNNER_CAPACITY,
+            agent_types: crate::runner::client::RunnerSettings::default_agent_types(),
+            drain_grace: std::time::Duration::from_secs(5),
+            max_message_bytes: 4 * 1024 * 1024,
+        };
+        let (_never, shutdown) = tokio::sync::watch::channel(false);
+        tasks.push(tokio::spawn(async move {
+            let _keep_open = _never;
+            if let Err(error) = crate::runner::client::run(settings, shutdown).await {
+                tracing::error!(%error, "the local runner stopped");
+            }
+        }));
+    }
+    tasks
+}
+
+/// Steps the in-process runner of `dev` runs at once.
+const LOCAL_RUNNER_CAPACITY: u32 = 8;
+
 fn write_private_file(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
@@ -232,6 +287,10 @@ struct ContextParts<'a> {
     external_identity: Option<crate::auth::external::ExternalIdentitySettings>,
     /// Counters of the sign-in rate limits: in memory (`dev`) or Redis (`serve`).
     rate_limiter: Arc<dyn crate::auth::rate_limit::RateLimiter>,
+    /// Runner liveness: in memory (`dev`) or shared through Redis (`serve`).
+    leases: crate::engine::leases::LeaseBook,
+    /// The credential of the in-process runner (`dev` only).
+    local_runner_key: Option<Secret>,
 }
 
 fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupError> {
@@ -271,7 +330,16 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
             Some(smtp) => Arc::new(smtp),
             None => Arc::new(crate::auth::mailer::LogMailer),
         };
+    let engine = crate::engine::Engine::new(
+        parts.store.clone(),
+        parts.queue.clone(),
+        parts.bus.clone(),
+        parts.leases,
+        parts.listen.engine.settings(),
+    );
     Ok(Arc::new(AppContext {
+        engine,
+        local_runner_key: parts.local_runner_key,
         mailer,
         rate_limiter: Arc::new(rate_limiter),
         public_url,
@@ -310,6 +378,8 @@ pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
         listen: &args.listen,
         external_identity,
         rate_limiter: Arc::new(crate::auth::rate_limit::MemoryRateLimiter::new()),
+        leases: crate::engine::leases::LeaseBook::in_memory(),
+        local_runner_key: Some(random_secret()),
     })?;
     start(context, &args.listen).await
 }
@@ -342,7 +412,9 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
     let redis = connect_redis(args.redis_url.expose())
         .await
         .map_err(|error| redis_unreachable(error.to_string()))?;
-    let bus = RedisBus::connect(redis.clone(), RedisBusConfig::default())
+    let bus_config =
+        RedisBusConfig { key_prefix: args.redis_key_prefix.clone(), ..RedisBusConfig::default() };
+    let bus = RedisBus::connect(redis.clone(), bus_config)
         .await
         .map_err(|error| redis_unreachable(error.to_string()))?;
     postgres
@@ -361,7 +433,18 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
             redis.clone(),
             args.listen.account_security.rate_limit_key_prefix.clone(),
         )),
-        queue: Arc::new(RedisQueue::new(redis, RedisQueueConfig::default())),
+        leases: crate::engine::leases::LeaseBook::shared(
+            redis.clone(),
+            format!("{}engine:", args.redis_key_prefix),
+        ),
+        local_runner_key: None,
+        queue: Arc::new(RedisQueue::new(
+            redis,
+            RedisQueueConfig {
+                key_prefix: args.redis_key_prefix.clone(),
+                ..RedisQueueConfig::default()
+            },
+        )),
         bus: Arc::new(bus),
         signing_key,
         listen: &args.listen,

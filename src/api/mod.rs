@@ -5,6 +5,7 @@
 
 pub mod grpc;
 pub mod health;
+pub mod openapi;
 pub mod rest;
 pub mod security_headers;
 
@@ -67,6 +68,11 @@ pub struct AppContext {
     pub public_url: String,
     pub probes: Vec<Arc<dyn health::HealthProbe>>,
     pub started_at: Instant,
+    /// Runs executions: schedules steps, hands them to attached runners, repairs what is lost.
+    pub engine: Arc<crate::engine::Engine>,
+    /// The credential of the runner `turbocat dev` starts in-process: random per process,
+    /// never stored, acting as a shared runner. `None` in `serve`.
+    pub local_runner_key: Option<crate::config::Secret>,
 }
 
 /// Settings of the edges.
@@ -108,6 +114,7 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
         trusted_proxies: context.trusted_proxies.clone(),
         external: context.external_identity.clone(),
         api_key_last_used: crate::auth::api_keys::LastUsedThrottle::default(),
+        local_runner_key: context.local_runner_key.clone(),
     });
     tokio::spawn(context.revoked_sessions.clone().keep_current(
         context.store.clone(),
@@ -141,11 +148,14 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
     let app = Router::new()
         .merge(health_router)
         .merge(rest_router)
+        .merge(openapi::router(pool)?)
         .merge(grpc_router.layer(tonic_web::GrpcWebLayer::new()))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         // Skips gRPC and grpc-web responses by their content type; covers the fallbacks too.
         .layer(security_headers)
+        // The docs page sets its own security headers (a CSP that lets its scripts run).
+        .merge(openapi::docs_router())
         .layer(cors_layer(&settings.cors_origins))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|request: &http::Request<_>| {

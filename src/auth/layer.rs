@@ -27,6 +27,8 @@ pub struct Authenticator {
     pub external: Option<Arc<super::external::ExternalVerifier>>,
     /// Which API keys had `last_used_at` stamped recently (one write a minute per key).
     pub api_key_last_used: super::api_keys::LastUsedThrottle,
+    /// The in-process runner's credential (`turbocat dev`).
+    pub local_runner_key: Option<crate::config::Secret>,
 }
 
 impl Authenticator {
@@ -37,6 +39,9 @@ impl Authenticator {
         client: &ClientInfo,
     ) -> Authentication {
         if let Some(api_key) = header_text(headers, "x-api-key") {
+            if let Some(caller) = self.local_runner(api_key) {
+                return Authentication::Authenticated(caller);
+            }
             return self.authenticate_api_key(api_key).await;
         }
         let Some(authorization) = header_text(headers, "authorization") else {
@@ -86,6 +91,21 @@ impl Authenticator {
     }
 
     /// A key of `ApiKeyService`; see `super::api_keys`.
+    /// The in-process runner of `turbocat dev`: a shared runner that may only attach.
+    fn local_runner(&self, presented: &str) -> Option<Caller> {
+        let expected = self.local_runner_key.as_ref()?;
+        let matches: bool = subtle_equal(expected.expose().as_bytes(), presented.as_bytes());
+        matches.then(|| Caller {
+            user_id: Uuid::nil(),
+            role: UserRole::Agent,
+            credential: Credential::ApiKey {
+                api_key_id: Uuid::nil(),
+                scopes: vec![crate::store::ApiKeyScope::Runner],
+                shared: true,
+            },
+        })
+    }
+
     async fn authenticate_api_key(&self, key: &str) -> Authentication {
         super::api_keys::authenticate(self.store.as_ref(), &self.api_key_last_used, key).await
     }
@@ -110,6 +130,14 @@ impl Authenticator {
             .find(|hop| !self.trusted_proxies.contains(hop))
             .or(Some(peer))
     }
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn subtle_equal(left: &[u8], right: &[u8]) -> bool {
+    if left.len() != right.len() {
+        return false;
+    }
+    left.iter().zip(right).fold(0u8, |difference, (a, b)| difference | (a ^ b)) == 0
 }
 
 fn rejected(reason: impl Into<String>) -> Authentication {

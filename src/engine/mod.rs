@@ -1,9 +1,110 @@
 //! The execution engine: workflow definitions as DAGs (`dag`), the `{{…}}` input mappings that
-//! feed a step from the workflow input and its upstream outputs (`mapping`), and the cron
-//! schedules of deployments (`schedule`). The scheduler, dispatcher and reconciler arrive with
-//! the execution-engine issue.
+//! feed a step from the workflow input and its upstream outputs (`mapping`), the snapshot an
+//! execution runs from (`definition`), the cron schedules of deployments (`schedule`), and the
+//! machinery that runs executions: `scheduler` (moving an execution forward, retries, timeouts,
+//! cancellation), `dispatcher` (handing queued steps to attached runners), `reconciler` (repairing
+//! what the queue or a crash lost, from the database), `runners` (the runners attached to this
+//! process) and `leases` (runner liveness, kept off the database).
+//!
+//! The database is the source of truth: every transition is committed (as a fenced
+//! compare-and-set on the attempt) before the queue or a runner hears of it, so any replica may
+//! act on any execution and a crash at any point is repaired by the reconciler.
 //! May call: the store, the queue and the bus. Never the edges or the service layer.
 
 pub mod dag;
+pub mod definition;
+pub mod dispatcher;
+pub mod leases;
 pub mod mapping;
+pub mod protocol;
+pub mod reconciler;
+pub mod runners;
 pub mod schedule;
+pub mod scheduler;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::bus::Bus;
+use crate::queue::{Queue, QueueError};
+use crate::store::{Store, StoreError};
+
+use self::leases::LeaseBook;
+use self::runners::RunnerRegistry;
+
+/// The engine's knobs; the defaults suit a laptop and a small cluster alike.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// How long a runner may go without a heartbeat before its attempts are taken back.
+    pub lease_duration: Duration,
+    /// How often runners are asked to send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// How long a runner has to acknowledge an assignment or a cancel.
+    pub acknowledgement_timeout: Duration,
+    /// Times a step may be taken back from a lost runner before it fails; these do not use the
+    /// user's retry budget.
+    pub max_infrastructure_reassignments: i32,
+    /// How often the reconciler looks for lost work.
+    pub reconcile_interval: Duration,
+    /// Largest step input or output, as JSON.
+    pub max_payload_bytes: usize,
+    /// Deepest nesting of sub-workflow executions.
+    pub max_workflow_depth: i32,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            lease_duration: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+            acknowledgement_timeout: Duration::from_secs(10),
+            max_infrastructure_reassignments: 3,
+            reconcile_interval: Duration::from_secs(2),
+            max_payload_bytes: 1024 * 1024,
+            max_workflow_depth: 5,
+        }
+    }
+}
+
+/// Why an engine operation could not be carried out (it will be retried by the reconciler).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+pub type EngineResult<T> = Result<T, EngineError>;
+
+/// One engine per server process; every replica runs one over the shared store and queue.
+pub struct Engine {
+    pub store: Arc<dyn Store>,
+    pub queue: Arc<dyn Queue>,
+    pub bus: Arc<dyn Bus>,
+    pub settings: EngineSettings,
+    pub runners: RunnerRegistry,
+    pub leases: LeaseBook,
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<dyn Store>,
+        queue: Arc<dyn Queue>,
+        bus: Arc<dyn Bus>,
+        leases: LeaseBook,
+        settings: EngineSettings,
+    ) -> Arc<Self> {
+        Arc::new(Self { store, queue, bus, settings, runners: RunnerRegistry::default(), leases })
+    }
+
+    /// Starts the dispatcher, the reconciler and the cancel relay; they run until the returned
+    /// handles are aborted.
+    pub fn spawn(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(self.clone().run_dispatcher()),
+            tokio::spawn(self.clone().run_reconciler()),
+            tokio::spawn(self.clone().relay_cancels()),
+        ]
+    }
+}

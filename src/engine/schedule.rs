@@ -1,2 +1,209 @@
 //! Cron schedules of deployments: standard 5-field expressions (or 6 with seconds) in an IANA
 //! time zone, validated and turned into the next run time.
+//! May call: croner and chrono-tz (pure computation, no I/O).
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+
+/// The time zone of a schedule that names none.
+pub const DEFAULT_TIMEZONE: &str = "UTC";
+/// The longest cron expression accepted.
+pub const MAX_EXPRESSION_CHARS: usize = 200;
+
+/// A parsed cron expression and the time zone its fields are read in.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    expression: String,
+    timezone: Tz,
+    cron: croner::Cron,
+}
+
+/// Why a schedule was refused, with the field it concerns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    /// The expression is malformed; the message says what is wrong.
+    #[error("{0}")]
+    Expression(String),
+    /// The time zone is not an IANA name.
+    #[error("{0}")]
+    Timezone(String),
+}
+
+impl Schedule {
+    /// Parses `expression` (5 fields: minute hour day-of-month month day-of-week, or 6 with
+    /// seconds first) read in `timezone` (an IANA name such as `Europe/Paris`; empty means UTC).
+    /// Both are checked, so a caller can report the two problems at once with `check`.
+    pub fn parse(expression: &str, timezone: &str) -> Result<Self, ScheduleError> {
+        let cron = parse_expression(expression)?;
+        let timezone = parse_timezone(timezone)?;
+        Ok(Self { expression: expression.trim().to_owned(), timezone, cron })
+    }
+
+    /// The expression as given (trimmed).
+    pub fn expression(&self) -> &str {
+        &self.expression
+    }
+
+    /// The IANA name of the time zone.
+    pub fn timezone(&self) -> &str {
+        self.timezone.name()
+    }
+}
+
+/// Checks an expression and a time zone separately: `(expression problem, time zone problem)`.
+/// An expression that can never fire (such as February 30) is a problem too.
+pub fn check(expression: &str, timezone: &str) -> (Option<String>, Option<String>) {
+    let expression_problem = match parse_expression(expression) {
+        Err(error) => Some(error.to_string()),
+        Ok(cron) => {
+            let probe = Utc::now().with_timezone(&Tz::UTC);
+            cron.find_next_occurrence(&probe, false)
+                .err()
+                .map(|_| "never fires: no date matches every field".to_owned())
+        }
+    };
+    let timezone_problem = parse_timezone(timezone).err().map(|error| error.to_string());
+    (expression_problem, timezone_problem)
+}
+
+/// The first fire time strictly after `instant`, or `None` when the schedule never fires again.
+pub fn next_after(schedule: &Schedule, instant: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let local = instant.with_timezone(&schedule.timezone);
+    schedule.cron.find_next_occurrence(&local, false).ok().map(|next| next.with_timezone(&Utc))
+}
+
+fn parse_expression(expression: &str) -> Result<croner::Cron, ScheduleError> {
+    let trimmed = expression.trim();
+    if trimmed.is_empty() {
+        return Err(ScheduleError::Expression("is required".to_owned()));
+    }
+    if trimmed.chars().count() > MAX_EXPRESSION_CHARS {
+        return Err(ScheduleError::Expression(format!(
+            "must be at most {MAX_EXPRESSION_CHARS} characters"
+        )));
+    }
+    let field_count = trimmed.split_whitespace().count();
+    if !trimmed.starts_with('@') && !(5..=6).contains(&field_count) {
+        return Err(ScheduleError::Expression(format!(
+            "must have 5 fields (minute hour day-of-month month day-of-week) or 6 with seconds \
+             first, not {field_count}"
+        )));
+    }
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .year(croner::parser::Year::Disallowed)
+        .build()
+        .parse(trimmed)
+        .map_err(|error| ScheduleError::Expression(describe_cron_error(&error)))
+}
+
+/// croner's messages, in our lowercase style.
+fn describe_cron_error(error: &croner::errors::CronError) -> String {
+    use croner::errors::CronError;
+    let detail = match error {
+        CronError::EmptyPattern => return "is required".to_owned(),
+        CronError::InvalidPattern(message)
+        | CronError::IllegalCharacters(message)
+        | CronError::ComponentError(message) => message.clone(),
+        other => other.to_string(),
+    };
+    let detail = detail.trim_end_matches('.');
+    let mut characters = detail.chars();
+    let lowercased = match characters.next() {
+        Some(first) => first.to_lowercase().chain(characters).collect::<String>(),
+        None => String::new(),
+    };
+    format!("is not a valid cron expression: {lowercased}")
+}
+
+fn parse_timezone(timezone: &str) -> Result<Tz, ScheduleError> {
+    let trimmed = timezone.trim();
+    let name = if trimmed.is_empty() { DEFAULT_TIMEZONE } else { trimmed };
+    name.parse::<Tz>().map_err(|_| {
+        ScheduleError::Timezone(format!(
+            "{name:?} is not an IANA time zone (for example UTC or Europe/Paris)"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    fn utc(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text).expect("a time").with_timezone(&Utc)
+    }
+
+    #[test]
+    fn five_fields_fire_on_the_minute_and_six_fields_on_the_second() {
+        let every_five_minutes = Schedule::parse("*/5 * * * *", "").expect("parses");
+        assert_eq!(every_five_minutes.timezone(), "UTC");
+        assert_eq!(
+            next_after(&every_five_minutes, utc("2026-01-01T10:02:30Z")),
+            Some(utc("2026-01-01T10:05:00Z"))
+        );
+        assert_eq!(
+            next_after(&every_five_minutes, utc("2026-01-01T10:05:00Z")),
+            Some(utc("2026-01-01T10:10:00Z")),
+            "strictly after"
+        );
+        let every_ten_seconds = Schedule::parse("*/10 * * * * *", "UTC").expect("parses");
+        assert_eq!(
+            next_after(&every_ten_seconds, utc("2026-01-01T10:02:31Z")),
+            Some(utc("2026-01-01T10:02:40Z"))
+        );
+        let weekdays = Schedule::parse(" 0 9 * * MON-FRI ", "UTC").expect("parses");
+        assert_eq!(weekdays.expression(), "0 9 * * MON-FRI");
+        // 2026-01-03 is a Saturday.
+        assert_eq!(
+            next_after(&weekdays, utc("2026-01-03T12:00:00Z")),
+            Some(utc("2026-01-05T09:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn fields_are_read_in_the_time_zone_across_daylight_saving_changes() {
+        let nine_in_new_york = Schedule::parse("0 9 * * *", "America/New_York").expect("parses");
+        // Winter: UTC-5. New York moves to UTC-4 on 2026-03-08.
+        assert_eq!(
+            next_after(&nine_in_new_york, utc("2026-03-06T20:00:00Z")),
+            Some(utc("2026-03-07T14:00:00Z"))
+        );
+        assert_eq!(
+            next_after(&nine_in_new_york, utc("2026-03-07T20:00:00Z")),
+            Some(utc("2026-03-08T13:00:00Z"))
+        );
+        // 02:30 does not exist in Paris on 2026-03-29 (02:00 jumps to 03:00): the fire that
+        // day is not at a time that does not exist, and the next day is back at 02:30 CEST.
+        let half_past_two = Schedule::parse("30 2 * * *", "Europe/Paris").expect("parses");
+        let on_gap_day = next_after(&half_past_two, utc("2026-03-28T12:00:00Z")).expect("fires");
+        assert!(on_gap_day >= utc("2026-03-29T01:00:00Z"), "{on_gap_day}");
+        let after_gap = next_after(&half_past_two, on_gap_day).expect("fires");
+        assert_eq!(after_gap, Utc.with_ymd_and_hms(2026, 3, 30, 0, 30, 0).unwrap());
+    }
+
+    #[test]
+    fn bad_expressions_and_zones_say_what_is_wrong() {
+        for (expression, expected) in [
+            ("", "is required"),
+            ("* * * *", "not 4"),
+            ("* * * * * * *", "not 7"),
+            ("61 * * * *", "cron expression"),
+            ("* * * * MOON", "cron expression"),
+            ("*/0 * * * *", "cron expression"),
+        ] {
+            let error = Schedule::parse(expression, "UTC").expect_err(expression);
+            assert!(matches!(error, ScheduleError::Expression(_)), "{expression}: {error:?}");
+            assert!(error.to_string().contains(expected), "{expression}: {error}");
+        }
+        let error = Schedule::parse("* * * * *", "Mars/Olympus").expect_err("bad zone");
+        assert!(matches!(error, ScheduleError::Timezone(_)));
+        assert!(error.to_string().contains("Mars/Olympus"), "{error}");
+        let (expression_problem, timezone_problem) = check("0 0 30 2 *", "Nowhere/City");
+        assert!(expression_problem.is_some_and(|problem| problem.contains("never fires")));
+        assert!(timezone_problem.is_some());
+        assert_eq!(check("0 12 * * *", "Asia/Tokyo"), (None, None));
+    }
+}

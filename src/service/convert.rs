@@ -61,15 +61,26 @@ pub fn value_to_json(value: &prost_types::Value) -> serde_json::Value {
     match &value.kind {
         None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
         Some(Kind::BoolValue(flag)) => serde_json::Value::Bool(*flag),
-        Some(Kind::NumberValue(number)) => serde_json::Number::from_f64(*number)
-            .map(serde_json::Value::Number)
-            .unwrap_or(serde_json::Value::Null),
+        Some(Kind::NumberValue(number)) => number_to_json(*number),
         Some(Kind::StringValue(text)) => serde_json::Value::String(text.clone()),
         Some(Kind::ListValue(list)) => {
             serde_json::Value::Array(list.values.iter().map(value_to_json).collect())
         }
         Some(Kind::StructValue(object)) => struct_to_json(object),
     }
+}
+
+/// A protobuf number (always a double) as JSON: whole numbers that a double holds exactly come
+/// back as integers (`4`, not `4.0`), so code that reads them sees the integer it was given.
+pub fn number_to_json(number: f64) -> serde_json::Value {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    if number.fract() == 0.0 && number.abs() < EXACT {
+        #[expect(clippy::cast_possible_truncation, reason = "whole and below 2^53: exact")]
+        return serde_json::Value::from(number as i64);
+    }
+    serde_json::Number::from_f64(number)
+        .map(serde_json::Value::Number)
+        .unwrap_or(serde_json::Value::Null)
 }
 
 /// A user as the API shows it: never the password hash.

@@ -4,9 +4,16 @@
 //! response or a `ServiceError`. The gRPC methods call these; REST reaches them through gRPC.
 //! May call: store, queue, bus, auth. Never the edges.
 
+pub mod agents;
 pub mod api_keys;
 pub mod audit;
+pub mod audit_logs;
 pub mod auth;
 pub mod convert;
+pub mod deployments;
+pub mod executions;
+pub mod runners;
+pub mod templates;
 pub mod users;
 pub mod validate;
+pub mod workflows;

@@ -27,15 +27,24 @@ impl Validator {
         self
     }
 
-    /// A required text of at most `max_chars` characters (after trimming).
+    /// A required text of at most `max_chars` characters (after trimming), on one line and
+    /// without control characters (a name).
     pub fn required_text(&mut self, field: &str, value: &str, max_chars: usize) -> &mut Self {
         if value.trim().is_empty() {
             return self.error(field, "is required");
         }
+        if value.chars().any(char::is_control) {
+            return self.error(field, "must not contain control characters or line breaks");
+        }
         self.max_chars(field, value, max_chars)
     }
 
+    /// A text of at most `max_chars` characters, without NUL characters (no database stores
+    /// them).
     pub fn max_chars(&mut self, field: &str, value: &str, max_chars: usize) -> &mut Self {
+        if value.contains('\0') {
+            return self.error(field, "must not contain NUL characters");
+        }
         if value.chars().count() > max_chars {
             return self.error(field, format!("must be at most {max_chars} characters"));
         }

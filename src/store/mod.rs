@@ -141,6 +141,10 @@ pub enum StoreError {
     /// A list cursor that this store did not hand out (or that was altered).
     #[error("invalid cursor")]
     InvalidCursor,
+    /// The database refused a value (a check constraint, or text it cannot store such as a NUL
+    /// character): bad input that validation did not catch, never a server fault.
+    #[error("value refused: {0}")]
+    ValueRefused(String),
     #[error("database error")]
     Database(#[source] sqlx::Error),
 }
@@ -162,7 +166,14 @@ impl From<sqlx::Error> for StoreError {
                 sqlx::error::ErrorKind::ForeignKeyViolation => {
                     return StoreError::ReferenceViolated(constraint);
                 }
+                sqlx::error::ErrorKind::CheckViolation => {
+                    return StoreError::ValueRefused(constraint);
+                }
                 _ => {}
+            }
+            // PostgreSQL: text it cannot store (NUL, bad encoding).
+            if matches!(database_error.code().as_deref(), Some("22021" | "22P05" | "22P02")) {
+                return StoreError::ValueRefused(database_error.message().to_owned());
             }
         }
         StoreError::Database(error)

@@ -40,7 +40,13 @@ async fn second_replica(database: &ServeDatabase, extra: &[String]) -> TurbocatP
 /// and the counters' key prefix.
 async fn two_replicas(extra: &[&str]) -> (TurbocatProcess, TurbocatProcess, ServeDatabase, String) {
     let prefix = format!("turbocat:ratelimit:test-{}:", uuid::Uuid::new_v4().simple());
-    let mut arguments: Vec<String> = vec!["--rate-limit-key-prefix".to_owned(), prefix.clone()];
+    let redis_prefix = format!("turbocat-test:{}:", uuid::Uuid::new_v4().simple());
+    let mut arguments: Vec<String> = vec![
+        "--rate-limit-key-prefix".to_owned(),
+        prefix.clone(),
+        "--redis-key-prefix".to_owned(),
+        redis_prefix,
+    ];
     arguments.extend(extra.iter().map(|argument| argument.to_string()));
     let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
     let (first, database) = start_serve(&borrowed).await;

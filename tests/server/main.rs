@@ -10,7 +10,8 @@ use prost::Message;
 use serde_json::Value;
 use support::{TEST_JWT_SECRET, run_turbocat, start_dev, start_serve};
 use turbocat::proto::v1::agent_service_client::AgentServiceClient;
-use turbocat::proto::v1::{GetAgentRequest, ListAgentsRequest};
+use turbocat::proto::v1::analytics_service_client::AnalyticsServiceClient;
+use turbocat::proto::v1::{GetOverviewRequest, ListAgentsRequest};
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("http client")
@@ -176,20 +177,22 @@ async fn dev_serves_rest_grpc_and_grpc_web_on_one_port() {
         );
     }
 
-    let mut agents = AgentServiceClient::connect(base_url.clone()).await.expect("connect");
-    let error =
-        agents.list_agents(ListAgentsRequest::default()).await.expect_err("not implemented yet");
+    let mut analytics = AnalyticsServiceClient::connect(base_url.clone()).await.expect("connect");
+    let error = analytics
+        .get_overview(GetOverviewRequest::default())
+        .await
+        .expect_err("not implemented yet");
     assert_eq!(error.code(), tonic::Code::Unimplemented);
     let (web_message, web_status) = grpc_web_call(
         &base_url,
-        "/turbocat.v1.AgentService/GetAgent",
-        GetAgentRequest { agent_id: "x".into() }.encode_to_vec(),
+        "/turbocat.v1.AnalyticsService/GetOverview",
+        GetOverviewRequest::default().encode_to_vec(),
     )
     .await;
     assert!(web_message.is_none());
     assert_eq!(web_status, "12", "grpc-web answers UNIMPLEMENTED");
-    let (status, body) = get_json(&format!("{base_url}/api/v1/agents")).await;
-    assert_eq!(status, 501);
+    let (status, body) = get_json(&format!("{base_url}/api/v1/analytics/overview")).await;
+    assert_eq!(status, 501, "{body}");
     assert_error(&body, "NOT_IMPLEMENTED");
 }
 
@@ -567,7 +570,7 @@ async fn json_logs_never_carry_secrets() {
         .send()
         .await
         .expect("send");
-    assert_eq!(response.status(), 501);
+    assert_eq!(response.status(), 401, "the secret is not a token");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let logs = server.stderr_text();
     assert!(logs.lines().count() >= 2, "logs were written: {logs}");

@@ -281,20 +281,27 @@ pub async fn start_serve(extra: &[&str]) -> (TurbocatProcess, ServeDatabase) {
     let database = ServeDatabase { url, name };
     let redis = redis_url();
     let rate_limit_prefix = format!("turbocat-test:{}:ratelimit:", uuid::Uuid::new_v4().simple());
-    let mut arguments = vec![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
+    let mut arguments = vec!["serve"];
+    // A caller may choose the address (a server restarted on the same port).
+    if !extra.contains(&"--listen") {
+        arguments.extend_from_slice(&["--listen", "127.0.0.1:0"]);
+    }
+    arguments.extend_from_slice(&[
         "--database-url",
         database.url.as_str(),
         "--redis-url",
         redis.as_str(),
         "--jwt-secret",
         TEST_JWT_SECRET,
-    ];
-    // Rate-limit counters live in the shared Redis: keep each server's apart.
+    ]);
+    // Rate-limit counters, the queue and the events live in the shared Redis: keep each
+    // server's apart (replicas of one installation pass the same prefixes).
     if !extra.contains(&"--rate-limit-key-prefix") {
         arguments.extend_from_slice(&["--rate-limit-key-prefix", rate_limit_prefix.as_str()]);
+    }
+    let redis_prefix = format!("turbocat-test:{}:", uuid::Uuid::new_v4().simple());
+    if !extra.contains(&"--redis-key-prefix") {
+        arguments.extend_from_slice(&["--redis-key-prefix", redis_prefix.as_str()]);
     }
     arguments.extend_from_slice(extra);
     let process = tokio::task::spawn_blocking({

@@ -40,14 +40,21 @@ macro_rules! grpc_service {
     };
 }
 
-grpc_service!(AgentGrpc, agent_service_server, AgentService);
-grpc_service!(WorkflowGrpc, workflow_service_server, WorkflowService);
-grpc_service!(ExecutionGrpc, execution_service_server, ExecutionService);
-grpc_service!(TemplateGrpc, template_service_server, TemplateService);
-grpc_service!(DeploymentGrpc, deployment_service_server, DeploymentService);
-grpc_service!(AuditLogGrpc, audit_log_service_server, AuditLogService);
+mod agents;
+pub use self::agents::AgentGrpc;
+mod workflows;
+pub use self::workflows::WorkflowGrpc;
+mod executions;
+pub use self::executions::ExecutionGrpc;
+mod templates;
+pub use self::templates::TemplateGrpc;
+mod deployments;
+pub use self::deployments::DeploymentGrpc;
+mod audit_logs;
+pub use self::audit_logs::AuditLogGrpc;
 grpc_service!(AnalyticsGrpc, analytics_service_server, AnalyticsService);
-grpc_service!(RunnerGrpc, runner_service_server, RunnerService);
+mod runners;
+pub use self::runners::RunnerGrpc;
 
 /// Every Turbocat service, with the message size limits applied.
 pub fn routes(context: &Arc<AppContext>, max_message_bytes: usize) -> tonic::service::Routes {

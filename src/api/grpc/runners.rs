@@ -1,0 +1,112 @@
+//! gRPC face of `RunnerService`: the bidirectional `Attach` stream that runners hold open, and
+//! the list of attached runners. The stream is pumped here; what each message means is the
+//! engine's business (`crate::engine::protocol`).
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::api::AppContext;
+use crate::auth::caller::{Caller, Credential, caller_of};
+use crate::engine::runners::RunnerOwner;
+use crate::error::ServiceError;
+use crate::proto::v1::{self as pb, runner_service_server};
+use crate::store::ApiKeyScope;
+
+/// Messages queued for one runner before the server stops reading its stream.
+const OUTBOUND_BUFFER: usize = 64;
+
+#[derive(Clone)]
+pub struct RunnerGrpc {
+    context: Arc<AppContext>,
+}
+
+impl RunnerGrpc {
+    pub fn new(context: Arc<AppContext>) -> Self {
+        Self { context }
+    }
+}
+
+/// Who the runner works for: an API key with the `runner` scope is required; an admin's key
+/// created `shared` serves everyone, any other key only its owner.
+fn runner_owner(caller: &Caller) -> Result<RunnerOwner, ServiceError> {
+    match &caller.credential {
+        Credential::ApiKey { scopes, shared, .. } if scopes.contains(&ApiKeyScope::Runner) => {
+            if *shared {
+                Ok(RunnerOwner::Shared)
+            } else {
+                Ok(RunnerOwner::User(caller.user_id))
+            }
+        }
+        _ => Err(ServiceError::forbidden(
+            "attaching a runner needs an API key with the runner scope",
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl runner_service_server::RunnerService for RunnerGrpc {
+    async fn attach(
+        &self,
+        request: Request<Streaming<pb::AttachRequest>>,
+    ) -> Result<Response<tonic::codegen::BoxStream<pb::AttachResponse>>, Status> {
+        let caller = caller_of(&request)?;
+        let owner = runner_owner(&caller)?;
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::AttachRequest {
+                message: Some(pb::attach_request::Message::Hello(hello)),
+            }) => hello,
+            _ => {
+                return Err(ServiceError::invalid_field(
+                    "hello",
+                    "the first message must be a hello",
+                )
+                .into());
+            }
+        };
+        let engine = self.context.engine.clone();
+        let (sender, receiver) = mpsc::channel(OUTBOUND_BUFFER);
+        let (runner, accepted) = engine
+            .attach_runner(hello, owner, sender.clone())
+            .await
+            .map_err(|error| ServiceError::invalid_field(error.field, error.message))?;
+        let accepted =
+            pb::AttachResponse { message: Some(pb::attach_response::Message::Accepted(accepted)) };
+        if sender.send(Ok(accepted)).await.is_err() {
+            engine.detach_runner(&runner);
+            return Err(Status::cancelled("the runner went away"));
+        }
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(pb::AttachRequest { message: Some(message) })) => {
+                        if let Err(error) = engine.on_runner_message(&runner, message).await {
+                            tracing::warn!(%error, runner_id = %runner.id, "a runner message could not be applied; the reconciler will repair");
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::info!(runner_id = %runner.id, code = ?status.code(), "runner stream broke");
+                        break;
+                    }
+                }
+            }
+            engine.detach_runner(&runner);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn list_runners(
+        &self,
+        request: Request<pb::ListRunnersRequest>,
+    ) -> Result<Response<pb::ListRunnersResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let response =
+            crate::service::runners::list_runners(&self.context, &caller, request.into_inner())?;
+        Ok(Response::new(response))
+    }
+}

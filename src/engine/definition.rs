@@ -1,0 +1,216 @@
+//! The definition an execution runs from: the snapshot of its workflow and of the agents its
+//! steps use, taken when the execution was created, so later edits never change a run.
+//!
+//! Stored in `executions.definition` as `{"workflow": <Workflow>, "agents": {"<agent id>":
+//! <Agent>}}`, both in REST JSON (`crate::proto::json::encode`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::proto::json::{decode, encode};
+use crate::proto::v1 as pb;
+
+/// The wall-clock limit of an attempt when neither the step nor its agent sets one.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A decoded execution definition.
+#[derive(Debug, Clone)]
+pub struct ExecutionDefinition {
+    pub workflow: pb::Workflow,
+    pub agents: HashMap<String, pb::Agent>,
+}
+
+impl ExecutionDefinition {
+    /// The JSON stored with an execution.
+    pub fn snapshot(workflow: &pb::Workflow, agents: &[pb::Agent]) -> Value {
+        let agents: serde_json::Map<String, Value> = agents
+            .iter()
+            .map(|agent| (agent.id.clone(), encode("turbocat.v1.Agent", agent)))
+            .collect();
+        json!({ "workflow": encode("turbocat.v1.Workflow", workflow), "agents": agents })
+    }
+
+    /// Reads a stored definition; the error says what is wrong with it.
+    pub fn parse(definition: &Value) -> Result<Self, String> {
+        let describe = |errors: Vec<crate::error::FieldError>| {
+            errors
+                .into_iter()
+                .map(|error| format!("{}: {}", error.field, error.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let workflow_json =
+            definition.get("workflow").cloned().ok_or("the definition has no workflow")?;
+        let workflow: pb::Workflow =
+            decode("turbocat.v1.Workflow", workflow_json).map_err(describe)?;
+        let mut agents = HashMap::new();
+        if let Some(Value::Object(stored)) = definition.get("agents") {
+            for (agent_id, agent_json) in stored {
+                let agent: pb::Agent =
+                    decode("turbocat.v1.Agent", agent_json.clone()).map_err(describe)?;
+                agents.insert(agent_id.clone(), agent);
+            }
+        }
+        Ok(Self { workflow, agents })
+    }
+
+    pub fn step(&self, key: &str) -> Option<&pb::WorkflowStep> {
+        self.workflow.steps.iter().find(|step| step.key == key)
+    }
+
+    /// The agent snapshot a step runs.
+    pub fn agent_of(&self, step: &pb::WorkflowStep) -> Option<&pb::Agent> {
+        self.agents.get(&step.agent_id)
+    }
+
+    /// Keys of the steps no other step depends on: their outputs make the execution's output.
+    pub fn sink_keys(&self) -> Vec<&str> {
+        self.workflow
+            .steps
+            .iter()
+            .filter(|step| {
+                !self.workflow.steps.iter().any(|other| other.depends_on.contains(&step.key))
+            })
+            .map(|step| step.key.as_str())
+            .collect()
+    }
+
+    /// The wall-clock limit of one attempt of `step`: the step's, else its agent's, else
+    /// `DEFAULT_STEP_TIMEOUT`.
+    pub fn step_timeout(&self, step: &pb::WorkflowStep) -> Duration {
+        step.timeout
+            .as_ref()
+            .and_then(positive_duration)
+            .or_else(|| {
+                self.agent_of(step)
+                    .and_then(|agent| agent.limits.as_ref())
+                    .and_then(|limits| limits.timeout.as_ref())
+                    .and_then(positive_duration)
+            })
+            .unwrap_or(DEFAULT_STEP_TIMEOUT)
+    }
+
+    /// Runner labels the step needs.
+    pub fn required_labels(step: &pb::WorkflowStep) -> BTreeMap<String, String> {
+        step.required_labels.iter().map(|(key, value)| (key.clone(), value.clone())).collect()
+    }
+}
+
+/// The execution's output: the single sink step's output, or an object of every sink's output
+/// by step key when there are several.
+pub fn execution_output(sinks: &[&str], outputs: &HashMap<String, Value>) -> Value {
+    match sinks {
+        [only] => outputs.get(*only).cloned().unwrap_or(Value::Null),
+        _ => Value::Object(
+            sinks
+                .iter()
+                .map(|key| ((*key).to_owned(), outputs.get(*key).cloned().unwrap_or(Value::Null)))
+                .collect(),
+        ),
+    }
+}
+
+/// The delay before attempt `next_attempt` (2 or more) of a step: `initial * multiplier^(n-2)`
+/// capped at `max`, with up to 20% random jitter taken off so retries of many steps spread.
+pub fn retry_backoff(policy: Option<&pb::RetryPolicy>, next_attempt: i32) -> Duration {
+    let initial = policy
+        .and_then(|policy| policy.initial_backoff.as_ref())
+        .and_then(positive_duration)
+        .unwrap_or(Duration::from_secs(1));
+    let max = policy
+        .and_then(|policy| policy.max_backoff.as_ref())
+        .and_then(positive_duration)
+        .unwrap_or(Duration::from_secs(60))
+        .max(initial);
+    let multiplier = policy
+        .map(|policy| policy.multiplier)
+        .filter(|multiplier| multiplier.is_finite() && *multiplier >= 1.0)
+        .unwrap_or(2.0);
+    let exponent = next_attempt.saturating_sub(2).clamp(0, 64);
+    let uncapped = initial.as_secs_f64() * multiplier.powi(exponent);
+    let capped = uncapped.min(max.as_secs_f64());
+    let jitter = 1.0 - rand::random::<f64>() * 0.2;
+    Duration::from_secs_f64((capped * jitter).max(0.0))
+}
+
+fn positive_duration(duration: &prost_types::Duration) -> Option<Duration> {
+    let total = Duration::try_from(*duration).ok()?;
+    (!total.is_zero()).then_some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workflow() -> pb::Workflow {
+        pb::Workflow {
+            id: "w".into(),
+            steps: vec![
+                pb::WorkflowStep {
+                    key: "a".into(),
+                    agent_id: "agent-1".into(),
+                    ..Default::default()
+                },
+                pb::WorkflowStep {
+                    key: "b".into(),
+                    agent_id: "agent-1".into(),
+                    depends_on: vec!["a".into()],
+                    timeout: Some(prost_types::Duration { seconds: 7, nanos: 0 }),
+                    ..Default::default()
+                },
+                pb::WorkflowStep {
+                    key: "c".into(),
+                    agent_id: "agent-1".into(),
+                    depends_on: vec!["a".into()],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_snapshot_round_trips() {
+        let agent = pb::Agent {
+            id: "agent-1".into(),
+            r#type: pb::AgentType::Data as i32,
+            status: pb::AgentStatus::Idle as i32,
+            limits: Some(pb::ResourceLimits {
+                timeout: Some(prost_types::Duration { seconds: 30, nanos: 0 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let stored = ExecutionDefinition::snapshot(&workflow(), &[agent]);
+        let definition = ExecutionDefinition::parse(&stored).expect("parses");
+        assert_eq!(definition.workflow.steps.len(), 3);
+        let b = definition.step("b").expect("b");
+        assert_eq!(definition.step_timeout(b), Duration::from_secs(7), "the step's own limit");
+        let c = definition.step("c").expect("c");
+        assert_eq!(definition.step_timeout(c), Duration::from_secs(30), "the agent's limit");
+        assert_eq!(definition.sink_keys(), vec!["b", "c"]);
+        assert!(ExecutionDefinition::parse(&json!({})).is_err());
+    }
+
+    #[test]
+    fn outputs_and_backoff() {
+        let outputs: HashMap<String, Value> =
+            [("b".to_owned(), json!(1)), ("c".to_owned(), json!({ "x": 2 }))].into();
+        assert_eq!(execution_output(&["b"], &outputs), json!(1));
+        assert_eq!(execution_output(&["b", "c"], &outputs), json!({ "b": 1, "c": { "x": 2 } }));
+        let policy = pb::RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+            max_backoff: Some(prost_types::Duration { seconds: 3, nanos: 0 }),
+            multiplier: 2.0,
+        };
+        let second = retry_backoff(Some(&policy), 2);
+        assert!(second <= Duration::from_secs(1) && second >= Duration::from_millis(800));
+        let third = retry_backoff(Some(&policy), 3);
+        assert!(third <= Duration::from_secs(2) && third >= Duration::from_millis(1600));
+        let tenth = retry_backoff(Some(&policy), 10);
+        assert!(tenth <= Duration::from_secs(3), "capped: {tenth:?}");
+    }
+}

@@ -1,0 +1,199 @@
+//! Handing queued steps to runners. The loop peeks the ready queue in order (priority, then
+//! age), places each item on the least loaded attached runner that accepts it (owner, agent
+//! type, labels) and has a free slot, claims it, commits the assignment with its lease, and
+//! only then acknowledges the queue entry and sends the assignment. An item no runner here can
+//! take stays in the queue for another replica (or a runner yet to come). An assignment the
+//! runner does not acknowledge in time is taken back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use super::definition::ExecutionDefinition;
+use super::runners::{AttachedRunner, Placement};
+use super::scheduler::step_ref;
+use super::{Engine, EngineResult};
+use crate::proto::v1 as pb;
+use crate::queue::QueueItem;
+use crate::store::{AttemptKey, OwnerScope, StepAssignment, StepRunStatus, StepTransitionOutcome};
+
+/// What became of one placement.
+enum Placed {
+    Assigned,
+    /// The item no longer matches the database: drop it.
+    Stale,
+    /// The runner's slot went to another assignment meanwhile.
+    NoSlot,
+}
+
+/// How many ready items one pass looks at.
+const PEEK_BATCH: usize = 256;
+/// Extra time past an attempt's deadline before the server takes it back as timed out.
+pub const DEADLINE_GRACE: Duration = Duration::from_secs(5);
+
+impl Engine {
+    pub(super) async fn run_dispatcher(self: Arc<Self>) {
+        let mut ready = self.queue.subscribe_ready();
+        loop {
+            ready.borrow_and_update();
+            let capacity = self.runners.capacity_changed.notified();
+            tokio::pin!(capacity);
+            capacity.as_mut().enable();
+            if let Err(error) = self.dispatch_once().await {
+                tracing::warn!(%error, "dispatching failed; trying again shortly");
+            }
+            tokio::select! {
+                _ = ready.changed() => {}
+                () = &mut capacity => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// One pass over the ready queue; returns how many steps were assigned.
+    pub async fn dispatch_once(self: &Arc<Self>) -> EngineResult<usize> {
+        if self.runners.all().is_empty() {
+            return Ok(0);
+        }
+        let mut assigned = 0;
+        for item in self.queue.peek(PEEK_BATCH).await? {
+            let placement = Placement {
+                owner_id: item.owner_id,
+                agent_type: &item.agent_type,
+                required_labels: &item.required_labels,
+            };
+            let Some(runner) = self.runners.pick(&placement) else { continue };
+            let claim_timeout = self.settings.acknowledgement_timeout * 2;
+            if !self.queue.claim(item.key(), claim_timeout).await? {
+                continue;
+            }
+            match self.assign(&runner, &item).await {
+                Ok(Placed::Assigned) => {
+                    assigned += 1;
+                    self.queue.ack(item.key()).await?;
+                }
+                // The step moved on (cancelled, finished, another attempt): drop the entry.
+                Ok(Placed::Stale) => {
+                    self.queue.ack(item.key()).await?;
+                }
+                // Another pass took the slot: leave the item for the next one.
+                Ok(Placed::NoSlot) => {
+                    self.queue.release(item.key()).await?;
+                }
+                Err(error) => {
+                    let _ = self.queue.release(item.key()).await;
+                    return Err(error);
+                }
+            }
+        }
+        Ok(assigned)
+    }
+
+    /// Commits the assignment of `item` to `runner` and sends it.
+    async fn assign(
+        self: &Arc<Self>,
+        runner: &Arc<AttachedRunner>,
+        item: &QueueItem,
+    ) -> EngineResult<Placed> {
+        let key = AttemptKey { step_run_id: item.step_run_id, attempt: item.attempt };
+        let step_run = self.store.get_step_run(item.step_run_id).await?;
+        if step_run.attempt != item.attempt || step_run.status != StepRunStatus::Queued {
+            return Ok(Placed::Stale);
+        }
+        let execution = self.store.get_execution(OwnerScope::All, item.execution_id).await?;
+        if execution.status.is_finished() || execution.cancel_requested_at.is_some() {
+            return Ok(Placed::Stale);
+        }
+        let Ok(definition) = ExecutionDefinition::parse(&execution.definition) else {
+            self.advance(execution.id).await?;
+            return Ok(Placed::Stale);
+        };
+        let Some(step) = definition.step(&step_run.step_key) else { return Ok(Placed::Stale) };
+        let Some(agent) = definition.agent_of(step).cloned() else { return Ok(Placed::Stale) };
+        let now = Utc::now();
+        let step_timeout = chrono::Duration::from_std(definition.step_timeout(step))
+            .unwrap_or_else(|_| chrono::Duration::seconds(300));
+        let mut deadline = now + step_timeout;
+        if let Some(execution_deadline) = execution.deadline_at {
+            deadline = deadline.min(execution_deadline);
+        }
+        let lease_until = lease_end(now, self.settings.lease_duration, deadline);
+        if !runner.hold(key, execution.id, deadline) {
+            return Ok(Placed::NoSlot);
+        }
+        let assignment = StepAssignment {
+            runner_id: runner.id.clone(),
+            lease_expires_at: lease_until,
+            assigned_at: now,
+        };
+        let assigned = match self.store.assign_step(key, assignment).await {
+            Ok(StepTransitionOutcome::Applied(assigned)) => assigned,
+            Ok(StepTransitionOutcome::Rejected { .. }) => {
+                runner.release(key);
+                return Ok(Placed::Stale);
+            }
+            Err(error) => {
+                runner.release(key);
+                return Err(error.into());
+            }
+        };
+        self.leases.extend(key, lease_until).await;
+        self.publish_step(&assigned).await;
+        let message = pb::StepAssignment {
+            step: Some(step_ref(key)),
+            execution_id: execution.id.to_string(),
+            step_key: assigned.step_key.clone(),
+            agent: Some(agent),
+            input: Some(crate::service::convert::json_to_value(
+                assigned.input.as_ref().unwrap_or(&serde_json::Value::Null),
+            )),
+            deadline: Some(crate::service::convert::timestamp(deadline)),
+            depth: execution.depth,
+        };
+        if runner.send(pb::attach_response::Message::Assignment(message)).await {
+            self.watch_acknowledgement(runner.clone(), key, execution.id);
+        }
+        // A runner whose stream is gone loses the attempt when its lease runs out.
+        Ok(Placed::Assigned)
+    }
+
+    /// Takes the attempt back if the runner has not acknowledged it in time.
+    fn watch_acknowledgement(
+        self: &Arc<Self>,
+        runner: Arc<AttachedRunner>,
+        key: AttemptKey,
+        execution_id: Uuid,
+    ) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(engine.settings.acknowledgement_timeout).await;
+            let unacknowledged = runner.held(key).is_some_and(|held| !held.acknowledged);
+            if !unacknowledged {
+                return;
+            }
+            tracing::warn!(runner_id = %runner.id, step_run_id = %key.step_run_id, "assignment not acknowledged in time; taking it back");
+            engine
+                .cancel_on_runner(&runner, key, "the assignment was not acknowledged in time")
+                .await;
+            if let Err(error) = engine.take_back(key).await {
+                tracing::warn!(%error, %execution_id, "taking back an unacknowledged step failed; the reconciler will");
+            }
+        });
+    }
+}
+
+/// The end of a lease granted or extended at `now`: a lease duration later, but never past the
+/// attempt's deadline plus the grace.
+pub fn lease_end(
+    now: chrono::DateTime<Utc>,
+    lease_duration: Duration,
+    deadline: chrono::DateTime<Utc>,
+) -> chrono::DateTime<Utc> {
+    let lease = chrono::Duration::from_std(lease_duration)
+        .unwrap_or_else(|_| chrono::Duration::seconds(30));
+    let grace =
+        chrono::Duration::from_std(DEADLINE_GRACE).unwrap_or_else(|_| chrono::Duration::seconds(5));
+    (now + lease).min(deadline + grace)
+}

@@ -1,0 +1,116 @@
+//! Lease liveness: how long the runner holding an attempt is known to be alive. Heartbeats land
+//! here, never in the database (which keeps only the lease granted at assignment): in this
+//! process's memory, and in Redis in `serve` so every replica's reconciler sees the runners
+//! attached to the others. The reconciler asks `expires_at` before it takes a step back from a
+//! runner whose database lease has run out.
+//!
+//! Redis losing its keys (a restart, `FLUSHALL`) only costs the replicas that do not hold the
+//! runner their view: the holding replica still answers from memory, and the runner's next
+//! heartbeat writes the key again.
+//! May call: redis (through `crate::redis_pool`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+
+use crate::redis_pool::RedisPool;
+use crate::store::AttemptKey;
+
+/// Where leases are extended and read.
+pub struct LeaseBook {
+    local: Mutex<HashMap<AttemptKey, DateTime<Utc>>>,
+    shared: Option<SharedLeases>,
+}
+
+struct SharedLeases {
+    pool: RedisPool,
+    prefix: String,
+}
+
+impl LeaseBook {
+    /// Leases of this process only (`dev`).
+    pub fn in_memory() -> Self {
+        Self { local: Mutex::new(HashMap::new()), shared: None }
+    }
+
+    /// Leases shared through Redis under `prefix` (`serve`).
+    pub fn shared(pool: RedisPool, prefix: impl Into<String>) -> Self {
+        Self {
+            local: Mutex::new(HashMap::new()),
+            shared: Some(SharedLeases { pool, prefix: prefix.into() }),
+        }
+    }
+
+    /// Records that the holder of `key` is alive until `until` (later extensions win).
+    pub async fn extend(&self, key: AttemptKey, until: DateTime<Utc>) {
+        if let Ok(mut local) = self.local.lock() {
+            let entry = local.entry(key).or_insert(until);
+            if *entry < until {
+                *entry = until;
+            }
+        }
+        if let Some(shared) = &self.shared {
+            let ttl_millis = (until - Utc::now()).num_milliseconds().max(1) + 60_000;
+            let result = async {
+                let mut connection = shared.pool.connection().await?;
+                redis::cmd("SET")
+                    .arg(shared.key(key))
+                    .arg(until.timestamp_millis())
+                    .arg("PX")
+                    .arg(ttl_millis)
+                    .query_async::<()>(&mut *connection)
+                    .await
+                    .map_err(crate::redis_pool::RedisCommandError::Command)
+            }
+            .await;
+            if let Err(error) = result {
+                tracing::warn!(%error, "could not share a lease extension through Redis");
+            }
+        }
+    }
+
+    /// The latest time the lease of `key` was extended to, here or (in `serve`) on any replica.
+    pub async fn expires_at(&self, key: AttemptKey) -> Option<DateTime<Utc>> {
+        let local = self.local.lock().ok().and_then(|local| local.get(&key).copied());
+        let shared = match &self.shared {
+            Some(shared) => shared.read(key).await,
+            None => None,
+        };
+        local.max(shared)
+    }
+
+    /// Drops what is known of `key` (the attempt finished or moved on).
+    pub async fn forget(&self, key: AttemptKey) {
+        if let Ok(mut local) = self.local.lock() {
+            local.remove(&key);
+        }
+        if let Some(shared) = &self.shared {
+            let result = async {
+                let mut connection = shared.pool.connection().await?;
+                redis::cmd("DEL")
+                    .arg(shared.key(key))
+                    .query_async::<()>(&mut *connection)
+                    .await
+                    .map_err(crate::redis_pool::RedisCommandError::Command)
+            }
+            .await;
+            if let Err(error) = result {
+                tracing::debug!(%error, "could not drop a shared lease");
+            }
+        }
+    }
+}
+
+impl SharedLeases {
+    fn key(&self, key: AttemptKey) -> String {
+        format!("{}lease:{}:{}", self.prefix, key.step_run_id, key.attempt)
+    }
+
+    async fn read(&self, key: AttemptKey) -> Option<DateTime<Utc>> {
+        let mut connection = self.pool.connection().await.ok()?;
+        let millis: Option<i64> =
+            redis::cmd("GET").arg(self.key(key)).query_async(&mut *connection).await.ok()?;
+        millis.and_then(DateTime::from_timestamp_millis)
+    }
+}

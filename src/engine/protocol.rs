@@ -1,0 +1,287 @@
+//! The server's side of `RunnerService.Attach`: registering a runner from its hello (keeping
+//! the attempts it still holds after a reconnect when their leases are alive), and acting on
+//! every message it sends. Every message about a step is fenced by (step run id, attempt): a
+//! runner can only speak for attempts it holds, and the store refuses stale attempts anyway.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use super::dispatcher::lease_end;
+use super::runners::{AttachedRunner, RunnerOwner, RunnerSender};
+use super::{Engine, EngineResult};
+use crate::proto::v1 as pb;
+use crate::store::{
+    AttemptKey, Completion, ExecutionLogLevel, ExecutionLogSource, NewExecutionLog, StepRunStatus,
+};
+
+/// The most slots one runner may announce.
+pub const MAX_RUNNER_CAPACITY: i32 = 1_000;
+/// The most log lines kept from one batch.
+const MAX_LOG_LINES_PER_BATCH: usize = 1_000;
+/// The longest log line kept; longer ones are cut.
+const MAX_LOG_LINE_CHARS: usize = 16 * 1024;
+
+/// A hello the server refuses, with the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct HelloError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl Engine {
+    /// Registers a runner from its hello and answers with what the runner needs to know.
+    pub async fn attach_runner(
+        self: &Arc<Self>,
+        hello: pb::RunnerHello,
+        owner: RunnerOwner,
+        sender: RunnerSender,
+    ) -> Result<(Arc<AttachedRunner>, pb::AttachAccepted), HelloError> {
+        if !(1..=MAX_RUNNER_CAPACITY).contains(&hello.capacity) {
+            return Err(HelloError {
+                field: "hello.capacity",
+                message: format!("must be between 1 and {MAX_RUNNER_CAPACITY}"),
+            });
+        }
+        let agent_types: HashSet<String> = hello
+            .agent_types
+            .iter()
+            .filter_map(|value| pb::AgentType::try_from(*value).ok())
+            .filter(|agent_type| *agent_type != pb::AgentType::Unspecified)
+            .map(|agent_type| super::scheduler::agent_type_name(agent_type).to_owned())
+            .collect();
+        if agent_types.is_empty() {
+            return Err(HelloError {
+                field: "hello.agentTypes",
+                message: "must name at least one agent type".to_owned(),
+            });
+        }
+        let name: String = hello.name.trim().chars().take(200).collect();
+        let runner_id = match Uuid::parse_str(hello.runner_id.trim()) {
+            Ok(previous) if self.runners.get(&previous.to_string()).is_none() => {
+                previous.to_string()
+            }
+            _ => Uuid::new_v4().to_string(),
+        };
+        let labels: BTreeMap<String, String> = hello.labels.into_iter().collect();
+        let capacity = usize::try_from(hello.capacity).unwrap_or(1);
+        let runner = Arc::new(AttachedRunner::new(
+            runner_id.clone(),
+            if name.is_empty() { runner_id.clone() } else { name },
+            labels,
+            agent_types,
+            capacity,
+            owner,
+            hello.runner_version.chars().take(100).collect(),
+            sender,
+        ));
+
+        let now = Utc::now();
+        let mut kept_steps = Vec::new();
+        for held in hello.held_steps.iter().take(capacity) {
+            let Some(key) = attempt_key(held) else { continue };
+            let Ok(step_run) = self.store.get_step_run(key.step_run_id).await else { continue };
+            let ours = step_run.attempt == key.attempt
+                && matches!(step_run.status, StepRunStatus::Assigned | StepRunStatus::Running)
+                && step_run.runner_id.as_deref() == Some(runner_id.as_str());
+            let lease_alive = self.leases.expires_at(key).await.is_some_and(|until| until > now)
+                || step_run.lease_expires_at.is_some_and(|until| until > now);
+            if !(ours && lease_alive) {
+                continue;
+            }
+            let deadline = step_run
+                .lease_expires_at
+                .into_iter()
+                .chain(self.leases.expires_at(key).await)
+                .max()
+                .unwrap_or(now);
+            runner.keep(key, step_run.execution_id, deadline);
+            self.leases.extend(key, lease_end(now, self.settings.lease_duration, deadline)).await;
+            kept_steps.push(held.clone());
+        }
+        self.runners.attach(runner.clone());
+        tracing::info!(runner_id = %runner.id, name = %runner.name, capacity, kept = kept_steps.len(), "runner attached");
+        let accepted = pb::AttachAccepted {
+            runner_id,
+            heartbeat_interval: prost_types::Duration::try_from(self.settings.heartbeat_interval)
+                .ok(),
+            lease_duration: prost_types::Duration::try_from(self.settings.lease_duration).ok(),
+            max_message_bytes: i32::try_from(self.settings.max_payload_bytes * 2)
+                .unwrap_or(i32::MAX),
+            kept_steps,
+        };
+        Ok((runner, accepted))
+    }
+
+    /// Forgets a runner whose stream ended. Its attempts keep their leases until they run out,
+    /// so a runner that reconnects in time keeps them.
+    pub fn detach_runner(&self, runner: &AttachedRunner) {
+        self.runners.detach(&runner.id);
+        tracing::info!(runner_id = %runner.id, held = runner.load(), "runner detached");
+    }
+
+    /// Acts on one message of an attached runner.
+    pub async fn on_runner_message(
+        self: &Arc<Self>,
+        runner: &Arc<AttachedRunner>,
+        message: pb::attach_request::Message,
+    ) -> EngineResult<()> {
+        use pb::attach_request::Message;
+        let now = Utc::now();
+        match message {
+            Message::Hello(_) => {
+                tracing::debug!(runner_id = %runner.id, "a second hello is ignored");
+            }
+            Message::AssignmentAck(ack) => {
+                let Some(key) = ack.step.as_ref().and_then(attempt_key) else { return Ok(()) };
+                if ack.accepted {
+                    runner.acknowledge(key);
+                } else if runner.release(key) {
+                    self.runners.capacity_changed.notify_waiters();
+                    tracing::info!(runner_id = %runner.id, reason = %ack.reason, "assignment handed back");
+                    self.take_back(key).await?;
+                }
+            }
+            Message::Started(started) => {
+                let Some(key) = started.step.as_ref().and_then(attempt_key) else { return Ok(()) };
+                if runner.held(key).is_none() {
+                    return Ok(());
+                }
+                runner.acknowledge(key);
+                if let crate::store::StepTransitionOutcome::Applied(running) =
+                    self.store.mark_step_running(key, now).await?
+                {
+                    self.publish_step(&running).await;
+                }
+            }
+            Message::Logs(batch) => self.record_logs(runner, batch).await?,
+            Message::Heartbeat(heartbeat) => {
+                runner.record_heartbeat(now);
+                for step in &heartbeat.running {
+                    let Some(key) = attempt_key(step) else { continue };
+                    if let Some(held) = runner.held(key) {
+                        let until = lease_end(now, self.settings.lease_duration, held.deadline);
+                        self.leases.extend(key, until).await;
+                    }
+                }
+            }
+            Message::Result(result) => {
+                let Some(key) = result.step.as_ref().and_then(attempt_key) else { return Ok(()) };
+                let completion = self.completion_of(result.outcome);
+                // Free the slot only once the result is committed, so the attempt's end is
+                // recorded before the next assignment to this slot starts.
+                let outcome = self.complete_attempt(key, completion).await;
+                if runner.release(key) {
+                    self.runners.capacity_changed.notify_waiters();
+                }
+                outcome?;
+            }
+            Message::CancelAck(ack) => {
+                if let Some(key) = ack.step.as_ref().and_then(attempt_key)
+                    && runner.release(key)
+                {
+                    self.runners.capacity_changed.notify_waiters();
+                }
+            }
+            Message::Draining(_) => {
+                runner.set_draining();
+                tracing::info!(runner_id = %runner.id, "runner draining");
+            }
+        }
+        Ok(())
+    }
+
+    fn completion_of(&self, outcome: Option<pb::step_result::Outcome>) -> Completion {
+        use pb::step_result::Outcome;
+        match outcome {
+            Some(Outcome::Success(success)) => {
+                let output = success
+                    .output
+                    .as_ref()
+                    .map(crate::service::convert::value_to_json)
+                    .unwrap_or(serde_json::Value::Null);
+                let size = output.to_string().len();
+                if size > self.settings.max_payload_bytes {
+                    return Completion::Failed {
+                        error: format!(
+                            "the output is {size} bytes, larger than the limit of {} bytes",
+                            self.settings.max_payload_bytes
+                        ),
+                        retryable: false,
+                    };
+                }
+                Completion::Succeeded { output }
+            }
+            Some(Outcome::Failure(failure)) => {
+                let kind =
+                    pb::FailureKind::try_from(failure.kind).unwrap_or(pb::FailureKind::Error);
+                let error: String = failure.error.chars().take(MAX_LOG_LINE_CHARS).collect();
+                match kind {
+                    pb::FailureKind::Timeout => Completion::TimedOut,
+                    pb::FailureKind::Invalid => Completion::Failed { error, retryable: false },
+                    _ => Completion::Failed { error, retryable: failure.retryable },
+                }
+            }
+            None => Completion::Failed {
+                error: "the runner reported a result without an outcome".to_owned(),
+                retryable: true,
+            },
+        }
+    }
+
+    async fn record_logs(
+        self: &Arc<Self>,
+        runner: &AttachedRunner,
+        batch: pb::StepLogBatch,
+    ) -> EngineResult<()> {
+        let mut lines = Vec::new();
+        let mut executions = HashSet::new();
+        for line in batch.lines.into_iter().take(MAX_LOG_LINES_PER_BATCH) {
+            let Some(key) = line.step.as_ref().and_then(attempt_key) else { continue };
+            let Some(held) = runner.held(key) else { continue };
+            executions.insert(held.execution_id);
+            let level = match pb::LogLevel::try_from(line.level) {
+                Ok(pb::LogLevel::Debug) => ExecutionLogLevel::Debug,
+                Ok(pb::LogLevel::Warn) => ExecutionLogLevel::Warn,
+                Ok(pb::LogLevel::Error) => ExecutionLogLevel::Error,
+                _ => ExecutionLogLevel::Info,
+            };
+            let source = match pb::LogSource::try_from(line.source) {
+                Ok(pb::LogSource::Stdout) => ExecutionLogSource::Stdout,
+                Ok(pb::LogSource::Stderr) => ExecutionLogSource::Stderr,
+                _ => ExecutionLogSource::Runner,
+            };
+            let created_at = line
+                .time
+                .as_ref()
+                .and_then(crate::service::convert::time_from_timestamp)
+                .unwrap_or_else(Utc::now);
+            lines.push(NewExecutionLog {
+                execution_id: held.execution_id,
+                step_run_id: Some(key.step_run_id),
+                attempt: Some(key.attempt),
+                level,
+                source,
+                message: line.message.chars().take(MAX_LOG_LINE_CHARS).collect(),
+                fields: None,
+                created_at,
+            });
+        }
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.store.append_execution_logs(lines).await?;
+        for execution_id in executions {
+            self.publish(execution_id, serde_json::json!({ "kind": "log" })).await;
+        }
+        Ok(())
+    }
+}
+
+fn attempt_key(step: &pb::StepRef) -> Option<AttemptKey> {
+    let step_run_id = Uuid::parse_str(step.step_run_id.trim()).ok()?;
+    Some(AttemptKey { step_run_id, attempt: step.attempt })
+}

@@ -1,0 +1,178 @@
+//! Repairing, from the database, what the queue or a crash lost. Every pass: claims of a
+//! dispatcher that died go back to the queue; QUEUED steps missing from the queue (Redis
+//! flushed or restarted, a crash between commit and enqueue) are enqueued again; retries whose
+//! backoff ended are queued; attempts whose runner stopped renewing its lease are taken back
+//! (as the next attempt, counted as an infrastructure reassignment, capped) or timed out when
+//! they ran past their deadline; executions past their deadline time out; and unfinished
+//! executions are advanced, so a crash between a step's result and the next step is repaired.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use super::definition::ExecutionDefinition;
+use super::{Engine, EngineResult};
+use crate::store::{
+    AttemptKey, Completion, ExecutionFilter, ExecutionStatus, OwnerScope, StepRunStatus,
+    StepTransitionOutcome,
+};
+
+/// Rows one pass looks at, per kind.
+const BATCH: u32 = 500;
+
+/// What one reconciler pass did, for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub requeued_claims: usize,
+    pub reenqueued: usize,
+    pub leases_taken_back: usize,
+    pub advanced: usize,
+}
+
+impl Engine {
+    pub(super) async fn run_reconciler(self: Arc<Self>) {
+        let mut interval = tokio::time::interval(self.settings.reconcile_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            match self.reconcile_once().await {
+                Ok(report) if report != ReconcileReport::default() => {
+                    tracing::debug!(?report, "reconciled");
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "a reconciler pass failed"),
+            }
+        }
+    }
+
+    /// One pass; see the module comment.
+    pub async fn reconcile_once(self: &Arc<Self>) -> EngineResult<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        let now = Utc::now();
+        report.requeued_claims = self.queue.requeue_expired(now).await?.len();
+
+        let mut to_advance: HashSet<Uuid> = HashSet::new();
+        for ready in self.store.list_ready_step_runs(now, BATCH).await? {
+            let step_run = ready.step_run;
+            match step_run.status {
+                StepRunStatus::Queued => {
+                    let key = crate::queue::QueueKey::new(step_run.id, step_run.attempt);
+                    if self.queue.contains(key).await? {
+                        continue;
+                    }
+                    let execution =
+                        self.store.get_execution(OwnerScope::All, step_run.execution_id).await?;
+                    match ExecutionDefinition::parse(&execution.definition) {
+                        Ok(definition) => {
+                            self.enqueue(&execution, &definition, &step_run).await?;
+                            report.reenqueued += 1;
+                        }
+                        Err(_) => {
+                            to_advance.insert(execution.id);
+                        }
+                    }
+                }
+                _ => {
+                    to_advance.insert(step_run.execution_id);
+                }
+            }
+        }
+
+        for step_run in self.store.list_expired_leases(now, BATCH).await? {
+            let key = step_run.attempt_key();
+            if self.leases.expires_at(key).await.is_some_and(|until| until > now) {
+                continue;
+            }
+            self.lease_lost(key).await?;
+            report.leases_taken_back += 1;
+        }
+
+        for execution in self.store.list_running_executions_past_deadline(now, BATCH).await? {
+            to_advance.insert(execution.id);
+        }
+        let mut filter = ExecutionFilter::new(OwnerScope::All);
+        for status in [ExecutionStatus::Queued, ExecutionStatus::Running] {
+            filter.status = Some(status);
+            let page = self.store.list_executions_by_cursor(filter.clone(), None, BATCH).await?;
+            to_advance.extend(page.items.iter().map(|execution| execution.id));
+        }
+        for execution_id in to_advance {
+            self.advance(execution_id).await?;
+            report.advanced += 1;
+        }
+        Ok(report)
+    }
+
+    /// The runner holding `key` stopped renewing its lease (or never acknowledged it): time
+    /// the attempt out when it ran past its deadline, otherwise run it again as the next
+    /// attempt, unless the step was taken back too often already.
+    pub(super) async fn lease_lost(self: &Arc<Self>, key: AttemptKey) -> EngineResult<()> {
+        let step_run = self.store.get_step_run(key.step_run_id).await?;
+        if step_run.attempt != key.attempt
+            || !matches!(step_run.status, StepRunStatus::Assigned | StepRunStatus::Running)
+        {
+            return Ok(());
+        }
+        let execution = self.store.get_execution(OwnerScope::All, step_run.execution_id).await?;
+        let timeout =
+            ExecutionDefinition::parse(&execution.definition).ok().and_then(|definition| {
+                definition.step(&step_run.step_key).map(|step| definition.step_timeout(step))
+            });
+        let ran_past_deadline = match (step_run.assigned_at, timeout) {
+            (Some(assigned_at), Some(timeout)) => {
+                let deadline = assigned_at
+                    + chrono::Duration::from_std(timeout + super::dispatcher::DEADLINE_GRACE)
+                        .unwrap_or_else(|_| chrono::Duration::seconds(300));
+                deadline <= Utc::now()
+            }
+            _ => false,
+        };
+        if let Some(runner_id) = &step_run.runner_id {
+            let held = crate::store::InFlightStepRun {
+                step_run_id: key.step_run_id,
+                attempt: key.attempt,
+                runner_id: runner_id.clone(),
+            };
+            self.send_cancel(&held, "the server took this attempt back").await;
+        }
+        if ran_past_deadline {
+            self.complete_attempt(key, Completion::TimedOut).await?;
+            return Ok(());
+        }
+        if step_run.infra_reassignments >= self.settings.max_infrastructure_reassignments {
+            let error = format!(
+                "the step's runner was lost {} times (the limit); giving up",
+                step_run.infra_reassignments + 1
+            );
+            self.complete_attempt(key, Completion::Failed { error, retryable: false }).await?;
+            return Ok(());
+        }
+        self.take_back(key).await
+    }
+
+    /// Runs the attempt again as the next attempt (an infrastructure reassignment).
+    pub(super) async fn take_back(self: &Arc<Self>, key: AttemptKey) -> EngineResult<()> {
+        self.leases.forget(key).await;
+        let StepTransitionOutcome::Applied(requeued) =
+            self.store.requeue_after_lease_loss(key, Utc::now()).await?
+        else {
+            return Ok(());
+        };
+        self.publish_step(&requeued).await;
+        self.log_system(
+            &requeued,
+            format!(
+                "attempt {} lost its runner; running it again as attempt {}",
+                key.attempt, requeued.attempt
+            ),
+        )
+        .await;
+        let execution = self.store.get_execution(OwnerScope::All, requeued.execution_id).await?;
+        if let Ok(definition) = ExecutionDefinition::parse(&execution.definition) {
+            self.enqueue(&execution, &definition, &requeued).await?;
+        }
+        Ok(())
+    }
+}

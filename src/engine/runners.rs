@@ -1,0 +1,341 @@
+//! The runners attached to this server process: what each can run (types, labels, owner), how
+//! many slots it has free, which attempts it holds, and the channel its stream is fed from.
+//! The dispatcher picks runners here; the runner stream (`RunnerService.Attach`) registers and
+//! updates them.
+//! May call: nothing but tokio.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, mpsc};
+use uuid::Uuid;
+
+use crate::proto::v1 as pb;
+use crate::store::AttemptKey;
+
+/// What the server sends down a runner's stream.
+pub type RunnerSender = mpsc::Sender<Result<pb::AttachResponse, tonic::Status>>;
+
+/// Who a runner works for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerOwner {
+    /// Attached with an admin's shared key: serves every user's executions.
+    Shared,
+    /// Serves only this user's executions.
+    User(Uuid),
+}
+
+/// An attempt a runner holds, and whether it acknowledged the assignment yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldStep {
+    pub execution_id: Uuid,
+    pub acknowledged: bool,
+    pub assigned_at: DateTime<Utc>,
+    /// The attempt must end by then; heartbeats never extend its lease past it.
+    pub deadline: DateTime<Utc>,
+}
+
+/// One attached runner.
+pub struct AttachedRunner {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Agent types by their short names (`CODE`, `API`, …).
+    pub agent_types: HashSet<String>,
+    pub capacity: usize,
+    pub owner: RunnerOwner,
+    pub version: String,
+    pub connected_at: DateTime<Utc>,
+    sender: RunnerSender,
+    state: Mutex<RunnerState>,
+}
+
+#[derive(Default)]
+struct RunnerState {
+    held: HashMap<AttemptKey, HeldStep>,
+    draining: bool,
+    last_heartbeat_at: Option<DateTime<Utc>>,
+}
+
+/// What the dispatcher needs to know of a queue item to place it.
+pub struct Placement<'a> {
+    pub owner_id: Uuid,
+    pub agent_type: &'a str,
+    pub required_labels: &'a BTreeMap<String, String>,
+}
+
+impl AttachedRunner {
+    #[expect(clippy::too_many_arguments, reason = "one field of the hello each")]
+    pub fn new(
+        id: String,
+        name: String,
+        labels: BTreeMap<String, String>,
+        agent_types: HashSet<String>,
+        capacity: usize,
+        owner: RunnerOwner,
+        version: String,
+        sender: RunnerSender,
+    ) -> Self {
+        Self {
+            id,
+            name,
+            labels,
+            agent_types,
+            capacity,
+            owner,
+            version,
+            connected_at: Utc::now(),
+            sender,
+            state: Mutex::new(RunnerState::default()),
+        }
+    }
+
+    /// Whether this runner may and can take the item (ignoring free slots).
+    pub fn accepts(&self, placement: &Placement<'_>) -> bool {
+        let owner_ok = match self.owner {
+            RunnerOwner::Shared => true,
+            RunnerOwner::User(user_id) => user_id == placement.owner_id,
+        };
+        owner_ok
+            && self.agent_types.contains(placement.agent_type)
+            && placement.required_labels.iter().all(|(key, value)| {
+                self.labels.get(key).is_some_and(|have| value.is_empty() || have == value)
+            })
+    }
+
+    /// Slots not taken by held attempts; none while draining.
+    pub fn free_slots(&self) -> usize {
+        let Ok(state) = self.state.lock() else { return 0 };
+        if state.draining {
+            return 0;
+        }
+        self.capacity.saturating_sub(state.held.len())
+    }
+
+    pub fn load(&self) -> usize {
+        self.state.lock().map(|state| state.held.len()).unwrap_or(0)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.state.lock().map(|state| state.draining).unwrap_or(true)
+    }
+
+    pub fn last_heartbeat_at(&self) -> Option<DateTime<Utc>> {
+        self.state.lock().ok().and_then(|state| state.last_heartbeat_at)
+    }
+
+    /// Takes a slot for `key`; `false` when no slot is free (the dispatcher raced itself).
+    pub fn hold(&self, key: AttemptKey, execution_id: Uuid, deadline: DateTime<Utc>) -> bool {
+        let Ok(mut state) = self.state.lock() else { return false };
+        if state.draining || state.held.len() >= self.capacity {
+            return false;
+        }
+        let held =
+            HeldStep { execution_id, acknowledged: false, assigned_at: Utc::now(), deadline };
+        state.held.insert(key, held);
+        true
+    }
+
+    /// Keeps an attempt the runner still ran when it reconnected.
+    pub fn keep(&self, key: AttemptKey, execution_id: Uuid, deadline: DateTime<Utc>) {
+        if let Ok(mut state) = self.state.lock() {
+            let held =
+                HeldStep { execution_id, acknowledged: true, assigned_at: Utc::now(), deadline };
+            state.held.insert(key, held);
+        }
+    }
+
+    /// Frees the slot of `key`; `true` when it was held.
+    pub fn release(&self, key: AttemptKey) -> bool {
+        self.state.lock().map(|mut state| state.held.remove(&key).is_some()).unwrap_or(false)
+    }
+
+    pub fn held(&self, key: AttemptKey) -> Option<HeldStep> {
+        self.state.lock().ok().and_then(|state| state.held.get(&key).copied())
+    }
+
+    pub fn held_keys(&self) -> Vec<AttemptKey> {
+        self.state.lock().map(|state| state.held.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// Marks the assignment of `key` acknowledged; `false` when the runner does not hold it.
+    pub fn acknowledge(&self, key: AttemptKey) -> bool {
+        let Ok(mut state) = self.state.lock() else { return false };
+        match state.held.get_mut(&key) {
+            Some(held) => {
+                held.acknowledged = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn set_draining(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.draining = true;
+        }
+    }
+
+    pub fn record_heartbeat(&self, at: DateTime<Utc>) {
+        if let Ok(mut state) = self.state.lock() {
+            state.last_heartbeat_at = Some(at);
+        }
+    }
+
+    /// Sends a message down the runner's stream; `false` when the stream is gone.
+    pub async fn send(&self, message: pb::attach_response::Message) -> bool {
+        self.sender.send(Ok(pb::AttachResponse { message: Some(message) })).await.is_ok()
+    }
+
+    /// The runner as `ListRunners` shows it.
+    pub fn to_proto(&self) -> pb::Runner {
+        let mut agent_types: Vec<i32> = self
+            .agent_types
+            .iter()
+            .filter_map(|name| pb::AgentType::from_str_name(&format!("AGENT_TYPE_{name}")))
+            .map(|agent_type| agent_type as i32)
+            .collect();
+        agent_types.sort_unstable();
+        pb::Runner {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            labels: self.labels.iter().map(|(key, value)| (key.clone(), value.clone())).collect(),
+            agent_types,
+            capacity: i32::try_from(self.capacity).unwrap_or(i32::MAX),
+            load: i32::try_from(self.load()).unwrap_or(i32::MAX),
+            draining: self.is_draining(),
+            owner_id: match self.owner {
+                RunnerOwner::Shared => String::new(),
+                RunnerOwner::User(user_id) => user_id.to_string(),
+            },
+            connected_at: Some(crate::service::convert::timestamp(self.connected_at)),
+            last_heartbeat_at: self.last_heartbeat_at().map(crate::service::convert::timestamp),
+            runner_version: self.version.clone(),
+        }
+    }
+}
+
+/// Every runner attached to this process.
+#[derive(Default)]
+pub struct RunnerRegistry {
+    runners: RwLock<HashMap<String, Arc<AttachedRunner>>>,
+    /// Woken when capacity may have appeared: a runner attached or a slot was freed.
+    pub capacity_changed: Notify,
+}
+
+impl RunnerRegistry {
+    pub fn attach(&self, runner: Arc<AttachedRunner>) {
+        if let Ok(mut runners) = self.runners.write() {
+            runners.insert(runner.id.clone(), runner);
+        }
+        self.capacity_changed.notify_waiters();
+    }
+
+    /// Removes a runner whose stream ended; returns it with the attempts it still held.
+    pub fn detach(&self, runner_id: &str) -> Option<Arc<AttachedRunner>> {
+        self.runners.write().ok().and_then(|mut runners| runners.remove(runner_id))
+    }
+
+    pub fn get(&self, runner_id: &str) -> Option<Arc<AttachedRunner>> {
+        self.runners.read().ok().and_then(|runners| runners.get(runner_id).cloned())
+    }
+
+    pub fn all(&self) -> Vec<Arc<AttachedRunner>> {
+        let mut runners: Vec<Arc<AttachedRunner>> = self
+            .runners
+            .read()
+            .map(|runners| runners.values().cloned().collect())
+            .unwrap_or_default();
+        runners.sort_by_key(|runner| runner.connected_at);
+        runners
+    }
+
+    /// The least loaded runner that accepts the placement and has a free slot.
+    pub fn pick(&self, placement: &Placement<'_>) -> Option<Arc<AttachedRunner>> {
+        self.all()
+            .into_iter()
+            .filter(|runner| runner.accepts(placement))
+            .filter_map(|runner| {
+                let free = runner.free_slots();
+                (free > 0).then_some((free, runner))
+            })
+            .max_by_key(|(free, _)| *free)
+            .map(|(_, runner)| runner)
+    }
+
+    /// Whether any runner here could ever take the placement (free slots or not).
+    pub fn any_accepts(&self, placement: &Placement<'_>) -> bool {
+        self.all().iter().any(|runner| runner.accepts(placement))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runner(
+        id: &str,
+        owner: RunnerOwner,
+        labels: &[(&str, &str)],
+        capacity: usize,
+    ) -> AttachedRunner {
+        let (sender, _receiver) = mpsc::channel(1);
+        AttachedRunner::new(
+            id.into(),
+            id.into(),
+            labels.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())).collect(),
+            ["CODE".to_owned()].into(),
+            capacity,
+            owner,
+            "test".into(),
+            sender,
+        )
+    }
+
+    #[test]
+    fn placement_follows_owner_labels_types_and_slots() {
+        let user = Uuid::new_v4();
+        let registry = RunnerRegistry::default();
+        registry.attach(Arc::new(runner("mine", RunnerOwner::User(user), &[("region", "eu")], 1)));
+        registry.attach(Arc::new(runner("shared", RunnerOwner::Shared, &[("gpu", "")], 2)));
+        let none = BTreeMap::new();
+        let gpu: BTreeMap<String, String> = [("gpu".to_owned(), String::new())].into();
+        let eu: BTreeMap<String, String> = [("region".to_owned(), "eu".to_owned())].into();
+        let us: BTreeMap<String, String> = [("region".to_owned(), "us".to_owned())].into();
+        let place = |owner_id, agent_type, labels| Placement {
+            owner_id,
+            agent_type,
+            required_labels: labels,
+        };
+        assert_eq!(
+            registry.pick(&place(user, "CODE", &gpu)).map(|r| r.id.clone()),
+            Some("shared".into())
+        );
+        assert_eq!(
+            registry.pick(&place(user, "CODE", &eu)).map(|r| r.id.clone()),
+            Some("mine".into())
+        );
+        assert!(registry.pick(&place(Uuid::new_v4(), "CODE", &eu)).is_none(), "not the owner");
+        assert!(registry.pick(&place(user, "CODE", &us)).is_none(), "label value differs");
+        assert!(registry.pick(&place(user, "LLM", &none)).is_none(), "type not supported");
+
+        let mine = registry.get("mine").expect("mine");
+        let key = AttemptKey { step_run_id: Uuid::new_v4(), attempt: 1 };
+        assert!(mine.hold(key, Uuid::new_v4(), Utc::now()));
+        assert!(
+            !mine.hold(
+                AttemptKey { step_run_id: Uuid::new_v4(), attempt: 1 },
+                Uuid::new_v4(),
+                Utc::now()
+            ),
+            "capacity 1"
+        );
+        assert!(registry.pick(&place(user, "CODE", &eu)).is_none(), "no free slot");
+        assert!(registry.any_accepts(&place(user, "CODE", &eu)));
+        assert!(mine.release(key));
+        assert_eq!(mine.free_slots(), 1);
+        mine.set_draining();
+        assert_eq!(mine.free_slots(), 0, "a draining runner takes nothing");
+    }
+}

@@ -1,0 +1,432 @@
+//! Moving an execution forward. `advance` looks at an execution as the database has it and
+//! does what is due: start it, queue the steps whose dependencies all succeeded (resolving
+//! their input), finish it when every step succeeded, fail it when a step failed for good,
+//! and stop it on a cancel request or past its deadline. `complete_attempt` records a step's
+//! result and decides on a retry. Both are safe to call any number of times from any replica:
+//! every change is a fenced compare-and-set, so a repeated call changes nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::definition::{ExecutionDefinition, execution_output, retry_backoff};
+use super::mapping;
+use super::{Engine, EngineResult};
+use crate::bus::topics;
+use crate::proto::v1 as pb;
+use crate::queue::{QueueError, QueueItem};
+use crate::store::{
+    AttemptKey, Completion, CompletionOutcome, Execution, ExecutionChange, ExecutionStatus,
+    InFlightStepRun, OwnerScope, StepRun, StepRunStatus, StepTransitionOutcome,
+};
+
+/// The bus topic that carries cancels to the replica a runner is attached to.
+pub const RUNNER_CANCELS: &str = "runners:cancels";
+
+impl Engine {
+    /// Does what is due for one execution; see the module comment.
+    pub async fn advance(self: &Arc<Self>, execution_id: Uuid) -> EngineResult<()> {
+        let (execution, steps) =
+            self.store.get_execution_with_steps(OwnerScope::All, execution_id).await?;
+        if execution.status.is_finished() {
+            return Ok(());
+        }
+        let now = Utc::now();
+        if execution.cancel_requested_at.is_some() {
+            return self
+                .finish_early(&execution, ExecutionStatus::Cancelled, "cancelled on request")
+                .await;
+        }
+        if execution.deadline_at.is_some_and(|deadline| deadline <= now) {
+            return self
+                .finish_early(
+                    &execution,
+                    ExecutionStatus::TimedOut,
+                    "the execution ran past its timeout",
+                )
+                .await;
+        }
+        let definition = match ExecutionDefinition::parse(&execution.definition) {
+            Ok(definition) => definition,
+            Err(problem) => {
+                let error = format!("the execution's definition is unusable: {problem}");
+                return self.finish_early(&execution, ExecutionStatus::Failed, &error).await;
+            }
+        };
+        if execution.status == ExecutionStatus::Queued {
+            let change = ExecutionChange {
+                started_at: Some(now),
+                ..ExecutionChange::new(ExecutionStatus::Running, now)
+            };
+            if self
+                .store
+                .transition_execution(execution.id, &[ExecutionStatus::Queued], change)
+                .await?
+            {
+                self.publish_execution(execution.id).await;
+            }
+        }
+
+        if let Some(failed) = steps.iter().find(|step| {
+            matches!(
+                step.status,
+                StepRunStatus::Failed | StepRunStatus::TimedOut | StepRunStatus::Cancelled
+            )
+        }) {
+            let what = match failed.status {
+                StepRunStatus::TimedOut => "timed out",
+                StepRunStatus::Cancelled => "was cancelled",
+                _ => "failed",
+            };
+            let mut error = format!("step {} {what}", failed.step_key);
+            if let Some(last_error) = failed.error.as_deref().filter(|text| !text.is_empty()) {
+                error.push_str(": ");
+                error.push_str(last_error);
+            }
+            return self.finish_early(&execution, ExecutionStatus::Failed, &error).await;
+        }
+
+        let outputs: HashMap<String, Value> = steps
+            .iter()
+            .filter(|step| step.status == StepRunStatus::Succeeded)
+            .map(|step| (step.step_key.clone(), step.output.clone().unwrap_or(Value::Null)))
+            .collect();
+        if outputs.len() == steps.len() {
+            let output = execution_output(&definition.sink_keys(), &outputs);
+            let change = ExecutionChange {
+                output: Some(output),
+                finished_at: Some(now),
+                ..ExecutionChange::new(ExecutionStatus::Succeeded, now)
+            };
+            if self
+                .store
+                .transition_execution(execution.id, ExecutionStatus::UNFINISHED, change)
+                .await?
+            {
+                self.publish_execution(execution.id).await;
+            }
+            return Ok(());
+        }
+
+        let scope = step_scope(&execution.input, &outputs);
+        for step in steps.iter().filter(|step| step.status == StepRunStatus::Pending) {
+            let Some(step_definition) = definition.step(&step.step_key) else {
+                let error = format!("step {} is missing from the definition", step.step_key);
+                return self.finish_early(&execution, ExecutionStatus::Failed, &error).await;
+            };
+            let input = match step.next_attempt_at {
+                // A retry: its input was resolved for the first attempt.
+                Some(ready_at) if ready_at > now => {
+                    self.wake_at(execution.id, ready_at);
+                    continue;
+                }
+                Some(_) => None,
+                None => {
+                    let dependencies_done = step_definition
+                        .depends_on
+                        .iter()
+                        .all(|dependency| outputs.contains_key(dependency));
+                    if !dependencies_done {
+                        continue;
+                    }
+                    // No mapping (absent, or JSON null): the step receives the execution input.
+                    let mapping_json = step_definition
+                        .input_mapping
+                        .as_ref()
+                        .map(crate::service::convert::value_to_json)
+                        .filter(|mapping_json| !mapping_json.is_null());
+                    let resolved = match &mapping_json {
+                        None => Ok(execution.input.clone()),
+                        Some(mapping_json) => mapping::render(mapping_json, &scope),
+                    };
+                    match resolved {
+                        Ok(input) => {
+                            let size = input.to_string().len();
+                            if size > self.settings.max_payload_bytes {
+                                let error = format!(
+                                    "step {}: its input is {size} bytes, larger than the limit of \
+                                     {} bytes",
+                                    step.step_key, self.settings.max_payload_bytes
+                                );
+                                return self
+                                    .finish_early(&execution, ExecutionStatus::Failed, &error)
+                                    .await;
+                            }
+                            Some(input)
+                        }
+                        Err(error) => {
+                            let error = format!("step {}: input mapping: {error}", step.step_key);
+                            return self
+                                .finish_early(&execution, ExecutionStatus::Failed, &error)
+                                .await;
+                        }
+                    }
+                }
+            };
+            if let StepTransitionOutcome::Applied(queued) =
+                self.store.mark_step_queued(step.attempt_key(), input, now).await?
+            {
+                self.publish_step(&queued).await;
+                self.enqueue(&execution, &definition, &queued).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends an execution CANCELLED with `reason` (its cancel request is already recorded);
+    /// `false` when it had finished already.
+    pub async fn cancel(self: &Arc<Self>, execution_id: Uuid, reason: &str) -> EngineResult<bool> {
+        let execution = self.store.get_execution(OwnerScope::All, execution_id).await?;
+        if execution.status.is_finished() {
+            return Ok(false);
+        }
+        self.finish_early(&execution, ExecutionStatus::Cancelled, reason).await?;
+        Ok(true)
+    }
+
+    /// Records the result of an attempt and moves the execution on. A failure that may be
+    /// retried and has attempts left goes back to PENDING with its backoff; anything else is
+    /// final. Duplicate and stale reports change nothing.
+    pub async fn complete_attempt(
+        self: &Arc<Self>,
+        key: AttemptKey,
+        completion: Completion,
+    ) -> EngineResult<CompletionOutcome> {
+        let now = Utc::now();
+        let retryable = match &completion {
+            Completion::Failed { retryable, .. } => *retryable,
+            Completion::TimedOut => true,
+            Completion::Succeeded { .. } | Completion::Cancelled => false,
+        };
+        let outcome = self.store.complete_step(key, completion, now).await?;
+        let CompletionOutcome::Applied(step_run) = &outcome else { return Ok(outcome) };
+        self.leases.forget(key).await;
+        self.publish_step(step_run).await;
+        if retryable && step_run.user_attempts_used() < step_run.max_attempts {
+            let execution =
+                self.store.get_execution(OwnerScope::All, step_run.execution_id).await?;
+            let policy =
+                ExecutionDefinition::parse(&execution.definition).ok().and_then(|definition| {
+                    definition.step(&step_run.step_key).and_then(|step| step.retry_policy)
+                });
+            let ready_at = now
+                + chrono::Duration::from_std(retry_backoff(policy.as_ref(), key.attempt + 1))
+                    .unwrap_or_else(|_| chrono::Duration::seconds(1));
+            if let StepTransitionOutcome::Applied(waiting) =
+                self.store.schedule_retry(key, ready_at, now).await?
+            {
+                self.publish_step(&waiting).await;
+                self.log_system(
+                    &waiting,
+                    format!(
+                        "attempt {} failed; attempt {} starts at {ready_at}",
+                        key.attempt, waiting.attempt
+                    ),
+                )
+                .await;
+                self.wake_at(step_run.execution_id, ready_at);
+                return Ok(outcome);
+            }
+        }
+        self.advance(step_run.execution_id).await?;
+        Ok(outcome)
+    }
+
+    /// Ends an unfinished execution early: cancels its unfinished steps (telling the runners
+    /// that hold them) and records `status` with `error`.
+    pub(super) async fn finish_early(
+        self: &Arc<Self>,
+        execution: &Execution,
+        status: ExecutionStatus,
+        error: &str,
+    ) -> EngineResult<()> {
+        let now = Utc::now();
+        let in_flight = self.store.cancel_pending_steps(execution.id, now).await?;
+        for held in &in_flight {
+            self.send_cancel(held, error).await;
+        }
+        for step in self.store.list_step_runs(execution.id).await? {
+            if step.status == StepRunStatus::Cancelled {
+                let _ = self.queue.remove(crate::queue::QueueKey::new(step.id, step.attempt)).await;
+                self.publish_step(&step).await;
+            }
+        }
+        let change = ExecutionChange {
+            error: Some(error.to_owned()),
+            finished_at: Some(now),
+            ..ExecutionChange::new(status, now)
+        };
+        if self
+            .store
+            .transition_execution(execution.id, ExecutionStatus::UNFINISHED, change)
+            .await?
+        {
+            self.publish_execution(execution.id).await;
+        }
+        Ok(())
+    }
+
+    /// Tells the runner holding an attempt to stop it: directly when it is attached here,
+    /// through the bus otherwise.
+    pub(super) async fn send_cancel(&self, held: &InFlightStepRun, reason: &str) {
+        let key = AttemptKey { step_run_id: held.step_run_id, attempt: held.attempt };
+        self.leases.forget(key).await;
+        if let Some(runner) = self.runners.get(&held.runner_id) {
+            self.cancel_on_runner(&runner, key, reason).await;
+            return;
+        }
+        let message = json!({
+            "runnerId": held.runner_id,
+            "stepRunId": held.step_run_id,
+            "attempt": held.attempt,
+            "reason": reason,
+        });
+        if let Err(error) = self.bus.publish(RUNNER_CANCELS, message).await {
+            tracing::warn!(%error, "could not relay a cancel to another replica");
+        }
+    }
+
+    pub(super) async fn cancel_on_runner(
+        &self,
+        runner: &super::runners::AttachedRunner,
+        key: AttemptKey,
+        reason: &str,
+    ) {
+        runner.release(key);
+        self.runners.capacity_changed.notify_waiters();
+        let cancel = pb::CancelStep { step: Some(step_ref(key)), reason: reason.to_owned() };
+        let _ = runner.send(pb::attach_response::Message::Cancel(cancel)).await;
+    }
+
+    /// Forwards cancels published by other replicas to the runners attached here.
+    pub(super) async fn relay_cancels(self: Arc<Self>) {
+        loop {
+            let mut stream = match self.bus.subscribe(RUNNER_CANCELS).await {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot subscribe to runner cancels; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            while let Some(message) = futures::StreamExt::next(&mut stream).await {
+                let Some(payload) = message.payload() else { continue };
+                let runner_id = payload["runnerId"].as_str().unwrap_or_default();
+                let Some(runner) = self.runners.get(runner_id) else { continue };
+                let parsed = payload["stepRunId"]
+                    .as_str()
+                    .and_then(|text| Uuid::parse_str(text).ok())
+                    .zip(payload["attempt"].as_i64().and_then(|n| i32::try_from(n).ok()));
+                if let Some((step_run_id, attempt)) = parsed {
+                    let reason = payload["reason"].as_str().unwrap_or("cancelled");
+                    self.cancel_on_runner(&runner, AttemptKey { step_run_id, attempt }, reason)
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Puts a QUEUED step run in the ready queue. A full queue leaves it QUEUED in the
+    /// database; the reconciler offers it again later.
+    pub(super) async fn enqueue(
+        &self,
+        execution: &Execution,
+        definition: &ExecutionDefinition,
+        step_run: &StepRun,
+    ) -> EngineResult<()> {
+        let Some(step) = definition.step(&step_run.step_key) else { return Ok(()) };
+        let agent_type = definition
+            .agent_of(step)
+            .and_then(|agent| pb::AgentType::try_from(agent.r#type).ok())
+            .map(|agent_type| agent_type_name(agent_type).to_owned())
+            .unwrap_or_default();
+        let item = QueueItem {
+            step_run_id: step_run.id,
+            attempt: step_run.attempt,
+            execution_id: execution.id,
+            owner_id: execution.owner_id,
+            priority: execution
+                .priority
+                .clamp(crate::queue::MIN_PRIORITY, crate::queue::MAX_PRIORITY),
+            enqueued_at: step_run.queued_at.unwrap_or_else(Utc::now),
+            agent_type,
+            required_labels: ExecutionDefinition::required_labels(step),
+        };
+        match self.queue.enqueue(item).await {
+            Ok(_) => Ok(()),
+            Err(QueueError::Full { max_len }) => {
+                tracing::warn!(max_len, step_run_id = %step_run.id, "the queue is full; the reconciler will offer the step again");
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Advances the execution again at `at` (a retry's backoff ends). The reconciler does the
+    /// same if this process stops before then.
+    pub(super) fn wake_at(self: &Arc<Self>, execution_id: Uuid, at: DateTime<Utc>) {
+        let engine = self.clone();
+        let delay = (at - Utc::now()).to_std().unwrap_or_default();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Err(error) = engine.advance(execution_id).await {
+                tracing::warn!(%error, %execution_id, "advancing after a backoff failed; the reconciler will retry");
+            }
+        });
+    }
+
+    /// Tells watchers that a step run changed.
+    pub(super) async fn publish_step(&self, step_run: &StepRun) {
+        let event = json!({ "kind": "step", "stepRunId": step_run.id, "attempt": step_run.attempt, "status": step_run.status.as_str() });
+        self.publish(step_run.execution_id, event).await;
+    }
+
+    /// Tells watchers that the execution changed status.
+    pub(super) async fn publish_execution(&self, execution_id: Uuid) {
+        self.publish(execution_id, json!({ "kind": "execution" })).await;
+    }
+
+    pub(super) async fn publish(&self, execution_id: Uuid, event: Value) {
+        if let Err(error) = self.bus.publish(&topics::execution(execution_id), event).await {
+            tracing::debug!(%error, "could not publish an execution event");
+        }
+    }
+
+    /// Writes a log line of the engine's own about a step.
+    pub(super) async fn log_system(&self, step_run: &StepRun, message: String) {
+        let line = crate::store::NewExecutionLog {
+            execution_id: step_run.execution_id,
+            step_run_id: Some(step_run.id),
+            attempt: Some(step_run.attempt),
+            level: crate::store::ExecutionLogLevel::Info,
+            source: crate::store::ExecutionLogSource::System,
+            message,
+            fields: None,
+            created_at: Utc::now(),
+        };
+        if let Err(error) = self.store.append_execution_logs(vec![line]).await {
+            tracing::warn!(%error, "could not write an engine log line");
+        }
+        self.publish(step_run.execution_id, json!({ "kind": "log" })).await;
+    }
+}
+
+/// The scope step input mappings render against.
+fn step_scope(input: &Value, outputs: &HashMap<String, Value>) -> Value {
+    let steps: serde_json::Map<String, Value> =
+        outputs.iter().map(|(key, output)| (key.clone(), json!({ "output": output }))).collect();
+    json!({ "input": input, "steps": steps })
+}
+
+/// `CODE`, `API`, … as queue items and runner hellos name agent types.
+pub fn agent_type_name(agent_type: pb::AgentType) -> &'static str {
+    let name = agent_type.as_str_name();
+    name.strip_prefix("AGENT_TYPE_").unwrap_or(name)
+}
+
+pub(super) fn step_ref(key: AttemptKey) -> pb::StepRef {
+    pb::StepRef { step_run_id: key.step_run_id.to_string(), attempt: key.attempt }
+}

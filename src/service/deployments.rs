@@ -1,0 +1,1057 @@
+//! Deployments: a workflow or an agent bound to a trigger (manual, cron, signed webhook) in an
+//! environment; create, read, change, delete, start, stop and the combined log of lifecycle
+//! events and execution log lines.
+//! May call: the store, the audit trail and the cron schedules of the engine.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::audit::{self, Actor, AuditEvent};
+use super::convert;
+use super::validate::{
+    MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
+};
+use crate::api::AppContext;
+use crate::auth::caller::{Access, Caller, ClientInfo};
+use crate::engine::schedule::{self, Schedule};
+use crate::error::{ServiceError, ServiceResult};
+use crate::proto::json;
+use crate::proto::v1 as pb;
+use crate::store::{
+    Deployment, DeploymentChanges, DeploymentEnvironment, DeploymentEvent, DeploymentEventKind,
+    DeploymentFilter, DeploymentSortField, DeploymentStatus, DeploymentTarget, DeploymentTrigger,
+    DeploymentTriggerType, ExecutionFilter, ExecutionLog, ExecutionLogFilter, ExecutionLogLevel,
+    NewDeployment, NewDeploymentEvent, OwnerScope, PageRequest, SortOrder, StoreError,
+};
+
+/// The longest search text of a list.
+const MAX_SEARCH_CHARS: usize = 200;
+/// The most environment values a deployment carries.
+pub const MAX_ENVIRONMENT_VALUES: usize = 100;
+/// The longest environment value.
+pub const MAX_ENVIRONMENT_VALUE_CHARS: usize = 4_096;
+/// The largest configuration, as compact JSON.
+pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
+/// Random bytes in a webhook secret (shown as 64 hex digits).
+const WEBHOOK_SECRET_BYTES: usize = 32;
+/// The most entries the deployment log reads to merge one page. Past it, the log keeps the
+/// lifecycle events and the lines of the newest executions that fit.
+pub const MAX_MERGED_LOG_ENTRIES: usize = 20_000;
+/// Rows read per store call while merging the log.
+const LOG_READ_BATCH: u32 = 100;
+
+/// The JSON name of the deployment message, for decoding and encoding stored configs.
+const CONFIG_MESSAGE: &str = "turbocat.v1.DeploymentConfig";
+
+/// The sort keys of the deployments list, by their JSON names.
+const DEPLOYMENT_SORT_FIELDS: &[(&str, DeploymentSortField)] = &[
+    ("name", DeploymentSortField::Name),
+    ("createdAt", DeploymentSortField::CreatedAt),
+    ("updatedAt", DeploymentSortField::UpdatedAt),
+    ("status", DeploymentSortField::Status),
+    ("environment", DeploymentSortField::Environment),
+];
+
+/// A field `UpdateDeployment` may change, named by the update mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum DeploymentField {
+    Name,
+    Description,
+    WorkflowId,
+    AgentId,
+    Environment,
+    Config,
+    Trigger,
+}
+
+impl DeploymentField {
+    /// Accepts the JSON name (`workflowId`) and the proto name (`workflow_id`).
+    fn from_path(path: &str) -> Option<Self> {
+        match path.trim() {
+            "name" => Some(Self::Name),
+            "description" => Some(Self::Description),
+            "workflowId" | "workflow_id" => Some(Self::WorkflowId),
+            "agentId" | "agent_id" => Some(Self::AgentId),
+            "environment" => Some(Self::Environment),
+            "config" => Some(Self::Config),
+            "trigger" => Some(Self::Trigger),
+            _ => None,
+        }
+    }
+}
+
+/// The fields `UpdateDeployment` may change, by their JSON names.
+const UPDATABLE_FIELDS: &str =
+    "name, description, workflowId, agentId, environment, config, trigger";
+
+// ---------------------------------------------------------------------------------------------
+// Conversions
+// ---------------------------------------------------------------------------------------------
+
+/// The path a webhook deployment is triggered at.
+pub fn webhook_path(deployment_id: Uuid) -> String {
+    format!("/api/v1/webhooks/{deployment_id}")
+}
+
+fn environment_to_proto(environment: DeploymentEnvironment) -> pb::DeploymentEnvironment {
+    match environment {
+        DeploymentEnvironment::Development => pb::DeploymentEnvironment::Development,
+        DeploymentEnvironment::Staging => pb::DeploymentEnvironment::Staging,
+        DeploymentEnvironment::Production => pb::DeploymentEnvironment::Production,
+    }
+}
+
+/// `None` for UNSPECIFIED and unknown numbers.
+fn environment_from_proto(number: i32) -> Option<DeploymentEnvironment> {
+    match pb::DeploymentEnvironment::try_from(number).ok()? {
+        pb::DeploymentEnvironment::Development => Some(DeploymentEnvironment::Development),
+        pb::DeploymentEnvironment::Staging => Some(DeploymentEnvironment::Staging),
+        pb::DeploymentEnvironment::Production => Some(DeploymentEnvironment::Production),
+        pb::DeploymentEnvironment::Unspecified => None,
+    }
+}
+
+fn status_to_proto(status: DeploymentStatus) -> pb::DeploymentStatus {
+    match status {
+        DeploymentStatus::Stopped => pb::DeploymentStatus::Stopped,
+        DeploymentStatus::Running => pb::DeploymentStatus::Running,
+        DeploymentStatus::Failed => pb::DeploymentStatus::Failed,
+    }
+}
+
+fn status_from_proto(number: i32) -> Option<DeploymentStatus> {
+    match pb::DeploymentStatus::try_from(number).ok()? {
+        pb::DeploymentStatus::Stopped => Some(DeploymentStatus::Stopped),
+        pb::DeploymentStatus::Running => Some(DeploymentStatus::Running),
+        pb::DeploymentStatus::Failed => Some(DeploymentStatus::Failed),
+        pb::DeploymentStatus::Unspecified => None,
+    }
+}
+
+fn trigger_type_from_proto(number: i32) -> Option<DeploymentTriggerType> {
+    match pb::TriggerType::try_from(number).ok()? {
+        pb::TriggerType::Manual => Some(DeploymentTriggerType::Manual),
+        pb::TriggerType::Cron => Some(DeploymentTriggerType::Cron),
+        pb::TriggerType::Webhook => Some(DeploymentTriggerType::Webhook),
+        pb::TriggerType::Unspecified => None,
+    }
+}
+
+/// The trigger as the API shows it: the webhook secret only to the deployment's owner.
+fn trigger_to_proto(deployment: &Deployment, show_secret: bool) -> pb::DeploymentTrigger {
+    match &deployment.trigger {
+        DeploymentTrigger::Manual => {
+            pb::DeploymentTrigger { r#type: pb::TriggerType::Manual.into(), ..Default::default() }
+        }
+        DeploymentTrigger::Cron { expression, timezone } => pb::DeploymentTrigger {
+            r#type: pb::TriggerType::Cron.into(),
+            cron_expression: expression.clone(),
+            timezone: timezone.clone(),
+            ..Default::default()
+        },
+        DeploymentTrigger::Webhook { secret } => pb::DeploymentTrigger {
+            r#type: pb::TriggerType::Webhook.into(),
+            webhook_secret: if show_secret { secret.clone() } else { String::new() },
+            webhook_path: webhook_path(deployment.id),
+            ..Default::default()
+        },
+    }
+}
+
+/// The stored configuration as its message; a stored value that does not decode shows empty.
+pub fn config_from_json(config: &Value) -> pb::DeploymentConfig {
+    json::decode::<pb::DeploymentConfig>(CONFIG_MESSAGE, config.clone()).unwrap_or_default()
+}
+
+/// A deployment as the API shows it to `caller`.
+pub fn deployment_to_proto(deployment: &Deployment, caller: &Caller) -> pb::Deployment {
+    let show_secret = deployment.owner_id == caller.user_id;
+    pb::Deployment {
+        id: deployment.id.to_string(),
+        owner_id: deployment.owner_id.to_string(),
+        name: deployment.name.clone(),
+        description: deployment.description.clone(),
+        workflow_id: deployment.target.workflow_id().map(|id| id.to_string()).unwrap_or_default(),
+        agent_id: deployment.target.agent_id().map(|id| id.to_string()).unwrap_or_default(),
+        environment: environment_to_proto(deployment.environment).into(),
+        config: Some(config_from_json(&deployment.config)),
+        trigger: Some(trigger_to_proto(deployment, show_secret)),
+        status: status_to_proto(deployment.status).into(),
+        last_triggered_at: convert::optional_timestamp(deployment.last_triggered_at),
+        next_run_at: convert::optional_timestamp(deployment.next_run_at),
+        version: i32::try_from(deployment.version).unwrap_or(i32::MAX),
+        created_at: Some(convert::timestamp(deployment.created_at)),
+        updated_at: Some(convert::timestamp(deployment.updated_at)),
+    }
+}
+
+/// What the audit trail keeps of a deployment: never the webhook secret.
+fn audit_snapshot(deployment: &Deployment) -> Value {
+    let trigger = match &deployment.trigger {
+        DeploymentTrigger::Manual => json!({ "type": "MANUAL" }),
+        DeploymentTrigger::Cron { expression, timezone } => {
+            json!({ "type": "CRON", "cronExpression": expression, "timezone": timezone })
+        }
+        DeploymentTrigger::Webhook { .. } => json!({ "type": "WEBHOOK" }),
+    };
+    json!({
+        "name": deployment.name,
+        "description": deployment.description,
+        "workflowId": deployment.target.workflow_id(),
+        "agentId": deployment.target.agent_id(),
+        "environment": deployment.environment.as_str(),
+        "trigger": trigger,
+        "status": deployment.status.as_str(),
+        "version": deployment.version,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input checks
+// ---------------------------------------------------------------------------------------------
+
+/// A fresh webhook secret: 32 random bytes from the operating system's generator, as hex.
+fn new_webhook_secret() -> String {
+    let mut bytes = [0u8; WEBHOOK_SECRET_BYTES];
+    rand::Rng::fill(&mut rand::rng(), &mut bytes);
+    hex::encode(bytes)
+}
+
+fn is_environment_name(name: &str) -> bool {
+    let mut characters = name.chars();
+    characters.next().is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
+        && characters.all(|character| character.is_ascii_alphanumeric() || character == '_')
+}
+
+/// Checks a configuration and returns it as stored JSON (`{}` when absent).
+fn check_config(validator: &mut Validator, config: Option<&pb::DeploymentConfig>) -> Value {
+    let Some(config) = config else {
+        return json::encode(CONFIG_MESSAGE, &pb::DeploymentConfig::default());
+    };
+    if config.environment_values.len() > MAX_ENVIRONMENT_VALUES {
+        validator.error(
+            "config.environmentValues",
+            format!("must hold at most {MAX_ENVIRONMENT_VALUES} values"),
+        );
+    }
+    let mut names: Vec<&String> = config.environment_values.keys().collect();
+    names.sort();
+    for name in names {
+        let field = format!("config.environmentValues.{name}");
+        if !is_environment_name(name) || name.len() > 128 {
+            validator.error(
+                &field,
+                "names must be letters, digits and _, not starting with a digit (at most 128)",
+            );
+        }
+        let value = &config.environment_values[name];
+        validator.max_chars(&field, value, MAX_ENVIRONMENT_VALUE_CHARS);
+    }
+    let stored = json::encode(CONFIG_MESSAGE, config);
+    if stored.to_string().len() > MAX_CONFIG_BYTES {
+        validator.error("config", format!("must be at most {MAX_CONFIG_BYTES} bytes of JSON"));
+    }
+    stored
+}
+
+/// What a request's trigger asks for, before a webhook secret is chosen.
+enum RequestedTrigger {
+    Manual,
+    Cron { expression: String, timezone: String },
+    Webhook,
+}
+
+fn check_trigger(
+    validator: &mut Validator,
+    trigger: Option<&pb::DeploymentTrigger>,
+) -> Option<RequestedTrigger> {
+    let Some(trigger) = trigger else {
+        validator.error("trigger", "is required: MANUAL, CRON or WEBHOOK");
+        return None;
+    };
+    let trigger_type = trigger_type_from_proto(trigger.r#type);
+    if trigger_type != Some(DeploymentTriggerType::Cron) {
+        if !trigger.cron_expression.trim().is_empty() {
+            validator.error("trigger.cronExpression", "is only for CRON triggers");
+        }
+        if !trigger.timezone.trim().is_empty() {
+            validator.error("trigger.timezone", "is only for CRON triggers");
+        }
+    }
+    match trigger_type {
+        None => {
+            validator.error("trigger.type", "must be MANUAL, CRON or WEBHOOK");
+            None
+        }
+        Some(DeploymentTriggerType::Manual) => Some(RequestedTrigger::Manual),
+        Some(DeploymentTriggerType::Webhook) => Some(RequestedTrigger::Webhook),
+        Some(DeploymentTriggerType::Cron) => {
+            let (expression_problem, timezone_problem) =
+                schedule::check(&trigger.cron_expression, &trigger.timezone);
+            if let Some(problem) = &expression_problem {
+                validator.error("trigger.cronExpression", problem.clone());
+            }
+            if let Some(problem) = &timezone_problem {
+                validator.error("trigger.timezone", problem.clone());
+            }
+            if expression_problem.is_some() || timezone_problem.is_some() {
+                return None;
+            }
+            let schedule = Schedule::parse(&trigger.cron_expression, &trigger.timezone).ok()?;
+            Some(RequestedTrigger::Cron {
+                expression: schedule.expression().to_owned(),
+                timezone: schedule.timezone().to_owned(),
+            })
+        }
+    }
+}
+
+/// The stored trigger for a request; a webhook keeps `current_secret` when it has one.
+fn stored_trigger(
+    requested: RequestedTrigger,
+    current: Option<&DeploymentTrigger>,
+) -> DeploymentTrigger {
+    match requested {
+        RequestedTrigger::Manual => DeploymentTrigger::Manual,
+        RequestedTrigger::Cron { expression, timezone } => {
+            DeploymentTrigger::Cron { expression, timezone }
+        }
+        RequestedTrigger::Webhook => match current {
+            Some(DeploymentTrigger::Webhook { secret }) => {
+                DeploymentTrigger::Webhook { secret: secret.clone() }
+            }
+            _ => DeploymentTrigger::Webhook { secret: new_webhook_secret() },
+        },
+    }
+}
+
+fn check_environment(validator: &mut Validator, number: i32) -> Option<DeploymentEnvironment> {
+    if number == 0 {
+        return Some(DeploymentEnvironment::Development);
+    }
+    let environment = environment_from_proto(number);
+    if environment.is_none() {
+        validator.error("environment", "must be DEVELOPMENT, STAGING or PRODUCTION");
+    }
+    environment
+}
+
+/// Reads the target ids: exactly one of `workflowId` and `agentId`.
+fn check_target_ids(
+    validator: &mut Validator,
+    workflow_id: &str,
+    agent_id: &str,
+) -> Option<DeploymentTarget> {
+    let workflow_id = workflow_id.trim();
+    let agent_id = agent_id.trim();
+    match (workflow_id.is_empty(), agent_id.is_empty()) {
+        (true, true) => {
+            validator.error("workflowId", "one of workflowId and agentId is required");
+            None
+        }
+        (false, false) => {
+            validator.error("agentId", "give either workflowId or agentId, not both");
+            None
+        }
+        (false, true) => match Uuid::parse_str(workflow_id) {
+            Ok(id) => Some(DeploymentTarget::Workflow(id)),
+            Err(_) => {
+                validator.error("workflowId", "is not a valid id");
+                None
+            }
+        },
+        (true, false) => match Uuid::parse_str(agent_id) {
+            Ok(id) => Some(DeploymentTarget::Agent(id)),
+            Err(_) => {
+                validator.error("agentId", "is not a valid id");
+                None
+            }
+        },
+    }
+}
+
+/// Checks that the target is a live workflow or agent the caller may see.
+async fn check_target_exists(
+    context: &AppContext,
+    caller: &Caller,
+    target: DeploymentTarget,
+) -> ServiceResult<()> {
+    let scope = caller.owner_scope();
+    let (found, field, what) = match target {
+        DeploymentTarget::Workflow(id) => {
+            (context.store.get_workflow(scope, id).await.map(|_| ()), "workflowId", "workflow")
+        }
+        DeploymentTarget::Agent(id) => {
+            (context.store.get_agent(scope, id).await.map(|_| ()), "agentId", "agent")
+        }
+    };
+    match found {
+        Ok(()) => Ok(()),
+        Err(StoreError::NotFound) => {
+            Err(ServiceError::invalid_field(field, format!("names no {what} of yours")))
+        }
+        Err(error) => Err(ServiceError::from_store(error, what)),
+    }
+}
+
+/// The store's failure to write a deployment whose target vanished meanwhile.
+fn target_store_error(error: StoreError) -> ServiceError {
+    match error {
+        StoreError::ReferenceViolated(what) if what.contains("workflow") => {
+            ServiceError::invalid_field("workflowId", "names no workflow of yours")
+        }
+        StoreError::ReferenceViolated(what) if what.contains("agent") => {
+            ServiceError::invalid_field("agentId", "names no agent of yours")
+        }
+        other => ServiceError::from_store(other, "deployment"),
+    }
+}
+
+async fn load_deployment(
+    context: &AppContext,
+    scope: OwnerScope,
+    deployment_id: Uuid,
+) -> ServiceResult<Deployment> {
+    context
+        .store
+        .get_deployment(scope, deployment_id)
+        .await
+        .map_err(|error| ServiceError::from_store(error, "deployment"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations
+// ---------------------------------------------------------------------------------------------
+
+/// Creates a deployment, `STOPPED`, for the caller. A webhook trigger gets a new secret, shown
+/// in the answer (and to the owner on every read).
+#[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
+pub async fn create_deployment(
+    context: &AppContext,
+    caller: &Caller,
+    client: &ClientInfo,
+    request: pb::CreateDeploymentRequest,
+) -> ServiceResult<pb::CreateDeploymentResponse> {
+    caller.require_user_access(Access::Write)?;
+    let Some(deployment) = request.deployment else {
+        return Err(ServiceError::invalid_field("deployment", "is required"));
+    };
+    let mut validator = Validator::new();
+    validator.required_text("name", &deployment.name, MAX_NAME_CHARS);
+    validator.max_chars("description", &deployment.description, MAX_DESCRIPTION_CHARS);
+    let target = check_target_ids(&mut validator, &deployment.workflow_id, &deployment.agent_id);
+    let environment = check_environment(&mut validator, deployment.environment);
+    let config = check_config(&mut validator, deployment.config.as_ref());
+    let trigger = check_trigger(&mut validator, deployment.trigger.as_ref());
+    if deployment.status != 0 {
+        validator.error("status", "is set by start and stop");
+    }
+    validator.finish()?;
+    let (Some(target), Some(environment), Some(trigger)) = (target, environment, trigger) else {
+        return Err(ServiceError::invalid_field("deployment", "is incomplete"));
+    };
+    check_target_exists(context, caller, target).await?;
+
+    let created = context
+        .store
+        .create_deployment(NewDeployment {
+            owner_id: caller.user_id,
+            name: deployment.name.trim().to_owned(),
+            description: deployment.description.trim().to_owned(),
+            target,
+            environment,
+            config,
+            trigger: stored_trigger(trigger, None),
+        })
+        .await
+        .map_err(target_store_error)?;
+    audit::record(
+        context,
+        Actor::Caller(caller),
+        client,
+        AuditEvent::success("deployment.create", "deployment", Some(created.id.to_string()))
+            .with_changes(json!({ "after": audit_snapshot(&created) })),
+    )
+    .await;
+    Ok(pb::CreateDeploymentResponse { deployment: Some(deployment_to_proto(&created, caller)) })
+}
+
+/// A deployment the caller may see.
+#[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
+pub async fn get_deployment(
+    context: &AppContext,
+    caller: &Caller,
+    request: pb::GetDeploymentRequest,
+) -> ServiceResult<pb::GetDeploymentResponse> {
+    caller.require_user_access(Access::Read)?;
+    let deployment_id = parse_id("deploymentId", &request.deployment_id)?;
+    let deployment = load_deployment(context, caller.owner_scope(), deployment_id).await?;
+    Ok(pb::GetDeploymentResponse { deployment: Some(deployment_to_proto(&deployment, caller)) })
+}
+
+/// The caller's deployments (everyone's for an admin), a page at a time.
+#[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
+pub async fn list_deployments(
+    context: &AppContext,
+    caller: &Caller,
+    request: pb::ListDeploymentsRequest,
+) -> ServiceResult<pb::ListDeploymentsResponse> {
+    caller.require_user_access(Access::Read)?;
+    let mut validator = Validator::new();
+    let page = page_request(&mut validator, request.page, request.page_size);
+    let sort: Option<SortOrder<DeploymentSortField>> =
+        sort_order(&mut validator, &request.sort, DEPLOYMENT_SORT_FIELDS);
+    validator.max_chars("search", &request.search, MAX_SEARCH_CHARS);
+    let status = match request.status {
+        0 => None,
+        number => {
+            let status = status_from_proto(number);
+            if status.is_none() {
+                validator.error("status", "must be STOPPED, RUNNING or FAILED");
+            }
+            status
+        }
+    };
+    let environment = match request.environment {
+        0 => None,
+        number => {
+            let environment = environment_from_proto(number);
+            if environment.is_none() {
+                validator.error("environment", "must be DEVELOPMENT, STAGING or PRODUCTION");
+            }
+            environment
+        }
+    };
+    let trigger_type = match request.trigger_type {
+        0 => None,
+        number => {
+            let trigger_type = trigger_type_from_proto(number);
+            if trigger_type.is_none() {
+                validator.error("triggerType", "must be MANUAL, CRON or WEBHOOK");
+            }
+            trigger_type
+        }
+    };
+    let workflow_id = optional_id(&mut validator, "workflowId", &request.workflow_id);
+    let agent_id = optional_id(&mut validator, "agentId", &request.agent_id);
+    validator.finish()?;
+    let search = Some(request.search.trim().to_owned()).filter(|search| !search.is_empty());
+    let found = context
+        .store
+        .list_deployments(DeploymentFilter {
+            scope: caller.owner_scope(),
+            page,
+            sort,
+            search,
+            status,
+            environment,
+            trigger_type,
+            workflow_id,
+            agent_id,
+        })
+        .await
+        .map_err(|error| ServiceError::from_store(error, "deployment"))?;
+    Ok(pb::ListDeploymentsResponse {
+        deployments: found
+            .items
+            .iter()
+            .map(|deployment| deployment_to_proto(deployment, caller))
+            .collect(),
+        pagination: Some(convert::pagination(page, found.total)),
+    })
+}
+
+fn optional_id(validator: &mut Validator, field: &str, value: &str) -> Option<Uuid> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return None;
+    }
+    match Uuid::parse_str(trimmed) {
+        Ok(id) => Some(id),
+        Err(_) => {
+            validator.error(field, "is not a valid id");
+            None
+        }
+    }
+}
+
+/// Changes the fields the mask names, if `deployment.version` is still current. A running cron
+/// deployment whose trigger changes is rescheduled; a webhook trigger keeps its secret.
+#[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
+pub async fn update_deployment(
+    context: &AppContext,
+    caller: &Caller,
+    client: &ClientInfo,
+    request: pb::UpdateDeploymentRequest,
+) -> ServiceResult<pb::UpdateDeploymentResponse> {
+    caller.require_user_access(Access::Write)?;
+    let Some(deployment) = request.deployment else {
+        return Err(ServiceError::invalid_field("deployment", "is required"));
+    };
+    let deployment_id = parse_id("id", &deployment.id)?;
+    let mut validator = Validator::new();
+    let paths: Vec<String> = request
+        .update_mask
+        .map(|mask| mask.paths)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|path| !path.trim().is_empty())
+        .collect();
+    let mut fields = Vec::new();
+    for path in &paths {
+        match DeploymentField::from_path(path) {
+            Some(field) if !fields.contains(&field) => fields.push(field),
+            Some(_) => {}
+            None => {
+                validator.error(
+                    path.trim(),
+                    format!("cannot be changed here; the fields are {UPDATABLE_FIELDS}"),
+                );
+            }
+        }
+    }
+    if paths.is_empty() {
+        validator.error("updateMask", format!("must name at least one of {UPDATABLE_FIELDS}"));
+    }
+    if deployment.version < 1 {
+        validator.error("version", "is required: send the version you read");
+    }
+    fields.sort();
+    let mut changes = DeploymentChanges::default();
+    let mut requested_trigger = None;
+    let changes_target =
+        fields.contains(&DeploymentField::WorkflowId) || fields.contains(&DeploymentField::AgentId);
+    if changes_target {
+        changes.target =
+            check_target_ids(&mut validator, &deployment.workflow_id, &deployment.agent_id);
+    }
+    for field in &fields {
+        match field {
+            DeploymentField::Name => {
+                validator.required_text("name", &deployment.name, MAX_NAME_CHARS);
+                changes.name = Some(deployment.name.trim().to_owned());
+            }
+            DeploymentField::Description => {
+                validator.max_chars("description", &deployment.description, MAX_DESCRIPTION_CHARS);
+                changes.description = Some(deployment.description.trim().to_owned());
+            }
+            DeploymentField::WorkflowId | DeploymentField::AgentId => {}
+            DeploymentField::Environment => {
+                if deployment.environment == 0 {
+                    validator.error("environment", "must be DEVELOPMENT, STAGING or PRODUCTION");
+                } else {
+                    changes.environment = check_environment(&mut validator, deployment.environment);
+                }
+            }
+            DeploymentField::Config => {
+                changes.config = Some(check_config(&mut validator, deployment.config.as_ref()));
+            }
+            DeploymentField::Trigger => {
+                requested_trigger = check_trigger(&mut validator, deployment.trigger.as_ref());
+            }
+        }
+    }
+    validator.finish()?;
+
+    let scope = caller.owner_scope();
+    let before = load_deployment(context, scope, deployment_id).await?;
+    if let Some(target) = changes.target {
+        check_target_exists(context, caller, target).await?;
+    }
+    let trigger_changed = requested_trigger.is_some();
+    if let Some(requested) = requested_trigger {
+        changes.trigger = Some(stored_trigger(requested, Some(&before.trigger)));
+    }
+    let mut after = context
+        .store
+        .update_deployment(
+            scope,
+            deployment_id,
+            i64::from(deployment.version),
+            changes,
+            Some(caller.user_id),
+        )
+        .await
+        .map_err(target_store_error)?;
+    if trigger_changed && after.status == DeploymentStatus::Running {
+        after = reschedule(context, after).await?;
+    }
+    audit::record(
+        context,
+        Actor::Caller(caller),
+        client,
+        AuditEvent::success("deployment.update", "deployment", Some(after.id.to_string()))
+            .with_changes(
+                json!({ "before": audit_snapshot(&before), "after": audit_snapshot(&after) }),
+            ),
+    )
+    .await;
+    Ok(pb::UpdateDeploymentResponse { deployment: Some(deployment_to_proto(&after, caller)) })
+}
+
+/// Sets the next fire time of a cron deployment from now (and clears it for the others).
+async fn reschedule(context: &AppContext, mut deployment: Deployment) -> ServiceResult<Deployment> {
+    let next_run_at = next_run_time(&deployment.trigger, Utc::now());
+    context
+        .store
+        .set_next_run(deployment.id, next_run_at, None)
+        .await
+        .map_err(|error| ServiceError::from_store(error, "deployment"))?;
+    deployment.next_run_at = next_run_at;
+    Ok(deployment)
+}
+
+/// When a cron trigger fires next after `now`; `None` for the other triggers.
+pub fn next_run_time(trigger: &DeploymentTrigger, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let DeploymentTrigger::Cron { expression, timezone } = trigger else { return None };
+    let schedule = Schedule::parse(expression, timezone).ok()?;
+    schedule::next_after(&schedule, now)
+}
+
+/// Deletes a deployment (soft); `version` 0 skips the check. Its trigger stops with it.
+#[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
+pub async fn delete_deployment(
+    context: &AppContext,
+    caller: &Caller,
+    client: &ClientInfo,
+    request: pb::DeleteDeploymentRequest,
+) -> ServiceResult<pb::DeleteDeploymentResponse> {
+    caller.require_user_access(Access::Write)?;
+    let deployment_id = parse_id("deploymentId", &request.deployment_id)?;
+    if request.version < 0 {
+        return Err(ServiceError::invalid_field("version", "must not be negative"));
+    }
+    let scope = caller.owner_scope();
+    let before = load_deployment(context, scope, deployment_id).await?;
+    let expected_version = (request.version > 0).then_some(i64::from(request.version));
+    context
+        .store
+        .soft_delete_deployment(scope, deployment_id, expected_version)
+        .await
+        .map_err(|error| ServiceError::from_store(error, "deployment"))?;
+    audit::record(
+        context,
+        Actor::Caller(caller),
+        client,
+        AuditEvent::success("deployment.delete", "deployment", Some(deployment_id.to_string()))
+            .with_changes(json!({ "before": audit_snapshot(&before) })),
+    )
+    .await;
+    Ok(pb::DeleteDeploymentResponse {})
+}
+
+/// Arms the trigger: the status becomes RUNNING, a cron deployment gets its next run time.
+/// Starting a running deployment is a CONFLICT.
+#[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
+pub async fn start_deployment(
+    context: &AppContext,
+    caller: &Caller,
+    client: &ClientInfo,
+    request: pb::StartDeploymentRequest,
+) -> ServiceResult<pb::StartDeploymentResponse> {
+    caller.require_user_access(Access::Write)?;
+    let deployment_id = parse_id("deploymentId", &request.deployment_id)?;
+    let scope = caller.owner_scope();
+    let before = load_deployment(context, scope, deployment_id).await?;
+    if before.status == DeploymentStatus::Running {
+        return Err(ServiceError::conflict("deployment is already RUNNING")
+            .with_metadata("status", before.status.as_str()));
+    }
+    let next_run_at = next_run_time(&before.trigger, Utc::now());
+    let message = match (&before.trigger, next_run_at) {
+        (DeploymentTrigger::Cron { .. }, Some(next)) => {
+            format!("started; next run at {}", next.to_rfc3339())
+        }
+        (DeploymentTrigger::Cron { .. }, None) => "started; the schedule never fires".to_owned(),
+        (DeploymentTrigger::Webhook { .. }, _) => "started; the webhook accepts calls".to_owned(),
+        (DeploymentTrigger::Manual, _) => "started".to_owned(),
+    };
+    let started = context
+        .store
+        .set_deployment_status(
+            scope,
+            deployment_id,
+            DeploymentStatus::Running,
+            NewDeploymentEvent {
+                kind: DeploymentEventKind::Started,
+                message,
+                actor_id: Some(caller.user_id),
+            },
+        )
+        .await
+        .map_err(|error| ServiceError::from_store(error, "deployment"))?;
+    let started = reschedule(context, started).await?;
+    audit::record(
+        context,
+        Actor::Caller(caller),
+        client,
+        AuditEvent::success("deployment.start", "deployment", Some(deployment_id.to_string()))
+            .with_changes(json!({
+                "before": { "status": before.status.as_str() },
+                "after": { "status": started.status.as_str(), "nextRunAt": started.next_run_at },
+            })),
+    )
+    .await;
+    Ok(pb::StartDeploymentResponse { deployment: Some(deployment_to_proto(&started, caller)) })
+}
+
+/// Disarms the trigger: the status becomes STOPPED and no run is scheduled. Executions already
+/// running continue. Stopping a stopped deployment is a CONFLICT.
+#[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
+pub async fn stop_deployment(
+    context: &AppContext,
+    caller: &Caller,
+    client: &ClientInfo,
+    request: pb::StopDeploymentRequest,
+) -> ServiceResult<pb::StopDeploymentResponse> {
+    caller.require_user_access(Access::Write)?;
+    let deployment_id = parse_id("deploymentId", &request.deployment_id)?;
+    let scope = caller.owner_scope();
+    let before = load_deployment(context, scope, deployment_id).await?;
+    if before.status == DeploymentStatus::Stopped {
+        return Err(ServiceError::conflict("deployment is already STOPPED")
+            .with_metadata("status", before.status.as_str()));
+    }
+    let mut stopped = context
+        .store
+        .set_deployment_status(
+            scope,
+            deployment_id,
+            DeploymentStatus::Stopped,
+            NewDeploymentEvent {
+                kind: DeploymentEventKind::Stopped,
+                message: "stopped".to_owned(),
+                actor_id: Some(caller.user_id),
+            },
+        )
+        .await
+        .map_err(|error| ServiceError::from_store(error, "deployment"))?;
+    context
+        .store
+        .set_next_run(deployment_id, None, None)
+        .await
+        .map_err(|error| ServiceError::from_store(error, "deployment"))?;
+    stopped.next_run_at = None;
+    audit::record(
+        context,
+        Actor::Caller(caller),
+        client,
+        AuditEvent::success("deployment.stop", "deployment", Some(deployment_id.to_string()))
+            .with_changes(json!({
+                "before": { "status": before.status.as_str() },
+                "after": { "status": stopped.status.as_str() },
+            })),
+    )
+    .await;
+    Ok(pb::StopDeploymentResponse { deployment: Some(deployment_to_proto(&stopped, caller)) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The combined log
+// ---------------------------------------------------------------------------------------------
+
+/// One entry of the merged log with what orders it: time, then the source's own sequence.
+struct MergedEntry {
+    time: DateTime<Utc>,
+    /// Within one time: execution lines by id, lifecycle events after them.
+    sequence: (u8, i64),
+    entry: pb::DeploymentLogEntry,
+}
+
+fn lifecycle_entry(event: &DeploymentEvent, position: i64) -> MergedEntry {
+    let level = match event.kind {
+        DeploymentEventKind::Failed => pb::LogLevel::Error,
+        _ => pb::LogLevel::Info,
+    };
+    MergedEntry {
+        time: event.created_at,
+        sequence: (1, position),
+        entry: pb::DeploymentLogEntry {
+            kind: pb::DeploymentLogKind::Lifecycle.into(),
+            time: Some(convert::timestamp(event.created_at)),
+            event: event.kind.as_str().to_owned(),
+            message: event.message.clone(),
+            execution_id: String::new(),
+            level: level.into(),
+        },
+    }
+}
+
+fn execution_entry(line: &ExecutionLog) -> MergedEntry {
+    let level = match line.level {
+        ExecutionLogLevel::Debug => pb::LogLevel::Debug,
+        ExecutionLogLevel::Info => pb::LogLevel::Info,
+        ExecutionLogLevel::Warn => pb::LogLevel::Warn,
+        ExecutionLogLevel::Error => pb::LogLevel::Error,
+    };
+    MergedEntry {
+        time: line.created_at,
+        sequence: (0, line.id),
+        entry: pb::DeploymentLogEntry {
+            kind: pb::DeploymentLogKind::Execution.into(),
+            time: Some(convert::timestamp(line.created_at)),
+            event: String::new(),
+            message: line.message.clone(),
+            execution_id: line.execution_id.to_string(),
+            level: level.into(),
+        },
+    }
+}
+
+/// Lifecycle events and the log lines of the deployment's executions, newest first.
+///
+/// The store has no combined query: this reads the events and the executions' lines (newest
+/// executions first, up to `MAX_MERGED_LOG_ENTRIES` entries), merges them in memory and cuts
+/// the page. Adequate for the deployment histories the product expects; a deployment with
+/// more lines than the bound shows the lines of its newest executions.
+#[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
+pub async fn list_deployment_logs(
+    context: &AppContext,
+    caller: &Caller,
+    request: pb::ListDeploymentLogsRequest,
+) -> ServiceResult<pb::ListDeploymentLogsResponse> {
+    caller.require_user_access(Access::Read)?;
+    let deployment_id = parse_id("deploymentId", &request.deployment_id)?;
+    let mut validator = Validator::new();
+    let page = page_request(&mut validator, request.page, request.page_size);
+    validator.finish()?;
+    let scope = caller.owner_scope();
+    load_deployment(context, scope, deployment_id).await?;
+    let to_service_error = |error| ServiceError::from_store(error, "deployment");
+
+    let mut merged = Vec::new();
+    let mut event_page = 1;
+    loop {
+        let events = context
+            .store
+            .list_deployment_events(
+                scope,
+                deployment_id,
+                PageRequest::new(event_page, PageRequest::MAX_PAGE_SIZE),
+            )
+            .await
+            .map_err(to_service_error)?;
+        let count = events.items.len();
+        for event in &events.items {
+            // Newest first from the store: a larger position is older.
+            let position = -i64::try_from(merged.len()).unwrap_or(i64::MAX);
+            merged.push(lifecycle_entry(event, position));
+        }
+        let seen = u64::from(event_page) * u64::from(PageRequest::MAX_PAGE_SIZE);
+        if count == 0 || seen >= u64::try_from(events.total).unwrap_or(0) {
+            break;
+        }
+        if merged.len() >= MAX_MERGED_LOG_ENTRIES {
+            break;
+        }
+        event_page += 1;
+    }
+
+    let mut executions_filter = ExecutionFilter::new(scope);
+    executions_filter.deployment_id = Some(deployment_id);
+    let mut execution_page = 1;
+    'executions: loop {
+        let executions = context
+            .store
+            .list_executions(
+                executions_filter.clone(),
+                PageRequest::new(execution_page, PageRequest::MAX_PAGE_SIZE),
+            )
+            .await
+            .map_err(to_service_error)?;
+        for execution in &executions.items {
+            let mut log_filter = ExecutionLogFilter::first(LOG_READ_BATCH * 10);
+            loop {
+                let lines = match context
+                    .store
+                    .list_execution_logs(scope, execution.id, log_filter.clone())
+                    .await
+                {
+                    Ok(lines) => lines,
+                    // Deleted meanwhile: its lines are gone with it.
+                    Err(StoreError::NotFound) => break,
+                    Err(error) => return Err(to_service_error(error)),
+                };
+                merged.extend(lines.items.iter().map(execution_entry));
+                match lines.next_cursor.and_then(|cursor| cursor.parse::<i64>().ok()) {
+                    Some(after_id) => log_filter.after_id = Some(after_id),
+                    None => break,
+                }
+            }
+            if merged.len() >= MAX_MERGED_LOG_ENTRIES {
+                break 'executions;
+            }
+        }
+        let seen = u64::from(execution_page) * u64::from(PageRequest::MAX_PAGE_SIZE);
+        if executions.items.is_empty() || seen >= u64::try_from(executions.total).unwrap_or(0) {
+            break;
+        }
+        execution_page += 1;
+    }
+
+    merged.sort_by(|left, right| {
+        right.time.cmp(&left.time).then_with(|| right.sequence.cmp(&left.sequence))
+    });
+    let total = i64::try_from(merged.len()).unwrap_or(i64::MAX);
+    let offset = usize::try_from(page.offset()).unwrap_or(usize::MAX);
+    let entries = merged
+        .into_iter()
+        .skip(offset)
+        .take(usize::try_from(page.page_size).unwrap_or(usize::MAX))
+        .map(|merged_entry| merged_entry.entry)
+        .collect();
+    Ok(pb::ListDeploymentLogsResponse {
+        entries,
+        pagination: Some(convert::pagination(page, total)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_secrets_are_long_random_hex() {
+        let first = new_webhook_secret();
+        let second = new_webhook_secret();
+        assert_eq!(first.len(), 64);
+        assert!(first.chars().all(|character| character.is_ascii_hexdigit()));
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn the_secret_never_reaches_the_audit_snapshot_or_debug_output() {
+        let secret = new_webhook_secret();
+        let now = Utc::now();
+        let deployment = Deployment {
+            id: Uuid::new_v4(),
+            owner_id: Uuid::new_v4(),
+            name: "hook".to_owned(),
+            description: String::new(),
+            target: DeploymentTarget::Agent(Uuid::new_v4()),
+            environment: DeploymentEnvironment::Staging,
+            config: json!({}),
+            trigger: DeploymentTrigger::Webhook { secret: secret.clone() },
+            status: DeploymentStatus::Stopped,
+            last_triggered_at: None,
+            next_run_at: None,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+            deleted_at: None,
+        };
+        assert!(!audit_snapshot(&deployment).to_string().contains(&secret));
+        assert!(!format!("{deployment:?}").contains(&secret));
+    }
+
+    #[test]
+    fn environment_names_are_shell_like() {
+        for good in ["API_URL", "_x", "a1"] {
+            assert!(is_environment_name(good), "{good}");
+        }
+        for bad in ["", "1A", "A-B", "A B", "É"] {
+            assert!(!is_environment_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! `turbocat serve` (PostgreSQL, Redis) with `turbocat runner` processes: label routing,
+//! capacity, a runner killed mid-step, the server killed and restarted mid-execution.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::api::{Api, Auth};
+use crate::support::{ServeDatabase, TurbocatProcess, start_serve, start_turbocat};
+use crate::{Workbench, step};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// A `turbocat runner` process, killed (SIGKILL) when dropped.
+struct RunnerProcess {
+    child: std::process::Child,
+}
+
+impl RunnerProcess {
+    fn start(server_url: &str, api_key: &str, name: &str, capacity: u32, labels: &str) -> Self {
+        let capacity = capacity.to_string();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
+        command
+            .args(["runner", "--server", server_url, "--name", name, "--capacity", &capacity])
+            .env("TURBOCAT_API_KEY", api_key)
+            .env("TURBOCAT_RUNNER_LABELS", labels)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        Self { child: command.spawn().expect("spawn runner") }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RunnerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until `GET /runners` lists runners named `names`; returns their ids by name.
+async fn wait_for_runners(api: &Api, auth: &Auth, names: &[&str]) -> Vec<(String, String)> {
+    let started = Instant::now();
+    loop {
+        let (status, body) = api.get("/api/v1/runners", auth).await;
+        assert_eq!(status, 200, "{body}");
+        let listed: Vec<(String, String)> = body["data"]
+            .as_array()
+            .map(|runners| {
+                runners
+                    .iter()
+                    .map(|runner| {
+                        (
+                            runner["name"].as_str().unwrap_or_default().to_owned(),
+                            runner["id"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if names.iter().all(|name| listed.iter().any(|(listed_name, _)| listed_name == name)) {
+            return listed;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "runners {names:?} never attached: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn runner_id(runners: &[(String, String)], name: &str) -> String {
+    runners.iter().find(|(listed, _)| listed == name).map(|(_, id)| id.clone()).expect("runner")
+}
+
+async fn serve_with_account(extra: &[&str]) -> (TurbocatProcess, ServeDatabase, Workbench, String) {
+    let (server, database) = start_serve(extra).await;
+    let api = Api::new(&server);
+    let bench = Workbench::new(api, "runners@example.com").await;
+    let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
+    (server, database, bench, key)
+}
+
+/// `[startedAt, finishedAt]` of a step run's last attempt, as text (RFC 3339 sorts as time).
+fn interval(step_run: &Value) -> (String, String) {
+    (
+        step_run["startedAt"].as_str().expect("started").to_owned(),
+        step_run["finishedAt"].as_str().expect("finished").to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_go_to_runners_with_their_labels_and_never_beyond_capacity() {
+    let (server, _database, bench, key) = serve_with_account(&[]).await;
+    let url = server.base_url();
+    let _gpu = RunnerProcess::start(&url, &key, "gpu-box", 1, "gpu,region=eu");
+    let _plain = RunnerProcess::start(&url, &key, "plain-box", 2, "region=us");
+    let runners = wait_for_runners(&bench.api, &bench.auth, &["gpu-box", "plain-box"]).await;
+    let (status, body) = bench.api.get("/api/v1/runners", &bench.auth).await;
+    assert_eq!(status, 200);
+    let gpu_listed = body["data"]
+        .as_array()
+        .and_then(|all| all.iter().find(|r| r["name"] == "gpu-box"))
+        .cloned()
+        .expect("gpu runner");
+    assert_eq!(gpu_listed["capacity"], 1);
+    assert_eq!(gpu_listed["labels"]["region"], "eu");
+
+    let nap = bench
+        .code(
+            "nap",
+            "python",
+            "import json, sys, time\ntime.sleep(1)\nprint(json.dumps({'ok': True}))\n",
+            json!({}),
+        )
+        .await;
+    let mut steps = Vec::new();
+    for index in 0..3 {
+        steps.push(json!({ "key": format!("gpu{index}"), "agentId": nap, "requiredLabels": { "gpu": "" } }));
+        steps.push(json!({ "key": format!("us{index}"), "agentId": nap, "requiredLabels": { "region": "us" } }));
+    }
+    let workflow = bench.workflow("routing", json!(steps), json!({})).await;
+    let execution_id = bench.execute(&workflow, json!({})).await;
+    let execution = bench.finished(&execution_id, LIMIT).await;
+    assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+
+    let gpu_id = runner_id(&runners, "gpu-box");
+    let plain_id = runner_id(&runners, "plain-box");
+    let mut gpu_intervals = Vec::new();
+    let mut plain_intervals = Vec::new();
+    for index in 0..3 {
+        let gpu_step = step(&execution, &format!("gpu{index}"));
+        assert_eq!(gpu_step["runnerId"], gpu_id.as_str(), "{gpu_step}");
+        gpu_intervals.push(interval(gpu_step));
+        let plain_step = step(&execution, &format!("us{index}"));
+        assert_eq!(plain_step["runnerId"], plain_id.as_str(), "{plain_step}");
+        plain_intervals.push(interval(plain_step));
+    }
+    // Capacity 1: the gpu steps never overlap. Capacity 2: never three plain ones at once.
+    gpu_intervals.sort();
+    for pair in gpu_intervals.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "gpu steps overlapped: {pair:?}");
+    }
+    plain_intervals.sort();
+    assert!(
+        plain_intervals[0].1 <= plain_intervals[2].0,
+        "three plain steps at once: {plain_intervals:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_runner_is_killed_runs_again_on_another_runner() {
+    let (server, _database, bench, key) =
+        serve_with_account(&["--runner-lease-seconds", "3"]).await;
+    let url = server.base_url();
+    let mut doomed = RunnerProcess::start(&url, &key, "doomed", 1, "");
+    let runners = wait_for_runners(&bench.api, &bench.auth, &["doomed"]).await;
+    let doomed_id = runner_id(&runners, "doomed");
+    let slow = bench
+        .code(
+            "slow",
+            "python",
+            "import json, time\ntime.sleep(3)\nprint(json.dumps({'done': True}))\n",
+            json!({}),
+        )
+        .await;
+    let workflow =
+        bench.workflow("survivor", json!([{ "key": "slow", "agentId": slow }]), json!({})).await;
+    let execution_id = bench.execute(&workflow, json!({})).await;
+    bench
+        .wait_for(&execution_id, LIMIT, "running on the doomed runner", |execution| {
+            step(execution, "slow")["status"] == "RUNNING"
+        })
+        .await;
+    doomed.kill();
+    let _survivor = RunnerProcess::start(&url, &key, "survivor", 1, "");
+    let execution = bench.finished(&execution_id, LIMIT).await;
+    assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+    let slow_step = step(&execution, "slow");
+    assert_eq!(slow_step["attempt"], 2, "{slow_step}");
+    assert_eq!(slow_step["infraReassignments"], 1, "not a user retry: {slow_step}");
+    assert_ne!(slow_step["runnerId"], doomed_id.as_str());
+    let attempts = slow_step["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts[0]["runnerId"], doomed_id.as_str());
+    assert_eq!(
+        attempts[0]["status"], "FAILED",
+        "a lost lease shows as a failed attempt: {slow_step}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execution_survives_the_server_being_killed_and_restarted() {
+    // A fixed port, so the runner finds the restarted server where it left it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let prefix = format!("turbocat-test:{}:", uuid::Uuid::new_v4().simple());
+    let flags = [
+        "--listen",
+        listen.as_str(),
+        "--redis-key-prefix",
+        prefix.as_str(),
+        "--runner-lease-seconds",
+        "6",
+    ];
+    let (mut server, database, bench, key) = serve_with_account(&flags).await;
+    let url = server.base_url();
+    let _runner = RunnerProcess::start(&url, &key, "steady", 2, "");
+    wait_for_runners(&bench.api, &bench.auth, &["steady"]).await;
+    let step_agent = bench
+        .code("tick", "python", "import json, sys, time\ndata = json.load(sys.stdin)\ntime.sleep(1)\nprint(json.dumps({'n': data['n'] + 1}))\n", json!({}))
+        .await;
+    let workflow = bench
+        .workflow(
+            "restart",
+            json!([
+                { "key": "one", "agentId": step_agent },
+                { "key": "two", "agentId": step_agent, "dependsOn": ["one"], "inputMapping": "{{steps.one.output}}" },
+                { "key": "three", "agentId": step_agent, "dependsOn": ["two"], "inputMapping": "{{steps.two.output}}" },
+            ]),
+            json!({}),
+        )
+        .await;
+    let execution_id = bench.execute(&workflow, json!({ "input": { "n": 0 } })).await;
+    bench
+        .wait_for(&execution_id, LIMIT, "past the first step", |execution| {
+            step(execution, "one")["status"] == "SUCCEEDED"
+        })
+        .await;
+    server.kill();
+    let restarted = {
+        let arguments: Vec<String> = [
+            "serve",
+            "--listen",
+            listen.as_str(),
+            "--database-url",
+            database.url.as_str(),
+            "--redis-url",
+            crate::support::redis_url().as_str(),
+            "--jwt-secret",
+            crate::support::TEST_JWT_SECRET,
+            "--redis-key-prefix",
+            prefix.as_str(),
+            "--runner-lease-seconds",
+            "6",
+        ]
+        .iter()
+        .map(|argument| argument.to_string())
+        .collect();
+        tokio::task::spawn_blocking(move || {
+            let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
+            start_turbocat(&borrowed, &[])
+        })
+        .await
+        .expect("restart")
+    };
+    let execution = bench.finished(&execution_id, LIMIT).await;
+    assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+    assert_eq!(execution["output"], json!({ "n": 3 }));
+    drop(restarted);
+}

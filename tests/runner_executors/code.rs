@@ -1,0 +1,279 @@
+//! CODE agents: real python3 and node processes.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use turbocat::proto::v1 as pb;
+use turbocat::runner::executors::{LogStream, StepErrorKind};
+
+use crate::{SECRET_VALUE, SECRET_VARIABLE, agent, limits, run, run_with};
+
+fn python(source: &str, limits: pb::ResourceLimits) -> pb::Agent {
+    code_agent(pb::CodeLanguage::Python, source, limits)
+}
+
+fn node(source: &str, limits: pb::ResourceLimits) -> pb::Agent {
+    code_agent(pb::CodeLanguage::Javascript, source, limits)
+}
+
+fn code_agent(language: pb::CodeLanguage, source: &str, limits: pb::ResourceLimits) -> pb::Agent {
+    agent(
+        pb::AgentType::Code,
+        pb::agent_config::Kind::Code(pb::CodeAgentConfig {
+            language: language as i32,
+            source: source.to_owned(),
+        }),
+        limits,
+    )
+}
+
+fn generous() -> pb::ResourceLimits {
+    limits(Duration::from_secs(30), 512, 30, 1 << 20)
+}
+
+/// Whether a process is gone (or a zombie nobody reaps yet, which runs nothing).
+fn process_is_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+async fn wait_until_gone(pid: u32) -> bool {
+    for _ in 0..50 {
+        if process_is_gone(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// The pid a snippet printed as `pid=<n>` on stdout.
+fn printed_pid(logs: &[&str]) -> u32 {
+    logs.iter()
+        .find_map(|line| line.strip_prefix("pid="))
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {logs:?}"))
+}
+
+#[tokio::test]
+async fn python_snippets_read_stdin_and_write_stdout_with_prints_as_logs() {
+    let greeter = "import json, sys\n\
+                   data = json.load(sys.stdin)\n\
+                   print('working on', data['name'])\n\
+                   print('a warning', file=sys.stderr)\n\
+                   name = data.get('name', 'world')\n\
+                   print(json.dumps({'greeting': f'Hello, {name}!', 'length': len(name)}))\n";
+    let attempt = run(python(greeter, generous()), json!({"name": "Turbocat"})).await;
+    assert_eq!(attempt.output(), &json!({"greeting": "Hello, Turbocat!", "length": 8}));
+    let stdout = attempt.log_texts(Some(LogStream::Stdout));
+    assert_eq!(stdout[0], "working on Turbocat");
+    assert_eq!(stdout.len(), 2, "{stdout:?}");
+    assert_eq!(attempt.log_texts(Some(LogStream::Stderr)), vec!["a warning"]);
+
+    // The starter template's snippet as seeded, verbatim.
+    let seeded = "import json, sys\n\
+                  data = json.load(sys.stdin)\n\
+                  name = data.get('name', 'world')\n\
+                  print(json.dumps({'greeting': f'Hello, {name}!', 'length': len(name)}))\n";
+    let attempt = run(python(seeded, generous()), json!({})).await;
+    assert_eq!(attempt.output()["greeting"], "Hello, world!");
+
+    // Nothing on stdout is a null output; a pretty-printed document is one output.
+    assert_eq!(run(python("pass\n", generous()), json!({})).await.output(), &Value::Null);
+    let pretty = "import json\nprint(json.dumps({'a': [1, 2]}, indent=2))\n";
+    assert_eq!(run(python(pretty, generous()), json!({})).await.output(), &json!({"a": [1, 2]}));
+}
+
+#[tokio::test]
+async fn node_snippets_read_stdin_and_write_stdout_with_logs_streamed() {
+    let echo = "let text = '';\n\
+                process.stdin.on('data', chunk => text += chunk);\n\
+                process.stdin.on('end', () => {\n\
+                  console.error('got', text.length, 'characters');\n\
+                  console.log('about to answer');\n\
+                  console.log(JSON.stringify({ echo: JSON.parse(text) }));\n\
+                });\n";
+    let input = json!({"numbers": [1, 2, 3], "nested": {"ok": true}});
+    let attempt = run(node(echo, generous()), input.clone()).await;
+    assert_eq!(attempt.output(), &json!({ "echo": input }));
+    assert_eq!(attempt.log_texts(Some(LogStream::Stdout))[0], "about to answer");
+    let stderr = attempt.log_texts(Some(LogStream::Stderr));
+    assert_eq!(stderr.len(), 1, "{stderr:?}");
+    assert!(stderr[0].starts_with("got "), "{stderr:?}");
+}
+
+#[tokio::test]
+async fn failures_are_retryable_unless_the_snippet_says_otherwise() {
+    let raising = "raise ValueError('the input is odd')\n";
+    let error = run(python(raising, generous()), json!({})).await.result.unwrap_err();
+    assert_eq!(error.kind, StepErrorKind::Retryable);
+    assert!(error.message.contains("ValueError: the input is odd"), "{}", error.message);
+    assert!(!error.message.contains("runpy"), "the wrapper's frames are hidden: {}", error.message);
+
+    let refusing = "import json, sys\n\
+                    data = json.load(sys.stdin)\n\
+                    if 'id' not in data:\n    raise NonRetryableError('the input has no id')\n";
+    let error = run(python(refusing, generous()), json!({})).await.result.unwrap_err();
+    assert_eq!(error.kind, StepErrorKind::NonRetryable);
+    assert_eq!(error.message, "the input has no id");
+    assert!(!error.is_retryable());
+
+    let own_class = "class NonRetryableError(Exception): pass\nraise NonRetryableError('mine')\n";
+    let error = run(python(own_class, generous()), json!({})).await.result.unwrap_err();
+    assert_eq!((error.kind, error.message.as_str()), (StepErrorKind::NonRetryable, "mine"));
+
+    let exit_status = "import sys\nsys.exit(3)\n";
+    let error = run(python(exit_status, generous()), json!({})).await.result.unwrap_err();
+    assert_eq!(error.kind, StepErrorKind::Retryable);
+    assert!(error.message.contains("status 3"), "{}", error.message);
+
+    let not_json = "print({'single': 'quotes'})\n";
+    let error = run(python(not_json, generous()), json!({})).await.result.unwrap_err();
+    assert_eq!(error.kind, StepErrorKind::NonRetryable);
+    assert!(error.message.contains("must be JSON"), "{}", error.message);
+
+    let node_async = "setTimeout(() => { throw new NonRetryableError('no such user'); }, 10);\n";
+    let error = run(node(node_async, generous()), json!({})).await.result.unwrap_err();
+    assert_eq!((error.kind, error.message.as_str()), (StepErrorKind::NonRetryable, "no such user"));
+
+    let node_throw = "throw new TypeError('wrong type');\n";
+    let error = run(node(node_throw, generous()), json!({})).await.result.unwrap_err();
+    assert_eq!(error.kind, StepErrorKind::Retryable);
+    assert!(error.message.contains("TypeError: wrong type"), "{}", error.message);
+
+    let node_exit = "process.exitCode = 87;\n";
+    let error = run(node(node_exit, generous()), json!({})).await.result.unwrap_err();
+    assert_eq!(error.kind, StepErrorKind::NonRetryable);
+}
+
+#[tokio::test]
+async fn memory_limits_stop_hungry_snippets() {
+    let hungry_python = "blob = bytearray(600 * 1024 * 1024)\nprint('{}')\n";
+    let attempt =
+        run(python(hungry_python, limits(Duration::from_secs(30), 128, 30, 4096)), json!({})).await;
+    let error = attempt.error();
+    assert_eq!(error.kind, StepErrorKind::LimitExceeded, "{error:?}");
+    assert!(error.message.contains("memory limit of 128 MiB"), "{}", error.message);
+    assert_eq!(error.to_failure().kind, pb::FailureKind::ResourceLimit as i32);
+
+    // The same snippet fits a bigger limit.
+    let fits =
+        run(python(hungry_python, limits(Duration::from_secs(30), 1024, 30, 4096)), json!({}))
+            .await;
+    assert_eq!(fits.output(), &json!({}));
+
+    let hungry_node =
+        "const kept = [];\nwhile (true) { kept.push(new Array(100000).fill(1.5)); }\n";
+    let attempt =
+        run(node(hungry_node, limits(Duration::from_secs(30), 128, 30, 4096)), json!({})).await;
+    let error = attempt.error();
+    assert_eq!(error.kind, StepErrorKind::LimitExceeded, "{error:?}");
+    assert!(error.message.contains("memory limit of 128 MiB"), "{}", error.message);
+}
+
+#[tokio::test]
+async fn cpu_limits_stop_busy_snippets() {
+    let busy = "while True:\n    pass\n";
+    let attempt = run(python(busy, limits(Duration::from_secs(30), 256, 1, 4096)), json!({})).await;
+    let error = attempt.error();
+    assert_eq!(error.kind, StepErrorKind::LimitExceeded, "{error:?}");
+    assert!(error.message.contains("CPU time limit of 1 s"), "{}", error.message);
+    assert!(attempt.elapsed < Duration::from_secs(10), "{:?}", attempt.elapsed);
+}
+
+#[tokio::test]
+async fn the_wall_clock_limit_kills_the_whole_process_group() {
+    let spawner = "import subprocess, time\n\
+                   child = subprocess.Popen(['sleep', '300'])\n\
+                   print(f'pid={child.pid}', flush=True)\n\
+                   time.sleep(300)\n";
+    let attempt =
+        run(python(spawner, limits(Duration::from_secs(2), 256, 30, 4096)), json!({})).await;
+    let error = attempt.error();
+    assert_eq!(error.kind, StepErrorKind::TimedOut, "{error:?}");
+    assert_eq!(error.message, "the step exceeded its time limit of 2s");
+    assert!(error.is_retryable());
+    assert!(attempt.elapsed < Duration::from_secs(6), "{:?}", attempt.elapsed);
+    let grandchild = printed_pid(&attempt.log_texts(Some(LogStream::Stdout)));
+    assert!(wait_until_gone(grandchild).await, "the grandchild {grandchild} survived");
+
+    // A background process left behind by a snippet that succeeded does not survive either.
+    let leaver = "import subprocess\n\
+                  child = subprocess.Popen(['sleep', '300'])\n\
+                  print(f'pid={child.pid}')\n\
+                  print('{\"done\": true}')\n";
+    let attempt = run(python(leaver, generous()), json!({})).await;
+    assert_eq!(attempt.output(), &json!({"done": true}));
+    let background = printed_pid(&attempt.log_texts(Some(LogStream::Stdout)));
+    assert!(wait_until_gone(background).await, "the background process {background} survived");
+}
+
+#[tokio::test]
+async fn cancelling_stops_the_snippet_at_once() {
+    let sleeper = "import time\nprint('pid=' + str(__import__('os').getpid()), flush=True)\ntime.sleep(300)\n";
+    let attempt =
+        run_with(python(sleeper, generous()), json!({}), Some(Duration::from_millis(700))).await;
+    let error = attempt.error();
+    assert_eq!(error.kind, StepErrorKind::Cancelled);
+    assert_eq!(error.to_failure().kind, pb::FailureKind::Cancelled as i32);
+    assert!(attempt.elapsed < Duration::from_secs(5), "{:?}", attempt.elapsed);
+    let snippet = printed_pid(&attempt.log_texts(Some(LogStream::Stdout)));
+    assert!(wait_until_gone(snippet).await, "the snippet {snippet} survived the cancel");
+}
+
+#[tokio::test]
+async fn too_much_output_fails_and_stops_the_snippet() {
+    let flood = "while True:\n    print('x' * 1000)\n";
+    let attempt =
+        run(python(flood, limits(Duration::from_secs(30), 256, 30, 10_000)), json!({})).await;
+    let error = attempt.error();
+    assert_eq!(error.kind, StepErrorKind::LimitExceeded, "{error:?}");
+    assert!(error.message.contains("10000 bytes"), "{}", error.message);
+    assert!(attempt.elapsed < Duration::from_secs(10), "{:?}", attempt.elapsed);
+
+    let big_answer = "import json\nprint(json.dumps({'data': 'y' * 5000}))\n";
+    let error = run(python(big_answer, limits(Duration::from_secs(30), 256, 30, 1000)), json!({}))
+        .await
+        .result
+        .unwrap_err();
+    assert_eq!(error.kind, StepErrorKind::LimitExceeded);
+}
+
+#[tokio::test]
+async fn snippets_get_a_bare_environment_and_a_fresh_directory_that_is_removed() {
+    crate::setup();
+    assert_eq!(std::env::var(SECRET_VARIABLE).as_deref(), Ok(SECRET_VALUE));
+    let inspector = "import json, os\n\
+                     open('scratch.txt', 'w').write('temporary')\n\
+                     print(json.dumps({'environment': dict(os.environ), 'directory': os.getcwd(), \
+                     'files': sorted(os.listdir('.'))}))\n";
+    let attempt = run(python(inspector, generous()), json!({})).await;
+    let output = attempt.output();
+    let environment = output["environment"].as_object().unwrap();
+    let mut names: Vec<&str> = environment.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, vec!["HOME", "LANG", "PATH", "TMPDIR"], "{environment:?}");
+    assert!(!output.to_string().contains(SECRET_VALUE));
+    let directory = output["directory"].as_str().unwrap();
+    assert_eq!(environment["HOME"], directory);
+    assert!(directory.contains("turbocat-step-"), "{directory}");
+    assert_eq!(output["files"], json!(["main.py", "scratch.txt"]));
+    assert!(!Path::new(directory).exists(), "{directory} was not removed");
+
+    let node_inspector = "console.log(JSON.stringify({ keys: Object.keys(process.env).sort(), \
+                          directory: process.cwd() }));\n";
+    let attempt = run(node(node_inspector, generous()), json!({})).await;
+    assert_eq!(attempt.output()["keys"], json!(["HOME", "LANG", "PATH", "TMPDIR"]));
+    assert!(!Path::new(attempt.output()["directory"].as_str().unwrap()).exists());
+
+    // The directory goes away after a timeout too.
+    let slow = "import os, time\nprint('cwd=' + os.getcwd(), flush=True)\ntime.sleep(60)\n";
+    let attempt = run(python(slow, limits(Duration::from_secs(1), 256, 30, 4096)), json!({})).await;
+    assert_eq!(attempt.error().kind, StepErrorKind::TimedOut);
+    let stdout = attempt.log_texts(Some(LogStream::Stdout));
+    let directory = stdout.iter().find_map(|line| line.strip_prefix("cwd=")).unwrap();
+    assert!(!Path::new(directory).exists(), "{directory} was not removed after the timeout");
+}
