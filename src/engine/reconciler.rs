@@ -21,6 +21,9 @@ use crate::store::{
 
 /// Rows one pass looks at, per kind.
 const BATCH: u32 = 500;
+/// Every how many passes the unfinished executions are all advanced (with the default 2 s
+/// interval: every 30 s, and on the first pass after a start).
+const SWEEP_EVERY_PASSES: u64 = 15;
 
 /// What one reconciler pass did, for logs and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -35,9 +38,12 @@ impl Engine {
     pub(super) async fn run_reconciler(self: Arc<Self>) {
         let mut interval = tokio::time::interval(self.settings.reconcile_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pass: u64 = 0;
         loop {
             interval.tick().await;
-            match self.reconcile_once().await {
+            let sweep = pass.is_multiple_of(SWEEP_EVERY_PASSES);
+            pass = pass.wrapping_add(1);
+            match self.reconcile_once(sweep).await {
                 Ok(report) if report != ReconcileReport::default() => {
                     tracing::debug!(?report, "reconciled");
                 }
@@ -47,8 +53,10 @@ impl Engine {
         }
     }
 
-    /// One pass; see the module comment.
-    pub async fn reconcile_once(self: &Arc<Self>) -> EngineResult<ReconcileReport> {
+    /// One pass; see the module comment. `sweep` also advances every unfinished execution
+    /// (the repair of a crash between a result and the next step), which reads every one of
+    /// them, so the loop does it only every `SWEEP_EVERY_PASSES` passes.
+    pub async fn reconcile_once(self: &Arc<Self>, sweep: bool) -> EngineResult<ReconcileReport> {
         let mut report = ReconcileReport::default();
         let now = Utc::now();
         report.requeued_claims = self.queue.requeue_expired(now).await?.len();
@@ -92,11 +100,14 @@ impl Engine {
         for execution in self.store.list_running_executions_past_deadline(now, BATCH).await? {
             to_advance.insert(execution.id);
         }
-        let mut filter = ExecutionFilter::new(OwnerScope::All);
-        for status in [ExecutionStatus::Queued, ExecutionStatus::Running] {
-            filter.status = Some(status);
-            let page = self.store.list_executions_by_cursor(filter.clone(), None, BATCH).await?;
-            to_advance.extend(page.items.iter().map(|execution| execution.id));
+        if sweep {
+            let mut filter = ExecutionFilter::new(OwnerScope::All);
+            for status in [ExecutionStatus::Queued, ExecutionStatus::Running] {
+                filter.status = Some(status);
+                let page =
+                    self.store.list_executions_by_cursor(filter.clone(), None, BATCH).await?;
+                to_advance.extend(page.items.iter().map(|execution| execution.id));
+            }
         }
         for execution_id in to_advance {
             self.advance(execution_id).await?;

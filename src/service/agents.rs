@@ -10,6 +10,8 @@ use uuid::Uuid;
 
 use super::audit::{self, Actor, AuditEvent};
 use super::convert;
+use super::validate;
+use super::validate::MAX_TAG_CHARS;
 use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
 };
@@ -29,10 +31,6 @@ const AGENT_CONFIG_MESSAGE: &str = "turbocat.v1.AgentConfig";
 /// The full proto name of an agent, for the audit trail's before/after JSON.
 const AGENT_MESSAGE: &str = "turbocat.v1.Agent";
 
-/// The most tags an agent carries.
-pub const MAX_TAGS: usize = 20;
-/// The longest tag.
-pub const MAX_TAG_CHARS: usize = 50;
 /// The largest source of a CODE agent.
 pub const MAX_CODE_SOURCE_BYTES: usize = 256 * 1024;
 /// The largest jq program of a DATA agent.
@@ -267,7 +265,7 @@ fn check_agent(validator: &mut Validator, agent: &pb::Agent) -> CheckedAgent {
         }
     };
     let limits = check_limits(validator, agent.limits.as_ref());
-    let tags = check_tags(validator, &agent.tags);
+    let tags = validate::tags(validator, &agent.tags);
     let (config, workflow_id) =
         check_config(validator, agent_type, agent.config.as_ref(), limits.timeout_seconds);
     let jq_program = match agent.config.as_ref().and_then(|config| config.kind.as_ref()) {
@@ -289,31 +287,6 @@ fn check_agent(validator: &mut Validator, agent: &pb::Agent) -> CheckedAgent {
         workflow_id,
         jq_program,
     }
-}
-
-/// Tags: each non-empty and at most `MAX_TAG_CHARS`, at most `MAX_TAGS`; trimmed, duplicates
-/// dropped (first one kept).
-fn check_tags(validator: &mut Validator, tags: &[String]) -> Vec<String> {
-    if tags.len() > MAX_TAGS {
-        validator.error("tags", format!("must be at most {MAX_TAGS} tags"));
-    }
-    let mut kept: Vec<String> = Vec::with_capacity(tags.len());
-    for (index, tag) in tags.iter().enumerate() {
-        let trimmed = tag.trim();
-        let field = format!("tags[{index}]");
-        if trimmed.is_empty() {
-            validator.error(&field, "must not be empty");
-            continue;
-        }
-        if trimmed.chars().count() > MAX_TAG_CHARS {
-            validator.error(&field, format!("must be at most {MAX_TAG_CHARS} characters"));
-            continue;
-        }
-        if !kept.iter().any(|existing| existing == trimmed) {
-            kept.push(trimmed.to_owned());
-        }
-    }
-    kept
 }
 
 /// Whole seconds of a duration within `range`, or an error on `field`.
@@ -1244,19 +1217,6 @@ mod tests {
         };
         check_limits(&mut validator, Some(&fractional));
         assert_eq!(fields(&mut validator), vec!["limits.timeout"]);
-    }
-
-    #[test]
-    fn tags_are_trimmed_deduplicated_and_bounded() {
-        let mut validator = Validator::new();
-        let tags = check_tags(&mut validator, &[" a ".into(), "a".into(), "b".into()]);
-        assert_eq!(tags, vec!["a", "b"]);
-        assert!(fields(&mut validator).is_empty());
-        let too_many: Vec<String> = (0..21).map(|index| format!("t{index}")).collect();
-        check_tags(&mut validator, &too_many);
-        assert_eq!(fields(&mut validator), vec!["tags"]);
-        check_tags(&mut validator, &["ok".into(), " ".into(), "x".repeat(51)]);
-        assert_eq!(fields(&mut validator), vec!["tags[1]", "tags[2]"]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::audit::{self, Actor, AuditEvent};
 use super::convert;
+use super::validate;
 use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
 };
@@ -533,8 +534,8 @@ pub async fn list_deployments(
             trigger_type
         }
     };
-    let workflow_id = optional_id(&mut validator, "workflowId", &request.workflow_id);
-    let agent_id = optional_id(&mut validator, "agentId", &request.agent_id);
+    let workflow_id = validate::optional_id(&mut validator, "workflowId", &request.workflow_id);
+    let agent_id = validate::optional_id(&mut validator, "agentId", &request.agent_id);
     validator.finish()?;
     let search = Some(request.search.trim().to_owned()).filter(|search| !search.is_empty());
     let found = context
@@ -560,20 +561,6 @@ pub async fn list_deployments(
             .collect(),
         pagination: Some(convert::pagination(page, found.total)),
     })
-}
-
-fn optional_id(validator: &mut Validator, field: &str, value: &str) -> Option<Uuid> {
-    let trimmed = value.trim();
-    if trimmed.is_empty() {
-        return None;
-    }
-    match Uuid::parse_str(trimmed) {
-        Ok(id) => Some(id),
-        Err(_) => {
-            validator.error(field, "is not a valid id");
-            None
-        }
-    }
 }
 
 /// Changes the fields the mask names, if `deployment.version` is still current. A running cron

@@ -13,12 +13,12 @@ use uuid::Uuid;
 use super::agents;
 use super::audit::{self, Actor, AuditEvent};
 use super::convert;
+use super::validate;
 use super::validate::{Validator, cursor_page_size, page_request, parse_id};
 use super::workflows;
 use crate::api::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
 use crate::error::{ServiceError, ServiceResult};
-use crate::proto::json;
 use crate::proto::v1 as pb;
 use crate::store::{
     self, Agent, CancelRequestOutcome, Execution, ExecutionCursor, ExecutionFilter, ExecutionLog,
@@ -89,19 +89,11 @@ pub async fn start_workflow_execution(
             Err(error) => return Err(ServiceError::from_store(error, "agent")),
         }
     }
-    let agents_json: serde_json::Map<String, Value> = agents
-        .values()
-        .map(|agent| {
-            (
-                agent.id.to_string(),
-                json::encode("turbocat.v1.Agent", &agents::agent_to_proto(agent)),
-            )
-        })
-        .collect();
-    let definition = json!({
-        "workflow": json::encode("turbocat.v1.Workflow", &workflows::workflow_message(workflow)),
-        "agents": agents_json,
-    });
+    let agent_messages: Vec<pb::Agent> = agents.values().map(agents::agent_to_proto).collect();
+    let definition = crate::engine::definition::ExecutionDefinition::snapshot(
+        &workflows::workflow_message(workflow),
+        &agent_messages,
+    );
     let now = Utc::now();
     let mut new_execution =
         NewExecution::new(workflow.workflow.owner_id, start.trigger, definition);
@@ -422,19 +414,6 @@ pub(super) async fn list_page(
     }
 }
 
-fn optional_id_filter(validator: &mut Validator, field: &str, value: &str) -> Option<Uuid> {
-    if value.trim().is_empty() {
-        return None;
-    }
-    match parse_id(field, value) {
-        Ok(id) => Some(id),
-        Err(_) => {
-            validator.error(field, "is not a valid id");
-            None
-        }
-    }
-}
-
 /// The caller's executions, newest first.
 #[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
 pub async fn list_executions(
@@ -454,9 +433,9 @@ pub async fn list_executions(
     );
     let mut filter = ExecutionFilter::new(caller.owner_scope());
     filter.status = read_status_filter(&mut validator, request.status);
-    filter.workflow_id = optional_id_filter(&mut validator, "workflowId", &request.workflow_id);
+    filter.workflow_id = validate::optional_id(&mut validator, "workflowId", &request.workflow_id);
     filter.deployment_id =
-        optional_id_filter(&mut validator, "deploymentId", &request.deployment_id);
+        validate::optional_id(&mut validator, "deploymentId", &request.deployment_id);
     if let Some(after) = &request.created_after {
         filter.created_from = convert::time_from_timestamp(after);
         if filter.created_from.is_none() {
@@ -523,11 +502,11 @@ pub async fn list_execution_logs(
 ) -> ServiceResult<pb::ListExecutionLogsResponse> {
     caller.require_user_access(Access::Read)?;
     let mut validator = Validator::new();
-    let execution_id = optional_id_filter(&mut validator, "executionId", &request.execution_id);
+    let execution_id = validate::optional_id(&mut validator, "executionId", &request.execution_id);
     if request.execution_id.trim().is_empty() {
         validator.error("executionId", "is required");
     }
-    let step_run_id = optional_id_filter(&mut validator, "stepRunId", &request.step_run_id);
+    let step_run_id = validate::optional_id(&mut validator, "stepRunId", &request.step_run_id);
     let limit = match request.page_size {
         None => DEFAULT_LOG_PAGE_SIZE,
         Some(size) => match u32::try_from(size) {
@@ -614,7 +593,7 @@ pub async fn cancel_execution(
 ) -> ServiceResult<pb::CancelExecutionResponse> {
     caller.require_user_access(Access::Write)?;
     let mut validator = Validator::new();
-    let execution_id = optional_id_filter(&mut validator, "executionId", &request.execution_id);
+    let execution_id = validate::optional_id(&mut validator, "executionId", &request.execution_id);
     if request.execution_id.trim().is_empty() {
         validator.error("executionId", "is required");
     }

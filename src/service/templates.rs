@@ -10,6 +10,8 @@ use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use super::audit::{self, Actor, AuditEvent};
+use super::validate;
+use super::validate::MAX_TAG_CHARS;
 use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
 };
@@ -29,9 +31,6 @@ use crate::store::{
 const MAX_SEARCH_CHARS: usize = 200;
 /// The longest category.
 pub const MAX_CATEGORY_CHARS: usize = 50;
-/// The most tags of a template, and the longest tag.
-pub const MAX_TAGS: usize = 20;
-pub const MAX_TAG_CHARS: usize = 50;
 /// The most parameters of a template, the longest parameter name and description.
 pub const MAX_PARAMETERS: usize = 50;
 pub const MAX_PARAMETER_NAME_CHARS: usize = 64;
@@ -542,26 +541,6 @@ fn check_category(validator: &mut Validator, category: &str) {
     }
 }
 
-fn check_tags(validator: &mut Validator, tags: &[String]) -> Vec<String> {
-    if tags.len() > MAX_TAGS {
-        validator.error("tags", format!("must hold at most {MAX_TAGS} tags"));
-    }
-    let mut seen = BTreeSet::new();
-    let mut checked = Vec::new();
-    for (index, tag) in tags.iter().enumerate() {
-        let tag = tag.trim();
-        let field = format!("tags[{index}]");
-        if tag.is_empty() || tag.chars().count() > MAX_TAG_CHARS {
-            validator.error(&field, format!("must be 1 to {MAX_TAG_CHARS} characters"));
-        } else if !seen.insert(tag.to_owned()) {
-            validator.error(&field, format!("{tag:?} is repeated"));
-        } else {
-            checked.push(tag.to_owned());
-        }
-    }
-    checked
-}
-
 fn check_kind(validator: &mut Validator, number: i32) -> Option<TemplateKind> {
     let kind = kind_from_proto(number);
     if kind.is_none() {
@@ -676,7 +655,7 @@ pub async fn create_template(
     validator.required_text("name", &template.name, MAX_NAME_CHARS);
     validator.max_chars("description", &template.description, MAX_DESCRIPTION_CHARS);
     check_category(&mut validator, &template.category);
-    let tags = check_tags(&mut validator, &template.tags);
+    let tags = validate::tags(&mut validator, &template.tags);
     let kind = check_kind(&mut validator, template.kind);
     let parameters = check_parameters(&mut validator, &template.parameters);
     let body = check_body(&mut validator, kind, template.body.as_ref(), &parameters);
@@ -775,7 +754,9 @@ pub async fn update_template(
                 check_category(&mut validator, &template.category);
                 changes.category = Some(template.category.trim().to_owned());
             }
-            TemplateField::Tags => changes.tags = Some(check_tags(&mut validator, &template.tags)),
+            TemplateField::Tags => {
+                changes.tags = Some(validate::tags(&mut validator, &template.tags))
+            }
             TemplateField::Public => changes.is_public = Some(template.public),
             TemplateField::Kind => {
                 new_kind = check_kind(&mut validator, template.kind);

@@ -172,6 +172,48 @@ pub fn sort_order<F: Copy>(
     None
 }
 
+/// The most tags a resource may carry.
+pub const MAX_TAGS: usize = 20;
+/// The longest tag.
+pub const MAX_TAG_CHARS: usize = 50;
+
+/// Tags of a resource: each non-empty and at most `MAX_TAG_CHARS`, at most `MAX_TAGS`; trimmed,
+/// duplicates dropped (the first kept). Bad ones are added to `validator` as `tags[i]`.
+pub fn tags(validator: &mut Validator, tags: &[String]) -> Vec<String> {
+    if tags.len() > MAX_TAGS {
+        validator.error("tags", format!("must be at most {MAX_TAGS} tags"));
+    }
+    let mut kept: Vec<String> = Vec::with_capacity(tags.len());
+    for (index, tag) in tags.iter().enumerate() {
+        let trimmed = tag.trim();
+        let field = format!("tags[{index}]");
+        if trimmed.is_empty() {
+            validator.error(&field, "must not be empty");
+        } else if trimmed.chars().count() > MAX_TAG_CHARS {
+            validator.error(&field, format!("must be at most {MAX_TAG_CHARS} characters"));
+        } else if !kept.iter().any(|existing| existing == trimmed) {
+            kept.push(trimmed.to_owned());
+        }
+    }
+    kept
+}
+
+/// An optional id field (a filter, a reference): empty is `None`, a malformed id an error on
+/// `field`.
+pub fn optional_id(validator: &mut Validator, field: &str, value: &str) -> Option<uuid::Uuid> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return None;
+    }
+    match uuid::Uuid::parse_str(trimmed) {
+        Ok(id) => Some(id),
+        Err(_) => {
+            validator.error(field, "is not a valid id");
+            None
+        }
+    }
+}
+
 /// Parses an id field; a malformed id is a VALIDATION_ERROR naming the field.
 pub fn parse_id(field: &str, value: &str) -> ServiceResult<uuid::Uuid> {
     uuid::Uuid::parse_str(value.trim())
@@ -181,6 +223,33 @@ pub fn parse_id(field: &str, value: &str) -> ServiceResult<uuid::Uuid> {
 #[cfg(test)]
 mod tests {
     use super::Validator;
+
+    #[test]
+    fn tags_are_trimmed_deduplicated_and_bounded() {
+        let fields = |validator: &mut Validator| -> Vec<String> {
+            validator
+                .finish()
+                .err()
+                .map(|error| error.field_errors.iter().map(|e| e.field.clone()).collect())
+                .unwrap_or_default()
+        };
+        let mut validator = Validator::new();
+        let tags = super::tags(&mut validator, &[" a ".into(), "a".into(), "b".into()]);
+        assert_eq!(tags, vec!["a", "b"]);
+        assert!(fields(&mut validator).is_empty());
+        let too_many: Vec<String> =
+            (0..=super::MAX_TAGS).map(|index| format!("t{index}")).collect();
+        super::tags(&mut validator, &too_many);
+        assert_eq!(fields(&mut validator), vec!["tags"]);
+        super::tags(
+            &mut validator,
+            &["ok".into(), " ".into(), "x".repeat(super::MAX_TAG_CHARS + 1)],
+        );
+        assert_eq!(fields(&mut validator), vec!["tags[1]", "tags[2]"]);
+        assert_eq!(super::optional_id(&mut validator, "id", " "), None);
+        assert!(super::optional_id(&mut validator, "id", "nope").is_none());
+        assert_eq!(fields(&mut validator), vec!["id"]);
+    }
 
     #[test]
     fn every_bad_field_is_reported() {

@@ -11,6 +11,8 @@ use uuid::Uuid;
 use super::audit::{self, Actor, AuditEvent};
 use super::convert;
 use super::executions::{self, ExecutionListRequest, ExecutionStart};
+use super::validate;
+use super::validate::MAX_TAG_CHARS;
 use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
 };
@@ -39,9 +41,6 @@ pub const MAX_ATTEMPTS: i32 = 20;
 pub const MAX_BACKOFF_MILLISECONDS: i64 = 3_600_000;
 /// The largest backoff multiplier.
 pub const MAX_BACKOFF_MULTIPLIER: f64 = 10.0;
-/// The most tags, and the longest tag.
-pub const MAX_TAGS: usize = 20;
-pub const MAX_TAG_CHARS: usize = 50;
 /// The most required labels of a step, and their longest key and value.
 pub const MAX_LABELS: usize = 32;
 pub const MAX_LABEL_KEY_CHARS: usize = 63;
@@ -312,27 +311,6 @@ fn read_labels(
     read
 }
 
-fn read_tags(validator: &mut Validator, tags: &[String]) -> Vec<String> {
-    let mut read: Vec<String> = Vec::with_capacity(tags.len());
-    for (index, tag) in tags.iter().enumerate() {
-        let trimmed = tag.trim();
-        if trimmed.is_empty() {
-            validator.error(&format!("tags[{index}]"), "must not be empty");
-        } else if trimmed.chars().count() > MAX_TAG_CHARS {
-            validator.error(
-                &format!("tags[{index}]"),
-                format!("must be at most {MAX_TAG_CHARS} characters"),
-            );
-        } else if !read.iter().any(|existing| existing == trimmed) {
-            read.push(trimmed.to_owned());
-        }
-    }
-    if read.len() > MAX_TAGS {
-        validator.error("tags", format!("must have at most {MAX_TAGS} tags"));
-    }
-    read
-}
-
 /// A `google.protobuf.Value` as JSON; absent and `null` are `None`.
 fn present_json(value: Option<&prost_types::Value>) -> Option<Value> {
     value.map(convert::value_to_json).filter(|json| !json.is_null())
@@ -595,7 +573,7 @@ pub async fn create_workflow(
         workflow.timeout.as_ref(),
         MAX_WORKFLOW_TIMEOUT_SECONDS,
     );
-    let tags = read_tags(&mut validator, &workflow.tags);
+    let tags = validate::tags(&mut validator, &workflow.tags);
     check_step_agents(context, caller, &mut validator, &agent_ids).await?;
     validator.finish()?;
 
@@ -711,7 +689,9 @@ pub async fn update_workflow(
                     MAX_WORKFLOW_TIMEOUT_SECONDS,
                 ));
             }
-            WorkflowField::Tags => changes.tags = Some(read_tags(&mut validator, &workflow.tags)),
+            WorkflowField::Tags => {
+                changes.tags = Some(validate::tags(&mut validator, &workflow.tags))
+            }
         }
     }
     check_step_agents(context, caller, &mut validator, &agent_ids).await?;
@@ -939,18 +919,5 @@ mod tests {
             assert_eq!(errors_of(&mut validator), vec!["t"], "{bad:?}");
         }
         assert_eq!(milliseconds_duration(1_500), seconds(1, 500_000_000));
-    }
-
-    #[test]
-    fn tags_are_trimmed_deduplicated_and_bounded() {
-        let mut validator = Validator::new();
-        let tags = vec![" a ".to_owned(), "a".to_owned(), "b".to_owned()];
-        assert_eq!(read_tags(&mut validator, &tags), vec!["a".to_owned(), "b".to_owned()]);
-        assert!(errors_of(&mut validator).is_empty());
-        read_tags(&mut validator, &["".to_owned(), "x".repeat(MAX_TAG_CHARS + 1)]);
-        assert_eq!(errors_of(&mut validator), vec!["tags[0]", "tags[1]"]);
-        let many: Vec<String> = (0..=MAX_TAGS).map(|index| format!("t{index}")).collect();
-        read_tags(&mut validator, &many);
-        assert_eq!(errors_of(&mut validator), vec!["tags"]);
     }
 }
