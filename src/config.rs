@@ -124,6 +124,10 @@ pub enum Command {
     /// Administer accounts from the command line.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Internal: runs one DATA step's jq program for a runner (request on stdin, reply on
+    /// stdout), so that a program that crashes takes down only this process.
+    #[command(name = "jq-worker", hide = true)]
+    JqWorker,
 }
 
 #[derive(Debug, Subcommand)]

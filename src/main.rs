@@ -16,11 +16,21 @@ fn init_tracing(cli: &Cli) {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::JqWorker) {
+        // A child of a runner: no runtime, no logging, one program.
+        return turbocat::runner::executors::data::worker_main();
+    }
     init_tracing(&cli);
-    match run(cli.command).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             tracing::error!(error = %message, "turbocat stopped");
@@ -90,6 +100,7 @@ async fn run(command: Command) -> Result<(), String> {
             println!("created admin {} ({})", user.email, user.id);
             Ok(())
         }
+        Command::JqWorker => Err("jq-worker runs without the async runtime".to_owned()),
         Command::Runner(args) => {
             let settings = args.settings().map_err(|error| error.to_string())?;
             let (shutdown, shutdown_requested) = tokio::sync::watch::channel(false);

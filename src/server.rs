@@ -235,6 +235,8 @@ fn start_engine(
     local_addr: SocketAddr,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = context.engine.spawn();
+    // Cron deployments: every replica polls, the database picks one per tick.
+    tasks.push(tokio::spawn(crate::service::triggers::run_cron_triggers(context.clone())));
     if let Some(key) = &context.local_runner_key {
         let host = if local_addr.ip().is_unspecified() {
             SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local_addr.port())
@@ -249,7 +251,7 @@ fn start_engine(
             capacity: LOCAL_RUNNER_CAPACITY,
             agent_types: crate::runner::client::RunnerSettings::default_agent_types(),
             drain_grace: std::time::Duration::from_secs(5),
-            max_message_bytes: 4 * 1024 * 1024,
+            max_message_bytes: context.engine.settings.max_message_bytes,
         };
         let (_never, shutdown) = tokio::sync::watch::channel(false);
         tasks.push(tokio::spawn(async move {
@@ -335,8 +337,15 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
         parts.queue.clone(),
         parts.bus.clone(),
         parts.leases,
-        parts.listen.engine.settings(),
+        crate::engine::EngineSettings {
+            max_message_bytes: parts.listen.max_message_bytes,
+            ..parts.listen.engine.settings()
+        },
     );
+    // The engine runs WORKFLOW steps; the service layer builds their child executions.
+    engine.install_child_workflows(crate::service::subworkflows::ChildWorkflowBuilder::new(
+        parts.store.clone(),
+    ));
     Ok(Arc::new(AppContext {
         engine,
         local_runner_key: parts.local_runner_key,

@@ -8,6 +8,7 @@ pub mod health;
 pub mod openapi;
 pub mod rest;
 pub mod security_headers;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,6 +149,7 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
     let app = Router::new()
         .merge(health_router)
         .merge(rest_router)
+        .merge(webhooks::router(context.clone(), settings.max_body_bytes))
         .merge(openapi::router(pool)?)
         .merge(grpc_router.layer(tonic_web::GrpcWebLayer::new()))
         .fallback(fallback)

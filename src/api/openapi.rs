@@ -198,6 +198,7 @@ pub fn document(pool: &DescriptorPool) -> Result<Value, String> {
     }
 
     add_links(&mut paths, &bindings, pool);
+    add_webhook(&mut paths, &mut schemas, pool)?;
     let mut components_schemas: Map<String, Value> = schemas.components.into_iter().collect();
     for (name, schema) in envelope_schemas() {
         if components_schemas.insert(name.clone(), schema).is_some() {
@@ -763,6 +764,91 @@ fn add_links(
             response["links"] = Value::Object(links);
         }
     }
+}
+
+/// The one route that is not transcoded from the contract: a deployment's signed webhook
+/// (`api::webhooks`), whose signature covers the exact body bytes.
+fn add_webhook(
+    paths: &mut BTreeMap<String, Map<String, Value>>,
+    schemas: &mut SchemaBuilder<'_>,
+    pool: &DescriptorPool,
+) -> Result<(), String> {
+    let execution = pool
+        .get_message_by_name("turbocat.v1.Execution")
+        .ok_or("the contract has no turbocat.v1.Execution")?;
+    let execution_schema = schemas.message_schema(&execution, Direction::Response);
+    let mut responses = Map::new();
+    responses.insert(
+        "202".into(),
+        json!({
+            "description": "Accepted: the execution the call started (`QUEUED`).",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["success", "data", "meta"],
+                        "properties": {
+                            "success": { "const": true },
+                            "data": execution_schema,
+                            "meta": reference("Meta"),
+                        },
+                        "additionalProperties": false,
+                    }
+                }
+            },
+        }),
+    );
+    for (status, name) in [
+        ("400", "BadRequest"),
+        ("401", "Unauthorized"),
+        ("404", "NotFound"),
+        ("409", "Conflict"),
+        ("413", "PayloadTooLarge"),
+        ("500", "InternalError"),
+        ("503", "ServiceUnavailable"),
+    ] {
+        responses
+            .insert(status.to_owned(), json!({ "$ref": format!("#/components/responses/{name}") }));
+    }
+    responses.insert("default".into(), json!({ "$ref": "#/components/responses/OtherError" }));
+    let operation = json!({
+        "operationId": "ReceiveWebhook",
+        "tags": ["DeploymentService"],
+        "summary": "Start an execution of a webhook deployment",
+        "description": "Starts one execution of a RUNNING deployment with a WEBHOOK trigger. The \
+                        JSON object body becomes the input (over the workflow's default input \
+                        and the deployment's `inputDefaults`); an empty body is `{}`. No token: \
+                        the call is authenticated by `X-Turbocat-Signature`, the hex \
+                        HMAC-SHA256 of the exact body bytes keyed with the deployment's webhook \
+                        secret (optionally prefixed `sha256=`). A missing or wrong signature is \
+                        401; an unknown, stopped or non-webhook deployment is 404.",
+        "security": [],
+        "parameters": [
+            {
+                "name": "deploymentId",
+                "in": "path",
+                "required": true,
+                "schema": { "type": "string", "format": "uuid" },
+            },
+            {
+                "name": "X-Turbocat-Signature",
+                "in": "header",
+                "required": true,
+                "schema": { "type": "string" },
+                "example": "sha256=5d5b09f6dcb2d53a5fffc60c4ac0d55fabdf556069d6631545f42aa6e3500f2e",
+            },
+        ],
+        "requestBody": {
+            "required": false,
+            "content": { "application/json": { "schema": { "type": "object" } } },
+        },
+        "responses": responses,
+    });
+    let item = paths.entry("/api/v1/webhooks/{deploymentId}".to_owned()).or_default();
+    if item.insert("post".into(), operation).is_some() {
+        return Err("two operations share POST /api/v1/webhooks/{deploymentId}".into());
+    }
+    Ok(())
 }
 
 fn humanize(name: &str) -> String {

@@ -4,12 +4,14 @@
 //! machinery that runs executions: `scheduler` (moving an execution forward, retries, timeouts,
 //! cancellation), `dispatcher` (handing queued steps to attached runners), `reconciler` (repairing
 //! what the queue or a crash lost, from the database), `runners` (the runners attached to this
-//! process) and `leases` (runner liveness, kept off the database).
+//! process), `leases` (runner liveness, kept off the database) and `subworkflow` (WORKFLOW
+//! steps, which the engine runs itself as child executions).
 //!
 //! The database is the source of truth: every transition is committed (as a fenced
 //! compare-and-set on the attempt) before the queue or a runner hears of it, so any replica may
 //! act on any execution and a crash at any point is repaired by the reconciler.
-//! May call: the store, the queue and the bus. Never the edges or the service layer.
+//! May call: the store, the queue and the bus. Never the edges or the service layer (which
+//! builds child executions for it through the `subworkflow::ChildWorkflows` it installs).
 
 pub mod dag;
 pub mod definition;
@@ -21,8 +23,9 @@ pub mod reconciler;
 pub mod runners;
 pub mod schedule;
 pub mod scheduler;
+pub mod subworkflow;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::bus::Bus;
@@ -48,6 +51,9 @@ pub struct EngineSettings {
     pub reconcile_interval: Duration,
     /// Largest step input or output, as JSON.
     pub max_payload_bytes: usize,
+    /// Largest gRPC message this server accepts or sends (`--max-message-bytes`): announced
+    /// to runners, who keep every message within it.
+    pub max_message_bytes: usize,
     /// Deepest nesting of sub-workflow executions.
     pub max_workflow_depth: i32,
 }
@@ -61,6 +67,7 @@ impl Default for EngineSettings {
             max_infrastructure_reassignments: 3,
             reconcile_interval: Duration::from_secs(2),
             max_payload_bytes: 1024 * 1024,
+            max_message_bytes: 4 * 1024 * 1024,
             max_workflow_depth: 5,
         }
     }
@@ -85,6 +92,8 @@ pub struct Engine {
     pub settings: EngineSettings,
     pub runners: RunnerRegistry,
     pub leases: LeaseBook,
+    /// Builds the child executions of WORKFLOW steps; installed once at start-up.
+    child_workflows: OnceLock<Arc<dyn subworkflow::ChildWorkflows>>,
 }
 
 impl Engine {
@@ -95,7 +104,15 @@ impl Engine {
         leases: LeaseBook,
         settings: EngineSettings,
     ) -> Arc<Self> {
-        Arc::new(Self { store, queue, bus, settings, runners: RunnerRegistry::default(), leases })
+        Arc::new(Self {
+            store,
+            queue,
+            bus,
+            settings,
+            runners: RunnerRegistry::default(),
+            leases,
+            child_workflows: OnceLock::new(),
+        })
     }
 
     /// Starts the dispatcher, the reconciler and the cancel relay; they run until the returned
@@ -105,6 +122,7 @@ impl Engine {
             tokio::spawn(self.clone().run_dispatcher()),
             tokio::spawn(self.clone().run_reconciler()),
             tokio::spawn(self.clone().relay_cancels()),
+            tokio::spawn(self.clone().share_runners()),
         ]
     }
 }

@@ -103,14 +103,14 @@ impl Engine {
             kept_steps.push(held.clone());
         }
         self.runners.attach(runner.clone());
+        self.leases.share_runners(&[runner.to_proto()]).await;
         tracing::info!(runner_id = %runner.id, name = %runner.name, capacity, kept = kept_steps.len(), "runner attached");
         let accepted = pb::AttachAccepted {
             runner_id,
             heartbeat_interval: prost_types::Duration::try_from(self.settings.heartbeat_interval)
                 .ok(),
             lease_duration: prost_types::Duration::try_from(self.settings.lease_duration).ok(),
-            max_message_bytes: i32::try_from(self.settings.max_payload_bytes * 2)
-                .unwrap_or(i32::MAX),
+            max_message_bytes: i32::try_from(self.settings.max_message_bytes).unwrap_or(i32::MAX),
             kept_steps,
         };
         Ok((runner, accepted))
@@ -118,8 +118,9 @@ impl Engine {
 
     /// Forgets a runner whose stream ended. Its attempts keep their leases until they run out,
     /// so a runner that reconnects in time keeps them.
-    pub fn detach_runner(&self, runner: &AttachedRunner) {
+    pub async fn detach_runner(&self, runner: &AttachedRunner) {
         self.runners.detach(&runner.id);
+        self.leases.forget_runner(&runner.id).await;
         tracing::info!(runner_id = %runner.id, held = runner.load(), "runner detached");
     }
 
@@ -170,6 +171,14 @@ impl Engine {
             }
             Message::Result(result) => {
                 let Some(key) = result.step.as_ref().and_then(attempt_key) else { return Ok(()) };
+                // Only the runner holding the attempt speaks for it: a report for an attempt it
+                // no longer holds (taken back, cancelled, already reported) or never held
+                // (another runner's, a stale attempt number) is refused here; the store's
+                // fence on (step run id, attempt) refuses the rest.
+                if runner.held(key).is_none() {
+                    tracing::info!(runner_id = %runner.id, step_run_id = %key.step_run_id, attempt = key.attempt, "refused a result for an attempt this runner does not hold");
+                    return Ok(());
+                }
                 let completion = self.completion_of(result.outcome);
                 // Free the slot only once the result is committed, so the attempt's end is
                 // recorded before the next assignment to this slot starts.
@@ -275,7 +284,8 @@ impl Engine {
         }
         self.store.append_execution_logs(lines).await?;
         for execution_id in executions {
-            self.publish(execution_id, serde_json::json!({ "kind": "log" })).await;
+            self.publish(execution_id, serde_json::json!({ "kind": super::scheduler::WATCH_LOG }))
+                .await;
         }
         Ok(())
     }

@@ -5,6 +5,8 @@
 //! (as the next attempt, counted as an infrastructure reassignment, capped) or timed out when
 //! they ran past their deadline; executions past their deadline time out; and unfinished
 //! executions are advanced, so a crash between a step's result and the next step is repaired.
+//! A WORKFLOW step the engine itself holds is never taken back: its expired lease means its
+//! child execution is still to be started (`subworkflow::resume_sub_workflow`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -125,6 +127,9 @@ impl Engine {
             || !matches!(step_run.status, StepRunStatus::Assigned | StepRunStatus::Running)
         {
             return Ok(());
+        }
+        if super::subworkflow::held_by_engine(&step_run) {
+            return self.resume_sub_workflow(&step_run).await;
         }
         let execution = self.store.get_execution(OwnerScope::All, step_run.execution_id).await?;
         let timeout =

@@ -270,6 +270,18 @@ impl RunnerRegistry {
     }
 }
 
+impl super::Engine {
+    /// Keeps this replica's runners in the shared directory (a no-op in `dev`).
+    pub(super) async fn share_runners(self: Arc<Self>) {
+        loop {
+            let runners: Vec<pb::Runner> =
+                self.runners.all().iter().map(|runner| runner.to_proto()).collect();
+            self.leases.share_runners(&runners).await;
+            tokio::time::sleep(super::leases::DIRECTORY_REFRESH).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! time zone, validated and turned into the next run time.
 //! May call: croner and chrono-tz (pure computation, no I/O).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use chrono_tz::Tz;
 
 /// The time zone of a schedule that names none.
@@ -66,10 +66,18 @@ pub fn check(expression: &str, timezone: &str) -> (Option<String>, Option<String
     (expression_problem, timezone_problem)
 }
 
-/// The first fire time strictly after `instant`, or `None` when the schedule never fires again.
+/// The first fire time strictly after `instant`, on a whole second, or `None` when the
+/// schedule never fires again.
 pub fn next_after(schedule: &Schedule, instant: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let local = instant.with_timezone(&schedule.timezone);
-    schedule.cron.find_next_occurrence(&local, false).ok().map(|next| next.with_timezone(&Utc))
+    // croner keeps the fraction of a second it is given: from 10:00:00.4 the next "every
+    // second" would be 10:00:01.4. Fire times are whole seconds, and a whole second after the
+    // truncated instant is also after the instant itself.
+    let whole_second = instant.trunc_subsecs(0).with_timezone(&schedule.timezone);
+    schedule
+        .cron
+        .find_next_occurrence(&whole_second, false)
+        .ok()
+        .map(|next| next.with_timezone(&Utc).trunc_subsecs(0))
 }
 
 fn parse_expression(expression: &str) -> Result<croner::Cron, ScheduleError> {
@@ -148,6 +156,16 @@ mod tests {
             next_after(&every_five_minutes, utc("2026-01-01T10:05:00Z")),
             Some(utc("2026-01-01T10:10:00Z")),
             "strictly after"
+        );
+        let every_second = Schedule::parse("* * * * * *", "UTC").expect("parses");
+        assert_eq!(
+            next_after(&every_second, utc("2026-01-01T10:02:30.999Z")),
+            Some(utc("2026-01-01T10:02:31Z")),
+            "on the whole second, never with the fraction of the instant"
+        );
+        assert_eq!(
+            next_after(&every_five_minutes, utc("2026-01-01T10:04:59.5Z")),
+            Some(utc("2026-01-01T10:05:00Z"))
         );
         let every_ten_seconds = Schedule::parse("*/10 * * * * *", "UTC").expect("parses");
         assert_eq!(

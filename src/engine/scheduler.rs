@@ -4,6 +4,7 @@
 //! and stop it on a cancel request or past its deadline. `complete_attempt` records a step's
 //! result and decides on a retry. Both are safe to call any number of times from any replica:
 //! every change is a fenced compare-and-set, so a repeated call changes nothing.
+//! WORKFLOW steps and child executions hook in here; their logic lives in `subworkflow`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +27,13 @@ use crate::store::{
 /// The bus topic that carries cancels to the replica a runner is attached to.
 pub const RUNNER_CANCELS: &str = "runners:cancels";
 
+/// The `kind` of the events published on an execution's topic (`bus::topics::execution`):
+/// a step run changed (`stepRun` holds the committed row), the execution changed (read it
+/// back), or log lines were appended (read them back).
+pub const WATCH_STEP: &str = "step";
+pub const WATCH_EXECUTION: &str = "execution";
+pub const WATCH_LOG: &str = "log";
+
 impl Engine {
     /// Does what is due for one execution; see the module comment.
     pub async fn advance(self: &Arc<Self>, execution_id: Uuid) -> EngineResult<()> {
@@ -39,6 +47,10 @@ impl Engine {
             return self
                 .finish_early(&execution, ExecutionStatus::Cancelled, "cancelled on request")
                 .await;
+        }
+        if execution.parent_step_run_id.is_some() && !self.parent_still_waits(&execution).await? {
+            let error = "cancelled: its parent step no longer waits for it";
+            return self.finish_early(&execution, ExecutionStatus::Cancelled, error).await;
         }
         if execution.deadline_at.is_some_and(|deadline| deadline <= now) {
             return self
@@ -68,6 +80,11 @@ impl Engine {
             {
                 self.publish_execution(execution.id).await;
             }
+        }
+
+        if self.collect_finished_children(&execution, &steps).await? {
+            // Collecting completed a step, which advanced the execution with fresh state.
+            return Ok(());
         }
 
         if let Some(failed) = steps.iter().find(|step| {
@@ -107,6 +124,9 @@ impl Engine {
                 .await?
             {
                 self.publish_execution(execution.id).await;
+                if execution.parent_step_run_id.is_some() {
+                    self.child_execution_finished(execution.id).await;
+                }
             }
             return Ok(());
         }
@@ -236,7 +256,8 @@ impl Engine {
     }
 
     /// Ends an unfinished execution early: cancels its unfinished steps (telling the runners
-    /// that hold them) and records `status` with `error`.
+    /// that hold them) and its child executions, records `status` with `error`, and reports
+    /// to the parent step when it is a child.
     pub(super) async fn finish_early(
         self: &Arc<Self>,
         execution: &Execution,
@@ -246,7 +267,10 @@ impl Engine {
         let now = Utc::now();
         let in_flight = self.store.cancel_pending_steps(execution.id, now).await?;
         for held in &in_flight {
-            self.send_cancel(held, error).await;
+            // A WORKFLOW step has no runner: its child execution is stopped below.
+            if held.runner_id != super::subworkflow::ENGINE_RUNNER_ID {
+                self.send_cancel(held, error).await;
+            }
         }
         for step in self.store.list_step_runs(execution.id).await? {
             if step.status == StepRunStatus::Cancelled {
@@ -254,6 +278,7 @@ impl Engine {
                 self.publish_step(&step).await;
             }
         }
+        self.stop_children(execution, error).await?;
         let change = ExecutionChange {
             error: Some(error.to_owned()),
             finished_at: Some(now),
@@ -265,6 +290,9 @@ impl Engine {
             .await?
         {
             self.publish_execution(execution.id).await;
+            if execution.parent_step_run_id.is_some() {
+                self.child_execution_finished(execution.id).await;
+            }
         }
         Ok(())
     }
@@ -330,14 +358,18 @@ impl Engine {
     }
 
     /// Puts a QUEUED step run in the ready queue. A full queue leaves it QUEUED in the
-    /// database; the reconciler offers it again later.
+    /// database; the reconciler offers it again later. WORKFLOW steps never reach the queue:
+    /// the engine runs them itself (`subworkflow`).
     pub(super) async fn enqueue(
-        &self,
+        self: &Arc<Self>,
         execution: &Execution,
         definition: &ExecutionDefinition,
         step_run: &StepRun,
     ) -> EngineResult<()> {
         let Some(step) = definition.step(&step_run.step_key) else { return Ok(()) };
+        if super::subworkflow::is_sub_workflow(definition, step) {
+            return Box::pin(self.start_sub_workflow(execution, definition, step_run)).await;
+        }
         let agent_type = definition
             .agent_of(step)
             .and_then(|agent| pb::AgentType::try_from(agent.r#type).ok())
@@ -378,15 +410,21 @@ impl Engine {
         });
     }
 
-    /// Tells watchers that a step run changed.
+    /// Tells watchers that a step run changed, with the row as committed. Call it after the
+    /// commit and before acting on the transition (sending to a runner, queueing), so that
+    /// watchers receive the transitions of a step in the order they happened, whichever
+    /// replica made them.
     pub(super) async fn publish_step(&self, step_run: &StepRun) {
-        let event = json!({ "kind": "step", "stepRunId": step_run.id, "attempt": step_run.attempt, "status": step_run.status.as_str() });
+        let event = match serde_json::to_value(step_run) {
+            Ok(row) => json!({ "kind": WATCH_STEP, "stepRun": row }),
+            Err(_) => json!({ "kind": WATCH_STEP }),
+        };
         self.publish(step_run.execution_id, event).await;
     }
 
-    /// Tells watchers that the execution changed status.
+    /// Tells watchers that the execution changed status (they read it back).
     pub(super) async fn publish_execution(&self, execution_id: Uuid) {
-        self.publish(execution_id, json!({ "kind": "execution" })).await;
+        self.publish(execution_id, json!({ "kind": WATCH_EXECUTION })).await;
     }
 
     pub(super) async fn publish(&self, execution_id: Uuid, event: Value) {
@@ -410,7 +448,7 @@ impl Engine {
         if let Err(error) = self.store.append_execution_logs(vec![line]).await {
             tracing::warn!(%error, "could not write an engine log line");
         }
-        self.publish(step_run.execution_id, json!({ "kind": "log" })).await;
+        self.publish(step_run.execution_id, json!({ "kind": WATCH_LOG })).await;
     }
 }
 

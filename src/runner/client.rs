@@ -4,22 +4,35 @@
 //! with backoff, telling the server which attempts are still running so it keeps them. On
 //! shutdown the runner says it is draining, keeps heartbeating, finishes what it holds (or hands
 //! it back when the grace period ends) and leaves.
+//!
+//! Every message fits the smaller of this runner's `max_message_bytes` and the one the server
+//! announces: log batches are cut by size, a result whose output would not fit becomes a
+//! failure that says so, so an oversized payload never breaks the stream. An attempt whose result
+//! is still waiting to be sent counts as held (it is named in heartbeats and in the hello of a
+//! reconnect), so a result produced while the stream was down is still accepted afterwards.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use prost::Message as _;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use super::executors::{self, LogSink, StepWork};
+use super::executors::{self, LogSink, StepError, StepWork};
 use crate::proto::v1::{self as pb, runner_service_client::RunnerServiceClient};
 
 /// Lines sent in one log batch at most.
 const LOG_BATCH_LINES: usize = 200;
 /// How long log lines wait to be batched.
 const LOG_BATCH_DELAY: Duration = Duration::from_millis(200);
+/// Room left in every message for its framing and the fields around a payload.
+const MESSAGE_OVERHEAD_BYTES: usize = 1024;
+/// The smallest message limit the runner works with, whatever is announced.
+const MIN_MESSAGE_BYTES: usize = 4 * 1024;
 
 /// How a runner connects and what it offers.
 #[derive(Debug, Clone)]
@@ -53,8 +66,12 @@ pub enum RunnerError {
     Refused(String),
 }
 
-/// The attempts running here, by (step run id, attempt), with their cancel switches.
+/// The attempts held here, by (step run id, attempt), with their cancel switches: running, or
+/// finished with their result not yet sent.
 type Running = Arc<Mutex<HashMap<(String, i32), CancellationToken>>>;
+
+/// The largest message this runner sends now: the smaller of its own limit and the server's.
+type MessageLimit = Arc<AtomicUsize>;
 
 /// Runs until `shutdown` turns true (then drains) or the server refuses the credentials.
 pub async fn run(
@@ -67,6 +84,8 @@ pub async fn run(
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_while_idle(true);
     let running: Running = Arc::new(Mutex::new(HashMap::new()));
+    let message_limit: MessageLimit =
+        Arc::new(AtomicUsize::new(settings.max_message_bytes.max(MIN_MESSAGE_BYTES)));
     // Messages survive a broken stream here until the next connection sends them.
     let (outbox, mut outbox_receiver) = mpsc::channel::<pb::AttachRequest>(1024);
     let mut runner_id = String::new();
@@ -76,7 +95,12 @@ pub async fn run(
         if draining && running_keys(&running).is_empty() {
             return Ok(());
         }
-        let session = Session { settings: &settings, running: &running, outbox: &outbox };
+        let session = Session {
+            settings: &settings,
+            running: &running,
+            outbox: &outbox,
+            message_limit: &message_limit,
+        };
         match session
             .connect_and_serve(
                 &endpoint,
@@ -118,6 +142,7 @@ struct Session<'a> {
     settings: &'a RunnerSettings,
     running: &'a Running,
     outbox: &'a mpsc::Sender<pb::AttachRequest>,
+    message_limit: &'a MessageLimit,
 }
 
 impl Session<'_> {
@@ -184,6 +209,11 @@ impl Session<'_> {
             Err(status) => return Err(SessionError::Unreachable(status.message().to_owned())),
         };
         *runner_id = accepted.runner_id.clone();
+        let limit = match usize::try_from(accepted.max_message_bytes) {
+            Ok(announced) if announced > 0 => announced.min(self.settings.max_message_bytes),
+            _ => self.settings.max_message_bytes,
+        };
+        self.message_limit.store(limit.max(MIN_MESSAGE_BYTES), Ordering::Relaxed);
         // Attempts the server did not keep are no longer ours: stop them.
         let kept: Vec<(String, i32)> = accepted
             .kept_steps
@@ -217,7 +247,9 @@ impl Session<'_> {
             if *draining && running_keys(self.running).is_empty() {
                 // Let the last results leave before closing.
                 while let Ok(request) = outbox_receiver.try_recv() {
-                    let _ = stream_sender.send(request).await;
+                    if let Some(request) = release_reported(request, self.running) {
+                        let _ = stream_sender.send(request).await;
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 return Ok(SessionEnd::Drained);
@@ -231,18 +263,28 @@ impl Session<'_> {
                     Ok(None) | Err(_) => return Ok(SessionEnd::Broken),
                 },
                 Some(request) = outbox_receiver.recv() => {
+                    let Some(request) = release_reported(request, self.running) else { continue };
                     if stream_sender.send(request).await.is_err() {
                         return Ok(SessionEnd::Broken);
                     }
                 }
                 _ = heartbeat.tick() => {
-                    let running = running_keys(self.running)
+                    let running: Vec<pb::StepRef> = running_keys(self.running)
                         .into_iter()
                         .map(|(step_run_id, attempt)| pb::StepRef { step_run_id, attempt })
                         .collect();
-                    let beat = message(pb::attach_request::Message::Heartbeat(pb::Heartbeat { running }));
-                    if stream_sender.send(beat).await.is_err() {
-                        return Ok(SessionEnd::Broken);
+                    // Many held attempts and a small message limit: several heartbeats.
+                    let per_beat = (self.message_limit.load(Ordering::Relaxed) / 128).max(1);
+                    let mut beats: Vec<Vec<pb::StepRef>> =
+                        running.chunks(per_beat).map(<[pb::StepRef]>::to_vec).collect();
+                    if beats.is_empty() {
+                        beats.push(Vec::new());
+                    }
+                    for running in beats {
+                        let beat = message(pb::attach_request::Message::Heartbeat(pb::Heartbeat { running }));
+                        if stream_sender.send(beat).await.is_err() {
+                            return Ok(SessionEnd::Broken);
+                        }
                     }
                 }
                 changed = shutdown.changed(), if !*draining => {
@@ -315,6 +357,7 @@ impl Session<'_> {
                     cancel,
                     self.running.clone(),
                     self.outbox.clone(),
+                    self.message_limit.clone(),
                 ));
             }
             pb::attach_response::Message::Cancel(cancel) => {
@@ -339,6 +382,7 @@ async fn run_attempt(
     cancel: CancellationToken,
     running: Running,
     outbox: mpsc::Sender<pb::AttachRequest>,
+    message_limit: MessageLimit,
 ) {
     let Some(step) = assignment.step.clone() else { return };
     let key = (step.step_run_id.clone(), step.attempt);
@@ -350,33 +394,50 @@ async fn run_attempt(
     let (logs, mut lines) = LogSink::channel(1024);
     let forward_step = step.clone();
     let forward_outbox = outbox.clone();
+    let forward_limit = message_limit.clone();
     let forwarder = tokio::spawn(async move {
-        let mut batch = Vec::new();
+        let mut batch = LogBatch::default();
         loop {
-            let line = if batch.is_empty() {
+            let line = if batch.lines.is_empty() {
                 lines.recv().await
             } else {
                 match tokio::time::timeout(LOG_BATCH_DELAY, lines.recv()).await {
                     Ok(line) => line,
                     Err(_) => {
-                        send_logs(&forward_outbox, &mut batch).await;
+                        batch.send(&forward_outbox).await;
                         continue;
                     }
                 }
             };
             let Some(line) = line else { break };
-            batch.push(pb::StepLogLine {
+            let budget =
+                forward_limit.load(Ordering::Relaxed).saturating_sub(MESSAGE_OVERHEAD_BYTES);
+            let mut line = pb::StepLogLine {
                 step: Some(forward_step.clone()),
                 level: line.stream.level() as i32,
                 source: line.stream.source() as i32,
                 message: line.text,
                 time: Some(prost_types::Timestamp::from(line.time)),
-            });
-            if batch.len() >= LOG_BATCH_LINES {
-                send_logs(&forward_outbox, &mut batch).await;
+            };
+            // A line longer than a whole message is cut (the executors already cut at 16 KiB).
+            let line_budget = budget / 2;
+            if line.message.len() > line_budget {
+                let mut end = line_budget;
+                while !line.message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                line.message.truncate(end);
+            }
+            let line_bytes = line.encoded_len() + 8;
+            if batch.bytes + line_bytes > budget {
+                batch.send(&forward_outbox).await;
+            }
+            batch.push(line, line_bytes);
+            if batch.lines.len() >= LOG_BATCH_LINES {
+                batch.send(&forward_outbox).await;
             }
         }
-        send_logs(&forward_outbox, &mut batch).await;
+        batch.send(&forward_outbox).await;
     });
     let work = StepWork {
         agent: assignment.agent.unwrap_or_default(),
@@ -389,8 +450,7 @@ async fn run_attempt(
     };
     let outcome = executors::execute(work, logs, cancel.clone()).await;
     let _ = forwarder.await;
-    let still_ours =
-        running.lock().map(|mut running| running.remove(&key).is_some()).unwrap_or(false);
+    let still_ours = running.lock().map(|running| running.contains_key(&key)).unwrap_or(false);
     if !still_ours {
         // The server took it back or cancelled it; it already knows the outcome.
         return;
@@ -402,16 +462,81 @@ async fn run_attempt(
         Err(error) => pb::step_result::Outcome::Failure(error.to_failure()),
     };
     let result = pb::StepResult { step: Some(step), outcome: Some(outcome) };
+    let result = fit_result(result, message_limit.load(Ordering::Relaxed));
+    // The attempt stays held until the session hands the result to a stream.
     let _ = outbox.send(message(pb::attach_request::Message::Result(result))).await;
 }
 
-async fn send_logs(outbox: &mpsc::Sender<pb::AttachRequest>, batch: &mut Vec<pb::StepLogLine>) {
-    if batch.is_empty() {
-        return;
+/// A result that fits in a message of `limit` bytes: an output too large to send becomes a
+/// failure that says so (the stream would break on it otherwise), an overlong error is cut.
+fn fit_result(mut result: pb::StepResult, limit: usize) -> pb::StepResult {
+    let budget = limit.saturating_sub(MESSAGE_OVERHEAD_BYTES);
+    let size = result.encoded_len();
+    if size <= budget {
+        return result;
     }
-    let lines = std::mem::take(batch);
-    let _ =
-        outbox.send(message(pb::attach_request::Message::Logs(pb::StepLogBatch { lines }))).await;
+    match &mut result.outcome {
+        Some(pb::step_result::Outcome::Success(_)) => {
+            let error = StepError::limit_exceeded(format!(
+                "the output is about {size} bytes, more than the server accepts in one message \
+                 ({limit} bytes; see the server's --max-payload-bytes and --max-message-bytes)"
+            ));
+            result.outcome = Some(pb::step_result::Outcome::Failure(error.to_failure()));
+        }
+        Some(pb::step_result::Outcome::Failure(failure)) => {
+            let keep = budget / 2;
+            if failure.error.len() > keep {
+                let mut end = keep;
+                while !failure.error.is_char_boundary(end) {
+                    end -= 1;
+                }
+                failure.error.truncate(end);
+                failure.error.push('…');
+            }
+        }
+        None => {}
+    }
+    result
+}
+
+/// Log lines waiting to be sent, with their encoded size.
+#[derive(Default)]
+struct LogBatch {
+    lines: Vec<pb::StepLogLine>,
+    bytes: usize,
+}
+
+impl LogBatch {
+    fn push(&mut self, line: pb::StepLogLine, bytes: usize) {
+        self.lines.push(line);
+        self.bytes += bytes;
+    }
+
+    async fn send(&mut self, outbox: &mpsc::Sender<pb::AttachRequest>) {
+        if self.lines.is_empty() {
+            return;
+        }
+        let lines = std::mem::take(&mut self.lines);
+        self.bytes = 0;
+        let batch = pb::StepLogBatch { lines };
+        let _ = outbox.send(message(pb::attach_request::Message::Logs(batch))).await;
+    }
+}
+
+/// What the session does with a message from the outbox before sending it: a result releases
+/// its attempt (it is no longer held once it leaves); a result for an attempt this runner no
+/// longer holds (the server did not keep it after a reconnect) is dropped.
+fn release_reported(request: pb::AttachRequest, running: &Running) -> Option<pb::AttachRequest> {
+    if let Some(pb::attach_request::Message::Result(result)) = &request.message {
+        let Some(step) = &result.step else { return None };
+        let key = (step.step_run_id.clone(), step.attempt);
+        let held =
+            running.lock().map(|mut running| running.remove(&key).is_some()).unwrap_or(false);
+        if !held {
+            return None;
+        }
+    }
+    Some(request)
 }
 
 fn message(message: pb::attach_request::Message) -> pb::AttachRequest {
@@ -420,4 +545,69 @@ fn message(message: pb::attach_request::Message) -> pb::AttachRequest {
 
 fn running_keys(running: &Running) -> Vec<(String, i32)> {
     running.lock().map(|running| running.keys().cloned().collect()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step() -> pb::StepRef {
+        pb::StepRef { step_run_id: "0190f0f0-0000-7000-8000-000000000001".to_owned(), attempt: 2 }
+    }
+
+    fn success(text: &str) -> pb::StepResult {
+        let output = crate::service::convert::json_to_value(&serde_json::json!({ "text": text }));
+        pb::StepResult {
+            step: Some(step()),
+            outcome: Some(pb::step_result::Outcome::Success(pb::StepSuccess {
+                output: Some(output),
+            })),
+        }
+    }
+
+    #[test]
+    fn results_too_large_for_a_message_become_limit_failures() {
+        let small = success("fits");
+        assert_eq!(fit_result(small.clone(), 8 * 1024), small);
+
+        let fitted = fit_result(success(&"x".repeat(10_000)), 8 * 1024);
+        assert_eq!(fitted.step, Some(step()));
+        let Some(pb::step_result::Outcome::Failure(failure)) = fitted.outcome else {
+            panic!("expected a failure: {fitted:?}");
+        };
+        assert_eq!(failure.kind, pb::FailureKind::ResourceLimit as i32);
+        assert!(!failure.retryable);
+        assert!(failure.error.contains("8192 bytes"), "{}", failure.error);
+
+        let long_error = pb::StepResult {
+            step: Some(step()),
+            outcome: Some(pb::step_result::Outcome::Failure(pb::StepFailure {
+                error: "é".repeat(10_000),
+                retryable: true,
+                kind: pb::FailureKind::Error as i32,
+            })),
+        };
+        let fitted = fit_result(long_error, 8 * 1024);
+        assert!(fitted.encoded_len() <= 8 * 1024, "{}", fitted.encoded_len());
+        let Some(pb::step_result::Outcome::Failure(failure)) = fitted.outcome else {
+            panic!("still a failure");
+        };
+        assert!(failure.retryable && failure.error.ends_with('…'));
+    }
+
+    #[test]
+    fn a_result_releases_its_attempt_and_one_not_held_is_dropped() {
+        let running: Running = Arc::new(Mutex::new(HashMap::new()));
+        let held = (step().step_run_id, step().attempt);
+        if let Ok(mut running) = running.lock() {
+            running.insert(held.clone(), CancellationToken::new());
+        }
+        let result = message(pb::attach_request::Message::Result(success("done")));
+        assert_eq!(release_reported(result.clone(), &running), Some(result.clone()));
+        assert!(running_keys(&running).is_empty(), "released once sent");
+        assert_eq!(release_reported(result, &running), None, "no longer held: not sent");
+
+        let heartbeat = message(pb::attach_request::Message::Heartbeat(pb::Heartbeat::default()));
+        assert_eq!(release_reported(heartbeat.clone(), &running), Some(heartbeat));
+    }
 }

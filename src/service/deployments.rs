@@ -1,29 +1,40 @@
 //! Deployments: a workflow or an agent bound to a trigger (manual, cron, signed webhook) in an
 //! environment; create, read, change, delete, start, stop and the combined log of lifecycle
-//! events and execution log lines.
-//! May call: the store, the audit trail and the cron schedules of the engine.
+//! events and execution log lines. Also what the triggers do: start one execution of the
+//! deployment (`start_triggered_execution`, a single agent running as a one-step workflow),
+//! the signed webhook call (`trigger_webhook`), and the agent status that follows the
+//! deployments. The cron loop that fires schedules lives in `super::triggers`.
+//! May call: the store, the audit trail, the executions service and the engine's schedules,
+//! DAG checks and definition snapshots.
 
 use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
+use sha2::Sha256;
 use uuid::Uuid;
 
+use super::agents;
 use super::audit::{self, Actor, AuditEvent};
 use super::convert;
+use super::executions::{self, ExecutionStart};
 use super::validate;
 use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
 };
 use crate::api::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
+use crate::engine::dag::{self, DagStep};
+use crate::engine::definition::ExecutionDefinition;
 use crate::engine::schedule::{self, Schedule};
-use crate::error::{ServiceError, ServiceResult};
+use crate::error::{ErrorCode, ServiceError, ServiceResult};
 use crate::proto::json;
 use crate::proto::v1 as pb;
 use crate::store::{
-    Deployment, DeploymentChanges, DeploymentEnvironment, DeploymentEvent, DeploymentEventKind,
-    DeploymentFilter, DeploymentSortField, DeploymentStatus, DeploymentTarget, DeploymentTrigger,
-    DeploymentTriggerType, ExecutionFilter, ExecutionLog, ExecutionLogFilter, ExecutionLogLevel,
-    NewDeployment, NewDeploymentEvent, OwnerScope, PageRequest, SortOrder, StoreError,
+    Agent, Deployment, DeploymentChanges, DeploymentEnvironment, DeploymentEvent,
+    DeploymentEventKind, DeploymentFilter, DeploymentSortField, DeploymentStatus, DeploymentTarget,
+    DeploymentTrigger, DeploymentTriggerType, Execution, ExecutionFilter, ExecutionLog,
+    ExecutionLogFilter, ExecutionLogLevel, ExecutionTrigger, NewDeployment, NewDeploymentEvent,
+    NewStepRun, OwnerScope, PageRequest, RetryPolicy, SortOrder, StepRun, StoreError,
 };
 
 /// The longest search text of a list.
@@ -664,6 +675,10 @@ pub async fn update_deployment(
     if trigger_changed && after.status == DeploymentStatus::Running {
         after = reschedule(context, after).await?;
     }
+    if after.target != before.target {
+        sync_agent_status(context, before.target).await;
+        sync_agent_status(context, after.target).await;
+    }
     audit::record(
         context,
         Actor::Caller(caller),
@@ -696,7 +711,8 @@ pub fn next_run_time(trigger: &DeploymentTrigger, now: DateTime<Utc>) -> Option<
     schedule::next_after(&schedule, now)
 }
 
-/// Deletes a deployment (soft); `version` 0 skips the check. Its trigger stops with it.
+/// Deletes a deployment (soft); `version` 0 skips the check. Its trigger stops with it (the
+/// cron loop and the webhook only see live deployments) and its agent's status follows.
 #[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
 pub async fn delete_deployment(
     context: &AppContext,
@@ -717,6 +733,7 @@ pub async fn delete_deployment(
         .soft_delete_deployment(scope, deployment_id, expected_version)
         .await
         .map_err(|error| ServiceError::from_store(error, "deployment"))?;
+    sync_agent_status(context, before.target).await;
     audit::record(
         context,
         Actor::Caller(caller),
@@ -769,6 +786,7 @@ pub async fn start_deployment(
         .await
         .map_err(|error| ServiceError::from_store(error, "deployment"))?;
     let started = reschedule(context, started).await?;
+    sync_agent_status(context, started.target).await;
     audit::record(
         context,
         Actor::Caller(caller),
@@ -820,6 +838,7 @@ pub async fn stop_deployment(
         .await
         .map_err(|error| ServiceError::from_store(error, "deployment"))?;
     stopped.next_run_at = None;
+    sync_agent_status(context, stopped.target).await;
     audit::record(
         context,
         Actor::Caller(caller),
@@ -832,6 +851,311 @@ pub async fn stop_deployment(
     )
     .await;
     Ok(pb::StopDeploymentResponse { deployment: Some(deployment_to_proto(&stopped, caller)) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Triggers: the executions a deployment starts
+// ---------------------------------------------------------------------------------------------
+
+/// The key of the only step of the one-step workflow a single-agent deployment runs.
+pub const AGENT_STEP_KEY: &str = "agent";
+/// The header of a webhook call that carries the signature of its body.
+pub const SIGNATURE_HEADER: &str = "x-turbocat-signature";
+/// The prefix a signature may carry (`sha256=<hex>`, as GitHub sends it).
+const SIGNATURE_PREFIX: &str = "sha256=";
+
+/// The input of an execution a deployment starts. Each layer's top-level keys replace the ones
+/// before: the workflow's default input (workflow targets), the deployment's `inputDefaults`,
+/// then what the trigger gives (a webhook's body; `{}` for a cron tick). When the deployment
+/// has environment values, `env` is set to them last, so `{{input.env.NAME}}` always reads the
+/// deployment's values.
+pub fn execution_input(base: &Value, config: &pb::DeploymentConfig, given: Value) -> Value {
+    let defaults = config.input_defaults.as_ref().map(convert::struct_to_json);
+    let mut input = serde_json::Map::new();
+    for layer in [Some(base.clone()), defaults, Some(given)].into_iter().flatten() {
+        if let Value::Object(fields) = layer {
+            input.extend(fields);
+        }
+    }
+    if !config.environment_values.is_empty() {
+        let environment = config
+            .environment_values
+            .iter()
+            .map(|(name, value)| (name.clone(), Value::String(value.clone())))
+            .collect();
+        input.insert("env".to_owned(), Value::Object(environment));
+    }
+    Value::Object(input)
+}
+
+/// Starts an execution of a single agent as a one-step workflow: the step `AGENT_STEP_KEY`
+/// runs the agent on the execution input (no mapping), retried as a workflow step is by
+/// default, so the execution's output is the agent's output. The definition snapshot has no
+/// workflow id, and the execution none either; it belongs to the agent's owner.
+pub async fn start_agent_execution(
+    context: &AppContext,
+    agent: &Agent,
+    start: ExecutionStart,
+) -> ServiceResult<(Execution, Vec<StepRun>)> {
+    let retry = RetryPolicy::default();
+    let milliseconds = |total: i64| prost_types::Duration {
+        seconds: total / 1_000,
+        nanos: i32::try_from((total % 1_000) * 1_000_000).unwrap_or(0),
+    };
+    let step = pb::WorkflowStep {
+        key: AGENT_STEP_KEY.to_owned(),
+        name: agent.name.clone(),
+        agent_id: agent.id.to_string(),
+        retry_policy: Some(pb::RetryPolicy {
+            max_attempts: retry.max_attempts,
+            initial_backoff: Some(milliseconds(retry.initial_backoff_ms)),
+            max_backoff: Some(milliseconds(retry.max_backoff_ms)),
+            multiplier: retry.multiplier,
+        }),
+        ..Default::default()
+    };
+    let workflow = pb::Workflow {
+        owner_id: agent.owner_id.to_string(),
+        name: agent.name.clone(),
+        steps: vec![step],
+        default_input: Some(convert::json_to_value(&json!({}))),
+        priority: start.priority,
+        timeout: start.timeout_seconds.map(executions::seconds_duration),
+        ..Default::default()
+    };
+    let definition = ExecutionDefinition::snapshot(&workflow, &[agents::agent_to_proto(agent)]);
+    let step_runs = vec![NewStepRun {
+        step_key: AGENT_STEP_KEY.to_owned(),
+        agent_id: Some(agent.id),
+        max_attempts: retry.max_attempts.max(1),
+        input: None,
+    }];
+    executions::create_execution(context, agent.owner_id, None, definition, step_runs, start).await
+}
+
+/// Whether a failure to start means the deployment's target cannot run at all (deleted, not a
+/// valid DAG, a step's agent deleted), as opposed to a passing trouble (database, overload).
+fn target_cannot_run(error: &ServiceError) -> bool {
+    matches!(error.code, ErrorCode::NotFound | ErrorCode::Conflict | ErrorCode::ValidationError)
+}
+
+/// Loads the deployment's target and starts one execution of it.
+async fn start_target(
+    context: &AppContext,
+    deployment: &Deployment,
+    trigger: ExecutionTrigger,
+    given: Value,
+) -> ServiceResult<(Execution, Vec<StepRun>)> {
+    let config = config_from_json(&deployment.config);
+    match deployment.target {
+        DeploymentTarget::Workflow(workflow_id) => {
+            let workflow =
+                context.store.get_workflow(OwnerScope::All, workflow_id).await.map_err(
+                    |error| ServiceError::from_store(error, "the deployment's workflow"),
+                )?;
+            let dag_steps: Vec<DagStep> = workflow.steps.iter().map(DagStep::from).collect();
+            if workflow.steps.is_empty() || !dag::validate(&dag_steps).is_empty() {
+                return Err(ServiceError::conflict(
+                    "the deployment's workflow is not a valid DAG: fix its steps first",
+                ));
+            }
+            let start = ExecutionStart {
+                trigger,
+                input: execution_input(&workflow.workflow.default_input, &config, given),
+                priority: workflow.workflow.priority,
+                timeout_seconds: workflow.workflow.timeout_seconds,
+                deployment_id: Some(deployment.id),
+                parent: None,
+            };
+            executions::start_workflow_execution(context, &workflow, start).await
+        }
+        DeploymentTarget::Agent(agent_id) => {
+            let agent = context
+                .store
+                .get_agent(OwnerScope::All, agent_id)
+                .await
+                .map_err(|error| ServiceError::from_store(error, "the deployment's agent"))?;
+            let start = ExecutionStart {
+                trigger,
+                input: execution_input(&json!({}), &config, given),
+                priority: crate::store::NewExecution::DEFAULT_PRIORITY,
+                timeout_seconds: None,
+                deployment_id: Some(deployment.id),
+                parent: None,
+            };
+            start_agent_execution(context, &agent, start).await
+        }
+    }
+}
+
+/// Starts one execution of a live deployment for a trigger (`CRON` or `WEBHOOK`), with what
+/// the trigger gives as input (see `execution_input`). The execution carries the deployment's
+/// id (its log lines show in the deployment's log), and a `TRIGGERED` event naming it and
+/// `occasion` is appended, with `last_triggered_at`.
+///
+/// When the target cannot run any more (deleted, not a valid DAG, a step's agent deleted) the
+/// deployment becomes `FAILED` (its trigger stops; starting it again re-arms it) with a
+/// `FAILED` event saying why; a passing failure only appends the `FAILED` event. Either way the
+/// error is returned.
+pub async fn start_triggered_execution(
+    context: &AppContext,
+    deployment: &Deployment,
+    trigger: ExecutionTrigger,
+    given: Value,
+    occasion: &str,
+) -> ServiceResult<(Execution, Vec<StepRun>)> {
+    let (execution, step_runs) = match start_target(context, deployment, trigger, given).await {
+        Ok(started) => started,
+        Err(error) => {
+            let message = format!("{occasion}: could not start an execution: {}", error.message);
+            if target_cannot_run(&error) {
+                mark_failed(context, deployment, message).await;
+            } else {
+                let event = NewDeploymentEvent {
+                    kind: DeploymentEventKind::Failed,
+                    message,
+                    actor_id: None,
+                };
+                if let Err(store_error) =
+                    context.store.append_deployment_event(deployment.id, event).await
+                {
+                    tracing::warn!(error = %store_error, deployment_id = %deployment.id,
+                        "could not record a failed trigger");
+                }
+            }
+            return Err(error);
+        }
+    };
+    let event = NewDeploymentEvent {
+        kind: DeploymentEventKind::Triggered,
+        message: format!("{occasion}: started execution {}", execution.id),
+        actor_id: None,
+    };
+    if let Err(error) =
+        context.store.record_deployment_trigger(deployment.id, Utc::now(), event).await
+    {
+        // The execution exists and runs; only the bookkeeping is missing.
+        tracing::warn!(%error, deployment_id = %deployment.id, execution_id = %execution.id,
+            "could not record a trigger");
+    }
+    Ok((execution, step_runs))
+}
+
+/// Marks a running deployment whose target cannot run `FAILED`, unschedules it and lets its
+/// agent's status follow. Best effort: failures are logged.
+async fn mark_failed(context: &AppContext, deployment: &Deployment, message: String) {
+    tracing::warn!(deployment_id = %deployment.id, %message, "the deployment failed");
+    // Stopped (or deleted) meanwhile: it stays as its owner left it.
+    match context.store.get_deployment_unscoped(deployment.id).await {
+        Ok(current) if current.status == DeploymentStatus::Running => {}
+        _ => return,
+    }
+    let event = NewDeploymentEvent { kind: DeploymentEventKind::Failed, message, actor_id: None };
+    let marked = context
+        .store
+        .set_deployment_status(OwnerScope::All, deployment.id, DeploymentStatus::Failed, event)
+        .await;
+    let unscheduled = context.store.set_next_run(deployment.id, None, None).await;
+    for result in [marked.map(|_| ()), unscheduled] {
+        match result {
+            Ok(()) | Err(StoreError::NotFound) => {}
+            Err(error) => {
+                tracing::warn!(%error, deployment_id = %deployment.id,
+                    "could not mark the deployment FAILED");
+            }
+        }
+    }
+    sync_agent_status(context, deployment.target).await;
+}
+
+/// Makes the agent a deployment targets directly follow its deployments: `RUNNING` while one
+/// of them runs, `IDLE` when none does (`PAUSED` and `STOPPED` are left alone). Workflow
+/// deployments do not change their steps' agents. Best effort: a failure is logged, and the
+/// next start or stop of one of the agent's deployments repairs it.
+async fn sync_agent_status(context: &AppContext, target: DeploymentTarget) {
+    let Some(agent_id) = target.agent_id() else { return };
+    match context.store.sync_agent_status_with_deployments(agent_id).await {
+        Ok(_) | Err(StoreError::NotFound) => {}
+        Err(error) => {
+            tracing::warn!(%error, %agent_id, "could not update the agent's status");
+        }
+    }
+}
+
+/// Whether `signature` (lowercase or uppercase hex, optionally prefixed `sha256=`) is the
+/// HMAC-SHA256 of `body` keyed with the text of `secret`. Compared in constant time.
+pub fn signature_matches(secret: &str, body: &[u8], signature: &str) -> bool {
+    let signature = signature.trim();
+    let digits = signature.strip_prefix(SIGNATURE_PREFIX).unwrap_or(signature);
+    let Ok(given) = hex::decode(digits) else { return false };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else { return false };
+    mac.update(body);
+    mac.verify_slice(&given).is_ok()
+}
+
+/// A webhook body as the trigger's input: a JSON object; empty (or only whitespace) is `{}`.
+fn webhook_input(body: &[u8]) -> ServiceResult<Value> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(fields)) => Ok(Value::Object(fields)),
+        Ok(_) => Err(ServiceError::invalid_field("body", "must be a JSON object")),
+        Err(error) => {
+            Err(ServiceError::invalid_field("body", format!("is not valid JSON: {error}")))
+        }
+    }
+}
+
+/// A signed webhook call: starts one execution of a RUNNING webhook deployment with the JSON
+/// body as input (see `execution_input`), and returns it (with its step runs).
+///
+/// Checked in this order, so only a caller who knows the secret learns more than "not here":
+/// an unknown id, a deleted deployment, a deployment that is not RUNNING or not a webhook is
+/// NOT_FOUND (all alike); a missing or wrong `X-Turbocat-Signature` is UNAUTHORIZED; then a
+/// body that is not a JSON object is a VALIDATION_ERROR on `body`.
+#[tracing::instrument(skip_all, fields(deployment_id = %deployment_id))]
+pub async fn trigger_webhook(
+    context: &AppContext,
+    deployment_id: &str,
+    signature: Option<&str>,
+    body: &[u8],
+) -> ServiceResult<pb::Execution> {
+    let not_listening =
+        || ServiceError::new(ErrorCode::NotFound, "no webhook is listening at this path");
+    let Ok(deployment_id) = Uuid::parse_str(deployment_id.trim()) else {
+        return Err(not_listening());
+    };
+    let deployment = match context.store.get_deployment_unscoped(deployment_id).await {
+        Ok(deployment) => deployment,
+        Err(StoreError::NotFound) => return Err(not_listening()),
+        Err(error) => return Err(ServiceError::from_store(error, "deployment")),
+    };
+    let DeploymentTrigger::Webhook { secret } = &deployment.trigger else {
+        return Err(not_listening());
+    };
+    if deployment.status != DeploymentStatus::Running {
+        return Err(not_listening());
+    }
+    let Some(signature) = signature else {
+        return Err(ServiceError::unauthorized(
+            "the X-Turbocat-Signature header is required: the hex HMAC-SHA256 of the body \
+             keyed with the deployment's webhook secret",
+        ));
+    };
+    if !signature_matches(secret, body, signature) {
+        return Err(ServiceError::unauthorized("the X-Turbocat-Signature does not match the body"));
+    }
+    let given = webhook_input(body)?;
+    let (execution, step_runs) = start_triggered_execution(
+        context,
+        &deployment,
+        ExecutionTrigger::Webhook,
+        given,
+        "webhook call",
+    )
+    .await?;
+    Ok(executions::execution_with_step_runs(&execution, &step_runs))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1030,6 +1354,81 @@ mod tests {
         };
         assert!(!audit_snapshot(&deployment).to_string().contains(&secret));
         assert!(!format!("{deployment:?}").contains(&secret));
+    }
+
+    #[test]
+    fn signatures_are_the_hex_hmac_of_the_exact_body() {
+        let secret = "0123456789abcdef";
+        let body = br#"{"name":"Ada"}"#;
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any length");
+        mac.update(body);
+        let good = hex::encode(mac.finalize().into_bytes());
+        assert!(signature_matches(secret, body, &good));
+        assert!(signature_matches(secret, body, &format!("sha256={good}")));
+        assert!(signature_matches(secret, body, &format!(" {} ", good.to_uppercase())));
+        assert!(!signature_matches(secret, br#"{"name":"Eve"}"#, &good), "another body");
+        assert!(!signature_matches("another secret", body, &good), "another secret");
+        assert!(!signature_matches(secret, body, &good[..62]), "truncated");
+        assert!(!signature_matches(secret, body, ""), "empty");
+        assert!(!signature_matches(secret, body, "sha1=00"), "not hex after an unknown prefix");
+        assert!(!signature_matches(secret, body, &format!("{good}00")), "too long");
+    }
+
+    #[test]
+    fn webhook_bodies_are_json_objects_and_empty_means_nothing() {
+        assert_eq!(webhook_input(b"").expect("empty"), json!({}));
+        assert_eq!(webhook_input(b" \n").expect("blank"), json!({}));
+        assert_eq!(webhook_input(br#"{"a":[1]}"#).expect("object"), json!({ "a": [1] }));
+        for bad in [&b"[1]"[..], b"3", b"null", b"{", b"not json"] {
+            let error = webhook_input(bad).expect_err("refused");
+            assert_eq!(error.field_errors[0].field, "body");
+        }
+    }
+
+    #[test]
+    fn the_input_layers_defaults_the_given_input_and_the_environment() {
+        let config: pb::DeploymentConfig = json::decode(
+            CONFIG_MESSAGE,
+            json!({
+                "inputDefaults": { "region": "eu", "size": 1 },
+                "environmentValues": { "API_URL": "https://x" },
+            }),
+        )
+        .expect("a config");
+        let input = execution_input(
+            &json!({ "size": 0, "from": "workflow" }),
+            &config,
+            json!({ "size": 3, "env": "mine" }),
+        );
+        assert_eq!(
+            input,
+            json!({ "from": "workflow", "region": "eu", "size": 3, "env": { "API_URL": "https://x" } })
+        );
+        let bare = execution_input(&json!({}), &pb::DeploymentConfig::default(), json!({ "a": 1 }));
+        assert_eq!(bare, json!({ "a": 1 }), "no env without environment values");
+    }
+
+    #[test]
+    fn the_next_run_is_read_in_the_deployment_time_zone() {
+        let at = |text: &str| DateTime::parse_from_rfc3339(text).expect("time").to_utc();
+        let nine_in_tokyo = DeploymentTrigger::Cron {
+            expression: "0 9 * * *".to_owned(),
+            timezone: "Asia/Tokyo".to_owned(),
+        };
+        // 09:00 in Tokyo (UTC+9, no daylight saving) is 00:00 UTC.
+        assert_eq!(
+            next_run_time(&nine_in_tokyo, at("2026-06-01T01:00:00Z")),
+            Some(at("2026-06-02T00:00:00Z"))
+        );
+        let every_second = DeploymentTrigger::Cron {
+            expression: "* * * * * *".to_owned(),
+            timezone: String::new(),
+        };
+        assert_eq!(
+            next_run_time(&every_second, at("2026-06-01T01:00:00.400Z")),
+            Some(at("2026-06-01T01:00:01Z"))
+        );
+        assert_eq!(next_run_time(&DeploymentTrigger::Manual, at("2026-06-01T01:00:00Z")), None);
     }
 
     #[test]

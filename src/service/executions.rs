@@ -1,7 +1,8 @@
 //! Executions as their owners see them: lists (numbered pages or an opaque cursor), one
 //! execution with its step runs and every attempt, its persisted log lines, and cancelling.
 //! Also the creation of a workflow's execution (`start_workflow_execution`, called by
-//! `ExecuteWorkflow`) with the definition snapshot the engine runs from.
+//! `ExecuteWorkflow`) with the definition snapshot the engine runs from; `snapshot_workflow`
+//! and `new_execution` also build the child executions of WORKFLOW steps (`subworkflows`).
 //! May call: the store, the audit trail and `proto::json`. Never the edges.
 
 use std::collections::{BTreeMap, HashMap};
@@ -46,6 +47,9 @@ pub struct ExecutionStart {
     pub priority: i32,
     pub timeout_seconds: Option<i32>,
     pub deployment_id: Option<Uuid>,
+    /// The step of a parent execution that starts this one as a sub-workflow (trigger
+    /// `SubWorkflow`); `None` for a top-level execution.
+    pub parent: Option<store::ParentStep>,
 }
 
 /// Creates a QUEUED execution of `workflow` and one PENDING step run per step, in one
@@ -70,12 +74,30 @@ pub async fn start_workflow_execution(
     workflow: &WorkflowWithSteps,
     start: ExecutionStart,
 ) -> ServiceResult<(Execution, Vec<StepRun>)> {
+    let (definition, step_runs) = snapshot_workflow(context.store.as_ref(), workflow).await?;
+    create_execution(
+        context,
+        workflow.workflow.owner_id,
+        Some(workflow.workflow.id),
+        definition,
+        step_runs,
+        start,
+    )
+    .await
+}
+
+/// The definition snapshot of an execution of `workflow` (see `start_workflow_execution`)
+/// and its step runs, built but not stored. A deleted agent is a CONFLICT naming the step.
+pub(crate) async fn snapshot_workflow(
+    store: &dyn store::Store,
+    workflow: &WorkflowWithSteps,
+) -> ServiceResult<(Value, Vec<NewStepRun>)> {
     let mut agents: BTreeMap<Uuid, Agent> = BTreeMap::new();
     for step in &workflow.steps {
         if agents.contains_key(&step.agent_id) {
             continue;
         }
-        match context.store.get_agent(OwnerScope::All, step.agent_id).await {
+        match store.get_agent(OwnerScope::All, step.agent_id).await {
             Ok(agent) => {
                 agents.insert(agent.id, agent);
             }
@@ -94,16 +116,6 @@ pub async fn start_workflow_execution(
         &workflows::workflow_message(workflow),
         &agent_messages,
     );
-    let now = Utc::now();
-    let mut new_execution =
-        NewExecution::new(workflow.workflow.owner_id, start.trigger, definition);
-    new_execution.workflow_id = Some(workflow.workflow.id);
-    new_execution.deployment_id = start.deployment_id;
-    new_execution.priority = start.priority;
-    new_execution.input = start.input;
-    new_execution.timeout_seconds = start.timeout_seconds;
-    new_execution.deadline_at =
-        start.timeout_seconds.map(|seconds| now + chrono::Duration::seconds(i64::from(seconds)));
     let step_runs = workflow
         .steps
         .iter()
@@ -114,6 +126,21 @@ pub async fn start_workflow_execution(
             input: None,
         })
         .collect();
+    Ok((definition, step_runs))
+}
+
+/// Commits a QUEUED execution of `owner_id` with its PENDING `step_runs` and the `definition`
+/// snapshot (see `start_workflow_execution`), then asks the engine to queue its first steps.
+/// The deadline is the creation time plus `start.timeout_seconds` (queue time counts).
+pub async fn create_execution(
+    context: &AppContext,
+    owner_id: Uuid,
+    workflow_id: Option<Uuid>,
+    definition: Value,
+    step_runs: Vec<NewStepRun>,
+    start: ExecutionStart,
+) -> ServiceResult<(Execution, Vec<StepRun>)> {
+    let new_execution = new_execution(owner_id, workflow_id, definition, start, Utc::now());
     let (execution, step_runs) = context
         .store
         .create_execution(new_execution, step_runs)
@@ -124,6 +151,27 @@ pub async fn start_workflow_execution(
         tracing::warn!(%error, execution_id = %execution.id, "could not start the execution yet");
     }
     Ok((execution, step_runs))
+}
+
+/// The row of a new execution created at `now`: its deadline is `now` plus
+/// `start.timeout_seconds`.
+pub(crate) fn new_execution(
+    owner_id: Uuid,
+    workflow_id: Option<Uuid>,
+    definition: Value,
+    start: ExecutionStart,
+    now: chrono::DateTime<Utc>,
+) -> NewExecution {
+    let mut new_execution = NewExecution::new(owner_id, start.trigger, definition);
+    new_execution.workflow_id = workflow_id;
+    new_execution.deployment_id = start.deployment_id;
+    new_execution.parent = start.parent;
+    new_execution.priority = start.priority;
+    new_execution.input = start.input;
+    new_execution.timeout_seconds = start.timeout_seconds;
+    new_execution.deadline_at =
+        start.timeout_seconds.map(|seconds| now + chrono::Duration::seconds(i64::from(seconds)));
+    new_execution
 }
 
 pub(super) fn seconds_duration(seconds: i32) -> prost_types::Duration {
@@ -190,7 +238,8 @@ fn step_attempt_status(status: StepAttemptStatus) -> pb::StepRunStatus {
         StepAttemptStatus::Assigned => pb::StepRunStatus::Assigned,
         StepAttemptStatus::Running => pb::StepRunStatus::Running,
         StepAttemptStatus::Succeeded => pb::StepRunStatus::Succeeded,
-        StepAttemptStatus::Failed | StepAttemptStatus::LeaseLost => pb::StepRunStatus::Failed,
+        StepAttemptStatus::Failed => pb::StepRunStatus::Failed,
+        StepAttemptStatus::LeaseLost => pb::StepRunStatus::LeaseLost,
         StepAttemptStatus::Cancelled => pb::StepRunStatus::Cancelled,
         StepAttemptStatus::TimedOut => pb::StepRunStatus::TimedOut,
     }
@@ -227,7 +276,7 @@ pub fn execution_message(execution: &Execution, step_runs: Vec<pb::StepRun>) -> 
     }
 }
 
-fn step_run_message(step_run: &StepRun, attempts: &[StepAttempt]) -> pb::StepRun {
+pub(super) fn step_run_message(step_run: &StepRun, attempts: &[StepAttempt]) -> pb::StepRun {
     pb::StepRun {
         id: step_run.id.to_string(),
         execution_id: step_run.execution_id.to_string(),
@@ -289,7 +338,10 @@ fn log_source(source: ExecutionLogSource) -> pb::LogSource {
     }
 }
 
-fn log_message(log: &ExecutionLog, step_keys: &HashMap<Uuid, String>) -> pb::ExecutionLog {
+pub(super) fn log_message(
+    log: &ExecutionLog,
+    step_keys: &HashMap<Uuid, String>,
+) -> pb::ExecutionLog {
     pb::ExecutionLog {
         id: log.id,
         execution_id: log.execution_id.to_string(),

@@ -1,15 +1,18 @@
-//! The runners a caller can see: the shared ones and their own (an admin sees every runner).
-//! May call: the engine's registry of attached runners.
+//! The runners a caller can see: the shared ones and their own (an admin sees every runner),
+//! attached to this replica or (in `serve`) to any other.
+//! May call: the engine's registry of attached runners and its shared runner directory.
+
+use std::collections::BTreeMap;
 
 use super::validate::{Validator, page_request};
 use crate::api::AppContext;
 use crate::auth::caller::{Access, Caller};
-use crate::engine::runners::RunnerOwner;
 use crate::error::ServiceResult;
 use crate::proto::v1 as pb;
 
-/// Runners attached to this server, oldest connection first, paged.
-pub fn list_runners(
+/// Runners attached to any replica, oldest connection first, paged. This replica's own are
+/// current; the others' are at most a couple of seconds old.
+pub async fn list_runners(
     context: &AppContext,
     caller: &Caller,
     request: pb::ListRunnersRequest,
@@ -18,17 +21,30 @@ pub fn list_runners(
     let mut validator = Validator::new();
     let page = page_request(&mut validator, request.page, request.page_size);
     validator.finish()?;
-    let visible: Vec<pb::Runner> = context
+    let mut runners: BTreeMap<String, pb::Runner> = context
         .engine
-        .runners
-        .all()
-        .iter()
-        .filter(|runner| match runner.owner {
-            RunnerOwner::Shared => true,
-            RunnerOwner::User(owner_id) => caller.is_admin() || owner_id == caller.user_id,
-        })
-        .map(|runner| runner.to_proto())
+        .leases
+        .shared_runners()
+        .await
+        .into_iter()
+        .map(|runner| (runner.id.clone(), runner))
         .collect();
+    for runner in context.engine.runners.all() {
+        runners.insert(runner.id.clone(), runner.to_proto());
+    }
+    let caller_id = caller.user_id.to_string();
+    let mut visible: Vec<pb::Runner> = runners
+        .into_values()
+        .filter(|runner| {
+            runner.owner_id.is_empty() || caller.is_admin() || runner.owner_id == caller_id
+        })
+        .collect();
+    visible.sort_by(|left, right| {
+        let key = |runner: &pb::Runner| {
+            runner.connected_at.map(|time| (time.seconds, time.nanos)).unwrap_or_default()
+        };
+        key(left).cmp(&key(right)).then_with(|| left.id.cmp(&right.id))
+    });
     let total = i64::try_from(visible.len()).unwrap_or(i64::MAX);
     let start = usize::try_from(page.offset()).unwrap_or(usize::MAX);
     let runners = visible.into_iter().skip(start).take(page.page_size as usize).collect();

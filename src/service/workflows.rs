@@ -785,6 +785,7 @@ pub async fn execute_workflow(
         priority: priority.unwrap_or(workflow.workflow.priority),
         timeout_seconds: timeout_seconds.or(workflow.workflow.timeout_seconds),
         deployment_id: None,
+        parent: None,
     };
     let (execution, step_runs) =
         executions::start_workflow_execution(context, &workflow, start).await?;

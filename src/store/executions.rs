@@ -360,8 +360,9 @@ impl ExecutionCursor {
 // Step runs and attempts
 // ---------------------------------------------------------------------------------------------
 
-/// One step of an execution, with the state of its current attempt.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+/// One step of an execution, with the state of its current attempt. Serializable because the
+/// engine publishes every transition's row to watchers.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
 pub struct StepRun {
     pub id: Uuid,
     pub execution_id: Uuid,
@@ -539,6 +540,20 @@ impl StepTransitionOutcome {
             StepTransitionOutcome::Rejected { .. } => None,
         }
     }
+}
+
+/// What `start_child_execution` did.
+#[derive(Debug, Clone, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per transition and never stored; a box would only add an allocation"
+)]
+pub enum ChildExecutionStart {
+    /// The parent step is RUNNING (held by the engine) and the child execution exists: both
+    /// were committed together.
+    Started { parent_step: StepRun, child: Execution },
+    /// The parent step was not ASSIGNED at this attempt; nothing changed, no child was created.
+    Rejected { current_attempt: i32, current_status: StepRunStatus },
 }
 
 /// A step run that a runner was holding when it was cancelled: send it a cancel.
@@ -778,6 +793,20 @@ pub trait ExecutionStore: Send + Sync {
         at: DateTime<Utc>,
     ) -> StoreResult<StepTransitionOutcome>;
 
+    /// Starts the child execution of a sub-workflow step: ASSIGNED -> RUNNING for attempt
+    /// `key` of the step (clearing its lease: the engine, not a runner, holds it) and the
+    /// creation of `child` (as `create_execution` does) in one transaction, so an attempt has
+    /// exactly one child however often this is called, by however many replicas.
+    /// `child.parent` must name the step of `key` (otherwise `ReferenceViolated`). Rejected
+    /// (and nothing created) when the step is not ASSIGNED at this attempt.
+    async fn start_child_execution(
+        &self,
+        key: AttemptKey,
+        child: NewExecution,
+        step_runs: Vec<NewStepRun>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<ChildExecutionStart>;
+
     /// Records the result of this attempt, idempotently: applied only when `key` is the current
     /// attempt and its status accepts the completion (see `Completion`); a repeated or late
     /// report is `Duplicate` or `Stale` and changes nothing. Clears the lease.
@@ -866,6 +895,10 @@ pub trait ExecutionStore: Send + Sync {
         execution_id: Uuid,
         filter: ExecutionLogFilter,
     ) -> StoreResult<CursorPage<ExecutionLog>>;
+
+    /// The id of the newest log line of an execution (unscoped: for live watchers, which
+    /// checked the scope already), `None` when it has none.
+    async fn latest_execution_log_id(&self, execution_id: Uuid) -> StoreResult<Option<i64>>;
 
     /// Counts and averages over the non-deleted executions created in `[from, to)` in `scope`.
     async fn execution_stats(
@@ -1113,6 +1146,113 @@ macro_rules! impl_executions_store {
                 }
             }
 
+            /// Inserts a QUEUED execution and its PENDING step runs (attempt 1, with their attempt
+            /// rows) in `transaction`, created at `now`; see `create_execution`.
+            async fn insert_execution(
+                transaction: &mut sqlx::Transaction<'static, $db>,
+                new_execution: NewExecution,
+                step_runs: Vec<NewStepRun>,
+                now: DateTime<Utc>,
+            ) -> StoreResult<(Execution, Vec<StepRun>)> {
+                debug_assert!((1..=10).contains(&new_execution.priority), "priority is 1..=10");
+                debug_assert!(step_runs.iter().all(|step_run| step_run.max_attempts >= 1));
+                let depth = match new_execution.parent {
+                    None => 0,
+                    Some(parent) => {
+                        let parent_depth: Option<i32> = sqlx::query_scalar::<$db, i32>(
+                            "SELECT depth FROM executions WHERE id = $1",
+                        )
+                        .bind(parent.execution_id)
+                        .fetch_optional(&mut **transaction)
+                        .await?;
+                        let Some(parent_depth) = parent_depth else {
+                            return Err(StoreError::ReferenceViolated(
+                                "parent_execution_id".to_owned(),
+                            ));
+                        };
+                        parent_depth + 1
+                    }
+                };
+                let execution = sqlx::query_as::<$db, Execution>(concat!(
+                    "INSERT INTO executions (id, owner_id, workflow_id, deployment_id, \
+                     parent_execution_id, parent_step_run_id, depth, trigger, status, priority, \
+                     input, definition, timeout_seconds, deadline_at, created_at, updated_at, \
+                     version) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'QUEUED', $9, $10, $11, $12, $13, \
+                     $14, $14, 1) RETURNING ",
+                    execution_columns!()
+                ))
+                .bind(Uuid::now_v7())
+                .bind(new_execution.owner_id)
+                .bind(new_execution.workflow_id)
+                .bind(new_execution.deployment_id)
+                .bind(new_execution.parent.map(|parent| parent.execution_id))
+                .bind(new_execution.parent.map(|parent| parent.step_run_id))
+                .bind(depth)
+                .bind(new_execution.trigger)
+                .bind(new_execution.priority)
+                .bind(Json(new_execution.input))
+                .bind(Json(new_execution.definition))
+                .bind(new_execution.timeout_seconds)
+                .bind(new_execution.deadline_at.map(stored_time))
+                .bind(now)
+                .fetch_one(&mut **transaction)
+                .await?;
+
+                // Ids are v7 and made in order, so `ORDER BY id` returns the caller's order.
+                let step_rows: Vec<(Uuid, NewStepRun)> =
+                    step_runs.into_iter().map(|step_run| (Uuid::now_v7(), step_run)).collect();
+                for chunk in step_rows.chunks(INSERT_BATCH_ROWS) {
+                    let mut step_insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO step_runs (id, execution_id, step_key, agent_id, status, \
+                         attempt, max_attempts, infra_reassignments, input, created_at, \
+                         updated_at, version) ",
+                    );
+                    step_insert.push_values(chunk, |mut row, (step_run_id, step_run)| {
+                        row.push_bind(*step_run_id)
+                            .push_bind(execution.id)
+                            .push_bind(step_run.step_key.clone())
+                            .push_bind(step_run.agent_id)
+                            .push("'PENDING'")
+                            .push("1")
+                            .push_bind(step_run.max_attempts)
+                            .push("0")
+                            .push_bind(step_run.input.clone().map(Json))
+                            .push_bind(now)
+                            .push_bind(now)
+                            .push("1");
+                    });
+                    step_insert
+                        .build()
+                        .execute(&mut **transaction)
+                        .await
+                        .map_err(|error| name_execution_conflict(error.into()))?;
+
+                    let mut attempt_insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO step_attempts (step_run_id, attempt, status, input, \
+                         created_at, updated_at) ",
+                    );
+                    attempt_insert.push_values(chunk, |mut row, (step_run_id, step_run)| {
+                        row.push_bind(*step_run_id)
+                            .push("1")
+                            .push("'PENDING'")
+                            .push_bind(step_run.input.clone().map(Json))
+                            .push_bind(now)
+                            .push_bind(now);
+                    });
+                    attempt_insert.build().execute(&mut **transaction).await?;
+                }
+                let created_step_runs = sqlx::query_as::<$db, StepRun>(concat!(
+                    "SELECT ",
+                    step_run_columns!(),
+                    " FROM step_runs WHERE execution_id = $1 ORDER BY id"
+                ))
+                .bind(execution.id)
+                .fetch_all(&mut **transaction)
+                .await?;
+                Ok((execution, created_step_runs))
+            }
+
             /// The status and attempt of a step run (to explain a rejected transition).
             async fn step_run_position(
                 &self,
@@ -1152,106 +1292,13 @@ macro_rules! impl_executions_store {
                 new_execution: NewExecution,
                 step_runs: Vec<NewStepRun>,
             ) -> StoreResult<(Execution, Vec<StepRun>)> {
-                debug_assert!((1..=10).contains(&new_execution.priority), "priority is 1..=10");
-                debug_assert!(step_runs.iter().all(|step_run| step_run.max_attempts >= 1));
                 let now = stored_time(Utc::now());
                 let mut transaction = self.begin_execution_transaction().await?;
-                let depth = match new_execution.parent {
-                    None => 0,
-                    Some(parent) => {
-                        let parent_depth: Option<i32> = sqlx::query_scalar::<$db, i32>(
-                            "SELECT depth FROM executions WHERE id = $1",
-                        )
-                        .bind(parent.execution_id)
-                        .fetch_optional(&mut *transaction)
+                let created =
+                    <$store>::insert_execution(&mut transaction, new_execution, step_runs, now)
                         .await?;
-                        let Some(parent_depth) = parent_depth else {
-                            return Err(StoreError::ReferenceViolated(
-                                "parent_execution_id".to_owned(),
-                            ));
-                        };
-                        parent_depth + 1
-                    }
-                };
-                let execution = sqlx::query_as::<$db, Execution>(concat!(
-                    "INSERT INTO executions (id, owner_id, workflow_id, deployment_id, \
-                     parent_execution_id, parent_step_run_id, depth, trigger, status, priority, \
-                     input, definition, timeout_seconds, deadline_at, created_at, updated_at, \
-                     version) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'QUEUED', $9, $10, $11, $12, $13, \
-                     $14, $14, 1) RETURNING ",
-                    execution_columns!()
-                ))
-                .bind(Uuid::now_v7())
-                .bind(new_execution.owner_id)
-                .bind(new_execution.workflow_id)
-                .bind(new_execution.deployment_id)
-                .bind(new_execution.parent.map(|parent| parent.execution_id))
-                .bind(new_execution.parent.map(|parent| parent.step_run_id))
-                .bind(depth)
-                .bind(new_execution.trigger)
-                .bind(new_execution.priority)
-                .bind(Json(new_execution.input))
-                .bind(Json(new_execution.definition))
-                .bind(new_execution.timeout_seconds)
-                .bind(new_execution.deadline_at.map(stored_time))
-                .bind(now)
-                .fetch_one(&mut *transaction)
-                .await?;
-
-                // Ids are v7 and made in order, so `ORDER BY id` returns the caller's order.
-                let step_rows: Vec<(Uuid, NewStepRun)> =
-                    step_runs.into_iter().map(|step_run| (Uuid::now_v7(), step_run)).collect();
-                for chunk in step_rows.chunks(INSERT_BATCH_ROWS) {
-                    let mut step_insert = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO step_runs (id, execution_id, step_key, agent_id, status, \
-                         attempt, max_attempts, infra_reassignments, input, created_at, \
-                         updated_at, version) ",
-                    );
-                    step_insert.push_values(chunk, |mut row, (step_run_id, step_run)| {
-                        row.push_bind(*step_run_id)
-                            .push_bind(execution.id)
-                            .push_bind(step_run.step_key.clone())
-                            .push_bind(step_run.agent_id)
-                            .push("'PENDING'")
-                            .push("1")
-                            .push_bind(step_run.max_attempts)
-                            .push("0")
-                            .push_bind(step_run.input.clone().map(Json))
-                            .push_bind(now)
-                            .push_bind(now)
-                            .push("1");
-                    });
-                    step_insert
-                        .build()
-                        .execute(&mut *transaction)
-                        .await
-                        .map_err(|error| name_execution_conflict(error.into()))?;
-
-                    let mut attempt_insert = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO step_attempts (step_run_id, attempt, status, input, \
-                         created_at, updated_at) ",
-                    );
-                    attempt_insert.push_values(chunk, |mut row, (step_run_id, step_run)| {
-                        row.push_bind(*step_run_id)
-                            .push("1")
-                            .push("'PENDING'")
-                            .push_bind(step_run.input.clone().map(Json))
-                            .push_bind(now)
-                            .push_bind(now);
-                    });
-                    attempt_insert.build().execute(&mut *transaction).await?;
-                }
-                let created_step_runs = sqlx::query_as::<$db, StepRun>(concat!(
-                    "SELECT ",
-                    step_run_columns!(),
-                    " FROM step_runs WHERE execution_id = $1 ORDER BY id"
-                ))
-                .bind(execution.id)
-                .fetch_all(&mut *transaction)
-                .await?;
                 transaction.commit().await?;
-                Ok((execution, created_step_runs))
+                Ok(created)
             }
 
             async fn get_execution(
@@ -1591,6 +1638,56 @@ macro_rules! impl_executions_store {
                 .await?;
                 transaction.commit().await?;
                 Ok(StepTransitionOutcome::Applied(step_run))
+            }
+
+            async fn start_child_execution(
+                &self,
+                key: AttemptKey,
+                child: NewExecution,
+                step_runs: Vec<NewStepRun>,
+                at: DateTime<Utc>,
+            ) -> StoreResult<ChildExecutionStart> {
+                if child.parent.map(|parent| parent.step_run_id) != Some(key.step_run_id) {
+                    return Err(StoreError::ReferenceViolated("parent_step_run_id".to_owned()));
+                }
+                let at = stored_time(at);
+                let mut transaction = self.begin_execution_transaction().await?;
+                // The compare-and-set on the parent step is what makes the child unique: of
+                // two concurrent calls, the second waits for the first's row lock (PostgreSQL)
+                // or write lock (SQLite) and then finds the step RUNNING.
+                let step_run = sqlx::query_as::<$db, StepRun>(concat!(
+                    "UPDATE step_runs SET status = 'RUNNING', started_at = $3, \
+                     lease_expires_at = NULL, updated_at = $3, version = version + 1 \
+                     WHERE id = $1 AND attempt = $2 AND status = 'ASSIGNED' RETURNING ",
+                    step_run_columns!()
+                ))
+                .bind(key.step_run_id)
+                .bind(key.attempt)
+                .bind(at)
+                .fetch_optional(&mut *transaction)
+                .await?;
+                let Some(step_run) = step_run else {
+                    transaction.rollback().await?;
+                    return match rejection(self.step_run_position(key.step_run_id).await?)? {
+                        StepTransitionOutcome::Rejected { current_attempt, current_status } => {
+                            Ok(ChildExecutionStart::Rejected { current_attempt, current_status })
+                        }
+                        StepTransitionOutcome::Applied(_) => Err(StoreError::NotFound),
+                    };
+                };
+                sqlx::query::<$db>(
+                    "UPDATE step_attempts SET status = 'RUNNING', started_at = $3, \
+                     updated_at = $3 WHERE step_run_id = $1 AND attempt = $2",
+                )
+                .bind(key.step_run_id)
+                .bind(key.attempt)
+                .bind(at)
+                .execute(&mut *transaction)
+                .await?;
+                let (child, _) =
+                    <$store>::insert_execution(&mut transaction, child, step_runs, at).await?;
+                transaction.commit().await?;
+                Ok(ChildExecutionStart::Started { parent_step: step_run, child })
             }
 
             async fn complete_step(
@@ -1966,6 +2063,15 @@ macro_rules! impl_executions_store {
                     _ => None,
                 };
                 Ok(CursorPage { items, next_cursor })
+            }
+
+            async fn latest_execution_log_id(&self, execution_id: Uuid) -> StoreResult<Option<i64>> {
+                let latest: Option<i64> =
+                    sqlx::query_scalar("SELECT max(id) FROM execution_logs WHERE execution_id = $1")
+                        .bind(execution_id)
+                        .fetch_one(&self.pool)
+                        .await?;
+                Ok(latest)
             }
 
             async fn execution_stats(

@@ -1022,6 +1022,23 @@ pub trait ResourceStore: Send + Sync {
     /// Claims one cron fire (see `CronRunClaim`); `false` when another claimant was first or
     /// the deployment is no longer a running, live deployment.
     async fn claim_cron_run(&self, claim: CronRunClaim) -> StoreResult<bool>;
+
+    /// Records that a trigger started a run of a live deployment: sets `last_triggered_at`
+    /// (scheduler bookkeeping: no version bump, `updated_at` untouched) and appends `event`, in
+    /// one transaction. `next_run_at` is left alone.
+    async fn record_deployment_trigger(
+        &self,
+        deployment_id: Uuid,
+        triggered_at: DateTime<Utc>,
+        event: NewDeploymentEvent,
+    ) -> StoreResult<DeploymentEvent>;
+
+    /// Makes a live agent's status follow its deployments: `RUNNING` while at least one live
+    /// `RUNNING` deployment targets the agent directly, `IDLE` otherwise. `PAUSED` and `STOPPED`
+    /// are left as they are. The agent row is locked while its deployments are counted, so
+    /// concurrent starts and stops, each followed by this call, end on the right status.
+    /// Returns the status after; `NotFound` for a missing or deleted agent.
+    async fn sync_agent_status_with_deployments(&self, agent_id: Uuid) -> StoreResult<AgentStatus>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1040,6 +1057,10 @@ trait ResourceDialect {
     /// Appended to a `SELECT` to hold rows against a concurrent soft delete until commit.
     const SHARE_ROW_LOCK: &'static str;
 
+    /// `$1` agent id: a live agent's status, its row locked until commit (the write lock of
+    /// `BEGIN_WRITE_TRANSACTION` does that on SQLite).
+    const LOCK_AGENT_STATUS: &'static str;
+
     /// ` AND <the row's tags contain tag>`.
     fn push_tag_filter(builder: &mut sqlx::QueryBuilder<Self::Database>, tag: &str);
 }
@@ -1052,6 +1073,9 @@ impl ResourceDialect for super::PostgresStore {
     // Conflicts with the row lock an UPDATE takes, so a step that references an agent and the
     // agent's soft delete serialise: whichever commits second sees the first.
     const SHARE_ROW_LOCK: &'static str = " FOR SHARE";
+
+    const LOCK_AGENT_STATUS: &'static str =
+        "SELECT status FROM agents WHERE id = $1 AND deleted_at IS NULL FOR UPDATE";
 
     fn push_tag_filter(builder: &mut sqlx::QueryBuilder<sqlx::Postgres>, tag: &str) {
         // `@>` is served by the GIN (jsonb_path_ops) index on tags.
@@ -1067,6 +1091,9 @@ impl ResourceDialect for super::SqliteStore {
     const BEGIN_WRITE_TRANSACTION: &'static str = "BEGIN IMMEDIATE";
 
     const SHARE_ROW_LOCK: &'static str = "";
+
+    const LOCK_AGENT_STATUS: &'static str =
+        "SELECT status FROM agents WHERE id = $1 AND deleted_at IS NULL";
 
     fn push_tag_filter(builder: &mut sqlx::QueryBuilder<sqlx::Sqlite>, tag: &str) {
         builder
@@ -2670,6 +2697,73 @@ macro_rules! impl_resource_store {
                 .execute(&self.pool)
                 .await?;
                 Ok(result.rows_affected() == 1)
+            }
+
+            async fn record_deployment_trigger(
+                &self,
+                deployment_id: Uuid,
+                triggered_at: DateTime<Utc>,
+                event: NewDeploymentEvent,
+            ) -> StoreResult<DeploymentEvent> {
+                let mut transaction =
+                    self.pool.begin_with(<$store as ResourceDialect>::BEGIN_WRITE_TRANSACTION).await?;
+                let result = sqlx::query::<$db>(
+                    "UPDATE deployments SET last_triggered_at = $2 \
+                     WHERE id = $1 AND deleted_at IS NULL",
+                )
+                .bind(deployment_id)
+                .bind(stored_time(triggered_at))
+                .execute(&mut *transaction)
+                .await?;
+                if result.rows_affected() == 0 {
+                    return Err(StoreError::NotFound);
+                }
+                let appended = Self::resources_insert_deployment_event(
+                    &mut transaction,
+                    deployment_id,
+                    event,
+                    current_time(),
+                )
+                .await?;
+                transaction.commit().await?;
+                Ok(appended)
+            }
+
+            async fn sync_agent_status_with_deployments(
+                &self,
+                agent_id: Uuid,
+            ) -> StoreResult<AgentStatus> {
+                let mut transaction =
+                    self.pool.begin_with(<$store as ResourceDialect>::BEGIN_WRITE_TRANSACTION).await?;
+                let current: AgentStatus = sqlx::query_scalar::<$db, AgentStatus>(
+                    <$store as ResourceDialect>::LOCK_AGENT_STATUS,
+                )
+                .bind(agent_id)
+                .fetch_optional(&mut *transaction)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+                if !matches!(current, AgentStatus::Idle | AgentStatus::Running) {
+                    return Ok(current);
+                }
+                // Read after the lock: sees every deployment change committed before it.
+                let running: i64 = sqlx::query_scalar::<$db, i64>(
+                    "SELECT COUNT(*) FROM deployments WHERE agent_id = $1 \
+                     AND status = 'RUNNING' AND deleted_at IS NULL",
+                )
+                .bind(agent_id)
+                .fetch_one(&mut *transaction)
+                .await?;
+                let wanted = if running > 0 { AgentStatus::Running } else { AgentStatus::Idle };
+                if wanted != current {
+                    sqlx::query::<$db>("UPDATE agents SET status = $2, updated_at = $3 WHERE id = $1")
+                        .bind(agent_id)
+                        .bind(wanted)
+                        .bind(current_time())
+                        .execute(&mut *transaction)
+                        .await?;
+                }
+                transaction.commit().await?;
+                Ok(wanted)
             }
         }
     };

@@ -3,9 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{
-    ServeDatabase, TEST_JWT_SECRET, TurbocatProcess, redis_url, start_serve, start_turbocat,
-};
+use crate::support::{ServeDatabase, TurbocatProcess, redis_url, start_serve, start_serve_replica};
 use crate::{
     Client, NEW_PASSWORD, PASSWORD, TRANSPORTS, assert_unauthorized, audit_rows,
     reset_token_from_log, unique_email,
@@ -13,27 +11,8 @@ use crate::{
 
 /// Starts a second replica on `database`.
 async fn second_replica(database: &ServeDatabase, extra: &[String]) -> TurbocatProcess {
-    let mut arguments: Vec<String> = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        database.url.as_str(),
-        "--redis-url",
-        redis_url().as_str(),
-        "--jwt-secret",
-        TEST_JWT_SECRET,
-    ]
-    .iter()
-    .map(|argument| argument.to_string())
-    .collect();
-    arguments.extend_from_slice(extra);
-    tokio::task::spawn_blocking(move || {
-        let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
-        start_turbocat(&borrowed, &[])
-    })
-    .await
-    .expect("start the second replica")
+    let borrowed: Vec<&str> = extra.iter().map(String::as_str).collect();
+    start_serve_replica(database, &borrowed).await
 }
 
 /// Two replicas with their own rate limit counters (so tests sharing the Redis do not meet),

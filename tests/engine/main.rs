@@ -5,8 +5,12 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod agent_types;
 mod dev;
+mod failures;
 mod runners;
+mod subworkflows;
+mod watch;
 
 use std::time::{Duration, Instant};
 

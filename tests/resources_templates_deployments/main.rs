@@ -7,6 +7,7 @@ mod support;
 
 mod deployments;
 mod templates;
+mod triggers;
 
 use std::sync::Arc;
 

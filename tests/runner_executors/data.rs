@@ -104,3 +104,38 @@ async fn endless_and_oversized_results_stop_at_the_output_limit() {
     let attempt = run(jq_limited("[range(100000)]", 10_000), json!(null)).await;
     assert_eq!(attempt.error().kind, StepErrorKind::LimitExceeded);
 }
+
+#[tokio::test]
+async fn runaway_programs_fail_alone_without_taking_the_runner_down() {
+    // Deep non-tail recursion overflows the worker's stack: it dies, the runner does not.
+    let deep = run(jq("def f: 1 + f; f"), json!(null)).await;
+    assert_eq!(deep.error().kind, StepErrorKind::NonRetryable, "{:?}", deep.error());
+    assert!(deep.error().message.contains("recursed too deeply"), "{}", deep.error().message);
+
+    // An endless loop runs into the wall clock (1 s here) and is killed.
+    let spinning = agent(
+        pb::AgentType::Data,
+        pb::agent_config::Kind::Data(pb::DataAgentConfig {
+            jq_program: "last(repeat(1))".to_owned(),
+        }),
+        limits(Duration::from_secs(1), 0, 0, 0),
+    );
+    let attempt = run(spinning, json!(null)).await;
+    assert_eq!(attempt.error().kind, StepErrorKind::TimedOut, "{:?}", attempt.error());
+    assert!(attempt.elapsed < Duration::from_secs(5), "{:?}", attempt.elapsed);
+
+    // Memory past the agent's limit (64 MiB) ends the program with a limit failure.
+    let hungry = agent(
+        pb::AgentType::Data,
+        pb::agent_config::Kind::Data(pb::DataAgentConfig {
+            jq_program: "[range(100000000)] | length".to_owned(),
+        }),
+        limits(Duration::from_secs(30), 64, 0, 0),
+    );
+    let attempt = run(hungry, json!(null)).await;
+    assert_eq!(attempt.error().kind, StepErrorKind::LimitExceeded, "{:?}", attempt.error());
+    assert!(attempt.error().message.contains("memory"), "{}", attempt.error().message);
+
+    // And the runner goes on: the next program runs as ever.
+    assert_eq!(run(jq(".a + 1"), json!({"a": 41})).await.output(), &json!(42));
+}

@@ -27,6 +27,8 @@ pub fn setup() {
         // SAFETY: every test calls `setup` before anything else, so no other thread of this
         // process reads the environment while it is written.
         unsafe { std::env::set_var(SECRET_VARIABLE, SECRET_VALUE) };
+        // DATA steps run in `turbocat jq-worker`; this test binary is not turbocat.
+        executors::data::set_worker_executable(env!("CARGO_BIN_EXE_turbocat").into());
     });
 }
 

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 use serde_json::{Value, json};
 use turbocat::store::{
-    AgentLimits, AgentType, AttemptKey, CancelRequestOutcome, Completion, CompletionOutcome,
-    DeploymentEnvironment, DeploymentTarget, DeploymentTrigger, Execution, ExecutionChange,
-    ExecutionCursor, ExecutionFilter, ExecutionLogFilter, ExecutionLogLevel, ExecutionLogSource,
-    ExecutionStatus, ExecutionTrigger, InFlightStepRun, NewAgent, NewDeployment, NewExecution,
-    NewExecutionLog, NewStepRun, NewUser, NewWorkflow, OwnerScope, PageRequest, ParentStep,
-    StepAssignment, StepAttemptStatus, StepRun, StepRunStatus, StepTransitionOutcome, Store,
-    StoreError,
+    AgentLimits, AgentType, AttemptKey, CancelRequestOutcome, ChildExecutionStart, Completion,
+    CompletionOutcome, DeploymentEnvironment, DeploymentTarget, DeploymentTrigger, Execution,
+    ExecutionChange, ExecutionCursor, ExecutionFilter, ExecutionLogFilter, ExecutionLogLevel,
+    ExecutionLogSource, ExecutionStatus, ExecutionTrigger, InFlightStepRun, NewAgent,
+    NewDeployment, NewExecution, NewExecutionLog, NewStepRun, NewUser, NewWorkflow, OwnerScope,
+    PageRequest, ParentStep, StepAssignment, StepAttemptStatus, StepRun, StepRunStatus,
+    StepTransitionOutcome, Store, StoreError,
 };
 use uuid::Uuid;
 
@@ -880,6 +880,134 @@ async fn expired_leases_oldest_first(store: Arc<dyn Store>) {
     assert!(store.list_expired_leases(t0, 10).await.expect("expired").is_empty());
 }
 
+/// Sub-workflows: the parent step goes ASSIGNED -> RUNNING and the child is created in one
+/// transaction, so an attempt has exactly one child.
+async fn child_executions_start_with_their_parent_step(store: Arc<dyn Store>) {
+    let fixture = fixture(&store).await;
+    let (parent, steps) = simple_execution(&store, fixture.owner, &["sub", "other"], 2).await;
+    let key = steps[0].attempt_key();
+    let parent_step = ParentStep { execution_id: parent.id, step_run_id: steps[0].id };
+    let child_request = |parent_step: ParentStep| {
+        let mut definition = definition();
+        definition["parentAttempt"] = json!(1);
+        NewExecution {
+            parent: Some(parent_step),
+            priority: 7,
+            input: json!({"x": 1}),
+            ..NewExecution::new(fixture.owner, ExecutionTrigger::SubWorkflow, definition)
+        }
+    };
+    let inner = || vec![NewStepRun::new("inner", 1), NewStepRun::new("deeper", 3)];
+    let children_of_parent = || {
+        let store = store.clone();
+        async move {
+            let mut filter = ExecutionFilter::new(OwnerScope::All);
+            filter.parent_execution_id = Some(parent.id);
+            store.list_executions(filter, PageRequest::default()).await.expect("children").items
+        }
+    };
+    let t0 = now();
+
+    // Not ASSIGNED: rejected, and nothing is created.
+    let early = store
+        .start_child_execution(key, child_request(parent_step), inner(), t0)
+        .await
+        .expect("early start");
+    assert_eq!(
+        early,
+        ChildExecutionStart::Rejected {
+            current_attempt: 1,
+            current_status: StepRunStatus::Pending
+        }
+    );
+    queue(&store, key, t0).await;
+    let assigned = assign(&store, key, "engine", t0).await;
+    assert_eq!(assigned.lease_expires_at, Some(t0 + seconds(30)));
+
+    // The parent must be the step being started.
+    let other_step = ParentStep { execution_id: parent.id, step_run_id: steps[1].id };
+    let mismatched = store.start_child_execution(key, child_request(other_step), inner(), t0).await;
+    assert!(matches!(mismatched, Err(StoreError::ReferenceViolated(_))), "{mismatched:?}");
+    // A child that cannot be created leaves the step as it was.
+    let duplicate_keys = vec![NewStepRun::new("same", 1), NewStepRun::new("same", 1)];
+    let refused =
+        store.start_child_execution(key, child_request(parent_step), duplicate_keys, t0).await;
+    assert!(matches!(refused, Err(StoreError::AlreadyExists(_))), "{refused:?}");
+    let still = store.get_step_run(key.step_run_id).await.expect("step");
+    assert_eq!((still.status, still.version), (StepRunStatus::Assigned, assigned.version));
+    assert!(children_of_parent().await.is_empty());
+
+    // Concurrent starts of one attempt: exactly one child.
+    let t1 = t0 + seconds(1);
+    let contenders: Vec<_> = (0..2)
+        .map(|_| {
+            let store = store.clone();
+            let request = child_request(parent_step);
+            tokio::spawn(
+                async move { store.start_child_execution(key, request, inner(), t1).await },
+            )
+        })
+        .collect();
+    let mut started = Vec::new();
+    for contender in contenders {
+        match contender.await.expect("task").expect("start child") {
+            ChildExecutionStart::Started { parent_step, child } => {
+                started.push((parent_step, child))
+            }
+            ChildExecutionStart::Rejected { current_attempt, current_status } => {
+                assert_eq!((current_attempt, current_status), (1, StepRunStatus::Running));
+            }
+        }
+    }
+    assert_eq!(started.len(), 1, "one child per attempt");
+    let (running, child) = started.remove(0);
+    assert_eq!(running.status, StepRunStatus::Running);
+    assert_eq!(running.runner_id.as_deref(), Some("engine"));
+    assert_eq!(running.lease_expires_at, None, "an engine-held step has no lease to run out");
+    assert_eq!(running.started_at, Some(t1));
+    assert_eq!(running.version, assigned.version + 1);
+    assert_eq!(child.status, ExecutionStatus::Queued);
+    assert_eq!(child.trigger, ExecutionTrigger::SubWorkflow);
+    assert_eq!(
+        (child.parent_execution_id, child.parent_step_run_id),
+        (Some(parent.id), Some(key.step_run_id))
+    );
+    assert_eq!((child.depth, child.priority, child.created_at), (1, 7, t1));
+    assert_eq!(child.input, json!({"x": 1}));
+    assert_eq!(child.definition["parentAttempt"], json!(1));
+    let child_steps = store.list_step_runs(child.id).await.expect("child steps");
+    let keys: Vec<&str> = child_steps.iter().map(|step_run| step_run.step_key.as_str()).collect();
+    assert_eq!(keys, ["inner", "deeper"]);
+    assert!(child_steps.iter().all(|step_run| step_run.status == StepRunStatus::Pending));
+    assert_eq!(child_steps[1].max_attempts, 3);
+    let attempts =
+        store.list_step_attempts(OwnerScope::All, key.step_run_id).await.expect("attempts");
+    assert_eq!(
+        (attempts[0].status, attempts[0].started_at),
+        (StepAttemptStatus::Running, Some(t1))
+    );
+    assert!(
+        store.list_expired_leases(t1 + seconds(3600), 10).await.expect("expired").is_empty(),
+        "never taken back as a lost lease"
+    );
+    assert_eq!(ids(&children_of_parent().await), vec![child.id]);
+
+    // Once the attempt is over, a late start is rejected.
+    complete(&store, key, Completion::Succeeded { output: json!({"done": true}) }, t1).await;
+    let late = store
+        .start_child_execution(key, child_request(parent_step), inner(), t1)
+        .await
+        .expect("late start");
+    assert_eq!(
+        late,
+        ChildExecutionStart::Rejected {
+            current_attempt: 1,
+            current_status: StepRunStatus::Succeeded
+        }
+    );
+    assert_eq!(children_of_parent().await.len(), 1);
+}
+
 async fn execution_transitions_cancel_requests_and_deadlines(store: Arc<dyn Store>) {
     let fixture = fixture(&store).await;
     let t0 = now();
@@ -1499,6 +1627,7 @@ crate::conformance!(
     cancel_pending_steps_reports_in_flight_work,
     ready_step_runs_by_priority_and_backoff,
     expired_leases_oldest_first,
+    child_executions_start_with_their_parent_step,
     execution_transitions_cancel_requests_and_deadlines,
     logs_batch_insert_and_cursor_paging,
     list_executions_filters_pages_and_cursors,

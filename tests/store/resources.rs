@@ -1393,6 +1393,128 @@ async fn deployment_cron_due_query_and_claims(store: Arc<dyn Store>) {
     assert!(is_not_found(&store.set_next_run(Uuid::now_v7(), None, None).await));
 }
 
+async fn deployment_trigger_records_and_agent_status_sync(store: Arc<dyn Store>) {
+    let owner = create_owner(&store, "owner").await;
+    let agent = store.create_agent(new_agent(owner, "Worker")).await.expect("agent");
+    let other_agent = store.create_agent(new_agent(owner, "Other")).await.expect("agent");
+    let workflow = store
+        .create_workflow(new_workflow(owner, "Flow", vec![new_step("a", agent.id, &[])]))
+        .await
+        .expect("workflow")
+        .workflow;
+    let direct = store
+        .create_deployment(new_deployment(owner, "direct", DeploymentTarget::Agent(agent.id)))
+        .await
+        .expect("direct");
+    let second = store
+        .create_deployment(new_deployment(owner, "second", DeploymentTarget::Agent(agent.id)))
+        .await
+        .expect("second");
+    let through_workflow = store
+        .create_deployment(new_deployment(owner, "flow", DeploymentTarget::Workflow(workflow.id)))
+        .await
+        .expect("flow");
+    let set_status = async |id: Uuid, status: DeploymentStatus| {
+        store
+            .set_deployment_status(
+                OwnerScope::All,
+                id,
+                status,
+                event(DeploymentEventKind::Started, "x"),
+            )
+            .await
+            .expect("status");
+    };
+    let status_of =
+        async |id: Uuid| store.get_agent(OwnerScope::All, id).await.expect("agent").status;
+
+    // record_deployment_trigger: last_triggered_at and the event, next_run_at untouched.
+    let next = Utc::now() + Duration::hours(1);
+    store.set_next_run(direct.id, Some(next), None).await.expect("schedule");
+    let triggered_at = Utc::now();
+    let recorded = store
+        .record_deployment_trigger(
+            direct.id,
+            triggered_at,
+            event(DeploymentEventKind::Triggered, "webhook call: started execution x"),
+        )
+        .await
+        .expect("record");
+    assert_eq!(recorded.kind, DeploymentEventKind::Triggered);
+    assert_eq!(recorded.deployment_id, direct.id);
+    let after = store.get_deployment_unscoped(direct.id).await.expect("get");
+    assert_eq!(
+        after.last_triggered_at.map(|at| at.timestamp_micros()),
+        Some(triggered_at.timestamp_micros())
+    );
+    assert_eq!(after.next_run_at.map(|at| at.timestamp_micros()), Some(next.timestamp_micros()));
+    assert_eq!((after.version, after.updated_at), (direct.version, direct.updated_at));
+    let events =
+        store.list_deployment_events(OwnerScope::All, direct.id, all_rows()).await.expect("events");
+    assert_eq!(events.items[0], recorded, "newest first");
+    assert!(is_not_found(
+        &store
+            .record_deployment_trigger(
+                Uuid::now_v7(),
+                triggered_at,
+                event(DeploymentEventKind::Triggered, "x")
+            )
+            .await
+    ));
+
+    // The agent's status follows its direct deployments.
+    assert_eq!(
+        store.sync_agent_status_with_deployments(agent.id).await.expect("sync"),
+        AgentStatus::Idle
+    );
+    set_status(direct.id, DeploymentStatus::Running).await;
+    set_status(second.id, DeploymentStatus::Running).await;
+    assert_eq!(
+        store.sync_agent_status_with_deployments(agent.id).await.expect("sync"),
+        AgentStatus::Running
+    );
+    assert_eq!(status_of(agent.id).await, AgentStatus::Running);
+    set_status(direct.id, DeploymentStatus::Stopped).await;
+    assert_eq!(
+        store.sync_agent_status_with_deployments(agent.id).await.expect("sync"),
+        AgentStatus::Running,
+        "the second deployment still runs"
+    );
+    store.soft_delete_deployment(OwnerScope::All, second.id, None).await.expect("delete");
+    assert_eq!(
+        store.sync_agent_status_with_deployments(agent.id).await.expect("sync"),
+        AgentStatus::Idle
+    );
+    assert_eq!(status_of(agent.id).await, AgentStatus::Idle);
+    // A FAILED deployment is not running.
+    set_status(direct.id, DeploymentStatus::Failed).await;
+    assert_eq!(
+        store.sync_agent_status_with_deployments(agent.id).await.expect("sync"),
+        AgentStatus::Idle
+    );
+    // A workflow deployment changes nothing for its steps' agents.
+    set_status(through_workflow.id, DeploymentStatus::Running).await;
+    assert_eq!(
+        store.sync_agent_status_with_deployments(agent.id).await.expect("sync"),
+        AgentStatus::Idle
+    );
+    // PAUSED and STOPPED are left alone; a missing or deleted agent is NotFound.
+    set_status(direct.id, DeploymentStatus::Running).await;
+    store.set_agent_status(OwnerScope::All, agent.id, AgentStatus::Paused).await.expect("pause");
+    assert_eq!(
+        store.sync_agent_status_with_deployments(agent.id).await.expect("sync"),
+        AgentStatus::Paused
+    );
+    assert_eq!(status_of(agent.id).await, AgentStatus::Paused);
+    assert_eq!(
+        store.sync_agent_status_with_deployments(other_agent.id).await.expect("sync"),
+        AgentStatus::Idle
+    );
+    store.soft_delete_agent(OwnerScope::All, other_agent.id, None).await.expect("delete agent");
+    assert!(is_not_found(&store.sync_agent_status_with_deployments(other_agent.id).await));
+    assert!(is_not_found(&store.sync_agent_status_with_deployments(Uuid::now_v7()).await));
+}
+
 async fn deployment_list_pages_filters_sorts_and_searches(store: Arc<dyn Store>) {
     let owner = create_owner(&store, "owner").await;
     let other = create_owner(&store, "other").await;
@@ -1556,6 +1678,7 @@ crate::conformance!(
     deployment_crud_with_events,
     deployment_targets_exactly_one_live_resource,
     deployment_cron_due_query_and_claims,
+    deployment_trigger_records_and_agent_status_sync,
     deployment_list_pages_filters_sorts_and_searches,
 );
 

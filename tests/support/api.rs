@@ -150,6 +150,17 @@ impl Api {
 
     /// A unary grpc-web call as a browser makes it: (grpc-status, response message bytes).
     pub async fn grpc_web(&self, path: &str, message: Vec<u8>, auth: &Auth) -> (String, Vec<u8>) {
+        let (status, mut messages) = self.grpc_web_stream(path, message, auth).await;
+        (status, messages.pop().unwrap_or_default())
+    }
+
+    /// A grpc-web call read to its end: (grpc-status, every response message's bytes).
+    pub async fn grpc_web_stream(
+        &self,
+        path: &str,
+        message: Vec<u8>,
+        auth: &Auth,
+    ) -> (String, Vec<Vec<u8>>) {
         let mut framed = vec![0u8];
         framed.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
         framed.extend_from_slice(&message);
@@ -171,7 +182,7 @@ impl Api {
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
         let body = response.bytes().await.expect("grpc-web body").to_vec();
-        let (mut payload, mut trailers, mut offset) = (Vec::new(), String::new(), 0);
+        let (mut messages, mut trailers, mut offset) = (Vec::new(), String::new(), 0);
         while offset + 5 <= body.len() {
             let length = u32::from_be_bytes([
                 body[offset + 1],
@@ -181,7 +192,7 @@ impl Api {
             ]) as usize;
             let frame = &body[offset + 5..offset + 5 + length];
             if body[offset] & 0x80 == 0 {
-                payload = frame.to_vec();
+                messages.push(frame.to_vec());
             } else {
                 trailers = String::from_utf8_lossy(frame).into_owned();
             }
@@ -192,7 +203,7 @@ impl Api {
             .find_map(|line| line.strip_prefix("grpc-status:").map(|value| value.trim().to_owned()))
             .or(header_status)
             .unwrap_or_default();
-        (status, payload)
+        (status, messages)
     }
 
     /// A gRPC channel to the server, for any generated client.

@@ -316,3 +316,30 @@ pub async fn start_serve(extra: &[&str]) -> (TurbocatProcess, ServeDatabase) {
     .expect("start serve");
     (process, database)
 }
+
+/// Another `serve` replica of an installation: the same database, Redis and `extra` flags
+/// (pass the first replica's `--redis-key-prefix` so they share the queue and the events).
+pub async fn start_serve_replica(database: &ServeDatabase, extra: &[&str]) -> TurbocatProcess {
+    let redis = redis_url();
+    let mut arguments: Vec<String> = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        database.url.as_str(),
+        "--redis-url",
+        redis.as_str(),
+        "--jwt-secret",
+        TEST_JWT_SECRET,
+    ]
+    .iter()
+    .map(|argument| argument.to_string())
+    .collect();
+    arguments.extend(extra.iter().map(|argument| argument.to_string()));
+    tokio::task::spawn_blocking(move || {
+        let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
+        start_turbocat(&borrowed, &[])
+    })
+    .await
+    .expect("start a replica")
+}

@@ -1,8 +1,9 @@
-//! gRPC face of `ExecutionService`. `WatchExecution` answers UNIMPLEMENTED (the generated
-//! default) until the execution engine lands.
+//! gRPC face of `ExecutionService`. `WatchExecution` is a server stream (also over grpc-web,
+//! and as Server-Sent Events through the REST edge).
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::api::AppContext;
@@ -70,5 +71,16 @@ impl execution_service_server::ExecutionService for ExecutionGrpc {
         )
         .await?;
         Ok(Response::new(response))
+    }
+
+    async fn watch_execution(
+        &self,
+        request: Request<pb::WatchExecutionRequest>,
+    ) -> Result<Response<tonic::codegen::BoxStream<pb::WatchExecutionResponse>>, Status> {
+        let caller = caller_of(&request)?;
+        let events =
+            service::watch::watch_execution(self.context.clone(), &caller, request.into_inner())
+                .await?;
+        Ok(Response::new(Box::pin(events.map(|event| event.map_err(Status::from)))))
     }
 }

@@ -76,7 +76,7 @@ impl runner_service_server::RunnerService for RunnerGrpc {
         let accepted =
             pb::AttachResponse { message: Some(pb::attach_response::Message::Accepted(accepted)) };
         if sender.send(Ok(accepted)).await.is_err() {
-            engine.detach_runner(&runner);
+            engine.detach_runner(&runner).await;
             return Err(Status::cancelled("the runner went away"));
         }
         tokio::spawn(async move {
@@ -95,7 +95,7 @@ impl runner_service_server::RunnerService for RunnerGrpc {
                     }
                 }
             }
-            engine.detach_runner(&runner);
+            engine.detach_runner(&runner).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
@@ -106,7 +106,8 @@ impl runner_service_server::RunnerService for RunnerGrpc {
     ) -> Result<Response<pb::ListRunnersResponse>, Status> {
         let caller = caller_of(&request)?;
         let response =
-            crate::service::runners::list_runners(&self.context, &caller, request.into_inner())?;
+            crate::service::runners::list_runners(&self.context, &caller, request.into_inner())
+                .await?;
         Ok(Response::new(response))
     }
 }

@@ -225,12 +225,17 @@ impl Drop for WorkDirectory {
 }
 
 /// The child's process group, killed whole on `kill` and on drop.
-struct ProcessGroup {
+/// The process group of a child (its leader), killed whole when dropped.
+pub(super) struct ProcessGroup {
     leader: Option<Pid>,
 }
 
 impl ProcessGroup {
-    fn kill(&mut self) {
+    pub(super) fn of(child: &tokio::process::Child) -> Self {
+        Self { leader: child.id().and_then(|id| Pid::from_raw(id as i32)) }
+    }
+
+    pub(super) fn kill(&mut self) {
         if let Some(leader) = self.leader {
             // Fails with ESRCH when every member is gone already.
             let _ = rustix::process::kill_process_group(leader, Signal::KILL);
@@ -238,7 +243,7 @@ impl ProcessGroup {
     }
 
     /// After the leader was reaped and the pipes drained: its id may be reused from now on.
-    fn disarm(&mut self) {
+    pub(super) fn disarm(&mut self) {
         self.leader = None;
     }
 }
@@ -249,17 +254,25 @@ impl Drop for ProcessGroup {
     }
 }
 
-/// The rlimits set in the child between fork and exec.
+/// The rlimits set in the child between fork and exec: CPU seconds, and memory either as
+/// address space (interpreters) or as data segment (the jq worker, whose executable maps far
+/// more address space than it uses).
 #[derive(Debug, Clone, Copy)]
-struct ChildLimits {
-    cpu_seconds: u64,
-    address_space_bytes: u64,
+pub(super) struct ChildLimits {
+    pub cpu_seconds: u64,
+    pub memory: MemoryLimit,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum MemoryLimit {
+    AddressSpace(u64),
+    Data(u64),
 }
 
 impl ChildLimits {
     /// Runs in the forked child: only async-signal-safe calls (rustix's setrlimit is the raw
     /// system call; nothing here allocates).
-    fn apply(self) -> std::io::Result<()> {
+    pub(super) fn apply(self) -> std::io::Result<()> {
         let set = |resource: Resource, soft: u64, hard: u64| {
             rustix::process::setrlimit(
                 resource,
@@ -269,7 +282,10 @@ impl ChildLimits {
         };
         // SIGXCPU at the soft limit, SIGKILL a second later if it is caught.
         set(Resource::Cpu, self.cpu_seconds, self.cpu_seconds + 1)?;
-        set(Resource::As, self.address_space_bytes, self.address_space_bytes)?;
+        match self.memory {
+            MemoryLimit::AddressSpace(bytes) => set(Resource::As, bytes, bytes)?,
+            MemoryLimit::Data(bytes) => set(Resource::Data, bytes, bytes)?,
+        }
         set(Resource::Core, 0, 0)
     }
 }
@@ -362,7 +378,7 @@ fn build_command(
         .process_group(0);
     let limits = ChildLimits {
         cpu_seconds: context.limits.cpu_seconds,
-        address_space_bytes: address_space_mb.saturating_mul(1024 * 1024),
+        memory: MemoryLimit::AddressSpace(address_space_mb.saturating_mul(1024 * 1024)),
     };
     #[expect(unsafe_code, reason = "rlimits must be set between fork and exec")]
     // SAFETY: the closure runs in the forked child before exec; it only calls setrlimit (a
@@ -392,7 +408,7 @@ async fn run_in_directory(
     let mut child = build_command(directory, executable, language, context)
         .spawn()
         .map_err(|error| StepError::retryable(format!("cannot start the interpreter: {error}")))?;
-    let mut group = ProcessGroup { leader: child.id().and_then(|id| Pid::from_raw(id as i32)) };
+    let mut group = ProcessGroup::of(&child);
     let (Some(mut stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
@@ -449,7 +465,7 @@ async fn run_in_directory(
 }
 
 /// Waits for a pipe reader; gives up when something escaped the group and holds the pipe.
-async fn drain<T>(task: tokio::task::JoinHandle<T>) -> Option<T> {
+pub(super) async fn drain<T>(task: tokio::task::JoinHandle<T>) -> Option<T> {
     let abort = task.abort_handle();
     match tokio::time::timeout(PIPE_DRAIN_TIMEOUT, task).await {
         Ok(Ok(summary)) => Some(summary),

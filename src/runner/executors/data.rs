@@ -7,21 +7,28 @@
 //! number) and `halt_error` fail without retry; `halt` ends the program with the results so
 //! far. `env` and `$ENV` do not exist here: the runner's environment holds its secrets.
 //! `debug` and `stderr` messages become the step's stderr log lines (at most 1,000), sent when
-//! the program ends. Programs run on a thread of their own; results past `maxOutputBytes`, the
-//! deadline or a cancel stop them between two results.
+//! the program ends. Programs run in a child process of their own (`turbocat jq-worker`, on a
+//! thread with a deep stack) under the agent's CPU and memory limits; results past
+//! `maxOutputBytes` stop them, the deadline and cancels kill the process. A program that
+//! recurses too deeply fails without retry instead of taking the runner down.
 //! May call: jaq.
 
 use std::cell::RefCell;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::OnceLock;
 
 use jaq_core::load::{self, Arena, File, Loader};
 use jaq_core::native::{self, Fun};
 use jaq_core::{Compiler, Ctx, RunPtr, ValT as _, Vars, data::JustLut};
 use jaq_json::Val;
+use rustix::process::Signal;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
+use super::code::{ChildLimits, MemoryLimit, ProcessGroup, drain};
 use super::{LogStream, RunContext, StepError, StepErrorKind, truncate_text};
 use crate::proto::v1 as pb;
 
@@ -169,48 +176,254 @@ fn position(program: &str, part: &str) -> usize {
     program[..part_start - program_start].chars().count() + 1
 }
 
+/// Runs a DATA step in a child process (`turbocat jq-worker`), so that a program recursing
+/// too deeply (a stack overflow aborts a process), spinning or allocating without end costs
+/// that child and never the runner (in `dev`, the whole server): CPU seconds and memory are
+/// rlimits, the wall clock and cancels kill its process group.
 pub(super) async fn run(
     config: &pb::DataAgentConfig,
     input: Value,
     context: &RunContext<'_>,
 ) -> Result<Value, StepError> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (result_sender, result_receiver) = oneshot::channel();
-    let program = config.jq_program.clone();
-    let max_output_bytes = context.limits.max_output_bytes;
-    let thread_stop = Arc::clone(&stop);
-    std::thread::Builder::new()
+    let request = WorkerRequest {
+        program: config.jq_program.clone(),
+        input,
+        max_output_bytes: context.limits.max_output_bytes,
+    };
+    let request_bytes = serde_json::to_vec(&request)
+        .map_err(|error| StepError::non_retryable(format!("cannot encode the input: {error}")))?;
+    let mut command = tokio::process::Command::new(worker_executable()?);
+    command
+        .arg(WORKER_SUBCOMMAND)
+        .env_clear()
+        .env("LANG", "C.UTF-8")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    let limits = ChildLimits {
+        cpu_seconds: context.limits.cpu_seconds,
+        memory: MemoryLimit::Data(
+            context
+                .limits
+                .memory_mb
+                .saturating_mul(1024 * 1024)
+                .saturating_add(PROGRAM_STACK_BYTES as u64 + WORKER_OVERHEAD_BYTES),
+        ),
+    };
+    #[expect(unsafe_code, reason = "rlimits must be set between fork and exec")]
+    // SAFETY: the closure runs in the forked child before exec; it only calls setrlimit (a
+    // raw system call through rustix, async-signal-safe), does not allocate, lock or touch
+    // state shared with the parent's other threads.
+    unsafe {
+        command.pre_exec(move || limits.apply());
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|error| StepError::retryable(format!("cannot start the jq worker: {error}")))?;
+    let mut group = ProcessGroup::of(&child);
+    let (Some(mut stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(StepError::retryable("the jq worker's pipes are missing"));
+    };
+    let stdin_task = tokio::spawn(async move {
+        let _ = stdin.write_all(&request_bytes).await;
+        let _ = stdin.shutdown().await;
+    });
+    // The reply holds the output (capped by the worker) and at most 1,000 short log lines.
+    let reply_limit = context.limits.max_output_bytes.saturating_mul(2) + (4 << 20);
+    let stdout_task = tokio::spawn(read_capped(stdout, reply_limit));
+    let stderr_task = tokio::spawn(read_capped(stderr, 64 * 1024));
+    let ending = tokio::select! {
+        status = child.wait() => Some(status),
+        () = tokio::time::sleep_until(context.deadline) => None,
+        () = context.cancel.cancelled() => None,
+    };
+    group.kill();
+    if ending.is_none() {
+        let _ = child.wait().await;
+    }
+    stdin_task.abort();
+    let reply = drain(stdout_task).await.unwrap_or_default();
+    let stderr_text = drain(stderr_task).await.unwrap_or_default();
+    group.disarm();
+    let status = match ending {
+        Some(status) => status.map_err(|error| {
+            StepError::retryable(format!("cannot wait for the jq worker: {error}"))
+        })?,
+        None if context.cancel.is_cancelled() => return Err(StepError::cancelled()),
+        None => return Err(context.timed_out()),
+    };
+    if status.success() {
+        let reply: WorkerReply = serde_json::from_slice(&reply).map_err(|error| {
+            StepError::retryable(format!("the jq worker's reply is unreadable: {error}"))
+        })?;
+        for line in &reply.logs {
+            context.logs.send(LogStream::Stderr, line).await;
+        }
+        return match reply.error {
+            Some(error) => Err(error.into_step_error()),
+            None => Ok(reply.output.unwrap_or(Value::Null)),
+        };
+    }
+    Err(worker_failure(status, &String::from_utf8_lossy(&stderr_text), context))
+}
+
+/// Why the worker died, from its exit status and what it wrote to stderr.
+fn worker_failure(status: ExitStatus, stderr: &str, context: &RunContext<'_>) -> StepError {
+    let limits = &context.limits;
+    if stderr.contains("has overflowed its stack") {
+        return StepError::non_retryable(
+            "the jq program recursed too deeply (stack overflow); make its recursion shallower \
+             or tail-recursive",
+        );
+    }
+    if stderr.contains("memory allocation") || stderr.contains("out of memory") {
+        return StepError::limit_exceeded(format!(
+            "the jq program exceeded the memory limit of {} MiB",
+            limits.memory_mb
+        ));
+    }
+    match status.signal() {
+        Some(signal) if signal == Signal::XCPU.as_raw() || signal == Signal::KILL.as_raw() => {
+            StepError::limit_exceeded(format!(
+                "the jq program exceeded the CPU time limit of {} s",
+                limits.cpu_seconds
+            ))
+        }
+        _ => StepError::retryable(format!(
+            "the jq worker ended abnormally ({status}): {}",
+            truncate_text(stderr.trim(), 500)
+        )),
+    }
+}
+
+async fn read_capped(mut pipe: impl AsyncRead + Unpin, limit: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match pipe.read(&mut chunk).await {
+            Ok(0) | Err(_) => return bytes,
+            Ok(read) => {
+                if bytes.len() + read <= limit {
+                    bytes.extend_from_slice(&chunk[..read]);
+                }
+            }
+        }
+    }
+}
+
+/// The subcommand of the turbocat binary that runs one jq program (`worker_main`).
+pub const WORKER_SUBCOMMAND: &str = "jq-worker";
+/// Memory the worker needs beside the program's own: the executable's data, the allocator.
+const WORKER_OVERHEAD_BYTES: u64 = 64 * 1024 * 1024;
+
+static WORKER_EXECUTABLE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Sets the executable that runs jq programs (`<it> jq-worker`). By default it is the running
+/// executable, which is right for `turbocat runner` and `turbocat dev`; programs that embed the
+/// executors (tests) point it at a turbocat binary.
+pub fn set_worker_executable(path: PathBuf) {
+    let _ = WORKER_EXECUTABLE.set(path);
+}
+
+fn worker_executable() -> Result<PathBuf, StepError> {
+    match WORKER_EXECUTABLE.get() {
+        Some(path) => Ok(path.clone()),
+        None => std::env::current_exe().map_err(|error| {
+            StepError::retryable(format!("cannot find the turbocat executable: {error}"))
+        }),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WorkerRequest {
+    program: String,
+    input: Value,
+    max_output_bytes: usize,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct WorkerReply {
+    output: Option<Value>,
+    error: Option<WorkerError>,
+    logs: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WorkerError {
+    message: String,
+    limit_exceeded: bool,
+}
+
+impl WorkerError {
+    fn into_step_error(self) -> StepError {
+        if self.limit_exceeded {
+            StepError::limit_exceeded(self.message)
+        } else {
+            StepError::non_retryable(self.message)
+        }
+    }
+}
+
+/// `turbocat jq-worker`: reads a request (program, input, output limit) as JSON on stdin, runs
+/// the program on a thread with a deep stack and writes the reply as JSON on stdout.
+pub fn worker_main() -> std::process::ExitCode {
+    use std::io::{Read, Write};
+    let mut request_bytes = Vec::new();
+    if let Err(error) = std::io::stdin().read_to_end(&mut request_bytes) {
+        eprintln!("cannot read the request: {error}");
+        return std::process::ExitCode::FAILURE;
+    }
+    let request: WorkerRequest = match serde_json::from_slice(&request_bytes) {
+        Ok(request) => request,
+        Err(error) => {
+            eprintln!("the request is not valid: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let worker = std::thread::Builder::new()
         .name("turbocat-jq".to_owned())
         .stack_size(PROGRAM_STACK_BYTES)
         .spawn(move || {
             PROGRAM_LOGS.with(|logs| logs.borrow_mut().clear());
-            let outcome = run_program(&program, &input, max_output_bytes, &thread_stop);
-            let log_lines = PROGRAM_LOGS.with(|logs| std::mem::take(&mut *logs.borrow_mut()));
-            // The receiver is gone when the attempt timed out or was cancelled.
-            let _ = result_sender.send((outcome, log_lines));
-        })
-        .map_err(|error| StepError::retryable(format!("cannot start the jq thread: {error}")))?;
-    let finished = context
-        .guard(async {
-            result_receiver
-                .await
-                .map_err(|_| StepError::retryable("the jq thread ended without result"))
-        })
-        .await;
-    stop.store(true, Ordering::Relaxed);
-    let (outcome, log_lines) = finished?;
-    for line in &log_lines {
-        context.logs.send(LogStream::Stderr, line).await;
+            let outcome = run_program(&request.program, &request.input, request.max_output_bytes);
+            let logs = PROGRAM_LOGS.with(|logs| std::mem::take(&mut *logs.borrow_mut()));
+            match outcome {
+                Ok(output) => WorkerReply { output: Some(output), error: None, logs },
+                Err(error) => WorkerReply {
+                    output: None,
+                    error: Some(WorkerError {
+                        limit_exceeded: error.kind == StepErrorKind::LimitExceeded,
+                        message: error.message,
+                    }),
+                    logs,
+                },
+            }
+        });
+    let reply = match worker.map(std::thread::JoinHandle::join) {
+        Ok(Ok(reply)) => reply,
+        _ => {
+            eprintln!("the jq thread failed");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let written = serde_json::to_writer(&mut stdout, &reply)
+        .map_err(std::io::Error::from)
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("cannot write the reply: {error}");
+            std::process::ExitCode::FAILURE
+        }
     }
-    outcome
 }
 
-fn run_program(
-    program: &str,
-    input: &Value,
-    max_output_bytes: usize,
-    stop: &AtomicBool,
-) -> Result<Value, StepError> {
+fn run_program(program: &str, input: &Value, max_output_bytes: usize) -> Result<Value, StepError> {
     let filter = compile(program).map_err(|message| {
         StepError::non_retryable(format!("the jq program does not compile: {message}"))
     })?;
@@ -218,9 +431,6 @@ fn run_program(
     let mut results = Vec::new();
     let mut output_bytes = 0usize;
     for result in filter.id.run((context, json_to_val(input))) {
-        if stop.load(Ordering::Relaxed) {
-            return Err(StepError::cancelled());
-        }
         let value = match result {
             Ok(value) => val_to_json(&value),
             Err(exception) => match exception.get_err() {
@@ -313,7 +523,7 @@ mod tests {
     use super::*;
 
     fn run_now(program: &str, input: Value) -> Result<Value, StepError> {
-        run_program(program, &input, 1 << 20, &AtomicBool::new(false))
+        run_program(program, &input, 1 << 20)
     }
 
     #[test]

@@ -1,0 +1,345 @@
+//! `WatchExecution`: one execution's live events for its owner. The stream opens with a
+//! snapshot (the execution, its step runs and their attempts, as the database has them), then
+//! carries every step transition, every persisted log line and every execution status change,
+//! and ends after the execution finishes.
+//!
+//! The database stays the source of truth; the bus (Redis pub/sub in `serve`, in-process in
+//! `dev`) only says what changed and when. The engine publishes each step run's committed row
+//! before it acts on the transition, so the rows of one step arrive here in the order they
+//! happened, whichever replica made them; a row no newer (by `version`) than the one already
+//! sent is skipped. Log lines are read back from the database by id. When the bus may have
+//! lost messages (a lagging subscriber, a reconnect), after `RESYNC_INTERVAL` without any
+//! event, and when the execution finishes, the watcher re-reads the execution and sends what
+//! changed (never while events may be in flight, which could skip a transition).
+//! May call: the store and the bus. Never the edges.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::executions::{execution_message, log_message, step_run_message};
+use super::validate::parse_id;
+use crate::api::AppContext;
+use crate::auth::caller::{Access, Caller};
+use crate::bus::{BusMessage, BusStream, topics};
+use crate::engine::scheduler::{WATCH_EXECUTION, WATCH_LOG, WATCH_STEP};
+use crate::error::{ServiceError, ServiceResult};
+use crate::proto::v1 as pb;
+use crate::store::{
+    ExecutionLogFilter, MAX_EXECUTION_LOG_PAGE_SIZE, OwnerScope, StepRun, StoreError,
+};
+
+/// How long a quiet bus is trusted before the watcher re-reads the execution.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
+/// Log ids are taken before commit on PostgreSQL, so two concurrent appends may become visible
+/// out of id order: lines delivered in this window are re-read (and skipped when already sent)
+/// so a line that commits late is still delivered.
+const LOG_REREAD_WINDOW: Duration = Duration::from_secs(5);
+/// Events buffered for a slow client before the watcher waits for it.
+const STREAM_BUFFER: usize = 64;
+
+pub type WatchStream =
+    Pin<Box<dyn Stream<Item = ServiceResult<pb::WatchExecutionResponse>> + Send>>;
+
+/// Opens the live event stream of an execution the caller can see (another user's is a 404).
+#[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
+pub async fn watch_execution(
+    context: Arc<AppContext>,
+    caller: &Caller,
+    request: pb::WatchExecutionRequest,
+) -> ServiceResult<WatchStream> {
+    caller.require_user_access(Access::Read)?;
+    let execution_id = parse_id("executionId", &request.execution_id)?;
+    let scope = caller.owner_scope();
+    // Subscribe first, then read: nothing that happens in between is missed.
+    let events =
+        context.bus.subscribe(&topics::execution(execution_id)).await.map_err(|error| {
+            ServiceError::new(
+                crate::error::ErrorCode::ServiceUnavailable,
+                format!("live events are unavailable: {error}"),
+            )
+        })?;
+    let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+    let mut watcher = Watcher::new(context, scope, execution_id, sender);
+    watcher.start().await?;
+    tokio::spawn(async move {
+        if let Err(error) = watcher.follow(events).await {
+            let _ = watcher.sender.send(Err(error)).await;
+        }
+    });
+    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver)))
+}
+
+/// What one stream has delivered so far.
+struct Watcher {
+    context: Arc<AppContext>,
+    scope: OwnerScope,
+    execution_id: Uuid,
+    sequence: i64,
+    /// The version of the execution last sent.
+    execution_version: i64,
+    finished: bool,
+    /// The version of each step run last sent.
+    step_versions: HashMap<Uuid, i64>,
+    step_keys: HashMap<Uuid, String>,
+    /// Every line up to this id was delivered (or will never commit).
+    log_cursor: Option<i64>,
+    /// Lines delivered after `log_cursor`, with when they were delivered.
+    recent_logs: BTreeMap<i64, Instant>,
+    sender: mpsc::Sender<ServiceResult<pb::WatchExecutionResponse>>,
+    /// Events not yet handed to the client.
+    pending: Vec<pb::WatchExecutionResponse>,
+}
+
+/// The client went away.
+struct Gone;
+
+impl Watcher {
+    fn new(
+        context: Arc<AppContext>,
+        scope: OwnerScope,
+        execution_id: Uuid,
+        sender: mpsc::Sender<ServiceResult<pb::WatchExecutionResponse>>,
+    ) -> Self {
+        Self {
+            context,
+            scope,
+            execution_id,
+            sequence: 0,
+            execution_version: 0,
+            finished: false,
+            step_versions: HashMap::new(),
+            step_keys: HashMap::new(),
+            log_cursor: None,
+            recent_logs: BTreeMap::new(),
+            sender,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Reads the execution, queues the snapshot and records what it showed: the versions
+    /// every later row is compared with, and the newest log line (the stream carries the
+    /// lines after it; earlier ones are paged through `ListExecutionLogs`). A missing or
+    /// hidden execution is a 404 here, before the stream starts.
+    async fn start(&mut self) -> ServiceResult<()> {
+        let (execution, steps) = self.read().await?;
+        self.log_cursor = self
+            .context
+            .store
+            .latest_execution_log_id(self.execution_id)
+            .await
+            .map_err(|error| ServiceError::from_store(error, "execution"))?;
+        let mut step_runs = Vec::with_capacity(steps.len());
+        for step in &steps {
+            let attempts = self
+                .context
+                .store
+                .list_step_attempts(self.scope, step.id)
+                .await
+                .map_err(|error| ServiceError::from_store(error, "execution"))?;
+            step_runs.push(step_run_message(step, &attempts));
+            self.step_versions.insert(step.id, step.version);
+            self.step_keys.insert(step.id, step.step_key.clone());
+        }
+        self.execution_version = execution.version;
+        self.finished = execution.status.is_finished();
+        self.send(pb::watch_execution_response::Event::Snapshot(execution_message(
+            &execution, step_runs,
+        )));
+        Ok(())
+    }
+
+    async fn read(&self) -> ServiceResult<(crate::store::Execution, Vec<StepRun>)> {
+        self.context
+            .store
+            .get_execution_with_steps(self.scope, self.execution_id)
+            .await
+            .map_err(|error| ServiceError::from_store(error, "execution"))
+    }
+
+    /// Queues an event for the client; `flush` hands it over.
+    fn send(&mut self, event: pb::watch_execution_response::Event) {
+        self.sequence += 1;
+        let message = pb::WatchExecutionResponse {
+            sequence: self.sequence,
+            time: Some(super::convert::timestamp(Utc::now())),
+            event: Some(event),
+        };
+        self.pending.push(message);
+    }
+
+    /// Hands queued events to the client, waiting while its buffer is full.
+    async fn flush(&mut self) -> Result<(), Gone> {
+        for message in self.pending.drain(..) {
+            self.sender.send(Ok(message)).await.map_err(|_| Gone)?;
+        }
+        Ok(())
+    }
+
+    /// Relays events until the execution finishes or the client goes away.
+    async fn follow(&mut self, mut events: BusStream) -> ServiceResult<()> {
+        if self.flush().await.is_err() || self.finished {
+            return Ok(());
+        }
+        // Subscribed before the snapshot was read: every later change is in `events`. Re-reading
+        // the database while events are in flight could jump over a transition, so that only
+        // happens when the bus says it lost messages, at the end, and after a quiet spell.
+        let mut result = Ok(true);
+        while result.as_ref().is_ok_and(|carry_on| *carry_on) {
+            result = tokio::select! {
+                biased;
+                message = events.next() => match message {
+                    Some(message) => self.on_message(message).await,
+                    // The bus closed the subscription: fall back to reading on the timer.
+                    None => {
+                        events = futures::stream::pending().boxed();
+                        Ok(true)
+                    }
+                },
+                () = tokio::time::sleep(RESYNC_INTERVAL) => self.resync().await,
+            };
+            if self.flush().await.is_err() {
+                return Ok(());
+            }
+        }
+        result.map(|_| ())
+    }
+
+    /// Acts on one bus message; `Ok(false)` once the stream should end.
+    async fn on_message(&mut self, message: BusMessage) -> ServiceResult<bool> {
+        let payload = match &message {
+            BusMessage::Payload(payload) => payload,
+            BusMessage::Lagged { .. } | BusMessage::Reconnected => return self.resync().await,
+        };
+        match payload["kind"].as_str() {
+            Some(WATCH_STEP) => {
+                match serde_json::from_value::<StepRun>(payload["stepRun"].clone()) {
+                    Ok(step_run) => self.step_changed(&step_run),
+                    Err(_) => return self.resync().await,
+                }
+                Ok(true)
+            }
+            Some(WATCH_LOG) => {
+                self.relay_logs().await?;
+                Ok(true)
+            }
+            Some(WATCH_EXECUTION) => self.execution_changed().await,
+            _ => Ok(true),
+        }
+    }
+
+    /// Sends a step run's row when it is newer than the one last sent.
+    fn step_changed(&mut self, step_run: &StepRun) {
+        if step_run.execution_id != self.execution_id {
+            return;
+        }
+        let last = self.step_versions.get(&step_run.id).copied().unwrap_or(0);
+        if step_run.version <= last {
+            return;
+        }
+        self.step_versions.insert(step_run.id, step_run.version);
+        self.step_keys.entry(step_run.id).or_insert_with(|| step_run.step_key.clone());
+        let transition = pb::StepRunTransition { step_run: Some(step_run_message(step_run, &[])) };
+        self.send(pb::watch_execution_response::Event::StepChanged(transition));
+    }
+
+    /// The execution changed status: sends it. Once it finished, every step event was
+    /// published before this one; a last full read (`resync`) covers lost messages and ends.
+    async fn execution_changed(&mut self) -> ServiceResult<bool> {
+        let execution = match self.context.store.get_execution(self.scope, self.execution_id).await
+        {
+            Ok(execution) => execution,
+            Err(StoreError::NotFound) => return Ok(false),
+            Err(error) => return Err(ServiceError::from_store(error, "execution")),
+        };
+        if execution.status.is_finished() {
+            return self.resync().await;
+        }
+        if execution.version > self.execution_version {
+            self.execution_version = execution.version;
+            let message = execution_message(&execution, Vec::new());
+            self.send(pb::watch_execution_response::Event::ExecutionChanged(message));
+        }
+        Ok(true)
+    }
+
+    /// Re-reads the execution and sends whatever changed since it was last sent: step rows,
+    /// log lines, then the execution itself. `Ok(false)` once it has finished.
+    async fn resync(&mut self) -> ServiceResult<bool> {
+        let (execution, steps) = match self.read().await {
+            Ok(read) => read,
+            // Deleted while watched: the stream ends.
+            Err(error) if error.code == crate::error::ErrorCode::NotFound => return Ok(false),
+            Err(error) => return Err(error),
+        };
+        for step in &steps {
+            self.step_changed(step);
+        }
+        self.relay_logs().await?;
+        if execution.version > self.execution_version {
+            self.execution_version = execution.version;
+            let message = execution_message(&execution, Vec::new());
+            self.send(pb::watch_execution_response::Event::ExecutionChanged(message));
+        }
+        self.finished = execution.status.is_finished();
+        Ok(!self.finished)
+    }
+
+    /// Sends the log lines persisted since the last ones sent.
+    async fn relay_logs(&mut self) -> ServiceResult<()> {
+        // Lines delivered long enough ago are settled: read after the newest of them.
+        let settled_before = Instant::now().checked_sub(LOG_REREAD_WINDOW);
+        let settled: Vec<i64> = self
+            .recent_logs
+            .iter()
+            .filter(|(_, delivered)| settled_before.is_some_and(|limit| **delivered <= limit))
+            .map(|(id, _)| *id)
+            .collect();
+        if let Some(newest_settled) = settled.iter().max() {
+            self.log_cursor =
+                Some(self.log_cursor.map_or(*newest_settled, |cursor| cursor.max(*newest_settled)));
+            self.recent_logs.retain(|id, _| *id > *newest_settled);
+        }
+        let mut after_id = self.log_cursor;
+        loop {
+            let page = match self
+                .context
+                .store
+                .list_execution_logs(
+                    self.scope,
+                    self.execution_id,
+                    ExecutionLogFilter {
+                        step_run_id: None,
+                        minimum_level: None,
+                        after_id,
+                        limit: MAX_EXECUTION_LOG_PAGE_SIZE,
+                    },
+                )
+                .await
+            {
+                Ok(page) => page,
+                Err(StoreError::NotFound) => return Ok(()),
+                Err(error) => return Err(ServiceError::from_store(error, "execution")),
+            };
+            let now = Instant::now();
+            for line in &page.items {
+                after_id = Some(line.id);
+                if self.recent_logs.contains_key(&line.id) {
+                    continue;
+                }
+                self.recent_logs.insert(line.id, now);
+                let message = log_message(line, &self.step_keys);
+                self.send(pb::watch_execution_response::Event::Log(message));
+            }
+            if page.next_cursor.is_none() || page.items.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+}
