@@ -223,6 +223,15 @@ pub struct EngineArgs {
         value_parser = clap::value_parser!(u64).range(2..=3_600)
     )]
     pub runner_lease_seconds: u64,
+    /// Seconds a runner has to acknowledge an assignment (else it is taken back and runs
+    /// elsewhere) or a cancel (else its slot is freed anyway).
+    #[arg(
+        long,
+        env = "TURBOCAT_RUNNER_ACK_SECONDS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=600)
+    )]
+    pub runner_ack_seconds: u64,
     /// Times a step may be taken back from a lost runner before it fails (not retries).
     #[arg(long, env = "TURBOCAT_MAX_RUNNER_REASSIGNMENTS", default_value_t = 3)]
     pub max_runner_reassignments: u16,
@@ -241,6 +250,7 @@ impl EngineArgs {
             lease_duration: lease,
             // Three heartbeats per lease: one lost beat never costs a lease.
             heartbeat_interval: (lease / 3).max(std::time::Duration::from_millis(500)),
+            acknowledgement_timeout: std::time::Duration::from_secs(self.runner_ack_seconds),
             max_infrastructure_reassignments: i32::from(self.max_runner_reassignments),
             max_payload_bytes: self.max_payload_bytes,
             max_workflow_depth: i32::from(self.max_workflow_depth),

@@ -26,11 +26,13 @@ pub enum RunnerOwner {
     User(Uuid),
 }
 
-/// An attempt a runner holds, and whether it acknowledged the assignment yet.
+/// An attempt a runner holds, whether it acknowledged the assignment yet, and whether it was
+/// told to cancel it (the slot stays taken until the runner acknowledges the cancel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeldStep {
     pub execution_id: Uuid,
     pub acknowledged: bool,
+    pub cancelling: bool,
     pub assigned_at: DateTime<Utc>,
     /// The attempt must end by then; heartbeats never extend its lease past it.
     pub deadline: DateTime<Utc>,
@@ -131,8 +133,13 @@ impl AttachedRunner {
         if state.draining || state.held.len() >= self.capacity {
             return false;
         }
-        let held =
-            HeldStep { execution_id, acknowledged: false, assigned_at: Utc::now(), deadline };
+        let held = HeldStep {
+            execution_id,
+            acknowledged: false,
+            cancelling: false,
+            assigned_at: Utc::now(),
+            deadline,
+        };
         state.held.insert(key, held);
         true
     }
@@ -140,8 +147,13 @@ impl AttachedRunner {
     /// Keeps an attempt the runner still ran when it reconnected.
     pub fn keep(&self, key: AttemptKey, execution_id: Uuid, deadline: DateTime<Utc>) {
         if let Ok(mut state) = self.state.lock() {
-            let held =
-                HeldStep { execution_id, acknowledged: true, assigned_at: Utc::now(), deadline };
+            let held = HeldStep {
+                execution_id,
+                acknowledged: true,
+                cancelling: false,
+                assigned_at: Utc::now(),
+                deadline,
+            };
             state.held.insert(key, held);
         }
     }
@@ -165,6 +177,18 @@ impl AttachedRunner {
         match state.held.get_mut(&key) {
             Some(held) => {
                 held.acknowledged = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Marks `key` as being cancelled; `false` when the runner does not hold it.
+    pub fn start_cancel(&self, key: AttemptKey) -> bool {
+        let Ok(mut state) = self.state.lock() else { return false };
+        match state.held.get_mut(&key) {
+            Some(held) => {
+                held.cancelling = true;
                 true
             }
             None => false,

@@ -299,7 +299,7 @@ impl Engine {
 
     /// Tells the runner holding an attempt to stop it: directly when it is attached here,
     /// through the bus otherwise.
-    pub(super) async fn send_cancel(&self, held: &InFlightStepRun, reason: &str) {
+    pub(super) async fn send_cancel(self: &Arc<Self>, held: &InFlightStepRun, reason: &str) {
         let key = AttemptKey { step_run_id: held.step_run_id, attempt: held.attempt };
         self.leases.forget(key).await;
         if let Some(runner) = self.runners.get(&held.runner_id) {
@@ -317,16 +317,36 @@ impl Engine {
         }
     }
 
+    /// Tells a runner attached here to stop an attempt. Its slot stays taken until the runner
+    /// acknowledges the cancel (the attempt may still be winding down there); a cancel not
+    /// acknowledged in time frees the slot anyway, so a silent runner cannot keep it forever.
     pub(super) async fn cancel_on_runner(
-        &self,
-        runner: &super::runners::AttachedRunner,
+        self: &Arc<Self>,
+        runner: &Arc<super::runners::AttachedRunner>,
         key: AttemptKey,
         reason: &str,
     ) {
-        runner.release(key);
-        self.runners.capacity_changed.notify_waiters();
+        let held = runner.start_cancel(key);
         let cancel = pb::CancelStep { step: Some(step_ref(key)), reason: reason.to_owned() };
-        let _ = runner.send(pb::attach_response::Message::Cancel(cancel)).await;
+        let sent = runner.send(pb::attach_response::Message::Cancel(cancel)).await;
+        if !held {
+            return;
+        }
+        if !sent {
+            if runner.release(key) {
+                self.runners.capacity_changed.notify_waiters();
+            }
+            return;
+        }
+        let engine = self.clone();
+        let runner = runner.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(engine.settings.acknowledgement_timeout).await;
+            if runner.held(key).is_some_and(|held| held.cancelling) && runner.release(key) {
+                tracing::warn!(runner_id = %runner.id, step_run_id = %key.step_run_id, "cancel not acknowledged in time; freeing its slot");
+                engine.runners.capacity_changed.notify_waiters();
+            }
+        });
     }
 
     /// Forwards cancels published by other replicas to the runners attached here.

@@ -515,20 +515,21 @@ async fn load_execution_detail(
     scope: OwnerScope,
     execution_id: Uuid,
 ) -> ServiceResult<pb::Execution> {
-    let (execution, step_runs) = context
+    let (execution, step_runs, attempts) = context
         .store
-        .get_execution_with_steps(scope, execution_id)
+        .get_execution_detail(scope, execution_id)
         .await
         .map_err(|error| ServiceError::from_store(error, "execution"))?;
-    let mut messages = Vec::with_capacity(step_runs.len());
-    for step_run in &step_runs {
-        let attempts = context
-            .store
-            .list_step_attempts(scope, step_run.id)
-            .await
-            .map_err(|error| ServiceError::from_store(error, "execution"))?;
-        messages.push(step_run_message(step_run, &attempts));
+    let mut by_step: HashMap<Uuid, Vec<StepAttempt>> = HashMap::new();
+    for attempt in attempts {
+        by_step.entry(attempt.step_run_id).or_default().push(attempt);
     }
+    let messages = step_runs
+        .iter()
+        .map(|step_run| {
+            step_run_message(step_run, by_step.get(&step_run.id).map_or(&[][..], Vec::as_slice))
+        })
+        .collect();
     Ok(execution_message(&execution, messages))
 }
 

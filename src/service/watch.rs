@@ -128,7 +128,12 @@ impl Watcher {
     /// lines after it; earlier ones are paged through `ListExecutionLogs`). A missing or
     /// hidden execution is a 404 here, before the stream starts.
     async fn start(&mut self) -> ServiceResult<()> {
-        let (execution, steps) = self.read().await?;
+        let (execution, steps, attempts) = self
+            .context
+            .store
+            .get_execution_detail(self.scope, self.execution_id)
+            .await
+            .map_err(|error| ServiceError::from_store(error, "execution"))?;
         self.log_cursor = self
             .context
             .store
@@ -137,13 +142,9 @@ impl Watcher {
             .map_err(|error| ServiceError::from_store(error, "execution"))?;
         let mut step_runs = Vec::with_capacity(steps.len());
         for step in &steps {
-            let attempts = self
-                .context
-                .store
-                .list_step_attempts(self.scope, step.id)
-                .await
-                .map_err(|error| ServiceError::from_store(error, "execution"))?;
-            step_runs.push(step_run_message(step, &attempts));
+            let own: Vec<_> =
+                attempts.iter().filter(|attempt| attempt.step_run_id == step.id).cloned().collect();
+            step_runs.push(step_run_message(step, &own));
             self.step_versions.insert(step.id, step.version);
             self.step_keys.insert(step.id, step.step_key.clone());
         }

@@ -717,6 +717,15 @@ pub trait ExecutionStore: Send + Sync {
         execution_id: Uuid,
     ) -> StoreResult<(Execution, Vec<StepRun>)>;
 
+    /// A non-deleted execution visible in `scope`, its step runs (as `list_step_runs` orders
+    /// them) and every attempt of them (by step run, then attempt), read from one snapshot of
+    /// the database, so a step run and its attempts always agree.
+    async fn get_execution_detail(
+        &self,
+        scope: OwnerScope,
+        execution_id: Uuid,
+    ) -> StoreResult<(Execution, Vec<StepRun>, Vec<StepAttempt>)>;
+
     /// One numbered page of executions, newest first, with the total count.
     async fn list_executions(
         &self,
@@ -991,6 +1000,17 @@ fn clamp_limit(limit: u32, maximum: u32) -> i64 {
 // ---------------------------------------------------------------------------------------------
 
 impl super::PostgresStore {
+    /// Starts a read-only transaction whose statements all see one snapshot.
+    async fn begin_snapshot_read(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *transaction)
+            .await?;
+        Ok(transaction)
+    }
+
     /// Starts a transaction that will write; row locks do the serialising on PostgreSQL.
     async fn begin_execution_transaction(
         &self,
@@ -1017,6 +1037,13 @@ impl super::PostgresStore {
 }
 
 impl super::SqliteStore {
+    /// Starts a read transaction: SQLite reads of one transaction see one snapshot.
+    async fn begin_snapshot_read(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
     /// Starts a transaction holding the database write lock from its first statement, so a
     /// read-then-write sequence never fails halfway with a busy snapshot.
     async fn begin_execution_transaction(
@@ -1327,6 +1354,45 @@ macro_rules! impl_executions_store {
                 let execution = self.get_execution(scope, execution_id).await?;
                 let step_runs = self.list_step_runs(execution_id).await?;
                 Ok((execution, step_runs))
+            }
+
+            async fn get_execution_detail(
+                &self,
+                scope: OwnerScope,
+                execution_id: Uuid,
+            ) -> StoreResult<(Execution, Vec<StepRun>, Vec<StepAttempt>)> {
+                let mut transaction = self.begin_snapshot_read().await?;
+                let execution = sqlx::query_as::<$db, Execution>(concat!(
+                    "SELECT ",
+                    execution_columns!(),
+                    " FROM executions \
+                     WHERE id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR owner_id = $2)"
+                ))
+                .bind(execution_id)
+                .bind(scope.owner_id())
+                .fetch_optional(&mut *transaction)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+                let step_runs = sqlx::query_as::<$db, StepRun>(concat!(
+                    "SELECT ",
+                    step_run_columns!(),
+                    " FROM step_runs WHERE execution_id = $1 ORDER BY id"
+                ))
+                .bind(execution_id)
+                .fetch_all(&mut *transaction)
+                .await?;
+                let attempts = sqlx::query_as::<$db, StepAttempt>(concat!(
+                    "SELECT ",
+                    step_attempt_columns!(),
+                    " FROM step_attempts WHERE step_run_id IN \
+                     (SELECT id FROM step_runs WHERE execution_id = $1) \
+                     ORDER BY step_run_id, attempt"
+                ))
+                .bind(execution_id)
+                .fetch_all(&mut *transaction)
+                .await?;
+                transaction.commit().await?;
+                Ok((execution, step_runs, attempts))
             }
 
             async fn list_executions(

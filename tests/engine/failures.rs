@@ -327,6 +327,7 @@ impl ProtocolRunner {
         name: &str,
         agent_types: &[pb::AgentType],
         labels: &[(&str, &str)],
+        capacity: i32,
     ) -> Self {
         let channel = tonic::transport::Endpoint::from_shared(base_url.to_owned())
             .expect("endpoint")
@@ -342,7 +343,7 @@ impl ProtocolRunner {
                 .map(|(key, value)| (key.to_string(), value.to_string()))
                 .collect(),
             agent_types: agent_types.iter().map(|agent_type| *agent_type as i32).collect(),
-            capacity: 2,
+            capacity,
             held_steps: Vec::new(),
             runner_version: "protocol-test".to_owned(),
             runner_id: String::new(),
@@ -448,6 +449,7 @@ async fn duplicate_stale_and_foreign_reports_are_refused(server: &TurbocatProces
         "protocol",
         &[pb::AgentType::Data],
         &[("protocol-test", "")],
+        2,
     )
     .await;
     let execution_id = bench.execute(&workflow, json!({ "input": { "n": 1 } })).await;
@@ -499,6 +501,7 @@ async fn duplicate_stale_and_foreign_reports_are_refused(server: &TurbocatProces
         "intruder",
         &[pb::AgentType::Code],
         &[("protocol-test", "")],
+        2,
     )
     .await;
     intruder.succeed(&third_ref, json!({ "forged": true })).await;
@@ -559,6 +562,117 @@ async fn duplicate_stale_and_foreign_reports_change_nothing_on_dev() {
 async fn duplicate_stale_and_foreign_reports_change_nothing_on_serve() {
     let (server, _database) = start_serve(&[]).await;
     duplicate_stale_and_foreign_reports_are_refused(&server, "reports-serve@example.com").await;
+}
+
+impl ProtocolRunner {
+    /// The next message from the server within `limit`; `None` when none came.
+    async fn next_within(&mut self, limit: Duration) -> Option<pb::attach_response::Message> {
+        match tokio::time::timeout(limit, self.inbound.message()).await {
+            Err(_) => None,
+            Ok(Ok(Some(response))) => response.message,
+            Ok(other) => panic!("the stream ended: {other:?}"),
+        }
+    }
+
+    /// The next assignment, not acknowledged.
+    async fn assignment(&mut self) -> pb::StepAssignment {
+        match self.next_within(Duration::from_secs(30)).await {
+            Some(pb::attach_response::Message::Assignment(assignment)) => assignment,
+            other => panic!("expected an assignment, got {other:?}"),
+        }
+    }
+}
+
+/// A runner with one slot that neither acknowledges an assignment nor (for a while) a cancel:
+/// the assignment is taken back and cancelled after `--runner-ack-seconds` and runs again as
+/// the next attempt; a cancel keeps the slot taken until the runner acknowledges it.
+async fn acknowledgements_are_awaited(server: &TurbocatProcess, email: &str) {
+    let bench = Workbench::new(Api::new(server), email).await;
+    let (key, _) = bench.api.create_key(&bench.auth, "protocol", &["RUNNER"]).await;
+    let echo = bench.jq("echo", ".").await;
+    let labels = json!({ "ack-test": "" });
+    let workflow = bench
+        .workflow(
+            "acks",
+            json!([{ "key": "only", "agentId": echo, "requiredLabels": labels }]),
+            json!({}),
+        )
+        .await;
+    let url = server.base_url();
+    let mut runner = ProtocolRunner::attach(
+        &url,
+        &key,
+        "silent",
+        &[pb::AgentType::Data],
+        &[("ack-test", "")],
+        1,
+    )
+    .await;
+
+    // An assignment left unacknowledged is cancelled and comes back as attempt 2.
+    let execution_id = bench.execute(&workflow, json!({ "input": { "v": 1 } })).await;
+    let ignored = runner.assignment().await;
+    let ignored_ref = ignored.step.clone().expect("step");
+    assert_eq!(ignored_ref.attempt, 1);
+    let sent_at = Instant::now();
+    match runner.next_within(Duration::from_secs(20)).await {
+        Some(pb::attach_response::Message::Cancel(cancel)) => {
+            assert_eq!(cancel.step, Some(ignored_ref.clone()));
+            assert!(cancel.reason.contains("not acknowledged"), "{}", cancel.reason);
+        }
+        other => panic!("expected the cancel of the ignored assignment, got {other:?}"),
+    }
+    assert!(sent_at.elapsed() >= Duration::from_millis(1900), "{:?}", sent_at.elapsed());
+    // The slot is still taken by the unacknowledged cancel: nothing new arrives…
+    assert!(runner.next_within(Duration::from_millis(1000)).await.is_none(), "slot reused early");
+    // …until the cancel is acknowledged; then attempt 2 arrives at once.
+    runner
+        .send(pb::attach_request::Message::CancelAck(pb::CancelAck { step: Some(ignored_ref) }))
+        .await;
+    let retried = runner.take().await;
+    let retried_ref = retried.step.clone().expect("step");
+    assert_eq!(retried_ref.attempt, 2);
+    runner.succeed(&retried_ref, json!({ "v": 2 })).await;
+    let execution = bench.finished(&execution_id, LIMIT).await;
+    assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+    let only = step(&execution, "only");
+    assert_eq!((only["attempt"].as_i64(), only["infraReassignments"].as_i64()), (Some(2), Some(1)));
+    assert_eq!(execution["output"], json!({ "v": 2 }));
+
+    // A cancel never acknowledged frees the slot after the same time.
+    let second = bench.execute(&workflow, json!({ "input": { "v": 3 } })).await;
+    let held = runner.take().await;
+    let held_ref = held.step.clone().expect("step");
+    let (status, body) = bench
+        .api
+        .post(&format!("/api/v1/executions/{second}/cancel"), &bench.auth, json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    match runner.next_within(Duration::from_secs(10)).await {
+        Some(pb::attach_response::Message::Cancel(cancel)) => {
+            assert_eq!(cancel.step, Some(held_ref));
+        }
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    let third = bench.execute(&workflow, json!({ "input": { "v": 4 } })).await;
+    let cancelled_at = Instant::now();
+    let freed = runner.take().await;
+    assert!(cancelled_at.elapsed() >= Duration::from_millis(1700), "{:?}", cancelled_at.elapsed());
+    runner.succeed(freed.step.as_ref().expect("step"), json!({ "v": 4 })).await;
+    let execution = bench.finished(&third, LIMIT).await;
+    assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_are_awaited_on_dev() {
+    let (server, _data) = start_dev(&["--runner-ack-seconds", "2"]);
+    acknowledgements_are_awaited(&server, "acks-dev@example.com").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_are_awaited_on_serve() {
+    let (server, _database) = start_serve(&["--runner-ack-seconds", "2"]).await;
+    acknowledgements_are_awaited(&server, "acks-serve@example.com").await;
 }
 
 /// Server flags of the limit tests: a small payload limit and small gRPC messages.

@@ -267,6 +267,17 @@ async fn execution_and_step_runs_are_created_atomically(store: Arc<dyn Store>) {
         .expect("read back");
     assert_eq!(read, execution);
     assert_eq!(read_steps, step_runs);
+    let (detail, detail_steps, detail_attempts) = store
+        .get_execution_detail(OwnerScope::Owner(fixture.owner), execution.id)
+        .await
+        .expect("read the detail");
+    assert_eq!((detail, detail_steps), (execution.clone(), step_runs.clone()));
+    let mut expected_attempts: Vec<(uuid::Uuid, i32)> =
+        step_runs.iter().map(|step_run| (step_run.id, 1)).collect();
+    expected_attempts.sort();
+    let read_attempts: Vec<(uuid::Uuid, i32)> =
+        detail_attempts.iter().map(|attempt| (attempt.step_run_id, attempt.attempt)).collect();
+    assert_eq!(read_attempts, expected_attempts, "one attempt per step run, by step run");
     assert_eq!(
         store.get_execution(OwnerScope::All, execution.id).await.expect("admin get"),
         execution
@@ -1427,6 +1438,10 @@ async fn ownership_scope_and_soft_delete(store: Arc<dyn Store>) {
     assert!(matches!(store.get_execution(theirs, execution.id).await, Err(StoreError::NotFound)));
     assert!(matches!(
         store.get_execution_with_steps(theirs, execution.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.get_execution_detail(theirs, execution.id).await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
