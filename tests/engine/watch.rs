@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use turbocat::proto::v1 as pb;
 use turbocat::proto::v1::execution_service_client::ExecutionServiceClient;
 
@@ -435,4 +436,44 @@ async fn watching_is_for_the_owner_with_valid_credentials() {
         "{rest:#?}"
     );
     assert_eq!(rest.last(), Some(&Seen::Execution { status: "CANCELLED".into() }), "{rest:#?}");
+}
+
+/// Debian's `chromium`, which `.ci/run` installs.
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_event_source_follows_an_execution_to_its_end() {
+    if !std::path::Path::new(CHROMIUM).exists() {
+        assert!(std::env::var_os("CI").is_none(), "CI must install chromium (.ci/run does)");
+        eprintln!("skipped: no {CHROMIUM}");
+        return;
+    }
+    let (server, data) = start_dev(&[]);
+    let bench = Workbench::new(Api::new(&server), "watch-browser@example.com").await;
+    // The page loads first (Chromium takes seconds to start), then the execution starts, so
+    // the browser watches it from its beginning.
+    let mut browser = tokio::process::Command::new("node")
+        .args(["tests/browser/watch-events.mjs", &server.base_url(), &access_token(&bench.auth)])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("TURBOCAT_CHROMIUM", CHROMIUM)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run node (npm ci installs playwright-core)");
+    let mut stdout = tokio::io::BufReader::new(browser.stdout.take().expect("stdout")).lines();
+    let ready = tokio::time::timeout(LIMIT, stdout.next_line()).await.expect("page loads");
+    assert_eq!(ready.expect("read").as_deref(), Some("ready"));
+    let execution_id = flaky_chain(&bench, &data.path().join("browser-marker")).await;
+    let mut stdin = browser.stdin.take().expect("stdin");
+    stdin.write_all(format!("{execution_id}\n").as_bytes()).await.expect("send the id");
+    let line = tokio::time::timeout(LIMIT, stdout.next_line())
+        .await
+        .expect("the browser reports")
+        .expect("read")
+        .expect("a line of events");
+    let status = browser.wait().await.expect("node exits");
+    assert!(status.success(), "{status}");
+    let events: Vec<Value> = serde_json::from_str(&line).expect("a JSON array");
+    check_story(&events.iter().map(seen_from_json).collect::<Vec<_>>());
 }
