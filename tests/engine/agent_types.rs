@@ -17,10 +17,10 @@ use axum::routing::post;
 use serde_json::{Value, json};
 use sqlx::Connection;
 
-use crate::failures::{RunnerProcess, logs, wait_for_runner};
+use crate::failures::{logs, wait_for_runner};
 use crate::support::api::Api;
 use crate::support::{TurbocatProcess, start_serve, start_turbocat};
-use crate::{Workbench, step};
+use crate::{RunnerProcess, Workbench, step};
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// The runner's variable holding the LLM key; the test process itself never sets it.
@@ -318,8 +318,14 @@ async fn every_agent_type_runs_through_the_engine_on_serve() {
     let bench = Workbench::new(Api::new(&server), "types-serve@example.com").await;
     let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
     // The key lives only in the runner's environment, not the server's.
-    let runner =
-        RunnerProcess::start(&server.base_url(), &key, "typed", 2, &[(KEY_VARIABLE, KEY_VALUE)]);
+    let runner = RunnerProcess::start(
+        &server.base_url(),
+        &key,
+        "typed",
+        2,
+        "",
+        &[(KEY_VARIABLE, KEY_VALUE)],
+    );
     wait_for_runner(&bench, "typed").await;
     every_agent_type_runs(&bench).await;
     // The scan sees what the execution stored (the LLM's answer), but not the key.

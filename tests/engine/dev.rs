@@ -6,7 +6,7 @@ use serde_json::json;
 
 use crate::support::api::Api;
 use crate::support::start_dev;
-use crate::{Workbench, step};
+use crate::{Workbench, step, time};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -55,11 +55,8 @@ async fn chains_diamonds_and_fan_out_run_with_outputs_flowing_to_dependents() {
     assert_eq!(execution["output"], json!({ "value": 24 }), "(1*2*2) + (10*2)");
     let d = step(&execution, "d");
     for dependency in ["b", "c"] {
-        let finished = step(&execution, dependency)["finishedAt"].as_str().expect("finished");
-        assert!(
-            finished <= d["startedAt"].as_str().expect("d started"),
-            "d waits for {dependency}"
-        );
+        let finished = time(&step(&execution, dependency)["finishedAt"]);
+        assert!(finished <= time(&d["startedAt"]), "d waits for {dependency}");
     }
 
     // Fan-out of 100 independent steps and a fan-in over all of them.

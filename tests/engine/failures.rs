@@ -3,7 +3,6 @@
 //! runner that speaks the protocol itself, payload limits (server and runner side, never a
 //! broken stream), and CODE steps past their memory, CPU or output limits, on `dev` and `serve`.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -17,64 +16,9 @@ use crate::support::{
     ServeDatabase, TEST_JWT_SECRET, TurbocatProcess, create_postgres_database, start_dev,
     start_serve, start_turbocat,
 };
-use crate::{Workbench, step};
+use crate::{RunnerProcess, Workbench, step};
 
 const LIMIT: Duration = Duration::from_secs(90);
-
-/// A `turbocat runner` process with its own environment, killed (SIGKILL) when dropped. Its
-/// stderr (the runner's log) is kept.
-pub struct RunnerProcess {
-    child: std::process::Child,
-    pub stderr: Arc<Mutex<String>>,
-}
-
-impl RunnerProcess {
-    pub fn start(
-        server_url: &str,
-        api_key: &str,
-        name: &str,
-        capacity: u32,
-        environment: &[(&str, &str)],
-    ) -> Self {
-        let capacity = capacity.to_string();
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
-        command
-            .args(["runner", "--server", server_url, "--name", name, "--capacity", &capacity])
-            .env("TURBOCAT_API_KEY", api_key)
-            .env_remove("TURBOCAT_RUNNER_LABELS")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        for (key, value) in environment {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().expect("spawn runner");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().expect("runner stderr");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                if let Ok(mut text) = sink.lock() {
-                    text.push_str(&line);
-                    text.push('\n');
-                }
-            }
-        });
-        Self { child, stderr }
-    }
-
-    pub fn stderr_text(&self) -> String {
-        self.stderr.lock().map(|text| text.clone()).unwrap_or_default()
-    }
-}
-
-impl Drop for RunnerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Waits until `GET /runners` lists a runner named `name` and returns it.
 pub async fn wait_for_runner(bench: &Workbench, name: &str) -> Value {
@@ -244,7 +188,7 @@ async fn an_execution_survives_redis_being_flushed_and_restarted_mid_run() {
     let (server, _database, bench, key) =
         serve_on_redis(&redis.url(), &["--runner-lease-seconds", "6"]).await;
     // One slot: while one step runs, its siblings wait in the Redis queue.
-    let _runner = RunnerProcess::start(&server.base_url(), &key, "steady", 1, &[]);
+    let _runner = RunnerProcess::start(&server.base_url(), &key, "steady", 1, "", &[]);
     wait_for_runner(&bench, "steady").await;
     let tick = bench
         .code(
@@ -793,6 +737,6 @@ async fn payload_and_resource_limits_fail_cleanly_on_dev() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payload_and_resource_limits_fail_cleanly_on_serve() {
     let (server, _database, bench, key) = serve_with_account(&SMALL_LIMITS).await;
-    let _runner = RunnerProcess::start(&server.base_url(), &key, "limited", 4, &[]);
+    let _runner = RunnerProcess::start(&server.base_url(), &key, "limited", 4, "", &[]);
     limits_fail_cleanly(&bench, "limited").await;
 }

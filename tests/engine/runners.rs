@@ -9,40 +9,9 @@ use crate::support::api::{Api, Auth};
 use crate::support::{
     ServeDatabase, TurbocatProcess, start_serve, start_serve_replica, start_turbocat,
 };
-use crate::{Workbench, step};
+use crate::{RunnerProcess, Time, Workbench, step, time};
 
 const LIMIT: Duration = Duration::from_secs(90);
-
-/// A `turbocat runner` process, killed (SIGKILL) when dropped.
-struct RunnerProcess {
-    child: std::process::Child,
-}
-
-impl RunnerProcess {
-    fn start(server_url: &str, api_key: &str, name: &str, capacity: u32, labels: &str) -> Self {
-        let capacity = capacity.to_string();
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
-        command
-            .args(["runner", "--server", server_url, "--name", name, "--capacity", &capacity])
-            .env("TURBOCAT_API_KEY", api_key)
-            .env("TURBOCAT_RUNNER_LABELS", labels)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        Self { child: command.spawn().expect("spawn runner") }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RunnerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// Waits until `GET /runners` lists runners named `names`; returns their ids by name.
 async fn wait_for_runners(api: &Api, auth: &Auth, names: &[&str]) -> Vec<(String, String)> {
@@ -87,20 +56,39 @@ async fn serve_with_account(extra: &[&str]) -> (TurbocatProcess, ServeDatabase, 
     (server, database, bench, key)
 }
 
-/// `[startedAt, finishedAt]` of a step run's last attempt, as text (RFC 3339 sorts as time).
-fn interval(step_run: &Value) -> (String, String) {
-    (
-        step_run["startedAt"].as_str().expect("started").to_owned(),
-        step_run["finishedAt"].as_str().expect("finished").to_owned(),
-    )
+/// `[startedAt, finishedAt]` of a step run's last attempt.
+fn interval(step_run: &Value) -> (Time, Time) {
+    (time(&step_run["startedAt"]), time(&step_run["finishedAt"]))
+}
+
+/// Starts a workflow of one python step (`slow`) that sleeps 3 s and waits until it runs;
+/// returns the workflow and the execution.
+async fn slow_step_running(bench: &Workbench, name: &str) -> (String, String) {
+    let slow = bench
+        .code(
+            "slow",
+            "python",
+            "import json, time\ntime.sleep(3)\nprint(json.dumps({'done': True}))\n",
+            json!({}),
+        )
+        .await;
+    let workflow =
+        bench.workflow(name, json!([{ "key": "slow", "agentId": slow }]), json!({})).await;
+    let execution_id = bench.execute(&workflow, json!({})).await;
+    bench
+        .wait_for(&execution_id, LIMIT, "running the slow step", |execution| {
+            step(execution, "slow")["status"] == "RUNNING"
+        })
+        .await;
+    (workflow, execution_id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_go_to_runners_with_their_labels_and_never_beyond_capacity() {
     let (server, _database, bench, key) = serve_with_account(&[]).await;
     let url = server.base_url();
-    let _gpu = RunnerProcess::start(&url, &key, "gpu-box", 1, "gpu,region=eu");
-    let _plain = RunnerProcess::start(&url, &key, "plain-box", 2, "region=us");
+    let _gpu = RunnerProcess::start(&url, &key, "gpu-box", 1, "gpu,region=eu", &[]);
+    let _plain = RunnerProcess::start(&url, &key, "plain-box", 2, "region=us", &[]);
     let runners = wait_for_runners(&bench.api, &bench.auth, &["gpu-box", "plain-box"]).await;
     let (status, body) = bench.api.get("/api/v1/runners", &bench.auth).await;
     assert_eq!(status, 200);
@@ -159,27 +147,12 @@ async fn a_step_whose_runner_is_killed_runs_again_on_another_runner() {
     let (server, _database, bench, key) =
         serve_with_account(&["--runner-lease-seconds", "3"]).await;
     let url = server.base_url();
-    let mut doomed = RunnerProcess::start(&url, &key, "doomed", 1, "");
+    let mut doomed = RunnerProcess::start(&url, &key, "doomed", 1, "", &[]);
     let runners = wait_for_runners(&bench.api, &bench.auth, &["doomed"]).await;
     let doomed_id = runner_id(&runners, "doomed");
-    let slow = bench
-        .code(
-            "slow",
-            "python",
-            "import json, time\ntime.sleep(3)\nprint(json.dumps({'done': True}))\n",
-            json!({}),
-        )
-        .await;
-    let workflow =
-        bench.workflow("survivor", json!([{ "key": "slow", "agentId": slow }]), json!({})).await;
-    let execution_id = bench.execute(&workflow, json!({})).await;
-    bench
-        .wait_for(&execution_id, LIMIT, "running on the doomed runner", |execution| {
-            step(execution, "slow")["status"] == "RUNNING"
-        })
-        .await;
+    let (_, execution_id) = slow_step_running(&bench, "survivor").await;
     doomed.kill();
-    let _survivor = RunnerProcess::start(&url, &key, "survivor", 1, "");
+    let _survivor = RunnerProcess::start(&url, &key, "survivor", 1, "", &[]);
     let execution = bench.finished(&execution_id, LIMIT).await;
     assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
     let slow_step = step(&execution, "slow");
@@ -212,7 +185,7 @@ async fn an_execution_survives_the_server_being_killed_and_restarted() {
     ];
     let (mut server, database, bench, key) = serve_with_account(&flags).await;
     let url = server.base_url();
-    let _runner = RunnerProcess::start(&url, &key, "steady", 2, "");
+    let _runner = RunnerProcess::start(&url, &key, "steady", 2, "", &[]);
     wait_for_runners(&bench.api, &bench.auth, &["steady"]).await;
     let step_agent = bench
         .code("tick", "python", "import json, sys, time\ndata = json.load(sys.stdin)\ntime.sleep(2)\nprint(json.dumps({'n': data['n'] + 1}))\n", json!({}))
@@ -283,7 +256,7 @@ async fn every_replica_lists_the_runners_attached_to_any_of_them() {
     let second = start_serve_replica(&database, &shared).await;
     let bench = Workbench::new(Api::new(&first), "directory@example.com").await;
     let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
-    let mut runner = RunnerProcess::start(&first.base_url(), &key, "on-first", 3, "gpu");
+    let mut runner = RunnerProcess::start(&first.base_url(), &key, "on-first", 3, "gpu", &[]);
     wait_for_runners(&bench.api, &bench.auth, &["on-first"]).await;
 
     // The other replica lists it too, over REST and gRPC, with its labels and capacity.
@@ -347,16 +320,12 @@ async fn queued_steps_go_out_by_priority_then_age() {
         // Distinct creation times, so age breaks the tie between the two of priority 9.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _runner = RunnerProcess::start(&server.base_url(), &key, "single-slot", 1, "");
+    let _runner = RunnerProcess::start(&server.base_url(), &key, "single-slot", 1, "", &[]);
     let mut started = Vec::new();
     for (label, id) in &executions {
         let execution = bench.finished(id, LIMIT).await;
         assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
-        let assigned = step(&execution, "only")["attempts"][0]["assignedAt"]
-            .as_str()
-            .expect("assigned at")
-            .to_owned();
-        started.push((assigned, *label));
+        started.push((time(&step(&execution, "only")["attempts"][0]["assignedAt"]), *label));
     }
     started.sort();
     let order: Vec<&str> = started.iter().map(|(_, label)| *label).collect();
@@ -367,25 +336,10 @@ async fn queued_steps_go_out_by_priority_then_age() {
 async fn a_runner_told_to_stop_finishes_its_step_and_takes_no_more() {
     let (server, _database, bench, key) = serve_with_account(&[]).await;
     let url = server.base_url();
-    let mut leaving = RunnerProcess::start(&url, &key, "leaving", 2, "");
+    let mut leaving = RunnerProcess::start(&url, &key, "leaving", 2, "", &[]);
     let runners = wait_for_runners(&bench.api, &bench.auth, &["leaving"]).await;
     let leaving_id = runner_id(&runners, "leaving");
-    let slow = bench
-        .code(
-            "slow",
-            "python",
-            "import json, time\ntime.sleep(3)\nprint(json.dumps({'done': True}))\n",
-            json!({}),
-        )
-        .await;
-    let workflow =
-        bench.workflow("drained", json!([{ "key": "slow", "agentId": slow }]), json!({})).await;
-    let first = bench.execute(&workflow, json!({})).await;
-    bench
-        .wait_for(&first, LIMIT, "running on the leaving runner", |execution| {
-            step(execution, "slow")["status"] == "RUNNING"
-        })
-        .await;
+    let (workflow, first) = slow_step_running(&bench, "drained").await;
     let pid = leaving.child.id().to_string();
     let signalled = std::process::Command::new("kill").args(["-TERM", &pid]).status();
     assert!(signalled.expect("kill").success());
@@ -412,7 +366,7 @@ async fn a_runner_told_to_stop_finishes_its_step_and_takes_no_more() {
     };
     assert!(status.success(), "{status}");
 
-    let _stayer = RunnerProcess::start(&url, &key, "stayer", 1, "");
+    let _stayer = RunnerProcess::start(&url, &key, "stayer", 1, "", &[]);
     let execution = bench.finished(&second, LIMIT).await;
     assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
 }
@@ -440,7 +394,7 @@ async fn a_step_that_keeps_losing_its_runner_fails_at_the_reassignment_cap() {
         .await;
     let execution_id = bench.execute(&workflow, json!({})).await;
     for (round, name) in ["first-victim", "second-victim"].iter().enumerate() {
-        let mut victim = RunnerProcess::start(&url, &key, name, 1, "");
+        let mut victim = RunnerProcess::start(&url, &key, name, 1, "", &[]);
         let attempt = i64::try_from(round).expect("small") + 1;
         bench
             .wait_for(&execution_id, LIMIT, "running on the victim", |execution| {

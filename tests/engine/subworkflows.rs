@@ -12,7 +12,7 @@ use turbocat::proto::v1::workflow_service_client::WorkflowServiceClient;
 
 use crate::support::api::{Api, grpc};
 use crate::support::{ServeDatabase, TurbocatProcess, start_dev, start_serve};
-use crate::{Workbench, step};
+use crate::{RunnerProcess, Workbench, step};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -29,18 +29,6 @@ struct Installation {
     _dev_data: Option<tempfile::TempDir>,
     _database: Option<ServeDatabase>,
     _runner: Option<RunnerProcess>,
-}
-
-/// A `turbocat runner` process, killed when dropped.
-struct RunnerProcess {
-    child: std::process::Child,
-}
-
-impl Drop for RunnerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `dev`, or `serve` with one runner attached; `extra` flags go to the server.
@@ -61,24 +49,7 @@ async fn install(mode: Mode, email: &str, extra: &[&str]) -> Installation {
             let (server, database) = start_serve(extra).await;
             let bench = Workbench::new(Api::new(&server), email).await;
             let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
-            let child = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"))
-                .args([
-                    "runner",
-                    "--server",
-                    &server.base_url(),
-                    "--name",
-                    "sub",
-                    "--capacity",
-                    "4",
-                ])
-                .env("TURBOCAT_API_KEY", key)
-                .env("TURBOCAT_RUNNER_LABELS", "")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn runner");
-            let runner = RunnerProcess { child };
+            let runner = RunnerProcess::start(&server.base_url(), &key, "sub", 4, "", &[]);
             let started = Instant::now();
             loop {
                 let (status, body) = bench.api.get("/api/v1/runners", &bench.auth).await;
@@ -532,17 +503,8 @@ async fn crashes_around_a_child_are_repaired(mode: Mode) {
     let mut runner = None;
     if let Mode::Serve = mode {
         let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
-        runner = Some(RunnerProcess {
-            child: std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"))
-                .args(["runner", "--server", &installation.server().base_url(), "--name", "crash"])
-                .env("TURBOCAT_API_KEY", key)
-                .env("TURBOCAT_RUNNER_LABELS", "")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn runner"),
-        });
+        let url = installation.server().base_url();
+        runner = Some(RunnerProcess::start(&url, &key, "crash", 4, "", &[]));
     }
     let double = bench.jq("double", ".value * 2 | {value: .}").await;
     let child_workflow =
@@ -680,17 +642,8 @@ async fn crashes_around_a_child_are_repaired(mode: Mode) {
         Mode::Dev => None,
         Mode::Serve => {
             let (key, _) = bench.api.create_key(&bench.auth, "runner again", &["RUNNER"]).await;
-            Some(RunnerProcess {
-                child: std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"))
-                    .args(["runner", "--server", &installation.server().base_url()])
-                    .env("TURBOCAT_API_KEY", key)
-                    .env("TURBOCAT_RUNNER_LABELS", "")
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .expect("spawn runner"),
-            })
+            let url = installation.server().base_url();
+            Some(RunnerProcess::start(&url, &key, "crash-again", 4, "", &[]))
         }
     };
     for (parent_id, expected) in [(after_queue, 6), (after_assign, 10), (after_child, 42)] {

@@ -11,9 +11,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use turbocat::proto::v1 as pb;
 use turbocat::proto::v1::execution_service_client::ExecutionServiceClient;
 
-use crate::Workbench;
 use crate::support::api::{Api, Auth, grpc};
 use crate::support::{start_dev, start_serve, start_serve_replica};
+use crate::{RunnerProcess, Workbench};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -321,22 +321,7 @@ async fn serve_watch_on_another_replica_sees_the_runner_of_the_first() {
     let second = start_serve_replica(&database, &shared).await;
     let bench = Workbench::new(Api::new(&first), "watch-replicas@example.com").await;
     let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
-    let mut runner = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"))
-        .args([
-            "runner",
-            "--server",
-            &first.base_url(),
-            "--name",
-            "watch-runner",
-            "--capacity",
-            "2",
-        ])
-        .env("TURBOCAT_API_KEY", &key)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn runner");
+    let runner = RunnerProcess::start(&first.base_url(), &key, "watch-runner", 2, "", &[]);
     let marker_directory = tempfile::tempdir().expect("temporary directory");
     let execution_id = flaky_chain(&bench, &marker_directory.path().join("marker")).await;
 
@@ -349,8 +334,7 @@ async fn serve_watch_on_another_replica_sees_the_runner_of_the_first() {
         read_grpc(&watcher, &bench.auth, &execution_id),
         read_sse(&watcher, &events_path),
     );
-    let _ = runner.kill();
-    let _ = runner.wait();
+    drop(runner);
     check_story(&grpc_events.iter().map(seen_from_proto).collect::<Vec<_>>());
     check_story(&sse_events.iter().map(seen_from_json).collect::<Vec<_>>());
     drop(second);
