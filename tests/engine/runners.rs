@@ -412,3 +412,24 @@ async fn a_step_that_keeps_losing_its_runner_fails_at_the_reassignment_cap() {
     let error = execution["error"].as_str().unwrap_or_default();
     assert!(error.contains("stuck") && error.contains("runner was lost"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_a_lease_alive_without_writing_the_database() {
+    // A 2 s lease (a heartbeat every 0.67 s) and a step of 3 s: only heartbeats keep it.
+    let (server, _database, bench, key) =
+        serve_with_account(&["--runner-lease-seconds", "2"]).await;
+    let _runner = RunnerProcess::start(&server.base_url(), &key, "beating", 1, "", &[]);
+    wait_for_runners(&bench.api, &bench.auth, &["beating"]).await;
+    let (_, execution_id) = slow_step_running(&bench, "heartbeats").await;
+    let before = bench.execution(&execution_id).await;
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let later = bench.execution(&execution_id).await;
+    let (running, still) = (step(&before, "slow"), step(&later, "slow"));
+    assert_eq!(still["status"], "RUNNING", "{still}");
+    // Several heartbeats came in between; the row did not change.
+    assert_eq!(running["updatedAt"], still["updatedAt"], "{running} {still}");
+    let execution = bench.finished(&execution_id, LIMIT).await;
+    assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+    let slow = step(&execution, "slow");
+    assert_eq!((slow["attempt"].as_i64(), slow["infraReassignments"].as_i64()), (Some(1), Some(0)));
+}
