@@ -270,9 +270,20 @@ pub(super) enum MemoryLimit {
 }
 
 impl ChildLimits {
+    /// Has `command`'s child set these limits on itself between fork and exec.
+    pub(super) fn install(self, command: &mut Command) {
+        #[expect(unsafe_code, reason = "rlimits must be set between fork and exec")]
+        // SAFETY: the closure runs in the forked child before exec; it only calls setrlimit (a
+        // raw system call through rustix, async-signal-safe), does not allocate, lock or touch
+        // state shared with the parent's other threads.
+        unsafe {
+            command.pre_exec(move || self.apply());
+        }
+    }
+
     /// Runs in the forked child: only async-signal-safe calls (rustix's setrlimit is the raw
     /// system call; nothing here allocates).
-    pub(super) fn apply(self) -> std::io::Result<()> {
+    fn apply(self) -> std::io::Result<()> {
         let set = |resource: Resource, soft: u64, hard: u64| {
             rustix::process::setrlimit(
                 resource,
@@ -380,13 +391,7 @@ fn build_command(
         cpu_seconds: context.limits.cpu_seconds,
         memory: MemoryLimit::AddressSpace(address_space_mb.saturating_mul(1024 * 1024)),
     };
-    #[expect(unsafe_code, reason = "rlimits must be set between fork and exec")]
-    // SAFETY: the closure runs in the forked child before exec; it only calls setrlimit (a
-    // raw system call through rustix, async-signal-safe), does not allocate, lock or touch
-    // state shared with the parent's other threads.
-    unsafe {
-        command.pre_exec(move || limits.apply());
-    }
+    limits.install(&mut command);
     command
 }
 
@@ -405,20 +410,11 @@ async fn run_in_directory(
     let input_bytes = serde_json::to_vec(input)
         .map_err(|error| StepError::non_retryable(format!("cannot encode the input: {error}")))?;
 
-    let mut child = build_command(directory, executable, language, context)
-        .spawn()
-        .map_err(|error| StepError::retryable(format!("cannot start the interpreter: {error}")))?;
-    let mut group = ProcessGroup::of(&child);
-    let (Some(mut stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
-        return Err(StepError::retryable("the interpreter's pipes are missing"));
-    };
-    // Writing fails with a broken pipe when the snippet never reads its input: that is fine.
-    let stdin_task = tokio::spawn(async move {
-        let _ = stdin.write_all(&input_bytes).await;
-        let _ = stdin.shutdown().await;
-    });
+    let Spawned { mut child, mut group, stdout, stderr, stdin_task } = spawn_fed(
+        build_command(directory, executable, language, context),
+        input_bytes,
+        "the interpreter",
+    )?;
     let (exceeded_sender, mut exceeded_receiver) = oneshot::channel();
     let stdout_task = tokio::spawn(collect_stdout(
         stdout,
@@ -462,6 +458,39 @@ async fn run_in_directory(
         return parse_output(&stdout_summary.bytes);
     }
     Err(exit_failure(status, &stderr_summary, context))
+}
+
+/// A child started in its own process group, its stdin being fed in the background.
+pub(super) struct Spawned {
+    pub child: tokio::process::Child,
+    pub group: ProcessGroup,
+    pub stdout: tokio::process::ChildStdout,
+    pub stderr: tokio::process::ChildStderr,
+    pub stdin_task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts `command` (with piped stdin, stdout and stderr) and writes `input` to its stdin,
+/// then closes it. `what` names the program in errors.
+pub(super) fn spawn_fed(
+    mut command: Command,
+    input: Vec<u8>,
+    what: &str,
+) -> Result<Spawned, StepError> {
+    let mut child = command
+        .spawn()
+        .map_err(|error| StepError::retryable(format!("cannot start {what}: {error}")))?;
+    let group = ProcessGroup::of(&child);
+    let (Some(mut stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(StepError::retryable(format!("the pipes of {what} are missing")));
+    };
+    // Writing fails with a broken pipe when the program never reads its input: that is fine.
+    let stdin_task = tokio::spawn(async move {
+        let _ = stdin.write_all(&input).await;
+        let _ = stdin.shutdown().await;
+    });
+    Ok(Spawned { child, group, stdout, stderr, stdin_task })
 }
 
 /// Waits for a pipe reader; gives up when something escaped the group and holds the pipe.

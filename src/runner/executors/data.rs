@@ -26,9 +26,9 @@ use jaq_json::Val;
 use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::code::{ChildLimits, MemoryLimit, ProcessGroup, drain};
+use super::code::{ChildLimits, MemoryLimit, Spawned, drain, spawn_fed};
 use super::{LogStream, RunContext, StepError, StepErrorKind, truncate_text};
 use crate::proto::v1 as pb;
 
@@ -212,26 +212,9 @@ pub(super) async fn run(
                 .saturating_add(PROGRAM_STACK_BYTES as u64 + WORKER_OVERHEAD_BYTES),
         ),
     };
-    #[expect(unsafe_code, reason = "rlimits must be set between fork and exec")]
-    // SAFETY: the closure runs in the forked child before exec; it only calls setrlimit (a
-    // raw system call through rustix, async-signal-safe), does not allocate, lock or touch
-    // state shared with the parent's other threads.
-    unsafe {
-        command.pre_exec(move || limits.apply());
-    }
-    let mut child = command
-        .spawn()
-        .map_err(|error| StepError::retryable(format!("cannot start the jq worker: {error}")))?;
-    let mut group = ProcessGroup::of(&child);
-    let (Some(mut stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
-        return Err(StepError::retryable("the jq worker's pipes are missing"));
-    };
-    let stdin_task = tokio::spawn(async move {
-        let _ = stdin.write_all(&request_bytes).await;
-        let _ = stdin.shutdown().await;
-    });
+    limits.install(&mut command);
+    let Spawned { mut child, mut group, stdout, stderr, stdin_task } =
+        spawn_fed(command, request_bytes, "the jq worker")?;
     // The reply holds the output (capped by the worker) and at most 1,000 short log lines.
     let reply_limit = context.limits.max_output_bytes.saturating_mul(2) + (4 << 20);
     let stdout_task = tokio::spawn(read_capped(stdout, reply_limit));
