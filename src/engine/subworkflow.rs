@@ -11,7 +11,7 @@
 //!    the parent's, a deadline no later than the parent's) and has the store move the step
 //!    ASSIGNED -> RUNNING (clearing the lease) and create the child in one transaction
 //!    (`Store::start_child_execution`). An attempt therefore has exactly one child, however
-//!    many replicas try. The child's definition records the attempt (`parentAttempt`).
+//!    many replicas try. The child records the attempt (`executions.parent_attempt`).
 //!    A refusal (too deep, a missing workflow or agent, no valid DAG) fails the attempt
 //!    without retry; a store that is unavailable leaves the step ASSIGNED for the repair below.
 //! 3. When the child reaches a final status (`advance`, `finish_early`), `report_to_parent`
@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::definition::ExecutionDefinition;
@@ -53,9 +53,6 @@ use crate::store::{
 /// The runner id of the step runs the engine itself holds (WORKFLOW steps). Runner ids are
 /// UUIDs, so no runner can ever be mistaken for it.
 pub const ENGINE_RUNNER_ID: &str = "engine";
-
-/// The key of a child execution's definition that records the parent step's attempt.
-const PARENT_ATTEMPT_KEY: &str = "parentAttempt";
 
 /// Children read per page when looking for an execution's children.
 const CHILDREN_PAGE: u32 = 100;
@@ -111,14 +108,9 @@ pub fn held_by_engine(step_run: &StepRun) -> bool {
     step_run.runner_id.as_deref() == Some(ENGINE_RUNNER_ID)
 }
 
-/// The parent step's attempt a child execution belongs to.
-fn parent_attempt(child: &Execution) -> Option<i32> {
-    child.definition.get(PARENT_ATTEMPT_KEY)?.as_i64().and_then(|n| i32::try_from(n).ok())
-}
-
 /// The parent attempt a child execution reports to.
 fn parent_key(child: &Execution) -> Option<AttemptKey> {
-    Some(AttemptKey { step_run_id: child.parent_step_run_id?, attempt: parent_attempt(child)? })
+    Some(AttemptKey { step_run_id: child.parent_step_run_id?, attempt: child.parent_attempt? })
 }
 
 /// A step's own wall-clock limit (the step's `timeout`, else its agent's), when one is set.
@@ -224,17 +216,7 @@ impl Engine {
                 return Ok(());
             }
         };
-        let mut child = plan.execution;
-        match &mut child.definition {
-            Value::Object(fields) => {
-                fields.insert(PARENT_ATTEMPT_KEY.to_owned(), json!(key.attempt));
-            }
-            _ => {
-                let error = "the child's definition is not an object".to_owned();
-                self.complete_attempt(key, refused(error)).await?;
-                return Ok(());
-            }
-        }
+        let child = plan.execution;
         let started =
             match self.store.start_child_execution(key, child, plan.step_runs, Utc::now()).await {
                 Ok(started) => started,
@@ -294,7 +276,11 @@ impl Engine {
             owner_id: execution.owner_id,
             workflow_id,
             input: step_run.input.clone().unwrap_or(Value::Null),
-            parent: ParentStep { execution_id: execution.id, step_run_id: step_run.id },
+            parent: ParentStep {
+                execution_id: execution.id,
+                step_run_id: step_run.id,
+                attempt: step_run.attempt,
+            },
             priority: execution.priority,
             deadline_at,
         })

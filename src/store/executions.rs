@@ -186,6 +186,8 @@ pub struct Execution {
     pub deployment_id: Option<Uuid>,
     pub parent_execution_id: Option<Uuid>,
     pub parent_step_run_id: Option<Uuid>,
+    /// The attempt of the parent step this sub-workflow execution belongs to.
+    pub parent_attempt: Option<i32>,
     /// 0 for a top-level execution, the parent's depth + 1 for a sub-workflow.
     pub depth: i32,
     pub trigger: ExecutionTrigger,
@@ -210,11 +212,12 @@ pub struct Execution {
     pub updated_at: DateTime<Utc>,
 }
 
-/// The step of a parent execution that starts a sub-workflow execution.
+/// The step (and its attempt) of a parent execution that starts a sub-workflow execution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParentStep {
     pub execution_id: Uuid,
     pub step_run_id: Uuid,
+    pub attempt: i32,
 }
 
 /// The fields of a new execution; it starts `QUEUED`, at depth 0 or its parent's depth + 1.
@@ -806,8 +809,8 @@ pub trait ExecutionStore: Send + Sync {
     /// `key` of the step (clearing its lease: the engine, not a runner, holds it) and the
     /// creation of `child` (as `create_execution` does) in one transaction, so an attempt has
     /// exactly one child however often this is called, by however many replicas.
-    /// `child.parent` must name the step of `key` (otherwise `ReferenceViolated`). Rejected
-    /// (and nothing created) when the step is not ASSIGNED at this attempt.
+    /// `child.parent` must name the step and attempt of `key` (otherwise `ReferenceViolated`).
+    /// Rejected (and nothing created) when the step is not ASSIGNED at this attempt.
     async fn start_child_execution(
         &self,
         key: AttemptKey,
@@ -1082,7 +1085,7 @@ impl super::SqliteStore {
 macro_rules! execution_columns {
     () => {
         "id, owner_id, workflow_id, deployment_id, parent_execution_id, parent_step_run_id, \
-         depth, trigger, status, priority, input, output, error, definition, timeout_seconds, \
+         parent_attempt, depth, trigger, status, priority, input, output, error, definition, timeout_seconds, \
          deadline_at, started_at, finished_at, cancel_requested_at, version, created_at, \
          updated_at"
     };
@@ -1202,11 +1205,11 @@ macro_rules! impl_executions_store {
                 };
                 let execution = sqlx::query_as::<$db, Execution>(concat!(
                     "INSERT INTO executions (id, owner_id, workflow_id, deployment_id, \
-                     parent_execution_id, parent_step_run_id, depth, trigger, status, priority, \
-                     input, definition, timeout_seconds, deadline_at, created_at, updated_at, \
-                     version) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'QUEUED', $9, $10, $11, $12, $13, \
-                     $14, $14, 1) RETURNING ",
+                     parent_execution_id, parent_step_run_id, parent_attempt, depth, trigger, \
+                     status, priority, input, definition, timeout_seconds, deadline_at, \
+                     created_at, updated_at, version) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'QUEUED', $10, $11, $12, $13, \
+                     $14, $15, $15, 1) RETURNING ",
                     execution_columns!()
                 ))
                 .bind(Uuid::now_v7())
@@ -1215,6 +1218,7 @@ macro_rules! impl_executions_store {
                 .bind(new_execution.deployment_id)
                 .bind(new_execution.parent.map(|parent| parent.execution_id))
                 .bind(new_execution.parent.map(|parent| parent.step_run_id))
+                .bind(new_execution.parent.map(|parent| parent.attempt))
                 .bind(depth)
                 .bind(new_execution.trigger)
                 .bind(new_execution.priority)
@@ -1715,6 +1719,9 @@ macro_rules! impl_executions_store {
             ) -> StoreResult<ChildExecutionStart> {
                 if child.parent.map(|parent| parent.step_run_id) != Some(key.step_run_id) {
                     return Err(StoreError::ReferenceViolated("parent_step_run_id".to_owned()));
+                }
+                if child.parent.map(|parent| parent.attempt) != Some(key.attempt) {
+                    return Err(StoreError::ReferenceViolated("parent_attempt".to_owned()));
                 }
                 let at = stored_time(at);
                 let mut transaction = self.begin_execution_transaction().await?;

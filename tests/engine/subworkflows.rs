@@ -586,7 +586,11 @@ async fn crashes_around_a_child_are_repaired(mode: Mode) {
         async move {
             let child = NewExecution {
                 workflow_id: child_row.workflow_id,
-                parent: Some(ParentStep { execution_id: parent_id, step_run_id: key.step_run_id }),
+                parent: Some(ParentStep {
+                    execution_id: parent_id,
+                    step_run_id: key.step_run_id,
+                    attempt: key.attempt,
+                }),
                 input: json!({ "value": 100 }),
                 ..NewExecution::new(
                     child_row.owner_id,

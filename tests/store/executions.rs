@@ -312,27 +312,44 @@ async fn execution_and_step_runs_are_created_atomically(store: Arc<dyn Store>) {
 
     // Sub-workflows: depth follows the parent, and the parent step must belong to the parent.
     let child_request = NewExecution {
-        parent: Some(ParentStep { execution_id: execution.id, step_run_id: step_runs[1].id }),
+        parent: Some(ParentStep {
+            execution_id: execution.id,
+            step_run_id: step_runs[1].id,
+            attempt: 1,
+        }),
         ..NewExecution::new(fixture.owner, ExecutionTrigger::SubWorkflow, definition())
     };
     let (child, child_steps) = start_execution(&store, child_request, &["inner"], 1, None).await;
     assert_eq!(child.depth, 1);
     assert_eq!(child.parent_execution_id, Some(execution.id));
     assert_eq!(child.parent_step_run_id, Some(step_runs[1].id));
+    assert_eq!(child.parent_attempt, Some(1));
     let grandchild_request = NewExecution {
-        parent: Some(ParentStep { execution_id: child.id, step_run_id: child_steps[0].id }),
+        parent: Some(ParentStep {
+            execution_id: child.id,
+            step_run_id: child_steps[0].id,
+            attempt: 1,
+        }),
         ..NewExecution::new(fixture.owner, ExecutionTrigger::SubWorkflow, definition())
     };
     let (grandchild, _) = start_execution(&store, grandchild_request, &["deepest"], 1, None).await;
     assert_eq!(grandchild.depth, 2);
     let mismatched_parent = NewExecution {
-        parent: Some(ParentStep { execution_id: execution.id, step_run_id: child_steps[0].id }),
+        parent: Some(ParentStep {
+            execution_id: execution.id,
+            step_run_id: child_steps[0].id,
+            attempt: 1,
+        }),
         ..NewExecution::new(fixture.owner, ExecutionTrigger::SubWorkflow, definition())
     };
     let mismatched = store.create_execution(mismatched_parent, Vec::new()).await;
     assert!(matches!(mismatched, Err(StoreError::ReferenceViolated(_))), "{mismatched:?}");
     let missing_parent = NewExecution {
-        parent: Some(ParentStep { execution_id: Uuid::now_v7(), step_run_id: Uuid::now_v7() }),
+        parent: Some(ParentStep {
+            execution_id: Uuid::now_v7(),
+            step_run_id: Uuid::now_v7(),
+            attempt: 1,
+        }),
         ..NewExecution::new(fixture.owner, ExecutionTrigger::SubWorkflow, definition())
     };
     let missing = store.create_execution(missing_parent, Vec::new()).await;
@@ -897,16 +914,12 @@ async fn child_executions_start_with_their_parent_step(store: Arc<dyn Store>) {
     let fixture = fixture(&store).await;
     let (parent, steps) = simple_execution(&store, fixture.owner, &["sub", "other"], 2).await;
     let key = steps[0].attempt_key();
-    let parent_step = ParentStep { execution_id: parent.id, step_run_id: steps[0].id };
-    let child_request = |parent_step: ParentStep| {
-        let mut definition = definition();
-        definition["parentAttempt"] = json!(1);
-        NewExecution {
-            parent: Some(parent_step),
-            priority: 7,
-            input: json!({"x": 1}),
-            ..NewExecution::new(fixture.owner, ExecutionTrigger::SubWorkflow, definition)
-        }
+    let parent_step = ParentStep { execution_id: parent.id, step_run_id: steps[0].id, attempt: 1 };
+    let child_request = |parent_step: ParentStep| NewExecution {
+        parent: Some(parent_step),
+        priority: 7,
+        input: json!({"x": 1}),
+        ..NewExecution::new(fixture.owner, ExecutionTrigger::SubWorkflow, definition())
     };
     let inner = || vec![NewStepRun::new("inner", 1), NewStepRun::new("deeper", 3)];
     let children_of_parent = || {
@@ -936,9 +949,17 @@ async fn child_executions_start_with_their_parent_step(store: Arc<dyn Store>) {
     assert_eq!(assigned.lease_expires_at, Some(t0 + seconds(30)));
 
     // The parent must be the step being started.
-    let other_step = ParentStep { execution_id: parent.id, step_run_id: steps[1].id };
+    let other_step = ParentStep { execution_id: parent.id, step_run_id: steps[1].id, attempt: 1 };
     let mismatched = store.start_child_execution(key, child_request(other_step), inner(), t0).await;
     assert!(matches!(mismatched, Err(StoreError::ReferenceViolated(_))), "{mismatched:?}");
+    // …and its attempt the one being started.
+    let other_attempt = ParentStep { attempt: 2, ..parent_step };
+    let mismatched =
+        store.start_child_execution(key, child_request(other_attempt), inner(), t0).await;
+    assert!(
+        matches!(mismatched, Err(StoreError::ReferenceViolated(ref what)) if what == "parent_attempt"),
+        "{mismatched:?}"
+    );
     // A child that cannot be created leaves the step as it was.
     let duplicate_keys = vec![NewStepRun::new("same", 1), NewStepRun::new("same", 1)];
     let refused =
@@ -985,7 +1006,7 @@ async fn child_executions_start_with_their_parent_step(store: Arc<dyn Store>) {
     );
     assert_eq!((child.depth, child.priority, child.created_at), (1, 7, t1));
     assert_eq!(child.input, json!({"x": 1}));
-    assert_eq!(child.definition["parentAttempt"], json!(1));
+    assert_eq!(child.parent_attempt, Some(1));
     let child_steps = store.list_step_runs(child.id).await.expect("child steps");
     let keys: Vec<&str> = child_steps.iter().map(|step_run| step_run.step_key.as_str()).collect();
     assert_eq!(keys, ["inner", "deeper"]);
@@ -1321,7 +1342,11 @@ async fn list_executions_filters_pages_and_cursors(store: Arc<dyn Store>) {
         );
     }
     let child_request = NewExecution {
-        parent: Some(ParentStep { execution_id: created[0].0.id, step_run_id: created[0].1[0].id }),
+        parent: Some(ParentStep {
+            execution_id: created[0].0.id,
+            step_run_id: created[0].1[0].id,
+            attempt: 1,
+        }),
         ..NewExecution::new(fixture.owner, ExecutionTrigger::SubWorkflow, definition())
     };
     created.push(start_execution(&store, child_request, &["only"], 1, None).await);

@@ -124,3 +124,68 @@ async fn sqlite_migrations_are_idempotent_and_upgrades_match_fresh_installs() {
 async fn migrator_versions(backend: &str) -> Vec<i64> {
     migrator(backend).await.iter().map(|migration| migration.version).collect()
 }
+
+/// Rows as the engine wrote them before migration 5: a parent execution, its step run at
+/// attempt 2, and a sub-workflow child recording that attempt in its definition only.
+const BEFORE_PARENT_ATTEMPT: [&str; 4] = [
+    "INSERT INTO users (id, email, full_name, role, created_at, updated_at) \
+     VALUES ($1, 'old@example.com', 'Old', 'USER', '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+    "INSERT INTO executions (id, owner_id, trigger, status, priority, input, definition, \
+     created_at, updated_at) VALUES ($2, $1, 'MANUAL', 'RUNNING', 5, '{}', '{}', \
+     '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+    "INSERT INTO step_runs (id, execution_id, step_key, status, attempt, max_attempts, \
+     created_at, updated_at) VALUES ($3, $2, 'sub', 'PENDING', 2, 3, '2026-01-01T00:00:00Z', \
+     '2026-01-01T00:00:00Z')",
+    "INSERT INTO executions (id, owner_id, parent_execution_id, parent_step_run_id, depth, \
+     trigger, status, priority, input, definition, created_at, updated_at) \
+     VALUES ($4, $1, $2, $3, 1, 'SUB_WORKFLOW', 'QUEUED', 5, '{}', '{\"parentAttempt\": 2}', \
+     '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+];
+
+const PARENT_ATTEMPTS: &str =
+    "SELECT parent_attempt FROM executions ORDER BY parent_execution_id IS NULL DESC";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_parent_attempts_move_from_the_definition_to_their_column() {
+    let migrator = migrator("postgres").await;
+    let (url, name) = support::create_postgres_database().await;
+    let _database = support::ServeDatabase::new(url.clone(), name);
+    let mut connection = sqlx::PgConnection::connect(&url).await.expect("connect");
+    migrator.run_to(4, &mut connection).await.expect("migrate to 4");
+    let ids: Vec<uuid::Uuid> = (0..4).map(|_| uuid::Uuid::now_v7()).collect();
+    for statement in BEFORE_PARENT_ATTEMPT {
+        let mut query = sqlx::query(statement);
+        for id in &ids {
+            query = query.bind(*id);
+        }
+        query.execute(&mut connection).await.expect(statement);
+    }
+    migrator.run(&mut connection).await.expect("migrate");
+    let attempts: Vec<Option<i32>> =
+        sqlx::query_scalar(PARENT_ATTEMPTS).fetch_all(&mut connection).await.expect("read");
+    assert_eq!(attempts, [None, Some(2)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_parent_attempts_move_from_the_definition_to_their_column() {
+    let migrator = migrator("sqlite").await;
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let path = directory.path().join("old.db");
+    std::fs::File::create(&path).expect("create file");
+    let mut connection = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("connect");
+    migrator.run_to(4, &mut connection).await.expect("migrate to 4");
+    let ids: Vec<uuid::Uuid> = (0..4).map(|_| uuid::Uuid::now_v7()).collect();
+    for statement in BEFORE_PARENT_ATTEMPT {
+        let mut query = sqlx::query(statement);
+        for id in &ids {
+            query = query.bind(*id);
+        }
+        query.execute(&mut connection).await.expect(statement);
+    }
+    migrator.run(&mut connection).await.expect("migrate");
+    let attempts: Vec<Option<i32>> =
+        sqlx::query_scalar(PARENT_ATTEMPTS).fetch_all(&mut connection).await.expect("read");
+    assert_eq!(attempts, [None, Some(2)]);
+}
