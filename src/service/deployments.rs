@@ -23,7 +23,6 @@ use super::validate::{
 };
 use crate::api::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
-use crate::engine::dag::{self, DagStep};
 use crate::engine::definition::ExecutionDefinition;
 use crate::engine::schedule::{self, Schedule};
 use crate::error::{ErrorCode, ServiceError, ServiceResult};
@@ -953,12 +952,6 @@ async fn start_target(
                 context.store.get_workflow(OwnerScope::All, workflow_id).await.map_err(
                     |error| ServiceError::from_store(error, "the deployment's workflow"),
                 )?;
-            let dag_steps: Vec<DagStep> = workflow.steps.iter().map(DagStep::from).collect();
-            if workflow.steps.is_empty() || !dag::validate(&dag_steps).is_empty() {
-                return Err(ServiceError::conflict(
-                    "the deployment's workflow is not a valid DAG: fix its steps first",
-                ));
-            }
             let start = ExecutionStart {
                 trigger,
                 input: execution_input(&workflow.workflow.default_input, &config, given),

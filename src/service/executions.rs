@@ -19,6 +19,7 @@ use super::validate::{Validator, cursor_page_size, page_request, parse_id};
 use super::workflows;
 use crate::api::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
+use crate::engine::dag::{self, DagStep};
 use crate::error::{ServiceError, ServiceResult};
 use crate::proto::v1 as pb;
 use crate::store::{
@@ -87,11 +88,19 @@ pub async fn start_workflow_execution(
 }
 
 /// The definition snapshot of an execution of `workflow` (see `start_workflow_execution`)
-/// and its step runs, built but not stored. A deleted agent is a CONFLICT naming the step.
+/// and its step runs, built but not stored. A workflow whose steps are not a valid DAG (it
+/// was saved, then its steps' agents changed, or it has none) and a deleted agent are a
+/// CONFLICT, the latter naming the step.
 pub(crate) async fn snapshot_workflow(
     store: &dyn store::Store,
     workflow: &WorkflowWithSteps,
 ) -> ServiceResult<(Value, Vec<NewStepRun>)> {
+    let dag_steps: Vec<DagStep> = workflow.steps.iter().map(DagStep::from).collect();
+    if workflow.steps.is_empty() || !dag::validate(&dag_steps).is_empty() {
+        return Err(ServiceError::conflict(
+            "the workflow's definition is not a valid DAG: fix its steps first",
+        ));
+    }
     let mut agents: BTreeMap<Uuid, Agent> = BTreeMap::new();
     for step in &workflow.steps {
         if agents.contains_key(&step.agent_id) {

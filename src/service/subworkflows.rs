@@ -12,7 +12,6 @@ use chrono::Utc;
 use serde_json::Value;
 
 use super::executions::{self, ExecutionStart};
-use crate::engine::dag::{self, DagStep};
 use crate::engine::subworkflow::{ChildPlan, ChildPlanError, ChildRequest, ChildWorkflows};
 use crate::error::ErrorCode;
 use crate::store::{ExecutionTrigger, OwnerScope, Store, StoreError};
@@ -46,12 +45,6 @@ impl ChildWorkflows for ChildWorkflowBuilder {
                 }
                 Err(error) => return Err(ChildPlanError::Unavailable(error.to_string())),
             };
-        let dag_steps: Vec<DagStep> = workflow.steps.iter().map(DagStep::from).collect();
-        if workflow.steps.is_empty() || !dag::validate(&dag_steps).is_empty() {
-            return Err(ChildPlanError::Refused(format!(
-                "workflow {workflow_id} cannot run: its definition is not a valid DAG"
-            )));
-        }
         let (definition, step_runs) = executions::snapshot_workflow(self.store.as_ref(), &workflow)
             .await
             .map_err(|error| match error.code {

@@ -262,12 +262,17 @@ impl Watcher {
         if execution.status.is_finished() {
             return self.resync().await;
         }
+        self.execution_changed_to(&execution);
+        Ok(true)
+    }
+
+    /// Sends the execution (without step runs) when it is newer than the one last sent.
+    fn execution_changed_to(&mut self, execution: &crate::store::Execution) {
         if execution.version > self.execution_version {
             self.execution_version = execution.version;
-            let message = execution_message(&execution, Vec::new());
+            let message = execution_message(execution, Vec::new());
             self.send(pb::watch_execution_response::Event::ExecutionChanged(message));
         }
-        Ok(true)
     }
 
     /// Re-reads the execution and sends whatever changed since it was last sent: step rows,
@@ -283,11 +288,7 @@ impl Watcher {
             self.step_changed(step);
         }
         self.relay_logs().await?;
-        if execution.version > self.execution_version {
-            self.execution_version = execution.version;
-            let message = execution_message(&execution, Vec::new());
-            self.send(pb::watch_execution_response::Event::ExecutionChanged(message));
-        }
+        self.execution_changed_to(&execution);
         self.finished = execution.status.is_finished();
         Ok(!self.finished)
     }
