@@ -2,11 +2,14 @@
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod app;
 pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod jq;
+pub mod mapping;
 pub mod proto;
 pub mod queue;
 pub mod redis_pool;
@@ -15,3 +18,4 @@ pub mod seed;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod text;

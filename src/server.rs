@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use tokio::net::TcpListener;
 
-use crate::api::{self, AppContext, EdgeSettings, Mode};
+use crate::api::{self, EdgeSettings};
+use crate::app::{AppContext, Mode};
 use crate::bus::{MemoryBus, RedisBus, RedisBusConfig};
 use crate::config::{self, ConnectionUrl, DevArgs, ListenArgs, Secret, ServeArgs, SettingError};
 use crate::queue::{MemoryQueue, RedisQueue, RedisQueueConfig};
@@ -283,7 +284,7 @@ struct ContextParts<'a> {
     store: Arc<dyn Store>,
     queue: Arc<dyn crate::queue::Queue>,
     bus: Arc<dyn crate::bus::Bus>,
-    probes: Vec<Arc<dyn api::health::HealthProbe>>,
+    probes: Vec<Arc<dyn crate::app::HealthProbe>>,
     signing_key: crate::auth::tokens::SigningKey,
     listen: &'a ListenArgs,
     external_identity: Option<crate::auth::external::ExternalIdentitySettings>,
@@ -466,7 +467,7 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
 pub struct RedisProbe(pub RedisPool);
 
 #[async_trait::async_trait]
-impl api::health::HealthProbe for RedisProbe {
+impl crate::app::HealthProbe for RedisProbe {
     fn component(&self) -> &'static str {
         "redis"
     }

@@ -10,21 +10,9 @@ use axum::extract::State;
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::AppContext;
 use super::rest::envelope;
+use crate::app::{AppContext, HealthProbe};
 use crate::error::{ErrorCode, ServiceError};
-
-/// Something the server depends on and can ping: the database, Redis.
-#[async_trait::async_trait]
-pub trait HealthProbe: Send + Sync {
-    /// `database`, `redis`.
-    fn component(&self) -> &'static str;
-    /// `postgres`, `sqlite`, `redis`.
-    fn backend(&self) -> &'static str;
-    /// Whether the server cannot do anything useful without it.
-    fn critical(&self) -> bool;
-    async fn ping(&self) -> Result<(), String>;
-}
 
 /// The outcome of one probe.
 #[derive(Debug, Clone)]

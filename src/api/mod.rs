@@ -11,7 +11,7 @@ pub mod security_headers;
 pub mod webhooks;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::response::{IntoResponse, Response};
@@ -20,61 +20,9 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::app::AppContext;
+use crate::auth::caller::REQUEST_ID_HEADER;
 use crate::error::{ErrorCode, ServiceError};
-use crate::store::Store;
-
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
-/// Set by the REST edge on the gRPC requests it makes, so services can tell the transports apart.
-pub const TRANSPORT_HEADER: &str = "x-turbocat-transport";
-
-/// How the process was started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// `turbocat dev`: SQLite, in-process queue and bus.
-    Dev,
-    /// `turbocat serve`: PostgreSQL and Redis.
-    Serve,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Dev => "dev",
-            Mode::Serve => "serve",
-        }
-    }
-}
-
-/// What every edge handler and service can reach.
-pub struct AppContext {
-    pub mode: Mode,
-    pub store: Arc<dyn Store>,
-    /// Ready step runs: Redis in `serve`, in-process in `dev`.
-    pub queue: Arc<dyn crate::queue::Queue>,
-    /// Events between replicas: Redis pub/sub in `serve`, in-process in `dev`.
-    pub bus: Arc<dyn crate::bus::Bus>,
-    /// Signs and verifies access tokens.
-    pub tokens: Arc<crate::auth::tokens::TokenService>,
-    /// Sessions revoked anywhere, known here within a second.
-    pub revoked_sessions: Arc<crate::auth::revocation::RevokedSessions>,
-    /// Peers whose `X-Forwarded-For` is believed.
-    pub trusted_proxies: Vec<std::net::IpAddr>,
-    /// The external identity provider (OIDC, Supabase Auth), when configured.
-    pub external_identity: Option<Arc<crate::auth::external::ExternalVerifier>>,
-    /// Sends password reset links (to the log until SMTP exists).
-    pub mailer: Arc<dyn crate::auth::mailer::Mailer>,
-    /// Limits of the sign-in operations: in memory in `dev`, in Redis in `serve`.
-    pub rate_limiter: Arc<crate::auth::rate_limit::AuthRateLimits>,
-    /// Base of the links the product mails, without a trailing slash.
-    pub public_url: String,
-    pub probes: Vec<Arc<dyn health::HealthProbe>>,
-    pub started_at: Instant,
-    /// Runs executions: schedules steps, hands them to attached runners, repairs what is lost.
-    pub engine: Arc<crate::engine::Engine>,
-    /// The credential of the runner `turbocat dev` starts in-process: random per process,
-    /// never stored, acting as a shared runner. `None` in `serve`.
-    pub local_runner_key: Option<crate::config::Secret>,
-}
 
 /// Settings of the edges.
 #[derive(Debug, Clone)]

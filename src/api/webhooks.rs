@@ -14,8 +14,8 @@ use axum::extract::{Path, State};
 use axum::response::Response;
 use http_body_util::BodyExt;
 
-use super::AppContext;
 use super::rest::{envelope, payload_too_large};
+use crate::app::AppContext;
 use crate::error::{ErrorCode, ServiceError};
 use crate::proto::json;
 use crate::service::deployments;

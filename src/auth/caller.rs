@@ -9,6 +9,10 @@ use uuid::Uuid;
 use crate::error::{ServiceError, ServiceResult};
 use crate::store::{ApiKeyScope, OwnerScope, UserRole};
 
+/// The header that carries a request's id: set (or kept) by the edges, read by the auth layer
+/// into `ClientInfo`, echoed in every response and in the REST envelope's `meta.requestId`.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
 /// How the caller proved who they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credential {

@@ -163,7 +163,7 @@ pub async fn authenticate(
     let client = ClientInfo {
         ip_address: authenticator.client_address(peer, headers),
         user_agent: header_text(headers, "user-agent").map(str::to_owned),
-        request_id: header_text(headers, crate::api::REQUEST_ID_HEADER).map(str::to_owned),
+        request_id: header_text(headers, crate::auth::caller::REQUEST_ID_HEADER).map(str::to_owned),
     };
     let authentication = authenticator.authenticate(headers, &client).await;
     if let Authentication::Rejected { reason } = &authentication {

@@ -7,8 +7,8 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use serde_json::Value;
 
-use super::mapping::{self, PathSegment, Reference};
 use crate::error::FieldError;
+use crate::mapping::{self, PathSegment, Reference};
 use crate::store::{NewWorkflowStep, WorkflowStep};
 
 /// The longest step key.

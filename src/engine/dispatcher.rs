@@ -146,10 +146,10 @@ impl Engine {
             execution_id: execution.id.to_string(),
             step_key: assigned.step_key.clone(),
             agent: Some(agent),
-            input: Some(crate::service::convert::json_to_value(
+            input: Some(crate::proto::wkt::json_to_value(
                 assigned.input.as_ref().unwrap_or(&serde_json::Value::Null),
             )),
-            deadline: Some(crate::service::convert::timestamp(deadline)),
+            deadline: Some(crate::proto::wkt::timestamp(deadline)),
             depth: execution.depth,
         };
         if runner.send(pb::attach_response::Message::Assignment(message)).await {

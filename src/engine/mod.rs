@@ -17,7 +17,6 @@ pub mod dag;
 pub mod definition;
 pub mod dispatcher;
 pub mod leases;
-pub mod mapping;
 pub mod protocol;
 pub mod reconciler;
 pub mod runners;

@@ -210,7 +210,7 @@ impl Engine {
                 let output = success
                     .output
                     .as_ref()
-                    .map(crate::service::convert::value_to_json)
+                    .map(crate::proto::wkt::value_to_json)
                     .unwrap_or(serde_json::Value::Null);
                 let size = output.to_string().len();
                 if size > self.settings.max_payload_bytes {
@@ -266,7 +266,7 @@ impl Engine {
             let created_at = line
                 .time
                 .as_ref()
-                .and_then(crate::service::convert::time_from_timestamp)
+                .and_then(crate::proto::wkt::time_from_timestamp)
                 .unwrap_or_else(Utc::now);
             lines.push(NewExecutionLog {
                 execution_id: held.execution_id,

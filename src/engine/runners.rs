@@ -233,8 +233,8 @@ impl AttachedRunner {
                 RunnerOwner::Shared => String::new(),
                 RunnerOwner::User(user_id) => user_id.to_string(),
             },
-            connected_at: Some(crate::service::convert::timestamp(self.connected_at)),
-            last_heartbeat_at: self.last_heartbeat_at().map(crate::service::convert::timestamp),
+            connected_at: Some(crate::proto::wkt::timestamp(self.connected_at)),
+            last_heartbeat_at: self.last_heartbeat_at().map(crate::proto::wkt::timestamp),
             runner_version: self.version.clone(),
         }
     }

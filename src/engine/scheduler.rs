@@ -14,9 +14,9 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::definition::{ExecutionDefinition, execution_output, retry_backoff};
-use super::mapping;
 use super::{Engine, EngineResult};
 use crate::bus::topics;
+use crate::mapping;
 use crate::proto::v1 as pb;
 use crate::queue::{QueueError, QueueItem};
 use crate::store::{
@@ -156,7 +156,7 @@ impl Engine {
                     let mapping_json = step_definition
                         .input_mapping
                         .as_ref()
-                        .map(crate::service::convert::value_to_json)
+                        .map(crate::proto::wkt::value_to_json)
                         .filter(|mapping_json| !mapping_json.is_null());
                     let resolved = match &mapping_json {
                         None => Ok(execution.input.clone()),

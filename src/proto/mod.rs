@@ -1,9 +1,11 @@
 //! The generated contract: messages, tonic servers and clients of `proto/turbocat/v1`, the
 //! encoded descriptor set (with custom options) that reflection and the REST edge read, and
 //! proto3 JSON conversion (`json`) for the REST edge and for the JSON the store keeps in proto
-//! shape (agent configs, template bodies).
+//! shape (agent configs, template bodies), and the well-known types as Rust and JSON values
+//! (`wkt`). Below every other module: anything may use it.
 
 pub mod json;
+pub mod wkt;
 
 use std::sync::LazyLock;
 

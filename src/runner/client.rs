@@ -444,7 +444,7 @@ async fn run_attempt(
         input: assignment
             .input
             .as_ref()
-            .map(crate::service::convert::value_to_json)
+            .map(crate::proto::wkt::value_to_json)
             .unwrap_or(serde_json::Value::Null),
         deadline: assignment.deadline.as_ref().map(StepWork::deadline_from_timestamp),
     };
@@ -457,7 +457,7 @@ async fn run_attempt(
     }
     let outcome = match outcome {
         Ok(output) => pb::step_result::Outcome::Success(pb::StepSuccess {
-            output: Some(crate::service::convert::json_to_value(&output)),
+            output: Some(crate::proto::wkt::json_to_value(&output)),
         }),
         Err(error) => pb::step_result::Outcome::Failure(error.to_failure()),
     };
@@ -556,7 +556,7 @@ mod tests {
     }
 
     fn success(text: &str) -> pb::StepResult {
-        let output = crate::service::convert::json_to_value(&serde_json::json!({ "text": text }));
+        let output = crate::proto::wkt::json_to_value(&serde_json::json!({ "text": text }));
         pb::StepResult {
             step: Some(step()),
             outcome: Some(pb::step_result::Outcome::Success(pb::StepSuccess {

@@ -2,7 +2,7 @@
 //! assignment. `client` speaks `RunnerService.Attach` with the server; `executors` runs the
 //! agent types a runner runs (CODE, API, LLM, DATA); `ssrf` guards the URLs of API and LLM
 //! agents. The server is reached only through the proto.
-//! May call: `crate::engine::mapping` and the generated proto types; never the store, the queue
+//! May call: `crate::mapping` and the generated proto types; never the store, the queue
 //! or the service layer.
 
 pub mod client;

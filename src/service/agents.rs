@@ -1,7 +1,7 @@
 //! Agents: create, read, change (every change kept as a version), soft delete, duplicate and
 //! list them, each type's configuration checked field by field before anything is written.
 //! May call: the store, the audit trail, the `{{…}}` template parser, the proto JSON codec and
-//! the DATA executor's jq compile check (`runner::executors::data::check_program`).
+//! the DATA executor's jq compile check (`crate::jq::check_program`).
 
 use std::collections::BTreeMap;
 
@@ -15,12 +15,13 @@ use super::validate::MAX_TAG_CHARS;
 use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
 };
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
-use crate::engine::mapping;
 use crate::error::{ServiceError, ServiceResult};
+use crate::mapping;
 use crate::proto::json;
 use crate::proto::v1 as pb;
+use crate::proto::wkt;
 use crate::store::{
     Agent, AgentChanges, AgentFilter, AgentLimits, AgentSortField, AgentStatus, AgentType,
     AgentVersion, NewAgent, StoreError,
@@ -194,8 +195,8 @@ pub fn agent_to_proto(agent: &Agent) -> pb::Agent {
         status: agent_status_to_proto(agent.status).into(),
         tags: agent.tags.clone(),
         version: i32::try_from(agent.version).unwrap_or(i32::MAX),
-        created_at: Some(convert::timestamp(agent.created_at)),
-        updated_at: Some(convert::timestamp(agent.updated_at)),
+        created_at: Some(wkt::timestamp(agent.created_at)),
+        updated_at: Some(wkt::timestamp(agent.updated_at)),
     }
 }
 
@@ -223,7 +224,7 @@ fn agent_version_to_proto(version: &AgentVersion) -> ServiceResult<pb::AgentVers
             .map(|name| changed_field_json_name(name))
             .collect(),
         changed_by: version.changed_by.map(|id| id.to_string()).unwrap_or_default(),
-        created_at: Some(convert::timestamp(version.created_at)),
+        created_at: Some(wkt::timestamp(version.created_at)),
     })
 }
 
@@ -763,7 +764,7 @@ async fn check_jq_program(validator: &mut Validator, program: Option<String>) ->
         .name("jq-check".to_owned())
         .stack_size(JQ_CHECK_STACK_BYTES)
         .spawn(move || {
-            let _ = sender.send(crate::runner::executors::data::check_program(&program));
+            let _ = sender.send(crate::jq::check_program(&program));
         })
         .map_err(|error| ServiceError::internal(&error))?;
     let outcome = receiver.await.map_err(|error| ServiceError::internal(&error))?;

@@ -8,11 +8,12 @@ use serde_json::json;
 use super::audit::{self, Actor, AuditEvent};
 use super::convert;
 use super::validate::{MAX_NAME_CHARS, Validator, page_request, parse_id};
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::api_keys::generate_api_key;
 use crate::auth::caller::{Access, Caller, ClientInfo, Credential};
 use crate::error::{ServiceError, ServiceResult};
 use crate::proto::v1 as pb;
+use crate::proto::wkt;
 use crate::store::{ApiKeyFilter, ApiKeyScope, NewApiKey, OwnerScope, StoreError};
 
 /// How often a key is regenerated when its random prefix is already taken.
@@ -48,7 +49,7 @@ pub async fn create_api_key(
     let now = Utc::now();
     let expires_at = match &request.expires_at {
         None => None,
-        Some(timestamp) => match convert::time_from_timestamp(timestamp) {
+        Some(timestamp) => match wkt::time_from_timestamp(timestamp) {
             Some(time) if time > now => Some(time),
             Some(_) => {
                 validator.error("expiresAt", "must lie in the future");

@@ -1,7 +1,7 @@
 //! Writing the audit trail. A failure to write an audit row is logged, never shown to the
 //! caller as the failure of the operation that already happened.
 
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::{Caller, ClientInfo, Credential};
 use crate::store::{AuditActorKind, AuditOutcome, NewAuditLog};
 

@@ -1,12 +1,12 @@
 //! Reading the audit trail (admin only): filtered by actor, action, resource and time, newest
 //! first, cursor-paged. Writing it is `service::audit`. May call: the store.
 
-use super::convert;
 use super::validate::{Validator, cursor_page_size};
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller};
 use crate::error::{ServiceError, ServiceResult};
 use crate::proto::v1 as pb;
+use crate::proto::wkt;
 use crate::store::{AuditActionFilter, AuditActorKind, AuditLog, AuditLogFilter, AuditOutcome};
 
 /// The longest action, resource type or resource id filter.
@@ -42,9 +42,9 @@ pub fn audit_log_to_proto(row: &AuditLog) -> pb::AuditLog {
         ip_address: row.ip_address.clone().unwrap_or_default(),
         user_agent: row.user_agent.clone().unwrap_or_default(),
         request_id: row.request_id.clone().unwrap_or_default(),
-        changes: row.changes.as_ref().map(convert::json_object_to_struct),
-        metadata: Some(convert::json_object_to_struct(&row.metadata)),
-        created_at: Some(convert::timestamp(row.created_at)),
+        changes: row.changes.as_ref().map(wkt::json_object_to_struct),
+        metadata: Some(wkt::json_object_to_struct(&row.metadata)),
+        created_at: Some(wkt::timestamp(row.created_at)),
     }
 }
 
@@ -81,13 +81,13 @@ fn audit_filter(request: pb::ListAuditLogsRequest) -> ServiceResult<AuditLogFilt
     filter.resource_type = text_filter(&mut validator, "resourceType", &request.resource_type);
     filter.resource_id = text_filter(&mut validator, "resourceId", &request.resource_id);
     if let Some(start) = &request.start_time {
-        filter.from = convert::time_from_timestamp(start);
+        filter.from = wkt::time_from_timestamp(start);
         if filter.from.is_none() {
             validator.error("startTime", "is not a valid time");
         }
     }
     if let Some(end) = &request.end_time {
-        filter.to = convert::time_from_timestamp(end);
+        filter.to = wkt::time_from_timestamp(end);
         if filter.to.is_none() {
             validator.error("endTime", "is not a valid time");
         }

@@ -9,7 +9,7 @@ use chrono::Utc;
 use super::audit::{self, Actor, AuditEvent};
 use super::convert;
 use super::validate::{MAX_NAME_CHARS, Validator};
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::ClientInfo;
 use crate::auth::mailer::PasswordResetMail;
 use crate::auth::password;

@@ -21,13 +21,14 @@ use super::validate;
 use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
 };
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
 use crate::engine::definition::ExecutionDefinition;
 use crate::engine::schedule::{self, Schedule};
 use crate::error::{ErrorCode, ServiceError, ServiceResult};
 use crate::proto::json;
 use crate::proto::v1 as pb;
+use crate::proto::wkt;
 use crate::store::{
     Agent, Deployment, DeploymentChanges, DeploymentEnvironment, DeploymentEvent,
     DeploymentEventKind, DeploymentFilter, DeploymentSortField, DeploymentStatus, DeploymentTarget,
@@ -189,11 +190,11 @@ pub fn deployment_to_proto(deployment: &Deployment, caller: &Caller) -> pb::Depl
         config: Some(config_from_json(&deployment.config)),
         trigger: Some(trigger_to_proto(deployment, show_secret)),
         status: status_to_proto(deployment.status).into(),
-        last_triggered_at: convert::optional_timestamp(deployment.last_triggered_at),
-        next_run_at: convert::optional_timestamp(deployment.next_run_at),
+        last_triggered_at: wkt::optional_timestamp(deployment.last_triggered_at),
+        next_run_at: wkt::optional_timestamp(deployment.next_run_at),
         version: i32::try_from(deployment.version).unwrap_or(i32::MAX),
-        created_at: Some(convert::timestamp(deployment.created_at)),
-        updated_at: Some(convert::timestamp(deployment.updated_at)),
+        created_at: Some(wkt::timestamp(deployment.created_at)),
+        updated_at: Some(wkt::timestamp(deployment.updated_at)),
     }
 }
 
@@ -869,7 +870,7 @@ const SIGNATURE_PREFIX: &str = "sha256=";
 /// has environment values, `env` is set to them last, so `{{input.env.NAME}}` always reads the
 /// deployment's values.
 pub fn execution_input(base: &Value, config: &pb::DeploymentConfig, given: Value) -> Value {
-    let defaults = config.input_defaults.as_ref().map(convert::struct_to_json);
+    let defaults = config.input_defaults.as_ref().map(wkt::struct_to_json);
     let mut input = serde_json::Map::new();
     for layer in [Some(base.clone()), defaults, Some(given)].into_iter().flatten() {
         if let Value::Object(fields) = layer {
@@ -917,7 +918,7 @@ pub async fn start_agent_execution(
         owner_id: agent.owner_id.to_string(),
         name: agent.name.clone(),
         steps: vec![step],
-        default_input: Some(convert::json_to_value(&json!({}))),
+        default_input: Some(wkt::json_to_value(&json!({}))),
         priority: start.priority,
         timeout: start.timeout_seconds.map(executions::seconds_duration),
         ..Default::default()
@@ -1173,7 +1174,7 @@ fn lifecycle_entry(event: &DeploymentEvent, position: i64) -> MergedEntry {
         sequence: (1, position),
         entry: pb::DeploymentLogEntry {
             kind: pb::DeploymentLogKind::Lifecycle.into(),
-            time: Some(convert::timestamp(event.created_at)),
+            time: Some(wkt::timestamp(event.created_at)),
             event: event.kind.as_str().to_owned(),
             message: event.message.clone(),
             execution_id: String::new(),
@@ -1194,7 +1195,7 @@ fn execution_entry(line: &ExecutionLog) -> MergedEntry {
         sequence: (0, line.id),
         entry: pb::DeploymentLogEntry {
             kind: pb::DeploymentLogKind::Execution.into(),
-            time: Some(convert::timestamp(line.created_at)),
+            time: Some(wkt::timestamp(line.created_at)),
             event: String::new(),
             message: line.message.clone(),
             execution_id: line.execution_id.to_string(),

@@ -17,11 +17,12 @@ use super::convert;
 use super::validate;
 use super::validate::{Validator, cursor_page_size, page_request, parse_id};
 use super::workflows;
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
 use crate::engine::dag::{self, DagStep};
 use crate::error::{ServiceError, ServiceResult};
 use crate::proto::v1 as pb;
+use crate::proto::wkt;
 use crate::store::{
     self, Agent, CancelRequestOutcome, Execution, ExecutionCursor, ExecutionFilter, ExecutionLog,
     ExecutionLogFilter, ExecutionLogLevel, ExecutionLogSource, ExecutionStatus, ExecutionTrigger,
@@ -255,7 +256,7 @@ fn step_attempt_status(status: StepAttemptStatus) -> pb::StepRunStatus {
 }
 
 fn optional_value(value: Option<&Value>) -> Option<prost_types::Value> {
-    value.map(convert::json_to_value)
+    value.map(wkt::json_to_value)
 }
 
 fn optional_id(id: Option<Uuid>) -> String {
@@ -273,14 +274,14 @@ pub fn execution_message(execution: &Execution, step_runs: Vec<pb::StepRun>) -> 
         status: execution_status(execution.status).into(),
         trigger: execution_trigger(execution.trigger).into(),
         priority: execution.priority,
-        input: Some(convert::json_to_value(&execution.input)),
+        input: Some(wkt::json_to_value(&execution.input)),
         output: optional_value(execution.output.as_ref()),
         error: execution.error.clone().unwrap_or_default(),
         timeout: execution.timeout_seconds.map(seconds_duration),
-        created_at: Some(convert::timestamp(execution.created_at)),
-        started_at: convert::optional_timestamp(execution.started_at),
-        finished_at: convert::optional_timestamp(execution.finished_at),
-        updated_at: Some(convert::timestamp(execution.updated_at)),
+        created_at: Some(wkt::timestamp(execution.created_at)),
+        started_at: wkt::optional_timestamp(execution.started_at),
+        finished_at: wkt::optional_timestamp(execution.finished_at),
+        updated_at: Some(wkt::timestamp(execution.updated_at)),
         step_runs,
     }
 }
@@ -299,10 +300,10 @@ pub(super) fn step_run_message(step_run: &StepRun, attempts: &[StepAttempt]) -> 
         output: optional_value(step_run.output.as_ref()),
         error: step_run.error.clone().unwrap_or_default(),
         runner_id: step_run.runner_id.clone().unwrap_or_default(),
-        queued_at: convert::optional_timestamp(step_run.queued_at),
-        started_at: convert::optional_timestamp(step_run.started_at),
-        finished_at: convert::optional_timestamp(step_run.finished_at),
-        updated_at: Some(convert::timestamp(step_run.updated_at)),
+        queued_at: wkt::optional_timestamp(step_run.queued_at),
+        started_at: wkt::optional_timestamp(step_run.started_at),
+        finished_at: wkt::optional_timestamp(step_run.finished_at),
+        updated_at: Some(wkt::timestamp(step_run.updated_at)),
         attempts: attempts.iter().map(attempt_message).collect(),
     }
 }
@@ -316,10 +317,10 @@ fn attempt_message(attempt: &StepAttempt) -> pb::StepAttempt {
         output: optional_value(attempt.output.as_ref()),
         error: attempt.error.clone().unwrap_or_default(),
         retryable: attempt.retryable.unwrap_or(false),
-        queued_at: convert::optional_timestamp(attempt.queued_at),
-        assigned_at: convert::optional_timestamp(attempt.assigned_at),
-        started_at: convert::optional_timestamp(attempt.started_at),
-        finished_at: convert::optional_timestamp(attempt.finished_at),
+        queued_at: wkt::optional_timestamp(attempt.queued_at),
+        assigned_at: wkt::optional_timestamp(attempt.assigned_at),
+        started_at: wkt::optional_timestamp(attempt.started_at),
+        finished_at: wkt::optional_timestamp(attempt.finished_at),
     }
 }
 
@@ -363,8 +364,8 @@ pub(super) fn log_message(
         level: log_level(log.level).into(),
         source: log_source(log.source).into(),
         message: log.message.clone(),
-        fields: log.fields.as_ref().map(convert::json_object_to_struct),
-        created_at: Some(convert::timestamp(log.created_at)),
+        fields: log.fields.as_ref().map(wkt::json_object_to_struct),
+        created_at: Some(wkt::timestamp(log.created_at)),
     }
 }
 
@@ -498,13 +499,13 @@ pub async fn list_executions(
     filter.deployment_id =
         validate::optional_id(&mut validator, "deploymentId", &request.deployment_id);
     if let Some(after) = &request.created_after {
-        filter.created_from = convert::time_from_timestamp(after);
+        filter.created_from = wkt::time_from_timestamp(after);
         if filter.created_from.is_none() {
             validator.error("createdAfter", "is out of range");
         }
     }
     if let Some(before) = &request.created_before {
-        filter.created_before = convert::time_from_timestamp(before);
+        filter.created_before = wkt::time_from_timestamp(before);
         if filter.created_before.is_none() {
             validator.error("createdBefore", "is out of range");
         }

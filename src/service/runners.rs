@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::validate::{Validator, page_request};
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller};
 use crate::error::ServiceResult;
 use crate::proto::v1 as pb;

@@ -16,12 +16,13 @@ use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
 };
 use super::{agents, convert, workflows};
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
-use crate::engine::mapping::{self, MappingError};
 use crate::error::{ErrorCode, FieldError, ServiceError, ServiceResult};
+use crate::mapping::{self, MappingError};
 use crate::proto::json;
 use crate::proto::v1 as pb;
+use crate::proto::wkt;
 use crate::store::{
     NewTemplate, OwnerScope, SortOrder, Template, TemplateChanges, TemplateFilter, TemplateKind,
     TemplateSortField,
@@ -123,12 +124,12 @@ pub fn template_to_proto(template: &Template) -> pb::Template {
         tags: template.tags.clone(),
         public: template.is_public || template.owner_id.is_none(),
         kind: kind_to_proto(template.kind).into(),
-        body: Some(convert::json_object_to_struct(&template.body)),
+        body: Some(wkt::json_object_to_struct(&template.body)),
         parameters: template.parameters.iter().map(parameter_from_json).collect(),
         builtin: template.owner_id.is_none(),
         version: i32::try_from(template.version).unwrap_or(i32::MAX),
-        created_at: Some(convert::timestamp(template.created_at)),
-        updated_at: Some(convert::timestamp(template.updated_at)),
+        created_at: Some(wkt::timestamp(template.created_at)),
+        updated_at: Some(wkt::timestamp(template.updated_at)),
     }
 }
 
@@ -253,7 +254,7 @@ fn check_parameters(
         let default_value = parameter
             .default_value
             .as_ref()
-            .map(convert::value_to_json)
+            .map(wkt::value_to_json)
             .filter(|value| !value.is_null())
             .map(normalize_numbers);
         if let Some(value) = &default_value
@@ -505,7 +506,7 @@ fn check_body(
         validator.error("body", "is required");
         return json!({});
     };
-    let body = normalize_numbers(convert::struct_to_json(body));
+    let body = normalize_numbers(wkt::struct_to_json(body));
     if body.to_string().len() > MAX_BODY_BYTES {
         validator.error("body", format!("must be at most {MAX_BODY_BYTES} bytes of JSON"));
         return body;
@@ -778,7 +779,7 @@ pub async fn update_template(
         let body = if fields.contains(&TemplateField::Body) {
             template.body.as_ref()
         } else {
-            body_struct = convert::json_object_to_struct(&before.body);
+            body_struct = wkt::json_object_to_struct(&before.body);
             Some(&body_struct)
         };
         let checked_body = check_body(&mut validator, kind, body, &parameters);
@@ -857,9 +858,7 @@ fn parameter_values(
             values
                 .fields
                 .iter()
-                .map(|(name, value)| {
-                    (name.clone(), normalize_numbers(convert::value_to_json(value)))
-                })
+                .map(|(name, value)| (name.clone(), normalize_numbers(wkt::value_to_json(value))))
                 .collect()
         })
         .unwrap_or_default();
@@ -1144,7 +1143,7 @@ mod tests {
             pb::TemplateParameter {
                 name: "ok".to_owned(),
                 r#type: pb::ParameterType::Number.into(),
-                default_value: Some(convert::json_to_value(&json!(2))),
+                default_value: Some(wkt::json_to_value(&json!(2))),
                 ..Default::default()
             },
             pb::TemplateParameter {
@@ -1156,7 +1155,7 @@ mod tests {
             pb::TemplateParameter {
                 name: "flag".to_owned(),
                 r#type: pb::ParameterType::Boolean.into(),
-                default_value: Some(convert::json_to_value(&json!("yes"))),
+                default_value: Some(wkt::json_to_value(&json!("yes"))),
                 ..Default::default()
             },
         ];
@@ -1185,14 +1184,14 @@ mod tests {
             parameter("count", pb::ParameterType::Number, None),
             parameter("extra", pb::ParameterType::Json, None),
         ];
-        let given = convert::json_object_to_struct(&json!({ "count": 4 }));
+        let given = wkt::json_object_to_struct(&json!({ "count": 4 }));
         let mut validator = Validator::new();
         let values = parameter_values(&mut validator, &parameters, Some(&given));
         assert!(validator.finish().is_err(), "extra is required");
         assert_eq!(values["name"], json!("Default"));
         assert_eq!(values["count"], json!(4));
 
-        let given = convert::json_object_to_struct(&json!({ "count": "four", "unknown": 1 }));
+        let given = wkt::json_object_to_struct(&json!({ "count": "four", "unknown": 1 }));
         let mut validator = Validator::new();
         parameter_values(&mut validator, &parameters[..2], Some(&given));
         let error = validator.finish().expect_err("bad");
@@ -1204,7 +1203,7 @@ mod tests {
     #[test]
     fn bodies_are_checked_against_their_kind() {
         let parameters = vec![parameter("name", pb::ParameterType::String, Some(json!("x")))];
-        let good_agent = convert::json_object_to_struct(&json!({
+        let good_agent = wkt::json_object_to_struct(&json!({
             "name": "{{params.name}}", "type": "DATA",
             "config": { "data": { "jqProgram": "." } },
         }));
@@ -1212,7 +1211,7 @@ mod tests {
         check_body(&mut validator, Some(TemplateKind::Agent), Some(&good_agent), &parameters);
         assert!(validator.finish().is_ok());
 
-        let bad_agent = convert::json_object_to_struct(&json!({
+        let bad_agent = wkt::json_object_to_struct(&json!({
             "name": "{{params.nope}}", "type": "DATA", "colour": "red",
         }));
         let mut validator = Validator::new();
@@ -1220,14 +1219,13 @@ mod tests {
         let error = validator.finish().expect_err("undeclared parameter");
         assert_eq!(error.field_errors[0].field, "body.name");
 
-        let unknown_field =
-            convert::json_object_to_struct(&json!({ "name": "x", "colour": "red" }));
+        let unknown_field = wkt::json_object_to_struct(&json!({ "name": "x", "colour": "red" }));
         let mut validator = Validator::new();
         check_body(&mut validator, Some(TemplateKind::Agent), Some(&unknown_field), &parameters);
         let error = validator.finish().expect_err("unknown field");
         assert_eq!(error.field_errors[0].field, "body.colour");
 
-        let workflow = convert::json_object_to_struct(&json!({
+        let workflow = wkt::json_object_to_struct(&json!({
             "agents": { "a": { "name": "A", "type": "DATA" } },
             "workflow": { "name": "W", "steps": [
                 { "key": "one", "name": "One", "agentId": "a" },

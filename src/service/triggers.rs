@@ -22,7 +22,7 @@ use futures::StreamExt;
 use serde_json::json;
 
 use super::deployments;
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::error::{ServiceError, ServiceResult};
 use crate::store::{CronRunClaim, Deployment, ExecutionTrigger};
 

@@ -9,11 +9,12 @@ use uuid::Uuid;
 use super::audit::{self, Actor, AuditEvent};
 use super::convert;
 use super::validate::{MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order};
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
 use crate::auth::password;
 use crate::error::{ServiceError, ServiceResult};
 use crate::proto::v1 as pb;
+use crate::proto::wkt;
 use crate::store::{
     AuditActorKind, NewAuditLog, NewUser, RoleAssignment, SessionRevokeReason, SortOrder, Store,
     StoreError, User, UserFilter, UserProfileChanges, UserRole, UserSortField,
@@ -158,7 +159,7 @@ pub async fn update_current_user(
                 let preferences = profile
                     .preferences
                     .as_ref()
-                    .map(convert::struct_to_json)
+                    .map(wkt::struct_to_json)
                     .unwrap_or_else(|| json!({}));
                 if preferences.to_string().len() > MAX_PREFERENCES_BYTES {
                     validator.error(

@@ -25,12 +25,13 @@ use uuid::Uuid;
 
 use super::executions::{execution_message, log_message, step_run_message};
 use super::validate::parse_id;
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller};
 use crate::bus::{BusMessage, BusStream, topics};
 use crate::engine::scheduler::{WATCH_EXECUTION, WATCH_LOG, WATCH_STEP};
 use crate::error::{ServiceError, ServiceResult};
 use crate::proto::v1 as pb;
+use crate::proto::wkt;
 use crate::store::{
     ExecutionLogFilter, MAX_EXECUTION_LOG_PAGE_SIZE, OwnerScope, StepRun, StoreError,
 };
@@ -169,7 +170,7 @@ impl Watcher {
         self.sequence += 1;
         let message = pb::WatchExecutionResponse {
             sequence: self.sequence,
-            time: Some(super::convert::timestamp(Utc::now())),
+            time: Some(wkt::timestamp(Utc::now())),
             event: Some(event),
         };
         self.pending.push(message);

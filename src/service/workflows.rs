@@ -16,12 +16,13 @@ use super::validate::MAX_TAG_CHARS;
 use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
 };
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
 use crate::engine::dag::{self, DagStep};
 use crate::error::{ServiceError, ServiceResult};
 use crate::proto::json as proto_json;
 use crate::proto::v1 as pb;
+use crate::proto::wkt;
 use crate::store::{
     ExecutionFilter, ExecutionTrigger, NewWorkflow, NewWorkflowStep, RetryPolicy, StoreError,
     Workflow, WorkflowChanges, WorkflowFilter, WorkflowSortField, WorkflowStep, WorkflowWithSteps,
@@ -139,7 +140,7 @@ fn step_message(step: &WorkflowStep) -> pb::WorkflowStep {
         name: step.name.clone(),
         agent_id: step.agent_id.to_string(),
         depends_on: step.depends_on.clone(),
-        input_mapping: step.input_mapping.as_ref().map(convert::json_to_value),
+        input_mapping: step.input_mapping.as_ref().map(wkt::json_to_value),
         retry_policy: Some(pb::RetryPolicy {
             max_attempts: step.retry_policy.max_attempts,
             initial_backoff: Some(milliseconds_duration(step.retry_policy.initial_backoff_ms)),
@@ -159,13 +160,13 @@ fn workflow_summary(workflow: &Workflow) -> pb::Workflow {
         name: workflow.name.clone(),
         description: workflow.description.clone(),
         steps: Vec::new(),
-        default_input: Some(convert::json_to_value(&workflow.default_input)),
+        default_input: Some(wkt::json_to_value(&workflow.default_input)),
         priority: workflow.priority,
         timeout: workflow.timeout_seconds.map(executions::seconds_duration),
         tags: workflow.tags.clone(),
         version: i32::try_from(workflow.version).unwrap_or(i32::MAX),
-        created_at: Some(convert::timestamp(workflow.created_at)),
-        updated_at: Some(convert::timestamp(workflow.updated_at)),
+        created_at: Some(wkt::timestamp(workflow.created_at)),
+        updated_at: Some(wkt::timestamp(workflow.updated_at)),
     }
 }
 
@@ -313,7 +314,7 @@ fn read_labels(
 
 /// A `google.protobuf.Value` as JSON; absent and `null` are `None`.
 fn present_json(value: Option<&prost_types::Value>) -> Option<Value> {
-    value.map(convert::value_to_json).filter(|json| !json.is_null())
+    value.map(wkt::value_to_json).filter(|json| !json.is_null())
 }
 
 fn check_json_size(validator: &mut Validator, field: &str, value: &Value) {

@@ -333,7 +333,7 @@ impl ProtocolRunner {
 
     async fn succeed(&self, step: &pb::StepRef, output: Value) {
         let success =
-            pb::StepSuccess { output: Some(turbocat::service::convert::json_to_value(&output)) };
+            pb::StepSuccess { output: Some(turbocat::proto::wkt::json_to_value(&output)) };
         let result = pb::StepResult {
             step: Some(step.clone()),
             outcome: Some(pb::step_result::Outcome::Success(success)),
@@ -356,7 +356,7 @@ impl ProtocolRunner {
 }
 
 fn input_of(assignment: &pb::StepAssignment) -> Value {
-    assignment.input.as_ref().map(turbocat::service::convert::value_to_json).unwrap_or(Value::Null)
+    assignment.input.as_ref().map(turbocat::proto::wkt::value_to_json).unwrap_or(Value::Null)
 }
 
 /// Asserts that `execution_id` stays as `check` wants it for half a second (a refused report

@@ -10,7 +10,7 @@ use turbocat::proto::v1::{
     GetTemplateRequest, InstantiateTemplateRequest, ListTemplatesRequest, Template,
     UpdateTemplateRequest,
 };
-use turbocat::service::convert::json_object_to_struct;
+use turbocat::proto::wkt::json_object_to_struct;
 use turbocat::store::{AgentFilter, OwnerScope};
 
 use crate::Installation;

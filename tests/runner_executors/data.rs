@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use turbocat::jq::check_program;
 use turbocat::proto::v1 as pb;
-use turbocat::runner::executors::{LogStream, StepErrorKind, data::check_program};
+use turbocat::runner::executors::{LogStream, StepErrorKind};
 
 use crate::{agent, limits, run};
 

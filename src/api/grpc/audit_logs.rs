@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::caller_of;
 use crate::proto::v1::{self as pb, audit_log_service_server};
 use crate::service;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::{caller_of, client_of};
 use crate::proto::v1::{self as pb, execution_service_server};
 use crate::service;

@@ -12,7 +12,7 @@ mod users;
 pub use self::api_keys::ApiKeyGrpc;
 pub use self::auth::AuthGrpc;
 pub use self::users::UserGrpc;
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::proto::v1::{
     agent_service_server, analytics_service_server, api_key_service_server,
     audit_log_service_server, auth_service_server, deployment_service_server,

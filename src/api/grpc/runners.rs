@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::api::AppContext;
+use crate::app::AppContext;
 use crate::auth::caller::{Caller, Credential, caller_of};
 use crate::engine::runners::RunnerOwner;
 use crate::error::ServiceError;

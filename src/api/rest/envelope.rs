@@ -9,7 +9,7 @@ use crate::error::ServiceError;
 /// The request id the request-id layer put on the request (or made up).
 pub fn request_id_of(headers: &http::HeaderMap) -> String {
     headers
-        .get(crate::api::REQUEST_ID_HEADER)
+        .get(crate::auth::caller::REQUEST_ID_HEADER)
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned)
         .unwrap_or_default()

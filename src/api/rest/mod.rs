@@ -373,8 +373,7 @@ fn grpc_request(
         .uri(binding.grpc_path.as_str())
         .version(http::Version::HTTP_2)
         .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header("te", "trailers")
-        .header(crate::api::TRANSPORT_HEADER, "rest");
+        .header("te", "trailers");
     for name in FORWARDED_HEADERS {
         for value in parts.headers.get_all(name) {
             builder = builder.header(name, value);

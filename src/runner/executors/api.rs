@@ -7,7 +7,7 @@
 //! retryable for 5xx and 429, not retryable otherwise. Redirects (at most 5) are followed only
 //! to URLs that pass the SSRF guard again; credentials are dropped when a redirect leaves the
 //! origin. The response body may not exceed the agent's `maxOutputBytes`.
-//! May call: `crate::engine::mapping`, `crate::runner::ssrf`, reqwest.
+//! May call: `crate::mapping`, `crate::runner::ssrf`, reqwest.
 
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION};
 use reqwest::{Method, StatusCode};
@@ -15,10 +15,11 @@ use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 use url::Url;
 
-use super::{RunContext, StepError, StepErrorKind, positive_duration, truncate_text};
-use crate::engine::mapping;
+use super::{RunContext, StepError, StepErrorKind, positive_duration};
+use crate::mapping;
 use crate::proto::v1 as pb;
 use crate::runner::ssrf;
+use crate::text::truncate_text;
 
 /// Redirects followed at most.
 const MAX_REDIRECTS: usize = 5;

@@ -30,8 +30,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::{OnceCell, oneshot};
 
-use super::{LogSink, LogStream, RunContext, StepError, StepErrorKind, truncate_text};
+use super::{LogSink, LogStream, RunContext, StepError, StepErrorKind};
 use crate::proto::v1 as pb;
+use crate::text::truncate_text;
 
 /// A snippet that exits with this status fails without retry (what `NonRetryableError` does).
 pub const NON_RETRYABLE_EXIT_STATUS: i32 = 87;

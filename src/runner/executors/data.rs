@@ -11,170 +11,27 @@
 //! thread with a deep stack) under the agent's CPU and memory limits; results past
 //! `maxOutputBytes` stop them, the deadline and cancels kill the process. A program that
 //! recurses too deeply fails without retry instead of taking the runner down.
-//! May call: jaq.
+//! May call: `crate::jq` (compiling and running programs), `crate::text`.
 
-use std::cell::RefCell;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::OnceLock;
 
-use jaq_core::load::{self, Arena, File, Loader};
-use jaq_core::native::{self, Fun};
-use jaq_core::{Compiler, Ctx, RunPtr, ValT as _, Vars, data::JustLut};
-use jaq_json::Val;
+use jaq_core::{Ctx, Vars};
 use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::code::{ChildLimits, MemoryLimit, Spawned, drain, spawn_fed};
-use super::{LogStream, RunContext, StepError, StepErrorKind, truncate_text};
+use super::{LogStream, RunContext, StepError, StepErrorKind};
+use crate::jq::{JqData, clear_program_logs, compile, json_to_val, take_program_logs, val_to_json};
 use crate::proto::v1 as pb;
-
-type JqData = JustLut<Val>;
-type JqProgram = jaq_core::Filter<JqData>;
-
-/// Native jq filters of the standard library a DATA program may not use.
-const FORBIDDEN_FILTERS: [&str; 3] = [
-    // The runner's environment variables, API keys included.
-    "env",
-    // Replaced by `captured_log_filters`: the standard ones write to the runner's own log.
-    "debug_empty",
-    "stderr_empty",
-];
-
-/// `debug` and `stderr` messages kept at most per run.
-const MAX_PROGRAM_LOG_LINES: usize = 1000;
-
-thread_local! {
-    /// The `debug`/`stderr` messages of the program running on this thread.
-    static PROGRAM_LOGS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
-}
-
-fn capture_log_line(line: String) {
-    PROGRAM_LOGS.with(|logs| {
-        let mut logs = logs.borrow_mut();
-        if logs.len() < MAX_PROGRAM_LOG_LINES {
-            logs.push(truncate_text(&line, 2000));
-        }
-    });
-}
-
-/// `debug` (as jq prints it: `["DEBUG:",<value>]`) and `stderr` (strings raw), kept for the
-/// step's log instead of the runner's.
-fn captured_log_filters() -> impl Iterator<Item = Fun<JqData>> {
-    let debug: RunPtr<JqData> = |(_, value)| {
-        capture_log_line(format!("[\"DEBUG:\",{value}]"));
-        Box::new(core::iter::empty())
-    };
-    let stderr: RunPtr<JqData> = |(_, value)| {
-        capture_log_line(match &value {
-            Val::TStr(bytes) | Val::BStr(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-            other => other.to_string(),
-        });
-        Box::new(core::iter::empty())
-    };
-    let filters: [native::Filter<RunPtr<JqData>>; 2] =
-        [("debug_empty", native::v(0), debug), ("stderr_empty", native::v(0), stderr)];
-    filters.into_iter().map(native::run::<JqData>)
-}
+use crate::text::truncate_text;
 
 /// Stack of the thread a program runs on: deep (non-tail) recursion in jq recurses in Rust.
 const PROGRAM_STACK_BYTES: usize = 64 * 1024 * 1024;
-
-/// Checks that a jq program compiles; the error says what is wrong and where.
-pub fn check_program(program: &str) -> Result<(), String> {
-    compile(program).map(|_| ())
-}
-
-fn compile(program: &str) -> Result<JqProgram, String> {
-    let definitions = jaq_core::defs().chain(jaq_std::defs()).chain(jaq_json::defs());
-    let functions = jaq_core::funs()
-        .chain(jaq_std::funs())
-        .chain(jaq_json::funs())
-        .filter(|(name, _, _)| !FORBIDDEN_FILTERS.contains(name))
-        .chain(captured_log_filters());
-    let loader = Loader::new(definitions);
-    let arena = Arena::default();
-    let modules = loader
-        .load(&arena, File { code: program, path: () })
-        .map_err(|errors| describe_load_errors(program, errors))?;
-    Compiler::default().with_funs(functions).compile(modules).map_err(|errors| {
-        let described: Vec<String> = errors
-            .into_iter()
-            .flat_map(|(_file, undefined)| undefined)
-            .map(|(name, undefined)| {
-                format!(
-                    "undefined {} `{name}` at character {}",
-                    undefined.as_str(),
-                    position(program, name)
-                )
-            })
-            .collect();
-        described.join("; ")
-    })
-}
-
-fn describe_load_errors(program: &str, errors: load::Errors<&str, ()>) -> String {
-    let mut described = Vec::new();
-    for (_file, error) in errors {
-        match error {
-            load::Error::Io(failures) => {
-                for (path, message) in failures {
-                    described.push(format!("cannot load module `{path}`: {message}"));
-                }
-            }
-            load::Error::Lex(failures) => {
-                for (expected, found) in failures {
-                    let expected = match expected {
-                        load::lex::Expect::Digit => "a digit",
-                        load::lex::Expect::Ident => "an identifier",
-                        load::lex::Expect::Delim("(") => "a closing parenthesis",
-                        load::lex::Expect::Delim("[") => "a closing bracket",
-                        load::lex::Expect::Delim("{") => "a closing brace",
-                        load::lex::Expect::Delim("\"") => "a closing quote",
-                        load::lex::Expect::Escape => "a string escape sequence",
-                        load::lex::Expect::Unicode => "a 4-digit hexadecimal code point",
-                        _ => "a token",
-                    };
-                    described.push(format!(
-                        "expected {expected} at character {}",
-                        position(program, found)
-                    ));
-                }
-            }
-            load::Error::Parse(failures) => {
-                for (expected, found) in failures {
-                    let found_text = if found.is_empty() {
-                        "the end of the program".to_owned()
-                    } else {
-                        format!("`{}`", truncate_text(found, 20))
-                    };
-                    described.push(format!(
-                        "expected {} at character {}, found {found_text}",
-                        expected.as_str(),
-                        position(program, found)
-                    ));
-                }
-            }
-        }
-    }
-    if described.is_empty() {
-        return "the program does not parse".to_owned();
-    }
-    described.join("; ")
-}
-
-/// Where `part` (a slice of `program`) starts, counted in characters from 1.
-fn position(program: &str, part: &str) -> usize {
-    let program_start = program.as_ptr() as usize;
-    let part_start = part.as_ptr() as usize;
-    if part_start < program_start || part_start > program_start + program.len() {
-        return 0;
-    }
-    program[..part_start - program_start].chars().count() + 1
-}
 
 /// Runs a DATA step in a child process (`turbocat jq-worker`), so that a program recursing
 /// too deeply (a stack overflow aborts a process), spinning or allocating without end costs
@@ -371,9 +228,9 @@ pub fn worker_main() -> std::process::ExitCode {
         .name("turbocat-jq".to_owned())
         .stack_size(PROGRAM_STACK_BYTES)
         .spawn(move || {
-            PROGRAM_LOGS.with(|logs| logs.borrow_mut().clear());
+            clear_program_logs();
             let outcome = run_program(&request.program, &request.input, request.max_output_bytes);
-            let logs = PROGRAM_LOGS.with(|logs| std::mem::take(&mut *logs.borrow_mut()));
+            let logs = take_program_logs();
             match outcome {
                 Ok(output) => WorkerReply { output: Some(output), error: None, logs },
                 Err(error) => WorkerReply {
@@ -450,55 +307,6 @@ fn run_program(program: &str, input: &Value, max_output_bytes: usize) -> Result<
     })
 }
 
-fn json_to_val(value: &Value) -> Val {
-    match value {
-        Value::Null => Val::Null,
-        Value::Bool(boolean) => Val::from(*boolean),
-        Value::Number(number) => {
-            match number.as_i64().and_then(|integer| isize::try_from(integer).ok()) {
-                Some(integer) => Val::from(integer),
-                None => Val::from(number.as_f64().unwrap_or(f64::NAN)),
-            }
-        }
-        Value::String(text) => Val::from(text.clone()),
-        Value::Array(items) => items.iter().map(json_to_val).collect(),
-        Value::Object(fields) => {
-            let pairs =
-                fields.iter().map(|(key, field)| (Val::from(key.clone()), json_to_val(field)));
-            // Building an object from string keys cannot fail.
-            Val::from_map(pairs).unwrap_or(Val::Null)
-        }
-    }
-}
-
-fn val_to_json(value: &Val) -> Value {
-    match value {
-        Val::Null => Value::Null,
-        Val::Bool(boolean) => Value::Bool(*boolean),
-        // Integers, big integers, floats and decimals print as JSON numbers; NaN and infinities
-        // do not parse and become null, as in jq.
-        Val::Num(_) => serde_json::from_str(&value.to_string()).unwrap_or(Value::Null),
-        Val::TStr(bytes) | Val::BStr(bytes) => {
-            Value::String(String::from_utf8_lossy(bytes).into_owned())
-        }
-        Val::Arr(items) => Value::Array(items.iter().map(val_to_json).collect()),
-        Val::Obj(fields) => Value::Object(
-            fields
-                .iter()
-                .map(|(key, field)| {
-                    let key_text = match key {
-                        Val::TStr(bytes) | Val::BStr(bytes) => {
-                            String::from_utf8_lossy(bytes).into_owned()
-                        }
-                        other => other.to_string(),
-                    };
-                    (key_text, val_to_json(field))
-                })
-                .collect(),
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -515,17 +323,6 @@ mod tests {
         assert_eq!(run_now(".", input.clone()), Ok(input));
         assert_eq!(run_now("1 / 3 | . * 3", json!(null)), Ok(json!(1.0)));
         assert_eq!(run_now("nan", json!(null)), Ok(Value::Null));
-    }
-
-    #[test]
-    fn compile_errors_say_where() {
-        let message = check_program(".a | ").unwrap_err();
-        assert!(message.contains("expected"), "{message}");
-        let message = check_program("nosuchfilter(1)").unwrap_err();
-        assert!(message.contains("undefined filter `nosuchfilter`"), "{message}");
-        let message = check_program("env.HOME").unwrap_err();
-        assert!(message.contains("`env`"), "{message}");
-        assert_eq!(check_program("{open: [.issues[] | select(.state == \"open\")]}"), Ok(()));
     }
 
     #[test]

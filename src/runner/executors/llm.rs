@@ -10,17 +10,18 @@
 //! 429 and 5xx answers are retryable, other failures are not. The base URL passes the same
 //! SSRF guard as API agents (`allowPrivateNetwork` opens private networks); redirects are not
 //! followed.
-//! May call: `crate::engine::mapping`, `crate::runner::ssrf`, reqwest.
+//! May call: `crate::mapping`, `crate::runner::ssrf`, reqwest.
 
 use reqwest::header::{AUTHORIZATION, HeaderValue};
 use serde_json::{Value, json};
 use url::Url;
 
 use super::api::{read_limited_body, ssrf_failure, status_failure, transport_failure};
-use super::{RunContext, StepError, truncate_text};
-use crate::engine::mapping;
+use super::{RunContext, StepError};
+use crate::mapping;
 use crate::proto::v1 as pb;
 use crate::runner::ssrf;
+use crate::text::truncate_text;
 
 /// Room for the response's envelope (ids, usage, choices) on top of the text itself.
 const RESPONSE_ENVELOPE_BYTES: usize = 64 * 1024;

@@ -3,7 +3,7 @@
 //! `code` runs python3/node snippets in a limited child process, `api` sends templated HTTP
 //! requests, `llm` asks an OpenAI-compatible chat completion, `data` runs a jq program.
 //! WORKFLOW agents are run by the server, never here.
-//! May call: `crate::engine::mapping` (templates), `crate::runner::ssrf`, the generated proto
+//! May call: `crate::mapping` (templates), `crate::runner::ssrf`, the generated proto
 //! types. Never the store, the queue or the service layer.
 
 pub mod api;
@@ -394,18 +394,10 @@ pub(crate) fn describe_duration(duration: Duration) -> String {
     }
 }
 
-/// The first `max_chars` characters of `text`, with "…" when cut.
-pub(crate) fn truncate_text(text: &str, max_chars: usize) -> String {
-    let mut characters = text.char_indices();
-    match characters.nth(max_chars) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::text::truncate_text;
 
     #[test]
     fn limits_take_defaults_for_zero_and_missing_values() {
