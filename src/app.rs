@@ -2,7 +2,7 @@
 //! `AppContext` (store, queue, bus, engine, auth pieces and settings), how the process was
 //! started (`Mode`), and the dependency probes health reports read. Built by `server`, read by
 //! the service layer and the edges; it sits below both.
-//! May call: the store, queue, bus, auth and engine types it holds (no logic of its own).
+//! May call: the store, queue, bus, auth, engine and config types it holds (no logic of its own).
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -1,6 +1,7 @@
 //! Command line and environment: every flag also reads a `TURBOCAT_*` variable. Settings are
 //! validated once here, and their `Debug` never shows a secret.
-//! May call: nothing.
+//! May call: nothing with behaviour; only the settings types it builds for `auth` (external
+//! identity), the `engine` and the `runner`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

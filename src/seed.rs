@@ -1,7 +1,7 @@
 //! Demo data (`turbocat seed`) and the built-in starter templates every installation has.
 //! Agent configs are stored as the proto3 JSON of `turbocat.v1.AgentConfig`; template bodies
 //! hold REST JSON as `CreateAgent`/`CreateWorkflow` accept it.
-//! May call: the store and password hashing.
+//! May call: the store, password hashing (`auth`) and `config` (the admin password secret).
 
 use serde_json::{Value, json};
 use uuid::Uuid;

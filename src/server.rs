@@ -1,6 +1,9 @@
 //! Process start-up of `dev` and `serve`: opens the store (and Redis), builds the context,
 //! binds the one listener and serves until SIGINT/SIGTERM.
-//! May call: config, store, api.
+//! May call: everything it wires together: config, store, queue, bus (and `redis_pool` under
+//! them), auth, engine, service (the pieces the engine and triggers are given), app (the
+//! context), api (the router), seed (starter templates) and runner (the local runner of
+//! `dev`). Only `main` calls it.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -252,7 +255,7 @@ fn start_engine(
             capacity: LOCAL_RUNNER_CAPACITY,
             agent_types: crate::runner::client::RunnerSettings::default_agent_types(),
             drain_grace: std::time::Duration::from_secs(5),
-            max_message_bytes: context.engine.settings.max_message_bytes,
+            max_message_bytes: context.engine.settings().max_message_bytes,
         };
         let (_never, shutdown) = tokio::sync::watch::channel(false);
         tasks.push(tokio::spawn(async move {
@@ -291,7 +294,9 @@ struct ContextParts<'a> {
     /// Counters of the sign-in rate limits: in memory (`dev`) or Redis (`serve`).
     rate_limiter: Arc<dyn crate::auth::rate_limit::RateLimiter>,
     /// Runner liveness: in memory (`dev`) or shared through Redis (`serve`).
-    leases: crate::engine::leases::LeaseBook,
+    leases: crate::engine::leases::Leases,
+    /// The runners of every replica: none beyond this process (`dev`) or in Redis (`serve`).
+    runner_directory: crate::engine::runner_directory::RunnerDirectory,
     /// The credential of the in-process runner (`dev` only).
     local_runner_key: Option<Secret>,
 }
@@ -333,16 +338,17 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
             Some(smtp) => Arc::new(smtp),
             None => Arc::new(crate::auth::mailer::LogMailer),
         };
-    let engine = crate::engine::Engine::new(
-        parts.store.clone(),
-        parts.queue.clone(),
-        parts.bus.clone(),
-        parts.leases,
-        crate::engine::EngineSettings {
+    let engine = crate::engine::Engine::new(crate::engine::EngineParts {
+        store: parts.store.clone(),
+        queue: parts.queue.clone(),
+        bus: parts.bus.clone(),
+        leases: parts.leases,
+        runner_directory: parts.runner_directory,
+        settings: crate::engine::EngineSettings {
             max_message_bytes: parts.listen.max_message_bytes,
             ..parts.listen.engine.settings()
         },
-    );
+    });
     // The engine runs WORKFLOW steps; the service layer builds their child executions.
     engine.install_child_workflows(crate::service::subworkflows::ChildWorkflowBuilder::new(
         parts.store.clone(),
@@ -388,7 +394,8 @@ pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
         listen: &args.listen,
         external_identity,
         rate_limiter: Arc::new(crate::auth::rate_limit::MemoryRateLimiter::new()),
-        leases: crate::engine::leases::LeaseBook::in_memory(),
+        leases: crate::engine::leases::Leases::in_memory(),
+        runner_directory: crate::engine::runner_directory::RunnerDirectory::in_memory(),
         local_runner_key: Some(random_secret()),
     })?;
     start(context, &args.listen).await
@@ -443,7 +450,11 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
             redis.clone(),
             args.listen.account_security.rate_limit_key_prefix.clone(),
         )),
-        leases: crate::engine::leases::LeaseBook::shared(
+        leases: crate::engine::leases::Leases::shared(
+            redis.clone(),
+            format!("{}engine:", args.redis_key_prefix),
+        ),
+        runner_directory: crate::engine::runner_directory::RunnerDirectory::shared(
             redis.clone(),
             format!("{}engine:", args.redis_key_prefix),
         ),

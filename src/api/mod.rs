@@ -1,7 +1,9 @@
 //! The edges: one listener serving gRPC (HTTP/2), grpc-web, REST/JSON under `/api/v1`,
 //! `grpc.health.v1.Health`, gRPC reflection and `GET /health`. Authentication, request ids,
 //! CORS and tracing are layers shared by every transport.
-//! May call: the service layer through `AppContext`; the store only for health probes.
+//! May call: the service layer and the `app` context it runs with; `auth` (the layer);
+//! `engine` (the runner stream's messages); `proto` and `error` (transcoding, envelopes); the
+//! store only for health probes.
 
 pub mod grpc;
 pub mod health;

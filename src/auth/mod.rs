@@ -1,6 +1,7 @@
 //! Authentication: who a caller is (access tokens, API keys), sessions and their revocation,
 //! password hashing. Services read the `Caller` the layer leaves on each request.
-//! May call: the store and the bus.
+//! May call: the store, the bus (revocations), `redis_pool` (rate limit counters in `serve`),
+//! `config` (secrets and settings) and `error`.
 
 pub mod api_keys;
 pub mod caller;

@@ -1,7 +1,7 @@
 //! Workflow definitions as directed acyclic graphs: validation of saved definitions and the
 //! order steps become ready in. Works on plain `DagStep`s (key, dependencies, input mapping),
 //! so it knows nothing of the proto or of the store's rows beyond the two conversions below.
-//! May call: `super::mapping` (to parse input mappings) and nothing else.
+//! May call: `crate::mapping` (to parse input mappings) and nothing else.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 

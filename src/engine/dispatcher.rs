@@ -11,8 +11,8 @@ use std::time::Duration;
 use chrono::Utc;
 use uuid::Uuid;
 
+use super::attached_runners::{AttachedRunner, Placement};
 use super::definition::ExecutionDefinition;
-use super::runners::{AttachedRunner, Placement};
 use super::scheduler::step_ref;
 use super::{Engine, EngineResult};
 use crate::proto::v1 as pb;
@@ -38,7 +38,7 @@ impl Engine {
         let mut ready = self.queue.subscribe_ready();
         loop {
             ready.borrow_and_update();
-            let capacity = self.runners.capacity_changed.notified();
+            let capacity = self.attached_runners.capacity_changed.notified();
             tokio::pin!(capacity);
             capacity.as_mut().enable();
             if let Err(error) = self.dispatch_once().await {
@@ -54,7 +54,7 @@ impl Engine {
 
     /// One pass over the ready queue; returns how many steps were assigned.
     pub async fn dispatch_once(self: &Arc<Self>) -> EngineResult<usize> {
-        if self.runners.all().is_empty() {
+        if self.attached_runners.all().is_empty() {
             return Ok(0);
         }
         let mut assigned = 0;
@@ -64,7 +64,7 @@ impl Engine {
                 agent_type: &item.agent_type,
                 required_labels: &item.required_labels,
             };
-            let Some(runner) = self.runners.pick(&placement) else { continue };
+            let Some(runner) = self.attached_runners.pick(&placement) else { continue };
             let claim_timeout = self.settings.acknowledgement_timeout * 2;
             if !self.queue.claim(item.key(), claim_timeout).await? {
                 continue;

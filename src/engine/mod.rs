@@ -1,25 +1,30 @@
-//! The execution engine: workflow definitions as DAGs (`dag`), the `{{…}}` input mappings that
-//! feed a step from the workflow input and its upstream outputs (`mapping`), the snapshot an
+//! The execution engine: workflow definitions as DAGs (`dag`), the snapshot an
 //! execution runs from (`definition`), the cron schedules of deployments (`schedule`), and the
 //! machinery that runs executions: `scheduler` (moving an execution forward, retries, timeouts,
 //! cancellation), `dispatcher` (handing queued steps to attached runners), `reconciler` (repairing
-//! what the queue or a crash lost, from the database), `runners` (the runners attached to this
-//! process), `leases` (runner liveness, kept off the database) and `subworkflow` (WORKFLOW
-//! steps, which the engine runs itself as child executions).
+//! what the queue or a crash lost, from the database), `attached_runners` (the runners attached
+//! to this process), `leases` (runner liveness, kept off the database), `runner_directory` (the
+//! runners attached to every replica, shared through Redis) and `subworkflow` (WORKFLOW steps,
+//! which the engine runs itself as child executions). The `{{…}}` mappings it renders are
+//! `crate::mapping`, shared with the runner.
 //!
 //! The database is the source of truth: every transition is committed (as a fenced
 //! compare-and-set on the attempt) before the queue or a runner hears of it, so any replica may
 //! act on any execution and a crash at any point is repaired by the reconciler.
-//! May call: the store, the queue and the bus. Never the edges or the service layer (which
-//! builds child executions for it through the `subworkflow::ChildWorkflows` it installs).
+//! May call: the store, the queue, the bus, `crate::redis_pool` (leases and the runner
+//! directory), and the shared pure modules (`proto`, `mapping`, `error`). Never the edges, the
+//! service layer (which builds child executions for it through the `subworkflow::ChildWorkflows`
+//! it installs) or the runner program. Callers reach it through the methods below, never its
+//! parts.
 
+pub mod attached_runners;
 pub mod dag;
 pub mod definition;
 pub mod dispatcher;
 pub mod leases;
 pub mod protocol;
 pub mod reconciler;
-pub mod runners;
+pub mod runner_directory;
 pub mod schedule;
 pub mod scheduler;
 pub mod subworkflow;
@@ -31,8 +36,9 @@ use crate::bus::Bus;
 use crate::queue::{Queue, QueueError};
 use crate::store::{Store, StoreError};
 
-use self::leases::LeaseBook;
-use self::runners::RunnerRegistry;
+use self::attached_runners::AttachedRunners;
+use self::leases::Leases;
+use self::runner_directory::RunnerDirectory;
 
 /// The engine's knobs; the defaults suit a laptop and a small cluster alike.
 #[derive(Debug, Clone)]
@@ -83,35 +89,67 @@ pub enum EngineError {
 
 pub type EngineResult<T> = Result<T, EngineError>;
 
-/// One engine per server process; every replica runs one over the shared store and queue.
-pub struct Engine {
+/// What an engine is built from.
+pub struct EngineParts {
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn Queue>,
     pub bus: Arc<dyn Bus>,
+    /// Runner liveness: in memory (`dev`) or shared through Redis (`serve`).
+    pub leases: Leases,
+    /// The runners of every replica: empty (`dev`) or shared through Redis (`serve`).
+    pub runner_directory: RunnerDirectory,
     pub settings: EngineSettings,
-    pub runners: RunnerRegistry,
-    pub leases: LeaseBook,
+}
+
+/// One engine per server process; every replica runs one over the shared store and queue.
+pub struct Engine {
+    store: Arc<dyn Store>,
+    queue: Arc<dyn Queue>,
+    bus: Arc<dyn Bus>,
+    settings: EngineSettings,
+    /// The runners attached to this process.
+    attached_runners: AttachedRunners,
+    /// How long the holder of each attempt is known to be alive.
+    leases: Leases,
+    /// The runners attached to every replica.
+    runner_directory: RunnerDirectory,
     /// Builds the child executions of WORKFLOW steps; installed once at start-up.
     child_workflows: OnceLock<Arc<dyn subworkflow::ChildWorkflows>>,
 }
 
 impl Engine {
-    pub fn new(
-        store: Arc<dyn Store>,
-        queue: Arc<dyn Queue>,
-        bus: Arc<dyn Bus>,
-        leases: LeaseBook,
-        settings: EngineSettings,
-    ) -> Arc<Self> {
+    pub fn new(parts: EngineParts) -> Arc<Self> {
         Arc::new(Self {
-            store,
-            queue,
-            bus,
-            settings,
-            runners: RunnerRegistry::default(),
-            leases,
+            store: parts.store,
+            queue: parts.queue,
+            bus: parts.bus,
+            settings: parts.settings,
+            attached_runners: AttachedRunners::default(),
+            leases: parts.leases,
+            runner_directory: parts.runner_directory,
             child_workflows: OnceLock::new(),
         })
+    }
+
+    /// The knobs this engine runs with.
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// The runners attached to any replica, unordered: this replica's own as they are now,
+    /// the others' as their replicas last shared them (at most a couple of seconds old).
+    pub async fn runners_of_every_replica(&self) -> Vec<crate::proto::v1::Runner> {
+        let mut runners: std::collections::BTreeMap<String, crate::proto::v1::Runner> = self
+            .runner_directory
+            .list()
+            .await
+            .into_iter()
+            .map(|runner| (runner.id.clone(), runner))
+            .collect();
+        for runner in self.attached_runners.all() {
+            runners.insert(runner.id.clone(), runner.to_proto());
+        }
+        runners.into_values().collect()
     }
 
     /// Starts the dispatcher, the reconciler and the cancel relay; they run until the returned

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use chrono::Utc;
 use uuid::Uuid;
 
+use super::attached_runners::{AttachedRunner, RunnerOwner, RunnerSender};
 use super::dispatcher::lease_end;
-use super::runners::{AttachedRunner, RunnerOwner, RunnerSender};
 use super::{Engine, EngineResult};
 use crate::proto::v1 as pb;
 use crate::store::{
@@ -61,7 +61,7 @@ impl Engine {
         }
         let name: String = hello.name.trim().chars().take(200).collect();
         let runner_id = match Uuid::parse_str(hello.runner_id.trim()) {
-            Ok(previous) if self.runners.get(&previous.to_string()).is_none() => {
+            Ok(previous) if self.attached_runners.get(&previous.to_string()).is_none() => {
                 previous.to_string()
             }
             _ => Uuid::new_v4().to_string(),
@@ -102,8 +102,8 @@ impl Engine {
             self.leases.extend(key, lease_end(now, self.settings.lease_duration, deadline)).await;
             kept_steps.push(held.clone());
         }
-        self.runners.attach(runner.clone());
-        self.leases.share_runners(&[runner.to_proto()]).await;
+        self.attached_runners.attach(runner.clone());
+        self.runner_directory.share(&[runner.to_proto()]).await;
         tracing::info!(runner_id = %runner.id, name = %runner.name, capacity, kept = kept_steps.len(), "runner attached");
         let accepted = pb::AttachAccepted {
             runner_id,
@@ -119,8 +119,8 @@ impl Engine {
     /// Forgets a runner whose stream ended. Its attempts keep their leases until they run out,
     /// so a runner that reconnects in time keeps them.
     pub async fn detach_runner(&self, runner: &AttachedRunner) {
-        self.runners.detach(&runner.id);
-        self.leases.forget_runner(&runner.id).await;
+        self.attached_runners.detach(&runner.id);
+        self.runner_directory.forget(&runner.id).await;
         tracing::info!(runner_id = %runner.id, held = runner.load(), "runner detached");
     }
 
@@ -141,7 +141,7 @@ impl Engine {
                 if ack.accepted {
                     runner.acknowledge(key);
                 } else if runner.release(key) {
-                    self.runners.capacity_changed.notify_waiters();
+                    self.attached_runners.capacity_changed.notify_waiters();
                     tracing::info!(runner_id = %runner.id, reason = %ack.reason, "assignment handed back");
                     self.take_back(key).await?;
                 }
@@ -184,7 +184,7 @@ impl Engine {
                 // recorded before the next assignment to this slot starts.
                 let outcome = self.complete_attempt(key, completion).await;
                 if runner.release(key) {
-                    self.runners.capacity_changed.notify_waiters();
+                    self.attached_runners.capacity_changed.notify_waiters();
                 }
                 outcome?;
             }
@@ -192,7 +192,7 @@ impl Engine {
                 if let Some(key) = ack.step.as_ref().and_then(attempt_key)
                     && runner.release(key)
                 {
-                    self.runners.capacity_changed.notify_waiters();
+                    self.attached_runners.capacity_changed.notify_waiters();
                 }
             }
             Message::Draining(_) => {

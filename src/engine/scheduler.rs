@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use serde::Deserialize as _;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -26,6 +27,16 @@ use crate::store::{
 
 /// The bus topic that carries cancels to the replica a runner is attached to.
 pub const RUNNER_CANCELS: &str = "runners:cancels";
+
+/// A cancel for a runner attached to another replica, as it travels on `RUNNER_CANCELS`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayedCancel {
+    pub runner_id: String,
+    pub step_run_id: Uuid,
+    pub attempt: i32,
+    pub reason: String,
+}
 
 /// The `kind` of the events published on an execution's topic (`bus::topics::execution`):
 /// a step run changed (`stepRun` holds the committed row), the execution changed (read it
@@ -302,16 +313,23 @@ impl Engine {
     pub(super) async fn send_cancel(self: &Arc<Self>, held: &InFlightStepRun, reason: &str) {
         let key = AttemptKey { step_run_id: held.step_run_id, attempt: held.attempt };
         self.leases.forget(key).await;
-        if let Some(runner) = self.runners.get(&held.runner_id) {
+        if let Some(runner) = self.attached_runners.get(&held.runner_id) {
             self.cancel_on_runner(&runner, key, reason).await;
             return;
         }
-        let message = json!({
-            "runnerId": held.runner_id,
-            "stepRunId": held.step_run_id,
-            "attempt": held.attempt,
-            "reason": reason,
-        });
+        let cancel = RelayedCancel {
+            runner_id: held.runner_id.clone(),
+            step_run_id: held.step_run_id,
+            attempt: held.attempt,
+            reason: reason.to_owned(),
+        };
+        let message = match serde_json::to_value(&cancel) {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, "could not encode a cancel for another replica");
+                return;
+            }
+        };
         if let Err(error) = self.bus.publish(RUNNER_CANCELS, message).await {
             tracing::warn!(%error, "could not relay a cancel to another replica");
         }
@@ -322,7 +340,7 @@ impl Engine {
     /// acknowledged in time frees the slot anyway, so a silent runner cannot keep it forever.
     pub(super) async fn cancel_on_runner(
         self: &Arc<Self>,
-        runner: &Arc<super::runners::AttachedRunner>,
+        runner: &Arc<super::attached_runners::AttachedRunner>,
         key: AttemptKey,
         reason: &str,
     ) {
@@ -334,7 +352,7 @@ impl Engine {
         }
         if !sent {
             if runner.release(key) {
-                self.runners.capacity_changed.notify_waiters();
+                self.attached_runners.capacity_changed.notify_waiters();
             }
             return;
         }
@@ -344,7 +362,7 @@ impl Engine {
             tokio::time::sleep(engine.settings.acknowledgement_timeout).await;
             if runner.held(key).is_some_and(|held| held.cancelling) && runner.release(key) {
                 tracing::warn!(runner_id = %runner.id, step_run_id = %key.step_run_id, "cancel not acknowledged in time; freeing its slot");
-                engine.runners.capacity_changed.notify_waiters();
+                engine.attached_runners.capacity_changed.notify_waiters();
             }
         });
     }
@@ -362,17 +380,16 @@ impl Engine {
             };
             while let Some(message) = futures::StreamExt::next(&mut stream).await {
                 let Some(payload) = message.payload() else { continue };
-                let runner_id = payload["runnerId"].as_str().unwrap_or_default();
-                let Some(runner) = self.runners.get(runner_id) else { continue };
-                let parsed = payload["stepRunId"]
-                    .as_str()
-                    .and_then(|text| Uuid::parse_str(text).ok())
-                    .zip(payload["attempt"].as_i64().and_then(|n| i32::try_from(n).ok()));
-                if let Some((step_run_id, attempt)) = parsed {
-                    let reason = payload["reason"].as_str().unwrap_or("cancelled");
-                    self.cancel_on_runner(&runner, AttemptKey { step_run_id, attempt }, reason)
-                        .await;
-                }
+                let cancel = match RelayedCancel::deserialize(payload) {
+                    Ok(cancel) => cancel,
+                    Err(error) => {
+                        tracing::warn!(%error, "ignoring a malformed relayed cancel");
+                        continue;
+                    }
+                };
+                let Some(runner) = self.attached_runners.get(&cancel.runner_id) else { continue };
+                let key = AttemptKey { step_run_id: cancel.step_run_id, attempt: cancel.attempt };
+                self.cancel_on_runner(&runner, key, &cancel.reason).await;
             }
         }
     }

@@ -3,6 +3,7 @@
 //! proto3 JSON conversion (`json`) for the REST edge and for the JSON the store keeps in proto
 //! shape (agent configs, template bodies), and the well-known types as Rust and JSON values
 //! (`wkt`). Below every other module: anything may use it.
+//! May call: `error` (the field errors the JSON codec reports).
 
 pub mod json;
 pub mod wkt;

@@ -2,8 +2,9 @@
 //! assignment. `client` speaks `RunnerService.Attach` with the server; `executors` runs the
 //! agent types a runner runs (CODE, API, LLM, DATA); `ssrf` guards the URLs of API and LLM
 //! agents. The server is reached only through the proto.
-//! May call: `crate::mapping` and the generated proto types; never the store, the queue
-//! or the service layer.
+//! May call: its own executors and the shared pure modules: `proto` (the generated types and
+//! their well-known-type conversions), `mapping` (`{{…}}` templates), `jq` and `text`. Never
+//! the store, the queue, the bus, the engine, the service layer or the edges.
 
 pub mod client;
 pub mod executors;

@@ -3,7 +3,8 @@
 //! Also the creation of a workflow's execution (`start_workflow_execution`, called by
 //! `ExecuteWorkflow`) with the definition snapshot the engine runs from; `snapshot_workflow`
 //! and `new_execution` also build the child executions of WORKFLOW steps (`subworkflows`).
-//! May call: the store, the audit trail and `proto::json`. Never the edges.
+//! May call: the store, the audit trail, `proto::json` and the engine (`advance` to start an
+//! execution, `cancel`). Never the edges.
 
 use std::collections::{BTreeMap, HashMap};
 

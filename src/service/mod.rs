@@ -2,7 +2,9 @@
 //! caller (or client info for public operations) and the proto request, validates it, does the
 //! work through the store, queue and bus, writes the audit trail, and returns the proto
 //! response or a `ServiceError`. The gRPC methods call these; REST reaches them through gRPC.
-//! May call: store, queue, bus, auth. Never the edges.
+//! May call: app (the context), store, queue, bus, auth, the engine (DAG checks, snapshots,
+//! schedules, starting and cancelling executions), `error`, and the shared pure modules
+//! (`proto`, `mapping`, `jq`). Never the edges, never the runner program.
 
 pub mod agents;
 pub mod api_keys;
@@ -12,7 +14,7 @@ pub mod auth;
 pub mod convert;
 pub mod deployments;
 pub mod executions;
-pub mod runners;
+pub mod runner_listing;
 pub mod subworkflows;
 pub mod templates;
 pub mod triggers;

@@ -1,7 +1,7 @@
 //! Templates: reusable agents, or workflows with their agents, with declared `{{params.…}}`
 //! parameters; list, read, create, change, delete and instantiate (which creates the agents and
 //! the workflow for the caller through the agents and workflows services).
-//! May call: the store, the audit trail, the `{{…}}` mappings of the engine, the proto JSON
+//! May call: the store, the audit trail, the shared `{{…}}` mappings (`crate::mapping`), the proto JSON
 //! codec, and the agents and workflows services.
 
 use std::collections::{BTreeMap, BTreeSet};

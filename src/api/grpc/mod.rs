@@ -53,8 +53,8 @@ pub use self::deployments::DeploymentGrpc;
 mod audit_logs;
 pub use self::audit_logs::AuditLogGrpc;
 grpc_service!(AnalyticsGrpc, analytics_service_server, AnalyticsService);
-mod runners;
-pub use self::runners::RunnerGrpc;
+mod runner_service;
+pub use self::runner_service::RunnerGrpc;
 
 /// Every Turbocat service, with the message size limits applied.
 pub fn routes(context: &Arc<AppContext>, max_message_bytes: usize) -> tonic::service::Routes {

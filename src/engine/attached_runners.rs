@@ -2,7 +2,7 @@
 //! many slots it has free, which attempts it holds, and the channel its stream is fed from.
 //! The dispatcher picks runners here; the runner stream (`RunnerService.Attach`) registers and
 //! updates them.
-//! May call: nothing but tokio.
+//! May call: tokio, the proto types (`crate::proto`) and the store's `AttemptKey`; no I/O.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -242,13 +242,13 @@ impl AttachedRunner {
 
 /// Every runner attached to this process.
 #[derive(Default)]
-pub struct RunnerRegistry {
+pub struct AttachedRunners {
     runners: RwLock<HashMap<String, Arc<AttachedRunner>>>,
     /// Woken when capacity may have appeared: a runner attached or a slot was freed.
     pub capacity_changed: Notify,
 }
 
-impl RunnerRegistry {
+impl AttachedRunners {
     pub fn attach(&self, runner: Arc<AttachedRunner>) {
         if let Ok(mut runners) = self.runners.write() {
             runners.insert(runner.id.clone(), runner);
@@ -299,9 +299,9 @@ impl super::Engine {
     pub(super) async fn share_runners(self: Arc<Self>) {
         loop {
             let runners: Vec<pb::Runner> =
-                self.runners.all().iter().map(|runner| runner.to_proto()).collect();
-            self.leases.share_runners(&runners).await;
-            tokio::time::sleep(super::leases::DIRECTORY_REFRESH).await;
+                self.attached_runners.all().iter().map(|runner| runner.to_proto()).collect();
+            self.runner_directory.share(&runners).await;
+            tokio::time::sleep(super::runner_directory::DIRECTORY_REFRESH).await;
         }
     }
 }
@@ -332,7 +332,7 @@ mod tests {
     #[test]
     fn placement_follows_owner_labels_types_and_slots() {
         let user = Uuid::new_v4();
-        let registry = RunnerRegistry::default();
+        let registry = AttachedRunners::default();
         registry.attach(Arc::new(runner("mine", RunnerOwner::User(user), &[("region", "eu")], 1)));
         registry.attach(Arc::new(runner("shared", RunnerOwner::Shared, &[("gpu", "")], 2)));
         let none = BTreeMap::new();

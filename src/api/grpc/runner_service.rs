@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::AppContext;
 use crate::auth::caller::{Caller, Credential, caller_of};
-use crate::engine::runners::RunnerOwner;
+use crate::engine::attached_runners::RunnerOwner;
 use crate::error::ServiceError;
 use crate::proto::v1::{self as pb, runner_service_server};
 use crate::store::ApiKeyScope;
@@ -105,9 +105,12 @@ impl runner_service_server::RunnerService for RunnerGrpc {
         request: Request<pb::ListRunnersRequest>,
     ) -> Result<Response<pb::ListRunnersResponse>, Status> {
         let caller = caller_of(&request)?;
-        let response =
-            crate::service::runners::list_runners(&self.context, &caller, request.into_inner())
-                .await?;
+        let response = crate::service::runner_listing::list_runners(
+            &self.context,
+            &caller,
+            request.into_inner(),
+        )
+        .await?;
         Ok(Response::new(response))
     }
 }

@@ -1,8 +1,6 @@
 //! The runners a caller can see: the shared ones and their own (an admin sees every runner),
 //! attached to this replica or (in `serve`) to any other.
-//! May call: the engine's registry of attached runners and its shared runner directory.
-
-use std::collections::BTreeMap;
+//! May call: the engine (`Engine::runners_of_every_replica`).
 
 use super::validate::{Validator, page_request};
 use crate::app::AppContext;
@@ -21,20 +19,12 @@ pub async fn list_runners(
     let mut validator = Validator::new();
     let page = page_request(&mut validator, request.page, request.page_size);
     validator.finish()?;
-    let mut runners: BTreeMap<String, pb::Runner> = context
+    let caller_id = caller.user_id.to_string();
+    let mut visible: Vec<pb::Runner> = context
         .engine
-        .leases
-        .shared_runners()
+        .runners_of_every_replica()
         .await
         .into_iter()
-        .map(|runner| (runner.id.clone(), runner))
-        .collect();
-    for runner in context.engine.runners.all() {
-        runners.insert(runner.id.clone(), runner.to_proto());
-    }
-    let caller_id = caller.user_id.to_string();
-    let mut visible: Vec<pb::Runner> = runners
-        .into_values()
         .filter(|runner| {
             runner.owner_id.is_empty() || caller.is_admin() || runner.owner_id == caller_id
         })
