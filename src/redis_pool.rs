@@ -1,14 +1,20 @@
 //! Redis connections shared by the Redis queue and the Redis bus: one bb8 pool of multiplexed
 //! connections for commands, plus the client that opens dedicated connections (pub/sub).
-//! May call: redis, bb8, bb8-redis. Errors and logs name the server's host and port, never the
+//!
+//! A checkout costs no round trip: pooled connections are `redis::aio::ConnectionManager`s,
+//! which reconnect by themselves after a failed command (the command that met the failure
+//! reports it; the next one runs on a fresh connection), so the pool does not `PING` each
+//! connection it hands out. None of our commands block, so the multiplexed connections
+//! pipeline concurrent callers.
+//! May call: redis, bb8 (as bb8-redis re-exports it). Errors and logs name the server's host and port, never the
 //! URL itself, so a password in the URL cannot leak.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bb8::PooledConnection;
-use bb8_redis::RedisConnectionManager;
+use bb8_redis::bb8::{self, PooledConnection};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 /// How many pooled connections to keep and how long to wait for one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,14 +30,45 @@ impl Default for RedisPoolOptions {
     }
 }
 
-/// A checked-out connection; it derefs to a `redis::aio::MultiplexedConnection`.
-pub type RedisPooledConnection<'pool> = PooledConnection<'pool, RedisConnectionManager>;
+/// A checked-out connection; it derefs to a `redis::aio::ConnectionManager` (a multiplexed
+/// connection that reconnects after a failure).
+pub type RedisPooledConnection<'pool> = PooledConnection<'pool, ReconnectingConnections>;
+
+/// Makes the pool's connections: each a `ConnectionManager` with the pool's timeouts.
+#[derive(Clone)]
+pub struct ReconnectingConnections {
+    client: redis::Client,
+    timeout: Duration,
+}
+
+impl bb8::ManageConnection for ReconnectingConnections {
+    type Connection = ConnectionManager;
+    type Error = redis::RedisError;
+
+    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        ConnectionManager::new_with_config(self.client.clone(), config).await
+    }
+
+    /// Only asked when a connection is tested on checkout, which this pool does not do.
+    async fn is_valid(&self, connection: &mut Self::Connection) -> Result<(), Self::Error> {
+        let _pong: String = redis::cmd("PING").query_async(connection).await?;
+        Ok(())
+    }
+
+    fn has_broken(&self, _connection: &mut Self::Connection) -> bool {
+        false
+    }
+}
 
 /// Commands go through the pool; dedicated connections (pub/sub) are opened with `client()`.
 /// Cloning is cheap and shares the pool.
 #[derive(Clone)]
 pub struct RedisPool {
-    commands: bb8::Pool<RedisConnectionManager>,
+    commands: bb8::Pool<ReconnectingConnections>,
     client: redis::Client,
     server_address: Arc<str>,
 }
@@ -105,13 +142,12 @@ pub async fn connect_redis_with_options(
         Ok(Ok(())) => {}
     }
 
-    let manager = match RedisConnectionManager::new(client.get_connection_info().clone()) {
-        Ok(manager) => manager,
-        Err(source) => return Err(RedisConnectError::InvalidUrl { server_address, source }),
-    };
+    let manager =
+        ReconnectingConnections { client: client.clone(), timeout: options.connection_timeout };
     let commands = bb8::Pool::builder()
         .max_size(options.max_connections)
         .connection_timeout(options.connection_timeout)
+        .test_on_check_out(false)
         .build_unchecked(manager);
     tracing::debug!(server_address = %server_address, "connected to redis");
     Ok(RedisPool { commands, client, server_address: server_address.into() })

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 
 use crate::api::{self, EdgeSettings};
@@ -120,6 +121,14 @@ pub async fn start(
     let (shutdown, mut shutdown_requested) = tokio::sync::watch::channel(false);
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
+        // Every accepted connection without Nagle's delay: a small frame (an SSE event, a
+        // runner's assignment, a unary answer on a kept-alive connection) leaves at once
+        // instead of waiting for the peer's delayed ACK (~40 ms).
+        let listener = listener.tap_io(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "could not set TCP_NODELAY on an accepted connection");
+            }
+        });
         axum::serve(listener, service)
             .with_graceful_shutdown(async move {
                 let _ = shutdown_requested.wait_for(|requested| *requested).await;

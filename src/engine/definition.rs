@@ -4,8 +4,11 @@
 //! Stored in `executions.definition` as `{"workflow": <Workflow>, "agents": {"<agent id>":
 //! <Agent>}}`, both in REST JSON (`crate::proto::json::encode`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use uuid::Uuid;
 
 use serde_json::{Value, json};
 
@@ -14,6 +17,54 @@ use crate::proto::v1 as pb;
 
 /// The wall-clock limit of an attempt when neither the step nor its agent sets one.
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Executions' decoded definitions, most recent first, so a step's hand-offs do not decode
+/// the same JSON through reflection again: a definition never changes once its execution
+/// exists. Bounded: the oldest entries go first; a miss decodes again.
+pub struct DefinitionCache {
+    entries: Mutex<DefinitionEntries>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct DefinitionEntries {
+    by_execution: HashMap<Uuid, Arc<ExecutionDefinition>>,
+    insertion_order: VecDeque<Uuid>,
+}
+
+impl DefinitionCache {
+    pub fn new(capacity: usize) -> Self {
+        Self { entries: Mutex::new(DefinitionEntries::default()), capacity: capacity.max(1) }
+    }
+
+    /// The decoded definition of `execution_id`, decoding `stored` on a miss.
+    pub fn get_or_parse(
+        &self,
+        execution_id: Uuid,
+        stored: &Value,
+    ) -> Result<Arc<ExecutionDefinition>, String> {
+        if let Some(found) = self.lookup(execution_id) {
+            return Ok(found);
+        }
+        let parsed = Arc::new(ExecutionDefinition::parse(stored)?);
+        if let Ok(mut entries) = self.entries.lock()
+            && !entries.by_execution.contains_key(&execution_id)
+        {
+            if entries.insertion_order.len() >= self.capacity
+                && let Some(oldest) = entries.insertion_order.pop_front()
+            {
+                entries.by_execution.remove(&oldest);
+            }
+            entries.by_execution.insert(execution_id, parsed.clone());
+            entries.insertion_order.push_back(execution_id);
+        }
+        Ok(parsed)
+    }
+
+    fn lookup(&self, execution_id: Uuid) -> Option<Arc<ExecutionDefinition>> {
+        self.entries.lock().ok()?.by_execution.get(&execution_id).cloned()
+    }
+}
 
 /// A decoded execution definition.
 #[derive(Debug, Clone)]

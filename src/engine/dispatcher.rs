@@ -12,7 +12,6 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::attached_runners::{AttachedRunner, Placement};
-use super::definition::ExecutionDefinition;
 use super::scheduler::step_ref;
 use super::{Engine, EngineResult};
 use crate::proto::v1 as pb;
@@ -106,7 +105,7 @@ impl Engine {
         if execution.status.is_finished() || execution.cancel_requested_at.is_some() {
             return Ok(Placed::Stale);
         }
-        let Ok(definition) = ExecutionDefinition::parse(&execution.definition) else {
+        let Ok(definition) = self.definition(&execution) else {
             self.advance(execution.id).await?;
             return Ok(Placed::Stale);
         };

@@ -89,6 +89,9 @@ pub enum EngineError {
 
 pub type EngineResult<T> = Result<T, EngineError>;
 
+/// How many decoded execution definitions one process keeps.
+const DEFINITION_CACHE_CAPACITY: usize = 4096;
+
 /// What an engine is built from.
 pub struct EngineParts {
     pub store: Arc<dyn Store>,
@@ -115,6 +118,8 @@ pub struct Engine {
     runner_directory: RunnerDirectory,
     /// Builds the child executions of WORKFLOW steps; installed once at start-up.
     child_workflows: OnceLock<Arc<dyn subworkflow::ChildWorkflows>>,
+    /// Decoded definitions of the executions this process moved recently.
+    definitions: definition::DefinitionCache,
 }
 
 impl Engine {
@@ -128,7 +133,16 @@ impl Engine {
             leases: parts.leases,
             runner_directory: parts.runner_directory,
             child_workflows: OnceLock::new(),
+            definitions: definition::DefinitionCache::new(DEFINITION_CACHE_CAPACITY),
         })
+    }
+
+    /// The decoded definition of an execution (decoded once, then kept while it is recent).
+    fn definition(
+        &self,
+        execution: &crate::store::Execution,
+    ) -> Result<Arc<definition::ExecutionDefinition>, String> {
+        self.definitions.get_or_parse(execution.id, &execution.definition)
     }
 
     /// The knobs this engine runs with.

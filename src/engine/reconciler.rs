@@ -14,7 +14,6 @@ use std::sync::Arc;
 use chrono::Utc;
 use uuid::Uuid;
 
-use super::definition::ExecutionDefinition;
 use super::{Engine, EngineResult};
 use crate::store::{
     AttemptKey, Completion, ExecutionFilter, ExecutionStatus, OwnerScope, StepRunStatus,
@@ -74,7 +73,7 @@ impl Engine {
                     }
                     let execution =
                         self.store.get_execution(OwnerScope::All, step_run.execution_id).await?;
-                    match ExecutionDefinition::parse(&execution.definition) {
+                    match self.definition(&execution) {
                         Ok(definition) => {
                             self.enqueue(&execution, &definition, &step_run).await?;
                             report.reenqueued += 1;
@@ -132,10 +131,9 @@ impl Engine {
             return self.resume_sub_workflow(&step_run).await;
         }
         let execution = self.store.get_execution(OwnerScope::All, step_run.execution_id).await?;
-        let timeout =
-            ExecutionDefinition::parse(&execution.definition).ok().and_then(|definition| {
-                definition.step(&step_run.step_key).map(|step| definition.step_timeout(step))
-            });
+        let timeout = self.definition(&execution).ok().and_then(|definition| {
+            definition.step(&step_run.step_key).map(|step| definition.step_timeout(step))
+        });
         let ran_past_deadline = match (step_run.assigned_at, timeout) {
             (Some(assigned_at), Some(timeout)) => {
                 let deadline = assigned_at
@@ -186,7 +184,7 @@ impl Engine {
         )
         .await;
         let execution = self.store.get_execution(OwnerScope::All, requeued.execution_id).await?;
-        if let Ok(definition) = ExecutionDefinition::parse(&execution.definition) {
+        if let Ok(definition) = self.definition(&execution) {
             self.enqueue(&execution, &definition, &requeued).await?;
         }
         Ok(())

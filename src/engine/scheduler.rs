@@ -72,7 +72,7 @@ impl Engine {
                 )
                 .await;
         }
-        let definition = match ExecutionDefinition::parse(&execution.definition) {
+        let definition = match self.definition(&execution) {
             Ok(definition) => definition,
             Err(problem) => {
                 let error = format!("the execution's definition is unusable: {problem}");
@@ -239,10 +239,9 @@ impl Engine {
         if retryable && step_run.user_attempts_used() < step_run.max_attempts {
             let execution =
                 self.store.get_execution(OwnerScope::All, step_run.execution_id).await?;
-            let policy =
-                ExecutionDefinition::parse(&execution.definition).ok().and_then(|definition| {
-                    definition.step(&step_run.step_key).and_then(|step| step.retry_policy)
-                });
+            let policy = self.definition(&execution).ok().and_then(|definition| {
+                definition.step(&step_run.step_key).and_then(|step| step.retry_policy)
+            });
             let ready_at = now
                 + chrono::Duration::from_std(retry_backoff(policy.as_ref(), key.attempt + 1))
                     .unwrap_or_else(|_| chrono::Duration::seconds(1));

@@ -173,7 +173,7 @@ impl Engine {
         if execution.status.is_finished() || execution.cancel_requested_at.is_some() {
             return self.advance(execution.id).await;
         }
-        match ExecutionDefinition::parse(&execution.definition) {
+        match self.definition(&execution) {
             Ok(definition) => self.launch_child(&execution, &definition, step_run).await,
             Err(_) => self.advance(execution.id).await,
         }

@@ -302,9 +302,12 @@ impl PostgresStore {
     /// Connects without migrating; `migrate` applies the embedded migrations.
     pub async fn connect(database_url: &str, max_connections: u32) -> StoreResult<Self> {
         let options = PgConnectOptions::from_str(database_url)?;
+        // No ping before each checkout (a round trip per query): a connection that broke is
+        // closed by the error of the query that met it, and the pool opens a new one.
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         Ok(Self { pool })
@@ -329,7 +332,11 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await?;
         Ok(Self { pool })
     }
 
