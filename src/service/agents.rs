@@ -14,6 +14,7 @@ use super::validate;
 use super::validate::MAX_TAG_CHARS;
 use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
+    update_mask_fields,
 };
 use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
@@ -68,7 +69,7 @@ const AGENT_SORT_FIELDS: &[(&str, AgentSortField)] = &[
 ];
 
 /// An editable field of an agent named by an update mask, in the order fields are reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum EditableField {
     Name,
     Description,
@@ -78,40 +79,15 @@ enum EditableField {
     Tags,
 }
 
-impl EditableField {
-    const ALL: [EditableField; 6] = [
-        EditableField::Name,
-        EditableField::Description,
-        EditableField::Type,
-        EditableField::Config,
-        EditableField::Limits,
-        EditableField::Tags,
-    ];
-
-    /// Accepts the JSON name and the proto name.
-    fn from_path(path: &str) -> Option<Self> {
-        match path.trim() {
-            "name" => Some(EditableField::Name),
-            "description" => Some(EditableField::Description),
-            "type" => Some(EditableField::Type),
-            "config" => Some(EditableField::Config),
-            "limits" => Some(EditableField::Limits),
-            "tags" => Some(EditableField::Tags),
-            _ => None,
-        }
-    }
-
-    fn json_name(self) -> &'static str {
-        match self {
-            EditableField::Name => "name",
-            EditableField::Description => "description",
-            EditableField::Type => "type",
-            EditableField::Config => "config",
-            EditableField::Limits => "limits",
-            EditableField::Tags => "tags",
-        }
-    }
-}
+/// The fields `UpdateAgent` may change, by their JSON names, in the order they are reported.
+const EDITABLE_FIELDS: &[(&str, EditableField)] = &[
+    ("name", EditableField::Name),
+    ("description", EditableField::Description),
+    ("type", EditableField::Type),
+    ("config", EditableField::Config),
+    ("limits", EditableField::Limits),
+    ("tags", EditableField::Tags),
+];
 
 // ---------------------------------------------------------------------------------------------
 // Conversions
@@ -906,42 +882,6 @@ pub async fn create_agent(
     Ok(pb::CreateAgentResponse { agent: Some(agent_to_proto(&created)) })
 }
 
-/// The fields an update mask names; unknown and read-only names are errors.
-fn masked_fields(
-    validator: &mut Validator,
-    mask: Option<prost_types::FieldMask>,
-) -> Vec<EditableField> {
-    let paths: Vec<String> = mask
-        .map(|mask| mask.paths)
-        .unwrap_or_default()
-        .into_iter()
-        .flat_map(|path| path.split(',').map(str::to_owned).collect::<Vec<_>>())
-        .filter(|path| !path.trim().is_empty())
-        .collect();
-    let editable: Vec<&str> = EditableField::ALL.iter().map(|field| field.json_name()).collect();
-    if paths.is_empty() {
-        validator.error("updateMask", format!("must name at least one of {}", editable.join(", ")));
-    }
-    let mut fields = Vec::new();
-    for path in &paths {
-        match EditableField::from_path(path) {
-            Some(field) => {
-                if !fields.contains(&field) {
-                    fields.push(field);
-                }
-            }
-            None => {
-                validator.error(
-                    path.trim(),
-                    format!("cannot be changed; the editable fields are {}", editable.join(", ")),
-                );
-            }
-        }
-    }
-    fields.sort();
-    fields
-}
-
 /// The named fields of an agent's REST JSON, for the audit trail.
 fn fields_of(agent_json: &Value, fields: &[&str]) -> Value {
     let mut selected = serde_json::Map::new();
@@ -967,7 +907,7 @@ pub async fn update_agent(
     };
     let agent_id = parse_id("id", &requested.id)?;
     let mut validator = Validator::new();
-    let fields = masked_fields(&mut validator, request.update_mask);
+    let fields = update_mask_fields(&mut validator, request.update_mask, EDITABLE_FIELDS);
     if requested.version < 1 {
         validator.error("version", "is required: send the version you read (or If-Match)");
     }
@@ -1019,9 +959,9 @@ pub async fn update_agent(
     if after.version != before.version {
         let before_json = json::encode(AGENT_MESSAGE, &agent_to_proto(&before));
         let after_json = json::encode(AGENT_MESSAGE, &agent_to_proto(&after));
-        let changed: Vec<&str> = EditableField::ALL
+        let changed: Vec<&str> = EDITABLE_FIELDS
             .iter()
-            .map(|field| field.json_name())
+            .map(|(name, _)| *name)
             .filter(|name| before_json.get(*name) != after_json.get(*name))
             .collect();
         audit::record(

@@ -20,6 +20,7 @@ use super::executions::{self, ExecutionStart};
 use super::validate;
 use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
+    update_mask_fields,
 };
 use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
@@ -66,7 +67,7 @@ const DEPLOYMENT_SORT_FIELDS: &[(&str, DeploymentSortField)] = &[
 ];
 
 /// A field `UpdateDeployment` may change, named by the update mask.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DeploymentField {
     Name,
     Description,
@@ -77,25 +78,16 @@ enum DeploymentField {
     Trigger,
 }
 
-impl DeploymentField {
-    /// Accepts the JSON name (`workflowId`) and the proto name (`workflow_id`).
-    fn from_path(path: &str) -> Option<Self> {
-        match path.trim() {
-            "name" => Some(Self::Name),
-            "description" => Some(Self::Description),
-            "workflowId" | "workflow_id" => Some(Self::WorkflowId),
-            "agentId" | "agent_id" => Some(Self::AgentId),
-            "environment" => Some(Self::Environment),
-            "config" => Some(Self::Config),
-            "trigger" => Some(Self::Trigger),
-            _ => None,
-        }
-    }
-}
-
-/// The fields `UpdateDeployment` may change, by their JSON names.
-const UPDATABLE_FIELDS: &str =
-    "name, description, workflowId, agentId, environment, config, trigger";
+/// The fields `UpdateDeployment` may change, by their JSON names, in the order they are checked.
+const UPDATABLE_FIELDS: &[(&str, DeploymentField)] = &[
+    ("name", DeploymentField::Name),
+    ("description", DeploymentField::Description),
+    ("workflowId", DeploymentField::WorkflowId),
+    ("agentId", DeploymentField::AgentId),
+    ("environment", DeploymentField::Environment),
+    ("config", DeploymentField::Config),
+    ("trigger", DeploymentField::Trigger),
+];
 
 // ---------------------------------------------------------------------------------------------
 // Conversions
@@ -589,33 +581,10 @@ pub async fn update_deployment(
     };
     let deployment_id = parse_id("id", &deployment.id)?;
     let mut validator = Validator::new();
-    let paths: Vec<String> = request
-        .update_mask
-        .map(|mask| mask.paths)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|path| !path.trim().is_empty())
-        .collect();
-    let mut fields = Vec::new();
-    for path in &paths {
-        match DeploymentField::from_path(path) {
-            Some(field) if !fields.contains(&field) => fields.push(field),
-            Some(_) => {}
-            None => {
-                validator.error(
-                    path.trim(),
-                    format!("cannot be changed here; the fields are {UPDATABLE_FIELDS}"),
-                );
-            }
-        }
-    }
-    if paths.is_empty() {
-        validator.error("updateMask", format!("must name at least one of {UPDATABLE_FIELDS}"));
-    }
+    let fields = update_mask_fields(&mut validator, request.update_mask, UPDATABLE_FIELDS);
     if deployment.version < 1 {
         validator.error("version", "is required: send the version you read");
     }
-    fields.sort();
     let mut changes = DeploymentChanges::default();
     let mut requested_trigger = None;
     let changes_target =

@@ -14,6 +14,7 @@ use super::validate;
 use super::validate::MAX_TAG_CHARS;
 use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
+    update_mask_fields,
 };
 use super::{agents, convert, workflows};
 use crate::app::AppContext;
@@ -53,7 +54,7 @@ const TEMPLATE_SORT_FIELDS: &[(&str, TemplateSortField)] = &[
 ];
 
 /// A field `UpdateTemplate` may change, named by the update mask.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TemplateField {
     Name,
     Description,
@@ -65,24 +66,17 @@ enum TemplateField {
     Parameters,
 }
 
-impl TemplateField {
-    fn from_path(path: &str) -> Option<Self> {
-        match path.trim() {
-            "name" => Some(Self::Name),
-            "description" => Some(Self::Description),
-            "category" => Some(Self::Category),
-            "tags" => Some(Self::Tags),
-            "public" => Some(Self::Public),
-            "kind" => Some(Self::Kind),
-            "body" => Some(Self::Body),
-            "parameters" => Some(Self::Parameters),
-            _ => None,
-        }
-    }
-}
-
-/// The fields `UpdateTemplate` may change, by their JSON names.
-const UPDATABLE_FIELDS: &str = "name, description, category, tags, public, kind, body, parameters";
+/// The fields `UpdateTemplate` may change, by their JSON names, in the order they are checked.
+const UPDATABLE_FIELDS: &[(&str, TemplateField)] = &[
+    ("name", TemplateField::Name),
+    ("description", TemplateField::Description),
+    ("category", TemplateField::Category),
+    ("tags", TemplateField::Tags),
+    ("public", TemplateField::Public),
+    ("kind", TemplateField::Kind),
+    ("body", TemplateField::Body),
+    ("parameters", TemplateField::Parameters),
+];
 
 // ---------------------------------------------------------------------------------------------
 // Conversions
@@ -708,33 +702,10 @@ pub async fn update_template(
     };
     let template_id = parse_id("id", &template.id)?;
     let mut validator = Validator::new();
-    let paths: Vec<String> = request
-        .update_mask
-        .map(|mask| mask.paths)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|path| !path.trim().is_empty())
-        .collect();
-    let mut fields = Vec::new();
-    for path in &paths {
-        match TemplateField::from_path(path) {
-            Some(field) if !fields.contains(&field) => fields.push(field),
-            Some(_) => {}
-            None => {
-                validator.error(
-                    path.trim(),
-                    format!("cannot be changed here; the fields are {UPDATABLE_FIELDS}"),
-                );
-            }
-        }
-    }
-    if paths.is_empty() {
-        validator.error("updateMask", format!("must name at least one of {UPDATABLE_FIELDS}"));
-    }
+    let fields = update_mask_fields(&mut validator, request.update_mask, UPDATABLE_FIELDS);
     if template.version < 1 {
         validator.error("version", "is required: send the version you read");
     }
-    fields.sort();
     let before = load_template(context, caller, template_id).await?;
     require_changeable(caller, &before, "built-in templates cannot be changed")?;
 

@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::audit::{self, Actor, AuditEvent};
 use super::convert;
+use super::validate::update_mask_fields;
 use super::validate::{MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order};
 use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
@@ -26,28 +27,20 @@ pub const MAX_AVATAR_URL_CHARS: usize = 2_048;
 pub const MAX_PREFERENCES_BYTES: usize = 64 * 1024;
 /// The longest search text of a list.
 const MAX_SEARCH_CHARS: usize = 200;
-/// The profile fields `UpdateCurrentUser` may change, by their JSON names.
-const UPDATABLE_PROFILE_FIELDS: [&str; 3] = ["fullName", "avatarUrl", "preferences"];
-
 /// A profile field named by an update mask, in the order fields are checked and reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ProfileField {
     FullName,
     AvatarUrl,
     Preferences,
 }
 
-impl ProfileField {
-    /// Accepts the JSON name (`fullName`) and the proto name (`full_name`).
-    fn from_path(path: &str) -> Option<Self> {
-        match path.trim() {
-            "fullName" | "full_name" => Some(ProfileField::FullName),
-            "avatarUrl" | "avatar_url" => Some(ProfileField::AvatarUrl),
-            "preferences" => Some(ProfileField::Preferences),
-            _ => None,
-        }
-    }
-}
+/// The profile fields `UpdateCurrentUser` may change, by their JSON names.
+const UPDATABLE_PROFILE_FIELDS: &[(&str, ProfileField)] = &[
+    ("fullName", ProfileField::FullName),
+    ("avatarUrl", ProfileField::AvatarUrl),
+    ("preferences", ProfileField::Preferences),
+];
 
 /// The sort keys of the users list, by their JSON names.
 const USER_SORT_FIELDS: &[(&str, UserSortField)] = &[
@@ -106,39 +99,10 @@ pub async fn update_current_user(
     let Some(profile) = request.user else {
         return Err(ServiceError::invalid_field("user", "is required"));
     };
-    let paths: Vec<String> = request
-        .update_mask
-        .map(|mask| mask.paths)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|path| !path.trim().is_empty())
-        .collect();
-    let mut fields = Vec::new();
-    for path in &paths {
-        match ProfileField::from_path(path) {
-            Some(field) if !fields.contains(&field) => fields.push(field),
-            Some(_) => {}
-            None => {
-                validator.error(
-                    &lower_camel_case(path.trim()),
-                    format!(
-                        "cannot be changed here; the profile fields are {}",
-                        UPDATABLE_PROFILE_FIELDS.join(", ")
-                    ),
-                );
-            }
-        }
-    }
-    if paths.is_empty() {
-        validator.error(
-            "updateMask",
-            format!("must name at least one of {}", UPDATABLE_PROFILE_FIELDS.join(", ")),
-        );
-    }
+    let fields = update_mask_fields(&mut validator, request.update_mask, UPDATABLE_PROFILE_FIELDS);
     if profile.version < 1 {
         validator.error("version", "is required: send the version you read");
     }
-    fields.sort();
     let mut changes = UserProfileChanges::default();
     for field in &fields {
         match field {
@@ -189,23 +153,6 @@ pub async fn update_current_user(
     )
     .await;
     Ok(pb::UpdateCurrentUserResponse { user: Some(convert::user(&after)) })
-}
-
-/// `last_login_at` -> `lastLoginAt`: field names in errors are the JSON names.
-fn lower_camel_case(path: &str) -> String {
-    let mut name = String::with_capacity(path.len());
-    let mut upper_next = false;
-    for character in path.chars() {
-        if character == '_' {
-            upper_next = true;
-        } else if upper_next {
-            name.extend(character.to_uppercase());
-            upper_next = false;
-        } else {
-            name.push(character);
-        }
-    }
-    name
 }
 
 /// The named profile fields of `user`, for the audit trail.

@@ -172,6 +172,67 @@ pub fn sort_order<F: Copy>(
     None
 }
 
+/// Reads an update mask against a resource's table of updatable fields (JSON name, field), in
+/// the order the fields are checked. A path may be the JSON name (`defaultInput`) or the proto
+/// name (`default_input`), and one path may list several names separated by commas. Each name
+/// outside the table is an error on that name (in its JSON spelling); a mask that names
+/// nothing is an `updateMask` error. Returns the named fields in table order, each once.
+pub fn update_mask_fields<F: Copy>(
+    validator: &mut Validator,
+    mask: Option<prost_types::FieldMask>,
+    updatable: &[(&str, F)],
+) -> Vec<F> {
+    let paths = mask.map(|mask| mask.paths).unwrap_or_default();
+    let names: Vec<String> = paths
+        .iter()
+        .flat_map(|path| path.split(','))
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(lower_camel_case)
+        .collect();
+    let updatable_names: Vec<&str> = updatable.iter().map(|(name, _)| *name).collect();
+    if names.is_empty() {
+        validator.error(
+            "updateMask",
+            format!("must name at least one of {}", updatable_names.join(", ")),
+        );
+    }
+    for name in &names {
+        if !updatable_names.contains(&name.as_str()) {
+            validator.error(
+                name,
+                format!(
+                    "cannot be changed; the changeable fields are {}",
+                    updatable_names.join(", ")
+                ),
+            );
+        }
+    }
+    updatable
+        .iter()
+        .filter(|(updatable_name, _)| names.iter().any(|name| name == updatable_name))
+        .map(|(_, field)| *field)
+        .collect()
+}
+
+/// `owner_id` -> `ownerId`: a proto field name in its JSON spelling (field names in errors are
+/// the JSON names). A name already in lowerCamelCase is returned as it is.
+pub fn lower_camel_case(path: &str) -> String {
+    let mut name = String::with_capacity(path.len());
+    let mut upper_next = false;
+    for character in path.chars() {
+        if character == '_' {
+            upper_next = true;
+        } else if upper_next {
+            name.extend(character.to_uppercase());
+            upper_next = false;
+        } else {
+            name.push(character);
+        }
+    }
+    name
+}
+
 /// The most tags a resource may carry.
 pub const MAX_TAGS: usize = 20;
 /// The longest tag.
@@ -249,6 +310,53 @@ mod tests {
         assert_eq!(super::optional_id(&mut validator, "id", " "), None);
         assert!(super::optional_id(&mut validator, "id", "nope").is_none());
         assert_eq!(fields(&mut validator), vec!["id"]);
+    }
+
+    #[test]
+    fn update_masks_name_known_fields_in_either_spelling() {
+        const FIELDS: &[(&str, u8)] = &[("name", 1), ("defaultInput", 2), ("tags", 3)];
+        let mask = |paths: &[&str]| {
+            Some(prost_types::FieldMask {
+                paths: paths.iter().map(|path| (*path).into()).collect(),
+            })
+        };
+        let mut validator = Validator::new();
+        let fields = super::update_mask_fields(
+            &mut validator,
+            mask(&["tags", "default_input", " name ", "tags"]),
+            FIELDS,
+        );
+        assert_eq!(fields, vec![1, 2, 3], "table order, each once");
+        assert!(validator.finish().is_ok());
+        let fields =
+            super::update_mask_fields(&mut validator, mask(&["tags,defaultInput"]), FIELDS);
+        assert_eq!(fields, vec![2, 3], "a path may list several names");
+        assert!(validator.finish().is_ok());
+
+        let fields =
+            super::update_mask_fields(&mut validator, mask(&["owner_id", "name", "id"]), FIELDS);
+        assert_eq!(fields, vec![1]);
+        let error = validator.finish().expect_err("unknown fields");
+        let reported: Vec<(&str, &str)> = error
+            .field_errors
+            .iter()
+            .map(|field| (field.field.as_str(), field.message.as_str()))
+            .collect();
+        let message = "cannot be changed; the changeable fields are name, defaultInput, tags";
+        assert_eq!(reported, vec![("ownerId", message), ("id", message)]);
+
+        for empty in [None, mask(&[]), mask(&["", " , "])] {
+            assert!(super::update_mask_fields(&mut validator, empty, FIELDS).is_empty());
+            let error = validator.finish().expect_err("an empty mask");
+            assert_eq!(error.field_errors.len(), 1);
+            assert_eq!(error.field_errors[0].field, "updateMask");
+            assert_eq!(
+                error.field_errors[0].message,
+                "must name at least one of name, defaultInput, tags"
+            );
+        }
+        assert_eq!(super::lower_camel_case("last_login_at"), "lastLoginAt");
+        assert_eq!(super::lower_camel_case("fullName"), "fullName");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use super::validate;
 use super::validate::MAX_TAG_CHARS;
 use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
+    update_mask_fields,
 };
 use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
@@ -69,7 +70,7 @@ const WORKFLOW_SORT_FIELDS: &[(&str, WorkflowSortField)] = &[
 ];
 
 /// A field an update mask may name, in the order fields are checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WorkflowField {
     Name,
     Description,
@@ -81,36 +82,15 @@ enum WorkflowField {
 }
 
 /// The fields `UpdateWorkflow` may change, by their JSON names.
-const UPDATABLE_FIELDS: [&str; 7] =
-    ["name", "description", "steps", "defaultInput", "priority", "timeout", "tags"];
-
-impl WorkflowField {
-    /// Accepts the JSON name (`defaultInput`) and the proto name (`default_input`).
-    fn from_path(path: &str) -> Option<Self> {
-        match path.trim() {
-            "name" => Some(WorkflowField::Name),
-            "description" => Some(WorkflowField::Description),
-            "steps" => Some(WorkflowField::Steps),
-            "defaultInput" | "default_input" => Some(WorkflowField::DefaultInput),
-            "priority" => Some(WorkflowField::Priority),
-            "timeout" => Some(WorkflowField::Timeout),
-            "tags" => Some(WorkflowField::Tags),
-            _ => None,
-        }
-    }
-
-    fn json_name(self) -> &'static str {
-        match self {
-            WorkflowField::Name => "name",
-            WorkflowField::Description => "description",
-            WorkflowField::Steps => "steps",
-            WorkflowField::DefaultInput => "defaultInput",
-            WorkflowField::Priority => "priority",
-            WorkflowField::Timeout => "timeout",
-            WorkflowField::Tags => "tags",
-        }
-    }
-}
+const UPDATABLE_FIELDS: &[(&str, WorkflowField)] = &[
+    ("name", WorkflowField::Name),
+    ("description", WorkflowField::Description),
+    ("steps", WorkflowField::Steps),
+    ("defaultInput", WorkflowField::DefaultInput),
+    ("priority", WorkflowField::Priority),
+    ("timeout", WorkflowField::Timeout),
+    ("tags", WorkflowField::Tags),
+];
 
 // ---------------------------------------------------------------------------------------------
 // Store rows -> proto messages
@@ -442,23 +422,6 @@ async fn check_step_agents(
     Ok(())
 }
 
-/// `owner_id` -> `ownerId`: field names in errors are the JSON names.
-fn lower_camel_case(path: &str) -> String {
-    let mut name = String::with_capacity(path.len());
-    let mut upper_next = false;
-    for character in path.chars() {
-        if character == '_' {
-            upper_next = true;
-        } else if upper_next {
-            name.extend(character.to_uppercase());
-            upper_next = false;
-        } else {
-            name.push(character);
-        }
-    }
-    name
-}
-
 /// The store's refusal of a definition that passed the checks (an agent deleted meanwhile).
 fn definition_refused(error: StoreError) -> ServiceError {
     match error {
@@ -479,9 +442,8 @@ fn audit_snapshot(workflow: &WorkflowWithSteps, fields: Option<&[WorkflowField]>
     let Some(fields) = fields else { return encoded };
     let mut snapshot = serde_json::Map::new();
     snapshot.insert("version".to_owned(), json!(workflow.workflow.version));
-    for field in fields {
-        let name = field.json_name();
-        snapshot.insert(name.to_owned(), encoded.get(name).cloned().unwrap_or(Value::Null));
+    for (name, _) in UPDATABLE_FIELDS.iter().filter(|(_, field)| fields.contains(field)) {
+        snapshot.insert((*name).to_owned(), encoded.get(*name).cloned().unwrap_or(Value::Null));
     }
     Value::Object(snapshot)
 }
@@ -618,39 +580,10 @@ pub async fn update_workflow(
     };
     let workflow_id = parse_id("id", &workflow.id)?;
     let mut validator = Validator::new();
-    let paths: Vec<String> = request
-        .update_mask
-        .map(|mask| mask.paths)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|path| !path.trim().is_empty())
-        .collect();
-    let mut fields = Vec::new();
-    for path in &paths {
-        match WorkflowField::from_path(path) {
-            Some(field) if !fields.contains(&field) => fields.push(field),
-            Some(_) => {}
-            None => {
-                validator.error(
-                    &lower_camel_case(path.trim()),
-                    format!(
-                        "cannot be changed; the changeable fields are {}",
-                        UPDATABLE_FIELDS.join(", ")
-                    ),
-                );
-            }
-        }
-    }
-    if paths.is_empty() {
-        validator.error(
-            "updateMask",
-            format!("must name at least one of {}", UPDATABLE_FIELDS.join(", ")),
-        );
-    }
+    let fields = update_mask_fields(&mut validator, request.update_mask, UPDATABLE_FIELDS);
     if workflow.version < 1 {
         validator.error("version", "is required: send the version you read");
     }
-    fields.sort();
     let mut changes = WorkflowChanges::default();
     let mut agent_ids = Vec::new();
     for field in &fields {

@@ -26,7 +26,10 @@ use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{CursorPage, OwnerScope, Page, PageRequest, StoreError, StoreResult};
+use super::{
+    CursorPage, Dialect, OwnerScope, Page, PageRequest, PagedList, SortOrder, StoreError,
+    StoreResult, fetch_page, push_visible_rows,
+};
 
 /// The largest page `list_execution_logs` returns.
 pub const MAX_EXECUTION_LOG_PAGE_SIZE: u32 = 1000;
@@ -999,86 +1002,6 @@ fn clamp_limit(limit: u32, maximum: u32) -> i64 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Dialect differences
-// ---------------------------------------------------------------------------------------------
-
-impl super::PostgresStore {
-    /// Starts a read-only transaction whose statements all see one snapshot.
-    async fn begin_snapshot_read(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-        let mut transaction = self.pool.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *transaction)
-            .await?;
-        Ok(transaction)
-    }
-
-    /// Starts a transaction that will write; row locks do the serialising on PostgreSQL.
-    async fn begin_execution_transaction(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-        self.pool.begin().await
-    }
-
-    /// `AND (created_at, id) < (cursor)`: a row comparison PostgreSQL turns into an index bound.
-    fn push_execution_cursor_condition(
-        builder: &mut sqlx::QueryBuilder<sqlx::Postgres>,
-        cursor: ExecutionCursor,
-    ) {
-        builder.push(" AND (created_at, id) < (");
-        builder.push_bind(cursor.created_at);
-        builder.push(", ");
-        builder.push_bind(cursor.id);
-        builder.push(")");
-    }
-
-    /// The wall-clock seconds from `started_at` to `finished_at` of an execution row.
-    fn execution_duration_seconds_expression() -> &'static str {
-        "EXTRACT(EPOCH FROM (finished_at - started_at))::DOUBLE PRECISION"
-    }
-}
-
-impl super::SqliteStore {
-    /// Starts a read transaction: SQLite reads of one transaction see one snapshot.
-    async fn begin_snapshot_read(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
-        self.pool.begin().await
-    }
-
-    /// Starts a transaction holding the database write lock from its first statement, so a
-    /// read-then-write sequence never fails halfway with a busy snapshot.
-    async fn begin_execution_transaction(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
-    }
-
-    /// The cursor condition spelled without row values; the redundant `created_at <=` bound
-    /// lets SQLite seek the index instead of scanning from the newest row.
-    fn push_execution_cursor_condition(
-        builder: &mut sqlx::QueryBuilder<sqlx::Sqlite>,
-        cursor: ExecutionCursor,
-    ) {
-        builder.push(" AND created_at <= ");
-        builder.push_bind(cursor.created_at);
-        builder.push(" AND (created_at < ");
-        builder.push_bind(cursor.created_at);
-        builder.push(" OR (created_at = ");
-        builder.push_bind(cursor.created_at);
-        builder.push(" AND id < ");
-        builder.push_bind(cursor.id);
-        builder.push("))");
-    }
-
-    /// The wall-clock seconds from `started_at` to `finished_at` of an execution row.
-    fn execution_duration_seconds_expression() -> &'static str {
-        "((julianday(finished_at) - julianday(started_at)) * 86400.0)"
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The implementation, written once for both backends
 // ---------------------------------------------------------------------------------------------
 
@@ -1127,11 +1050,7 @@ macro_rules! impl_executions_store {
                 builder: &mut sqlx::QueryBuilder<$db>,
                 filter: &ExecutionFilter,
             ) {
-                builder.push(" WHERE deleted_at IS NULL");
-                if let Some(owner_id) = filter.scope.owner_id() {
-                    builder.push(" AND owner_id = ");
-                    builder.push_bind(owner_id);
-                }
+                push_visible_rows(builder, filter.scope);
                 if let Some(workflow_id) = filter.workflow_id {
                     builder.push(" AND workflow_id = ");
                     builder.push_bind(workflow_id);
@@ -1324,7 +1243,7 @@ macro_rules! impl_executions_store {
                 step_runs: Vec<NewStepRun>,
             ) -> StoreResult<(Execution, Vec<StepRun>)> {
                 let now = stored_time(Utc::now());
-                let mut transaction = self.begin_execution_transaction().await?;
+                let mut transaction = self.begin_write_transaction().await?;
                 let created =
                     <$store>::insert_execution(&mut transaction, new_execution, step_runs, now)
                         .await?;
@@ -1404,25 +1323,16 @@ macro_rules! impl_executions_store {
                 filter: ExecutionFilter,
                 page: PageRequest,
             ) -> StoreResult<Page<Execution>> {
-                let mut count_query =
-                    sqlx::QueryBuilder::<$db>::new("SELECT COUNT(*) FROM executions");
-                <$store>::push_execution_filter(&mut count_query, &filter);
-                let total: i64 =
-                    count_query.build_query_scalar::<i64>().fetch_one(&self.pool).await?;
-
-                let mut list_query = sqlx::QueryBuilder::<$db>::new(concat!(
-                    "SELECT ",
-                    execution_columns!(),
-                    " FROM executions"
-                ));
-                <$store>::push_execution_filter(&mut list_query, &filter);
-                list_query.push(" ORDER BY created_at DESC, id DESC LIMIT ");
-                list_query.push_bind(page.limit());
-                list_query.push(" OFFSET ");
-                list_query.push_bind(page.offset());
-                let items =
-                    list_query.build_query_as::<Execution>().fetch_all(&self.pool).await?;
-                Ok(Page { items, total })
+                let list = PagedList {
+                    count_statement: "SELECT COUNT(*) FROM executions",
+                    rows_statement: concat!("SELECT ", execution_columns!(), " FROM executions"),
+                    order: SortOrder { field: "created_at", descending: true },
+                    page,
+                };
+                fetch_page(&self.pool, list, |builder| {
+                    <$store>::push_execution_filter(builder, &filter)
+                })
+                .await
             }
 
             async fn list_executions_by_cursor(
@@ -1439,7 +1349,11 @@ macro_rules! impl_executions_store {
                 ));
                 <$store>::push_execution_filter(&mut list_query, &filter);
                 if let Some(cursor) = after {
-                    <$store>::push_execution_cursor_condition(&mut list_query, cursor);
+                    <$store as Dialect>::push_before_cursor(
+                        &mut list_query,
+                        cursor.created_at,
+                        cursor.id,
+                    );
                 }
                 list_query.push(" ORDER BY created_at DESC, id DESC LIMIT ");
                 // One row more than asked tells whether another page exists.
@@ -1603,7 +1517,7 @@ macro_rules! impl_executions_store {
                 at: DateTime<Utc>,
             ) -> StoreResult<StepTransitionOutcome> {
                 let at = stored_time(at);
-                let mut transaction = self.begin_execution_transaction().await?;
+                let mut transaction = self.begin_write_transaction().await?;
                 let step_run = sqlx::query_as::<$db, StepRun>(concat!(
                     "UPDATE step_runs SET status = 'QUEUED', input = COALESCE($3, input), \
                      queued_at = $4, next_attempt_at = NULL, updated_at = $4, \
@@ -1642,7 +1556,7 @@ macro_rules! impl_executions_store {
                 assignment: StepAssignment,
             ) -> StoreResult<StepTransitionOutcome> {
                 let assigned_at = stored_time(assignment.assigned_at);
-                let mut transaction = self.begin_execution_transaction().await?;
+                let mut transaction = self.begin_write_transaction().await?;
                 let step_run = sqlx::query_as::<$db, StepRun>(concat!(
                     "UPDATE step_runs SET status = 'ASSIGNED', runner_id = $3, \
                      lease_expires_at = $4, assigned_at = $5, updated_at = $5, \
@@ -1681,7 +1595,7 @@ macro_rules! impl_executions_store {
                 at: DateTime<Utc>,
             ) -> StoreResult<StepTransitionOutcome> {
                 let at = stored_time(at);
-                let mut transaction = self.begin_execution_transaction().await?;
+                let mut transaction = self.begin_write_transaction().await?;
                 let step_run = sqlx::query_as::<$db, StepRun>(concat!(
                     "UPDATE step_runs SET status = 'RUNNING', started_at = $3, updated_at = $3, \
                      version = version + 1 \
@@ -1724,7 +1638,7 @@ macro_rules! impl_executions_store {
                     return Err(StoreError::ReferenceViolated("parent_attempt".to_owned()));
                 }
                 let at = stored_time(at);
-                let mut transaction = self.begin_execution_transaction().await?;
+                let mut transaction = self.begin_write_transaction().await?;
                 // The compare-and-set on the parent step is what makes the child unique: of
                 // two concurrent calls, the second waits for the first's row lock (PostgreSQL)
                 // or write lock (SQLite) and then finds the step RUNNING.
@@ -1797,7 +1711,7 @@ macro_rules! impl_executions_store {
                     ),
                 };
                 let output = output.map(Json);
-                let mut transaction = self.begin_execution_transaction().await?;
+                let mut transaction = self.begin_write_transaction().await?;
                 let step_run = sqlx::query_as::<$db, StepRun>(update_sql)
                     .bind(key.step_run_id)
                     .bind(key.attempt)
@@ -1837,7 +1751,7 @@ macro_rules! impl_executions_store {
                 at: DateTime<Utc>,
             ) -> StoreResult<StepTransitionOutcome> {
                 let at = stored_time(at);
-                let mut transaction = self.begin_execution_transaction().await?;
+                let mut transaction = self.begin_write_transaction().await?;
                 let step_run = sqlx::query_as::<$db, StepRun>(concat!(
                     "UPDATE step_runs SET attempt = attempt + 1, status = 'PENDING', \
                      next_attempt_at = $3, output = NULL, error = NULL, error_retryable = NULL, \
@@ -1881,7 +1795,7 @@ macro_rules! impl_executions_store {
                 at: DateTime<Utc>,
             ) -> StoreResult<StepTransitionOutcome> {
                 let at = stored_time(at);
-                let mut transaction = self.begin_execution_transaction().await?;
+                let mut transaction = self.begin_write_transaction().await?;
                 let step_run = sqlx::query_as::<$db, StepRun>(concat!(
                     "UPDATE step_runs SET attempt = attempt + 1, \
                      infra_reassignments = infra_reassignments + 1, status = 'QUEUED', \
@@ -1930,7 +1844,7 @@ macro_rules! impl_executions_store {
                 at: DateTime<Utc>,
             ) -> StoreResult<Vec<InFlightStepRun>> {
                 let at = stored_time(at);
-                let mut transaction = self.begin_execution_transaction().await?;
+                let mut transaction = self.begin_write_transaction().await?;
                 // One statement, so no step can slip from QUEUED to ASSIGNED in between. Only
                 // ASSIGNED/RUNNING step runs carry a runner_id (it is cleared on requeue/retry).
                 let cancelled = sqlx::query_as::<$db, CancelledStepRunRow>(
@@ -2070,7 +1984,7 @@ macro_rules! impl_executions_store {
                     return Ok(0);
                 }
                 let mut written = 0;
-                let mut transaction = self.begin_execution_transaction().await?;
+                let mut transaction = self.begin_write_transaction().await?;
                 for chunk in logs.chunks(INSERT_BATCH_ROWS) {
                     let mut insert = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO execution_logs (execution_id, step_run_id, attempt, level, \
@@ -2168,7 +2082,7 @@ macro_rules! impl_executions_store {
                 let mut duration_query = sqlx::QueryBuilder::<$db>::new(
                     "SELECT e.workflow_id AS workflow_id, COUNT(*) AS succeeded, AVG(",
                 );
-                duration_query.push(<$store>::execution_duration_seconds_expression());
+                duration_query.push(<$store as Dialect>::EXECUTION_DURATION_SECONDS);
                 duration_query.push(") AS average_duration_seconds FROM executions e");
                 <$store>::push_execution_stats_range(&mut duration_query, scope, from, to);
                 duration_query.push(

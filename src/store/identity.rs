@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{CursorPage, OwnerScope, Page, PageRequest, SortOrder, StoreError, StoreResult};
+use super::{
+    CursorPage, Dialect, OwnerScope, Page, PageRequest, PagedList, SortField, SortOrder,
+    StoreError, StoreResult, fetch_page, sql_order,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Users
@@ -120,8 +123,11 @@ pub enum UserSortField {
     FullName,
 }
 
-impl UserSortField {
-    fn order_expression(self) -> &'static str {
+impl SortField for UserSortField {
+    const DEFAULT_ORDER: SortOrder<Self> =
+        SortOrder { field: UserSortField::CreatedAt, descending: true };
+
+    fn expression(self) -> &'static str {
         match self {
             UserSortField::CreatedAt => "created_at",
             UserSortField::UpdatedAt => "updated_at",
@@ -773,74 +779,9 @@ pub trait IdentityStore: Send + Sync {
     ) -> StoreResult<PurgedIdentityRows>;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Dialect differences
-// ---------------------------------------------------------------------------------------------
-
-/// Advisory lock key that serialises "first user is admin" decisions on PostgreSQL.
+/// Advisory lock key that serialises "first user is admin" decisions on PostgreSQL (see
+/// `Dialect::LOCK_USER_CREATION`).
 const USER_CREATION_LOCK_KEY: i64 = 0x7463_2d75_7365_7273; // "tc-users" in ASCII
-
-impl super::PostgresStore {
-    /// Starts a transaction that reads then writes; row locks serialise the writes.
-    async fn begin_write_transaction(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-        self.pool.begin().await
-    }
-
-    /// Serialises user creations that depend on the user count, until the transaction ends.
-    async fn lock_user_creation(connection: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(USER_CREATION_LOCK_KEY)
-            .execute(connection)
-            .await?;
-        Ok(())
-    }
-
-    /// Keeps audit entries strictly before the cursor position (a row-value comparison).
-    fn push_audit_cursor_condition(
-        builder: &mut sqlx::QueryBuilder<sqlx::Postgres>,
-        cursor: AuditCursor,
-    ) {
-        builder.push(" AND (created_at, id) < (");
-        builder.push_bind(cursor.created_at);
-        builder.push(", ");
-        builder.push_bind(cursor.id);
-        builder.push(")");
-    }
-}
-
-impl super::SqliteStore {
-    /// Starts a transaction holding the database write lock from its first statement, so a
-    /// read-then-write sequence never fails halfway on a busy snapshot.
-    async fn begin_write_transaction(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
-    }
-
-    /// Nothing to do: `BEGIN IMMEDIATE` already serialises every writer.
-    async fn lock_user_creation(
-        _connection: &mut sqlx::SqliteConnection,
-    ) -> Result<(), sqlx::Error> {
-        Ok(())
-    }
-
-    /// Keeps audit entries strictly before the cursor position, spelled out so SQLite's
-    /// planner serves it from the `(created_at, id)` index.
-    fn push_audit_cursor_condition(
-        builder: &mut sqlx::QueryBuilder<sqlx::Sqlite>,
-        cursor: AuditCursor,
-    ) {
-        builder.push(" AND (created_at < ");
-        builder.push_bind(cursor.created_at);
-        builder.push(" OR (created_at = ");
-        builder.push_bind(cursor.created_at);
-        builder.push(" AND id < ");
-        builder.push_bind(cursor.id);
-        builder.push("))");
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The implementation, written once for both backends
@@ -994,7 +935,8 @@ macro_rules! impl_identity_store {
                     builder.push_bind(to);
                 }
                 if let Some(cursor) = filter.cursor.as_deref() {
-                    <$store>::push_audit_cursor_condition(builder, AuditCursor::decode(cursor)?);
+                    let cursor = AuditCursor::decode(cursor)?;
+                    <$store as Dialect>::push_before_cursor(builder, cursor.created_at, cursor.id);
                 }
                 Ok(())
             }
@@ -1007,7 +949,12 @@ macro_rules! impl_identity_store {
                 let role = match new_user.role {
                     RoleAssignment::Exactly(role) => role,
                     RoleAssignment::FirstUserIsAdmin { otherwise } => {
-                        <$store>::lock_user_creation(&mut transaction).await?;
+                        if let Some(lock) = <$store as Dialect>::LOCK_USER_CREATION {
+                            sqlx::query::<$db>(lock)
+                                .bind(USER_CREATION_LOCK_KEY)
+                                .execute(&mut *transaction)
+                                .await?;
+                        }
                         let live_users = sqlx::query_scalar::<$db, i64>(
                             "SELECT COUNT(*) FROM users WHERE deleted_at IS NULL",
                         )
@@ -1198,35 +1145,18 @@ macro_rules! impl_identity_store {
             }
 
             async fn list_users(&self, filter: UserFilter) -> StoreResult<Page<User>> {
-                let mut count_builder = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT COUNT(*) FROM users WHERE deleted_at IS NULL",
-                );
-                <$store>::push_user_filter(&mut count_builder, &filter);
-                let total =
-                    count_builder.build_query_scalar::<i64>().fetch_one(&self.pool).await?;
-
-                let sort = filter
-                    .sort
-                    .unwrap_or(SortOrder { field: UserSortField::CreatedAt, descending: true });
-                let direction = if sort.descending { "DESC" } else { "ASC" };
-                let mut builder = sqlx::QueryBuilder::<$db>::new(concat!(
-                    "SELECT ",
-                    user_columns!(),
-                    " FROM users WHERE deleted_at IS NULL"
-                ));
-                <$store>::push_user_filter(&mut builder, &filter);
-                builder.push(" ORDER BY ");
-                builder.push(sort.field.order_expression());
-                builder.push(" ");
-                builder.push(direction);
-                builder.push(", id ");
-                builder.push(direction);
-                builder.push(" LIMIT ");
-                builder.push_bind(filter.page.limit());
-                builder.push(" OFFSET ");
-                builder.push_bind(filter.page.offset());
-                let items = builder.build_query_as::<User>().fetch_all(&self.pool).await?;
-                Ok(Page { items, total })
+                let list = PagedList {
+                    count_statement: "SELECT COUNT(*) FROM users WHERE deleted_at IS NULL",
+                    rows_statement: concat!(
+                        "SELECT ",
+                        user_columns!(),
+                        " FROM users WHERE deleted_at IS NULL"
+                    ),
+                    order: sql_order(filter.sort),
+                    page: filter.page,
+                };
+                fetch_page(&self.pool, list, |builder| <$store>::push_user_filter(builder, &filter))
+                    .await
             }
 
             async fn soft_delete_user(
@@ -1603,24 +1533,17 @@ macro_rules! impl_identity_store {
                         builder.push(" AND revoked_at IS NULL");
                     }
                 };
-                let mut count_builder =
-                    sqlx::QueryBuilder::<$db>::new("SELECT COUNT(*) FROM api_keys WHERE 1 = 1");
-                push_filter(&mut count_builder);
-                let total =
-                    count_builder.build_query_scalar::<i64>().fetch_one(&self.pool).await?;
-
-                let mut builder = sqlx::QueryBuilder::<$db>::new(concat!(
-                    "SELECT ",
-                    api_key_columns!(),
-                    " FROM api_keys WHERE 1 = 1"
-                ));
-                push_filter(&mut builder);
-                builder.push(" ORDER BY created_at DESC, id DESC LIMIT ");
-                builder.push_bind(filter.page.limit());
-                builder.push(" OFFSET ");
-                builder.push_bind(filter.page.offset());
-                let items = builder.build_query_as::<ApiKey>().fetch_all(&self.pool).await?;
-                Ok(Page { items, total })
+                let list = PagedList {
+                    count_statement: "SELECT COUNT(*) FROM api_keys WHERE 1 = 1",
+                    rows_statement: concat!(
+                        "SELECT ",
+                        api_key_columns!(),
+                        " FROM api_keys WHERE 1 = 1"
+                    ),
+                    order: SortOrder { field: "created_at", descending: true },
+                    page: filter.page,
+                };
+                fetch_page(&self.pool, list, push_filter).await
             }
 
             async fn get_api_key_by_hash(&self, key_hash: &str) -> StoreResult<ApiKeyWithOwner> {

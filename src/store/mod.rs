@@ -4,9 +4,10 @@
 //!
 //! Each area (`identity`, `resources`, `executions`) owns its model types, its sub-trait and one
 //! `macro_rules!` body that is instantiated for both backends, so the two implementations cannot
-//! drift apart. Where the SQL dialects differ, the body calls an associated function of the
-//! concrete store type (see `Dialect`). Timestamps are made in Rust (`Utc::now()`), never by
-//! the database, so both backends store and order them identically.
+//! drift apart. Where the SQL dialects differ, the body asks the `Dialect` trait, which both
+//! stores implement here; shapes every area shares (a numbered list: visibility, count, page)
+//! are generic functions here too. Timestamps are made in Rust (`Utc::now()`), never by the
+//! database, so both backends store and order them identically.
 
 /// Defines a TEXT-backed enum with `as_str`, `FromStr`, `Display`, serde (as its text) and sqlx
 /// Type/Encode/Decode for every database whose `str` is a type.
@@ -236,6 +237,21 @@ pub struct SortOrder<F> {
     pub descending: bool,
 }
 
+/// A sort key of a numbered list, as the store orders by it.
+pub(crate) trait SortField: Copy {
+    /// The order of a list whose caller names none.
+    const DEFAULT_ORDER: SortOrder<Self>;
+
+    /// The SQL expression the key orders by.
+    fn expression(self) -> &'static str;
+}
+
+/// The order `sort` asks for (the key's default when `None`), as SQL.
+pub(crate) fn sql_order<F: SortField>(sort: Option<SortOrder<F>>) -> SortOrder<&'static str> {
+    let order = sort.unwrap_or(F::DEFAULT_ORDER);
+    SortOrder { field: order.field.expression(), descending: order.descending }
+}
+
 /// A page of a cursor-paged list (executions, logs): constant cost however deep.
 /// `next_cursor` is opaque to callers and `None` on the last page.
 #[derive(Debug, Clone, PartialEq)]
@@ -397,4 +413,220 @@ pub(crate) fn like_pattern(search: &str) -> String {
     }
     pattern.push('%');
     pattern
+}
+
+// ---------------------------------------------------------------------------------------------
+// The dialect seam
+// ---------------------------------------------------------------------------------------------
+
+/// Everything that differs between the SQL of PostgreSQL and SQLite, in one place. Each area's
+/// `macro_rules!` body is written once and calls these as `<$store as Dialect>::…` (or as
+/// methods) where the backends cannot share a statement; no other code branches on the backend.
+/// A transaction that owns its pooled connection.
+type Transaction<Database> = sqlx::Transaction<'static, Database>;
+
+pub(crate) trait Dialect {
+    type Database: sqlx::Database;
+
+    /// Starts a transaction that will write after reading.
+    const BEGIN_WRITE_TRANSACTION: &'static str;
+
+    /// Starts a read-only transaction whose statements all see one snapshot.
+    const BEGIN_SNAPSHOT_READ: &'static str;
+
+    /// Appended to a `SELECT` to hold rows against a concurrent soft delete until commit.
+    const SHARE_ROW_LOCK: &'static str;
+
+    /// `$1` agent id: a live agent's status, its row locked until commit (the write lock of
+    /// `BEGIN_WRITE_TRANSACTION` does that on SQLite).
+    const LOCK_AGENT_STATUS: &'static str;
+
+    /// `$1` lock key: serialises user creations that depend on the user count, until the
+    /// transaction ends; `None` where `BEGIN_WRITE_TRANSACTION` already serialises every writer.
+    const LOCK_USER_CREATION: Option<&'static str>;
+
+    /// The wall-clock seconds from `started_at` to `finished_at` of an execution row.
+    const EXECUTION_DURATION_SECONDS: &'static str;
+
+    /// The pool every statement of the store runs on.
+    fn connection_pool(&self) -> &sqlx::Pool<Self::Database>;
+
+    /// ` AND <the row's tags contain tag>`.
+    fn push_tag_filter(builder: &mut sqlx::QueryBuilder<Self::Database>, tag: &str);
+
+    /// ` AND <(created_at, id) before the cursor position>`: the rows after a page of a
+    /// newest-first list ordered by `created_at DESC, id DESC`.
+    fn push_before_cursor(
+        builder: &mut sqlx::QueryBuilder<Self::Database>,
+        created_at: chrono::DateTime<chrono::Utc>,
+        id: uuid::Uuid,
+    );
+
+    /// A transaction begun with `BEGIN_WRITE_TRANSACTION`.
+    fn begin_write_transaction(
+        &self,
+    ) -> impl Future<Output = Result<Transaction<Self::Database>, sqlx::Error>> + Send {
+        self.connection_pool().begin_with(Self::BEGIN_WRITE_TRANSACTION)
+    }
+
+    /// A transaction begun with `BEGIN_SNAPSHOT_READ`.
+    fn begin_snapshot_read(
+        &self,
+    ) -> impl Future<Output = Result<Transaction<Self::Database>, sqlx::Error>> + Send {
+        self.connection_pool().begin_with(Self::BEGIN_SNAPSHOT_READ)
+    }
+}
+
+impl Dialect for PostgresStore {
+    type Database = sqlx::Postgres;
+
+    // Row locks do the serialising on PostgreSQL.
+    const BEGIN_WRITE_TRANSACTION: &'static str = "BEGIN";
+
+    const BEGIN_SNAPSHOT_READ: &'static str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
+
+    // Conflicts with the row lock an UPDATE takes, so a step that references an agent and the
+    // agent's soft delete serialise: whichever commits second sees the first.
+    const SHARE_ROW_LOCK: &'static str = " FOR SHARE";
+
+    const LOCK_AGENT_STATUS: &'static str =
+        "SELECT status FROM agents WHERE id = $1 AND deleted_at IS NULL FOR UPDATE";
+
+    const LOCK_USER_CREATION: Option<&'static str> = Some("SELECT pg_advisory_xact_lock($1)");
+
+    const EXECUTION_DURATION_SECONDS: &'static str =
+        "EXTRACT(EPOCH FROM (finished_at - started_at))::DOUBLE PRECISION";
+
+    fn connection_pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn push_tag_filter(builder: &mut sqlx::QueryBuilder<sqlx::Postgres>, tag: &str) {
+        // `@>` is served by the GIN (jsonb_path_ops) index on tags.
+        builder.push(" AND tags @> ").push_bind(sqlx::types::Json(vec![tag.to_owned()]));
+    }
+
+    fn push_before_cursor(
+        builder: &mut sqlx::QueryBuilder<sqlx::Postgres>,
+        created_at: chrono::DateTime<chrono::Utc>,
+        id: uuid::Uuid,
+    ) {
+        // A row comparison PostgreSQL turns into an index bound.
+        builder.push(" AND (created_at, id) < (");
+        builder.push_bind(created_at);
+        builder.push(", ");
+        builder.push_bind(id);
+        builder.push(")");
+    }
+}
+
+impl Dialect for SqliteStore {
+    type Database = sqlx::Sqlite;
+
+    // Takes the database write lock up front, so a read-then-write transaction never fails
+    // halfway with a busy snapshot, and writers are serialised (no row locks needed).
+    const BEGIN_WRITE_TRANSACTION: &'static str = "BEGIN IMMEDIATE";
+
+    // The reads of one SQLite transaction see one snapshot.
+    const BEGIN_SNAPSHOT_READ: &'static str = "BEGIN";
+
+    const SHARE_ROW_LOCK: &'static str = "";
+
+    const LOCK_AGENT_STATUS: &'static str =
+        "SELECT status FROM agents WHERE id = $1 AND deleted_at IS NULL";
+
+    const LOCK_USER_CREATION: Option<&'static str> = None;
+
+    const EXECUTION_DURATION_SECONDS: &'static str =
+        "((julianday(finished_at) - julianday(started_at)) * 86400.0)";
+
+    fn connection_pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    fn push_tag_filter(builder: &mut sqlx::QueryBuilder<sqlx::Sqlite>, tag: &str) {
+        builder
+            .push(" AND EXISTS (SELECT 1 FROM json_each(tags) WHERE json_each.value = ")
+            .push_bind(tag.to_owned())
+            .push(")");
+    }
+
+    fn push_before_cursor(
+        builder: &mut sqlx::QueryBuilder<sqlx::Sqlite>,
+        created_at: chrono::DateTime<chrono::Utc>,
+        id: uuid::Uuid,
+    ) {
+        // Spelled without row values; the redundant `created_at <=` bound lets SQLite seek the
+        // `(created_at, id)` index instead of scanning from the newest row.
+        builder.push(" AND created_at <= ");
+        builder.push_bind(created_at);
+        builder.push(" AND (created_at < ");
+        builder.push_bind(created_at);
+        builder.push(" OR (created_at = ");
+        builder.push_bind(created_at);
+        builder.push(" AND id < ");
+        builder.push_bind(id);
+        builder.push("))");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shape every numbered list shares
+// ---------------------------------------------------------------------------------------------
+
+/// One numbered-page list: the rows of one table that the list's conditions keep, counted, then
+/// read one page at a time in `order`. Both statements are static SQL that the conditions
+/// continue (`SELECT COUNT(*) FROM agents` / `SELECT <columns> FROM agents`).
+pub(crate) struct PagedList {
+    pub count_statement: &'static str,
+    pub rows_statement: &'static str,
+    /// The sort expression and its direction (see `sql_order`); `id` in the same direction
+    /// breaks ties, so pages are stable.
+    pub order: SortOrder<&'static str>,
+    pub page: PageRequest,
+}
+
+/// Counts the rows a list keeps and reads the requested page of them. `push_conditions`
+/// appends the visibility check (see `push_visible_rows`) and the filters to both statements.
+pub(crate) async fn fetch_page<Database, Row>(
+    pool: &sqlx::Pool<Database>,
+    list: PagedList,
+    push_conditions: impl Fn(&mut sqlx::QueryBuilder<Database>),
+) -> StoreResult<Page<Row>>
+where
+    Database: sqlx::Database,
+    Database::Arguments: sqlx::IntoArguments<Database>,
+    for<'connection> &'connection mut Database::Connection:
+        sqlx::Executor<'connection, Database = Database>,
+    for<'query> i64: sqlx::Encode<'query, Database> + sqlx::Type<Database>,
+    (i64,): for<'row> sqlx::FromRow<'row, Database::Row>,
+    Row: for<'row> sqlx::FromRow<'row, Database::Row> + Send + Unpin,
+{
+    let mut count_query = sqlx::QueryBuilder::<Database>::new(list.count_statement);
+    push_conditions(&mut count_query);
+    let total: i64 = count_query.build_query_scalar().fetch_one(pool).await?;
+
+    let mut rows_query = sqlx::QueryBuilder::<Database>::new(list.rows_statement);
+    push_conditions(&mut rows_query);
+    let direction = if list.order.descending { "DESC" } else { "ASC" };
+    rows_query.push(format_args!(" ORDER BY {} {direction}, id {direction}", list.order.field));
+    rows_query.push(" LIMIT ").push_bind(list.page.limit());
+    rows_query.push(" OFFSET ").push_bind(list.page.offset());
+    let items = rows_query.build_query_as::<Row>().fetch_all(pool).await?;
+    Ok(Page { items, total })
+}
+
+/// ` WHERE deleted_at IS NULL`, and ` AND owner_id = <owner>` for one owner's scope: the rows of
+/// a soft-deleted, owned table that `scope` may see.
+pub(crate) fn push_visible_rows<Database>(
+    builder: &mut sqlx::QueryBuilder<Database>,
+    scope: OwnerScope,
+) where
+    Database: sqlx::Database,
+    for<'query> uuid::Uuid: sqlx::Encode<'query, Database> + sqlx::Type<Database>,
+{
+    builder.push(" WHERE deleted_at IS NULL");
+    if let Some(owner_id) = scope.owner_id() {
+        builder.push(" AND owner_id = ").push_bind(owner_id);
+    }
 }
