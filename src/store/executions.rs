@@ -9,8 +9,11 @@
 //!   `Duplicate`), so late, duplicate or concurrent reports are harmless.
 //! - A step run's `attempt` is its fencing token. Lease loss and user retries both start a new
 //!   attempt; `infra_reassignments` counts the former so they never eat the user's retry budget.
-//! - `step_attempts` keeps one row per (step run, attempt). The row of the current attempt is
-//!   updated in the same transaction as the step run; older rows are final.
+//! - `step_attempts` keeps one row per (step run, attempt). A transition within an attempt
+//!   is one `UPDATE step_runs … RETURNING`, committed on its own: the database mirrors it into
+//!   the attempt's row in the same statement (trigger `step_runs_mirror_attempt`, migration 6).
+//!   Transitions that start a new attempt write the attempt rows themselves, in a transaction.
+//!   Older rows are final.
 //! - Retry backoff: `schedule_retry` puts the step back to `PENDING` with `next_attempt_at`.
 //!   `list_ready_step_runs` returns it once the backoff is over and `mark_step_queued` moves it
 //!   to `QUEUED` (committed) before it is pushed to the queue. `QUEUED` therefore always means
@@ -1204,6 +1207,19 @@ macro_rules! impl_executions_store {
             }
 
             /// The status and attempt of a step run (to explain a rejected transition).
+            /// The outcome of a step transition's compare-and-set: applied with the row it
+            /// wrote, or rejected with where the step is now.
+            async fn step_transition_outcome(
+                &self,
+                key: AttemptKey,
+                updated: Option<StepRun>,
+            ) -> StoreResult<StepTransitionOutcome> {
+                match updated {
+                    Some(step_run) => Ok(StepTransitionOutcome::Applied(step_run)),
+                    None => rejection(self.step_run_position(key.step_run_id).await?),
+                }
+            }
+
             async fn step_run_position(
                 &self,
                 step_run_id: Uuid,
@@ -1517,7 +1533,6 @@ macro_rules! impl_executions_store {
                 at: DateTime<Utc>,
             ) -> StoreResult<StepTransitionOutcome> {
                 let at = stored_time(at);
-                let mut transaction = self.begin_write_transaction().await?;
                 let step_run = sqlx::query_as::<$db, StepRun>(concat!(
                     "UPDATE step_runs SET status = 'QUEUED', input = COALESCE($3, input), \
                      queued_at = $4, next_attempt_at = NULL, updated_at = $4, \
@@ -1530,24 +1545,9 @@ macro_rules! impl_executions_store {
                 .bind(key.attempt)
                 .bind(input.map(Json))
                 .bind(at)
-                .fetch_optional(&mut *transaction)
+                .fetch_optional(self.connection_pool())
                 .await?;
-                let Some(step_run) = step_run else {
-                    transaction.rollback().await?;
-                    return rejection(self.step_run_position(key.step_run_id).await?);
-                };
-                sqlx::query::<$db>(
-                    "UPDATE step_attempts SET status = 'QUEUED', input = $3, queued_at = $4, \
-                     updated_at = $4 WHERE step_run_id = $1 AND attempt = $2",
-                )
-                .bind(key.step_run_id)
-                .bind(key.attempt)
-                .bind(step_run.input.clone().map(Json))
-                .bind(at)
-                .execute(&mut *transaction)
-                .await?;
-                transaction.commit().await?;
-                Ok(StepTransitionOutcome::Applied(step_run))
+                self.step_transition_outcome(key, step_run).await
             }
 
             async fn assign_step(
@@ -1556,7 +1556,6 @@ macro_rules! impl_executions_store {
                 assignment: StepAssignment,
             ) -> StoreResult<StepTransitionOutcome> {
                 let assigned_at = stored_time(assignment.assigned_at);
-                let mut transaction = self.begin_write_transaction().await?;
                 let step_run = sqlx::query_as::<$db, StepRun>(concat!(
                     "UPDATE step_runs SET status = 'ASSIGNED', runner_id = $3, \
                      lease_expires_at = $4, assigned_at = $5, updated_at = $5, \
@@ -1566,27 +1565,12 @@ macro_rules! impl_executions_store {
                 ))
                 .bind(key.step_run_id)
                 .bind(key.attempt)
-                .bind(assignment.runner_id.clone())
+                .bind(assignment.runner_id)
                 .bind(stored_time(assignment.lease_expires_at))
                 .bind(assigned_at)
-                .fetch_optional(&mut *transaction)
+                .fetch_optional(self.connection_pool())
                 .await?;
-                let Some(step_run) = step_run else {
-                    transaction.rollback().await?;
-                    return rejection(self.step_run_position(key.step_run_id).await?);
-                };
-                sqlx::query::<$db>(
-                    "UPDATE step_attempts SET status = 'ASSIGNED', runner_id = $3, \
-                     assigned_at = $4, updated_at = $4 WHERE step_run_id = $1 AND attempt = $2",
-                )
-                .bind(key.step_run_id)
-                .bind(key.attempt)
-                .bind(assignment.runner_id)
-                .bind(assigned_at)
-                .execute(&mut *transaction)
-                .await?;
-                transaction.commit().await?;
-                Ok(StepTransitionOutcome::Applied(step_run))
+                self.step_transition_outcome(key, step_run).await
             }
 
             async fn mark_step_running(
@@ -1595,7 +1579,6 @@ macro_rules! impl_executions_store {
                 at: DateTime<Utc>,
             ) -> StoreResult<StepTransitionOutcome> {
                 let at = stored_time(at);
-                let mut transaction = self.begin_write_transaction().await?;
                 let step_run = sqlx::query_as::<$db, StepRun>(concat!(
                     "UPDATE step_runs SET status = 'RUNNING', started_at = $3, updated_at = $3, \
                      version = version + 1 \
@@ -1605,23 +1588,9 @@ macro_rules! impl_executions_store {
                 .bind(key.step_run_id)
                 .bind(key.attempt)
                 .bind(at)
-                .fetch_optional(&mut *transaction)
+                .fetch_optional(self.connection_pool())
                 .await?;
-                let Some(step_run) = step_run else {
-                    transaction.rollback().await?;
-                    return rejection(self.step_run_position(key.step_run_id).await?);
-                };
-                sqlx::query::<$db>(
-                    "UPDATE step_attempts SET status = 'RUNNING', started_at = $3, \
-                     updated_at = $3 WHERE step_run_id = $1 AND attempt = $2",
-                )
-                .bind(key.step_run_id)
-                .bind(key.attempt)
-                .bind(at)
-                .execute(&mut *transaction)
-                .await?;
-                transaction.commit().await?;
-                Ok(StepTransitionOutcome::Applied(step_run))
+                self.step_transition_outcome(key, step_run).await
             }
 
             async fn start_child_execution(
@@ -1662,15 +1631,6 @@ macro_rules! impl_executions_store {
                         StepTransitionOutcome::Applied(_) => Err(StoreError::NotFound),
                     };
                 };
-                sqlx::query::<$db>(
-                    "UPDATE step_attempts SET status = 'RUNNING', started_at = $3, \
-                     updated_at = $3 WHERE step_run_id = $1 AND attempt = $2",
-                )
-                .bind(key.step_run_id)
-                .bind(key.attempt)
-                .bind(at)
-                .execute(&mut *transaction)
-                .await?;
                 let (child, _) =
                     <$store>::insert_execution(&mut transaction, child, step_runs, at).await?;
                 transaction.commit().await?;
@@ -1711,37 +1671,20 @@ macro_rules! impl_executions_store {
                     ),
                 };
                 let output = output.map(Json);
-                let mut transaction = self.begin_write_transaction().await?;
                 let step_run = sqlx::query_as::<$db, StepRun>(update_sql)
                     .bind(key.step_run_id)
                     .bind(key.attempt)
                     .bind(status)
-                    .bind(output.clone())
-                    .bind(error.clone())
+                    .bind(output)
+                    .bind(error)
                     .bind(retryable)
                     .bind(at)
-                    .fetch_optional(&mut *transaction)
+                    .fetch_optional(self.connection_pool())
                     .await?;
-                let Some(step_run) = step_run else {
-                    transaction.rollback().await?;
-                    return ignored_completion(key, self.step_run_position(key.step_run_id).await?);
-                };
-                sqlx::query::<$db>(
-                    "UPDATE step_attempts SET status = $3, output = $4, error = $5, \
-                     retryable = $6, finished_at = $7, updated_at = $7 \
-                     WHERE step_run_id = $1 AND attempt = $2",
-                )
-                .bind(key.step_run_id)
-                .bind(key.attempt)
-                .bind(StepAttemptStatus::from(status))
-                .bind(output)
-                .bind(error)
-                .bind(retryable)
-                .bind(at)
-                .execute(&mut *transaction)
-                .await?;
-                transaction.commit().await?;
-                Ok(CompletionOutcome::Applied(step_run))
+                match step_run {
+                    Some(step_run) => Ok(CompletionOutcome::Applied(step_run)),
+                    None => ignored_completion(key, self.step_run_position(key.step_run_id).await?),
+                }
             }
 
             async fn schedule_retry(
@@ -1844,7 +1787,6 @@ macro_rules! impl_executions_store {
                 at: DateTime<Utc>,
             ) -> StoreResult<Vec<InFlightStepRun>> {
                 let at = stored_time(at);
-                let mut transaction = self.begin_write_transaction().await?;
                 // One statement, so no step can slip from QUEUED to ASSIGNED in between. Only
                 // ASSIGNED/RUNNING step runs carry a runner_id (it is cleared on requeue/retry).
                 let cancelled = sqlx::query_as::<$db, CancelledStepRunRow>(
@@ -1857,22 +1799,8 @@ macro_rules! impl_executions_store {
                 )
                 .bind(execution_id)
                 .bind(at)
-                .fetch_all(&mut *transaction)
+                .fetch_all(self.connection_pool())
                 .await?;
-                if !cancelled.is_empty() {
-                    // Only the current attempt of a step run can be unfinished.
-                    sqlx::query::<$db>(
-                        "UPDATE step_attempts SET status = 'CANCELLED', finished_at = $2, \
-                         updated_at = $2 \
-                         WHERE status IN ('PENDING', 'QUEUED', 'ASSIGNED', 'RUNNING') \
-                         AND step_run_id IN (SELECT id FROM step_runs WHERE execution_id = $1)",
-                    )
-                    .bind(execution_id)
-                    .bind(at)
-                    .execute(&mut *transaction)
-                    .await?;
-                }
-                transaction.commit().await?;
                 let in_flight = cancelled
                     .into_iter()
                     .filter_map(|row| {
