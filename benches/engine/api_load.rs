@@ -127,10 +127,12 @@ pub async fn run(
                     transport.name()
                 );
                 let mut entry = Entry::new(Some(installation.mode), Scenario::Api, &variant);
-                // Warm up: connections, caches, prepared statements.
-                let warm_up = Duration::from_secs(1);
-                run_load(&target, operation, transport, *connections, warm_up, scripts.path())
-                    .await?;
+                // Warm up (connections, caches, prepared statements) before the first count.
+                if Some(connections) == sizes.api_connections.first() {
+                    let warm_up = Duration::from_secs(1);
+                    run_load(&target, operation, transport, *connections, warm_up, scripts.path())
+                        .await?;
+                }
                 for _ in 0..sizes.api_rounds {
                     let duration = Duration::from_secs(sizes.api_round_seconds);
                     let window = installation.probe.begin().await?;

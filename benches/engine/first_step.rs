@@ -24,7 +24,13 @@ pub async fn run(
     let one_runner = installation.one_runner();
     installation.set_runners(one_runner).await?;
     let runners = installation.runners_label(one_runner);
-    for kind in StepKind::BOTH {
+    // On `dev` a default run measures the API step alone (the client sees its start).
+    let kinds: &[StepKind] = if installation.mode == Mode::Dev && !sizes.all_variants {
+        &[StepKind::Api]
+    } else {
+        &StepKind::BOTH
+    };
+    for kind in kinds.iter().copied() {
         let variant =
             format!("1 {} step at {} executions/s, {runners}", kind.name(), sizes.first_step_rate);
         let warm_up = installation
