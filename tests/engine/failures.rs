@@ -158,10 +158,20 @@ impl RedisServer {
         redis::cmd(name).query_async(&mut connection).await
     }
 
+    /// Empties Redis and checks it is empty, in one MULTI/EXEC: the running server writes
+    /// keys again at any moment, so a DBSIZE sent after the flush may already count them.
     async fn flush_all(&self) {
-        self.command("FLUSHALL").await.expect("FLUSHALL");
-        let keys = self.command("DBSIZE").await.expect("DBSIZE");
-        assert_eq!(keys, redis::Value::Int(0), "flushed");
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let mut connection =
+            client.get_multiplexed_async_connection().await.expect("connect to redis");
+        let (_flushed, keys): (redis::Value, i64) = redis::pipe()
+            .atomic()
+            .cmd("FLUSHALL")
+            .cmd("DBSIZE")
+            .query_async(&mut connection)
+            .await
+            .expect("FLUSHALL and DBSIZE");
+        assert_eq!(keys, 0, "flushed");
     }
 
     fn kill(&mut self) {
