@@ -75,6 +75,31 @@ struct Load {
 }
 
 impl Load {
+    /// The round this run makes: rate, p50, p99, errors and the costs per request; errors are
+    /// also reported as failures of the run.
+    fn round(
+        &self,
+        costs: &crate::measure::Costs,
+        failures: &mut Vec<String>,
+        mode: Mode,
+        variant: &str,
+    ) -> Round {
+        let mut round = Round::default();
+        round.set(
+            "requests_per_second",
+            "req/s",
+            self.requests as f64 / self.seconds.max(f64::EPSILON),
+        );
+        round.set("latency_ms_p50", "ms", self.p50_ms);
+        round.set("latency_ms_p99", "ms", self.p99_ms);
+        round.set("errors", "", self.errors as f64);
+        costs.record_per(self.requests as f64, "request", &mut round);
+        if self.errors > 0 {
+            failures.push(format!("{} api {variant}: {} errors", mode.name(), self.errors));
+        }
+        round
+    }
+
     fn from_latencies(mut latencies_ms: Vec<f64>, errors: u64, seconds: f64) -> Self {
         latencies_ms.sort_by(f64::total_cmp);
         Self {
@@ -146,24 +171,9 @@ pub async fn run(
                     )
                     .await?;
                     let costs = installation.probe.end(window).await?;
-                    let mut round = Round::default();
-                    round.set(
-                        "requests_per_second",
-                        "req/s",
-                        load.requests as f64 / load.seconds.max(f64::EPSILON),
-                    );
-                    round.set("latency_ms_p50", "ms", load.p50_ms);
-                    round.set("latency_ms_p99", "ms", load.p99_ms);
-                    round.set("errors", "", load.errors as f64);
-                    costs.record_per(load.requests as f64, "request", &mut round);
+                    let round =
+                        load.round(&costs, &mut report.failures, installation.mode, &variant);
                     entry.add_round(round);
-                    if load.errors > 0 {
-                        report.failures.push(format!(
-                            "{} api {variant}: {} errors",
-                            installation.mode.name(),
-                            load.errors
-                        ));
-                    }
                 }
                 report.add(entry);
             }
@@ -185,26 +195,10 @@ pub async fn run(
         let window = installation.probe.begin().await?;
         let load = generator.run(&target, sizes.constant_rate, duration).await;
         let costs = installation.probe.end(window).await?;
-        let mut round = Round::default();
-        round.set(
-            "requests_per_second",
-            "req/s",
-            load.requests as f64 / load.seconds.max(f64::EPSILON),
-        );
-        round.set("latency_ms_p50", "ms", load.p50_ms);
-        round.set("latency_ms_p99", "ms", load.p99_ms);
+        let mut round = load.round(&costs, &mut report.failures, installation.mode, &variant);
         round.set("latency_ms_p999", "ms", percentile(&load.latencies_ms, 0.999));
         round.set("latency_ms_max", "ms", load.latencies_ms.last().copied().unwrap_or(f64::NAN));
-        round.set("errors", "", load.errors as f64);
-        costs.record_per(load.requests as f64, "request", &mut round);
         entry.add_round(round);
-        if load.errors > 0 {
-            report.failures.push(format!(
-                "{} api {variant}: {} errors",
-                installation.mode.name(),
-                load.errors
-            ));
-        }
         report.add(entry);
     }
     Ok(())
