@@ -127,10 +127,11 @@ impl AttachedRunner {
         self.state.lock().ok().and_then(|state| state.last_heartbeat_at)
     }
 
-    /// Takes a slot for `key`; `false` when no slot is free (the dispatcher raced itself).
+    /// Takes a slot for `key`; `false` when no slot is free (the dispatcher raced itself) or
+    /// the runner holds `key` already.
     pub fn hold(&self, key: AttemptKey, execution_id: Uuid, deadline: DateTime<Utc>) -> bool {
         let Ok(mut state) = self.state.lock() else { return false };
-        if state.draining || state.held.len() >= self.capacity {
+        if state.draining || state.held.len() >= self.capacity || state.held.contains_key(&key) {
             return false;
         }
         let held = HeldStep {
@@ -155,6 +156,15 @@ impl AttachedRunner {
                 deadline,
             };
             state.held.insert(key, held);
+        }
+    }
+
+    /// Sets the deadline of a held attempt (known once its assignment is decided).
+    pub fn set_deadline(&self, key: AttemptKey, deadline: DateTime<Utc>) {
+        if let Ok(mut state) = self.state.lock()
+            && let Some(held) = state.held.get_mut(&key)
+        {
+            held.deadline = deadline;
         }
     }
 

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
 use uuid::Uuid;
 
 use super::attached_runners::{AttachedRunner, Placement};
@@ -29,6 +31,8 @@ enum Placed {
 
 /// How many ready items one pass looks at.
 const PEEK_BATCH: usize = 256;
+/// How many of them are being placed at once.
+const PLACING_AT_ONCE: usize = 32;
 /// Extra time past an attempt's deadline before the server takes it back as timed out.
 pub const DEADLINE_GRACE: Duration = Duration::from_secs(5);
 
@@ -51,12 +55,16 @@ impl Engine {
         }
     }
 
-    /// One pass over the ready queue; returns how many steps were assigned.
+    /// One pass over the ready queue; returns how many steps were assigned. Up to
+    /// `PLACING_AT_ONCE` items are placed at once; each takes its runner's slot before any
+    /// round trip, so the placements that follow see the slot taken.
     pub async fn dispatch_once(self: &Arc<Self>) -> EngineResult<usize> {
         if self.attached_runners.all().is_empty() {
             return Ok(0);
         }
+        let mut placing = FuturesUnordered::new();
         let mut assigned = 0;
+        let mut failure = None;
         for item in self.queue.peek(PEEK_BATCH).await? {
             let placement = Placement {
                 owner_id: item.owner_id,
@@ -64,30 +72,75 @@ impl Engine {
                 required_labels: &item.required_labels,
             };
             let Some(runner) = self.attached_runners.pick(&placement) else { continue };
-            let claim_timeout = self.settings.acknowledgement_timeout * 2;
-            if !self.queue.claim(item.key(), claim_timeout).await? {
-                continue;
-            }
-            match self.assign(&runner, &item).await {
-                Ok(Placed::Assigned) => {
-                    assigned += 1;
-                    self.queue.ack(item.key()).await?;
-                }
-                // The step moved on (cancelled, finished, another attempt): drop the entry.
-                Ok(Placed::Stale) => {
-                    self.queue.ack(item.key()).await?;
-                }
-                // Another pass took the slot: leave the item for the next one.
-                Ok(Placed::NoSlot) => {
-                    self.queue.release(item.key()).await?;
-                }
-                Err(error) => {
-                    let _ = self.queue.release(item.key()).await;
-                    return Err(error);
-                }
+            let key = attempt_of(&item);
+            // A provisional deadline until the assignment knows the step's own.
+            let provisional = Utc::now() + chrono::Duration::seconds(30);
+            let reserved = runner.hold(key, item.execution_id, provisional);
+            placing.push(self.place(runner, item, reserved));
+            if placing.len() >= PLACING_AT_ONCE
+                && let Some(placed) = placing.next().await
+            {
+                tally(placed, &mut assigned, &mut failure);
             }
         }
-        Ok(assigned)
+        while let Some(placed) = placing.next().await {
+            tally(placed, &mut assigned, &mut failure);
+        }
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(assigned),
+        }
+    }
+
+    /// Claims `item`, assigns it to `runner` and settles its queue entry. `reserved`: the
+    /// runner's slot is already held for it.
+    async fn place(
+        self: &Arc<Self>,
+        runner: Arc<AttachedRunner>,
+        item: QueueItem,
+        reserved: bool,
+    ) -> EngineResult<bool> {
+        let key = attempt_of(&item);
+        let unreserve = || {
+            if reserved && runner.release(key) {
+                self.attached_runners.capacity_changed.notify_waiters();
+            }
+        };
+        let claim_timeout = self.settings.acknowledgement_timeout * 2;
+        match self.queue.claim(item.key(), claim_timeout).await {
+            Ok(true) => {}
+            Ok(false) => {
+                unreserve();
+                return Ok(false);
+            }
+            Err(error) => {
+                unreserve();
+                return Err(error.into());
+            }
+        }
+        match self.assign(&runner, &item, reserved).await {
+            Ok(Placed::Assigned) => {
+                self.queue.ack(item.key()).await?;
+                Ok(true)
+            }
+            // The step moved on (cancelled, finished, another attempt): drop the entry.
+            Ok(Placed::Stale) => {
+                unreserve();
+                self.queue.ack(item.key()).await?;
+                Ok(false)
+            }
+            // Another pass took the slot: leave the item for the next one.
+            Ok(Placed::NoSlot) => {
+                unreserve();
+                self.queue.release(item.key()).await?;
+                Ok(false)
+            }
+            Err(error) => {
+                unreserve();
+                let _ = self.queue.release(item.key()).await;
+                Err(error)
+            }
+        }
     }
 
     /// Commits the assignment of `item` to `runner` and sends it.
@@ -95,8 +148,9 @@ impl Engine {
         self: &Arc<Self>,
         runner: &Arc<AttachedRunner>,
         item: &QueueItem,
+        reserved: bool,
     ) -> EngineResult<Placed> {
-        let key = AttemptKey { step_run_id: item.step_run_id, attempt: item.attempt };
+        let key = attempt_of(item);
         let step_run = self.store.get_step_run(item.step_run_id).await?;
         if step_run.attempt != item.attempt || step_run.status != StepRunStatus::Queued {
             return Ok(Placed::Stale);
@@ -119,7 +173,9 @@ impl Engine {
             deadline = deadline.min(execution_deadline);
         }
         let lease_until = lease_end(now, self.settings.lease_duration, deadline);
-        if !runner.hold(key, execution.id, deadline) {
+        if reserved {
+            runner.set_deadline(key, deadline);
+        } else if !runner.hold(key, execution.id, deadline) {
             return Ok(Placed::NoSlot);
         }
         let assignment = StepAssignment {
@@ -129,12 +185,17 @@ impl Engine {
         };
         let assigned = match self.store.assign_step(key, assignment).await {
             Ok(StepTransitionOutcome::Applied(assigned)) => assigned,
+            // The caller frees a reserved slot.
             Ok(StepTransitionOutcome::Rejected { .. }) => {
-                runner.release(key);
+                if !reserved {
+                    runner.release(key);
+                }
                 return Ok(Placed::Stale);
             }
             Err(error) => {
-                runner.release(key);
+                if !reserved {
+                    runner.release(key);
+                }
                 return Err(error.into());
             }
         };
@@ -180,6 +241,25 @@ impl Engine {
                 tracing::warn!(%error, %execution_id, "taking back an unacknowledged step failed; the reconciler will");
             }
         });
+    }
+}
+
+fn attempt_of(item: &QueueItem) -> AttemptKey {
+    AttemptKey { step_run_id: item.step_run_id, attempt: item.attempt }
+}
+
+/// Counts one placement's outcome, keeping the first failure.
+fn tally(
+    placed: EngineResult<bool>,
+    assigned: &mut usize,
+    failure: &mut Option<super::EngineError>,
+) {
+    match placed {
+        Ok(true) => *assigned += 1,
+        Ok(false) => {}
+        Err(error) => {
+            failure.get_or_insert(error);
+        }
     }
 }
 

@@ -2,11 +2,19 @@
 //! the attempts it still holds after a reconnect when their leases are alive), and acting on
 //! every message it sends. Every message about a step is fenced by (step run id, attempt): a
 //! runner can only speak for attempts it holds, and the store refuses stale attempts anyway.
+//!
+//! One runner's messages are applied by a `RunnerInbox`: the messages about one attempt
+//! (acknowledgement, started, result, cancel acknowledgement) keep their order in one of a few
+//! lanes chosen by the step run, so a runner with many slots has several results committed at
+//! once instead of one after another; log batches, heartbeats and draining are applied in
+//! stream order before anything that follows them.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use chrono::Utc;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::attached_runners::{AttachedRunner, RunnerOwner, RunnerSender};
@@ -23,6 +31,70 @@ pub const MAX_RUNNER_CAPACITY: i32 = 1_000;
 const MAX_LOG_LINES_PER_BATCH: usize = 1_000;
 /// The longest log line kept; longer ones are cut.
 const MAX_LOG_LINE_CHARS: usize = 16 * 1024;
+
+/// How many of one runner's attempt messages are applied at once.
+const RUNNER_LANES: usize = 8;
+/// Attempt messages waiting in one lane before the stream is read no further.
+const LANE_BUFFER: usize = 64;
+
+/// Applies one attached runner's messages (see the module comment). `close` waits for what
+/// is already delivered to be applied.
+pub struct RunnerInbox {
+    engine: Arc<Engine>,
+    runner: Arc<AttachedRunner>,
+    lanes: Vec<mpsc::Sender<pb::attach_request::Message>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl RunnerInbox {
+    /// Applies `message`, or queues it behind the earlier messages about the same attempt.
+    pub async fn deliver(&self, message: pb::attach_request::Message) {
+        if let Some(lane) = lane_of(&message).and_then(|index| self.lanes.get(index)) {
+            if lane.send(message).await.is_ok() {
+                return;
+            }
+            tracing::warn!(runner_id = %self.runner.id, "a runner lane stopped; its message is dropped");
+            return;
+        }
+        apply(&self.engine, &self.runner, message).await;
+    }
+
+    /// Stops taking messages and waits until every delivered one is applied.
+    pub async fn close(self) {
+        drop(self.lanes);
+        for worker in self.workers {
+            let _ = worker.await;
+        }
+    }
+}
+
+/// The lane of a message about one attempt; `None` for the others.
+fn lane_of(message: &pb::attach_request::Message) -> Option<usize> {
+    use pb::attach_request::Message;
+    let step = match message {
+        Message::AssignmentAck(ack) => ack.step.as_ref(),
+        Message::Started(started) => started.step.as_ref(),
+        Message::Result(result) => result.step.as_ref(),
+        Message::CancelAck(ack) => ack.step.as_ref(),
+        Message::Hello(_) | Message::Logs(_) | Message::Heartbeat(_) | Message::Draining(_) => {
+            return None;
+        }
+    };
+    // A message without a usable attempt goes to the first lane, which ignores it.
+    let key = step.and_then(attempt_key);
+    let hash = key.map_or(0, |key| key.step_run_id.as_u128() as usize);
+    Some(hash % RUNNER_LANES)
+}
+
+async fn apply(
+    engine: &Arc<Engine>,
+    runner: &Arc<AttachedRunner>,
+    message: pb::attach_request::Message,
+) {
+    if let Err(error) = engine.on_runner_message(runner, message).await {
+        tracing::warn!(%error, runner_id = %runner.id, "a runner message could not be applied; the reconciler will repair");
+    }
+}
 
 /// A hello the server refuses, with the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,6 +186,24 @@ impl Engine {
             kept_steps,
         };
         Ok((runner, accepted))
+    }
+
+    /// The inbox that applies `runner`'s messages from now on.
+    pub fn runner_inbox(self: &Arc<Self>, runner: Arc<AttachedRunner>) -> RunnerInbox {
+        let mut lanes = Vec::with_capacity(RUNNER_LANES);
+        let mut workers = Vec::with_capacity(RUNNER_LANES);
+        for _ in 0..RUNNER_LANES {
+            let (sender, mut receiver) = mpsc::channel(LANE_BUFFER);
+            let engine = self.clone();
+            let runner = runner.clone();
+            workers.push(tokio::spawn(async move {
+                while let Some(message) = receiver.recv().await {
+                    apply(&engine, &runner, message).await;
+                }
+            }));
+            lanes.push(sender);
+        }
+        RunnerInbox { engine: self.clone(), runner, lanes, workers }
     }
 
     /// Forgets a runner whose stream ended. Its attempts keep their leases until they run out,

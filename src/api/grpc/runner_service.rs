@@ -80,12 +80,11 @@ impl runner_service_server::RunnerService for RunnerGrpc {
             return Err(Status::cancelled("the runner went away"));
         }
         tokio::spawn(async move {
+            let inbox = engine.runner_inbox(runner.clone());
             loop {
                 match inbound.message().await {
                     Ok(Some(pb::AttachRequest { message: Some(message) })) => {
-                        if let Err(error) = engine.on_runner_message(&runner, message).await {
-                            tracing::warn!(%error, runner_id = %runner.id, "a runner message could not be applied; the reconciler will repair");
-                        }
+                        inbox.deliver(message).await;
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => break,
@@ -95,6 +94,7 @@ impl runner_service_server::RunnerService for RunnerGrpc {
                     }
                 }
             }
+            inbox.close().await;
             engine.detach_runner(&runner).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
