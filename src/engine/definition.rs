@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use serde_json::{Value, json};
@@ -20,15 +21,30 @@ pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Executions' decoded definitions, most recent first, so a step's hand-offs do not decode
 /// the same JSON through reflection again: a definition never changes once its execution
-/// exists. Bounded: the oldest entries go first; a miss decodes again.
+/// exists, and neither do the `FixedFacts` kept beside it. Bounded: the oldest entries go
+/// first; a miss decodes again.
 pub struct DefinitionCache {
     entries: Mutex<DefinitionEntries>,
     capacity: usize,
 }
 
+/// What never changes about an execution once it exists, besides its definition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedFacts {
+    pub deadline_at: Option<DateTime<Utc>>,
+    /// 0 for a top-level execution, the parent's depth + 1 for a sub-workflow.
+    pub depth: i32,
+}
+
+#[derive(Clone)]
+struct CachedExecution {
+    definition: Arc<ExecutionDefinition>,
+    facts: FixedFacts,
+}
+
 #[derive(Default)]
 struct DefinitionEntries {
-    by_execution: HashMap<Uuid, Arc<ExecutionDefinition>>,
+    by_execution: HashMap<Uuid, CachedExecution>,
     insertion_order: VecDeque<Uuid>,
 }
 
@@ -37,14 +53,16 @@ impl DefinitionCache {
         Self { entries: Mutex::new(DefinitionEntries::default()), capacity: capacity.max(1) }
     }
 
-    /// The decoded definition of `execution_id`, decoding `stored` on a miss.
+    /// The decoded definition of `execution_id`, decoding `stored` on a miss (and keeping
+    /// `facts` beside it).
     pub fn get_or_parse(
         &self,
         execution_id: Uuid,
         stored: &Value,
+        facts: FixedFacts,
     ) -> Result<Arc<ExecutionDefinition>, String> {
-        if let Some(found) = self.lookup(execution_id) {
-            return Ok(found);
+        if let Some(found) = self.known(execution_id) {
+            return Ok(found.0);
         }
         let parsed = Arc::new(ExecutionDefinition::parse(stored)?);
         if let Ok(mut entries) = self.entries.lock()
@@ -55,14 +73,18 @@ impl DefinitionCache {
             {
                 entries.by_execution.remove(&oldest);
             }
-            entries.by_execution.insert(execution_id, parsed.clone());
+            let cached = CachedExecution { definition: parsed.clone(), facts };
+            entries.by_execution.insert(execution_id, cached);
             entries.insertion_order.push_back(execution_id);
         }
         Ok(parsed)
     }
 
-    fn lookup(&self, execution_id: Uuid) -> Option<Arc<ExecutionDefinition>> {
-        self.entries.lock().ok()?.by_execution.get(&execution_id).cloned()
+    /// The definition and fixed facts of `execution_id` when this process keeps them.
+    pub fn known(&self, execution_id: Uuid) -> Option<(Arc<ExecutionDefinition>, FixedFacts)> {
+        let entries = self.entries.lock().ok()?;
+        let cached = entries.by_execution.get(&execution_id)?;
+        Some((cached.definition.clone(), cached.facts))
     }
 }
 

@@ -14,11 +14,19 @@ use futures::stream::FuturesUnordered;
 use uuid::Uuid;
 
 use super::attached_runners::{AttachedRunner, Placement};
+use super::definition::{ExecutionDefinition, FixedFacts};
 use super::scheduler::step_ref;
 use super::{Engine, EngineResult};
 use crate::proto::v1 as pb;
 use crate::queue::QueueItem;
 use crate::store::{AttemptKey, OwnerScope, StepAssignment, StepRunStatus, StepTransitionOutcome};
+
+/// What an assignment needs to know of its execution and step.
+struct AssignmentFacts {
+    definition: Arc<ExecutionDefinition>,
+    facts: FixedFacts,
+    step_key: String,
+}
 
 /// What became of one placement.
 enum Placed {
@@ -151,31 +159,21 @@ impl Engine {
         reserved: bool,
     ) -> EngineResult<Placed> {
         let key = attempt_of(item);
-        let step_run = self.store.get_step_run(item.step_run_id).await?;
-        if step_run.attempt != item.attempt || step_run.status != StepRunStatus::Queued {
-            return Ok(Placed::Stale);
-        }
-        let execution = self.store.get_execution(OwnerScope::All, item.execution_id).await?;
-        if execution.status.is_finished() || execution.cancel_requested_at.is_some() {
-            return Ok(Placed::Stale);
-        }
-        let Ok(definition) = self.definition(&execution) else {
-            self.advance(execution.id).await?;
-            return Ok(Placed::Stale);
-        };
-        let Some(step) = definition.step(&step_run.step_key) else { return Ok(Placed::Stale) };
+        let Some(known) = self.assignment_facts(item).await? else { return Ok(Placed::Stale) };
+        let definition = &known.definition;
+        let Some(step) = definition.step(&known.step_key) else { return Ok(Placed::Stale) };
         let Some(agent) = definition.agent_of(step).cloned() else { return Ok(Placed::Stale) };
         let now = Utc::now();
         let step_timeout = chrono::Duration::from_std(definition.step_timeout(step))
             .unwrap_or_else(|_| chrono::Duration::seconds(300));
         let mut deadline = now + step_timeout;
-        if let Some(execution_deadline) = execution.deadline_at {
+        if let Some(execution_deadline) = known.facts.deadline_at {
             deadline = deadline.min(execution_deadline);
         }
         let lease_until = lease_end(now, self.settings.lease_duration, deadline);
         if reserved {
             runner.set_deadline(key, deadline);
-        } else if !runner.hold(key, execution.id, deadline) {
+        } else if !runner.hold(key, item.execution_id, deadline) {
             return Ok(Placed::NoSlot);
         }
         let assignment = StepAssignment {
@@ -203,20 +201,53 @@ impl Engine {
         self.publish_step(&assigned).await;
         let message = pb::StepAssignment {
             step: Some(step_ref(key)),
-            execution_id: execution.id.to_string(),
+            execution_id: item.execution_id.to_string(),
             step_key: assigned.step_key.clone(),
             agent: Some(agent),
             input: Some(crate::proto::wkt::json_to_value(
                 assigned.input.as_ref().unwrap_or(&serde_json::Value::Null),
             )),
             deadline: Some(crate::proto::wkt::timestamp(deadline)),
-            depth: execution.depth,
+            depth: known.facts.depth,
         };
         if runner.send(pb::attach_response::Message::Assignment(message)).await {
-            self.watch_acknowledgement(runner.clone(), key, execution.id);
+            self.watch_acknowledgement(runner.clone(), key, item.execution_id);
         }
         // A runner whose stream is gone loses the attempt when its lease runs out.
         Ok(Placed::Assigned)
+    }
+
+    /// What assigning `item` needs beyond the queue entry: from memory when this process
+    /// keeps the execution's definition and the entry names its step (the assignment's own
+    /// compare-and-set then refuses a step or an execution that moved on); from the database
+    /// otherwise. `None`: the entry is stale.
+    async fn assignment_facts(
+        self: &Arc<Self>,
+        item: &QueueItem,
+    ) -> EngineResult<Option<AssignmentFacts>> {
+        if !item.step_key.is_empty()
+            && let Some((definition, facts)) = self.definitions.known(item.execution_id)
+        {
+            return Ok(Some(AssignmentFacts {
+                definition,
+                facts,
+                step_key: item.step_key.clone(),
+            }));
+        }
+        let step_run = self.store.get_step_run(item.step_run_id).await?;
+        if step_run.attempt != item.attempt || step_run.status != StepRunStatus::Queued {
+            return Ok(None);
+        }
+        let execution = self.store.get_execution(OwnerScope::All, item.execution_id).await?;
+        if execution.status.is_finished() || execution.cancel_requested_at.is_some() {
+            return Ok(None);
+        }
+        let Ok(definition) = self.definition(&execution) else {
+            self.advance(execution.id).await?;
+            return Ok(None);
+        };
+        let facts = FixedFacts { deadline_at: execution.deadline_at, depth: execution.depth };
+        Ok(Some(AssignmentFacts { definition, facts, step_key: step_run.step_key }))
     }
 
     /// Takes the attempt back if the runner has not acknowledged it in time.

@@ -142,7 +142,9 @@ impl Engine {
         &self,
         execution: &crate::store::Execution,
     ) -> Result<Arc<definition::ExecutionDefinition>, String> {
-        self.definitions.get_or_parse(execution.id, &execution.definition)
+        let facts =
+            definition::FixedFacts { deadline_at: execution.deadline_at, depth: execution.depth };
+        self.definitions.get_or_parse(execution.id, &execution.definition, facts)
     }
 
     /// The knobs this engine runs with.

@@ -415,6 +415,7 @@ impl Engine {
             step_run_id: step_run.id,
             attempt: step_run.attempt,
             execution_id: execution.id,
+            step_key: step_run.step_key.clone(),
             owner_id: execution.owner_id,
             priority: execution
                 .priority

@@ -76,6 +76,9 @@ pub struct QueueItem {
     pub step_run_id: Uuid,
     pub attempt: i32,
     pub execution_id: Uuid,
+    /// The step's key in its workflow (empty in entries queued before items carried it).
+    #[serde(default)]
+    pub step_key: String,
     pub owner_id: Uuid,
     /// `MIN_PRIORITY..=MAX_PRIORITY`, higher first.
     pub priority: i32,

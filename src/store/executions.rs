@@ -797,7 +797,8 @@ pub trait ExecutionStore: Send + Sync {
     ) -> StoreResult<StepTransitionOutcome>;
 
     /// QUEUED -> ASSIGNED for this attempt only, with the runner and its lease. Of two
-    /// concurrent assignments of the same attempt exactly one is applied.
+    /// concurrent assignments of the same attempt exactly one is applied. Rejected when the
+    /// execution is finished or being cancelled, so the caller need not read it first.
     async fn assign_step(
         &self,
         key: AttemptKey,
@@ -1560,7 +1561,11 @@ macro_rules! impl_executions_store {
                     "UPDATE step_runs SET status = 'ASSIGNED', runner_id = $3, \
                      lease_expires_at = $4, assigned_at = $5, updated_at = $5, \
                      version = version + 1 \
-                     WHERE id = $1 AND attempt = $2 AND status = 'QUEUED' RETURNING ",
+                     WHERE id = $1 AND attempt = $2 AND status = 'QUEUED' \
+                     AND EXISTS (SELECT 1 FROM executions \
+                     WHERE executions.id = step_runs.execution_id \
+                     AND executions.status IN ('QUEUED', 'RUNNING') \
+                     AND executions.cancel_requested_at IS NULL) RETURNING ",
                     step_run_columns!()
                 ))
                 .bind(key.step_run_id)

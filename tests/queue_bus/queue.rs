@@ -36,6 +36,7 @@ fn ready_item(priority: i32, enqueued_at: DateTime<Utc>) -> QueueItem {
         step_run_id: Uuid::now_v7(),
         attempt: 1,
         execution_id: Uuid::new_v4(),
+        step_key: "step".to_owned(),
         owner_id: Uuid::new_v4(),
         priority,
         enqueued_at,
