@@ -19,7 +19,7 @@ use super::scheduler::step_ref;
 use super::{Engine, EngineResult};
 use crate::proto::v1 as pb;
 use crate::queue::QueueItem;
-use crate::store::{AttemptKey, OwnerScope, StepAssignment, StepRunStatus, StepTransitionOutcome};
+use crate::store::{AttemptKey, OwnerScope, StepAssignment, StepRunStatus};
 
 /// What an assignment needs to know of its execution and step.
 struct AssignmentFacts {
@@ -181,10 +181,10 @@ impl Engine {
             lease_expires_at: lease_until,
             assigned_at: now,
         };
-        let assigned = match self.store.assign_step(key, assignment).await {
-            Ok(StepTransitionOutcome::Applied(assigned)) => assigned,
+        let assigned = match self.assigning.submit(key, (key, assignment)).await {
+            Ok(Some(assigned)) => assigned,
             // The caller frees a reserved slot.
-            Ok(StepTransitionOutcome::Rejected { .. }) => {
+            Ok(None) => {
                 if !reserved {
                     runner.release(key);
                 }

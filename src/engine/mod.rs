@@ -4,8 +4,9 @@
 //! cancellation), `dispatcher` (handing queued steps to attached runners), `reconciler` (repairing
 //! what the queue or a crash lost, from the database), `attached_runners` (the runners attached
 //! to this process), `leases` (runner liveness, kept off the database), `runner_directory` (the
-//! runners attached to every replica, shared through Redis) and `subworkflow` (WORKFLOW steps,
-//! which the engine runs itself as child executions). The `{{…}}` mappings it renders are
+//! runners attached to every replica, shared through Redis), `group_commit` (assignments and
+//! starts that arrive together share one commit) and `subworkflow` (WORKFLOW steps, which the
+//! engine runs itself as child executions). The `{{…}}` mappings it renders are
 //! `crate::mapping`, shared with the runner.
 //!
 //! The database is the source of truth: every transition is committed (as a fenced
@@ -21,6 +22,7 @@ pub mod attached_runners;
 pub mod dag;
 pub mod definition;
 pub mod dispatcher;
+pub mod group_commit;
 pub mod leases;
 pub mod protocol;
 pub mod reconciler;
@@ -120,11 +122,28 @@ pub struct Engine {
     child_workflows: OnceLock<Arc<dyn subworkflow::ChildWorkflows>>,
     /// Decoded definitions of the executions this process moved recently.
     definitions: definition::DefinitionCache,
+    /// Assignments, committed in groups.
+    assigning: group_commit::GroupCommit<(crate::store::AttemptKey, crate::store::StepAssignment)>,
+    /// Starts reported by runners (ASSIGNED -> RUNNING), committed in groups.
+    starting: group_commit::GroupCommit<(crate::store::AttemptKey, chrono::DateTime<chrono::Utc>)>,
 }
 
 impl Engine {
+    /// Builds the engine; call it inside the runtime (its group commits start tasks).
     pub fn new(parts: EngineParts) -> Arc<Self> {
+        let store = parts.store.clone();
+        let assigning = group_commit::GroupCommit::start(Arc::new(move |batch| {
+            let store = store.clone();
+            Box::pin(async move { store.assign_steps(&batch).await })
+        }));
+        let store = parts.store.clone();
+        let starting = group_commit::GroupCommit::start(Arc::new(move |batch| {
+            let store = store.clone();
+            Box::pin(async move { store.mark_steps_running(&batch).await })
+        }));
         Arc::new(Self {
+            assigning,
+            starting,
             store: parts.store,
             queue: parts.queue,
             bus: parts.bus,

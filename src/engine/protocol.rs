@@ -242,9 +242,7 @@ impl Engine {
                     return Ok(());
                 }
                 runner.acknowledge(key);
-                if let crate::store::StepTransitionOutcome::Applied(running) =
-                    self.store.mark_step_running(key, now).await?
-                {
+                if let Some(running) = self.starting.submit(key, (key, now)).await? {
                     self.publish_step(&running).await;
                 }
             }

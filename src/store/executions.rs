@@ -42,6 +42,9 @@ const INSERT_BATCH_ROWS: usize = 500;
 
 /// Times are stored with microsecond precision (PostgreSQL's), so both backends hold and return
 /// exactly the same values.
+/// The most transitions `assign_steps` and `mark_steps_running` apply in one statement.
+pub const MAX_TRANSITION_BATCH: usize = 64;
+
 fn stored_time(at: DateTime<Utc>) -> DateTime<Utc> {
     at.trunc_subsecs(6)
 }
@@ -805,12 +808,26 @@ pub trait ExecutionStore: Send + Sync {
         assignment: StepAssignment,
     ) -> StoreResult<StepTransitionOutcome>;
 
+    /// `assign_step` for many attempts in one statement (one commit): the rows it assigned;
+    /// an attempt left out was refused. At most `MAX_TRANSITION_BATCH` at once.
+    async fn assign_steps(
+        &self,
+        assignments: &[(AttemptKey, StepAssignment)],
+    ) -> StoreResult<Vec<StepRun>>;
+
     /// ASSIGNED -> RUNNING for this attempt (the runner reported that it started).
     async fn mark_step_running(
         &self,
         key: AttemptKey,
         at: DateTime<Utc>,
     ) -> StoreResult<StepTransitionOutcome>;
+
+    /// `mark_step_running` for many attempts in one statement (one commit): the rows it
+    /// moved; an attempt left out was refused. At most `MAX_TRANSITION_BATCH` at once.
+    async fn mark_steps_running(
+        &self,
+        started: &[(AttemptKey, DateTime<Utc>)],
+    ) -> StoreResult<Vec<StepRun>>;
 
     /// Starts the child execution of a sub-workflow step: ASSIGNED -> RUNNING for attempt
     /// `key` of the step (clearing its lease: the engine, not a runner, holds it) and the
@@ -1556,26 +1573,48 @@ macro_rules! impl_executions_store {
                 key: AttemptKey,
                 assignment: StepAssignment,
             ) -> StoreResult<StepTransitionOutcome> {
-                let assigned_at = stored_time(assignment.assigned_at);
-                let step_run = sqlx::query_as::<$db, StepRun>(concat!(
-                    "UPDATE step_runs SET status = 'ASSIGNED', runner_id = $3, \
-                     lease_expires_at = $4, assigned_at = $5, updated_at = $5, \
-                     version = version + 1 \
-                     WHERE id = $1 AND attempt = $2 AND status = 'QUEUED' \
+                let assigned = self.assign_steps(&[(key, assignment)]).await?.pop();
+                self.step_transition_outcome(key, assigned).await
+            }
+
+            async fn assign_steps(
+                &self,
+                assignments: &[(AttemptKey, StepAssignment)],
+            ) -> StoreResult<Vec<StepRun>> {
+                if assignments.is_empty() {
+                    return Ok(Vec::new());
+                }
+                // VALUES columns are column1… on both databases: id, attempt, runner, lease,
+                // assigned at.
+                let mut update = sqlx::QueryBuilder::<$db>::new(
+                    "UPDATE step_runs SET status = 'ASSIGNED', runner_id = v.column3, \
+                     lease_expires_at = v.column4, assigned_at = v.column5, \
+                     updated_at = v.column5, version = version + 1 FROM (",
+                );
+                update.push_values(
+                    assignments.iter().take(MAX_TRANSITION_BATCH),
+                    |mut row, (key, assignment)| {
+                        row.push_bind(key.step_run_id)
+                            .push_bind(key.attempt)
+                            .push_bind(assignment.runner_id.clone())
+                            .push_bind(stored_time(assignment.lease_expires_at))
+                            .push_bind(stored_time(assignment.assigned_at));
+                    },
+                );
+                update.push(concat!(
+                    ") AS v WHERE step_runs.id = v.column1 AND step_runs.attempt = v.column2 \
+                     AND step_runs.status = 'QUEUED' \
                      AND EXISTS (SELECT 1 FROM executions \
                      WHERE executions.id = step_runs.execution_id \
                      AND executions.status IN ('QUEUED', 'RUNNING') \
                      AND executions.cancel_requested_at IS NULL) RETURNING ",
                     step_run_columns!()
-                ))
-                .bind(key.step_run_id)
-                .bind(key.attempt)
-                .bind(assignment.runner_id)
-                .bind(stored_time(assignment.lease_expires_at))
-                .bind(assigned_at)
-                .fetch_optional(self.connection_pool())
-                .await?;
-                self.step_transition_outcome(key, step_run).await
+                ));
+                let assigned = update
+                    .build_query_as::<StepRun>()
+                    .fetch_all(self.connection_pool())
+                    .await?;
+                Ok(assigned)
             }
 
             async fn mark_step_running(
@@ -1583,19 +1622,37 @@ macro_rules! impl_executions_store {
                 key: AttemptKey,
                 at: DateTime<Utc>,
             ) -> StoreResult<StepTransitionOutcome> {
-                let at = stored_time(at);
-                let step_run = sqlx::query_as::<$db, StepRun>(concat!(
-                    "UPDATE step_runs SET status = 'RUNNING', started_at = $3, updated_at = $3, \
-                     version = version + 1 \
-                     WHERE id = $1 AND attempt = $2 AND status = 'ASSIGNED' RETURNING ",
+                let running = self.mark_steps_running(&[(key, at)]).await?.pop();
+                self.step_transition_outcome(key, running).await
+            }
+
+            async fn mark_steps_running(
+                &self,
+                started: &[(AttemptKey, DateTime<Utc>)],
+            ) -> StoreResult<Vec<StepRun>> {
+                if started.is_empty() {
+                    return Ok(Vec::new());
+                }
+                // VALUES columns are column1… on both databases: id, attempt, started at.
+                let mut update = sqlx::QueryBuilder::<$db>::new(
+                    "UPDATE step_runs SET status = 'RUNNING', started_at = v.column3, \
+                     updated_at = v.column3, version = version + 1 FROM (",
+                );
+                update.push_values(started.iter().take(MAX_TRANSITION_BATCH), |mut row, (key, at)| {
+                    row.push_bind(key.step_run_id)
+                        .push_bind(key.attempt)
+                        .push_bind(stored_time(*at));
+                });
+                update.push(concat!(
+                    ") AS v WHERE step_runs.id = v.column1 AND step_runs.attempt = v.column2 \
+                     AND step_runs.status = 'ASSIGNED' RETURNING ",
                     step_run_columns!()
-                ))
-                .bind(key.step_run_id)
-                .bind(key.attempt)
-                .bind(at)
-                .fetch_optional(self.connection_pool())
-                .await?;
-                self.step_transition_outcome(key, step_run).await
+                ));
+                let running = update
+                    .build_query_as::<StepRun>()
+                    .fetch_all(self.connection_pool())
+                    .await?;
+                Ok(running)
             }
 
             async fn start_child_execution(
