@@ -415,6 +415,16 @@ fn check_code_config(validator: &mut Validator, code: &pb::CodeAgentConfig) -> p
             validator.error("config.code.language", "must be PYTHON or JAVASCRIPT");
         }
     }
+    match pb::CodeNetwork::try_from(code.network) {
+        Ok(pb::CodeNetwork::On) => {}
+        Ok(_) if code.allow_private_network => {
+            validator.error("config.code.allowPrivateNetwork", "only applies with network ON");
+        }
+        Ok(_) => {}
+        Err(_) => {
+            validator.error("config.code.network", "must be OFF or ON");
+        }
+    }
     if code.source.trim().is_empty() {
         validator.error("config.code.source", "is required");
     } else if code.source.len() > MAX_CODE_SOURCE_BYTES {

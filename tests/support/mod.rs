@@ -130,6 +130,16 @@ impl TurbocatProcess {
         self.stderr.lock().map(|text| text.clone()).unwrap_or_default()
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Sends SIGKILL.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
