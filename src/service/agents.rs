@@ -431,7 +431,12 @@ fn check_code_config(validator: &mut Validator, code: &pb::CodeAgentConfig) -> p
         validator
             .error("config.code.source", format!("must be at most {MAX_CODE_SOURCE_BYTES} bytes"));
     }
-    code.clone()
+    let mut normalised = code.clone();
+    // Stored explicitly (a stored zero enum value would not read back): OFF is the default.
+    if normalised.network == pb::CodeNetwork::Unspecified as i32 {
+        normalised.network = pb::CodeNetwork::Off as i32;
+    }
+    normalised
 }
 
 /// A text template's placeholders must parse; returns whether they do.
