@@ -43,6 +43,11 @@ for path in data['read']:
     attempt('read ' + path, lambda path=path: read(path))
 for path in data['write']:
     attempt('write ' + path, lambda path=path: write(path))
+# Harmless if they worked: the same mode again, an open without a write.
+for path in ['/etc/passwd', '/dev/null', '/usr/bin']:
+    attempt('chmod ' + path, lambda path=path: os.chmod(path, os.stat(path).st_mode & 0o7777))
+for path in ['/proc/sys/kernel/core_pattern', '/proc/sysrq-trigger', '/etc/hosts']:
+    attempt('open for writing ' + path, lambda path=path: open(path, 'r+b').close())
 attempt('list victims', lambda: glob.glob('/tmp/turbocat-step-*/work/*') or 1 / 0)
 attempt('list data', lambda: os.listdir(data['data_directory']))
 for pid in data['pids']:

@@ -500,17 +500,20 @@ fn build_root(spec: &SandboxSpec, work: &Path) -> Result<(), String> {
         let target = inside(&root, device);
         create_file(&target)?;
         rustix::mount::mount_bind(device, &target).map_err(io_error("cannot bind", device))?;
+        // Read-only still lets the device be written; it keeps its inode's mode unchangeable.
+        remount_read_only(device, &target, MountFlags::empty())?;
     }
     let work_target = inside(&root, work);
     std::fs::create_dir_all(&work_target).map_err(|error| error.to_string())?;
     rustix::mount::mount_bind(work, &work_target).map_err(io_error("cannot bind", work))?;
+    remount(work, &work_target, MountFlags::NODEV)?;
     let proc_target = root.join("proc");
     std::fs::create_dir_all(&proc_target).map_err(|error| error.to_string())?;
     rustix::mount::mount(
         "proc",
         &proc_target,
         "proc",
-        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC | MountFlags::RDONLY,
         None,
     )
     .map_err(io_error("cannot mount a fresh /proc on", &proc_target))?;
@@ -558,12 +561,24 @@ fn bind_read_only(root: &Path, path: &Path) -> Result<(), String> {
         create_file(&target)?;
     }
     rustix::mount::mount_bind_recursive(path, &target).map_err(io_error("cannot bind", path))?;
-    // A remount must keep the flags the kernel locked on the original mount.
-    let kept = rustix::fs::statvfs(path)
+    remount_read_only(path, &target, MountFlags::NODEV)
+}
+
+/// Makes the bind mount at `target` (of `source`) read-only (see [`remount`]).
+fn remount_read_only(source: &Path, target: &Path, extra: MountFlags) -> Result<(), String> {
+    remount(source, target, MountFlags::RDONLY | extra)
+}
+
+/// Remounts the bind mount at `target` (of `source`) with `flags`, without set-user-id
+/// programs, keeping the flags the kernel locked on the original mount (a remount that drops
+/// them fails).
+fn remount(source: &Path, target: &Path, extra: MountFlags) -> Result<(), String> {
+    let kept = rustix::fs::statvfs(source)
         .map(|stats| stats.f_flag)
         .unwrap_or(rustix::fs::StatVfsMountFlags::empty());
-    let mut flags = MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
+    let mut flags = MountFlags::BIND | MountFlags::NOSUID | extra;
     for (statvfs_flag, mount_flag) in [
+        (rustix::fs::StatVfsMountFlags::NODEV, MountFlags::NODEV),
         (rustix::fs::StatVfsMountFlags::NOEXEC, MountFlags::NOEXEC),
         (rustix::fs::StatVfsMountFlags::NOATIME, MountFlags::NOATIME),
         (rustix::fs::StatVfsMountFlags::NODIRATIME, MountFlags::NODIRATIME),
@@ -573,8 +588,7 @@ fn bind_read_only(root: &Path, path: &Path) -> Result<(), String> {
             flags |= mount_flag;
         }
     }
-    rustix::mount::mount_remount(&target, flags, "")
-        .map_err(io_error("cannot make read-only", path))
+    rustix::mount::mount_remount(target, flags, "").map_err(io_error("cannot remount", source))
 }
 
 /// Landlock, `no_new_privs` and no capabilities, for the init and everything it starts.
