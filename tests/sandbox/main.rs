@@ -51,6 +51,7 @@ for path in ['/proc/sys/kernel/core_pattern', '/proc/sysrq-trigger', '/etc/hosts
 attempt('list victims', lambda: glob.glob('/tmp/turbocat-step-*/work/*') or 1 / 0)
 attempt('list data', lambda: os.listdir(data['data_directory']))
 for pid in data['pids']:
+    attempt('list the directory of ' + str(pid), lambda pid=pid: os.listdir('/proc/%d/cwd' % pid))
     attempt('signal ' + str(pid), lambda pid=pid: os.kill(pid, signal.SIGTERM))
 attempt('connect', lambda: socket.create_connection(('127.0.0.1', data['port']), timeout=3))
 report['processes'] = sorted(int(name) for name in os.listdir('/proc') if name.isdigit())

@@ -10,13 +10,16 @@
 //!
 //! Limits: CPU seconds (RLIMIT_CPU), memory (RLIMIT_AS; node also gets
 //! `--max-old-space-size` of the same size and 1 GiB more address space, which V8 reserves
-//! up front), the wall clock, and stdout of at most `maxOutputBytes`. The child runs in a
-//! process group of its own, killed whole when the attempt ends (a background grandchild does
-//! not outlive it), in a fresh temporary directory (also `HOME` and `TMPDIR`) removed
-//! afterwards, with an empty environment except `PATH`, `HOME`, `TMPDIR` and `LANG`.
+//! up front), the wall clock, and stdout of at most `maxOutputBytes`. The child runs in the
+//! sandbox (`sandbox`: namespaces, a read-only root, Landlock, no capabilities; network only
+//! with `network: ON` and `allowPrivateNetwork`), in a fresh directory (also `HOME` and
+//! `TMPDIR`) removed afterwards, with an empty environment except `PATH`, `HOME`, `TMPDIR`
+//! and `LANG`. The sandbox's helper leads a process group killed whole when the attempt ends,
+//! and everything in the sandbox dies with it (also what left the group with `setsid`).
+//! Where the operator allowed unsandboxed code, the interpreter itself leads that group.
 //! Interpreters are looked up once on the runner's `PATH` (`python3`, `node`).
-//! The child runs as the runner's user: run runners as an unprivileged user.
-//! May call: the operating system (processes, rlimits, signals, files).
+//! `ChildPreparation` is the one place with `unsafe`: what a child does between fork and exec.
+//! May call: the operating system (processes, rlimits, namespaces, signals, files).
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;

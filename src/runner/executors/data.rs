@@ -8,7 +8,8 @@
 //! far. `env` and `$ENV` do not exist here: the runner's environment holds its secrets.
 //! `debug` and `stderr` messages become the step's stderr log lines (at most 1,000), sent when
 //! the program ends. Programs run in a child process of their own (`turbocat jq-worker`, on a
-//! thread with a deep stack) under the agent's CPU and memory limits; results past
+//! thread with a deep stack), in the sandbox without network, under the agent's CPU and memory
+//! limits; results past
 //! `maxOutputBytes` stop them, the deadline and cancels kill the process. A program that
 //! recurses too deeply fails without retry instead of taking the runner down.
 //! May call: `crate::jq` (compiling and running programs), `crate::text`.

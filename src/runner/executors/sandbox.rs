@@ -346,9 +346,10 @@ pub fn helper_main(arguments: &[OsString]) -> ExitCode {
             println!("not isolated");
             ExitCode::FAILURE
         }
-        _ if !in_own_user_namespace() => {
-            // Never mount or pivot in the machine's own namespaces.
-            fail("must be started by a runner, in namespaces of its own")
+        // Never mount or pivot in namespaces the runner did not make for this sandbox (the
+        // outer helper only starts the init).
+        ["--init", _] if !(in_own_user_namespace() && rustix::process::getpid().is_init()) => {
+            fail("the init must be process 1 of a sandbox's namespaces")
         }
         ["--init", spec] => match decode(spec).and_then(|spec| init_main(&spec)) {
             Ok(()) => ExitCode::SUCCESS,
@@ -643,4 +644,32 @@ fn restrict(spec: &SandboxSpec, work: &Path) -> Result<(), String> {
     )
     .map_err(|error| format!("cannot drop the capabilities: {error}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpreters_bring_their_prefix_and_other_programs_themselves() {
+        let paths = read_only_paths(&[
+            PathBuf::from("/opt/python/3.11/bin/python3"),
+            PathBuf::from("/usr/bin/node"),
+            PathBuf::from("/srv/turbocat/turbocat"),
+        ]);
+        assert!(paths.contains(&PathBuf::from("/opt/python/3.11")), "{paths:?}");
+        assert!(paths.contains(&PathBuf::from("/srv/turbocat/turbocat")), "{paths:?}");
+        assert!(!paths.iter().any(|path| path == Path::new("/usr/bin")), "under /usr already");
+        assert!(paths.contains(&PathBuf::from("/etc/ld.so.cache")));
+        assert!(!paths.iter().any(|path| path == Path::new("/etc")), "never all of /etc");
+    }
+
+    #[test]
+    fn the_init_refuses_to_mount_outside_a_sandbox() {
+        // A test process is not process 1 of a sandbox's namespaces.
+        assert!(!rustix::process::getpid().is_init());
+        let arguments: Vec<OsString> =
+            ["--init", r#"{"program":"/bin/true"}"#].into_iter().map(OsString::from).collect();
+        assert_eq!(helper_main(&arguments), ExitCode::from(SANDBOX_FAILURE_EXIT_STATUS as u8));
+    }
 }
