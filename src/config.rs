@@ -657,3 +657,40 @@ pub fn validate_redis_url(url: &ConnectionUrl) -> Result<(), SettingError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runner_args(arguments: &[&str]) -> RunnerArgs {
+        let mut full = vec!["turbocat", "runner"];
+        full.extend_from_slice(arguments);
+        match Cli::parse_from(full).command {
+            Command::Runner(args) => args,
+            other => panic!("not a runner: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_runner_key_comes_from_a_file_never_from_the_command_line() {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let key_file = directory.path().join("key");
+        std::fs::write(&key_file, "tc_runner_key\nignored\n").expect("write the key");
+        let path = key_file.to_str().expect("utf-8 path");
+        let settings = runner_args(&["--api-key-file", path]).settings().expect("settings");
+        assert_eq!(settings.api_key, "tc_runner_key");
+
+        std::fs::write(&key_file, "  \n").expect("write an empty key");
+        let error = runner_args(&["--api-key-file", path]).settings().expect_err("empty");
+        assert_eq!(error.flag, "--api-key-file");
+        let missing = directory.path().join("missing");
+        let error = runner_args(&["--api-key-file", missing.to_str().expect("utf-8")])
+            .settings()
+            .expect_err("missing");
+        assert!(error.problem.contains("cannot read"), "{error}");
+
+        // There is no flag that would put the key on the command line.
+        let refused = Cli::try_parse_from(["turbocat", "runner", "--api-key", "tc_visible"]);
+        assert!(refused.is_err());
+    }
+}
