@@ -108,6 +108,20 @@ os.wait()
 print(json.dumps({'left behind': marker}))
 "#;
 
+/// Leaves a detached process (a session of its own) behind and ends at once.
+const NODE_ESCAPE: &str = r#"
+const { spawn } = require('child_process');
+let raw = '';
+process.stdin.on('data', chunk => raw += chunk);
+process.stdin.on('end', () => {
+  const marker = JSON.parse(raw).marker;
+  const child = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 600000)', marker],
+                      { detached: true, stdio: 'ignore' });
+  child.unref();
+  console.log(JSON.stringify({ 'left behind': marker }));
+});
+"#;
+
 /// Kills every process it may signal.
 const PYTHON_KILL_ALL: &str = "import os, signal\nos.kill(-1, signal.SIGKILL)\n";
 
@@ -332,11 +346,13 @@ async fn attack(bench: &Bench, target: &Target) {
         line
     });
 
-    let (python_run, node_run, escape, kill_all, network_closed, network_open, data) =
+    let node_marker = format!("turbocat-escapee-{}", uuid::Uuid::new_v4().simple());
+    let (python_run, node_run, escape, node_escape, kill_all, network_closed, network_open, data) =
         tokio::join!(
         bench.run("python attacks", python(PYTHON_ATTACKS), input.clone()),
         bench.run("node attacks", node(NODE_ATTACKS), input.clone()),
         bench.run("escape", python(PYTHON_ESCAPE), json!({ "marker": marker })),
+        bench.run("node escape", node(NODE_ESCAPE), json!({ "marker": node_marker })),
         bench.run("kill all", python(PYTHON_KILL_ALL), json!({})),
         bench.run(
             "network on, no opt-in",
@@ -372,6 +388,9 @@ async fn attack(bench: &Bench, target: &Target) {
     assert_eq!(escape["status"], "SUCCEEDED", "{escape}");
     assert_eq!(only_step(&escape)["output"]["left behind"], marker.as_str());
     assert!(gone(&marker).await, "the escapee outlived its step");
+    assert_eq!(node_escape["status"], "SUCCEEDED", "{node_escape}");
+    assert_eq!(only_step(&node_escape)["output"]["left behind"], node_marker.as_str());
+    assert!(gone(&node_marker).await, "the detached node process outlived its step");
 
     // Killing everything it may signal finds nothing to kill (its init is spared, so is it);
     // the server and the runner live on (checked by the callers).
