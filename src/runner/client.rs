@@ -79,6 +79,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RunnerError> {
     protect_process();
+    // Probed (and logged) now: the mode is also in every hello.
+    let _ = executors::sandbox::mode().await;
     let endpoint = tonic::transport::Endpoint::from_shared(settings.server_url.clone())
         .map_err(|_| RunnerError::InvalidServer(settings.server_url.clone()))?
         .connect_timeout(Duration::from_secs(5))

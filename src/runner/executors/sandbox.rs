@@ -111,21 +111,6 @@ impl SandboxMode {
             Self::Unavailable { missing } => (pb::RunnerSandbox::Unavailable, missing.clone()),
         }
     }
-
-    /// A sentence for the runner's log.
-    pub fn describe(&self) -> String {
-        match self {
-            Self::Enforced => "CODE and DATA steps run sandboxed".to_owned(),
-            Self::Unsandboxed { missing } => format!(
-                "CODE and DATA steps run WITHOUT a sandbox (--allow-unsandboxed-code); this \
-                 kernel lacks {missing}"
-            ),
-            Self::Unavailable { missing } => format!(
-                "CODE and DATA steps are refused: this kernel lacks {missing} for the sandbox \
-                 (start the runner with --allow-unsandboxed-code to run them unsandboxed)"
-            ),
-        }
-    }
 }
 
 /// What the operator decided about the sandbox, set once at start by `turbocat runner` and
@@ -167,8 +152,20 @@ async fn probe() -> SandboxMode {
         Some(missing) => SandboxMode::Unavailable { missing },
     };
     match &mode {
-        SandboxMode::Enforced => tracing::info!(sandbox = "enforced", "{}", mode.describe()),
-        _ => tracing::warn!(sandbox = "off", "{}", mode.describe()),
+        SandboxMode::Enforced => {
+            tracing::info!(sandbox = "enforced", "CODE and DATA steps run sandboxed");
+        }
+        SandboxMode::Unsandboxed { missing } => tracing::warn!(
+            sandbox = "disabled",
+            %missing,
+            "CODE and DATA steps run WITHOUT a sandbox (--allow-unsandboxed-code)"
+        ),
+        SandboxMode::Unavailable { missing } => tracing::warn!(
+            sandbox = "unavailable",
+            %missing,
+            "CODE and DATA steps are refused: the kernel does not allow the sandbox (start the \
+             runner with --allow-unsandboxed-code to run them unsandboxed)"
+        ),
     }
     mode
 }
