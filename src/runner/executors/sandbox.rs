@@ -22,6 +22,12 @@
 //! multi-threaded runner; a fresh single-threaded process may do it safely, and the PID
 //! namespace needs a first child anyway.
 //!
+//! Why the runner's own uid (root, when the runner runs as root) and not another one: the
+//! interpreter may live where only the runner's user can walk (pyenv under `/root`), and a
+//! user namespace made by another uid could not bind it. Mapped root is harmless here: it has
+//! no capability, sees only the new root (read-only but for its work directory, so even the
+//! owner's `chmod` fails), no other process, and Landlock on top.
+//!
 //! Whether this kernel allows it is probed once per process, by running the whole sandbox
 //! around `turbocat sandbox-exec --probe`. Where it fails, CODE and DATA steps are refused
 //! with what is missing, unless the operator started the runner with
