@@ -443,6 +443,8 @@ fn outer_main(spec: &SandboxSpec) -> Result<ExitCode, String> {
 fn init_main(spec: &SandboxSpec) -> Result<(), String> {
     // Should the helper die, so does the sandbox.
     let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    // The program may not trace the init nor open what it holds (the status file).
+    let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
     let mut status = File::options()
         .write(true)
         .open(status_file(spec))
