@@ -270,7 +270,9 @@ async fn snippets_get_a_bare_environment_and_a_fresh_directory_that_is_removed()
     assert_eq!(environment["HOME"], directory);
     assert!(directory.contains("turbocat-step-"), "{directory}");
     assert_eq!(output["files"], json!(["main.py", "scratch.txt"]));
-    assert!(!Path::new(directory).exists(), "{directory} was not removed");
+    // The step's directory (the work directory's parent) is gone, not just the work directory.
+    let step_directory = Path::new(directory).parent().unwrap();
+    assert!(!step_directory.exists(), "{directory} was not removed");
 
     let node_inspector = "console.log(JSON.stringify({ keys: Object.keys(process.env).sort(), \
                           directory: process.cwd() }));\n";
@@ -284,5 +286,6 @@ async fn snippets_get_a_bare_environment_and_a_fresh_directory_that_is_removed()
     assert_eq!(attempt.error().kind, StepErrorKind::TimedOut);
     let stdout = attempt.log_texts(Some(LogStream::Stdout));
     let directory = stdout.iter().find_map(|line| line.strip_prefix("cwd=")).unwrap();
-    assert!(!Path::new(directory).exists(), "{directory} was not removed after the timeout");
+    let step_directory = Path::new(directory).parent().unwrap();
+    assert!(!step_directory.exists(), "{directory} was not removed after the timeout");
 }

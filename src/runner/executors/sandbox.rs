@@ -230,6 +230,10 @@ pub(super) async fn require() -> Result<bool, StepError> {
     }
 }
 
+/// Tries to remove a step's directory, and the pause between them.
+const REMOVAL_ATTEMPTS: u32 = 50;
+const REMOVAL_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(40);
+
 /// A step's directory: `work` (the program's working directory, `HOME` and `TMPDIR`) and
 /// `root` (where the sandbox's root is built), removed when the attempt ends (also when the
 /// attempt is dropped).
@@ -256,13 +260,20 @@ impl StepDirectory {
         self.path.join("work")
     }
 
+    /// Removes the directory. The last processes of a killed sandbox may still be dying and
+    /// writing into it for a moment, so a failed removal is tried again a few times.
     pub async fn remove(mut self) {
         self.removed = true;
-        let path = self.path.clone();
-        let removal = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&path)).await;
-        if !matches!(removal, Ok(Ok(()))) {
-            tracing::warn!(path = %self.path.display(), "cannot remove a step's directory");
+        for _ in 0..REMOVAL_ATTEMPTS {
+            let path = self.path.clone();
+            let removal = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&path)).await;
+            match removal {
+                Ok(Ok(())) => return,
+                Ok(Err(error)) if error.kind() == std::io::ErrorKind::NotFound => return,
+                _ => tokio::time::sleep(REMOVAL_RETRY_DELAY).await,
+            }
         }
+        tracing::warn!(path = %self.path.display(), "cannot remove a step's directory");
     }
 }
 
@@ -342,12 +353,11 @@ pub fn helper_main(arguments: &[OsString]) -> ExitCode {
             // Inside: process 1 is the init, and nothing of the runner is visible.
             let pid_one_is_ours = std::fs::read_to_string("/proc/1/cmdline")
                 .is_ok_and(|cmdline| cmdline.contains(SANDBOX_SUBCOMMAND));
-            if pid_one_is_ours && !Path::new("/proc/self/cwd/../root").exists() {
-                println!("sandboxed");
-                return ExitCode::SUCCESS;
-            }
-            println!("not isolated");
-            ExitCode::FAILURE
+            let isolated = pid_one_is_ours && !Path::new("/proc/self/cwd/../root").exists();
+            // Written without panicking when the runner is gone already.
+            let answer: &[u8] = if isolated { b"sandboxed\n" } else { b"not isolated\n" };
+            let _ = std::io::stdout().write_all(answer);
+            if isolated { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         // Never mount or pivot in namespaces the runner did not make for this sandbox (the
         // outer helper only starts the init).
