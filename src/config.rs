@@ -390,6 +390,29 @@ pub struct DevArgs {
     pub jwt_secret: Option<Secret>,
     #[command(flatten)]
     pub jwt_keys: JwtKeyArgs,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+/// How a runner (also `dev`'s own) treats the sandbox of CODE and DATA steps.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SandboxArgs {
+    /// Run CODE and DATA steps WITHOUT a sandbox where the kernel does not allow one (no
+    /// Landlock, no user namespaces) instead of refusing them. Only for code you trust.
+    #[arg(long, env = "TURBOCAT_ALLOW_UNSANDBOXED_CODE")]
+    pub allow_unsandboxed_code: bool,
+    /// For tests: act as if the kernel lacked `landlock` or `user-namespaces`.
+    #[arg(long, env = "TURBOCAT_SANDBOX_PRETEND_MISSING", hide = true)]
+    pub sandbox_pretend_missing: Option<String>,
+}
+
+impl SandboxArgs {
+    pub fn policy(&self) -> crate::runner::executors::sandbox::SandboxPolicy {
+        crate::runner::executors::sandbox::SandboxPolicy {
+            allow_unsandboxed: self.allow_unsandboxed_code,
+            pretend_missing: self.sandbox_pretend_missing.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -444,9 +467,14 @@ pub struct RunnerArgs {
     /// Server to attach to, e.g. `https://turbocat.example.com`.
     #[arg(long, env = "TURBOCAT_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
-    /// API key with the `runner` scope.
-    #[arg(long, env = "TURBOCAT_API_KEY")]
+    /// API key with the `runner` scope, from the environment only (`TURBOCAT_API_KEY`): a
+    /// command line is readable by every process of the machine.
+    #[arg(skip = std::env::var("TURBOCAT_API_KEY").ok().map(Secret::new))]
     pub api_key: Option<Secret>,
+    /// File holding the API key (its first line), read at start; instead of
+    /// `TURBOCAT_API_KEY`.
+    #[arg(long, env = "TURBOCAT_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
     /// Name shown in `GET /api/v1/runners`.
     #[arg(long, env = "TURBOCAT_RUNNER_NAME")]
     pub name: Option<String>,
@@ -462,16 +490,38 @@ pub struct RunnerArgs {
     /// Largest gRPC message, in bytes.
     #[arg(long, env = "TURBOCAT_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 impl RunnerArgs {
+    /// The API key: from `--api-key-file`, else from `TURBOCAT_API_KEY`.
+    fn read_api_key(&self) -> Result<Secret, SettingError> {
+        let Some(path) = &self.api_key_file else {
+            return self.api_key.clone().ok_or(SettingError {
+                flag: "--api-key-file",
+                variable: "TURBOCAT_API_KEY",
+                problem: "required: an API key with the runner scope, in the variable or a file"
+                    .to_owned(),
+            });
+        };
+        let file_error = |problem: String| SettingError {
+            flag: "--api-key-file",
+            variable: "TURBOCAT_API_KEY_FILE",
+            problem,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| file_error(format!("cannot read {}: {error}", path.display())))?;
+        let key = text.lines().next().unwrap_or_default().trim();
+        if key.is_empty() {
+            return Err(file_error(format!("{} holds no key", path.display())));
+        }
+        Ok(Secret::new(key))
+    }
+
     /// The runner's settings, or the flag at fault.
     pub fn settings(&self) -> Result<crate::runner::client::RunnerSettings, SettingError> {
-        let api_key = self.api_key.as_ref().ok_or(SettingError {
-            flag: "--api-key",
-            variable: "TURBOCAT_API_KEY",
-            problem: "required: an API key with the runner scope".to_owned(),
-        })?;
+        let api_key = self.read_api_key()?;
         if !(1..=1000).contains(&self.capacity) {
             return Err(SettingError {
                 flag: "--capacity",
@@ -605,5 +655,42 @@ pub fn validate_redis_url(url: &ConnectionUrl) -> Result<(), SettingError> {
         other => {
             Err(error(format!("unsupported scheme `{other}`; expected redis:// or rediss://")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runner_args(arguments: &[&str]) -> RunnerArgs {
+        let mut full = vec!["turbocat", "runner"];
+        full.extend_from_slice(arguments);
+        match Cli::parse_from(full).command {
+            Command::Runner(args) => args,
+            other => panic!("not a runner: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_runner_key_comes_from_a_file_never_from_the_command_line() {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let key_file = directory.path().join("key");
+        std::fs::write(&key_file, "tc_runner_key\nignored\n").expect("write the key");
+        let path = key_file.to_str().expect("utf-8 path");
+        let settings = runner_args(&["--api-key-file", path]).settings().expect("settings");
+        assert_eq!(settings.api_key, "tc_runner_key");
+
+        std::fs::write(&key_file, "  \n").expect("write an empty key");
+        let error = runner_args(&["--api-key-file", path]).settings().expect_err("empty");
+        assert_eq!(error.flag, "--api-key-file");
+        let missing = directory.path().join("missing");
+        let error = runner_args(&["--api-key-file", missing.to_str().expect("utf-8")])
+            .settings()
+            .expect_err("missing");
+        assert!(error.problem.contains("cannot read"), "{error}");
+
+        // There is no flag that would put the key on the command line.
+        let refused = Cli::try_parse_from(["turbocat", "runner", "--api-key", "tc_visible"]);
+        assert!(refused.is_err());
     }
 }

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use turbocat::config::{AdminCommand, Cli, Command, LogFormat};
+use turbocat::runner::executors::sandbox;
 use turbocat::server;
 
 fn init_tracing(cli: &Cli) {
@@ -17,6 +18,11 @@ fn init_tracing(cli: &Cli) {
 }
 
 fn main() -> ExitCode {
+    let arguments: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if arguments.get(1).is_some_and(|command| command == sandbox::SANDBOX_SUBCOMMAND) {
+        // The sandbox of a CODE or DATA step (single-threaded, no runtime, no logging).
+        return sandbox::helper_main(&arguments[2..]);
+    }
     let cli = Cli::parse();
     if matches!(cli.command, Command::JqWorker) {
         // A child of a runner: no runtime, no logging, one program.
@@ -43,6 +49,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Dev(args) => {
+            sandbox::configure(args.sandbox.policy());
             let running = server::start_dev(&args).await.map_err(|error| error.to_string())?;
             announce("dev", running.local_addr);
             running.run_until_signal().await.map_err(|error| error.to_string())
@@ -102,6 +109,7 @@ async fn run(command: Command) -> Result<(), String> {
         }
         Command::JqWorker => Err("jq-worker runs without the async runtime".to_owned()),
         Command::Runner(args) => {
+            sandbox::configure(args.sandbox.policy());
             let settings = args.settings().map_err(|error| error.to_string())?;
             let (shutdown, shutdown_requested) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {

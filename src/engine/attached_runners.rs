@@ -48,6 +48,9 @@ pub struct AttachedRunner {
     pub capacity: usize,
     pub owner: RunnerOwner,
     pub version: String,
+    /// Whether it sandboxes CODE and DATA steps, and what its kernel lacks if not.
+    pub sandbox: pb::RunnerSandbox,
+    pub sandbox_missing: String,
     pub connected_at: DateTime<Utc>,
     sender: RunnerSender,
     state: Mutex<RunnerState>,
@@ -87,6 +90,8 @@ impl AttachedRunner {
             capacity,
             owner,
             version,
+            sandbox: pb::RunnerSandbox::Unspecified,
+            sandbox_missing: String::new(),
             connected_at: Utc::now(),
             sender,
             state: Mutex::new(RunnerState::default()),
@@ -246,6 +251,8 @@ impl AttachedRunner {
             connected_at: Some(crate::proto::wkt::timestamp(self.connected_at)),
             last_heartbeat_at: self.last_heartbeat_at().map(crate::proto::wkt::timestamp),
             runner_version: self.version.clone(),
+            sandbox: self.sandbox as i32,
+            sandbox_missing: self.sandbox_missing.clone(),
         }
     }
 }

@@ -140,7 +140,7 @@ impl Engine {
         };
         let labels: BTreeMap<String, String> = hello.labels.into_iter().collect();
         let capacity = usize::try_from(hello.capacity).unwrap_or(1);
-        let runner = Arc::new(AttachedRunner::new(
+        let mut attached = AttachedRunner::new(
             runner_id.clone(),
             if name.is_empty() { runner_id.clone() } else { name },
             labels,
@@ -149,7 +149,10 @@ impl Engine {
             owner,
             hello.runner_version.chars().take(100).collect(),
             sender,
-        ));
+        );
+        attached.sandbox = pb::RunnerSandbox::try_from(hello.sandbox).unwrap_or_default();
+        attached.sandbox_missing = hello.sandbox_missing.chars().take(500).collect();
+        let runner = Arc::new(attached);
 
         let now = Utc::now();
         let mut kept_steps = Vec::new();

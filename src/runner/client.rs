@@ -78,6 +78,9 @@ pub async fn run(
     settings: RunnerSettings,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RunnerError> {
+    protect_process();
+    // Probed (and logged) now: the mode is also in every hello.
+    let _ = executors::sandbox::mode().await;
     let endpoint = tonic::transport::Endpoint::from_shared(settings.server_url.clone())
         .map_err(|_| RunnerError::InvalidServer(settings.server_url.clone()))?
         .connect_timeout(Duration::from_secs(5))
@@ -128,6 +131,17 @@ pub async fn run(
     }
 }
 
+/// Makes this process non-dumpable: no process of the same user can read its memory or its
+/// environment (`/proc/<pid>/environ`, where `TURBOCAT_API_KEY` is) or attach a debugger.
+/// Children get their own, normal setting on exec.
+fn protect_process() {
+    if let Err(error) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
+        tracing::warn!(%error, "cannot make the runner non-dumpable");
+    }
+}
+
 enum SessionEnd {
     Drained,
     Broken,
@@ -166,6 +180,7 @@ impl Session<'_> {
             .into_iter()
             .map(|(step_run_id, attempt)| pb::StepRef { step_run_id, attempt })
             .collect();
+        let (sandbox, sandbox_missing) = executors::sandbox::mode().await.to_proto();
         let hello = pb::RunnerHello {
             name: self.settings.name.clone(),
             labels: self.settings.labels.clone().into_iter().collect(),
@@ -179,6 +194,8 @@ impl Session<'_> {
             held_steps,
             runner_version: env!("CARGO_PKG_VERSION").to_owned(),
             runner_id: runner_id.clone(),
+            sandbox: sandbox as i32,
+            sandbox_missing,
         };
         let _ = stream_sender
             .send(pb::AttachRequest { message: Some(pb::attach_request::Message::Hello(hello)) })

@@ -415,13 +415,28 @@ fn check_code_config(validator: &mut Validator, code: &pb::CodeAgentConfig) -> p
             validator.error("config.code.language", "must be PYTHON or JAVASCRIPT");
         }
     }
+    match pb::CodeNetwork::try_from(code.network) {
+        Ok(pb::CodeNetwork::On) => {}
+        Ok(_) if code.allow_private_network => {
+            validator.error("config.code.allowPrivateNetwork", "only applies with network ON");
+        }
+        Ok(_) => {}
+        Err(_) => {
+            validator.error("config.code.network", "must be OFF or ON");
+        }
+    }
     if code.source.trim().is_empty() {
         validator.error("config.code.source", "is required");
     } else if code.source.len() > MAX_CODE_SOURCE_BYTES {
         validator
             .error("config.code.source", format!("must be at most {MAX_CODE_SOURCE_BYTES} bytes"));
     }
-    code.clone()
+    let mut normalised = code.clone();
+    // Stored explicitly (a stored zero enum value would not read back): OFF is the default.
+    if normalised.network == pb::CodeNetwork::Unspecified as i32 {
+        normalised.network = pb::CodeNetwork::Off as i32;
+    }
+    normalised
 }
 
 /// A text template's placeholders must parse; returns whether they do.

@@ -82,7 +82,7 @@ async fn chains_diamonds_and_fan_out_run_with_outputs_flowing_to_dependents() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn code_steps_run_python_and_node_with_logs_retries_and_failures() {
-    let (server, data) = start_dev(&[]);
+    let (server, _data) = start_dev(&[]);
     let bench = Workbench::new(Api::new(&server), "code@example.com").await;
     let python = bench
         .code(
@@ -134,16 +134,10 @@ async fn code_steps_run_python_and_node_with_logs_retries_and_failures() {
     assert!(lines.iter().any(|line| line == "STDOUT working on 4"), "{lines:?}");
     assert!(lines.iter().any(|line| line == "STDERR node says hi"), "{lines:?}");
 
-    // Fails on the first attempt (it leaves a marker file), succeeds on the second.
-    let marker = data.path().join("attempted");
-    let flaky = bench
-        .code(
-            "flaky",
-            "python",
-            "import json, os, sys\ndata = json.load(sys.stdin)\nif not os.path.exists(data['marker']):\n    open(data['marker'], 'w').close()\n    raise RuntimeError('first attempt fails')\nprint(json.dumps({'ok': True}))\n",
-            json!({}),
-        )
-        .await;
+    // Fails on the first attempt (a counter on the test's side tells), succeeds on the second.
+    let counter = crate::support::attempt_counter().await;
+    let flaky =
+        bench.agent("flaky", "CODE", crate::support::flaky_python_config(), json!({})).await;
     let retrying = bench
         .workflow(
             "retry then success",
@@ -151,9 +145,7 @@ async fn code_steps_run_python_and_node_with_logs_retries_and_failures() {
             json!({}),
         )
         .await;
-    let execution_id = bench
-        .execute(&retrying, json!({ "input": { "marker": marker.to_str().expect("utf-8") } }))
-        .await;
+    let execution_id = bench.execute(&retrying, json!({ "input": { "counter": counter } })).await;
     let execution = bench.finished(&execution_id, LIMIT).await;
     assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
     let flaky_step = step(&execution, "flaky");

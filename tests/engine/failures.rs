@@ -300,7 +300,7 @@ impl ProtocolRunner {
             capacity,
             held_steps: Vec::new(),
             runner_version: "protocol-test".to_owned(),
-            runner_id: String::new(),
+            ..pb::RunnerHello::default()
         };
         let hello = pb::AttachRequest { message: Some(pb::attach_request::Message::Hello(hello)) };
         sender.send(hello).await.expect("queue hello");

@@ -224,7 +224,7 @@ fn check_story(events: &[(i64, Seen)]) {
 
 /// A workflow whose `flaky` step runs after `warm` (which sleeps, so a watch opened right
 /// after the execute sees `flaky` PENDING), fails its first attempt and succeeds on retry.
-async fn flaky_chain(bench: &Workbench, marker: &std::path::Path) -> String {
+async fn flaky_chain(bench: &Workbench) -> String {
     let warm = bench
         .code(
             "warm",
@@ -233,22 +233,16 @@ async fn flaky_chain(bench: &Workbench, marker: &std::path::Path) -> String {
             json!({}),
         )
         .await;
-    let flaky = bench
-        .code(
-            "flaky",
-            "python",
-            "import json, os, sys\ndata = json.load(sys.stdin)\nif not os.path.exists(data['marker']):\n    open(data['marker'], 'w').close()\n    raise RuntimeError('first attempt fails')\nprint('second attempt here', flush=True)\nprint(json.dumps({'ok': True}))\n",
-            json!({}),
-        )
-        .await;
-    let marker = marker.to_str().expect("utf-8 path");
+    let flaky =
+        bench.agent("flaky", "CODE", crate::support::flaky_python_config(), json!({})).await;
+    let counter = crate::support::attempt_counter().await;
     let workflow = bench
         .workflow(
             "watched",
             json!([
                 { "key": "warm", "agentId": warm },
                 { "key": "flaky", "agentId": flaky, "dependsOn": ["warm"],
-                  "inputMapping": { "marker": marker },
+                  "inputMapping": { "counter": counter },
                   "retryPolicy": { "maxAttempts": 2, "initialBackoff": "0.2s", "maxBackoff": "0.2s" } },
             ]),
             json!({}),
@@ -266,9 +260,9 @@ fn access_token(auth: &Auth) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_sse_with_an_access_token_delivers_every_transition_in_order() {
-    let (server, data) = start_dev(&[]);
+    let (server, _data) = start_dev(&[]);
     let bench = Workbench::new(Api::new(&server), "watch-sse@example.com").await;
-    let execution_id = flaky_chain(&bench, &data.path().join("sse-marker")).await;
+    let execution_id = flaky_chain(&bench).await;
     let path = format!(
         "/api/v1/executions/{execution_id}/events?access_token={}",
         access_token(&bench.auth)
@@ -286,9 +280,9 @@ async fn dev_sse_with_an_access_token_delivers_every_transition_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_grpc_and_grpc_web_watch_the_same_story() {
-    let (server, data) = start_dev(&[]);
+    let (server, _data) = start_dev(&[]);
     let bench = Workbench::new(Api::new(&server), "watch-grpc@example.com").await;
-    let execution_id = flaky_chain(&bench, &data.path().join("grpc-marker")).await;
+    let execution_id = flaky_chain(&bench).await;
     let events: Vec<(i64, Seen)> = read_grpc(&bench.api, &bench.auth, &execution_id)
         .await
         .iter()
@@ -297,7 +291,7 @@ async fn dev_grpc_and_grpc_web_watch_the_same_story() {
     check_story(&events);
 
     // grpc-web (what a browser speaks): a second run, watched from its start to its end.
-    let second = flaky_chain(&bench, &data.path().join("grpc-web-marker")).await;
+    let second = flaky_chain(&bench).await;
     let request = pb::WatchExecutionRequest { execution_id: second }.encode_to_vec();
     let (status, messages) = bench
         .api
@@ -322,8 +316,7 @@ async fn serve_watch_on_another_replica_sees_the_runner_of_the_first() {
     let bench = Workbench::new(Api::new(&first), "watch-replicas@example.com").await;
     let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
     let runner = RunnerProcess::start(&first.base_url(), &key, "watch-runner", 2, "", &[]);
-    let marker_directory = tempfile::tempdir().expect("temporary directory");
-    let execution_id = flaky_chain(&bench, &marker_directory.path().join("marker")).await;
+    let execution_id = flaky_chain(&bench).await;
 
     let watcher = Api::new(&second);
     let events_path = format!(
@@ -432,7 +425,7 @@ async fn a_browser_event_source_follows_an_execution_to_its_end() {
         eprintln!("skipped: no {CHROMIUM}");
         return;
     }
-    let (server, data) = start_dev(&[]);
+    let (server, _data) = start_dev(&[]);
     let bench = Workbench::new(Api::new(&server), "watch-browser@example.com").await;
     // The page loads first (Chromium takes seconds to start), then the execution starts, so
     // the browser watches it from its beginning.
@@ -448,7 +441,7 @@ async fn a_browser_event_source_follows_an_execution_to_its_end() {
     let mut stdout = tokio::io::BufReader::new(browser.stdout.take().expect("stdout")).lines();
     let ready = tokio::time::timeout(LIMIT, stdout.next_line()).await.expect("page loads");
     assert_eq!(ready.expect("read").as_deref(), Some("ready"));
-    let execution_id = flaky_chain(&bench, &data.path().join("browser-marker")).await;
+    let execution_id = flaky_chain(&bench).await;
     let mut stdin = browser.stdin.take().expect("stdin");
     stdin.write_all(format!("{execution_id}\n").as_bytes()).await.expect("send the id");
     let line = tokio::time::timeout(LIMIT, stdout.next_line())

@@ -132,7 +132,8 @@ async fn crud_history_and_locking_over_rest(server: Server) {
     assert_ne!(copy["id"], created["id"]);
     assert_eq!(
         copy["config"],
-        json!({ "code": { "language": "JAVASCRIPT", "source": "console.log(1)" } })
+        json!({ "code": { "language": "JAVASCRIPT", "source": "console.log(1)",
+                          "network": "OFF", "allowPrivateNetwork": false } })
     );
     assert_eq!(copy["tags"], json!(["x"]));
     let copy_id = copy["id"].as_str().expect("copy id").to_owned();

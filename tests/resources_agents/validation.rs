@@ -68,6 +68,15 @@ fn bad_agents(other_users_workflow: &str) -> Vec<(&'static str, Value, Vec<&'sta
             vec!["config.code.language", "config.code.source"],
         ),
         (
+            "code opting in to private ranges without the network",
+            agent(
+                "CODE",
+                json!({ "code": { "language": "PYTHON", "source": "print(1)",
+                                  "allowPrivateNetwork": true } }),
+            ),
+            vec!["config.code.allowPrivateNetwork"],
+        ),
+        (
             "code too big",
             agent(
                 "CODE",

@@ -23,6 +23,7 @@ fn code_agent(language: pb::CodeLanguage, source: &str, limits: pb::ResourceLimi
         pb::agent_config::Kind::Code(pb::CodeAgentConfig {
             language: language as i32,
             source: source.to_owned(),
+            ..pb::CodeAgentConfig::default()
         }),
         limits,
     )
@@ -32,17 +33,25 @@ fn generous() -> pb::ResourceLimits {
     limits(Duration::from_secs(30), 512, 30, 1 << 20)
 }
 
-/// Whether a process is gone (or a zombie nobody reaps yet, which runs nothing).
-fn process_is_gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+/// A process of this machine (not a zombie) with `marker` on its command line: the snippets
+/// run in a PID namespace of their own, so the pids they print mean nothing out here.
+fn process_with_argument(marker: &str) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let zombie = std::fs::read_to_string(entry.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        });
+        if !zombie && String::from_utf8_lossy(&cmdline).contains(marker) {
+            return Some(pid);
+        }
     }
+    None
 }
 
-async fn wait_until_gone(pid: u32) -> bool {
+async fn wait_until_gone(marker: &str) -> bool {
     for _ in 0..50 {
-        if process_is_gone(pid) {
+        if process_with_argument(marker).is_none() {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -50,12 +59,16 @@ async fn wait_until_gone(pid: u32) -> bool {
     false
 }
 
-/// The pid a snippet printed as `pid=<n>` on stdout.
-fn printed_pid(logs: &[&str]) -> u32 {
-    logs.iter()
-        .find_map(|line| line.strip_prefix("pid="))
-        .and_then(|pid| pid.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {logs:?}"))
+/// A snippet line that starts a python process sleeping 300 s with `marker` in its arguments.
+fn start_sleeper(marker: &str) -> String {
+    format!(
+        "import subprocess, sys\nchild = subprocess.Popen([sys.executable, '-c', \
+         'import time; time.sleep(300)', '{marker}'])\nprint('started', flush=True)\n"
+    )
+}
+
+fn new_marker() -> String {
+    format!("turbocat-test-sleeper-{}", uuid::Uuid::new_v4().simple())
 }
 
 #[tokio::test]
@@ -186,42 +199,38 @@ async fn cpu_limits_stop_busy_snippets() {
 
 #[tokio::test]
 async fn the_wall_clock_limit_kills_the_whole_process_group() {
-    let spawner = "import subprocess, time\n\
-                   child = subprocess.Popen(['sleep', '300'])\n\
-                   print(f'pid={child.pid}', flush=True)\n\
-                   time.sleep(300)\n";
+    let marker = new_marker();
+    let spawner = format!("{}import time\ntime.sleep(300)\n", start_sleeper(&marker));
     let attempt =
-        run(python(spawner, limits(Duration::from_secs(2), 256, 30, 4096)), json!({})).await;
+        run(python(&spawner, limits(Duration::from_secs(2), 256, 30, 4096)), json!({})).await;
     let error = attempt.error();
     assert_eq!(error.kind, StepErrorKind::TimedOut, "{error:?}");
     assert_eq!(error.message, "the step exceeded its time limit of 2s");
     assert!(error.is_retryable());
     assert!(attempt.elapsed < Duration::from_secs(6), "{:?}", attempt.elapsed);
-    let grandchild = printed_pid(&attempt.log_texts(Some(LogStream::Stdout)));
-    assert!(wait_until_gone(grandchild).await, "the grandchild {grandchild} survived");
+    assert_eq!(attempt.log_texts(Some(LogStream::Stdout)), vec!["started"]);
+    assert!(wait_until_gone(&marker).await, "the grandchild survived");
 
     // A background process left behind by a snippet that succeeded does not survive either.
-    let leaver = "import subprocess\n\
-                  child = subprocess.Popen(['sleep', '300'])\n\
-                  print(f'pid={child.pid}')\n\
-                  print('{\"done\": true}')\n";
-    let attempt = run(python(leaver, generous()), json!({})).await;
+    let marker = new_marker();
+    let leaver = format!("{}print('{{\"done\": true}}')\n", start_sleeper(&marker));
+    let attempt = run(python(&leaver, generous()), json!({})).await;
     assert_eq!(attempt.output(), &json!({"done": true}));
-    let background = printed_pid(&attempt.log_texts(Some(LogStream::Stdout)));
-    assert!(wait_until_gone(background).await, "the background process {background} survived");
+    assert!(wait_until_gone(&marker).await, "the background process survived");
 }
 
 #[tokio::test]
 async fn cancelling_stops_the_snippet_at_once() {
-    let sleeper = "import time\nprint('pid=' + str(__import__('os').getpid()), flush=True)\ntime.sleep(300)\n";
+    let marker = new_marker();
+    let sleeper = format!("{}child.wait()\n", start_sleeper(&marker));
     let attempt =
-        run_with(python(sleeper, generous()), json!({}), Some(Duration::from_millis(700))).await;
+        run_with(python(&sleeper, generous()), json!({}), Some(Duration::from_millis(700))).await;
     let error = attempt.error();
     assert_eq!(error.kind, StepErrorKind::Cancelled);
     assert_eq!(error.to_failure().kind, pb::FailureKind::Cancelled as i32);
     assert!(attempt.elapsed < Duration::from_secs(5), "{:?}", attempt.elapsed);
-    let snippet = printed_pid(&attempt.log_texts(Some(LogStream::Stdout)));
-    assert!(wait_until_gone(snippet).await, "the snippet {snippet} survived the cancel");
+    assert_eq!(attempt.log_texts(Some(LogStream::Stdout)), vec!["started"]);
+    assert!(wait_until_gone(&marker).await, "the snippet's process survived the cancel");
 }
 
 #[tokio::test]
@@ -261,7 +270,9 @@ async fn snippets_get_a_bare_environment_and_a_fresh_directory_that_is_removed()
     assert_eq!(environment["HOME"], directory);
     assert!(directory.contains("turbocat-step-"), "{directory}");
     assert_eq!(output["files"], json!(["main.py", "scratch.txt"]));
-    assert!(!Path::new(directory).exists(), "{directory} was not removed");
+    // The step's directory (the work directory's parent) is gone, not just the work directory.
+    let step_directory = Path::new(directory).parent().unwrap();
+    assert!(!step_directory.exists(), "{directory} was not removed");
 
     let node_inspector = "console.log(JSON.stringify({ keys: Object.keys(process.env).sort(), \
                           directory: process.cwd() }));\n";
@@ -275,5 +286,6 @@ async fn snippets_get_a_bare_environment_and_a_fresh_directory_that_is_removed()
     assert_eq!(attempt.error().kind, StepErrorKind::TimedOut);
     let stdout = attempt.log_texts(Some(LogStream::Stdout));
     let directory = stdout.iter().find_map(|line| line.strip_prefix("cwd=")).unwrap();
-    assert!(!Path::new(directory).exists(), "{directory} was not removed after the timeout");
+    let step_directory = Path::new(directory).parent().unwrap();
+    assert!(!step_directory.exists(), "{directory} was not removed after the timeout");
 }

@@ -159,6 +159,7 @@ async fn a_step_past_its_assignment_deadline_times_out() {
         pb::agent_config::Kind::Code(pb::CodeAgentConfig {
             language: pb::CodeLanguage::Python as i32,
             source: "import time\ntime.sleep(30)\n".to_owned(),
+            ..pb::CodeAgentConfig::default()
         }),
         limits(Duration::from_secs(60), 0, 0, 0),
     );

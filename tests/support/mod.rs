@@ -113,6 +113,40 @@ macro_rules! conformance {
     };
 }
 
+/// A TCP server on 127.0.0.1 that answers each connection with its number (`1`, `2`, …) until
+/// the test's runtime ends; its port. A CODE step with the network on learns from it which
+/// attempt it is (the sandbox keeps steps from leaving marker files anywhere else).
+pub async fn attempt_counter() -> u16 {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a counter");
+    let port = listener.local_addr().expect("counter address").port();
+    tokio::spawn(async move {
+        let mut count = 0u32;
+        while let Ok((mut connection, _)) = listener.accept().await {
+            count += 1;
+            let _ = connection.write_all(count.to_string().as_bytes()).await;
+        }
+    });
+    port
+}
+
+/// Python that fails its first attempt (asking `attempt_counter` on the port given as
+/// `counter` in its input) and outputs `{"ok": true}` on the next.
+pub const FLAKY_PYTHON: &str = "import json, socket, sys\n\
+    data = json.load(sys.stdin)\n\
+    with socket.create_connection(('127.0.0.1', data['counter']), timeout=10) as counter:\n\
+    \x20   attempt = int(counter.recv(16).decode())\n\
+    if attempt == 1:\n\
+    \x20   raise RuntimeError('first attempt fails')\n\
+    print('second attempt here', flush=True)\n\
+    print(json.dumps({'ok': True}))\n";
+
+/// The config of a CODE agent running `FLAKY_PYTHON` (the network on, to reach the counter).
+pub fn flaky_python_config() -> serde_json::Value {
+    serde_json::json!({ "code": { "language": "python", "source": FLAKY_PYTHON,
+                                  "network": "ON", "allowPrivateNetwork": true } })
+}
+
 /// A real `turbocat` process, killed when dropped. Its stderr is kept for assertions.
 pub struct TurbocatProcess {
     child: std::process::Child,
@@ -128,6 +162,16 @@ impl TurbocatProcess {
 
     pub fn stderr_text(&self) -> String {
         self.stderr.lock().map(|text| text.clone()).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Sends SIGKILL.

@@ -10,26 +10,31 @@
 //!
 //! Limits: CPU seconds (RLIMIT_CPU), memory (RLIMIT_AS; node also gets
 //! `--max-old-space-size` of the same size and 1 GiB more address space, which V8 reserves
-//! up front), the wall clock, and stdout of at most `maxOutputBytes`. The child runs in a
-//! process group of its own, killed whole when the attempt ends (a background grandchild does
-//! not outlive it), in a fresh temporary directory (also `HOME` and `TMPDIR`) removed
-//! afterwards, with an empty environment except `PATH`, `HOME`, `TMPDIR` and `LANG`.
+//! up front), the wall clock, and stdout of at most `maxOutputBytes`. The child runs in the
+//! sandbox (`sandbox`: namespaces, a read-only root, Landlock, no capabilities; network only
+//! with `network: ON` and `allowPrivateNetwork`), in a fresh directory (also `HOME` and
+//! `TMPDIR`) removed afterwards, with an empty environment except `PATH`, `HOME`, `TMPDIR`
+//! and `LANG`. The sandbox's helper leads a process group killed whole when the attempt ends,
+//! and everything in the sandbox dies with it (also what left the group with `setsid`).
+//! Where the operator allowed unsandboxed code, the interpreter itself leads that group.
 //! Interpreters are looked up once on the runner's `PATH` (`python3`, `node`).
-//! The child runs as the runner's user: run runners as an unprivileged user.
-//! May call: the operating system (processes, rlimits, signals, files).
+//! `ChildPreparation` is the one place with `unsafe`: what a child does between fork and exec.
+//! May call: the operating system (processes, rlimits, namespaces, signals, files).
 
-use std::os::unix::fs::DirBuilderExt;
+use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use rustix::process::{Pid, Resource, Rlimit, Signal};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::{OnceCell, oneshot};
 
+use super::sandbox::{self, SandboxSpec, StepDirectory};
 use super::{LogSink, LogStream, RunContext, StepError, StepErrorKind};
 use crate::proto::v1 as pb;
 use crate::text::truncate_text;
@@ -164,6 +169,14 @@ async fn interpreter(language: Language) -> Result<PathBuf, StepError> {
 
 async fn find_executable(program: &str, arguments: &[&str]) -> Result<PathBuf, String> {
     let mut command = Command::new(program);
+    // Only what finding an interpreter needs (pyenv's shims read their own variables), never
+    // the runner's secrets.
+    command.env_clear();
+    for name in ["PATH", "HOME", "PYENV_ROOT", "PYENV_VERSION"] {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
     command.args(arguments).stdin(Stdio::null()).kill_on_drop(true);
     let output = tokio::time::timeout(INTERPRETER_LOOKUP_TIMEOUT, command.output())
         .await
@@ -177,52 +190,6 @@ async fn find_executable(program: &str, arguments: &[&str]) -> Result<PathBuf, S
         return Err(format!("it reported no usable executable ({})", path.display()));
     }
     Ok(path)
-}
-
-/// Makes the runner process non-dumpable once, so a snippet running as the same user cannot
-/// read the runner's environment (its API keys) from `/proc/<runner>/environ` or attach a
-/// debugger to it. Children get their own, normal setting on exec.
-fn protect_runner_environment() {
-    static PROTECTED: std::sync::Once = std::sync::Once::new();
-    PROTECTED.call_once(|| {
-        if let Err(error) =
-            rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
-        {
-            tracing::warn!(%error, "cannot make the runner non-dumpable");
-        }
-    });
-}
-
-/// A fresh directory for one attempt, removed when it ends (also if the attempt is dropped).
-struct WorkDirectory {
-    path: PathBuf,
-    removed: bool,
-}
-
-impl WorkDirectory {
-    fn create() -> std::io::Result<Self> {
-        let path =
-            std::env::temp_dir().join(format!("turbocat-step-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
-        Ok(Self { path, removed: false })
-    }
-
-    async fn remove(mut self) {
-        self.removed = true;
-        let path = self.path.clone();
-        let removal = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&path)).await;
-        if !matches!(removal, Ok(Ok(()))) {
-            tracing::warn!(path = %self.path.display(), "cannot remove a step's work directory");
-        }
-    }
-}
-
-impl Drop for WorkDirectory {
-    fn drop(&mut self) {
-        if !self.removed {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
 }
 
 /// The child's process group, killed whole on `kill` and on drop.
@@ -255,33 +222,103 @@ impl Drop for ProcessGroup {
     }
 }
 
-/// The rlimits set in the child between fork and exec: CPU seconds, and memory either as
-/// address space (interpreters) or as data segment (the jq worker, whose executable maps far
-/// more address space than it uses).
-#[derive(Debug, Clone, Copy)]
+/// What a child does to itself between fork and exec: set its rlimits (the program itself),
+/// or enter new namespaces (the sandbox's helper, see `sandbox`).
+#[derive(Debug)]
+pub(super) enum ChildPreparation {
+    Limits(ChildLimits),
+    Namespaces(NamespaceEntry),
+}
+
+impl ChildPreparation {
+    /// Has `command`'s child do this to itself between fork and exec.
+    pub(super) fn install(self, command: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        #[expect(unsafe_code, reason = "rlimits and namespaces must be set between fork and exec")]
+        // SAFETY: the closure runs in the forked child before exec. It only makes raw system
+        // calls through rustix (setrlimit, unshare, open, write, close: async-signal-safe), on
+        // data prepared before the fork (the maps' bytes, static paths); it does not allocate,
+        // lock or touch state shared with the parent's other threads. `unshare` never gets
+        // CLONE_FILES, so no descriptor table is split under a thread.
+        unsafe {
+            command.pre_exec(move || match &self {
+                Self::Limits(limits) => limits.apply(),
+                Self::Namespaces(entry) => {
+                    rustix::thread::unshare_unsafe(entry.flags).map_err(os_error)?;
+                    entry.write_maps()
+                }
+            });
+        }
+    }
+}
+
+fn os_error(error: rustix::io::Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(error.raw_os_error())
+}
+
+/// New namespaces for the sandbox's helper: user (only the runner's uid and gid mapped, to
+/// root inside), mount, PID (for its children), IPC, UTS, cgroup and, with the network off,
+/// network. Prepared before the fork.
+#[derive(Debug)]
+pub(super) struct NamespaceEntry {
+    flags: rustix::thread::UnshareFlags,
+    uid_map: Vec<u8>,
+    gid_map: Vec<u8>,
+}
+
+impl NamespaceEntry {
+    pub(super) fn new(network: bool) -> Self {
+        use rustix::thread::UnshareFlags;
+        let mut flags = UnshareFlags::NEWUSER
+            | UnshareFlags::NEWNS
+            | UnshareFlags::NEWPID
+            | UnshareFlags::NEWIPC
+            | UnshareFlags::NEWUTS
+            | UnshareFlags::NEWCGROUP;
+        if !network {
+            flags |= UnshareFlags::NEWNET;
+        }
+        let uid = rustix::process::getuid().as_raw();
+        let gid = rustix::process::getgid().as_raw();
+        Self {
+            flags,
+            uid_map: format!("0 {uid} 1\n").into_bytes(),
+            gid_map: format!("0 {gid} 1\n").into_bytes(),
+        }
+    }
+
+    /// Runs in the forked child, after `unshare`: maps the runner's ids (setgroups must be
+    /// denied first for the gid map). Raw system calls only.
+    fn write_maps(&self) -> std::io::Result<()> {
+        let write = |path: &std::ffi::CStr, contents: &[u8]| -> std::io::Result<()> {
+            let file =
+                rustix::fs::open(path, rustix::fs::OFlags::WRONLY, rustix::fs::Mode::empty())
+                    .map_err(os_error)?;
+            rustix::io::write(&file, contents).map_err(os_error)?;
+            Ok(())
+        };
+        write(c"/proc/self/setgroups", b"deny")?;
+        write(c"/proc/self/uid_map", &self.uid_map)?;
+        write(c"/proc/self/gid_map", &self.gid_map)
+    }
+}
+
+/// The rlimits of a program: CPU seconds, and memory either as address space (interpreters)
+/// or as data segment (the jq worker, whose executable maps far more address space than it
+/// uses).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub(super) struct ChildLimits {
     pub cpu_seconds: u64,
     pub memory: MemoryLimit,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub(super) enum MemoryLimit {
     AddressSpace(u64),
     Data(u64),
 }
 
 impl ChildLimits {
-    /// Has `command`'s child set these limits on itself between fork and exec.
-    pub(super) fn install(self, command: &mut Command) {
-        #[expect(unsafe_code, reason = "rlimits must be set between fork and exec")]
-        // SAFETY: the closure runs in the forked child before exec; it only calls setrlimit (a
-        // raw system call through rustix, async-signal-safe), does not allocate, lock or touch
-        // state shared with the parent's other threads.
-        unsafe {
-            command.pre_exec(move || self.apply());
-        }
-    }
-
     /// Runs in the forked child: only async-signal-safe calls (rustix's setrlimit is the raw
     /// system call; nothing here allocates).
     fn apply(self) -> std::io::Result<()> {
@@ -290,7 +327,7 @@ impl ChildLimits {
                 resource,
                 Rlimit { current: Some(soft), maximum: Some(hard) },
             )
-            .map_err(|error| std::io::Error::from_raw_os_error(error.raw_os_error()))
+            .map_err(os_error)
         };
         // SIGXCPU at the soft limit, SIGKILL a second later if it is caught.
         set(Resource::Cpu, self.cpu_seconds, self.cpu_seconds + 1)?;
@@ -330,15 +367,39 @@ pub(super) async fn run(
     context: &RunContext<'_>,
 ) -> Result<Value, StepError> {
     let language = Language::from_proto(config.language)?;
+    let network = network_of(config)?;
+    let sandboxed = sandbox::require().await?;
     let executable = interpreter(language).await?;
-    protect_runner_environment();
-    let work_directory = WorkDirectory::create().map_err(|error| {
+    let directory = StepDirectory::create().map_err(|error| {
         StepError::retryable(format!("cannot create the work directory: {error}"))
     })?;
-    let outcome =
-        run_in_directory(&work_directory.path, &executable, language, config, input, context).await;
-    work_directory.remove().await;
+    let script = directory.work().join(language.script_name());
+    let outcome = match tokio::fs::write(&script, &config.source).await {
+        Err(error) => Err(StepError::retryable(format!("cannot write the snippet: {error}"))),
+        Ok(()) => {
+            let program = Program { directory: &directory, executable: &executable, language };
+            match build_command(&program, network, sandboxed, context) {
+                Ok(command) => run_command(command, input, context).await,
+                Err(error) => Err(error),
+            }
+        }
+    };
+    directory.remove().await;
     outcome
+}
+
+/// Whether the snippet gets the runner's network: only when the agent asks for it and opts
+/// in to the private ranges, which this runner cannot keep out yet.
+fn network_of(config: &pb::CodeAgentConfig) -> Result<bool, StepError> {
+    match pb::CodeNetwork::try_from(config.network).unwrap_or_default() {
+        pb::CodeNetwork::Unspecified | pb::CodeNetwork::Off => Ok(false),
+        pb::CodeNetwork::On if config.allow_private_network => Ok(true),
+        pb::CodeNetwork::On => Err(StepError::invalid(
+            "network ON without allowPrivateNetwork is not supported by this runner: it cannot \
+             keep a snippet away from the loopback and private ranges while letting it reach \
+             the internet; set allowPrivateNetwork to accept that, or keep the network OFF",
+        )),
+    }
 }
 
 fn child_path(executable: &Path) -> String {
@@ -354,68 +415,95 @@ fn child_path(executable: &Path) -> String {
     directories.join(":")
 }
 
-fn build_command(
-    directory: &Path,
-    executable: &Path,
+/// The snippet to start.
+struct Program<'a> {
+    directory: &'a StepDirectory,
+    executable: &'a Path,
     language: Language,
-    context: &RunContext<'_>,
-) -> Command {
-    let script = directory.join(language.script_name());
-    let memory_mb = context.limits.memory_mb;
-    let mut command = Command::new(executable);
-    let address_space_mb = match language {
+}
+
+/// The interpreter's arguments and its address-space limit in MiB.
+fn interpreter_arguments(
+    language: Language,
+    script: &Path,
+    memory_mb: u64,
+) -> (Vec<OsString>, u64) {
+    match language {
         Language::Python => {
-            command.args(["-I", "-u", "-B", "-c", PYTHON_WRAPPER]).arg(&script);
-            memory_mb
+            let mut arguments: Vec<OsString> =
+                ["-I", "-u", "-B", "-c", PYTHON_WRAPPER].iter().map(OsString::from).collect();
+            arguments.push(script.into());
+            (arguments, memory_mb)
         }
-        Language::JavaScript => {
-            command
-                .arg(format!("--max-old-space-size={memory_mb}"))
-                .args(["-e", NODE_WRAPPER])
-                .arg(&script);
-            memory_mb + NODE_ADDRESS_SPACE_OVERHEAD_MB
-        }
-    };
-    command
-        .current_dir(directory)
-        .env_clear()
-        .env("PATH", child_path(executable))
-        .env("HOME", directory)
-        .env("TMPDIR", directory)
-        .env("LANG", "C.UTF-8")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
+        Language::JavaScript => (
+            vec![
+                format!("--max-old-space-size={memory_mb}").into(),
+                "-e".into(),
+                NODE_WRAPPER.into(),
+                script.into(),
+            ],
+            memory_mb + NODE_ADDRESS_SPACE_OVERHEAD_MB,
+        ),
+    }
+}
+
+/// The command that runs the snippet: through the sandbox, or (where the operator allowed
+/// it) directly.
+fn build_command(
+    program: &Program<'_>,
+    network: bool,
+    sandboxed: bool,
+    context: &RunContext<'_>,
+) -> Result<Command, StepError> {
+    let work = program.directory.work();
+    let script = work.join(program.language.script_name());
+    let (arguments, address_space_mb) =
+        interpreter_arguments(program.language, &script, context.limits.memory_mb);
     let limits = ChildLimits {
         cpu_seconds: context.limits.cpu_seconds,
         memory: MemoryLimit::AddressSpace(address_space_mb.saturating_mul(1024 * 1024)),
     };
-    limits.install(&mut command);
-    command
+    let environment: [(&str, OsString); 4] = [
+        ("PATH", child_path(program.executable).into()),
+        ("HOME", work.clone().into()),
+        ("TMPDIR", work.clone().into()),
+        ("LANG", "C.UTF-8".into()),
+    ];
+    let mut command = if sandboxed {
+        let spec = SandboxSpec {
+            program: program.executable.to_path_buf(),
+            arguments,
+            step_directory: program.directory.path.clone(),
+            read_only_paths: sandbox::read_only_paths(&[program.executable.to_path_buf()]),
+            network,
+            limits,
+        };
+        sandbox::sandboxed_command(&spec, &environment)?
+    } else {
+        let mut command = Command::new(program.executable);
+        command
+            .args(arguments)
+            .current_dir(&work)
+            .env_clear()
+            .envs(environment.iter().map(|(name, value)| (name, value)))
+            .process_group(0);
+        ChildPreparation::Limits(limits).install(command.as_std_mut());
+        command
+    };
+    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    Ok(command)
 }
 
-async fn run_in_directory(
-    directory: &Path,
-    executable: &Path,
-    language: Language,
-    config: &pb::CodeAgentConfig,
+async fn run_command(
+    command: Command,
     input: &Value,
     context: &RunContext<'_>,
 ) -> Result<Value, StepError> {
-    let script = directory.join(language.script_name());
-    tokio::fs::write(&script, &config.source)
-        .await
-        .map_err(|error| StepError::retryable(format!("cannot write the snippet: {error}")))?;
     let input_bytes = serde_json::to_vec(input)
         .map_err(|error| StepError::non_retryable(format!("cannot encode the input: {error}")))?;
 
-    let Spawned { mut child, mut group, stdout, stderr, stdin_task } = spawn_fed(
-        build_command(directory, executable, language, context),
-        input_bytes,
-        "the interpreter",
-    )?;
+    let Spawned { mut child, mut group, stdout, stderr, stdin_task } =
+        spawn_fed(command, input_bytes, "the interpreter")?;
     let (exceeded_sender, mut exceeded_receiver) = oneshot::channel();
     let stdout_task = tokio::spawn(collect_stdout(
         stdout,

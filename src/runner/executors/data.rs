@@ -8,7 +8,8 @@
 //! far. `env` and `$ENV` do not exist here: the runner's environment holds its secrets.
 //! `debug` and `stderr` messages become the step's stderr log lines (at most 1,000), sent when
 //! the program ends. Programs run in a child process of their own (`turbocat jq-worker`, on a
-//! thread with a deep stack) under the agent's CPU and memory limits; results past
+//! thread with a deep stack), in the sandbox without network, under the agent's CPU and memory
+//! limits; results past
 //! `maxOutputBytes` stop them, the deadline and cancels kill the process. A program that
 //! recurses too deeply fails without retry instead of taking the runner down.
 //! May call: `crate::jq` (compiling and running programs), `crate::text`.
@@ -24,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::code::{ChildLimits, MemoryLimit, Spawned, drain, spawn_fed};
+use super::code::{ChildLimits, ChildPreparation, MemoryLimit, Spawned, drain, spawn_fed};
+use super::sandbox::{self, SandboxSpec, StepDirectory};
 use super::{LogStream, RunContext, StepError, StepErrorKind};
 use crate::jq::{JqData, clear_program_logs, compile, json_to_val, take_program_logs, val_to_json};
 use crate::proto::v1 as pb;
@@ -49,16 +51,7 @@ pub(super) async fn run(
     };
     let request_bytes = serde_json::to_vec(&request)
         .map_err(|error| StepError::non_retryable(format!("cannot encode the input: {error}")))?;
-    let mut command = tokio::process::Command::new(worker_executable()?);
-    command
-        .arg(WORKER_SUBCOMMAND)
-        .env_clear()
-        .env("LANG", "C.UTF-8")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
+    let sandboxed = sandbox::require().await?;
     let limits = ChildLimits {
         cpu_seconds: context.limits.cpu_seconds,
         memory: MemoryLimit::Data(
@@ -69,7 +62,44 @@ pub(super) async fn run(
                 .saturating_add(PROGRAM_STACK_BYTES as u64 + WORKER_OVERHEAD_BYTES),
         ),
     };
-    limits.install(&mut command);
+    let executable = helper_executable()?;
+    let environment = [("LANG", std::ffi::OsString::from("C.UTF-8"))];
+    // The program reads nothing but its request; its directory stays empty.
+    let directory = StepDirectory::create().map_err(|error| {
+        StepError::retryable(format!("cannot create the work directory: {error}"))
+    })?;
+    let mut command = if sandboxed {
+        let spec = SandboxSpec {
+            program: executable.clone(),
+            arguments: vec![WORKER_SUBCOMMAND.into()],
+            step_directory: directory.path.clone(),
+            read_only_paths: sandbox::read_only_paths(&[executable]),
+            network: false,
+            limits,
+        };
+        sandbox::sandboxed_command(&spec, &environment)?
+    } else {
+        let mut command = tokio::process::Command::new(executable);
+        command
+            .arg(WORKER_SUBCOMMAND)
+            .current_dir(directory.work())
+            .env_clear()
+            .envs(environment.iter().map(|(name, value)| (name, value)))
+            .process_group(0);
+        ChildPreparation::Limits(limits).install(command.as_std_mut());
+        command
+    };
+    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let outcome = run_worker(command, request_bytes, context).await;
+    directory.remove().await;
+    outcome
+}
+
+async fn run_worker(
+    command: tokio::process::Command,
+    request_bytes: Vec<u8>,
+    context: &RunContext<'_>,
+) -> Result<Value, StepError> {
     let Spawned { mut child, mut group, stdout, stderr, stdin_task } =
         spawn_fed(command, request_bytes, "the jq worker")?;
     // The reply holds the output (capped by the worker) and at most 1,000 short log lines.
@@ -162,14 +192,15 @@ const WORKER_OVERHEAD_BYTES: u64 = 64 * 1024 * 1024;
 
 static WORKER_EXECUTABLE: OnceLock<PathBuf> = OnceLock::new();
 
-/// Sets the executable that runs jq programs (`<it> jq-worker`). By default it is the running
-/// executable, which is right for `turbocat runner` and `turbocat dev`; programs that embed the
-/// executors (tests) point it at a turbocat binary.
+/// Sets the turbocat executable that runs jq programs (`<it> jq-worker`) and builds sandboxes
+/// (`<it> sandbox-exec`). By default it is the running executable, which is right for
+/// `turbocat runner` and `turbocat dev`; programs that embed the executors (tests) point it at
+/// a turbocat binary.
 pub fn set_worker_executable(path: PathBuf) {
     let _ = WORKER_EXECUTABLE.set(path);
 }
 
-fn worker_executable() -> Result<PathBuf, StepError> {
+pub(super) fn helper_executable() -> Result<PathBuf, StepError> {
     match WORKER_EXECUTABLE.get() {
         Some(path) => Ok(path.clone()),
         None => std::env::current_exe().map_err(|error| {

@@ -1,0 +1,561 @@
+//! The sandbox of CODE and DATA steps, attacked for real: on `turbocat dev` (whose runner lives
+//! in the server's own process, next to its JWT secret and database) and on `turbocat serve`
+//! with a real `turbocat runner`, Python and Node snippets try to read the server's and the
+//! runner's secrets (by path and through `/proc`), read and write another step's directory,
+//! write outside their own, signal the runner, reach loopback ports, and outlive their step
+//! with `setsid` and a double fork. Each attack must get nothing, with the execution and the
+//! server unharmed; the same snippets' legitimate parts (their own directory, their input and
+//! output) keep working, and a step with the network on reaches a test server it opted into.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::api::{Api, Auth};
+use crate::support::{TurbocatProcess, start_dev, start_serve};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// Tries every attack it is given and reports, per attack, `denied: <error>` or what it got.
+/// Its own directory, its input and its output are the positive control.
+const PYTHON_ATTACKS: &str = r#"
+import glob, json, os, signal, socket, sys
+data = json.load(sys.stdin)
+report = {}
+def attempt(name, action):
+    try:
+        report[name] = 'GOT ' + repr(action())[:300]
+    except BaseException as error:
+        report[name] = 'denied: ' + type(error).__name__
+def read(path):
+    with open(path, 'rb') as file:
+        return file.read()
+def write(path):
+    with open(path, 'w') as file:
+        file.write('escaped')
+    return 'written'
+for path in data['read']:
+    attempt('read ' + path, lambda path=path: read(path))
+for path in data['write']:
+    attempt('write ' + path, lambda path=path: write(path))
+# Harmless if they worked: the same mode again, an open without a write.
+for path in ['/etc/passwd', '/dev/null', '/usr/bin']:
+    attempt('chmod ' + path, lambda path=path: os.chmod(path, os.stat(path).st_mode & 0o7777))
+for path in ['/proc/sys/kernel/core_pattern', '/proc/sysrq-trigger', '/etc/hosts']:
+    attempt('open for writing ' + path, lambda path=path: open(path, 'r+b').close())
+attempt('list victims', lambda: glob.glob('/tmp/turbocat-step-*/work/*') or 1 / 0)
+attempt('list data', lambda: os.listdir(data['data_directory']))
+for pid in data['pids']:
+    attempt('list the directory of ' + str(pid), lambda pid=pid: os.listdir('/proc/%d/cwd' % pid))
+    attempt('signal ' + str(pid), lambda pid=pid: os.kill(pid, signal.SIGTERM))
+attempt('connect', lambda: socket.create_connection(('127.0.0.1', data['port']), timeout=3))
+report['processes'] = sorted(int(name) for name in os.listdir('/proc') if name.isdigit())
+report['environment'] = sorted(os.environ)
+with open('own.txt', 'w') as file:
+    file.write(data['echo'])
+with open(os.path.join(os.environ['TMPDIR'], 'scratch.txt'), 'w') as file:
+    file.write('temporary')
+report['own'] = open('own.txt').read()
+print('the attacks are done')
+print(json.dumps(report))
+"#;
+
+const NODE_ATTACKS: &str = r#"
+const fs = require('fs');
+const net = require('net');
+let raw = '';
+process.stdin.on('data', chunk => raw += chunk);
+process.stdin.on('end', () => {
+  const data = JSON.parse(raw);
+  const report = {};
+  const attempt = (name, action) => {
+    try { report[name] = 'GOT ' + String(action()).slice(0, 300); }
+    catch (error) { report[name] = 'denied: ' + error.code; }
+  };
+  for (const path of data.read) attempt('read ' + path, () => fs.readFileSync(path, 'latin1'));
+  for (const path of data.write) attempt('write ' + path, () => fs.writeFileSync(path, 'escaped'));
+  for (const pid of data.pids) attempt('signal ' + pid, () => process.kill(pid, 'SIGTERM'));
+  fs.writeFileSync('own.txt', data.echo);
+  report.own = fs.readFileSync('own.txt', 'utf8');
+  report.environment = Object.keys(process.env).sort();
+  const socket = net.connect({ host: '127.0.0.1', port: data.port });
+  const finish = (outcome) => {
+    report.connect = outcome;
+    socket.destroy();
+    console.log(JSON.stringify(report));
+  };
+  socket.setTimeout(3000, () => finish('denied: timeout'));
+  socket.on('connect', () => finish('GOT a connection'));
+  socket.on('error', (error) => finish('denied: ' + error.code));
+});
+"#;
+
+/// Leaves a process behind in a new session (`setsid`, double fork) and ends at once.
+const PYTHON_ESCAPE: &str = r#"
+import json, os, sys
+marker = json.load(sys.stdin)['marker']
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(600)', marker])
+    os._exit(0)
+os.wait()
+print(json.dumps({'left behind': marker}))
+"#;
+
+/// Leaves a detached process (a session of its own) behind and ends at once.
+const NODE_ESCAPE: &str = r#"
+const { spawn } = require('child_process');
+let raw = '';
+process.stdin.on('data', chunk => raw += chunk);
+process.stdin.on('end', () => {
+  const marker = JSON.parse(raw).marker;
+  const child = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 600000)', marker],
+                      { detached: true, stdio: 'ignore' });
+  child.unref();
+  console.log(JSON.stringify({ 'left behind': marker }));
+});
+"#;
+
+/// Kills every process it may signal.
+const PYTHON_KILL_ALL: &str = "import os, signal\nos.kill(-1, signal.SIGKILL)\n";
+
+/// Sends a line to a TCP port and reports the answer.
+const PYTHON_CONNECT: &str = r#"
+import json, socket, sys
+port = json.load(sys.stdin)['port']
+with socket.create_connection(('127.0.0.1', port), timeout=5) as connection:
+    connection.sendall(b'hello from the sandbox\n')
+    answer = connection.recv(100).decode()
+print(json.dumps({'answer': answer}))
+"#;
+
+/// An account with the helpers to run one-step workflows over REST.
+struct Bench {
+    api: Api,
+    auth: Auth,
+}
+
+impl Bench {
+    async fn new(server: &TurbocatProcess, email: &str) -> Self {
+        let api = Api::new(server);
+        let account = api.register(email, "Sandbox Tester").await;
+        Self { auth: account.auth(), api }
+    }
+
+    /// Runs `config` as the only step of a new workflow on `input`; the finished execution.
+    async fn run(&self, name: &str, config: Value, input: Value) -> Value {
+        let agent_type = if config.get("data").is_some() { "DATA" } else { "CODE" };
+        let (status, body) = self
+            .api
+            .post(
+                "/api/v1/agents",
+                &self.auth,
+                json!({ "name": name, "type": agent_type, "config": config,
+                        "limits": { "timeout": "60s", "memoryMb": 256, "cpuSeconds": 30 } }),
+            )
+            .await;
+        assert_eq!(status, 201, "create agent {name}: {body}");
+        let agent_id = body["data"]["id"].as_str().expect("agent id").to_owned();
+        let (status, body) = self
+            .api
+            .post(
+                "/api/v1/workflows",
+                &self.auth,
+                json!({ "name": name, "steps": [{ "key": "only", "agentId": agent_id }] }),
+            )
+            .await;
+        assert_eq!(status, 201, "create workflow {name}: {body}");
+        let workflow_id = body["data"]["id"].as_str().expect("workflow id").to_owned();
+        let (status, body) = self
+            .api
+            .post(
+                &format!("/api/v1/workflows/{workflow_id}/execute"),
+                &self.auth,
+                json!({ "input": input }),
+            )
+            .await;
+        assert_eq!(status, 202, "execute {name}: {body}");
+        let execution_id = body["data"]["id"].as_str().expect("execution id").to_owned();
+        let started = Instant::now();
+        loop {
+            let (status, body) =
+                self.api.get(&format!("/api/v1/executions/{execution_id}"), &self.auth).await;
+            assert_eq!(status, 200, "get execution: {body}");
+            let execution = body["data"].clone();
+            let state = execution["status"].as_str().unwrap_or_default();
+            if ["SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"].contains(&state) {
+                return execution;
+            }
+            assert!(started.elapsed() < LIMIT, "{name} still {state}: {execution}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn runners(&self) -> Vec<Value> {
+        let (status, body) = self.api.get("/api/v1/runners", &self.auth).await;
+        assert_eq!(status, 200, "list runners: {body}");
+        body["data"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+fn python(source: &str) -> Value {
+    json!({ "code": { "language": "PYTHON", "source": source } })
+}
+
+fn node(source: &str) -> Value {
+    json!({ "code": { "language": "JAVASCRIPT", "source": source } })
+}
+
+fn only_step(execution: &Value) -> &Value {
+    &execution["stepRuns"][0]
+}
+
+/// What the installation under attack holds: the processes and files to reach, the secrets
+/// that must never show up in a step's output or error.
+struct Target {
+    server_pid: u32,
+    runner_pid: u32,
+    port: u16,
+    data_directory: PathBuf,
+    secret_files: Vec<PathBuf>,
+    secrets: Vec<String>,
+}
+
+/// A directory shaped like another running step's (`turbocat-step-*/work`), with a secret.
+struct Victim {
+    directory: PathBuf,
+    secret: String,
+}
+
+impl Victim {
+    fn create() -> Self {
+        use std::os::unix::fs::DirBuilderExt;
+        let directory = std::env::temp_dir()
+            .join(format!("turbocat-step-{}", uuid::Uuid::new_v4().simple()))
+            .join("work");
+        std::fs::DirBuilder::new().mode(0o700).recursive(true).create(&directory).unwrap();
+        let secret = format!("victim-{}", uuid::Uuid::new_v4().simple());
+        std::fs::write(directory.join("secret.txt"), &secret).unwrap();
+        Self { directory, secret }
+    }
+}
+
+impl Drop for Victim {
+    fn drop(&mut self) {
+        if let Some(parent) = self.directory.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+    }
+}
+
+fn attack_input(target: &Target, victim: &Victim, escape_directory: &Path) -> Value {
+    let mut read: Vec<String> =
+        target.secret_files.iter().map(|path| path.display().to_string()).collect();
+    for pid in [target.server_pid, target.runner_pid] {
+        read.push(format!("/proc/{pid}/cmdline"));
+        read.push(format!("/proc/{pid}/environ"));
+        for path in &target.secret_files {
+            read.push(format!("/proc/{pid}/root{}", path.display()));
+        }
+    }
+    read.push(victim.directory.join("secret.txt").display().to_string());
+    read.push("/etc/shadow".to_owned());
+    let write = vec![
+        escape_directory.join("escaped.txt").display().to_string(),
+        target.data_directory.join("escaped.txt").display().to_string(),
+        victim.directory.join("escaped.txt").display().to_string(),
+        "/usr/escaped.txt".to_owned(),
+    ];
+    json!({
+        "read": read,
+        "write": write,
+        "pids": [target.server_pid, target.runner_pid],
+        "port": target.port,
+        "data_directory": target.data_directory,
+        "echo": "my own file",
+    })
+}
+
+/// Every attack of a report got nothing; the snippet's own work is there.
+fn assert_report_denies_everything(language: &str, report: &Value, target: &Target) {
+    let entries = report.as_object().unwrap_or_else(|| panic!("{language}: {report}"));
+    let text = report.to_string();
+    for secret in &target.secrets {
+        assert!(!text.contains(secret.as_str()), "{language} got a secret: {report}");
+    }
+    let attacks: Vec<(&String, &Value)> = entries
+        .iter()
+        .filter(|(name, _)| !["processes", "environment", "own"].contains(&name.as_str()))
+        .collect();
+    assert!(attacks.len() >= 10, "{language}: {report}");
+    for (name, outcome) in attacks {
+        let outcome = outcome.as_str().unwrap_or_default();
+        assert!(outcome.starts_with("denied"), "{language}: `{name}` got {outcome}: {report}");
+    }
+    assert_eq!(report["environment"], json!(["HOME", "LANG", "PATH", "TMPDIR"]), "{language}");
+    assert_eq!(report["own"], "my own file", "{language}");
+}
+
+/// Whether any process of this machine has `marker` on its command line.
+fn process_with_argument(marker: &str) -> Option<u32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(mut file) = std::fs::File::open(entry.path().join("cmdline")) else { continue };
+        let mut cmdline = Vec::new();
+        if file.read_to_end(&mut cmdline).is_ok()
+            && String::from_utf8_lossy(&cmdline).contains(marker)
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+async fn gone(marker: &str) -> bool {
+    for _ in 0..50 {
+        if process_with_argument(marker).is_none() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Every attack against one installation, and the positive controls.
+async fn attack(bench: &Bench, target: &Target) {
+    let victim = Victim::create();
+    let escape_directory = tempfile::tempdir().unwrap();
+    let input = attack_input(target, &victim, escape_directory.path());
+    let marker = format!("turbocat-escapee-{}", uuid::Uuid::new_v4().simple());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let open_port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let (mut connection, _) = listener.accept().await.unwrap();
+        let (reader, mut writer) = connection.split();
+        let mut line = String::new();
+        tokio::io::BufReader::new(reader).read_line(&mut line).await.unwrap();
+        writer.write_all(b"welcome").await.unwrap();
+        line
+    });
+
+    let node_marker = format!("turbocat-escapee-{}", uuid::Uuid::new_v4().simple());
+    let (python_run, node_run, escape, node_escape, kill_all, network_closed, network_open, data) =
+        tokio::join!(
+        bench.run("python attacks", python(PYTHON_ATTACKS), input.clone()),
+        bench.run("node attacks", node(NODE_ATTACKS), input.clone()),
+        bench.run("escape", python(PYTHON_ESCAPE), json!({ "marker": marker })),
+        bench.run("node escape", node(NODE_ESCAPE), json!({ "marker": node_marker })),
+        bench.run("kill all", python(PYTHON_KILL_ALL), json!({})),
+        bench.run(
+            "network on, no opt-in",
+            json!({ "code": { "language": "PYTHON", "source": PYTHON_CONNECT, "network": "ON" } }),
+            json!({ "port": open_port }),
+        ),
+        bench.run(
+            "network on, opted in",
+            json!({ "code": { "language": "PYTHON", "source": PYTHON_CONNECT, "network": "ON",
+                              "allowPrivateNetwork": true } }),
+            json!({ "port": open_port }),
+        ),
+        bench.run("jq", json!({ "data": { "jqProgram": "{sum: (.values | add)}" } }),
+            json!({ "values": [1, 2, 3] })),
+    );
+
+    assert_eq!(python_run["status"], "SUCCEEDED", "{python_run}");
+    assert_report_denies_everything("python", &only_step(&python_run)["output"], target);
+    let processes = &only_step(&python_run)["output"]["processes"];
+    assert_eq!(processes, &json!([1, 2]), "only the sandbox's init and the snippet are visible");
+    assert_eq!(node_run["status"], "SUCCEEDED", "{node_run}");
+    assert_report_denies_everything("node", &only_step(&node_run)["output"], target);
+    assert!(!escape_directory.path().join("escaped.txt").exists());
+    assert!(!target.data_directory.join("escaped.txt").exists());
+    assert!(!victim.directory.join("escaped.txt").exists());
+    assert!(!Path::new("/usr/escaped.txt").exists());
+    assert_eq!(
+        std::fs::read_to_string(victim.directory.join("secret.txt")).unwrap(),
+        victim.secret
+    );
+
+    // The process left behind in its own session died with the step.
+    assert_eq!(escape["status"], "SUCCEEDED", "{escape}");
+    assert_eq!(only_step(&escape)["output"]["left behind"], marker.as_str());
+    assert!(gone(&marker).await, "the escapee outlived its step");
+    assert_eq!(node_escape["status"], "SUCCEEDED", "{node_escape}");
+    assert_eq!(only_step(&node_escape)["output"]["left behind"], node_marker.as_str());
+    assert!(gone(&node_marker).await, "the detached node process outlived its step");
+
+    // Killing everything it may signal finds nothing to kill (its init is spared, so is it);
+    // the server and the runner live on (checked by the callers).
+    assert_eq!(kill_all["status"], "FAILED", "{kill_all}");
+    let error = only_step(&kill_all)["error"].as_str().unwrap_or_default();
+    assert!(error.contains("ProcessLookupError"), "{error}");
+
+    // The network: on without the opt-in is refused; with it, the test server is reached.
+    assert_eq!(network_closed["status"], "FAILED", "{network_closed}");
+    let error = only_step(&network_closed)["error"].as_str().unwrap_or_default();
+    assert!(error.contains("allowPrivateNetwork"), "{error}");
+    assert_eq!(network_open["status"], "SUCCEEDED", "{network_open}");
+    assert_eq!(only_step(&network_open)["output"], json!({ "answer": "welcome" }));
+    assert_eq!(server.await.unwrap(), "hello from the sandbox\n");
+
+    assert_eq!(data["status"], "SUCCEEDED", "{data}");
+    assert_eq!(only_step(&data)["output"], json!({ "sum": 6 }));
+
+    // The runner says it sandboxes.
+    let runners = bench.runners().await;
+    assert!(
+        runners.iter().any(|runner| runner["sandbox"] == "ENFORCED"),
+        "no runner reports its sandbox: {runners:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_steps_cannot_reach_the_servers_secret_or_database() {
+    let (mut server, data) = start_dev(&[]);
+    let bench = Bench::new(&server, "sandbox-dev@example.com").await;
+    let secret_file = data.path().join("jwt-secret");
+    let jwt_secret = std::fs::read_to_string(&secret_file).expect("dev writes its secret");
+    let target = Target {
+        server_pid: server.pid(),
+        runner_pid: server.pid(),
+        port: server.address.port(),
+        data_directory: data.path().to_path_buf(),
+        secret_files: vec![secret_file, data.path().join("turbocat.db")],
+        secrets: vec![jwt_secret.trim().to_owned(), "SQLite format".to_owned()],
+    };
+    attack(&bench, &target).await;
+    assert!(server.is_running(), "the server survived: {}", server.stderr_text());
+    // And it still serves.
+    let (status, _) = bench.api.get("/api/v1/agents", &bench.auth).await;
+    assert_eq!(status, 200);
+}
+
+/// A `turbocat runner` process, killed when dropped.
+struct Runner {
+    child: std::process::Child,
+}
+
+impl Runner {
+    fn start(
+        server: &TurbocatProcess,
+        key_file: &Path,
+        name: &str,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
+        command
+            .args(["runner", "--server", &server.base_url(), "--name", name, "--capacity", "8"])
+            .arg("--api-key-file")
+            .arg(key_file)
+            .env_remove("TURBOCAT_API_KEY")
+            .env("TURBOCAT_TEST_LLM_KEY", "sk-llm-key-of-the-runner")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (name, value) in extra {
+            command.env(name, value);
+        }
+        Self { child: command.spawn().expect("start a runner") }
+    }
+
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn attached(bench: &Bench, name: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        if let Some(runner) =
+            bench.runners().await.into_iter().find(|runner| runner["name"] == name)
+        {
+            return runner;
+        }
+        assert!(started.elapsed() < LIMIT, "runner {name} did not attach");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_steps_cannot_reach_the_runners_key_nor_the_servers_secrets() {
+    let (mut server, _database) = start_serve(&[]).await;
+    let bench = Bench::new(&server, "sandbox-serve@example.com").await;
+    let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
+    let key_directory = tempfile::tempdir().unwrap();
+    let key_file = key_directory.path().join("runner-key");
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+
+    let mut runner = Runner::start(&server, &key_file, "boxed", &[]);
+    let listed = attached(&bench, "boxed").await;
+    assert_eq!(listed["sandbox"], "ENFORCED", "{listed}");
+    // The key is not on the runner's command line.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", runner.child.id())).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains(&key));
+
+    let target = Target {
+        server_pid: server.pid(),
+        runner_pid: runner.child.id(),
+        port: server.address.port(),
+        data_directory: key_directory.path().to_path_buf(),
+        secret_files: vec![key_file.clone()],
+        secrets: vec![
+            key.clone(),
+            crate::support::TEST_JWT_SECRET.to_owned(),
+            "sk-llm-key-of-the-runner".to_owned(),
+        ],
+    };
+    attack(&bench, &target).await;
+    assert!(runner.is_running(), "the runner survived");
+    assert!(server.is_running(), "the server survived: {}", server.stderr_text());
+    drop(runner);
+
+    // A kernel without the sandbox: CODE and DATA steps are refused, saying what is missing,
+    // and the runner says so in ListRunners.
+    let refusing = Runner::start(
+        &server,
+        &key_file,
+        "refusing",
+        &[("TURBOCAT_SANDBOX_PRETEND_MISSING", "landlock")],
+    );
+    let listed = attached(&bench, "refusing").await;
+    assert_eq!(listed["sandbox"], "UNAVAILABLE", "{listed}");
+    assert!(listed["sandboxMissing"].as_str().unwrap_or_default().contains("Landlock"));
+    let refused = bench.run("refused", python("print('{}')\n"), json!({})).await;
+    assert_eq!(refused["status"], "FAILED", "{refused}");
+    let error = only_step(&refused)["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("Landlock") && error.contains("--allow-unsandboxed-code"), "{error}");
+    let refused = bench.run("refused jq", json!({ "data": { "jqProgram": "." } }), json!({})).await;
+    assert_eq!(refused["status"], "FAILED", "{refused}");
+    drop(refusing);
+
+    // Unless the operator accepts running code unsandboxed.
+    let _unsandboxed = Runner::start(
+        &server,
+        &key_file,
+        "unsandboxed",
+        &[
+            ("TURBOCAT_SANDBOX_PRETEND_MISSING", "user-namespaces"),
+            ("TURBOCAT_ALLOW_UNSANDBOXED_CODE", "true"),
+        ],
+    );
+    let listed = attached(&bench, "unsandboxed").await;
+    assert_eq!(listed["sandbox"], "DISABLED", "{listed}");
+    let allowed = bench.run("allowed", python("print('{\"ran\": true}')\n"), json!({})).await;
+    assert_eq!(allowed["status"], "SUCCEEDED", "{allowed}");
+    assert_eq!(only_step(&allowed)["output"], json!({ "ran": true }));
+}
