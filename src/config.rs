@@ -404,6 +404,10 @@ pub struct SandboxArgs {
     /// For tests: act as if the kernel lacked `landlock` or `user-namespaces`.
     #[arg(long, env = "TURBOCAT_SANDBOX_PRETEND_MISSING", hide = true)]
     pub sandbox_pretend_missing: Option<String>,
+    /// For tests: the one `ip:port` the egress proxy of CODE steps lets through whatever its
+    /// address class (a loopback test server standing in for a public one).
+    #[arg(long, env = "TURBOCAT_EGRESS_TEST_ALLOW", hide = true)]
+    pub egress_test_allow: Option<std::net::SocketAddr>,
 }
 
 impl SandboxArgs {
@@ -411,6 +415,7 @@ impl SandboxArgs {
         crate::runner::executors::sandbox::SandboxPolicy {
             allow_unsandboxed: self.allow_unsandboxed_code,
             pretend_missing: self.sandbox_pretend_missing.clone(),
+            egress_test_allow: self.egress_test_allow,
         }
     }
 }

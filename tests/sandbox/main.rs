@@ -5,7 +5,10 @@
 //! write outside their own, signal the runner, reach loopback ports, and outlive their step
 //! with `setsid` and a double fork. Each attack must get nothing, with the execution and the
 //! server unharmed; the same snippets' legitimate parts (their own directory, their input and
-//! output) keep working, and a step with the network on reaches a test server it opted into.
+//! output) keep working. With the network ON, a snippet reaches an allowed server only through
+//! the runner's egress proxy (loopback, private and metadata addresses refused, no raw
+//! connection, no DNS of its own); with `allowPrivateNetwork` too, it reaches a loopback test
+//! server directly.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -134,6 +137,147 @@ with socket.create_connection(('127.0.0.1', port), timeout=5) as connection:
     answer = connection.recv(100).decode()
 print(json.dumps({'answer': answer}))
 "#;
+
+/// Network ON without the opt-in: HTTP, HTTPS and a hand-made tunnel through the egress
+/// proxy (`HTTPS_PROXY`, the relay's port) to an allowed server and to loopback, localhost,
+/// private and metadata addresses; raw connections and DNS of its own.
+const PYTHON_EGRESS: &str = r#"
+import json, os, socket, sys, urllib.error, urllib.request
+data = json.load(sys.stdin)
+report = {}
+def attempt(name, action):
+    try:
+        report[name] = 'GOT ' + str(action())[:300]
+    except urllib.error.HTTPError as error:
+        report[name] = 'denied: %d %s' % (error.code, error.read().decode()[:300])
+    except BaseException as error:
+        report[name] = 'denied: %s %s' % (type(error).__name__, str(error)[:300])
+def fetch(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+def tunnel(port):
+    proxy = os.environ['HTTPS_PROXY'].rsplit(':', 1)
+    with socket.create_connection(('127.0.0.1', int(proxy[1])), timeout=10) as connection:
+        connection.sendall(b'CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n' % port)
+        head = b''
+        while b'\r\n\r\n' not in head:
+            chunk = connection.recv(1000)
+            if not chunk:
+                break
+            head += chunk
+        status, _, body = head.decode().partition('\r\n\r\n')
+        if ' 200 ' not in status.split('\r\n')[0]:
+            raise PermissionError(status.split('\r\n')[0] + ' ' + body)
+        connection.sendall(b'GET /tunnelled HTTP/1.1\r\nHost: x\r\n\r\n')
+        answer = b''
+        while True:
+            chunk = connection.recv(1000)
+            if not chunk:
+                break
+            answer += chunk
+        return answer.decode().partition('\r\n\r\n')[2]
+allowed, forbidden = data['allowed_port'], data['forbidden_port']
+attempt('fetch allowed', lambda: fetch('http://127.0.0.1:%d/allowed?x=1' % allowed))
+attempt('tunnel allowed', lambda: tunnel(allowed))
+attempt('fetch loopback', lambda: fetch('http://127.0.0.1:%d/' % forbidden))
+attempt('fetch localhost', lambda: fetch('http://localhost:%d/' % forbidden))
+attempt('fetch private', lambda: fetch('http://10.1.2.3:%d/' % forbidden))
+attempt('fetch metadata', lambda: fetch('http://169.254.169.254/latest/meta-data/'))
+attempt('https loopback', lambda: fetch('https://127.0.0.1:%d/' % forbidden))
+attempt('tunnel loopback', lambda: tunnel(forbidden))
+attempt('raw connect loopback', lambda: socket.create_connection(('127.0.0.1', forbidden), timeout=3))
+attempt('raw connect allowed', lambda: socket.create_connection(('127.0.0.1', allowed), timeout=3))
+attempt('raw connect public', lambda: socket.create_connection(('1.1.1.1', 443), timeout=3))
+attempt('dns', lambda: socket.getaddrinfo('example.com', 443))
+report['proxy'] = os.environ.get('HTTPS_PROXY')
+print(json.dumps(report))
+"#;
+
+/// The egress proxy's destinations: a small HTTP server the runner was told to let through
+/// (standing in for a public one: everything on this machine is loopback or private), and a
+/// loopback listener nothing may reach.
+struct EgressTargets {
+    allowed: std::net::SocketAddr,
+    allowed_server: tokio::task::JoinHandle<()>,
+    forbidden: std::net::TcpListener,
+}
+
+impl EgressTargets {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let allowed = listener.local_addr().unwrap();
+        // Answers every request with its request line.
+        let allowed_server = tokio::spawn(async move {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+            loop {
+                let Ok((mut connection, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    let (reader, mut writer) = connection.split();
+                    let mut reader = tokio::io::BufReader::new(reader);
+                    let mut request_line = String::new();
+                    let _ = reader.read_line(&mut request_line).await;
+                    let mut header = String::new();
+                    while reader.read_line(&mut header).await.is_ok_and(|read| read > 2) {
+                        header.clear();
+                    }
+                    let body = format!("reached: {}", request_line.trim_end());
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = writer.write_all(response.as_bytes()).await;
+                    let _ = writer.shutdown().await;
+                });
+            }
+        });
+        let forbidden = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        forbidden.set_nonblocking(true).unwrap();
+        Self { allowed, allowed_server, forbidden }
+    }
+
+    fn input(&self) -> Value {
+        json!({
+            "allowed_port": self.allowed.port(),
+            "forbidden_port": self.forbidden.local_addr().unwrap().port(),
+        })
+    }
+}
+
+impl Drop for EgressTargets {
+    fn drop(&mut self) {
+        self.allowed_server.abort();
+    }
+}
+
+/// What the egress snippet got: the allowed server through the proxy (HTTP and a tunnel), a
+/// 403 naming the class for everything else, nothing without the proxy.
+fn assert_egress_is_guarded(report: &Value, targets: &EgressTargets) {
+    let outcome = |name: &str| report[name].as_str().unwrap_or_default().to_owned();
+    assert_eq!(outcome("fetch allowed"), "GOT reached: GET /allowed?x=1 HTTP/1.1", "{report}");
+    assert_eq!(outcome("tunnel allowed"), "GOT reached: GET /tunnelled HTTP/1.1", "{report}");
+    for (name, class) in [
+        ("fetch loopback", "a loopback address"),
+        ("fetch localhost", "a loopback address"),
+        ("fetch private", "a private address"),
+        ("fetch metadata", "a cloud metadata address"),
+        ("https loopback", "403"),
+        ("tunnel loopback", "a loopback address"),
+    ] {
+        let got = outcome(name);
+        assert!(got.starts_with("denied") && got.contains("403"), "{name}: {report}");
+        assert!(got.contains(class), "{name} should name `{class}`: {report}");
+    }
+    for name in ["raw connect loopback", "raw connect allowed", "raw connect public", "dns"] {
+        assert!(outcome(name).starts_with("denied"), "{name}: {report}");
+    }
+    assert_eq!(report["proxy"], "http://127.0.0.1:3128", "{report}");
+    // The refused loopback listener never saw a connection.
+    let accepted = targets.forbidden.accept();
+    assert!(
+        matches!(&accepted, Err(error) if error.kind() == std::io::ErrorKind::WouldBlock),
+        "the forbidden listener was reached: {accepted:?}"
+    );
+}
 
 /// An account with the helpers to run one-step workflows over REST.
 struct Bench {
@@ -329,7 +473,7 @@ async fn gone(marker: &str) -> bool {
 }
 
 /// Every attack against one installation, and the positive controls.
-async fn attack(bench: &Bench, target: &Target) {
+async fn attack(bench: &Bench, target: &Target, egress: &EgressTargets) {
     let victim = Victim::create();
     let escape_directory = tempfile::tempdir().unwrap();
     let input = attack_input(target, &victim, escape_directory.path());
@@ -356,8 +500,8 @@ async fn attack(bench: &Bench, target: &Target) {
         bench.run("kill all", python(PYTHON_KILL_ALL), json!({})),
         bench.run(
             "network on, no opt-in",
-            json!({ "code": { "language": "PYTHON", "source": PYTHON_CONNECT, "network": "ON" } }),
-            json!({ "port": open_port }),
+            json!({ "code": { "language": "PYTHON", "source": PYTHON_EGRESS, "network": "ON" } }),
+            egress.input(),
         ),
         bench.run(
             "network on, opted in",
@@ -398,10 +542,10 @@ async fn attack(bench: &Bench, target: &Target) {
     let error = only_step(&kill_all)["error"].as_str().unwrap_or_default();
     assert!(error.contains("ProcessLookupError"), "{error}");
 
-    // The network: on without the opt-in is refused; with it, the test server is reached.
-    assert_eq!(network_closed["status"], "FAILED", "{network_closed}");
-    let error = only_step(&network_closed)["error"].as_str().unwrap_or_default();
-    assert!(error.contains("allowPrivateNetwork"), "{error}");
+    // The network: on without the opt-in goes through the guarded proxy only; with it, the
+    // test server is reached directly.
+    assert_eq!(network_closed["status"], "SUCCEEDED", "{network_closed}");
+    assert_egress_is_guarded(&only_step(&network_closed)["output"], egress);
     assert_eq!(network_open["status"], "SUCCEEDED", "{network_open}");
     assert_eq!(only_step(&network_open)["output"], json!({ "answer": "welcome" }));
     assert_eq!(server.await.unwrap(), "hello from the sandbox\n");
@@ -419,7 +563,9 @@ async fn attack(bench: &Bench, target: &Target) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_steps_cannot_reach_the_servers_secret_or_database() {
-    let (mut server, data) = start_dev(&[]);
+    let egress = EgressTargets::start().await;
+    let allowed = egress.allowed.to_string();
+    let (mut server, data) = start_dev(&["--egress-test-allow", &allowed]);
     let bench = Bench::new(&server, "sandbox-dev@example.com").await;
     let secret_file = data.path().join("jwt-secret");
     let jwt_secret = std::fs::read_to_string(&secret_file).expect("dev writes its secret");
@@ -431,7 +577,7 @@ async fn dev_steps_cannot_reach_the_servers_secret_or_database() {
         secret_files: vec![secret_file, data.path().join("turbocat.db")],
         secrets: vec![jwt_secret.trim().to_owned(), "SQLite format".to_owned()],
     };
-    attack(&bench, &target).await;
+    attack(&bench, &target, &egress).await;
     assert!(server.is_running(), "the server survived: {}", server.stderr_text());
     // And it still serves.
     let (status, _) = bench.api.get("/api/v1/agents", &bench.auth).await;
@@ -500,7 +646,10 @@ async fn serve_steps_cannot_reach_the_runners_key_nor_the_servers_secrets() {
     let key_file = key_directory.path().join("runner-key");
     std::fs::write(&key_file, format!("{key}\n")).unwrap();
 
-    let mut runner = Runner::start(&server, &key_file, "boxed", &[]);
+    let egress = EgressTargets::start().await;
+    let allowed = egress.allowed.to_string();
+    let mut runner =
+        Runner::start(&server, &key_file, "boxed", &[("TURBOCAT_EGRESS_TEST_ALLOW", &allowed)]);
     let listed = attached(&bench, "boxed").await;
     assert_eq!(listed["sandbox"], "ENFORCED", "{listed}");
     // The key is not on the runner's command line.
@@ -519,7 +668,7 @@ async fn serve_steps_cannot_reach_the_runners_key_nor_the_servers_secrets() {
             "sk-llm-key-of-the-runner".to_owned(),
         ],
     };
-    attack(&bench, &target).await;
+    attack(&bench, &target, &egress).await;
     assert!(runner.is_running(), "the runner survived");
     assert!(server.is_running(), "the server survived: {}", server.stderr_text());
     drop(runner);
