@@ -193,6 +193,31 @@ report['proxy'] = os.environ.get('HTTPS_PROXY')
 print(json.dumps(report))
 "#;
 
+/// Network ON without the opt-in, from Node 20 (whose `http` ignores the proxy variables):
+/// plain HTTP requests sent to the proxy named by `HTTP_PROXY`, allowed and refused.
+const NODE_EGRESS: &str = r#"
+const http = require('http');
+let raw = '';
+process.stdin.on('data', chunk => raw += chunk);
+process.stdin.on('end', async () => {
+  const data = JSON.parse(raw);
+  const proxy = new URL(process.env.HTTP_PROXY);
+  const get = (url) => new Promise((resolve) => {
+    const request = http.get({ host: proxy.hostname, port: proxy.port, path: url }, (response) => {
+      let body = '';
+      response.on('data', chunk => body += chunk);
+      response.on('end', () => resolve(response.statusCode + ' ' + body.trim()));
+    });
+    request.on('error', error => resolve('error ' + error.code));
+  });
+  const report = {
+    allowed: await get('http://127.0.0.1:' + data.allowed_port + '/from-node'),
+    loopback: await get('http://127.0.0.1:' + data.forbidden_port + '/'),
+  };
+  console.log(JSON.stringify(report));
+});
+"#;
+
 /// The egress proxy's destinations: a small HTTP server the runner was told to let through
 /// (standing in for a public one: everything on this machine is loopback or private), and a
 /// loopback listener nothing may reach.
@@ -206,7 +231,7 @@ impl EgressTargets {
     async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let allowed = listener.local_addr().unwrap();
-        // Answers every request with its request line.
+        // Answers every request with its request line and Host header.
         let allowed_server = tokio::spawn(async move {
             use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
             loop {
@@ -216,11 +241,15 @@ impl EgressTargets {
                     let mut reader = tokio::io::BufReader::new(reader);
                     let mut request_line = String::new();
                     let _ = reader.read_line(&mut request_line).await;
+                    let mut host = String::new();
                     let mut header = String::new();
                     while reader.read_line(&mut header).await.is_ok_and(|read| read > 2) {
+                        if let Some(value) = header.strip_prefix("Host:") {
+                            host = value.trim().to_owned();
+                        }
                         header.clear();
                     }
-                    let body = format!("reached: {}", request_line.trim_end());
+                    let body = format!("reached: {} at {host}", request_line.trim_end());
                     let response = format!(
                         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
@@ -253,8 +282,10 @@ impl Drop for EgressTargets {
 /// 403 naming the class for everything else, nothing without the proxy.
 fn assert_egress_is_guarded(report: &Value, targets: &EgressTargets) {
     let outcome = |name: &str| report[name].as_str().unwrap_or_default().to_owned();
-    assert_eq!(outcome("fetch allowed"), "GOT reached: GET /allowed?x=1 HTTP/1.1", "{report}");
-    assert_eq!(outcome("tunnel allowed"), "GOT reached: GET /tunnelled HTTP/1.1", "{report}");
+    let allowed = targets.allowed;
+    let reached = format!("GOT reached: GET /allowed?x=1 HTTP/1.1 at {allowed}");
+    assert_eq!(outcome("fetch allowed"), reached, "{report}");
+    assert_eq!(outcome("tunnel allowed"), "GOT reached: GET /tunnelled HTTP/1.1 at x", "{report}");
     for (name, class) in [
         ("fetch loopback", "a loopback address"),
         ("fetch localhost", "a loopback address"),
@@ -491,7 +522,17 @@ async fn attack(bench: &Bench, target: &Target, egress: &EgressTargets) {
     });
 
     let node_marker = format!("turbocat-escapee-{}", uuid::Uuid::new_v4().simple());
-    let (python_run, node_run, escape, node_escape, kill_all, network_closed, network_open, data) =
+    let (
+        python_run,
+        node_run,
+        escape,
+        node_escape,
+        kill_all,
+        network_closed,
+        node_network,
+        network_open,
+        data,
+    ) =
         tokio::join!(
         bench.run("python attacks", python(PYTHON_ATTACKS), input.clone()),
         bench.run("node attacks", node(NODE_ATTACKS), input.clone()),
@@ -501,6 +542,11 @@ async fn attack(bench: &Bench, target: &Target, egress: &EgressTargets) {
         bench.run(
             "network on, no opt-in",
             json!({ "code": { "language": "PYTHON", "source": PYTHON_EGRESS, "network": "ON" } }),
+            egress.input(),
+        ),
+        bench.run(
+            "node network on, no opt-in",
+            json!({ "code": { "language": "JAVASCRIPT", "source": NODE_EGRESS, "network": "ON" } }),
             egress.input(),
         ),
         bench.run(
@@ -546,6 +592,13 @@ async fn attack(bench: &Bench, target: &Target, egress: &EgressTargets) {
     // test server is reached directly.
     assert_eq!(network_closed["status"], "SUCCEEDED", "{network_closed}");
     assert_egress_is_guarded(&only_step(&network_closed)["output"], egress);
+    assert_eq!(node_network["status"], "SUCCEEDED", "{node_network}");
+    let node_report = &only_step(&node_network)["output"];
+    // The proxy named the destination in Host (Node named the proxy).
+    let reached = format!("200 reached: GET /from-node HTTP/1.1 at {}", egress.allowed);
+    assert_eq!(node_report["allowed"], reached, "{node_report}");
+    let refused = node_report["loopback"].as_str().unwrap_or_default();
+    assert!(refused.starts_with("403 ") && refused.contains("loopback"), "{node_report}");
     assert_eq!(network_open["status"], "SUCCEEDED", "{network_open}");
     assert_eq!(only_step(&network_open)["output"], json!({ "answer": "welcome" }));
     assert_eq!(server.await.unwrap(), "hello from the sandbox\n");

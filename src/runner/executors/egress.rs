@@ -235,10 +235,17 @@ fn parse_request(bytes: &[u8]) -> Result<(ProxyRequest, &[u8]), Refusal> {
             "the egress proxy takes `CONNECT host:port` (HTTPS) or an absolute `http://` URL",
         )
     })?;
-    let mut head = format!("{method} {} {version}\r\n", origin_form(&url));
+    // The destination's own Host (a client may have named the proxy), no proxy headers, and
+    // one request per connection (a next one could name another host).
+    let authority = match url.port() {
+        Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
+        None => url.host_str().unwrap_or_default().to_owned(),
+    };
+    let mut head = format!("{method} {} {version}\r\nHost: {authority}\r\n", origin_form(&url));
     for line in lines.filter(|line| !line.is_empty()) {
         let name = line.split(':').next().unwrap_or_default().trim().to_ascii_lowercase();
-        if name.starts_with("proxy-") || name == "connection" || name == "keep-alive" {
+        let hop_by_hop = ["host", "connection", "keep-alive"].contains(&name.as_str());
+        if hop_by_hop || name.starts_with("proxy-") {
             continue;
         }
         head.push_str(line);
@@ -320,15 +327,16 @@ mod tests {
         assert_eq!(rest, b"hello");
 
         let (request, rest) = parse_request(
-            b"GET http://example.com/a?b=1 HTTP/1.1\r\nHost: example.com\r\nProxy-Authorization: \
-              x\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n",
+            b"GET http://example.com:8080/a?b=1 HTTP/1.1\r\nHost: 127.0.0.1:3128\r\n\
+              Proxy-Authorization: x\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n",
         )
         .unwrap();
         let ProxyRequest::Forward { url, head } = request else { panic!("{request:?}") };
-        assert_eq!(url.as_str(), "http://example.com/a?b=1");
+        assert_eq!(url.as_str(), "http://example.com:8080/a?b=1");
         assert_eq!(
             String::from_utf8(head).unwrap(),
-            "GET /a?b=1 HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+            "GET /a?b=1 HTTP/1.1\r\nHost: example.com:8080\r\nAccept: */*\r\nConnection: \
+             close\r\n\r\n"
         );
         assert!(rest.is_empty());
     }
