@@ -41,6 +41,8 @@ const MAX_HEAD_BYTES: usize = 32 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long connecting to a destination may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The pause after a failed accept.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(50);
 /// Connections of one step at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 64;
 
@@ -105,7 +107,11 @@ async fn accept_loop(listener: UnixListener) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, _)) = accepted else {
+                    // Out of descriptors, say: wait instead of spinning.
+                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                    continue;
+                };
                 while connections.try_join_next().is_some() {}
                 if connections.len() >= MAX_CONNECTIONS {
                     drop(stream);
@@ -165,6 +171,7 @@ async fn serve(mut client: UnixStream) {
             return answer(&mut client, &refusal).await;
         }
     };
+    tracing::debug!(destination = %url.host_str().unwrap_or_default(), "egress allowed");
     let started = match &request {
         ProxyRequest::Tunnel { .. } => {
             client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await

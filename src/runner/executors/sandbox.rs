@@ -758,7 +758,11 @@ mod relay {
     fn accept_loop(listener: &TcpListener, socket: &Path) {
         let open = Arc::new(AtomicUsize::new(0));
         for incoming in listener.incoming() {
-            let Ok(client) = incoming else { continue };
+            let Ok(client) = incoming else {
+                // Out of descriptors, say: wait instead of spinning.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            };
             if open.load(Ordering::SeqCst) >= MAX_RELAYED_CONNECTIONS {
                 continue;
             }
