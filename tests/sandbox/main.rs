@@ -642,19 +642,29 @@ struct Runner {
     child: std::process::Child,
 }
 
+/// Where a runner finds its key.
+enum KeySource<'a> {
+    File(&'a Path),
+    Environment(&'a str),
+}
+
 impl Runner {
     fn start(
         server: &TurbocatProcess,
-        key_file: &Path,
+        key: KeySource<'_>,
         name: &str,
         extra: &[(&str, &str)],
     ) -> Self {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
         command
             .args(["runner", "--server", &server.base_url(), "--name", name, "--capacity", "8"])
-            .arg("--api-key-file")
-            .arg(key_file)
             .env_remove("TURBOCAT_API_KEY")
+            .env_remove("TURBOCAT_API_KEY_ON_STDIN");
+        match key {
+            KeySource::File(path) => command.arg("--api-key-file").arg(path),
+            KeySource::Environment(key) => command.env("TURBOCAT_API_KEY", key),
+        };
+        command
             .env("TURBOCAT_TEST_LLM_KEY", "sk-llm-key-of-the-runner")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -701,13 +711,38 @@ async fn serve_steps_cannot_reach_the_runners_key_nor_the_servers_secrets() {
 
     let egress = EgressTargets::start().await;
     let allowed = egress.allowed.to_string();
-    let mut runner =
-        Runner::start(&server, &key_file, "boxed", &[("TURBOCAT_EGRESS_TEST_ALLOW", &allowed)]);
+    let mut runner = Runner::start(
+        &server,
+        KeySource::File(&key_file),
+        "boxed",
+        &[("TURBOCAT_EGRESS_TEST_ALLOW", &allowed)],
+    );
     let listed = attached(&bench, "boxed").await;
     assert_eq!(listed["sandbox"], "ENFORCED", "{listed}");
     // The key is not on the runner's command line.
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", runner.child.id())).unwrap();
     assert!(!String::from_utf8_lossy(&cmdline).contains(&key));
+
+    // Given in the environment, the key leaves it: the runner restarts itself without the
+    // variable (same process id), takes the key from a pipe, and attaches with it.
+    let from_environment =
+        Runner::start(&server, KeySource::Environment(&key), "key in environment", &[]);
+    let listed = attached(&bench, "key in environment").await;
+    assert_eq!(listed["sandbox"], "ENFORCED", "{listed}");
+    let pid = from_environment.child.id();
+    let environment = std::fs::read(format!("/proc/{pid}/environ"));
+    match environment {
+        // Readable here (the tests run as root, and root reads a non-dumpable process's).
+        Ok(environment) => {
+            let text = String::from_utf8_lossy(&environment);
+            assert!(!text.contains(&key), "the key is still in the runner's environment");
+            assert!(!text.contains("TURBOCAT_API_KEY="), "{text}");
+        }
+        Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied),
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains(&key));
+    drop(from_environment);
 
     let target = Target {
         server_pid: server.pid(),
@@ -730,7 +765,7 @@ async fn serve_steps_cannot_reach_the_runners_key_nor_the_servers_secrets() {
     // and the runner says so in ListRunners.
     let refusing = Runner::start(
         &server,
-        &key_file,
+        KeySource::File(&key_file),
         "refusing",
         &[("TURBOCAT_SANDBOX_PRETEND_MISSING", "landlock")],
     );
@@ -748,7 +783,7 @@ async fn serve_steps_cannot_reach_the_runners_key_nor_the_servers_secrets() {
     // Unless the operator accepts running code unsandboxed.
     let _unsandboxed = Runner::start(
         &server,
-        &key_file,
+        KeySource::File(&key_file),
         "unsandboxed",
         &[
             ("TURBOCAT_SANDBOX_PRETEND_MISSING", "user-namespaces"),
