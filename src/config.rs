@@ -404,6 +404,10 @@ pub struct SandboxArgs {
     /// For tests: act as if the kernel lacked `landlock` or `user-namespaces`.
     #[arg(long, env = "TURBOCAT_SANDBOX_PRETEND_MISSING", hide = true)]
     pub sandbox_pretend_missing: Option<String>,
+    /// For tests: the one `ip:port` the egress proxy of CODE steps lets through whatever its
+    /// address class (a loopback test server standing in for a public one).
+    #[arg(long, env = "TURBOCAT_EGRESS_TEST_ALLOW", hide = true)]
+    pub egress_test_allow: Option<std::net::SocketAddr>,
 }
 
 impl SandboxArgs {
@@ -411,6 +415,7 @@ impl SandboxArgs {
         crate::runner::executors::sandbox::SandboxPolicy {
             allow_unsandboxed: self.allow_unsandboxed_code,
             pretend_missing: self.sandbox_pretend_missing.clone(),
+            egress_test_allow: self.egress_test_allow,
         }
     }
 }
@@ -462,6 +467,11 @@ pub struct SeedArgs {
     pub admin_password: Option<Secret>,
 }
 
+/// The runner's API key, when it comes from the environment.
+pub const API_KEY_VARIABLE: &str = "TURBOCAT_API_KEY";
+/// Set (to `true`) by the runner when it restarts itself with its key on stdin.
+pub const API_KEY_ON_STDIN_VARIABLE: &str = "TURBOCAT_API_KEY_ON_STDIN";
+
 #[derive(Debug, Clone, Args)]
 pub struct RunnerArgs {
     /// Server to attach to, e.g. `https://turbocat.example.com`.
@@ -475,6 +485,10 @@ pub struct RunnerArgs {
     /// `TURBOCAT_API_KEY`.
     #[arg(long, env = "TURBOCAT_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Read the API key from the first line of stdin: how the runner hands `TURBOCAT_API_KEY`
+    /// over to itself when it restarts without it in its environment (see `main`).
+    #[arg(long, env = API_KEY_ON_STDIN_VARIABLE, hide = true)]
+    pub api_key_on_stdin: bool,
     /// Name shown in `GET /api/v1/runners`.
     #[arg(long, env = "TURBOCAT_RUNNER_NAME")]
     pub name: Option<String>,
@@ -495,8 +509,17 @@ pub struct RunnerArgs {
 }
 
 impl RunnerArgs {
-    /// The API key: from `--api-key-file`, else from `TURBOCAT_API_KEY`.
+    /// The API key: from `--api-key-file`, else from stdin (handed over), else from
+    /// `TURBOCAT_API_KEY`.
     fn read_api_key(&self) -> Result<Secret, SettingError> {
+        if self.api_key_file.is_none() && self.api_key_on_stdin {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+            let key = line.trim();
+            if !key.is_empty() {
+                return Ok(Secret::new(key));
+            }
+        }
         let Some(path) = &self.api_key_file else {
             return self.api_key.clone().ok_or(SettingError {
                 flag: "--api-key-file",

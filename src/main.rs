@@ -24,6 +24,12 @@ fn main() -> ExitCode {
         return sandbox::helper_main(&arguments[2..]);
     }
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Runner(_))
+        && let Err(message) = restart_without_the_key_in_the_environment()
+    {
+        eprintln!("error: {message}");
+        return ExitCode::FAILURE;
+    }
     if matches!(cli.command, Command::JqWorker) {
         // A child of a runner: no runtime, no logging, one program.
         return turbocat::runner::executors::data::worker_main();
@@ -44,6 +50,44 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The longest key handed over (a pipe holds far more; keys are much shorter).
+const MAX_HANDED_OVER_KEY_BYTES: usize = 4096;
+
+/// A runner given its key in `TURBOCAT_API_KEY` would keep it in its environment
+/// (`/proc/<pid>/environ`) for its whole life, and removing a variable is unsafe once threads
+/// may run: so it executes itself again, once, without the variable, with the key on stdin
+/// (a pipe written before the exec). Returns only when there is nothing to do or on failure.
+fn restart_without_the_key_in_the_environment() -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    use turbocat::config::{API_KEY_ON_STDIN_VARIABLE, API_KEY_VARIABLE};
+    let Some(key) = std::env::var_os(API_KEY_VARIABLE) else { return Ok(()) };
+    if key.len() > MAX_HANDED_OVER_KEY_BYTES {
+        return Err(format!("{API_KEY_VARIABLE} is longer than {MAX_HANDED_OVER_KEY_BYTES} bytes"));
+    }
+    let executable = std::env::current_exe()
+        .map_err(|error| format!("cannot find the turbocat executable: {error}"))?;
+    let (reader, mut writer) =
+        std::io::pipe().map_err(|error| format!("cannot hand the API key over: {error}"))?;
+    writer
+        .write_all(key.as_encoded_bytes())
+        .and_then(|()| writer.write_all(b"\n"))
+        .map_err(|error| format!("cannot hand the API key over: {error}"))?;
+    drop(writer);
+    let mut arguments = std::env::args_os();
+    let mut command = std::process::Command::new(executable);
+    if let Some(program_name) = arguments.next() {
+        command.arg0(program_name);
+    }
+    let error = command
+        .args(arguments)
+        .env_remove(API_KEY_VARIABLE)
+        .env(API_KEY_ON_STDIN_VARIABLE, "true")
+        .stdin(reader)
+        .exec();
+    Err(format!("cannot restart the runner without its key in the environment: {error}"))
 }
 
 async fn run(command: Command) -> Result<(), String> {

@@ -132,7 +132,7 @@ pub async fn run(
 }
 
 /// Makes this process non-dumpable: no process of the same user can read its memory or its
-/// environment (`/proc/<pid>/environ`, where `TURBOCAT_API_KEY` is) or attach a debugger.
+/// environment (`/proc/<pid>/environ`, where the variables of LLM keys are) or attach a debugger.
 /// Children get their own, normal setting on exec.
 fn protect_process() {
     if let Err(error) =

@@ -5,7 +5,10 @@
 //! write outside their own, signal the runner, reach loopback ports, and outlive their step
 //! with `setsid` and a double fork. Each attack must get nothing, with the execution and the
 //! server unharmed; the same snippets' legitimate parts (their own directory, their input and
-//! output) keep working, and a step with the network on reaches a test server it opted into.
+//! output) keep working. With the network ON, a snippet reaches an allowed server only through
+//! the runner's egress proxy (loopback, private and metadata addresses refused, no raw
+//! connection, no DNS of its own); with `allowPrivateNetwork` too, it reaches a loopback test
+//! server directly.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -134,6 +137,178 @@ with socket.create_connection(('127.0.0.1', port), timeout=5) as connection:
     answer = connection.recv(100).decode()
 print(json.dumps({'answer': answer}))
 "#;
+
+/// Network ON without the opt-in: HTTP, HTTPS and a hand-made tunnel through the egress
+/// proxy (`HTTPS_PROXY`, the relay's port) to an allowed server and to loopback, localhost,
+/// private and metadata addresses; raw connections and DNS of its own.
+const PYTHON_EGRESS: &str = r#"
+import json, os, socket, sys, urllib.error, urllib.request
+data = json.load(sys.stdin)
+report = {}
+def attempt(name, action):
+    try:
+        report[name] = 'GOT ' + str(action())[:300]
+    except urllib.error.HTTPError as error:
+        report[name] = 'denied: %d %s' % (error.code, error.read().decode()[:300])
+    except BaseException as error:
+        report[name] = 'denied: %s %s' % (type(error).__name__, str(error)[:300])
+def fetch(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+def tunnel(port):
+    proxy = os.environ['HTTPS_PROXY'].rsplit(':', 1)
+    with socket.create_connection(('127.0.0.1', int(proxy[1])), timeout=10) as connection:
+        connection.sendall(b'CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n' % port)
+        head = b''
+        while b'\r\n\r\n' not in head:
+            chunk = connection.recv(1000)
+            if not chunk:
+                break
+            head += chunk
+        status, _, body = head.decode().partition('\r\n\r\n')
+        if ' 200 ' not in status.split('\r\n')[0]:
+            raise PermissionError(status.split('\r\n')[0] + ' ' + body)
+        connection.sendall(b'GET /tunnelled HTTP/1.1\r\nHost: x\r\n\r\n')
+        answer = b''
+        while True:
+            chunk = connection.recv(1000)
+            if not chunk:
+                break
+            answer += chunk
+        return answer.decode().partition('\r\n\r\n')[2]
+allowed, forbidden = data['allowed_port'], data['forbidden_port']
+attempt('fetch allowed', lambda: fetch('http://127.0.0.1:%d/allowed?x=1' % allowed))
+attempt('tunnel allowed', lambda: tunnel(allowed))
+attempt('fetch loopback', lambda: fetch('http://127.0.0.1:%d/' % forbidden))
+attempt('fetch localhost', lambda: fetch('http://localhost:%d/' % forbidden))
+attempt('fetch private', lambda: fetch('http://10.1.2.3:%d/' % forbidden))
+attempt('fetch metadata', lambda: fetch('http://169.254.169.254/latest/meta-data/'))
+attempt('https loopback', lambda: fetch('https://127.0.0.1:%d/' % forbidden))
+attempt('tunnel loopback', lambda: tunnel(forbidden))
+attempt('raw connect loopback', lambda: socket.create_connection(('127.0.0.1', forbidden), timeout=3))
+attempt('raw connect allowed', lambda: socket.create_connection(('127.0.0.1', allowed), timeout=3))
+attempt('raw connect public', lambda: socket.create_connection(('1.1.1.1', 443), timeout=3))
+attempt('dns', lambda: socket.getaddrinfo('example.com', 443))
+report['proxy'] = os.environ.get('HTTPS_PROXY')
+print(json.dumps(report))
+"#;
+
+/// Network ON without the opt-in, from Node 20 (whose `http` ignores the proxy variables):
+/// plain HTTP requests sent to the proxy named by `HTTP_PROXY`, allowed and refused.
+const NODE_EGRESS: &str = r#"
+const http = require('http');
+let raw = '';
+process.stdin.on('data', chunk => raw += chunk);
+process.stdin.on('end', async () => {
+  const data = JSON.parse(raw);
+  const proxy = new URL(process.env.HTTP_PROXY);
+  const get = (url) => new Promise((resolve) => {
+    const request = http.get({ host: proxy.hostname, port: proxy.port, path: url }, (response) => {
+      let body = '';
+      response.on('data', chunk => body += chunk);
+      response.on('end', () => resolve(response.statusCode + ' ' + body.trim()));
+    });
+    request.on('error', error => resolve('error ' + error.code));
+  });
+  const report = {
+    allowed: await get('http://127.0.0.1:' + data.allowed_port + '/from-node'),
+    loopback: await get('http://127.0.0.1:' + data.forbidden_port + '/'),
+  };
+  console.log(JSON.stringify(report));
+});
+"#;
+
+/// The egress proxy's destinations: a small HTTP server the runner was told to let through
+/// (standing in for a public one: everything on this machine is loopback or private), and a
+/// loopback listener nothing may reach.
+struct EgressTargets {
+    allowed: std::net::SocketAddr,
+    allowed_server: tokio::task::JoinHandle<()>,
+    forbidden: std::net::TcpListener,
+}
+
+impl EgressTargets {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let allowed = listener.local_addr().unwrap();
+        // Answers every request with its request line and Host header.
+        let allowed_server = tokio::spawn(async move {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+            loop {
+                let Ok((mut connection, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    let (reader, mut writer) = connection.split();
+                    let mut reader = tokio::io::BufReader::new(reader);
+                    let mut request_line = String::new();
+                    let _ = reader.read_line(&mut request_line).await;
+                    let mut host = String::new();
+                    let mut header = String::new();
+                    while reader.read_line(&mut header).await.is_ok_and(|read| read > 2) {
+                        if let Some(value) = header.strip_prefix("Host:") {
+                            host = value.trim().to_owned();
+                        }
+                        header.clear();
+                    }
+                    let body = format!("reached: {} at {host}", request_line.trim_end());
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = writer.write_all(response.as_bytes()).await;
+                    let _ = writer.shutdown().await;
+                });
+            }
+        });
+        let forbidden = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        forbidden.set_nonblocking(true).unwrap();
+        Self { allowed, allowed_server, forbidden }
+    }
+
+    fn input(&self) -> Value {
+        json!({
+            "allowed_port": self.allowed.port(),
+            "forbidden_port": self.forbidden.local_addr().unwrap().port(),
+        })
+    }
+}
+
+impl Drop for EgressTargets {
+    fn drop(&mut self) {
+        self.allowed_server.abort();
+    }
+}
+
+/// What the egress snippet got: the allowed server through the proxy (HTTP and a tunnel), a
+/// 403 naming the class for everything else, nothing without the proxy.
+fn assert_egress_is_guarded(report: &Value, targets: &EgressTargets) {
+    let outcome = |name: &str| report[name].as_str().unwrap_or_default().to_owned();
+    let allowed = targets.allowed;
+    let reached = format!("GOT reached: GET /allowed?x=1 HTTP/1.1 at {allowed}");
+    assert_eq!(outcome("fetch allowed"), reached, "{report}");
+    assert_eq!(outcome("tunnel allowed"), "GOT reached: GET /tunnelled HTTP/1.1 at x", "{report}");
+    for (name, class) in [
+        ("fetch loopback", "a loopback address"),
+        ("fetch localhost", "a loopback address"),
+        ("fetch private", "a private address"),
+        ("fetch metadata", "a cloud metadata address"),
+        ("https loopback", "403"),
+        ("tunnel loopback", "a loopback address"),
+    ] {
+        let got = outcome(name);
+        assert!(got.starts_with("denied") && got.contains("403"), "{name}: {report}");
+        assert!(got.contains(class), "{name} should name `{class}`: {report}");
+    }
+    for name in ["raw connect loopback", "raw connect allowed", "raw connect public", "dns"] {
+        assert!(outcome(name).starts_with("denied"), "{name}: {report}");
+    }
+    assert_eq!(report["proxy"], "http://127.0.0.1:3128", "{report}");
+    // The refused loopback listener never saw a connection.
+    let accepted = targets.forbidden.accept();
+    assert!(
+        matches!(&accepted, Err(error) if error.kind() == std::io::ErrorKind::WouldBlock),
+        "the forbidden listener was reached: {accepted:?}"
+    );
+}
 
 /// An account with the helpers to run one-step workflows over REST.
 struct Bench {
@@ -329,7 +504,7 @@ async fn gone(marker: &str) -> bool {
 }
 
 /// Every attack against one installation, and the positive controls.
-async fn attack(bench: &Bench, target: &Target) {
+async fn attack(bench: &Bench, target: &Target, egress: &EgressTargets) {
     let victim = Victim::create();
     let escape_directory = tempfile::tempdir().unwrap();
     let input = attack_input(target, &victim, escape_directory.path());
@@ -347,7 +522,17 @@ async fn attack(bench: &Bench, target: &Target) {
     });
 
     let node_marker = format!("turbocat-escapee-{}", uuid::Uuid::new_v4().simple());
-    let (python_run, node_run, escape, node_escape, kill_all, network_closed, network_open, data) =
+    let (
+        python_run,
+        node_run,
+        escape,
+        node_escape,
+        kill_all,
+        network_closed,
+        node_network,
+        network_open,
+        data,
+    ) =
         tokio::join!(
         bench.run("python attacks", python(PYTHON_ATTACKS), input.clone()),
         bench.run("node attacks", node(NODE_ATTACKS), input.clone()),
@@ -356,8 +541,13 @@ async fn attack(bench: &Bench, target: &Target) {
         bench.run("kill all", python(PYTHON_KILL_ALL), json!({})),
         bench.run(
             "network on, no opt-in",
-            json!({ "code": { "language": "PYTHON", "source": PYTHON_CONNECT, "network": "ON" } }),
-            json!({ "port": open_port }),
+            json!({ "code": { "language": "PYTHON", "source": PYTHON_EGRESS, "network": "ON" } }),
+            egress.input(),
+        ),
+        bench.run(
+            "node network on, no opt-in",
+            json!({ "code": { "language": "JAVASCRIPT", "source": NODE_EGRESS, "network": "ON" } }),
+            egress.input(),
         ),
         bench.run(
             "network on, opted in",
@@ -398,10 +588,17 @@ async fn attack(bench: &Bench, target: &Target) {
     let error = only_step(&kill_all)["error"].as_str().unwrap_or_default();
     assert!(error.contains("ProcessLookupError"), "{error}");
 
-    // The network: on without the opt-in is refused; with it, the test server is reached.
-    assert_eq!(network_closed["status"], "FAILED", "{network_closed}");
-    let error = only_step(&network_closed)["error"].as_str().unwrap_or_default();
-    assert!(error.contains("allowPrivateNetwork"), "{error}");
+    // The network: on without the opt-in goes through the guarded proxy only; with it, the
+    // test server is reached directly.
+    assert_eq!(network_closed["status"], "SUCCEEDED", "{network_closed}");
+    assert_egress_is_guarded(&only_step(&network_closed)["output"], egress);
+    assert_eq!(node_network["status"], "SUCCEEDED", "{node_network}");
+    let node_report = &only_step(&node_network)["output"];
+    // The proxy named the destination in Host (Node named the proxy).
+    let reached = format!("200 reached: GET /from-node HTTP/1.1 at {}", egress.allowed);
+    assert_eq!(node_report["allowed"], reached, "{node_report}");
+    let refused = node_report["loopback"].as_str().unwrap_or_default();
+    assert!(refused.starts_with("403 ") && refused.contains("loopback"), "{node_report}");
     assert_eq!(network_open["status"], "SUCCEEDED", "{network_open}");
     assert_eq!(only_step(&network_open)["output"], json!({ "answer": "welcome" }));
     assert_eq!(server.await.unwrap(), "hello from the sandbox\n");
@@ -419,7 +616,9 @@ async fn attack(bench: &Bench, target: &Target) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_steps_cannot_reach_the_servers_secret_or_database() {
-    let (mut server, data) = start_dev(&[]);
+    let egress = EgressTargets::start().await;
+    let allowed = egress.allowed.to_string();
+    let (mut server, data) = start_dev(&["--egress-test-allow", &allowed]);
     let bench = Bench::new(&server, "sandbox-dev@example.com").await;
     let secret_file = data.path().join("jwt-secret");
     let jwt_secret = std::fs::read_to_string(&secret_file).expect("dev writes its secret");
@@ -431,7 +630,7 @@ async fn dev_steps_cannot_reach_the_servers_secret_or_database() {
         secret_files: vec![secret_file, data.path().join("turbocat.db")],
         secrets: vec![jwt_secret.trim().to_owned(), "SQLite format".to_owned()],
     };
-    attack(&bench, &target).await;
+    attack(&bench, &target, &egress).await;
     assert!(server.is_running(), "the server survived: {}", server.stderr_text());
     // And it still serves.
     let (status, _) = bench.api.get("/api/v1/agents", &bench.auth).await;
@@ -443,19 +642,29 @@ struct Runner {
     child: std::process::Child,
 }
 
+/// Where a runner finds its key.
+enum KeySource<'a> {
+    File(&'a Path),
+    Environment(&'a str),
+}
+
 impl Runner {
     fn start(
         server: &TurbocatProcess,
-        key_file: &Path,
+        key: KeySource<'_>,
         name: &str,
         extra: &[(&str, &str)],
     ) -> Self {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
         command
             .args(["runner", "--server", &server.base_url(), "--name", name, "--capacity", "8"])
-            .arg("--api-key-file")
-            .arg(key_file)
             .env_remove("TURBOCAT_API_KEY")
+            .env_remove("TURBOCAT_API_KEY_ON_STDIN");
+        match key {
+            KeySource::File(path) => command.arg("--api-key-file").arg(path),
+            KeySource::Environment(key) => command.env("TURBOCAT_API_KEY", key),
+        };
+        command
             .env("TURBOCAT_TEST_LLM_KEY", "sk-llm-key-of-the-runner")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -500,12 +709,40 @@ async fn serve_steps_cannot_reach_the_runners_key_nor_the_servers_secrets() {
     let key_file = key_directory.path().join("runner-key");
     std::fs::write(&key_file, format!("{key}\n")).unwrap();
 
-    let mut runner = Runner::start(&server, &key_file, "boxed", &[]);
+    let egress = EgressTargets::start().await;
+    let allowed = egress.allowed.to_string();
+    let mut runner = Runner::start(
+        &server,
+        KeySource::File(&key_file),
+        "boxed",
+        &[("TURBOCAT_EGRESS_TEST_ALLOW", &allowed)],
+    );
     let listed = attached(&bench, "boxed").await;
     assert_eq!(listed["sandbox"], "ENFORCED", "{listed}");
     // The key is not on the runner's command line.
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", runner.child.id())).unwrap();
     assert!(!String::from_utf8_lossy(&cmdline).contains(&key));
+
+    // Given in the environment, the key leaves it: the runner restarts itself without the
+    // variable (same process id), takes the key from a pipe, and attaches with it.
+    let from_environment =
+        Runner::start(&server, KeySource::Environment(&key), "key in environment", &[]);
+    let listed = attached(&bench, "key in environment").await;
+    assert_eq!(listed["sandbox"], "ENFORCED", "{listed}");
+    let pid = from_environment.child.id();
+    let environment = std::fs::read(format!("/proc/{pid}/environ"));
+    match environment {
+        // Readable here (the tests run as root, and root reads a non-dumpable process's).
+        Ok(environment) => {
+            let text = String::from_utf8_lossy(&environment);
+            assert!(!text.contains(&key), "the key is still in the runner's environment");
+            assert!(!text.contains("TURBOCAT_API_KEY="), "{text}");
+        }
+        Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied),
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains(&key));
+    drop(from_environment);
 
     let target = Target {
         server_pid: server.pid(),
@@ -519,7 +756,7 @@ async fn serve_steps_cannot_reach_the_runners_key_nor_the_servers_secrets() {
             "sk-llm-key-of-the-runner".to_owned(),
         ],
     };
-    attack(&bench, &target).await;
+    attack(&bench, &target, &egress).await;
     assert!(runner.is_running(), "the runner survived");
     assert!(server.is_running(), "the server survived: {}", server.stderr_text());
     drop(runner);
@@ -528,7 +765,7 @@ async fn serve_steps_cannot_reach_the_runners_key_nor_the_servers_secrets() {
     // and the runner says so in ListRunners.
     let refusing = Runner::start(
         &server,
-        &key_file,
+        KeySource::File(&key_file),
         "refusing",
         &[("TURBOCAT_SANDBOX_PRETEND_MISSING", "landlock")],
     );
@@ -546,7 +783,7 @@ async fn serve_steps_cannot_reach_the_runners_key_nor_the_servers_secrets() {
     // Unless the operator accepts running code unsandboxed.
     let _unsandboxed = Runner::start(
         &server,
-        &key_file,
+        KeySource::File(&key_file),
         "unsandboxed",
         &[
             ("TURBOCAT_SANDBOX_PRETEND_MISSING", "user-namespaces"),

@@ -11,10 +11,11 @@
 //! Limits: CPU seconds (RLIMIT_CPU), memory (RLIMIT_AS; node also gets
 //! `--max-old-space-size` of the same size and 1 GiB more address space, which V8 reserves
 //! up front), the wall clock, and stdout of at most `maxOutputBytes`. The child runs in the
-//! sandbox (`sandbox`: namespaces, a read-only root, Landlock, no capabilities; network only
-//! with `network: ON` and `allowPrivateNetwork`), in a fresh directory (also `HOME` and
-//! `TMPDIR`) removed afterwards, with an empty environment except `PATH`, `HOME`, `TMPDIR`
-//! and `LANG`. The sandbox's helper leads a process group killed whole when the attempt ends,
+//! sandbox (`sandbox`: namespaces, a read-only root, Landlock, no capabilities; no network
+//! by default, HTTP(S) through the runner's egress proxy under the SSRF guard with
+//! `network: ON` (`egress`), the runner's network with `allowPrivateNetwork` too), in a fresh
+//! directory (also `HOME` and `TMPDIR`) removed afterwards, with an empty environment except
+//! `PATH`, `HOME`, `TMPDIR` and `LANG` (and the proxy variables with the network ON). The sandbox's helper leads a process group killed whole when the attempt ends,
 //! and everything in the sandbox dies with it (also what left the group with `setsid`).
 //! Where the operator allowed unsandboxed code, the interpreter itself leads that group.
 //! Interpreters are looked up once on the runner's `PATH` (`python3`, `node`).
@@ -34,7 +35,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::{OnceCell, oneshot};
 
-use super::sandbox::{self, SandboxSpec, StepDirectory};
+use super::egress::{self, EgressProxy};
+use super::sandbox::{self, SandboxNetwork, SandboxSpec, StepDirectory};
 use super::{LogSink, LogStream, RunContext, StepError, StepErrorKind};
 use crate::proto::v1 as pb;
 use crate::text::truncate_text;
@@ -367,16 +369,24 @@ pub(super) async fn run(
     context: &RunContext<'_>,
 ) -> Result<Value, StepError> {
     let language = Language::from_proto(config.language)?;
-    let network = network_of(config)?;
+    let network = network_of(config);
     let sandboxed = sandbox::require().await?;
     let executable = interpreter(language).await?;
     let directory = StepDirectory::create().map_err(|error| {
         StepError::retryable(format!("cannot create the work directory: {error}"))
     })?;
     let script = directory.work().join(language.script_name());
-    let outcome = match tokio::fs::write(&script, &config.source).await {
-        Err(error) => Err(StepError::retryable(format!("cannot write the snippet: {error}"))),
-        Ok(()) => {
+    // Lives as long as the snippet: its way out when the network is ON without the opt-in.
+    let proxy = match network {
+        SandboxNetwork::Proxied if sandboxed => Some(EgressProxy::start(&directory.path)),
+        _ => None,
+    };
+    let outcome = match (tokio::fs::write(&script, &config.source).await, proxy.transpose()) {
+        (Err(error), _) => Err(StepError::retryable(format!("cannot write the snippet: {error}"))),
+        (_, Err(error)) => {
+            Err(StepError::retryable(format!("cannot start the egress proxy: {error}")))
+        }
+        (Ok(()), Ok(_proxy)) => {
             let program = Program { directory: &directory, executable: &executable, language };
             match build_command(&program, network, sandboxed, context) {
                 Ok(command) => run_command(command, input, context).await,
@@ -388,17 +398,14 @@ pub(super) async fn run(
     outcome
 }
 
-/// Whether the snippet gets the runner's network: only when the agent asks for it and opts
-/// in to the private ranges, which this runner cannot keep out yet.
-fn network_of(config: &pb::CodeAgentConfig) -> Result<bool, StepError> {
+/// The snippet's network: none (OFF); ON, HTTP(S) through the runner's egress proxy under the
+/// SSRF guard; ON with `allowPrivateNetwork`, the runner's network (raw TCP to internal
+/// services such as databases, which a proxy of HTTP requests cannot carry).
+fn network_of(config: &pb::CodeAgentConfig) -> SandboxNetwork {
     match pb::CodeNetwork::try_from(config.network).unwrap_or_default() {
-        pb::CodeNetwork::Unspecified | pb::CodeNetwork::Off => Ok(false),
-        pb::CodeNetwork::On if config.allow_private_network => Ok(true),
-        pb::CodeNetwork::On => Err(StepError::invalid(
-            "network ON without allowPrivateNetwork is not supported by this runner: it cannot \
-             keep a snippet away from the loopback and private ranges while letting it reach \
-             the internet; set allowPrivateNetwork to accept that, or keep the network OFF",
-        )),
+        pb::CodeNetwork::Unspecified | pb::CodeNetwork::Off => SandboxNetwork::Off,
+        pb::CodeNetwork::On if config.allow_private_network => SandboxNetwork::Shared,
+        pb::CodeNetwork::On => SandboxNetwork::Proxied,
     }
 }
 
@@ -451,7 +458,7 @@ fn interpreter_arguments(
 /// it) directly.
 fn build_command(
     program: &Program<'_>,
-    network: bool,
+    network: SandboxNetwork,
     sandboxed: bool,
     context: &RunContext<'_>,
 ) -> Result<Command, StepError> {
@@ -463,12 +470,15 @@ fn build_command(
         cpu_seconds: context.limits.cpu_seconds,
         memory: MemoryLimit::AddressSpace(address_space_mb.saturating_mul(1024 * 1024)),
     };
-    let environment: [(&str, OsString); 4] = [
+    let mut environment: Vec<(&str, OsString)> = vec![
         ("PATH", child_path(program.executable).into()),
         ("HOME", work.clone().into()),
         ("TMPDIR", work.clone().into()),
         ("LANG", "C.UTF-8".into()),
     ];
+    if sandboxed && network == SandboxNetwork::Proxied {
+        environment.extend(egress::proxy_environment());
+    }
     let mut command = if sandboxed {
         let spec = SandboxSpec {
             program: program.executable.to_path_buf(),

@@ -74,7 +74,7 @@ pub(super) async fn run(
             arguments: vec![WORKER_SUBCOMMAND.into()],
             step_directory: directory.path.clone(),
             read_only_paths: sandbox::read_only_paths(&[executable]),
-            network: false,
+            network: sandbox::SandboxNetwork::Off,
             limits,
         };
         sandbox::sandboxed_command(&spec, &environment)?

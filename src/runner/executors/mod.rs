@@ -2,7 +2,8 @@
 //! resolved input, under the agent's limits, with log lines streamed as they happen.
 //! `code` runs python3/node snippets in a limited child process, `api` sends templated HTTP
 //! requests, `llm` asks an OpenAI-compatible chat completion, `data` runs a jq program;
-//! `sandbox` is the box CODE and DATA children run in.
+//! `sandbox` is the box CODE and DATA children run in, `egress` the proxy that is a CODE
+//! step's only way out with the network ON.
 //! WORKFLOW agents are run by the server, never here.
 //! May call: `crate::mapping` (templates), `crate::runner::ssrf`, the generated proto
 //! types. Never the store, the queue or the service layer.
@@ -10,6 +11,7 @@
 pub mod api;
 pub mod code;
 pub mod data;
+pub mod egress;
 pub mod llm;
 pub mod sandbox;
 

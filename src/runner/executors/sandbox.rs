@@ -1,7 +1,8 @@
 //! The sandbox of CODE and DATA children: what a step's code can see and do.
 //!
 //! A sandboxed program runs three processes deep. The runner forks a child that enters new
-//! user, mount, PID, IPC, UTS, cgroup and (network off) network namespaces between fork and
+//! user, mount, PID, IPC, UTS, cgroup and (unless the agent opted into the runner's network)
+//! network namespaces between fork and
 //! exec (`ChildPreparation::Namespaces` in `code`, the one place with `unsafe`), mapping only
 //! the runner's own uid and gid to root inside, and execs `turbocat sandbox-exec` (the *outer
 //! helper*, still in the runner's PID namespace). The helper starts `turbocat sandbox-exec
@@ -9,13 +10,18 @@
 //! root on a tmpfs holding read-only bind mounts of the system and interpreter directories,
 //! a few device nodes, a fresh `/proc` of the new PID namespace and the step's work directory
 //! (read-write, at the same path), pivots into it, applies Landlock (read-only everywhere but
-//! the work directory, no TCP when the network is off, signals and abstract sockets scoped to
+//! the work directory, no TCP but to the egress relay, signals and abstract sockets scoped to
 //! the sandbox), sets `no_new_privs`, drops every capability, and only then starts the
 //! program with the step's rlimits. Because the init is process 1, everything in the sandbox
 //! dies when it ends: the program's exit ends the init, and the runner kills the helper's
 //! process group (helper and init) when the attempt ends; a `setsid` or double fork inside
 //! does not escape that. The init reports how the program ended in a status file outside the
 //! new root, and the helper ends the same way (same exit code, or the same signal).
+//!
+//! With the network ON without `allowPrivateNetwork`, the init also brings the namespace's
+//! `lo` up and relays TCP connections to `127.0.0.1:3128` to the runner's egress proxy over a
+//! Unix socket bound into the new root (`relay` here, the proxy in `egress`): the program's
+//! only way out is HTTP(S) through the SSRF guard.
 //!
 //! Why re-executing `turbocat` instead of doing it all between fork and exec: mounting,
 //! Landlock and reading paths allocate, which is unsound between fork and exec in the
@@ -53,6 +59,7 @@ use tokio::sync::OnceCell;
 
 use super::StepError;
 use super::code::{ChildLimits, ChildPreparation, MemoryLimit, NamespaceEntry};
+use super::egress;
 use crate::proto::v1 as pb;
 
 /// The hidden subcommand of the turbocat binary that builds the sandbox (`helper_main`).
@@ -127,6 +134,8 @@ pub struct SandboxPolicy {
     pub allow_unsandboxed: bool,
     /// Act as if the kernel lacked this feature (`landlock`, `user-namespaces`); for tests.
     pub pretend_missing: Option<String>,
+    /// The one address the egress proxy lets through whatever its class; for tests.
+    pub egress_test_allow: Option<std::net::SocketAddr>,
 }
 
 static POLICY: OnceLock<SandboxPolicy> = OnceLock::new();
@@ -134,6 +143,7 @@ static MODE: OnceCell<SandboxMode> = OnceCell::const_new();
 
 /// Sets the policy; the first call wins, before the first step (later calls change nothing).
 pub fn configure(policy: SandboxPolicy) {
+    egress::configure_test_allowance(policy.egress_test_allow);
     let _ = POLICY.set(policy);
 }
 
@@ -194,7 +204,7 @@ async fn probe_namespaces() -> Result<(), String> {
         arguments: vec![SANDBOX_SUBCOMMAND.into(), "--probe".into()],
         step_directory: directory.path.clone(),
         read_only_paths: read_only_paths(&[helper]),
-        network: false,
+        network: SandboxNetwork::Off,
         limits: ChildLimits { cpu_seconds: 10, memory: MemoryLimit::Data(256 << 20) },
     };
     let mut command = sandboxed_command(&spec, &[])
@@ -294,9 +304,21 @@ pub(super) struct SandboxSpec {
     pub step_directory: PathBuf,
     /// Seen read-only inside (besides the work directory, `/proc` and a few devices).
     pub read_only_paths: Vec<PathBuf>,
-    /// Whether the program shares the runner's network (else it has none).
-    pub network: bool,
+    pub network: SandboxNetwork,
     pub limits: ChildLimits,
+}
+
+/// The network a sandboxed program has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) enum SandboxNetwork {
+    /// A network namespace with nothing in it.
+    Off,
+    /// Its own empty network namespace, with `lo` up and the init relaying TCP connections to
+    /// `127.0.0.1:`[`egress::RELAY_PORT`] to the runner's egress proxy (see `egress`); no other
+    /// TCP connection (Landlock).
+    Proxied,
+    /// The runner's network (`allowPrivateNetwork`).
+    Shared,
 }
 
 /// The system directories, the needed part of `/etc`, and the directories (`<prefix>` of
@@ -340,7 +362,8 @@ pub(super) fn sandboxed_command(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .process_group(0);
-    ChildPreparation::Namespaces(NamespaceEntry::new(spec.network)).install(command.as_std_mut());
+    ChildPreparation::Namespaces(NamespaceEntry::new(spec.network == SandboxNetwork::Shared))
+        .install(command.as_std_mut());
     Ok(command)
 }
 
@@ -461,7 +484,15 @@ fn init_main(spec: &SandboxSpec) -> Result<(), String> {
         .map_err(|error| format!("cannot open the status file: {error}"))?;
     let work = spec.step_directory.join("work");
     build_root(spec, &work)?;
+    let relay_listener = match spec.network {
+        SandboxNetwork::Proxied => Some(relay::listen()?),
+        SandboxNetwork::Off | SandboxNetwork::Shared => None,
+    };
     restrict(spec, &work)?;
+    // Started after Landlock, so its threads are under it too.
+    if let Some(listener) = relay_listener {
+        relay::start(listener)?;
+    }
     let mut command = std::process::Command::new(&spec.program);
     command.args(&spec.arguments).current_dir(&work);
     ChildPreparation::Limits(spec.limits).install(&mut command);
@@ -523,6 +554,19 @@ fn build_root(spec: &SandboxSpec, work: &Path) -> Result<(), String> {
     std::fs::create_dir_all(&work_target).map_err(|error| error.to_string())?;
     rustix::mount::mount_bind(work, &work_target).map_err(io_error("cannot bind", work))?;
     remount(work, &work_target, MountFlags::NODEV)?;
+    if spec.network == SandboxNetwork::Proxied {
+        let sockets = egress::socket_directory(&spec.step_directory);
+        let sockets_target = inside(&root, Path::new(egress::SANDBOX_SOCKET_DIRECTORY));
+        std::fs::create_dir_all(&sockets_target).map_err(|error| error.to_string())?;
+        rustix::mount::mount_bind(&sockets, &sockets_target)
+            .map_err(io_error("cannot bind", &sockets))?;
+        // Connecting to a socket on a read-only mount works; replacing it does not.
+        remount(
+            &sockets,
+            &sockets_target,
+            MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOEXEC,
+        )?;
+    }
     let proc_target = root.join("proc");
     std::fs::create_dir_all(&proc_target).map_err(|error| error.to_string())?;
     rustix::mount::mount(
@@ -615,12 +659,18 @@ fn restrict(spec: &SandboxSpec, work: &Path) -> Result<(), String> {
         .handle_access(AccessFs::from_all(abi))
         .and_then(|ruleset| ruleset.scope(Scope::from_all(abi)))
         .map_err(|error| format!("Landlock: {error}"))?;
-    if !spec.network {
+    if spec.network != SandboxNetwork::Shared {
         ruleset = ruleset
             .handle_access(AccessNet::from_all(abi))
             .map_err(|error| format!("Landlock: {error}"))?;
     }
     let mut created = ruleset.create().map_err(|error| format!("Landlock: {error}"))?;
+    if spec.network == SandboxNetwork::Proxied {
+        // The one TCP connection allowed: to the relay.
+        created = created
+            .add_rule(landlock::NetPort::new(egress::RELAY_PORT, AccessNet::ConnectTcp))
+            .map_err(|error| format!("Landlock: {error}"))?;
+    }
     let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = spec
         .read_only_paths
         .iter()
@@ -659,6 +709,165 @@ fn restrict(spec: &SandboxSpec, work: &Path) -> Result<(), String> {
     )
     .map_err(|error| format!("cannot drop the capabilities: {error}"))?;
     Ok(())
+}
+
+/// The init's relay (network ON without `allowPrivateNetwork`): each TCP connection to
+/// `127.0.0.1:`[`egress::RELAY_PORT`] in the step's network namespace is carried to the
+/// runner's egress proxy over its Unix socket, byte for byte, by two threads.
+mod relay {
+    use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::egress;
+
+    /// Connections relayed at once; more are closed at once.
+    const MAX_RELAYED_CONNECTIONS: usize = 64;
+    /// The relay's threads only copy bytes.
+    const THREAD_STACK_BYTES: usize = 64 * 1024;
+
+    /// Brings `lo` up in the step's network namespace and listens on the relay port (before
+    /// Landlock, which forbids binding).
+    pub(super) fn listen() -> Result<TcpListener, String> {
+        bring_loopback_up().map_err(|error| format!("cannot bring the loopback up: {error}"))?;
+        TcpListener::bind((Ipv4Addr::LOCALHOST, egress::RELAY_PORT))
+            .map_err(|error| format!("cannot listen on the relay port: {error}"))
+    }
+
+    /// Relays in the background, for as long as the init lives.
+    pub(super) fn start(listener: TcpListener) -> Result<(), String> {
+        let socket = Path::new(egress::SANDBOX_SOCKET_DIRECTORY).join(egress::SOCKET_NAME);
+        std::thread::Builder::new()
+            .stack_size(THREAD_STACK_BYTES)
+            .spawn(move || accept_loop(&listener, &socket))
+            .map(drop)
+            .map_err(|error| format!("cannot start the relay: {error}"))
+    }
+
+    /// A relayed connection's place in the count, given back when both directions ended.
+    struct Slot(Arc<AtomicUsize>);
+
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn accept_loop(listener: &TcpListener, socket: &Path) {
+        let open = Arc::new(AtomicUsize::new(0));
+        for incoming in listener.incoming() {
+            let Ok(client) = incoming else {
+                // Out of descriptors, say: wait instead of spinning.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            };
+            if open.load(Ordering::SeqCst) >= MAX_RELAYED_CONNECTIONS {
+                continue;
+            }
+            let Ok(proxy) = UnixStream::connect(socket) else { continue };
+            open.fetch_add(1, Ordering::SeqCst);
+            relay(client, proxy, Arc::new(Slot(open.clone())));
+        }
+    }
+
+    fn relay(client: TcpStream, proxy: UnixStream, slot: Arc<Slot>) {
+        let (Ok(client_writer), Ok(proxy_writer)) = (client.try_clone(), proxy.try_clone()) else {
+            return;
+        };
+        let upstream_slot = slot.clone();
+        let spawn = |work: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().stack_size(THREAD_STACK_BYTES).spawn(work).is_ok()
+        };
+        let upstream = spawn(Box::new(move || {
+            let _slot = upstream_slot;
+            pipe(client, proxy_writer);
+        }));
+        if upstream {
+            spawn(Box::new(move || {
+                let _slot = slot;
+                pipe(proxy, client_writer);
+            }));
+        }
+    }
+
+    /// Copies until `from` ends, then half-closes `to`; on an error both are closed, so the
+    /// other direction ends too.
+    fn pipe<R, W>(mut from: R, mut to: W)
+    where
+        R: std::io::Read + ShutdownSocket,
+        W: std::io::Write + ShutdownSocket,
+    {
+        match std::io::copy(&mut from, &mut to) {
+            Ok(_) => to.shutdown_socket(Shutdown::Write),
+            Err(_) => {
+                to.shutdown_socket(Shutdown::Both);
+                from.shutdown_socket(Shutdown::Both);
+            }
+        }
+    }
+
+    trait ShutdownSocket {
+        fn shutdown_socket(&self, how: Shutdown);
+    }
+
+    impl ShutdownSocket for TcpStream {
+        fn shutdown_socket(&self, how: Shutdown) {
+            let _ = self.shutdown(how);
+        }
+    }
+
+    impl ShutdownSocket for UnixStream {
+        fn shutdown_socket(&self, how: Shutdown) {
+            let _ = self.shutdown(how);
+        }
+    }
+
+    /// `ip link set lo up`, over rtnetlink: one `RTM_NEWLINK` asking for `IFF_UP`, and its
+    /// acknowledgement.
+    fn bring_loopback_up() -> Result<(), String> {
+        use rustix::net::{
+            AddressFamily, RecvFlags, SendFlags, SocketType, netlink, recv, sendto, socket,
+        };
+        const RTM_NEWLINK: u16 = 16;
+        const NLMSG_ERROR: u16 = 2;
+        const NLM_F_REQUEST: u16 = 1;
+        const NLM_F_ACK: u16 = 4;
+        const IFF_UP: u32 = 1;
+        let to_text = |error: rustix::io::Errno| error.to_string();
+        let inet = socket(AddressFamily::INET, SocketType::DGRAM, None).map_err(to_text)?;
+        let index = rustix::net::netdevice::name_to_index(&inet, "lo").map_err(to_text)?;
+        let index = i32::try_from(index).map_err(|error| error.to_string())?;
+        let mut message = Vec::with_capacity(32);
+        message.extend_from_slice(&32u32.to_ne_bytes());
+        message.extend_from_slice(&RTM_NEWLINK.to_ne_bytes());
+        message.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+        message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
+        message.extend_from_slice(&[0, 0]); // family AF_UNSPEC, padding
+        message.extend_from_slice(&0u16.to_ne_bytes()); // device type
+        message.extend_from_slice(&index.to_ne_bytes());
+        message.extend_from_slice(&IFF_UP.to_ne_bytes()); // flags
+        message.extend_from_slice(&IFF_UP.to_ne_bytes()); // change mask
+        // Protocol 0 of netlink is NETLINK_ROUTE.
+        let route = socket(AddressFamily::NETLINK, SocketType::RAW, None).map_err(to_text)?;
+        sendto(&route, &message, SendFlags::empty(), &netlink::SocketAddrNetlink::new(0, 0))
+            .map_err(to_text)?;
+        let mut answer = [0u8; 1024];
+        let (length, _) = recv(&route, &mut answer, RecvFlags::empty()).map_err(to_text)?;
+        let field = |range: std::ops::Range<usize>| answer.get(range).filter(|_| length >= 20);
+        let kind = field(4..6).map(|bytes| u16::from_ne_bytes([bytes[0], bytes[1]]));
+        let code =
+            field(16..20).map(|bytes| i32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]));
+        match (kind, code) {
+            (Some(NLMSG_ERROR), Some(0)) => Ok(()),
+            (Some(NLMSG_ERROR), Some(code)) => {
+                Err(rustix::io::Errno::from_raw_os_error(-code).to_string())
+            }
+            _ => Err("no acknowledgement from the kernel".to_owned()),
+        }
+    }
 }
 
 #[cfg(test)]
