@@ -250,6 +250,10 @@ fn start_engine(
     let mut tasks = context.engine.spawn();
     // Cron deployments: every replica polls, the database picks one per tick.
     tasks.push(tokio::spawn(crate::service::triggers::run_cron_triggers(context.clone())));
+    // Runners whose key or owner changed are withdrawn, on every replica.
+    tasks.push(tokio::spawn(crate::service::runner_access::keep_runner_access_current(
+        context.clone(),
+    )));
     if let Some(key) = &context.local_runner_key {
         let host = if local_addr.ip().is_unspecified() {
             SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local_addr.port())

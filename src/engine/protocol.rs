@@ -9,7 +9,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use uuid::Uuid;
 
-use super::attached_runners::{AttachedRunner, RunnerOwner, RunnerSender};
+use super::attached_runners::{AttachedRunner, RunnerGrant, RunnerSender};
 use super::dispatcher::lease_end;
 use super::{Engine, EngineResult};
 use crate::proto::v1 as pb;
@@ -37,7 +37,7 @@ impl Engine {
     pub async fn attach_runner(
         self: &Arc<Self>,
         hello: pb::RunnerHello,
-        owner: RunnerOwner,
+        grant: RunnerGrant,
         sender: RunnerSender,
     ) -> Result<(Arc<AttachedRunner>, pb::AttachAccepted), HelloError> {
         if !(1..=MAX_RUNNER_CAPACITY).contains(&hello.capacity) {
@@ -74,7 +74,7 @@ impl Engine {
             labels,
             agent_types,
             capacity,
-            owner,
+            grant,
             hello.runner_version.chars().take(100).collect(),
             sender,
         ));
@@ -119,9 +119,47 @@ impl Engine {
     /// Forgets a runner whose stream ended. Its attempts keep their leases until they run out,
     /// so a runner that reconnects in time keeps them.
     pub async fn detach_runner(&self, runner: &AttachedRunner) {
-        self.attached_runners.detach(&runner.id);
+        // A runner withdrawn earlier may already be attached again under the same id.
+        if !self.attached_runners.detach_this(runner) {
+            return;
+        }
         self.runner_directory.forget(&runner.id).await;
         tracing::info!(runner_id = %runner.id, held = runner.load(), "runner detached");
+    }
+
+    /// The runners attached to this process, with what each was granted at attach: what
+    /// `withdraw_runner` is decided on.
+    pub fn attached_runner_grants(&self) -> Vec<(String, RunnerGrant)> {
+        self.attached_runners
+            .all()
+            .iter()
+            .map(|runner| (runner.id.clone(), runner.grant()))
+            .collect()
+    }
+
+    /// Detaches a runner whose right to work was withdrawn (its key revoked or expired, its
+    /// owner deleted or demoted): it takes no further step, is told to cancel the ones it holds,
+    /// which go back to the queue at once (not when their leases run out), and its stream ends
+    /// with PERMISSION_DENIED and `reason`. A runner that is no longer attached here is left.
+    pub async fn withdraw_runner(self: &Arc<Self>, runner_id: &str, reason: &str) {
+        let Some(runner) = self.attached_runners.detach(runner_id) else { return };
+        // No assignment racing this one finds a slot any more.
+        runner.set_draining();
+        self.runner_directory.forget(&runner.id).await;
+        let held = runner.held_keys();
+        for key in &held {
+            let cancel = pb::CancelStep {
+                step: Some(super::scheduler::step_ref(*key)),
+                reason: reason.to_owned(),
+            };
+            runner.try_send(pb::attach_response::Message::Cancel(cancel));
+            runner.release(*key);
+            if let Err(error) = self.take_back(*key).await {
+                tracing::warn!(%error, step_run_id = %key.step_run_id, "could not take a step back from a withdrawn runner; the reconciler will when its lease ends");
+            }
+        }
+        runner.withdraw(tonic::Status::permission_denied(reason.to_owned()));
+        tracing::warn!(runner_id = %runner.id, reason, taken_back = held.len(), "runner withdrawn");
     }
 
     /// Acts on one message of an attached runner.

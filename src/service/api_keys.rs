@@ -158,6 +158,8 @@ pub async fn delete_api_key(
     if revoked_earlier {
         return Err(ServiceError::not_found("api key"));
     }
+    // Runners attached with the key stop working now, on every replica.
+    super::runner_access::announce_access_change(context).await;
     audit::record(
         context,
         Actor::Caller(caller),

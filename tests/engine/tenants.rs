@@ -1,0 +1,167 @@
+//! Tenants cannot reach each other through runners: a runner's right to work is re-checked
+//! when its key or the key's owner changes, on every replica.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::runners::{runner_id, wait_for_runners};
+use crate::support::api::{Api, Auth};
+use crate::support::{start_serve, start_serve_replica};
+use crate::{RunnerProcess, Workbench, step};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// The runners `auth` sees, by name: (id, ownerId).
+async fn listed_runners(api: &Api, auth: &Auth) -> Vec<(String, String, String)> {
+    let (status, body) = api.get("/api/v1/runners", auth).await;
+    assert_eq!(status, 200, "{body}");
+    body["data"]
+        .as_array()
+        .map(|runners| {
+            runners
+                .iter()
+                .map(|runner| {
+                    let text = |field: &str| runner[field].as_str().unwrap_or_default().to_owned();
+                    (text("name"), text("id"), text("ownerId"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Logs in again (a role change ends every session) and returns the new credentials.
+async fn log_in(api: &Api, email: &str, password: &str) -> Auth {
+    let (status, body) = api.login(email, password).await;
+    assert_eq!(status, 200, "{body}");
+    Auth::bearer(body["data"]["accessToken"].as_str().expect("access token"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_whose_key_is_demoted_or_revoked_is_withdrawn_on_every_replica() {
+    // A lease far longer than the test waits: steps come back by withdrawal, not by expiry.
+    let redis_prefix = format!("turbocat-test:{}:", uuid::Uuid::new_v4().simple());
+    let flags = ["--redis-key-prefix", redis_prefix.as_str(), "--runner-lease-seconds", "120"];
+    let (first, database) = start_serve(&flags).await;
+    let second = start_serve_replica(&database, &flags).await;
+    let api = Api::new(&first);
+    let root = api.register("root@example.com", "Root").await;
+    let fleet = api.register("fleet@example.com", "Fleet Admin").await;
+    let (status, body) = api
+        .patch(
+            &format!("/api/v1/users/{}/role", fleet.id),
+            &root.auth(),
+            json!({ "role": "ADMIN" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let fleet_auth = log_in(&api, &fleet.email, &fleet.password).await;
+    let (status, body) = api
+        .post(
+            "/api/v1/api-keys",
+            &fleet_auth,
+            json!({ "name": "fleet", "scopes": ["RUNNER"], "shared": true }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let shared_key = body["data"]["key"].as_str().expect("key").to_owned();
+    let shared_key_id = body["data"]["apiKey"]["id"].as_str().expect("key id").to_owned();
+
+    // The shared runner attaches to the second replica and serves another user, bob.
+    let mut shared_runner =
+        RunnerProcess::start(&second.base_url(), &shared_key, "fleet-box", 2, "", &[]);
+    let bob = Workbench::new(Api::new(&first), "bob@example.com").await;
+    let listed = wait_for_runners(&bob.api, &bob.auth, &["fleet-box"]).await;
+    let fleet_box = runner_id(&listed, "fleet-box");
+    let nap = bob
+        .code(
+            "nap",
+            "python",
+            "import json, time\ntime.sleep(4)\nprint(json.dumps({'rested': True}))\n",
+            json!({}),
+        )
+        .await;
+    let workflow = bob.workflow("rest", json!([{ "key": "nap", "agentId": nap }]), json!({})).await;
+    let served = bob.execute(&workflow, json!({})).await;
+    let execution = bob.finished(&served, LIMIT).await;
+    assert_eq!(execution["status"], "SUCCEEDED", "a valid shared key serves bob: {execution}");
+    assert_eq!(step(&execution, "nap")["runnerId"], fleet_box.as_str());
+
+    // Bob's next step is running on it when its key's owner is demoted (on the first replica).
+    let execution_id = bob.execute(&workflow, json!({})).await;
+    bob.wait_for(&execution_id, LIMIT, "running on the shared runner", |execution| {
+        step(execution, "nap")["status"] == "RUNNING"
+    })
+    .await;
+    let (status, body) = api
+        .patch(&format!("/api/v1/users/{}/role", fleet.id), &root.auth(), json!({ "role": "USER" }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The step comes back to the queue at once (the lease has two minutes to go) and waits:
+    // no runner serves bob any more.
+    let requeued = bob
+        .wait_for(&execution_id, Duration::from_secs(30), "taken back", |execution| {
+            step(execution, "nap")["attempt"] == 2
+        })
+        .await;
+    let nap_step = step(&requeued, "nap");
+    assert_eq!(nap_step["status"], "QUEUED", "{nap_step}");
+    assert_eq!(nap_step["attempts"][0]["runnerId"], fleet_box.as_str(), "{nap_step}");
+    assert_eq!(nap_step["attempts"][0]["status"], "LEASE_LOST", "{nap_step}");
+
+    // The runner attached again with what its key grants now: its owner's runner only.
+    let started = Instant::now();
+    loop {
+        let everyone = listed_runners(&api, &root.auth()).await;
+        let fleet_runners: Vec<&(String, String, String)> =
+            everyone.iter().filter(|(name, _, _)| name == "fleet-box").collect();
+        if fleet_runners.len() == 1 && fleet_runners[0].2 == fleet.id {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not re-attached as fleet's own: {everyone:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        listed_runners(&bob.api, &bob.auth).await.is_empty(),
+        "bob sees no runner of another user"
+    );
+    let waiting = bob.execution(&execution_id).await;
+    assert_eq!(
+        step(&waiting, "nap")["status"],
+        "QUEUED",
+        "not run by fleet's own runner: {waiting}"
+    );
+
+    // Its key revoked, the runner is detached and refused: it exits.
+    let fleet_auth = log_in(&api, &fleet.email, &fleet.password).await;
+    let (status, body) =
+        api.delete(&format!("/api/v1/api-keys/{shared_key_id}"), &fleet_auth).await;
+    assert_eq!(status, 200, "{body}");
+    let started = Instant::now();
+    while shared_runner.child.try_wait().expect("wait").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the runner of a revoked key still runs: {}",
+            shared_runner.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let other_replica = Api::new(&second);
+    let started = Instant::now();
+    while !listed_runners(&other_replica, &root.auth()).await.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(30), "a revoked runner is still listed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A runner with a valid key of bob's still takes bob's step.
+    let (bob_key, _) = bob.api.create_key(&bob.auth, "bob runner", &["RUNNER"]).await;
+    let _bob_runner = RunnerProcess::start(&first.base_url(), &bob_key, "bob-box", 1, "", &[]);
+    let execution = bob.finished(&execution_id, LIMIT).await;
+    assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+    let nap_step: &Value = step(&execution, "nap");
+    assert_eq!(nap_step["attempt"], 2, "{nap_step}");
+    assert_ne!(nap_step["runnerId"], fleet_box.as_str(), "{nap_step}");
+}
