@@ -390,6 +390,9 @@ pub struct DevArgs {
     pub jwt_secret: Option<Secret>,
     #[command(flatten)]
     pub jwt_keys: JwtKeyArgs,
+    /// What the built-in runner lends LLM agents.
+    #[command(flatten)]
+    pub llm_keys: LlmKeyArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -462,6 +465,32 @@ pub struct RunnerArgs {
     /// Largest gRPC message, in bytes.
     #[arg(long, env = "TURBOCAT_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    #[command(flatten)]
+    pub llm_keys: LlmKeyArgs,
+}
+
+/// Which of the runner's environment variables LLM agents may use as API keys.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LlmKeyArgs {
+    /// Variables LLM agents may name in `apiKeyRef: env:NAME`, comma-separated, each for any
+    /// base URL or only one host: `OPENAI_API_KEY@api.openai.com,ANTHROPIC_API_KEY`. None by
+    /// default; `TURBOCAT_*` settings never.
+    #[arg(long, env = "TURBOCAT_LLM_KEY_ENV", value_delimiter = ',')]
+    pub llm_key_env: Vec<String>,
+}
+
+impl LlmKeyArgs {
+    /// The policy the LLM executor applies, or the flag at fault.
+    pub fn policy(&self) -> Result<crate::runner::executors::llm::LlmKeyPolicy, SettingError> {
+        crate::runner::executors::llm::LlmKeyPolicy::parse(
+            self.llm_key_env.iter().map(String::as_str),
+        )
+        .map_err(|problem| SettingError {
+            flag: "--llm-key-env",
+            variable: "TURBOCAT_LLM_KEY_ENV",
+            problem,
+        })
+    }
 }
 
 impl RunnerArgs {
@@ -507,6 +536,7 @@ impl RunnerArgs {
             agent_types: crate::runner::client::RunnerSettings::default_agent_types(),
             drain_grace: std::time::Duration::from_secs(self.drain_seconds),
             max_message_bytes: self.max_message_bytes,
+            llm_keys: std::sync::Arc::new(self.llm_keys.policy()?),
         })
     }
 }

@@ -48,6 +48,8 @@ pub struct RunnerSettings {
     /// How long a draining runner waits for its steps before it hands them back.
     pub drain_grace: Duration,
     pub max_message_bytes: usize,
+    /// The variables LLM agents may use as API keys (`--llm-key-env`).
+    pub llm_keys: Arc<super::executors::llm::LlmKeyPolicy>,
 }
 
 impl RunnerSettings {
@@ -358,6 +360,7 @@ impl Session<'_> {
                     self.running.clone(),
                     self.outbox.clone(),
                     self.message_limit.clone(),
+                    self.settings.llm_keys.clone(),
                 ));
             }
             pb::attach_response::Message::Cancel(cancel) => {
@@ -383,6 +386,7 @@ async fn run_attempt(
     running: Running,
     outbox: mpsc::Sender<pb::AttachRequest>,
     message_limit: MessageLimit,
+    llm_keys: Arc<super::executors::llm::LlmKeyPolicy>,
 ) {
     let Some(step) = assignment.step.clone() else { return };
     let key = (step.step_run_id.clone(), step.attempt);
@@ -447,6 +451,7 @@ async fn run_attempt(
             .map(crate::proto::wkt::value_to_json)
             .unwrap_or(serde_json::Value::Null),
         deadline: assignment.deadline.as_ref().map(StepWork::deadline_from_timestamp),
+        llm_keys,
     };
     let outcome = executors::execute(work, logs, cancel.clone()).await;
     let _ = forwarder.await;
