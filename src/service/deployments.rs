@@ -892,7 +892,8 @@ pub async fn start_agent_execution(
         timeout: start.timeout_seconds.map(executions::seconds_duration),
         ..Default::default()
     };
-    let definition = ExecutionDefinition::snapshot(&workflow, &[agents::agent_to_proto(agent)]);
+    let runnable = agents::agent_to_run(context.store.as_ref(), agent).await;
+    let definition = ExecutionDefinition::snapshot(&workflow, &[runnable]);
     let step_runs = vec![NewStepRun {
         step_key: AGENT_STEP_KEY.to_owned(),
         agent_id: Some(agent.id),

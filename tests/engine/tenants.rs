@@ -165,3 +165,155 @@ async fn a_runner_whose_key_is_demoted_or_revoked_is_withdrawn_on_every_replica(
     assert_eq!(nap_step["attempt"], 2, "{nap_step}");
     assert_ne!(nap_step["runnerId"], fleet_box.as_str(), "{nap_step}");
 }
+
+/// A loopback HTTP server that counts its requests; returns its base URL and the count.
+async fn private_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let router = axum::Router::new().route(
+        "/internal",
+        axum::routing::get(move || {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                axum::Json(json!({ "secret": "internal" }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    (format!("http://{address}"), hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_administrator_opens_private_networks() {
+    use std::sync::atomic::Ordering;
+    let (server, data) = crate::support::start_dev(&[]);
+    let api = Api::new(&server);
+    let admin = api.register("ssrf-admin@example.com", "Admin").await;
+    let user = Workbench::new(Api::new(&server), "ssrf-user@example.com").await;
+    let (base, hits) = private_server().await;
+    let open = |url: &str| json!({ "api": { "method": "GET", "urlTemplate": url, "allowPrivateNetwork": true } });
+    let url = format!("{base}/internal");
+
+    // A user cannot turn the guard off, over REST or gRPC, creating or updating.
+    let (status, body) = api
+        .post(
+            "/api/v1/agents",
+            &user.auth,
+            json!({ "name": "probe", "type": "API", "config": open(&url) }),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.to_string().contains("config.api.allowPrivateNetwork"), "{body}");
+    let mut agents =
+        turbocat::proto::v1::agent_service_client::AgentServiceClient::new(api.channel().await);
+    let refused = agents
+        .create_agent(crate::support::api::grpc(
+            turbocat::proto::v1::CreateAgentRequest {
+                agent: Some(turbocat::proto::v1::Agent {
+                    name: "probe".into(),
+                    r#type: turbocat::proto::v1::AgentType::Llm as i32,
+                    config: Some(turbocat::proto::v1::AgentConfig {
+                        kind: Some(turbocat::proto::v1::agent_config::Kind::Llm(
+                            turbocat::proto::v1::LlmAgentConfig {
+                                base_url: format!("{base}/v1"),
+                                model: "m".into(),
+                                prompt_template: "hi".into(),
+                                allow_private_network: true,
+                                ..Default::default()
+                            },
+                        )),
+                    }),
+                    ..Default::default()
+                }),
+            },
+            &user.auth,
+        ))
+        .await
+        .expect_err("a user opens no private network");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let guarded = user
+        .agent(
+            "guarded",
+            "API",
+            json!({ "api": { "method": "GET", "urlTemplate": url } }),
+            json!({}),
+        )
+        .await;
+    let (status, body) = api
+        .patch(
+            &format!("/api/v1/agents/{guarded}"),
+            &user.auth,
+            json!({ "config": open(&url), "version": 1 }),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+
+    // An agent that got the flag before this rule (written straight to the store) runs with
+    // the guard on: refused, nothing sent.
+    let store = crate::support::api::dev_store(data.path()).await;
+    let agent_id: uuid::Uuid = guarded.parse().expect("id");
+    let old = store
+        .update_agent(
+            turbocat::store::OwnerScope::All,
+            agent_id,
+            1,
+            turbocat::store::AgentChanges { config: Some(open(&url)), ..Default::default() },
+            uuid::Uuid::parse_str(&user_id(&user).await).expect("user id"),
+        )
+        .await
+        .expect("an old flagged config");
+    assert_eq!(old.version, 2);
+    let workflow =
+        user.workflow("probe", json!([{ "key": "probe", "agentId": guarded }]), json!({})).await;
+    let execution_id = user.execute(&workflow, json!({})).await;
+    let execution = user.finished(&execution_id, LIMIT).await;
+    assert_eq!(execution["status"], "FAILED", "{execution}");
+    let error = execution["error"].as_str().unwrap_or_default();
+    assert!(error.contains("loopback") && error.contains("allowPrivateNetwork"), "{error}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the private server was reached");
+
+    // An administrator approves it (saves the config with the flag): it reaches its server,
+    // and the user may save it unchanged, but not point it elsewhere.
+    let (status, body) = api
+        .patch(
+            &format!("/api/v1/agents/{guarded}"),
+            &admin.auth(),
+            json!({ "config": open(&url), "version": 2 }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let execution_id = user.execute(&workflow, json!({})).await;
+    let execution = user.finished(&execution_id, LIMIT).await;
+    assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+    assert_eq!(step(&execution, "probe")["output"]["body"]["secret"], "internal");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let (status, body) = api
+        .patch(
+            &format!("/api/v1/agents/{guarded}"),
+            &user.auth,
+            json!({ "config": open(&url), "name": "renamed", "version": 3 }),
+        )
+        .await;
+    assert_eq!(status, 200, "an approved config saved unchanged: {body}");
+    let elsewhere = format!("{base}/internal?other=1");
+    let (status, body) = api
+        .patch(
+            &format!("/api/v1/agents/{guarded}"),
+            &user.auth,
+            json!({ "config": open(&elsewhere), "version": 4 }),
+        )
+        .await;
+    assert_eq!(status, 403, "a changed config needs approval again: {body}");
+}
+
+async fn user_id(bench: &Workbench) -> String {
+    let (status, body) = bench.api.get("/api/v1/users/me", &bench.auth).await;
+    assert_eq!(status, 200, "{body}");
+    body["data"]["id"].as_str().expect("id").to_owned()
+}
