@@ -242,6 +242,15 @@ pub struct EngineArgs {
     /// Deepest nesting of sub-workflow executions.
     #[arg(long, env = "TURBOCAT_MAX_WORKFLOW_DEPTH", default_value_t = 5)]
     pub max_workflow_depth: u16,
+    /// Deepest nesting of a JSON value that enters (inputs, outputs, configs, templates): below
+    /// what gRPC decoders accept (an object level is three protobuf levels of 100).
+    #[arg(
+        long,
+        env = "TURBOCAT_MAX_JSON_DEPTH",
+        default_value_t = 32,
+        value_parser = clap::value_parser!(u16).range(4..=32)
+    )]
+    pub max_json_depth: u16,
 }
 
 impl EngineArgs {
@@ -255,6 +264,7 @@ impl EngineArgs {
             max_infrastructure_reassignments: i32::from(self.max_runner_reassignments),
             max_payload_bytes: self.max_payload_bytes,
             max_workflow_depth: i32::from(self.max_workflow_depth),
+            max_json_depth: usize::from(self.max_json_depth),
             ..crate::engine::EngineSettings::default()
         }
     }

@@ -15,6 +15,7 @@ use super::{Engine, EngineResult};
 use crate::proto::v1 as pb;
 use crate::store::{
     AttemptKey, Completion, ExecutionLogLevel, ExecutionLogSource, NewExecutionLog, StepRunStatus,
+    StoreError,
 };
 
 /// The most slots one runner may announce.
@@ -220,7 +221,19 @@ impl Engine {
                 let completion = self.completion_of(result.outcome);
                 // Free the slot only once the result is committed, so the attempt's end is
                 // recorded before the next assignment to this slot starts.
-                let outcome = self.complete_attempt(key, completion).await;
+                let mut outcome = self.complete_attempt(key, completion).await;
+                if let Err(super::EngineError::Store(StoreError::ValueRefused(reason))) = &outcome {
+                    // The store cannot keep what the runner reported: the attempt fails once,
+                    // with that as its own error (never retried as if its runner were lost).
+                    let error = format!(
+                        "the server cannot store this step's result: {}",
+                        without_nul(reason)
+                    );
+                    tracing::info!(runner_id = %runner.id, step_run_id = %key.step_run_id, "a step result the store refuses fails its step");
+                    outcome = self
+                        .complete_attempt(key, Completion::Failed { error, retryable: false })
+                        .await;
+                }
                 if runner.release(key) {
                     self.attached_runners.capacity_changed.notify_waiters();
                 }
@@ -250,6 +263,24 @@ impl Engine {
                     .as_ref()
                     .map(crate::proto::wkt::value_to_json)
                     .unwrap_or(serde_json::Value::Null);
+                if crate::proto::wkt::json_contains_nul(&output) {
+                    return Completion::Failed {
+                        error: "the output contains a NUL character (\\u0000), which cannot be \
+                                stored"
+                            .to_owned(),
+                        retryable: false,
+                    };
+                }
+                let depth = crate::proto::wkt::json_depth(&output);
+                if depth > self.settings.max_json_depth {
+                    return Completion::Failed {
+                        error: format!(
+                            "the output is nested {depth} levels deep, deeper than the limit of {}",
+                            self.settings.max_json_depth
+                        ),
+                        retryable: false,
+                    };
+                }
                 let size = output.to_string().len();
                 if size > self.settings.max_payload_bytes {
                     return Completion::Failed {
@@ -265,7 +296,9 @@ impl Engine {
             Some(Outcome::Failure(failure)) => {
                 let kind =
                     pb::FailureKind::try_from(failure.kind).unwrap_or(pb::FailureKind::Error);
-                let error: String = failure.error.chars().take(MAX_LOG_LINE_CHARS).collect();
+                let error = without_nul(
+                    &failure.error.chars().take(MAX_LOG_LINE_CHARS).collect::<String>(),
+                );
                 match kind {
                     pb::FailureKind::Timeout => Completion::TimedOut,
                     pb::FailureKind::Invalid => Completion::Failed { error, retryable: false },
@@ -312,7 +345,9 @@ impl Engine {
                 attempt: Some(key.attempt),
                 level,
                 source,
-                message: line.message.chars().take(MAX_LOG_LINE_CHARS).collect(),
+                message: without_nul(
+                    &line.message.chars().take(MAX_LOG_LINE_CHARS).collect::<String>(),
+                ),
                 fields: None,
                 created_at,
             });
@@ -327,6 +362,11 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// `text` with every NUL character (which PostgreSQL cannot store) replaced by U+FFFD.
+fn without_nul(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
 }
 
 fn attempt_key(step: &pb::StepRef) -> Option<AttemptKey> {

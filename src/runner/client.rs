@@ -31,6 +31,10 @@ const LOG_BATCH_LINES: usize = 200;
 const LOG_BATCH_DELAY: Duration = Duration::from_millis(200);
 /// Room left in every message for its framing and the fields around a payload.
 const MESSAGE_OVERHEAD_BYTES: usize = 1024;
+/// The deepest output a runner sends, in protobuf levels (`wkt::json_proto_depth`): with the
+/// envelope (request, result, success) it stays below the decoders' limit of 100. The
+/// server's own limit (`--max-json-depth`) fails outputs deeper than it with its own message.
+const MAX_SENDABLE_PROTO_DEPTH: usize = 96;
 /// The smallest message limit the runner works with, whatever is announced.
 const MIN_MESSAGE_BYTES: usize = 4 * 1024;
 
@@ -461,6 +465,15 @@ async fn run_attempt(
         return;
     }
     let outcome = match outcome {
+        // Nested deeper than the server's decoder accepts, it would break the whole stream
+        // (and every other step on it): the step fails here instead, saying why.
+        Ok(output) if crate::proto::wkt::json_proto_depth(&output) > MAX_SENDABLE_PROTO_DEPTH => {
+            let error = StepError::non_retryable(format!(
+                "the output is nested {} levels deep, deeper than a runner can send",
+                crate::proto::wkt::json_depth(&output)
+            ));
+            pb::step_result::Outcome::Failure(error.to_failure())
+        }
         Ok(output) => pb::step_result::Outcome::Success(pb::StepSuccess {
             output: Some(crate::proto::wkt::json_to_value(&output)),
         }),

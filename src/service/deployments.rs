@@ -229,7 +229,11 @@ fn is_environment_name(name: &str) -> bool {
 }
 
 /// Checks a configuration and returns it as stored JSON (`{}` when absent).
-fn check_config(validator: &mut Validator, config: Option<&pb::DeploymentConfig>) -> Value {
+fn check_config(
+    validator: &mut Validator,
+    config: Option<&pb::DeploymentConfig>,
+    max_depth: usize,
+) -> Value {
     let Some(config) = config else {
         return json::encode(CONFIG_MESSAGE, &pb::DeploymentConfig::default());
     };
@@ -251,6 +255,9 @@ fn check_config(validator: &mut Validator, config: Option<&pb::DeploymentConfig>
         }
         let value = &config.environment_values[name];
         validator.max_chars(&field, value, MAX_ENVIRONMENT_VALUE_CHARS);
+    }
+    if let Some(defaults) = &config.input_defaults {
+        validator.json_depth("config.inputDefaults", &wkt::struct_to_json(defaults), max_depth);
     }
     let stored = json::encode(CONFIG_MESSAGE, config);
     if stored.to_string().len() > MAX_CONFIG_BYTES {
@@ -446,7 +453,11 @@ pub async fn create_deployment(
     validator.max_chars("description", &deployment.description, MAX_DESCRIPTION_CHARS);
     let target = check_target_ids(&mut validator, &deployment.workflow_id, &deployment.agent_id);
     let environment = check_environment(&mut validator, deployment.environment);
-    let config = check_config(&mut validator, deployment.config.as_ref());
+    let config = check_config(
+        &mut validator,
+        deployment.config.as_ref(),
+        context.engine.settings().max_json_depth,
+    );
     let trigger = check_trigger(&mut validator, deployment.trigger.as_ref());
     if deployment.status != 0 {
         validator.error("status", "is set by start and stop");
@@ -612,7 +623,11 @@ pub async fn update_deployment(
                 }
             }
             DeploymentField::Config => {
-                changes.config = Some(check_config(&mut validator, deployment.config.as_ref()));
+                changes.config = Some(check_config(
+                    &mut validator,
+                    deployment.config.as_ref(),
+                    context.engine.settings().max_json_depth,
+                ));
             }
             DeploymentField::Trigger => {
                 requested_trigger = check_trigger(&mut validator, deployment.trigger.as_ref());

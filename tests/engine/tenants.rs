@@ -317,3 +317,106 @@ async fn user_id(bench: &Workbench) -> String {
     assert_eq!(status, 200, "{body}");
     body["data"]["id"].as_str().expect("id").to_owned()
 }
+
+/// `{"v": {"v": … 1 …}}` nested `depth` levels deep (a scalar is one level).
+fn nested(depth: usize) -> Value {
+    let mut value = json!(1);
+    for _ in 1..depth {
+        value = json!({ "v": value });
+    }
+    value
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisoned_payloads_fail_their_own_step_once_and_never_the_runner() {
+    let (server, _database) = start_serve(&[]).await;
+    let bench = Workbench::new(Api::new(&server), "poison@example.com").await;
+    let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
+    let runner = RunnerProcess::start(&server.base_url(), &key, "sturdy", 2, "", &[]);
+    let listed = wait_for_runners(&bench.api, &bench.auth, &["sturdy"]).await;
+    let sturdy = runner_id(&listed, "sturdy");
+
+    // Inputs nested too deep are refused at the edge, naming the field: 400, never a 500.
+    let echo = bench.jq("echo", ".").await;
+    let workflow =
+        bench.workflow("echo", json!([{ "key": "echo", "agentId": echo }]), json!({})).await;
+    for depth in [33, 49, 60] {
+        let (status, body) = bench
+            .api
+            .post(
+                &format!("/api/v1/workflows/{workflow}/execute"),
+                &bench.auth,
+                json!({ "input": { "deep": nested(depth) } }),
+            )
+            .await;
+        let fields = crate::support::api::assert_error(status, &body, 400, "VALIDATION_ERROR");
+        // Past what protobuf decoders take at all, the JSON does not even become a message.
+        let expected = if depth < 60 { "input" } else { "body" };
+        assert_eq!(fields, vec![expected], "depth {depth}: {body}");
+    }
+    let mut client = turbocat::proto::v1::workflow_service_client::WorkflowServiceClient::new(
+        bench.api.channel().await,
+    );
+    let refused = client
+        .execute_workflow(crate::support::api::grpc(
+            turbocat::proto::v1::ExecuteWorkflowRequest {
+                workflow_id: workflow.clone(),
+                input: Some(turbocat::proto::wkt::json_to_value(&json!({ "deep": nested(33) }))),
+                ..Default::default()
+            },
+            &bench.auth,
+        ))
+        .await
+        .expect_err("too deep");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let fine = bench.execute(&workflow, json!({ "input": { "deep": nested(30) } })).await;
+    assert_eq!(bench.finished(&fine, LIMIT).await["status"], "SUCCEEDED");
+
+    // Outputs the server cannot keep (a NUL character, PostgreSQL refuses it), nested deeper
+    // than the limit, or deeper than a runner sends: each fails its step once, as its own
+    // error, and the runner keeps its stream.
+    let python = |expression: &str| {
+        format!(
+            "import json\ndef nest(n, wrap):\n    v = 1\n    for _ in range(n - 1):\n        v = wrap(v)\n    return v\nprint(json.dumps({expression}))\n"
+        )
+    };
+    let cases = [
+        ("nul", python("{'text': 'a\\u0000b'}"), "NUL character"),
+        (
+            "deep",
+            python("nest(40, lambda v: [v])"),
+            "nested 40 levels deep, deeper than the limit of 32",
+        ),
+        (
+            "deeper",
+            python("nest(60, lambda v: {'v': v})"),
+            "nested 60 levels deep, deeper than a runner can send",
+        ),
+    ];
+    for (name, source, expected) in cases {
+        let agent = bench.code(name, "python", &source, json!({})).await;
+        let poisoned = bench
+            .workflow(
+                name,
+                json!([{ "key": "poison", "agentId": agent, "retryPolicy": { "maxAttempts": 3, "initialBackoff": "0.1s" } }]),
+                json!({}),
+            )
+            .await;
+        let execution_id = bench.execute(&poisoned, json!({})).await;
+        let execution = bench.finished(&execution_id, LIMIT).await;
+        assert_eq!(execution["status"], "FAILED", "{name}: {execution}");
+        let poison = step(&execution, "poison");
+        assert_eq!(poison["attempt"], 1, "{name}: not retried: {poison}");
+        assert_eq!(poison["infraReassignments"], 0, "{name}: {poison}");
+        assert_eq!(poison["runnerId"], sturdy.as_str(), "{name}: {poison}");
+        let error = poison["error"].as_str().unwrap_or_default();
+        assert!(error.contains(expected), "{name}: {error}");
+    }
+    // The same runner, never reconnected, still takes steps.
+    let after = bench.execute(&workflow, json!({ "input": { "ok": true } })).await;
+    let execution = bench.finished(&after, LIMIT).await;
+    assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+    assert_eq!(step(&execution, "echo")["runnerId"], sturdy.as_str());
+    let runner_log = runner.stderr_text();
+    assert_eq!(runner_log.matches("attached to the server").count(), 1, "{runner_log}");
+}
