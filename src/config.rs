@@ -211,6 +211,75 @@ pub struct ListenArgs {
     pub account_security: AccountSecurityArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub triggers: TriggerArgs,
+}
+
+/// What deployments' triggers may do: how fresh a webhook call must be, how often a cron
+/// schedule may fire and how many a user may keep running.
+#[derive(Debug, Clone, Args)]
+pub struct TriggerArgs {
+    /// Seconds a signed webhook call stays valid after its X-Turbocat-Timestamp (either way,
+    /// for clock skew); older calls are refused as replays.
+    #[arg(
+        long,
+        env = "TURBOCAT_WEBHOOK_TOLERANCE_SECONDS",
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(10..=3_600)
+    )]
+    pub webhook_tolerance_seconds: u64,
+    /// Shortest interval between two fires of a user's cron deployment, in seconds.
+    #[arg(
+        long,
+        env = "TURBOCAT_CRON_MIN_INTERVAL_SECONDS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub cron_min_interval_seconds: u64,
+    /// Shortest interval between two fires of an administrator's cron deployment, in seconds.
+    #[arg(
+        long,
+        env = "TURBOCAT_CRON_ADMIN_MIN_INTERVAL_SECONDS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub cron_admin_min_interval_seconds: u64,
+    /// Running cron deployments one user may have at once (administrators are not limited).
+    #[arg(long, env = "TURBOCAT_MAX_ACTIVE_CRON_DEPLOYMENTS", default_value_t = 10)]
+    pub max_active_cron_deployments: u32,
+}
+
+/// The limits `TriggerArgs` set, as the services read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TriggerLimits {
+    pub webhook_tolerance: std::time::Duration,
+    pub cron_min_interval: std::time::Duration,
+    pub cron_admin_min_interval: std::time::Duration,
+    pub max_active_cron_deployments: u32,
+}
+
+impl Default for TriggerLimits {
+    fn default() -> Self {
+        Self {
+            webhook_tolerance: std::time::Duration::from_secs(300),
+            cron_min_interval: std::time::Duration::from_secs(60),
+            cron_admin_min_interval: std::time::Duration::from_secs(1),
+            max_active_cron_deployments: 10,
+        }
+    }
+}
+
+impl TriggerArgs {
+    pub fn limits(&self) -> TriggerLimits {
+        TriggerLimits {
+            webhook_tolerance: std::time::Duration::from_secs(self.webhook_tolerance_seconds),
+            cron_min_interval: std::time::Duration::from_secs(self.cron_min_interval_seconds),
+            cron_admin_min_interval: std::time::Duration::from_secs(
+                self.cron_admin_min_interval_seconds,
+            ),
+            max_active_cron_deployments: self.max_active_cron_deployments,
+        }
+    }
 }
 
 /// How the execution engine treats runners.

@@ -370,6 +370,7 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
         parts.store.clone(),
     ));
     Ok(Arc::new(AppContext {
+        trigger_limits: parts.listen.triggers.limits(),
         engine,
         local_runner_key: parts.local_runner_key,
         mailer,
