@@ -120,6 +120,14 @@ impl RestEdge {
             // An EventSource cannot send headers: the event stream alone takes the token here.
             if let Some(position) = query_pairs.iter().position(|(key, _)| key == "access_token") {
                 let (_, token) = query_pairs.remove(position);
+                // URLs end up in logs and histories: a long-lived API key never travels there.
+                if token.trim().starts_with(crate::auth::API_KEY_PREFIX) {
+                    return Err(ServiceError::invalid_field(
+                        "access_token",
+                        "takes only a short-lived access token; send an API key in the \
+                         x-api-key header",
+                    ));
+                }
                 if let Ok(value) = http::HeaderValue::from_str(&format!("Bearer {token}")) {
                     parts.headers.insert(http::header::AUTHORIZATION, value);
                 }
