@@ -18,7 +18,9 @@ use reqwest::header::{AUTHORIZATION, HeaderValue};
 use serde_json::{Value, json};
 use url::Url;
 
-use super::api::{read_limited_body, ssrf_failure, status_failure, transport_failure};
+use super::api::{
+    loggable_url, read_limited_body, ssrf_failure, status_failure, transport_failure,
+};
 use super::{RunContext, StepError};
 use crate::mapping;
 use crate::proto::v1 as pb;
@@ -188,7 +190,7 @@ pub(super) async fn run(
         value.set_sensitive(true);
         request = request.header(AUTHORIZATION, value);
     }
-    context.logs.system(&format!("POST {url} (model {})", config.model)).await;
+    context.logs.system(&format!("POST {} (model {})", loggable_url(&url), config.model)).await;
     let response = request.send().await.map_err(|error| transport_failure(&error))?;
     let status = response.status();
     let max_response_bytes =
