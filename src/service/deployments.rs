@@ -276,6 +276,7 @@ enum RequestedTrigger {
 fn check_trigger(
     validator: &mut Validator,
     trigger: Option<&pb::DeploymentTrigger>,
+    cron_floor: std::time::Duration,
 ) -> Option<RequestedTrigger> {
     let Some(trigger) = trigger else {
         validator.error("trigger", "is required: MANUAL, CRON or WEBHOOK");
@@ -310,12 +311,66 @@ fn check_trigger(
                 return None;
             }
             let schedule = Schedule::parse(&trigger.cron_expression, &trigger.timezone).ok()?;
+            let floor = chrono::Duration::from_std(cron_floor).unwrap_or(chrono::Duration::MAX);
+            if let Some(shortest) = schedule::shortest_interval(&schedule, Utc::now())
+                && shortest < floor
+            {
+                validator.error(
+                    "trigger.cronExpression",
+                    format!(
+                        "fires {} s apart at the shortest; schedules here must leave at least {} s",
+                        shortest.num_seconds(),
+                        cron_floor.as_secs()
+                    ),
+                );
+                return None;
+            }
             Some(RequestedTrigger::Cron {
                 expression: schedule.expression().to_owned(),
                 timezone: schedule.timezone().to_owned(),
             })
         }
     }
+}
+
+/// The shortest interval a cron schedule the caller saves may fire at
+/// (`--cron-min-interval-seconds`, lower for administrators).
+fn cron_floor(context: &AppContext, caller: &Caller) -> std::time::Duration {
+    if caller.is_admin() {
+        context.trigger_limits.cron_admin_min_interval
+    } else {
+        context.trigger_limits.cron_min_interval
+    }
+}
+
+/// Refuses to run one more cron deployment of `owner_id` past the per-user limit
+/// (`--max-active-cron-deployments`; administrators are not limited).
+async fn check_active_cron_limit(
+    context: &AppContext,
+    caller: &Caller,
+    owner_id: Uuid,
+) -> ServiceResult<()> {
+    if caller.is_admin() {
+        return Ok(());
+    }
+    let limit = context.trigger_limits.max_active_cron_deployments;
+    let mut filter = DeploymentFilter::new(OwnerScope::Owner(owner_id));
+    filter.status = Some(DeploymentStatus::Running);
+    filter.trigger_type = Some(DeploymentTriggerType::Cron);
+    filter.page = PageRequest::new(1, 1);
+    let running = context
+        .store
+        .list_deployments(filter)
+        .await
+        .map_err(|error| ServiceError::from_store(error, "deployment"))?
+        .total;
+    if running >= i64::from(limit) {
+        return Err(ServiceError::new(
+            ErrorCode::RateLimited,
+            format!("{running} cron deployments already run, the most one user may run at once"),
+        ));
+    }
+    Ok(())
 }
 
 /// The stored trigger for a request; a webhook keeps `current_secret` when it has one.
@@ -458,7 +513,8 @@ pub async fn create_deployment(
         deployment.config.as_ref(),
         context.engine.settings().max_json_depth,
     );
-    let trigger = check_trigger(&mut validator, deployment.trigger.as_ref());
+    let trigger =
+        check_trigger(&mut validator, deployment.trigger.as_ref(), cron_floor(context, caller));
     if deployment.status != 0 {
         validator.error("status", "is set by start and stop");
     }
@@ -630,7 +686,11 @@ pub async fn update_deployment(
                 ));
             }
             DeploymentField::Trigger => {
-                requested_trigger = check_trigger(&mut validator, deployment.trigger.as_ref());
+                requested_trigger = check_trigger(
+                    &mut validator,
+                    deployment.trigger.as_ref(),
+                    cron_floor(context, caller),
+                );
             }
         }
     }
@@ -642,6 +702,11 @@ pub async fn update_deployment(
         check_target_exists(context, caller, target).await?;
     }
     let trigger_changed = requested_trigger.is_some();
+    let becomes_cron = matches!(requested_trigger, Some(RequestedTrigger::Cron { .. }))
+        && !matches!(before.trigger, DeploymentTrigger::Cron { .. });
+    if becomes_cron && before.status == DeploymentStatus::Running {
+        check_active_cron_limit(context, caller, before.owner_id).await?;
+    }
     if let Some(requested) = requested_trigger {
         changes.trigger = Some(stored_trigger(requested, Some(&before.trigger)));
     }
@@ -745,6 +810,9 @@ pub async fn start_deployment(
     if before.status == DeploymentStatus::Running {
         return Err(ServiceError::conflict("deployment is already RUNNING")
             .with_metadata("status", before.status.as_str()));
+    }
+    if matches!(before.trigger, DeploymentTrigger::Cron { .. }) {
+        check_active_cron_limit(context, caller, before.owner_id).await?;
     }
     let next_run_at = next_run_time(&before.trigger, Utc::now());
     let message = match (&before.trigger, next_run_at) {

@@ -420,3 +420,54 @@ async fn poisoned_payloads_fail_their_own_step_once_and_never_the_runner() {
     let runner_log = runner.stderr_text();
     assert_eq!(runner_log.matches("attached to the server").count(), 1, "{runner_log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cron_schedules_have_a_floor_and_users_a_limit_of_running_ones() {
+    let (server, _data) = crate::support::start_dev(&["--max-active-cron-deployments", "2"]);
+    let api = Api::new(&server);
+    let admin = api.register("cron-admin@example.com", "Admin").await;
+    let user = Workbench::new(Api::new(&server), "cron-user@example.com").await;
+    let echo = user.jq("echo", ".").await;
+    let cron = |name: &str, expression: &str| {
+        json!({
+            "name": name,
+            "agentId": echo,
+            "trigger": { "type": "CRON", "cronExpression": expression },
+        })
+    };
+
+    // A user's schedule may not fire more often than once a minute (the default floor).
+    for expression in ["* * * * * *", "*/30 * * * * *", "0,30 * * * * *"] {
+        let (status, body) =
+            api.post("/api/v1/deployments", &user.auth, cron("fast", expression)).await;
+        let fields = crate::support::api::assert_error(status, &body, 400, "VALIDATION_ERROR");
+        assert_eq!(fields, vec!["trigger.cronExpression"], "{expression}: {body}");
+    }
+    // Every minute is fine; an administrator may go down to every second.
+    let mut running = Vec::new();
+    for name in ["one", "two", "three"] {
+        let (status, body) =
+            api.post("/api/v1/deployments", &user.auth, cron(name, "0 * * * * *")).await;
+        assert_eq!(status, 201, "{body}");
+        running.push(body["data"]["id"].as_str().expect("id").to_owned());
+    }
+    let (status, body) =
+        api.post("/api/v1/deployments", &admin.auth(), cron("admin fast", "* * * * * *")).await;
+    assert_eq!(status, 201, "{body}");
+
+    // At most two of the user's cron deployments run at once.
+    let start = async |id: &str, auth: &Auth| {
+        api.post(&format!("/api/v1/deployments/{id}/start"), auth, json!({})).await
+    };
+    for id in &running[..2] {
+        let (status, body) = start(id, &user.auth).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = start(&running[2], &user.auth).await;
+    crate::support::api::assert_error(status, &body, 429, "RATE_LIMITED");
+    let (status, body) =
+        api.post(&format!("/api/v1/deployments/{}/stop", running[0]), &user.auth, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = start(&running[2], &user.auth).await;
+    assert_eq!(status, 200, "one stopped, another starts: {body}");
+}
