@@ -369,6 +369,19 @@ async fn poisoned_payloads_fail_their_own_step_once_and_never_the_runner() {
         .await
         .expect_err("too deep");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    // Too deep for the server's decoder itself: still the caller's fault, not INTERNAL.
+    let refused = client
+        .execute_workflow(crate::support::api::grpc(
+            turbocat::proto::v1::ExecuteWorkflowRequest {
+                workflow_id: workflow.clone(),
+                input: Some(turbocat::proto::wkt::json_to_value(&json!({ "deep": nested(60) }))),
+                ..Default::default()
+            },
+            &bench.auth,
+        ))
+        .await
+        .expect_err("undecodable");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     let fine = bench.execute(&workflow, json!({ "input": { "deep": nested(30) } })).await;
     assert_eq!(bench.finished(&fine, LIMIT).await["status"], "SUCCEEDED");
 
@@ -470,4 +483,49 @@ async fn cron_schedules_have_a_floor_and_users_a_limit_of_running_ones() {
     assert_eq!(status, 200, "{body}");
     let (status, body) = start(&running[2], &user.auth).await;
     assert_eq!(status, 200, "one stopped, another starts: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_whose_key_expires_is_detached_within_seconds() {
+    let (server, _data) = crate::support::start_dev(&[]);
+    let api = Api::new(&server);
+    let _admin = api.register("expiry-admin@example.com", "Admin").await;
+    let user = api.register("expiry-user@example.com", "User").await;
+    let soon = (chrono::Utc::now() + chrono::Duration::seconds(6)).to_rfc3339();
+    let create = async |name: &str, expires_at: Option<&str>| {
+        let mut body = json!({ "name": name, "scopes": ["RUNNER"] });
+        if let Some(expires_at) = expires_at {
+            body["expiresAt"] = json!(expires_at);
+        }
+        let (status, answer) = api.post("/api/v1/api-keys", &user.auth(), body).await;
+        assert_eq!(status, 201, "{answer}");
+        answer["data"]["key"].as_str().expect("key").to_owned()
+    };
+    let expiring = create("expiring", Some(&soon)).await;
+    let lasting = create("lasting", None).await;
+    let mut doomed = RunnerProcess::start(&server.base_url(), &expiring, "doomed", 1, "", &[]);
+    let _steady = RunnerProcess::start(&server.base_url(), &lasting, "steady", 1, "", &[]);
+    // Both attach while the key is valid (this fails after 30 s otherwise).
+    wait_for_runners(&api, &user.auth(), &["doomed", "steady"]).await;
+    // Nothing but the clock changes: the periodic re-check detaches it, and it is refused.
+    let started = Instant::now();
+    while doomed.child.try_wait().expect("wait").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "a runner of an expired key still runs: {}",
+            doomed.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = Instant::now();
+    loop {
+        let names: Vec<String> =
+            listed_runners(&api, &user.auth()).await.into_iter().map(|(name, _, _)| name).collect();
+        // `local` is the shared runner `dev` starts in its own process.
+        if names.contains(&"steady".to_owned()) && !names.contains(&"doomed".to_owned()) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{names:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
