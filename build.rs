@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .generate_default_stubs(true)
+        // A message that does not decode is INVALID_ARGUMENT, not INTERNAL (`proto::codec`).
+        .codec_path("crate::proto::codec::InvalidArgumentCodec")
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

@@ -56,6 +56,8 @@ pub struct AppContext {
     /// The credential of the runner `turbocat dev` starts in-process: random per process,
     /// never stored, acting as a shared runner. `None` in `serve`.
     pub local_runner_key: Option<crate::config::Secret>,
+    /// Webhook freshness and cron floors (`--webhook-tolerance-seconds`, …).
+    pub trigger_limits: crate::config::TriggerLimits,
 }
 
 /// Something the server depends on and can ping: the database, Redis.

@@ -211,6 +211,75 @@ pub struct ListenArgs {
     pub account_security: AccountSecurityArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub triggers: TriggerArgs,
+}
+
+/// What deployments' triggers may do: how fresh a webhook call must be, how often a cron
+/// schedule may fire and how many a user may keep running.
+#[derive(Debug, Clone, Args)]
+pub struct TriggerArgs {
+    /// Seconds a signed webhook call stays valid after its X-Turbocat-Timestamp (either way,
+    /// for clock skew); older calls are refused as replays.
+    #[arg(
+        long,
+        env = "TURBOCAT_WEBHOOK_TOLERANCE_SECONDS",
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(10..=3_600)
+    )]
+    pub webhook_tolerance_seconds: u64,
+    /// Shortest interval between two fires of a user's cron deployment, in seconds.
+    #[arg(
+        long,
+        env = "TURBOCAT_CRON_MIN_INTERVAL_SECONDS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub cron_min_interval_seconds: u64,
+    /// Shortest interval between two fires of an administrator's cron deployment, in seconds.
+    #[arg(
+        long,
+        env = "TURBOCAT_CRON_ADMIN_MIN_INTERVAL_SECONDS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub cron_admin_min_interval_seconds: u64,
+    /// Running cron deployments one user may have at once (administrators are not limited).
+    #[arg(long, env = "TURBOCAT_MAX_ACTIVE_CRON_DEPLOYMENTS", default_value_t = 10)]
+    pub max_active_cron_deployments: u32,
+}
+
+/// The limits `TriggerArgs` set, as the services read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TriggerLimits {
+    pub webhook_tolerance: std::time::Duration,
+    pub cron_min_interval: std::time::Duration,
+    pub cron_admin_min_interval: std::time::Duration,
+    pub max_active_cron_deployments: u32,
+}
+
+impl Default for TriggerLimits {
+    fn default() -> Self {
+        Self {
+            webhook_tolerance: std::time::Duration::from_secs(300),
+            cron_min_interval: std::time::Duration::from_secs(60),
+            cron_admin_min_interval: std::time::Duration::from_secs(1),
+            max_active_cron_deployments: 10,
+        }
+    }
+}
+
+impl TriggerArgs {
+    pub fn limits(&self) -> TriggerLimits {
+        TriggerLimits {
+            webhook_tolerance: std::time::Duration::from_secs(self.webhook_tolerance_seconds),
+            cron_min_interval: std::time::Duration::from_secs(self.cron_min_interval_seconds),
+            cron_admin_min_interval: std::time::Duration::from_secs(
+                self.cron_admin_min_interval_seconds,
+            ),
+            max_active_cron_deployments: self.max_active_cron_deployments,
+        }
+    }
 }
 
 /// How the execution engine treats runners.
@@ -242,6 +311,15 @@ pub struct EngineArgs {
     /// Deepest nesting of sub-workflow executions.
     #[arg(long, env = "TURBOCAT_MAX_WORKFLOW_DEPTH", default_value_t = 5)]
     pub max_workflow_depth: u16,
+    /// Deepest nesting of a JSON value that enters (inputs, outputs, configs, templates): below
+    /// what gRPC decoders accept (an object level is three protobuf levels of 100).
+    #[arg(
+        long,
+        env = "TURBOCAT_MAX_JSON_DEPTH",
+        default_value_t = 32,
+        value_parser = clap::value_parser!(u16).range(4..=32)
+    )]
+    pub max_json_depth: u16,
 }
 
 impl EngineArgs {
@@ -255,6 +333,7 @@ impl EngineArgs {
             max_infrastructure_reassignments: i32::from(self.max_runner_reassignments),
             max_payload_bytes: self.max_payload_bytes,
             max_workflow_depth: i32::from(self.max_workflow_depth),
+            max_json_depth: usize::from(self.max_json_depth),
             ..crate::engine::EngineSettings::default()
         }
     }
@@ -392,6 +471,9 @@ pub struct DevArgs {
     pub jwt_keys: JwtKeyArgs,
     #[command(flatten)]
     pub sandbox: SandboxArgs,
+    /// What the built-in runner lends LLM agents.
+    #[command(flatten)]
+    pub llm_keys: LlmKeyArgs,
 }
 
 /// How a runner (also `dev`'s own) treats the sandbox of CODE and DATA steps.
@@ -506,6 +588,32 @@ pub struct RunnerArgs {
     pub max_message_bytes: usize,
     #[command(flatten)]
     pub sandbox: SandboxArgs,
+    #[command(flatten)]
+    pub llm_keys: LlmKeyArgs,
+}
+
+/// Which of the runner's environment variables LLM agents may use as API keys.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LlmKeyArgs {
+    /// Variables LLM agents may name in `apiKeyRef: env:NAME`, comma-separated, each for any
+    /// base URL or only one host: `OPENAI_API_KEY@api.openai.com,ANTHROPIC_API_KEY`. None by
+    /// default; `TURBOCAT_*` settings never.
+    #[arg(long, env = "TURBOCAT_LLM_KEY_ENV", value_delimiter = ',')]
+    pub llm_key_env: Vec<String>,
+}
+
+impl LlmKeyArgs {
+    /// The policy the LLM executor applies, or the flag at fault.
+    pub fn policy(&self) -> Result<crate::runner::executors::llm::LlmKeyPolicy, SettingError> {
+        crate::runner::executors::llm::LlmKeyPolicy::parse(
+            self.llm_key_env.iter().map(String::as_str),
+        )
+        .map_err(|problem| SettingError {
+            flag: "--llm-key-env",
+            variable: "TURBOCAT_LLM_KEY_ENV",
+            problem,
+        })
+    }
 }
 
 impl RunnerArgs {
@@ -580,6 +688,7 @@ impl RunnerArgs {
             agent_types: crate::runner::client::RunnerSettings::default_agent_types(),
             drain_grace: std::time::Duration::from_secs(self.drain_seconds),
             max_message_bytes: self.max_message_bytes,
+            llm_keys: std::sync::Arc::new(self.llm_keys.policy()?),
         })
     }
 }

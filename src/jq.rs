@@ -27,6 +27,10 @@ const FORBIDDEN_FILTERS: [&str; 3] = [
     "stderr_empty",
 ];
 
+/// Why `import` and `include` fail.
+const IMPORTS_REFUSED: &str =
+    "import and include are not allowed (a DATA program cannot read files)";
+
 /// `debug` and `stderr` messages kept at most per run.
 const MAX_PROGRAM_LOG_LINES: usize = 1000;
 
@@ -77,9 +81,19 @@ pub fn compile(program: &str) -> Result<JqProgram, String> {
         .chain(captured_log_filters());
     let loader = Loader::new(definitions);
     let arena = Arena::default();
+    // A DATA program is self-contained: modules (`include`, `import "m" as m`) and data files
+    // (`import "f" as $f`) would read the runner's file system, so both are refused here,
+    // before anything is compiled or run.
+    let loader = loader.with_read(|import: load::Import<&str, ()>| {
+        Err(format!("`{}`: {IMPORTS_REFUSED}", truncate_text(import.path, 100)))
+    });
     let modules = loader
         .load(&arena, File { code: program, path: () })
         .map_err(|errors| describe_load_errors(program, errors))?;
+    load::import(&modules, |import| {
+        Err(format!("`{}`: {IMPORTS_REFUSED}", truncate_text(import.path, 100)))
+    })
+    .map_err(|errors| describe_load_errors(program, errors))?;
     Compiler::default().with_funs(functions).compile(modules).map_err(|errors| {
         let described: Vec<String> = errors
             .into_iter()
@@ -101,8 +115,8 @@ fn describe_load_errors(program: &str, errors: load::Errors<&str, ()>) -> String
     for (_file, error) in errors {
         match error {
             load::Error::Io(failures) => {
-                for (path, message) in failures {
-                    described.push(format!("cannot load module `{path}`: {message}"));
+                for (_path, message) in failures {
+                    described.push(message);
                 }
             }
             load::Error::Lex(failures) => {
@@ -230,5 +244,20 @@ mod tests {
         let message = check_program("env.HOME").unwrap_err();
         assert!(message.contains("`env`"), "{message}");
         assert_eq!(check_program("{open: [.issues[] | select(.state == \"open\")]}"), Ok(()));
+    }
+
+    #[test]
+    fn imports_and_includes_are_refused_before_anything_runs() {
+        for program in [
+            "import \"/etc/passwd\" as $f; $f",
+            "import \"/etc/passwd\" as $f; .",
+            "include \"/etc/passwd\"; .",
+            "import \"lib\" as lib; lib::x",
+        ] {
+            let message = check_program(program).unwrap_err();
+            assert!(message.contains("import and include are not allowed"), "{program}: {message}");
+        }
+        assert!(compile("import \"/etc/passwd\" as $f; $f").is_err());
+        assert_eq!(check_program("def imported: 1; {imported: imported}"), Ok(()));
     }
 }

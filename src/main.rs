@@ -31,7 +31,10 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     if matches!(cli.command, Command::JqWorker) {
-        // A child of a runner: no runtime, no logging, one program.
+        // A child of a runner: no runtime, no logging, one program. What it writes to stderr
+        // can reach the step's user, so a panic says nothing of the build machine (the default
+        // message names source paths).
+        std::panic::set_hook(Box::new(|_| eprintln!("the jq worker hit an internal error")));
         return turbocat::runner::executors::data::worker_main();
     }
     init_tracing(&cli);

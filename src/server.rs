@@ -99,6 +99,7 @@ async fn wait_for_signal() {
 pub async fn start(
     context: Arc<AppContext>,
     listen: &ListenArgs,
+    local_runner_llm_keys: crate::runner::executors::llm::LlmKeyPolicy,
 ) -> Result<RunningServer, StartupError> {
     crate::seed::install_starter_templates(context.store.as_ref()).await.map_err(|error| {
         StartupError::Migration(format!(
@@ -117,7 +118,7 @@ pub async fn start(
     })?;
     let local_addr =
         listener.local_addr().map_err(|error| StartupError::Internal(error.to_string()))?;
-    let background = start_engine(&context, local_addr);
+    let background = start_engine(&context, local_addr, local_runner_llm_keys);
     let (shutdown, mut shutdown_requested) = tokio::sync::watch::channel(false);
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
@@ -246,10 +247,15 @@ fn random_secret() -> Secret {
 fn start_engine(
     context: &Arc<AppContext>,
     local_addr: SocketAddr,
+    local_runner_llm_keys: crate::runner::executors::llm::LlmKeyPolicy,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = context.engine.spawn();
     // Cron deployments: every replica polls, the database picks one per tick.
     tasks.push(tokio::spawn(crate::service::triggers::run_cron_triggers(context.clone())));
+    // Runners whose key or owner changed are withdrawn, on every replica.
+    tasks.push(tokio::spawn(crate::service::runner_access::keep_runner_access_current(
+        context.clone(),
+    )));
     if let Some(key) = &context.local_runner_key {
         let host = if local_addr.ip().is_unspecified() {
             SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local_addr.port())
@@ -265,6 +271,7 @@ fn start_engine(
             agent_types: crate::runner::client::RunnerSettings::default_agent_types(),
             drain_grace: std::time::Duration::from_secs(5),
             max_message_bytes: context.engine.settings().max_message_bytes,
+            llm_keys: Arc::new(local_runner_llm_keys),
         };
         let (_never, shutdown) = tokio::sync::watch::channel(false);
         tasks.push(tokio::spawn(async move {
@@ -363,6 +370,7 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
         parts.store.clone(),
     ));
     Ok(Arc::new(AppContext {
+        trigger_limits: parts.listen.triggers.limits(),
         engine,
         local_runner_key: parts.local_runner_key,
         mailer,
@@ -383,6 +391,7 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
 
 /// `turbocat dev`: SQLite in the data directory, everything in one process.
 pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
+    let local_runner_llm_keys = args.llm_keys.policy()?;
     let jwt_keys = &args.jwt_keys;
     config::reject_unused_jwt_secret(jwt_keys.jwt_algorithm, args.jwt_secret.as_ref())?;
     let signing_key = crate::auth::tokens::signing_key_from_settings(
@@ -407,7 +416,7 @@ pub async fn start_dev(args: &DevArgs) -> Result<RunningServer, StartupError> {
         runner_directory: crate::engine::runner_directory::RunnerDirectory::in_memory(),
         local_runner_key: Some(random_secret()),
     })?;
-    start(context, &args.listen).await
+    start(context, &args.listen, local_runner_llm_keys).await
 }
 
 /// `turbocat serve`: PostgreSQL and Redis.
@@ -480,7 +489,7 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
         listen: &args.listen,
         external_identity,
     })?;
-    start(context, &args.listen).await
+    start(context, &args.listen, crate::runner::executors::llm::LlmKeyPolicy::default()).await
 }
 
 /// Redis as a health probe (not critical: the database is the source of truth).

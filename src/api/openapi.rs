@@ -198,7 +198,7 @@ pub fn document(pool: &DescriptorPool) -> Result<Value, String> {
     }
 
     add_links(&mut paths, &bindings, pool);
-    add_webhook(&mut paths, &mut schemas, pool)?;
+    add_webhook(&mut paths)?;
     let mut components_schemas: Map<String, Value> = schemas.components.into_iter().collect();
     for (name, schema) in envelope_schemas() {
         if components_schemas.insert(name.clone(), schema).is_some() {
@@ -768,20 +768,19 @@ fn add_links(
 
 /// The one route that is not transcoded from the contract: a deployment's signed webhook
 /// (`api::webhooks`), whose signature covers the exact body bytes.
-fn add_webhook(
-    paths: &mut BTreeMap<String, Map<String, Value>>,
-    schemas: &mut SchemaBuilder<'_>,
-    pool: &DescriptorPool,
-) -> Result<(), String> {
-    let execution = pool
-        .get_message_by_name("turbocat.v1.Execution")
-        .ok_or("the contract has no turbocat.v1.Execution")?;
-    let execution_schema = schemas.message_schema(&execution, Direction::Response);
+fn add_webhook(paths: &mut BTreeMap<String, Map<String, Value>>) -> Result<(), String> {
+    let accepted = json!({
+        "type": "object",
+        "required": ["executionId"],
+        "properties": { "executionId": { "type": "string", "format": "uuid" } },
+        "additionalProperties": false,
+    });
     let mut responses = Map::new();
     responses.insert(
         "202".into(),
         json!({
-            "description": "Accepted: the execution the call started (`QUEUED`).",
+            "description": "Accepted: the id of the execution the call started, and nothing \
+                            else (its input holds the deployment's environment values).",
             "content": {
                 "application/json": {
                     "schema": {
@@ -789,7 +788,7 @@ fn add_webhook(
                         "required": ["success", "data", "meta"],
                         "properties": {
                             "success": { "const": true },
-                            "data": execution_schema,
+                            "data": accepted,
                             "meta": reference("Meta"),
                         },
                         "additionalProperties": false,
@@ -819,9 +818,12 @@ fn add_webhook(
                         JSON object body becomes the input (over the workflow's default input \
                         and the deployment's `inputDefaults`); an empty body is `{}`. No token: \
                         the call is authenticated by `X-Turbocat-Signature`, the hex \
-                        HMAC-SHA256 of the exact body bytes keyed with the deployment's webhook \
-                        secret (optionally prefixed `sha256=`). A missing or wrong signature is \
-                        401; an unknown, stopped or non-webhook deployment is 404.",
+                        HMAC-SHA256 (optionally prefixed `sha256=`), keyed with the deployment's \
+                        webhook secret, of `<X-Turbocat-Timestamp>.<X-Turbocat-Delivery>.<body>` \
+                        (the exact body bytes). A missing or wrong signature, or a timestamp \
+                        more than the tolerance (5 minutes by default) from the server's clock, \
+                        is 401; a delivery id received before is 409 (a replay); an unknown, \
+                        stopped or non-webhook deployment is 404.",
         "security": [],
         "parameters": [
             {
@@ -836,6 +838,22 @@ fn add_webhook(
                 "required": true,
                 "schema": { "type": "string" },
                 "example": "sha256=5d5b09f6dcb2d53a5fffc60c4ac0d55fabdf556069d6631545f42aa6e3500f2e",
+            },
+            {
+                "name": "X-Turbocat-Timestamp",
+                "in": "header",
+                "required": true,
+                "description": "When the call was sent, in Unix seconds (signed).",
+                "schema": { "type": "string", "pattern": "^[0-9]+$" },
+                "example": "1767225600",
+            },
+            {
+                "name": "X-Turbocat-Delivery",
+                "in": "header",
+                "required": true,
+                "description": "The sender's unique id of this call (signed); a repeat is 409.",
+                "schema": { "type": "string", "pattern": "^[A-Za-z0-9._:-]{1,200}$" },
+                "example": "evt_01J9Z3Q2W8",
             },
         ],
         "requestBody": {

@@ -1,8 +1,10 @@
 //! The webhook edge: `POST /api/v1/webhooks/{deploymentId}`, the one REST route that is not
 //! transcoded from the contract, because its signature (`X-Turbocat-Signature`) is the HMAC of
-//! the exact bytes of the body, which the transcoder would parse and re-encode. No credential
-//! is asked: the signature is the caller's proof. The answer is the usual envelope: 202 with
-//! the execution started, or the error (see `service::deployments::trigger_webhook`).
+//! the exact bytes of the body (with `X-Turbocat-Timestamp` and `X-Turbocat-Delivery`), which
+//! the transcoder would parse and re-encode. No credential is asked: the signature is the
+//! caller's proof. The answer is the usual envelope: 202 with `{executionId}` only (the
+//! execution's input holds the deployment's environment values), or the error (see
+//! `service::deployments::trigger_webhook`).
 //! May call: the deployments service.
 
 use std::sync::Arc;
@@ -17,7 +19,6 @@ use http_body_util::BodyExt;
 use super::rest::{envelope, payload_too_large};
 use crate::app::AppContext;
 use crate::error::{ErrorCode, ServiceError};
-use crate::proto::json;
 use crate::service::deployments;
 
 /// What the route needs: the context and the body limit of every REST request.
@@ -55,12 +56,17 @@ async fn receive(
         }
     };
     // A header that is not text cannot match: it is kept (as empty) to be refused as wrong.
-    let signature =
-        headers.get(deployments::SIGNATURE_HEADER).map(|value| value.to_str().unwrap_or_default());
-    match deployments::trigger_webhook(&edge.context, &deployment_id, signature, &body).await {
-        Ok(execution) => envelope::success(
+    let header = |name: &str| headers.get(name).map(|value| value.to_str().unwrap_or_default());
+    let call = deployments::WebhookCall {
+        signature: header(deployments::SIGNATURE_HEADER),
+        timestamp: header(deployments::TIMESTAMP_HEADER),
+        delivery: header(deployments::DELIVERY_HEADER),
+        body: &body,
+    };
+    match deployments::trigger_webhook(&edge.context, &deployment_id, call).await {
+        Ok(execution_id) => envelope::success(
             http::StatusCode::ACCEPTED,
-            json::encode("turbocat.v1.Execution", &execution),
+            serde_json::json!({ "executionId": execution_id }),
             None,
             &request_id,
         ),

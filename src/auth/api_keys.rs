@@ -132,23 +132,56 @@ pub async fn authenticate_at(
         Err(StoreError::NotFound) => return rejected("the api key is unknown or revoked"),
         Err(error) => {
             tracing::error!(%error, "could not look up an api key");
-            return rejected("the api key could not be checked");
+            return rejected(STORE_UNAVAILABLE);
         }
     };
+    let checked = match caller_of_key(found, now) {
+        Ok(caller) => caller,
+        Err(reason) => return rejected(reason),
+    };
+    if let Credential::ApiKey { api_key_id, .. } = &checked.credential
+        && throttle.should_write(*api_key_id, Instant::now())
+        && let Err(error) = store.touch_api_key_last_used(*api_key_id, now).await
+    {
+        tracing::warn!(%error, api_key_id = %api_key_id, "could not stamp an api key's last use");
+    }
+    Authentication::Authenticated(checked)
+}
+
+/// Whether a key accepted earlier (say, the key an attached runner presented) still stands at
+/// `now`: the caller it acts as today, or why it no longer does.
+pub async fn recheck(
+    store: &dyn Store,
+    api_key_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Caller, &'static str> {
+    match store.get_api_key_with_owner(api_key_id).await {
+        Ok(found) => caller_of_key(found, now),
+        Err(StoreError::NotFound) => Err("the api key is unknown or revoked"),
+        Err(error) => {
+            tracing::error!(%error, %api_key_id, "could not look up an api key");
+            Err(STORE_UNAVAILABLE)
+        }
+    }
+}
+
+/// The reason `recheck` gives when the store could not answer (the key is not judged then).
+pub const STORE_UNAVAILABLE: &str = "the api key could not be checked";
+
+/// The caller a key found in the store acts as at `now`, or why it acts as no one.
+fn caller_of_key(
+    found: crate::store::ApiKeyWithOwner,
+    now: DateTime<Utc>,
+) -> Result<Caller, &'static str> {
     let api_key = found.key;
     if api_key.revoked_at.is_some() || found.owner.deleted_at.is_some() {
-        return rejected("the api key is revoked or its owner is deleted");
+        return Err("the api key is revoked or its owner is deleted");
     }
     if api_key.expires_at.is_some_and(|expires_at| expires_at <= now) {
-        return rejected("the api key has expired");
-    }
-    if throttle.should_write(api_key.id, Instant::now())
-        && let Err(error) = store.touch_api_key_last_used(api_key.id, now).await
-    {
-        tracing::warn!(%error, api_key_id = %api_key.id, "could not stamp an api key's last use");
+        return Err("the api key has expired");
     }
     let owner_is_admin = found.owner.role == UserRole::Admin;
-    Authentication::Authenticated(Caller {
+    Ok(Caller {
         user_id: found.owner.id,
         role: effective_role(found.owner.role, &api_key.scopes),
         credential: Credential::ApiKey {

@@ -54,6 +54,18 @@ impl Caller {
         Err(ServiceError::forbidden("this operation needs the admin role"))
     }
 
+    /// Refuses API keys: managing keys needs a person signed in (an access token of one of our
+    /// sessions or of the external identity provider), so a leaked key can neither mint more
+    /// keys nor leave a child that outlives its own revocation.
+    pub fn require_interactive_session(&self) -> ServiceResult<()> {
+        if matches!(self.credential, Credential::ApiKey { .. }) {
+            return Err(ServiceError::forbidden(
+                "managing API keys needs a signed-in session, not an API key",
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses runner-only keys, and keys without the scope the operation needs.
     pub fn require_user_access(&self, access: Access) -> ServiceResult<()> {
         if self.role == UserRole::Agent {

@@ -41,6 +41,10 @@ pub mod topics {
     /// Refresh sessions that were revoked, so every replica drops them from its caches.
     pub const SESSIONS_REVOKED: &str = "sessions:revoked";
 
+    /// An API key was revoked or a user's role changed: every replica re-checks the keys of
+    /// the runners attached to it.
+    pub const RUNNER_ACCESS_CHANGED: &str = "runners:access-changed";
+
     /// Runners (or the dispatcher) should look at the queue again.
     pub const RUNNER_WAKEUPS: &str = "runners:wakeups";
 }

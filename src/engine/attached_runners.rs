@@ -26,6 +26,16 @@ pub enum RunnerOwner {
     User(Uuid),
 }
 
+/// What a runner was granted when it attached, kept so its right to work can be re-checked
+/// whenever its key or the key's owner changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunnerGrant {
+    pub owner: RunnerOwner,
+    /// The API key it attached with; `None` for the in-process runner of `dev`, whose
+    /// credential lives and dies with the process.
+    pub api_key_id: Option<Uuid>,
+}
+
 /// An attempt a runner holds, whether it acknowledged the assignment yet, and whether it was
 /// told to cancel it (the slot stays taken until the runner acknowledges the cancel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +57,8 @@ pub struct AttachedRunner {
     pub agent_types: HashSet<String>,
     pub capacity: usize,
     pub owner: RunnerOwner,
+    /// The API key it attached with (see `RunnerGrant`).
+    pub api_key_id: Option<Uuid>,
     pub version: String,
     /// Whether it sandboxes CODE and DATA steps, and what its kernel lacks if not.
     pub sandbox: pb::RunnerSandbox,
@@ -54,6 +66,8 @@ pub struct AttachedRunner {
     pub connected_at: DateTime<Utc>,
     sender: RunnerSender,
     state: Mutex<RunnerState>,
+    /// Notified once when the server withdraws the runner's right to work: its stream ends.
+    withdrawn: Notify,
 }
 
 #[derive(Default)]
@@ -78,7 +92,7 @@ impl AttachedRunner {
         labels: BTreeMap<String, String>,
         agent_types: HashSet<String>,
         capacity: usize,
-        owner: RunnerOwner,
+        grant: RunnerGrant,
         version: String,
         sender: RunnerSender,
     ) -> Self {
@@ -88,14 +102,38 @@ impl AttachedRunner {
             labels,
             agent_types,
             capacity,
-            owner,
+            owner: grant.owner,
+            api_key_id: grant.api_key_id,
             version,
             sandbox: pb::RunnerSandbox::Unspecified,
             sandbox_missing: String::new(),
             connected_at: Utc::now(),
             sender,
             state: Mutex::new(RunnerState::default()),
+            withdrawn: Notify::new(),
         }
+    }
+
+    pub fn grant(&self) -> RunnerGrant {
+        RunnerGrant { owner: self.owner, api_key_id: self.api_key_id }
+    }
+
+    /// Ends the runner's stream from the server's side: `status` is the last thing the runner
+    /// reads, and whoever pumps its inbound stream (`withdrawn`) stops reading.
+    pub fn withdraw(&self, status: tonic::Status) {
+        // The stream may be full or gone; the runner then learns it when the stream closes.
+        let _ = self.sender.try_send(Err(status));
+        self.withdrawn.notify_one();
+    }
+
+    /// Resolves once `withdraw` was called (at once if it was called already).
+    pub async fn withdrawn(&self) {
+        self.withdrawn.notified().await;
+    }
+
+    /// Sends a message without waiting for room in the stream; `false` when there was none.
+    pub fn try_send(&self, message: pb::attach_response::Message) -> bool {
+        self.sender.try_send(Ok(pb::AttachResponse { message: Some(message) })).is_ok()
     }
 
     /// Whether this runner may and can take the item (ignoring free slots).
@@ -278,6 +316,17 @@ impl AttachedRunners {
         self.runners.write().ok().and_then(|mut runners| runners.remove(runner_id))
     }
 
+    /// Removes `runner` itself, not a later attachment under its id; `true` when it was here.
+    pub fn detach_this(&self, runner: &AttachedRunner) -> bool {
+        let Ok(mut runners) = self.runners.write() else { return false };
+        let same =
+            runners.get(&runner.id).is_some_and(|attached| std::ptr::eq(attached.as_ref(), runner));
+        if same {
+            runners.remove(&runner.id);
+        }
+        same
+    }
+
     pub fn get(&self, runner_id: &str) -> Option<Arc<AttachedRunner>> {
         self.runners.read().ok().and_then(|runners| runners.get(runner_id).cloned())
     }
@@ -340,7 +389,7 @@ mod tests {
             labels.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())).collect(),
             ["CODE".to_owned()].into(),
             capacity,
-            owner,
+            RunnerGrant { owner, api_key_id: None },
             "test".into(),
             sender,
         )

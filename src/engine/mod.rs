@@ -63,6 +63,9 @@ pub struct EngineSettings {
     pub max_message_bytes: usize,
     /// Deepest nesting of sub-workflow executions.
     pub max_workflow_depth: i32,
+    /// Deepest nesting of a JSON value that enters (`--max-json-depth`): inputs and configs
+    /// at the edge, step outputs here.
+    pub max_json_depth: usize,
 }
 
 impl Default for EngineSettings {
@@ -76,6 +79,7 @@ impl Default for EngineSettings {
             max_payload_bytes: 1024 * 1024,
             max_message_bytes: 4 * 1024 * 1024,
             max_workflow_depth: 5,
+            max_json_depth: 32,
         }
     }
 }

@@ -17,12 +17,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use super::attached_runners::{AttachedRunner, RunnerOwner, RunnerSender};
+use super::attached_runners::{AttachedRunner, RunnerGrant, RunnerSender};
 use super::dispatcher::lease_end;
 use super::{Engine, EngineResult};
 use crate::proto::v1 as pb;
 use crate::store::{
     AttemptKey, Completion, ExecutionLogLevel, ExecutionLogSource, NewExecutionLog, StepRunStatus,
+    StoreError,
 };
 
 /// The most slots one runner may announce.
@@ -109,7 +110,7 @@ impl Engine {
     pub async fn attach_runner(
         self: &Arc<Self>,
         hello: pb::RunnerHello,
-        owner: RunnerOwner,
+        grant: RunnerGrant,
         sender: RunnerSender,
     ) -> Result<(Arc<AttachedRunner>, pb::AttachAccepted), HelloError> {
         if !(1..=MAX_RUNNER_CAPACITY).contains(&hello.capacity) {
@@ -146,7 +147,7 @@ impl Engine {
             labels,
             agent_types,
             capacity,
-            owner,
+            grant,
             hello.runner_version.chars().take(100).collect(),
             sender,
         );
@@ -212,9 +213,47 @@ impl Engine {
     /// Forgets a runner whose stream ended. Its attempts keep their leases until they run out,
     /// so a runner that reconnects in time keeps them.
     pub async fn detach_runner(&self, runner: &AttachedRunner) {
-        self.attached_runners.detach(&runner.id);
+        // A runner withdrawn earlier may already be attached again under the same id.
+        if !self.attached_runners.detach_this(runner) {
+            return;
+        }
         self.runner_directory.forget(&runner.id).await;
         tracing::info!(runner_id = %runner.id, held = runner.load(), "runner detached");
+    }
+
+    /// The runners attached to this process, with what each was granted at attach: what
+    /// `withdraw_runner` is decided on.
+    pub fn attached_runner_grants(&self) -> Vec<(String, RunnerGrant)> {
+        self.attached_runners
+            .all()
+            .iter()
+            .map(|runner| (runner.id.clone(), runner.grant()))
+            .collect()
+    }
+
+    /// Detaches a runner whose right to work was withdrawn (its key revoked or expired, its
+    /// owner deleted or demoted): it takes no further step, is told to cancel the ones it holds,
+    /// which go back to the queue at once (not when their leases run out), and its stream ends
+    /// with PERMISSION_DENIED and `reason`. A runner that is no longer attached here is left.
+    pub async fn withdraw_runner(self: &Arc<Self>, runner_id: &str, reason: &str) {
+        let Some(runner) = self.attached_runners.detach(runner_id) else { return };
+        // No assignment racing this one finds a slot any more.
+        runner.set_draining();
+        self.runner_directory.forget(&runner.id).await;
+        let held = runner.held_keys();
+        for key in &held {
+            let cancel = pb::CancelStep {
+                step: Some(super::scheduler::step_ref(*key)),
+                reason: reason.to_owned(),
+            };
+            runner.try_send(pb::attach_response::Message::Cancel(cancel));
+            runner.release(*key);
+            if let Err(error) = self.take_back(*key).await {
+                tracing::warn!(%error, step_run_id = %key.step_run_id, "could not take a step back from a withdrawn runner; the reconciler will when its lease ends");
+            }
+        }
+        runner.withdraw(tonic::Status::permission_denied(reason.to_owned()));
+        tracing::warn!(runner_id = %runner.id, reason, taken_back = held.len(), "runner withdrawn");
     }
 
     /// Acts on one message of an attached runner.
@@ -273,7 +312,19 @@ impl Engine {
                 let completion = self.completion_of(result.outcome);
                 // Free the slot only once the result is committed, so the attempt's end is
                 // recorded before the next assignment to this slot starts.
-                let outcome = self.complete_attempt(key, completion).await;
+                let mut outcome = self.complete_attempt(key, completion).await;
+                if let Err(super::EngineError::Store(StoreError::ValueRefused(reason))) = &outcome {
+                    // The store cannot keep what the runner reported: the attempt fails once,
+                    // with that as its own error (never retried as if its runner were lost).
+                    let error = format!(
+                        "the server cannot store this step's result: {}",
+                        without_nul(reason)
+                    );
+                    tracing::info!(runner_id = %runner.id, step_run_id = %key.step_run_id, "a step result the store refuses fails its step");
+                    outcome = self
+                        .complete_attempt(key, Completion::Failed { error, retryable: false })
+                        .await;
+                }
                 if runner.release(key) {
                     self.attached_runners.capacity_changed.notify_waiters();
                 }
@@ -303,6 +354,24 @@ impl Engine {
                     .as_ref()
                     .map(crate::proto::wkt::value_to_json)
                     .unwrap_or(serde_json::Value::Null);
+                if crate::proto::wkt::json_contains_nul(&output) {
+                    return Completion::Failed {
+                        error: "the output contains a NUL character (\\u0000), which cannot be \
+                                stored"
+                            .to_owned(),
+                        retryable: false,
+                    };
+                }
+                let depth = crate::proto::wkt::json_depth(&output);
+                if depth > self.settings.max_json_depth {
+                    return Completion::Failed {
+                        error: format!(
+                            "the output is nested {depth} levels deep, deeper than the limit of {}",
+                            self.settings.max_json_depth
+                        ),
+                        retryable: false,
+                    };
+                }
                 let size = output.to_string().len();
                 if size > self.settings.max_payload_bytes {
                     return Completion::Failed {
@@ -318,7 +387,9 @@ impl Engine {
             Some(Outcome::Failure(failure)) => {
                 let kind =
                     pb::FailureKind::try_from(failure.kind).unwrap_or(pb::FailureKind::Error);
-                let error: String = failure.error.chars().take(MAX_LOG_LINE_CHARS).collect();
+                let error = without_nul(
+                    &failure.error.chars().take(MAX_LOG_LINE_CHARS).collect::<String>(),
+                );
                 match kind {
                     pb::FailureKind::Timeout => Completion::TimedOut,
                     pb::FailureKind::Invalid => Completion::Failed { error, retryable: false },
@@ -365,7 +436,9 @@ impl Engine {
                 attempt: Some(key.attempt),
                 level,
                 source,
-                message: line.message.chars().take(MAX_LOG_LINE_CHARS).collect(),
+                message: without_nul(
+                    &line.message.chars().take(MAX_LOG_LINE_CHARS).collect::<String>(),
+                ),
                 fields: None,
                 created_at,
             });
@@ -380,6 +453,11 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// `text` with every NUL character (which PostgreSQL cannot store) replaced by U+FFFD.
+fn without_nul(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
 }
 
 fn attempt_key(step: &pb::StepRef) -> Option<AttemptKey> {

@@ -66,6 +66,23 @@ pub fn check(expression: &str, timezone: &str) -> (Option<String>, Option<String
     (expression_problem, timezone_problem)
 }
 
+/// Fire times sampled to find a schedule's shortest interval (`shortest_interval`).
+const INTERVAL_SAMPLES: usize = 1_000;
+
+/// The shortest time between two consecutive fires among the next `INTERVAL_SAMPLES` after
+/// `instant`; `None` when it fires at most once more.
+pub fn shortest_interval(schedule: &Schedule, instant: DateTime<Utc>) -> Option<chrono::Duration> {
+    let mut previous = next_after(schedule, instant)?;
+    let mut shortest: Option<chrono::Duration> = None;
+    for _ in 1..INTERVAL_SAMPLES {
+        let Some(next) = next_after(schedule, previous) else { break };
+        let gap = next - previous;
+        shortest = Some(shortest.map_or(gap, |known| known.min(gap)));
+        previous = next;
+    }
+    shortest
+}
+
 /// The first fire time strictly after `instant`, on a whole second, or `None` when the
 /// schedule never fires again.
 pub fn next_after(schedule: &Schedule, instant: DateTime<Utc>) -> Option<DateTime<Utc>> {

@@ -175,6 +175,20 @@ impl Engine {
                     };
                     match resolved {
                         Ok(input) => {
+                            // A mapping can nest an output deeper: never past the limit, which
+                            // keeps it within what a runner decodes (a message it cannot
+                            // decode would break its stream for every step on it).
+                            let depth = crate::proto::wkt::json_depth(&input);
+                            if depth > self.settings.max_json_depth {
+                                let error = format!(
+                                    "step {}: its input is nested {depth} levels deep, deeper \
+                                     than the limit of {}",
+                                    step.step_key, self.settings.max_json_depth
+                                );
+                                return self
+                                    .finish_early(&execution, ExecutionStatus::Failed, &error)
+                                    .await;
+                            }
                             let size = input.to_string().len();
                             if size > self.settings.max_payload_bytes {
                                 let error = format!(

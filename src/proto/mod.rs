@@ -5,6 +5,7 @@
 //! (`wkt`). Below every other module: anything may use it.
 //! May call: `error` (the field errors the JSON codec reports).
 
+pub mod codec;
 pub mod json;
 pub mod wkt;
 

@@ -74,8 +74,93 @@ pub fn number_to_json(number: f64) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// How deep a JSON value nests: a scalar is 1, `[1]` is 2, `{"a": [1]}` is 3. Each level is
+/// two levels of protobuf messages (`Value` holding a `Struct` or a `ListValue`), and gRPC
+/// decoders refuse messages nested past 100: what crosses the transport must stay well below.
+pub fn json_depth(value: &serde_json::Value) -> usize {
+    // Iterative: a value deep enough to matter here must not exhaust the stack either.
+    let mut deepest = 0;
+    let mut pending = vec![(value, 1usize)];
+    while let Some((item, depth)) = pending.pop() {
+        deepest = deepest.max(depth);
+        match item {
+            serde_json::Value::Array(items) => {
+                pending.extend(items.iter().map(|child| (child, depth + 1)));
+            }
+            serde_json::Value::Object(fields) => {
+                pending.extend(fields.values().map(|child| (child, depth + 1)));
+            }
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// How many protobuf messages deep a JSON value becomes as a `google.protobuf.Value`: a
+/// scalar is 1, a list adds 2 (`Value`, `ListValue`), an object 3 (`Value`, `Struct`, the map
+/// entry). gRPC decoders refuse a message nested past 100, whatever carries it.
+pub fn json_proto_depth(value: &serde_json::Value) -> usize {
+    let mut deepest = 0;
+    let mut pending = vec![(value, 1usize)];
+    while let Some((item, depth)) = pending.pop() {
+        deepest = deepest.max(depth);
+        match item {
+            serde_json::Value::Array(items) => {
+                pending.extend(items.iter().map(|child| (child, depth + 2)));
+            }
+            serde_json::Value::Object(fields) => {
+                pending.extend(fields.values().map(|child| (child, depth + 3)));
+            }
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// Whether any string or key of a JSON value holds a NUL character, which PostgreSQL cannot
+/// store in text or JSON.
+pub fn json_contains_nul(value: &serde_json::Value) -> bool {
+    let mut pending = vec![value];
+    while let Some(item) = pending.pop() {
+        match item {
+            serde_json::Value::String(text) if text.contains('\0') => return true,
+            serde_json::Value::Array(items) => pending.extend(items.iter()),
+            serde_json::Value::Object(fields) => {
+                if fields.keys().any(|key| key.contains('\0')) {
+                    return true;
+                }
+                pending.extend(fields.values());
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
 /// A protobuf timestamp as a time, `None` when it is out of range.
 pub fn time_from_timestamp(timestamp: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
     let nanos = u32::try_from(timestamp.nanos).ok()?;
     DateTime::from_timestamp(timestamp.seconds, nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_and_nul_characters_of_json_values() {
+        assert_eq!(json_depth(&serde_json::json!(1)), 1);
+        assert_eq!(json_depth(&serde_json::json!([])), 1);
+        assert_eq!(json_depth(&serde_json::json!({"a": [1], "b": 2})), 3);
+        let mut deep = serde_json::json!(0);
+        for _ in 0..1_000 {
+            deep = serde_json::json!([deep]);
+        }
+        assert_eq!(json_depth(&deep), 1_001);
+        assert_eq!(json_proto_depth(&deep), 2_001);
+        assert_eq!(json_proto_depth(&serde_json::json!({"a": [1]})), 6);
+        assert!(json_contains_nul(&serde_json::json!({"a": ["x\0y"]})));
+        assert!(json_contains_nul(&serde_json::json!({"k\0": 1})));
+        assert!(!json_contains_nul(&serde_json::json!({"a": ["xy", 1, null]})));
+    }
 }

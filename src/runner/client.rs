@@ -31,6 +31,10 @@ const LOG_BATCH_LINES: usize = 200;
 const LOG_BATCH_DELAY: Duration = Duration::from_millis(200);
 /// Room left in every message for its framing and the fields around a payload.
 const MESSAGE_OVERHEAD_BYTES: usize = 1024;
+/// The deepest output a runner sends, in protobuf levels (`wkt::json_proto_depth`): with the
+/// envelope (request, result, success) it stays below the decoders' limit of 100. The
+/// server's own limit (`--max-json-depth`) fails outputs deeper than it with its own message.
+const MAX_SENDABLE_PROTO_DEPTH: usize = 96;
 /// The smallest message limit the runner works with, whatever is announced.
 const MIN_MESSAGE_BYTES: usize = 4 * 1024;
 
@@ -48,6 +52,8 @@ pub struct RunnerSettings {
     /// How long a draining runner waits for its steps before it hands them back.
     pub drain_grace: Duration,
     pub max_message_bytes: usize,
+    /// The variables LLM agents may use as API keys (`--llm-key-env`).
+    pub llm_keys: Arc<super::executors::llm::LlmKeyPolicy>,
 }
 
 impl RunnerSettings {
@@ -375,6 +381,7 @@ impl Session<'_> {
                     self.running.clone(),
                     self.outbox.clone(),
                     self.message_limit.clone(),
+                    self.settings.llm_keys.clone(),
                 ));
             }
             pb::attach_response::Message::Cancel(cancel) => {
@@ -400,6 +407,7 @@ async fn run_attempt(
     running: Running,
     outbox: mpsc::Sender<pb::AttachRequest>,
     message_limit: MessageLimit,
+    llm_keys: Arc<super::executors::llm::LlmKeyPolicy>,
 ) {
     let Some(step) = assignment.step.clone() else { return };
     let key = (step.step_run_id.clone(), step.attempt);
@@ -464,6 +472,7 @@ async fn run_attempt(
             .map(crate::proto::wkt::value_to_json)
             .unwrap_or(serde_json::Value::Null),
         deadline: assignment.deadline.as_ref().map(StepWork::deadline_from_timestamp),
+        llm_keys,
     };
     let outcome = executors::execute(work, logs, cancel.clone()).await;
     let _ = forwarder.await;
@@ -473,6 +482,15 @@ async fn run_attempt(
         return;
     }
     let outcome = match outcome {
+        // Nested deeper than the server's decoder accepts, it would break the whole stream
+        // (and every other step on it): the step fails here instead, saying why.
+        Ok(output) if crate::proto::wkt::json_proto_depth(&output) > MAX_SENDABLE_PROTO_DEPTH => {
+            let error = StepError::non_retryable(format!(
+                "the output is nested {} levels deep, deeper than a runner can send",
+                crate::proto::wkt::json_depth(&output)
+            ));
+            pb::step_result::Outcome::Failure(error.to_failure())
+        }
         Ok(output) => pb::step_result::Outcome::Success(pb::StepSuccess {
             output: Some(crate::proto::wkt::json_to_value(&output)),
         }),

@@ -134,9 +134,97 @@ fn agent_status_from_proto(number: i32) -> Option<AgentStatus> {
     }
 }
 
+/// The key of the stored configuration JSON (beside `api`/`llm`) that records which
+/// administrator allowed its `allowPrivateNetwork`; not part of the API's config.
+const PRIVATE_NETWORK_APPROVAL: &str = "privateNetworkApprovedBy";
+
+/// Whether a configuration opens private networks (`allowPrivateNetwork` of an API or LLM
+/// agent).
+fn opens_private_network(config: Option<&pb::AgentConfig>) -> bool {
+    match config.and_then(|config| config.kind.as_ref()) {
+        Some(pb::agent_config::Kind::Api(api)) => api.allow_private_network,
+        Some(pb::agent_config::Kind::Llm(llm)) => llm.allow_private_network,
+        _ => false,
+    }
+}
+
+/// The stored configuration without the approval record (what the API's config holds).
+fn without_approval(stored: &Value) -> Value {
+    let mut config = stored.clone();
+    if let Some(fields) = config.as_object_mut() {
+        fields.remove(PRIVATE_NETWORK_APPROVAL);
+    }
+    config
+}
+
+fn is_approved(stored: &Value) -> bool {
+    stored.get(PRIVATE_NETWORK_APPROVAL).and_then(Value::as_str).is_some_and(|id| !id.is_empty())
+}
+
+/// The agent as an execution runs it: `allowPrivateNetwork` only holds when an administrator
+/// allowed it (saved the config with it) or owns the agent; otherwise the runner's SSRF guard
+/// applies and the step fails naming the flag.
+pub(crate) async fn agent_to_run(store: &dyn crate::store::Store, agent: &Agent) -> pb::Agent {
+    let mut message = agent_to_proto(agent);
+    if !opens_private_network(message.config.as_ref()) || is_approved(&agent.config) {
+        return message;
+    }
+    let owner_is_admin = store
+        .get_user(agent.owner_id)
+        .await
+        .is_ok_and(|owner| owner.role == crate::store::UserRole::Admin);
+    if owner_is_admin {
+        return message;
+    }
+    match message.config.as_mut().and_then(|config| config.kind.as_mut()) {
+        Some(pb::agent_config::Kind::Api(api)) => api.allow_private_network = false,
+        Some(pb::agent_config::Kind::Llm(llm)) => llm.allow_private_network = false,
+        _ => {}
+    }
+    message
+}
+
+/// Who may open private networks: only an administrator turns `allowPrivateNetwork` on or
+/// changes a config that has it; the stored config records the approving administrator.
+/// `before` is the stored config of the agent being updated.
+fn approve_private_network(
+    caller: &Caller,
+    checked_config: &mut Value,
+    before: Option<&Value>,
+) -> ServiceResult<()> {
+    let requested = json::decode::<pb::AgentConfig>(AGENT_CONFIG_MESSAGE, checked_config.clone())
+        .ok()
+        .is_some_and(|config| opens_private_network(Some(&config)));
+    if !requested {
+        return Ok(());
+    }
+    if caller.is_admin() {
+        if let Some(fields) = checked_config.as_object_mut() {
+            fields.insert(
+                PRIVATE_NETWORK_APPROVAL.to_owned(),
+                Value::String(caller.user_id.to_string()),
+            );
+        }
+        return Ok(());
+    }
+    // An approved config saved again unchanged keeps its approval.
+    if let Some(before) = before
+        && is_approved(before)
+        && without_approval(before) == *checked_config
+    {
+        *checked_config = before.clone();
+        return Ok(());
+    }
+    let member = if checked_config.get("llm").is_some() { "llm" } else { "api" };
+    Err(ServiceError::forbidden(format!(
+        "config.{member}.allowPrivateNetwork: only an administrator may open private networks"
+    ))
+    .with_metadata("field", format!("config.{member}.allowPrivateNetwork")))
+}
+
 /// The stored configuration JSON as the proto message; `None` (logged) if it does not decode.
 fn config_from_stored(agent_id: Uuid, stored: &Value) -> Option<pb::AgentConfig> {
-    match json::decode::<pb::AgentConfig>(AGENT_CONFIG_MESSAGE, stored.clone()) {
+    match json::decode::<pb::AgentConfig>(AGENT_CONFIG_MESSAGE, without_approval(stored)) {
         Ok(config) => Some(config),
         Err(errors) => {
             let fields: Vec<&str> = errors.iter().map(|error| error.field.as_str()).collect();
@@ -870,9 +958,10 @@ pub async fn create_agent(
         return Err(ServiceError::invalid_field("agent", "is required"));
     };
     let mut validator = Validator::new();
-    let checked = check_agent(&mut validator, &agent);
+    let mut checked = check_agent(&mut validator, &agent);
     check_agent_further(context, caller, &mut validator, &checked, true).await?;
     validator.finish()?;
+    approve_private_network(caller, &mut checked.config, None)?;
     let created = context
         .store
         .create_agent(NewAgent {
@@ -942,12 +1031,15 @@ pub async fn update_agent(
             EditableField::Tags => candidate.tags.clone_from(&requested.tags),
         }
     }
-    let checked = check_agent(&mut validator, &candidate);
+    let mut checked = check_agent(&mut validator, &candidate);
     // A stored workflow reference is only looked up again when it is being changed.
     let config_changes =
         fields.iter().any(|field| matches!(field, EditableField::Type | EditableField::Config));
     check_agent_further(context, caller, &mut validator, &checked, config_changes).await?;
     validator.finish()?;
+    if config_changes {
+        approve_private_network(caller, &mut checked.config, Some(&before.config))?;
+    }
 
     let mut changes = AgentChanges::default();
     for field in &fields {

@@ -1,5 +1,6 @@
-//! API keys of the caller: create (the secret is shown once), list, revoke. The keys are
-//! checked on each request by `crate::auth::api_keys`. May call: the store, the audit trail
+//! API keys of the caller: create (the secret is shown once), list, revoke, always from a
+//! signed-in session (never with a key). The keys are checked on each request by
+//! `crate::auth::api_keys`. May call: the store, the audit trail
 //! and `crate::auth::api_keys` for key generation.
 
 use chrono::Utc;
@@ -10,7 +11,7 @@ use super::convert;
 use super::validate::{MAX_NAME_CHARS, Validator, page_request, parse_id};
 use crate::app::AppContext;
 use crate::auth::api_keys::generate_api_key;
-use crate::auth::caller::{Access, Caller, ClientInfo, Credential};
+use crate::auth::caller::{Access, Caller, ClientInfo};
 use crate::error::{ServiceError, ServiceResult};
 use crate::proto::v1 as pb;
 use crate::proto::wkt;
@@ -28,6 +29,7 @@ pub async fn create_api_key(
     request: pb::CreateApiKeyRequest,
 ) -> ServiceResult<pb::CreateApiKeyResponse> {
     caller.require_user_access(Access::Write)?;
+    caller.require_interactive_session()?;
     if request.shared && !caller.is_admin() {
         return Err(ServiceError::forbidden("only an administrator may create a shared key"));
     }
@@ -62,15 +64,6 @@ pub async fn create_api_key(
         },
     };
     validator.finish()?;
-    // A key made with a key cannot do more than the key that made it.
-    if let Credential::ApiKey { scopes: own_scopes, .. } = &caller.credential
-        && let Some(extra) = scopes.iter().find(|scope| !own_scopes.contains(scope))
-    {
-        return Err(ServiceError::forbidden(
-            format!("this API key cannot grant the {extra:?} scope").to_lowercase(),
-        ));
-    }
-
     let name = request.name.trim().to_owned();
     let mut attempt = 0;
     let (api_key, secret) = loop {
@@ -118,6 +111,7 @@ pub async fn list_api_keys(
     request: pb::ListApiKeysRequest,
 ) -> ServiceResult<pb::ListApiKeysResponse> {
     caller.require_user_access(Access::Read)?;
+    caller.require_interactive_session()?;
     let mut validator = Validator::new();
     let page = page_request(&mut validator, request.page, request.page_size);
     validator.finish()?;
@@ -144,6 +138,7 @@ pub async fn delete_api_key(
     request: pb::DeleteApiKeyRequest,
 ) -> ServiceResult<pb::DeleteApiKeyResponse> {
     caller.require_user_access(Access::Write)?;
+    caller.require_interactive_session()?;
     let api_key_id = parse_id("apiKeyId", &request.api_key_id)?;
     let started_at = Utc::now();
     let api_key = context
@@ -158,6 +153,8 @@ pub async fn delete_api_key(
     if revoked_earlier {
         return Err(ServiceError::not_found("api key"));
     }
+    // Runners attached with the key stop working now, on every replica.
+    super::runner_access::announce_access_change(context).await;
     audit::record(
         context,
         Actor::Caller(caller),

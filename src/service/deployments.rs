@@ -229,7 +229,11 @@ fn is_environment_name(name: &str) -> bool {
 }
 
 /// Checks a configuration and returns it as stored JSON (`{}` when absent).
-fn check_config(validator: &mut Validator, config: Option<&pb::DeploymentConfig>) -> Value {
+fn check_config(
+    validator: &mut Validator,
+    config: Option<&pb::DeploymentConfig>,
+    max_depth: usize,
+) -> Value {
     let Some(config) = config else {
         return json::encode(CONFIG_MESSAGE, &pb::DeploymentConfig::default());
     };
@@ -252,6 +256,9 @@ fn check_config(validator: &mut Validator, config: Option<&pb::DeploymentConfig>
         let value = &config.environment_values[name];
         validator.max_chars(&field, value, MAX_ENVIRONMENT_VALUE_CHARS);
     }
+    if let Some(defaults) = &config.input_defaults {
+        validator.json_depth("config.inputDefaults", &wkt::struct_to_json(defaults), max_depth);
+    }
     let stored = json::encode(CONFIG_MESSAGE, config);
     if stored.to_string().len() > MAX_CONFIG_BYTES {
         validator.error("config", format!("must be at most {MAX_CONFIG_BYTES} bytes of JSON"));
@@ -269,6 +276,7 @@ enum RequestedTrigger {
 fn check_trigger(
     validator: &mut Validator,
     trigger: Option<&pb::DeploymentTrigger>,
+    cron_floor: std::time::Duration,
 ) -> Option<RequestedTrigger> {
     let Some(trigger) = trigger else {
         validator.error("trigger", "is required: MANUAL, CRON or WEBHOOK");
@@ -303,12 +311,66 @@ fn check_trigger(
                 return None;
             }
             let schedule = Schedule::parse(&trigger.cron_expression, &trigger.timezone).ok()?;
+            let floor = chrono::Duration::from_std(cron_floor).unwrap_or(chrono::Duration::MAX);
+            if let Some(shortest) = schedule::shortest_interval(&schedule, Utc::now())
+                && shortest < floor
+            {
+                validator.error(
+                    "trigger.cronExpression",
+                    format!(
+                        "fires {} s apart at the shortest; schedules here must leave at least {} s",
+                        shortest.num_seconds(),
+                        cron_floor.as_secs()
+                    ),
+                );
+                return None;
+            }
             Some(RequestedTrigger::Cron {
                 expression: schedule.expression().to_owned(),
                 timezone: schedule.timezone().to_owned(),
             })
         }
     }
+}
+
+/// The shortest interval a cron schedule the caller saves may fire at
+/// (`--cron-min-interval-seconds`, lower for administrators).
+fn cron_floor(context: &AppContext, caller: &Caller) -> std::time::Duration {
+    if caller.is_admin() {
+        context.trigger_limits.cron_admin_min_interval
+    } else {
+        context.trigger_limits.cron_min_interval
+    }
+}
+
+/// Refuses to run one more cron deployment of `owner_id` past the per-user limit
+/// (`--max-active-cron-deployments`; administrators are not limited).
+async fn check_active_cron_limit(
+    context: &AppContext,
+    caller: &Caller,
+    owner_id: Uuid,
+) -> ServiceResult<()> {
+    if caller.is_admin() {
+        return Ok(());
+    }
+    let limit = context.trigger_limits.max_active_cron_deployments;
+    let mut filter = DeploymentFilter::new(OwnerScope::Owner(owner_id));
+    filter.status = Some(DeploymentStatus::Running);
+    filter.trigger_type = Some(DeploymentTriggerType::Cron);
+    filter.page = PageRequest::new(1, 1);
+    let running = context
+        .store
+        .list_deployments(filter)
+        .await
+        .map_err(|error| ServiceError::from_store(error, "deployment"))?
+        .total;
+    if running >= i64::from(limit) {
+        return Err(ServiceError::new(
+            ErrorCode::RateLimited,
+            format!("{running} cron deployments already run, the most one user may run at once"),
+        ));
+    }
+    Ok(())
 }
 
 /// The stored trigger for a request; a webhook keeps `current_secret` when it has one.
@@ -446,8 +508,13 @@ pub async fn create_deployment(
     validator.max_chars("description", &deployment.description, MAX_DESCRIPTION_CHARS);
     let target = check_target_ids(&mut validator, &deployment.workflow_id, &deployment.agent_id);
     let environment = check_environment(&mut validator, deployment.environment);
-    let config = check_config(&mut validator, deployment.config.as_ref());
-    let trigger = check_trigger(&mut validator, deployment.trigger.as_ref());
+    let config = check_config(
+        &mut validator,
+        deployment.config.as_ref(),
+        context.engine.settings().max_json_depth,
+    );
+    let trigger =
+        check_trigger(&mut validator, deployment.trigger.as_ref(), cron_floor(context, caller));
     if deployment.status != 0 {
         validator.error("status", "is set by start and stop");
     }
@@ -612,10 +679,18 @@ pub async fn update_deployment(
                 }
             }
             DeploymentField::Config => {
-                changes.config = Some(check_config(&mut validator, deployment.config.as_ref()));
+                changes.config = Some(check_config(
+                    &mut validator,
+                    deployment.config.as_ref(),
+                    context.engine.settings().max_json_depth,
+                ));
             }
             DeploymentField::Trigger => {
-                requested_trigger = check_trigger(&mut validator, deployment.trigger.as_ref());
+                requested_trigger = check_trigger(
+                    &mut validator,
+                    deployment.trigger.as_ref(),
+                    cron_floor(context, caller),
+                );
             }
         }
     }
@@ -627,6 +702,11 @@ pub async fn update_deployment(
         check_target_exists(context, caller, target).await?;
     }
     let trigger_changed = requested_trigger.is_some();
+    let becomes_cron = matches!(requested_trigger, Some(RequestedTrigger::Cron { .. }))
+        && !matches!(before.trigger, DeploymentTrigger::Cron { .. });
+    if becomes_cron && before.status == DeploymentStatus::Running {
+        check_active_cron_limit(context, caller, before.owner_id).await?;
+    }
     if let Some(requested) = requested_trigger {
         changes.trigger = Some(stored_trigger(requested, Some(&before.trigger)));
     }
@@ -731,6 +811,9 @@ pub async fn start_deployment(
         return Err(ServiceError::conflict("deployment is already RUNNING")
             .with_metadata("status", before.status.as_str()));
     }
+    if matches!(before.trigger, DeploymentTrigger::Cron { .. }) {
+        check_active_cron_limit(context, caller, before.owner_id).await?;
+    }
     let next_run_at = next_run_time(&before.trigger, Utc::now());
     let message = match (&before.trigger, next_run_at) {
         (DeploymentTrigger::Cron { .. }, Some(next)) => {
@@ -828,8 +911,12 @@ pub async fn stop_deployment(
 
 /// The key of the only step of the one-step workflow a single-agent deployment runs.
 pub const AGENT_STEP_KEY: &str = "agent";
-/// The header of a webhook call that carries the signature of its body.
+/// The header of a webhook call that carries the signature (see `signed_payload`).
 pub const SIGNATURE_HEADER: &str = "x-turbocat-signature";
+/// The header of a webhook call that carries when it was sent, in Unix seconds (signed).
+pub const TIMESTAMP_HEADER: &str = "x-turbocat-timestamp";
+/// The header of a webhook call that carries its sender's unique id for it (signed).
+pub const DELIVERY_HEADER: &str = "x-turbocat-delivery";
 /// The prefix a signature may carry (`sha256=<hex>`, as GitHub sends it).
 const SIGNATURE_PREFIX: &str = "sha256=";
 
@@ -892,7 +979,8 @@ pub async fn start_agent_execution(
         timeout: start.timeout_seconds.map(executions::seconds_duration),
         ..Default::default()
     };
-    let definition = ExecutionDefinition::snapshot(&workflow, &[agents::agent_to_proto(agent)]);
+    let runnable = agents::agent_to_run(context.store.as_ref(), agent).await;
+    let definition = ExecutionDefinition::snapshot(&workflow, &[runnable]);
     let step_runs = vec![NewStepRun {
         step_key: AGENT_STEP_KEY.to_owned(),
         agent_id: Some(agent.id),
@@ -1045,24 +1133,55 @@ async fn sync_agent_status(context: &AppContext, target: DeploymentTarget) {
     }
 }
 
+/// What a webhook call carries besides its body (its `X-Turbocat-*` headers); a header
+/// that is missing is `None`.
+#[derive(Debug, Clone, Default)]
+pub struct WebhookCall<'a> {
+    pub signature: Option<&'a str>,
+    pub timestamp: Option<&'a str>,
+    pub delivery: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// The longest delivery id (`X-Turbocat-Delivery`).
+const MAX_DELIVERY_ID_CHARS: usize = 200;
+
+/// The bytes a webhook signature covers: `<timestamp>.<delivery id>.<body>`, so neither the
+/// time nor the id can be changed (or the body sent again later) without the secret.
+pub fn signed_payload(timestamp: &str, delivery: &str, body: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(timestamp.len() + delivery.len() + body.len() + 2);
+    payload.extend_from_slice(timestamp.as_bytes());
+    payload.push(b'.');
+    payload.extend_from_slice(delivery.as_bytes());
+    payload.push(b'.');
+    payload.extend_from_slice(body);
+    payload
+}
+
 /// Whether `signature` (lowercase or uppercase hex, optionally prefixed `sha256=`) is the
-/// HMAC-SHA256 of `body` keyed with the text of `secret`. Compared in constant time.
-pub fn signature_matches(secret: &str, body: &[u8], signature: &str) -> bool {
+/// HMAC-SHA256 of `payload` keyed with the text of `secret`. Compared in constant time.
+pub fn signature_matches(secret: &str, payload: &[u8], signature: &str) -> bool {
     let signature = signature.trim();
     let digits = signature.strip_prefix(SIGNATURE_PREFIX).unwrap_or(signature);
     let Ok(given) = hex::decode(digits) else { return false };
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else { return false };
-    mac.update(body);
+    mac.update(payload);
     mac.verify_slice(&given).is_ok()
 }
 
 /// A webhook body as the trigger's input: a JSON object; empty (or only whitespace) is `{}`.
-fn webhook_input(body: &[u8]) -> ServiceResult<Value> {
+fn webhook_input(body: &[u8], max_depth: usize) -> ServiceResult<Value> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }
     match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(fields)) => Ok(Value::Object(fields)),
+        Ok(Value::Object(fields)) => {
+            let input = Value::Object(fields);
+            let mut validator = super::validate::Validator::new();
+            validator.json_depth("body", &input, max_depth);
+            validator.finish()?;
+            Ok(input)
+        }
         Ok(_) => Err(ServiceError::invalid_field("body", "must be a JSON object")),
         Err(error) => {
             Err(ServiceError::invalid_field("body", format!("is not valid JSON: {error}")))
@@ -1070,20 +1189,79 @@ fn webhook_input(body: &[u8]) -> ServiceResult<Value> {
     }
 }
 
+/// Checks a webhook call's signature, timestamp and delivery id against `secret`; UNAUTHORIZED
+/// (naming the header at fault) unless all three hold and the timestamp lies within
+/// `tolerance` of `now`.
+fn verify_webhook_call(
+    secret: &str,
+    call: &WebhookCall<'_>,
+    tolerance: std::time::Duration,
+    now: DateTime<Utc>,
+) -> ServiceResult<()> {
+    let scheme = "sign `<X-Turbocat-Timestamp>.<X-Turbocat-Delivery>.<body>` with HMAC-SHA256 \
+                  keyed with the deployment's webhook secret";
+    let (Some(signature), Some(timestamp), Some(delivery)) =
+        (call.signature, call.timestamp, call.delivery)
+    else {
+        let missing: Vec<&str> = [
+            (call.signature.is_none(), "X-Turbocat-Signature"),
+            (call.timestamp.is_none(), "X-Turbocat-Timestamp"),
+            (call.delivery.is_none(), "X-Turbocat-Delivery"),
+        ]
+        .into_iter()
+        .filter_map(|(absent, name)| absent.then_some(name))
+        .collect();
+        return Err(ServiceError::unauthorized(format!(
+            "the {} header is required: {scheme}",
+            missing.join(" and ")
+        )));
+    };
+    let delivery_ok = (1..=MAX_DELIVERY_ID_CHARS).contains(&delivery.chars().count())
+        && delivery
+            .chars()
+            .all(|character| character.is_ascii_alphanumeric() || "._:-".contains(character));
+    if !delivery_ok {
+        return Err(ServiceError::unauthorized(format!(
+            "the X-Turbocat-Delivery header must be 1 to {MAX_DELIVERY_ID_CHARS} letters, \
+             digits, `.`, `_`, `:` or `-`"
+        )));
+    }
+    let Ok(seconds) = timestamp.trim().parse::<i64>() else {
+        return Err(ServiceError::unauthorized(
+            "the X-Turbocat-Timestamp header must be the Unix time in seconds",
+        ));
+    };
+    let skew = (now.timestamp() - seconds).unsigned_abs();
+    if skew > tolerance.as_secs() {
+        return Err(ServiceError::unauthorized(format!(
+            "the X-Turbocat-Timestamp is {skew} s away from the server's clock, more than the \
+             {} s allowed (a replay, or a clock to fix)",
+            tolerance.as_secs()
+        )));
+    }
+    if !signature_matches(secret, &signed_payload(timestamp, delivery, call.body), signature) {
+        return Err(ServiceError::unauthorized(format!(
+            "the X-Turbocat-Signature does not match: {scheme}"
+        )));
+    }
+    Ok(())
+}
+
 /// A signed webhook call: starts one execution of a RUNNING webhook deployment with the JSON
-/// body as input (see `execution_input`), and returns it (with its step runs).
+/// body as input (see `execution_input`), and returns its id only (the caller holds no token:
+/// the deployment's environment values, in the execution's input, are not for it).
 ///
 /// Checked in this order, so only a caller who knows the secret learns more than "not here":
 /// an unknown id, a deleted deployment, a deployment that is not RUNNING or not a webhook is
-/// NOT_FOUND (all alike); a missing or wrong `X-Turbocat-Signature` is UNAUTHORIZED; then a
-/// body that is not a JSON object is a VALIDATION_ERROR on `body`.
+/// NOT_FOUND (all alike); a missing or wrong signature, timestamp or delivery id, or a
+/// timestamp outside the tolerance, is UNAUTHORIZED; a body that is not a JSON object is a
+/// VALIDATION_ERROR on `body`; a delivery id seen before is a CONFLICT (a replay).
 #[tracing::instrument(skip_all, fields(deployment_id = %deployment_id))]
 pub async fn trigger_webhook(
     context: &AppContext,
     deployment_id: &str,
-    signature: Option<&str>,
-    body: &[u8],
-) -> ServiceResult<pb::Execution> {
+    call: WebhookCall<'_>,
+) -> ServiceResult<String> {
     let not_listening =
         || ServiceError::new(ErrorCode::NotFound, "no webhook is listening at this path");
     let Ok(deployment_id) = Uuid::parse_str(deployment_id.trim()) else {
@@ -1100,17 +1278,24 @@ pub async fn trigger_webhook(
     if deployment.status != DeploymentStatus::Running {
         return Err(not_listening());
     }
-    let Some(signature) = signature else {
-        return Err(ServiceError::unauthorized(
-            "the X-Turbocat-Signature header is required: the hex HMAC-SHA256 of the body \
-             keyed with the deployment's webhook secret",
+    let now = Utc::now();
+    let tolerance = context.trigger_limits.webhook_tolerance;
+    verify_webhook_call(secret, &call, tolerance, now)?;
+    let given = webhook_input(call.body, context.engine.settings().max_json_depth)?;
+    let delivery = call.delivery.unwrap_or_default();
+    let horizon = now
+        - chrono::Duration::from_std(tolerance * 2).unwrap_or_else(|_| chrono::Duration::hours(1));
+    let first_time = context
+        .store
+        .record_webhook_delivery(deployment.id, delivery, now, horizon)
+        .await
+        .map_err(|error| ServiceError::from_store(error, "deployment"))?;
+    if !first_time {
+        return Err(ServiceError::conflict(
+            "this X-Turbocat-Delivery was received already: a replayed call starts nothing",
         ));
-    };
-    if !signature_matches(secret, body, signature) {
-        return Err(ServiceError::unauthorized("the X-Turbocat-Signature does not match the body"));
     }
-    let given = webhook_input(body)?;
-    let (execution, step_runs) = start_triggered_execution(
+    let (execution, _) = start_triggered_execution(
         context,
         &deployment,
         ExecutionTrigger::Webhook,
@@ -1118,7 +1303,7 @@ pub async fn trigger_webhook(
         "webhook call",
     )
     .await?;
-    Ok(executions::execution_with_step_runs(&execution, &step_runs))
+    Ok(execution.id.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1338,12 +1523,48 @@ mod tests {
     }
 
     #[test]
+    fn webhook_calls_are_signed_fresh_and_complete() {
+        let secret = "0123456789abcdef";
+        let body = br#"{"name":"Ada"}"#;
+        let now = Utc::now();
+        let tolerance = std::time::Duration::from_secs(300);
+        let sign = |timestamp: &str, delivery: &str| {
+            let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any length");
+            mac.update(&signed_payload(timestamp, delivery, body));
+            format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+        };
+        let verify = |signature: &str, timestamp: Option<&str>, delivery: &str| {
+            let call = WebhookCall {
+                signature: Some(signature),
+                timestamp,
+                delivery: Some(delivery),
+                body,
+            };
+            verify_webhook_call(secret, &call, tolerance, now)
+        };
+        let fresh = now.timestamp().to_string();
+        let signature = sign(&fresh, "evt_1");
+        assert!(verify(&signature, Some(&fresh), "evt_1").is_ok());
+        let missing = verify(&signature, None, "evt_1").expect_err("no timestamp");
+        assert!(missing.message.contains("X-Turbocat-Timestamp"), "{}", missing.message);
+        let stale = (now - chrono::Duration::seconds(301)).timestamp().to_string();
+        let stale_signature = sign(&stale, "evt_1");
+        let old = verify(&stale_signature, Some(&stale), "evt_1").expect_err("signed but old");
+        assert!(old.message.contains("301 s"), "{}", old.message);
+        // The timestamp and the delivery id are signed: neither can be swapped.
+        let moved = verify(&stale_signature, Some(&fresh), "evt_1").expect_err("moved");
+        assert!(moved.message.contains("does not match"), "{}", moved.message);
+        assert!(verify(&signature, Some(&fresh), "evt_2").is_err(), "another id");
+        assert!(verify(&signature, Some(&fresh), "bad id").is_err(), "a malformed id");
+    }
+
+    #[test]
     fn webhook_bodies_are_json_objects_and_empty_means_nothing() {
-        assert_eq!(webhook_input(b"").expect("empty"), json!({}));
-        assert_eq!(webhook_input(b" \n").expect("blank"), json!({}));
-        assert_eq!(webhook_input(br#"{"a":[1]}"#).expect("object"), json!({ "a": [1] }));
-        for bad in [&b"[1]"[..], b"3", b"null", b"{", b"not json"] {
-            let error = webhook_input(bad).expect_err("refused");
+        assert_eq!(webhook_input(b"", 32).expect("empty"), json!({}));
+        assert_eq!(webhook_input(b" \n", 32).expect("blank"), json!({}));
+        assert_eq!(webhook_input(br#"{"a":[1]}"#, 32).expect("object"), json!({ "a": [1] }));
+        for bad in [&b"[1]"[..], b"3", b"null", b"{", b"not json", br#"{"a":[[[1]]]}"#] {
+            let error = webhook_input(bad, 3).expect_err("refused");
             assert_eq!(error.field_errors[0].field, "body");
         }
     }

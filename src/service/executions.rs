@@ -122,7 +122,10 @@ pub(crate) async fn snapshot_workflow(
             Err(error) => return Err(ServiceError::from_store(error, "agent")),
         }
     }
-    let agent_messages: Vec<pb::Agent> = agents.values().map(agents::agent_to_proto).collect();
+    let mut agent_messages: Vec<pb::Agent> = Vec::with_capacity(agents.len());
+    for agent in agents.values() {
+        agent_messages.push(agents::agent_to_run(store, agent).await);
+    }
     let definition = crate::engine::definition::ExecutionDefinition::snapshot(
         &workflows::workflow_message(workflow),
         &agent_messages,

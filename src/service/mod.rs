@@ -14,6 +14,7 @@ pub mod auth;
 pub mod convert;
 pub mod deployments;
 pub mod executions;
+pub mod runner_access;
 pub mod runner_listing;
 pub mod subworkflows;
 pub mod templates;

@@ -495,6 +495,7 @@ fn check_body(
     kind: Option<TemplateKind>,
     body: Option<&prost_types::Struct>,
     parameters: &[Parameter],
+    max_depth: usize,
 ) -> Value {
     let Some(body) = body.filter(|body| !body.fields.is_empty()) else {
         validator.error("body", "is required");
@@ -503,6 +504,10 @@ fn check_body(
     let body = normalize_numbers(wkt::struct_to_json(body));
     if body.to_string().len() > MAX_BODY_BYTES {
         validator.error("body", format!("must be at most {MAX_BODY_BYTES} bytes of JSON"));
+        return body;
+    }
+    if crate::proto::wkt::json_depth(&body) > max_depth {
+        validator.json_depth("body", &body, max_depth);
         return body;
     }
     let declared: BTreeSet<&str> =
@@ -653,7 +658,13 @@ pub async fn create_template(
     let tags = validate::tags(&mut validator, &template.tags);
     let kind = check_kind(&mut validator, template.kind);
     let parameters = check_parameters(&mut validator, &template.parameters);
-    let body = check_body(&mut validator, kind, template.body.as_ref(), &parameters);
+    let body = check_body(
+        &mut validator,
+        kind,
+        template.body.as_ref(),
+        &parameters,
+        context.engine.settings().max_json_depth,
+    );
     if template.builtin {
         validator.error("builtin", "only the installation ships built-in templates");
     }
@@ -753,7 +764,13 @@ pub async fn update_template(
             body_struct = wkt::json_object_to_struct(&before.body);
             Some(&body_struct)
         };
-        let checked_body = check_body(&mut validator, kind, body, &parameters);
+        let checked_body = check_body(
+            &mut validator,
+            kind,
+            body,
+            &parameters,
+            context.engine.settings().max_json_depth,
+        );
         if fields.contains(&TemplateField::Body) {
             changes.body = Some(checked_body);
         }
@@ -1179,20 +1196,26 @@ mod tests {
             "config": { "data": { "jqProgram": "." } },
         }));
         let mut validator = Validator::new();
-        check_body(&mut validator, Some(TemplateKind::Agent), Some(&good_agent), &parameters);
+        check_body(&mut validator, Some(TemplateKind::Agent), Some(&good_agent), &parameters, 32);
         assert!(validator.finish().is_ok());
 
         let bad_agent = wkt::json_object_to_struct(&json!({
             "name": "{{params.nope}}", "type": "DATA", "colour": "red",
         }));
         let mut validator = Validator::new();
-        check_body(&mut validator, Some(TemplateKind::Agent), Some(&bad_agent), &parameters);
+        check_body(&mut validator, Some(TemplateKind::Agent), Some(&bad_agent), &parameters, 32);
         let error = validator.finish().expect_err("undeclared parameter");
         assert_eq!(error.field_errors[0].field, "body.name");
 
         let unknown_field = wkt::json_object_to_struct(&json!({ "name": "x", "colour": "red" }));
         let mut validator = Validator::new();
-        check_body(&mut validator, Some(TemplateKind::Agent), Some(&unknown_field), &parameters);
+        check_body(
+            &mut validator,
+            Some(TemplateKind::Agent),
+            Some(&unknown_field),
+            &parameters,
+            32,
+        );
         let error = validator.finish().expect_err("unknown field");
         assert_eq!(error.field_errors[0].field, "body.colour");
 
@@ -1204,7 +1227,7 @@ mod tests {
             ] },
         }));
         let mut validator = Validator::new();
-        check_body(&mut validator, Some(TemplateKind::Workflow), Some(&workflow), &parameters);
+        check_body(&mut validator, Some(TemplateKind::Workflow), Some(&workflow), &parameters, 32);
         let error = validator.finish().expect_err("unknown ref");
         assert_eq!(error.field_errors[0].field, "body.workflow.steps[1].agentId");
     }

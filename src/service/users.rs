@@ -262,6 +262,8 @@ pub async fn update_user_role(
         .map_err(|error| ServiceError::from_store(error, "user"))?;
     if before.role != after.role {
         end_sessions_after_role_change(context, user_id).await;
+        // A demoted administrator's shared runners stop serving everyone, on every replica.
+        super::runner_access::announce_access_change(context).await;
     }
     audit::record(
         context,

@@ -90,6 +90,24 @@ impl Validator {
         self
     }
 
+    /// Refuses a JSON value nested deeper than `max_depth` (`--max-json-depth`): such values
+    /// cannot cross the transport to a runner and back.
+    pub fn json_depth(
+        &mut self,
+        field: &str,
+        value: &serde_json::Value,
+        max_depth: usize,
+    ) -> &mut Self {
+        let depth = crate::proto::wkt::json_depth(value);
+        if depth > max_depth {
+            self.error(
+                field,
+                format!("is nested {depth} levels deep, deeper than the limit of {max_depth}"),
+            );
+        }
+        self
+    }
+
     pub fn finish(&mut self) -> ServiceResult<()> {
         if self.errors.is_empty() {
             return Ok(());

@@ -10,7 +10,9 @@
 //! sent is skipped. Log lines are read back from the database by id. When the bus may have
 //! lost messages (a lagging subscriber, a reconnect), after `RESYNC_INTERVAL` without any
 //! event, and when the execution finishes, the watcher re-reads the execution and sends what
-//! changed (never while events may be in flight, which could skip a transition).
+//! changed (never while events may be in flight, which could skip a transition). A stream
+//! opened with a session's access token ends (UNAUTHENTICATED) within `SESSION_CHECK_INTERVAL`
+//! of that session's logout or revocation, on whichever replica it runs.
 //! May call: the store and the bus. Never the edges.
 
 use std::collections::{BTreeMap, HashMap};
@@ -42,6 +44,9 @@ const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
 /// out of id order: lines delivered in this window are re-read (and skipped when already sent)
 /// so a line that commits late is still delivered.
 const LOG_REREAD_WINDOW: Duration = Duration::from_secs(5);
+/// How often a stream checks that the session it was opened with is still live (revocations
+/// reach every replica's `RevokedSessions` through the bus).
+const SESSION_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// Events buffered for a slow client before the watcher waits for it.
 const STREAM_BUFFER: usize = 64;
 
@@ -68,6 +73,10 @@ pub async fn watch_execution(
         })?;
     let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
     let mut watcher = Watcher::new(context, scope, execution_id, sender);
+    watcher.session_id = match caller.credential {
+        crate::auth::caller::Credential::Session { session_id } => Some(session_id),
+        _ => None,
+    };
     watcher.start().await?;
     tokio::spawn(async move {
         if let Err(error) = watcher.follow(events).await {
@@ -96,6 +105,8 @@ struct Watcher {
     sender: mpsc::Sender<ServiceResult<pb::WatchExecutionResponse>>,
     /// Events not yet handed to the client.
     pending: Vec<pb::WatchExecutionResponse>,
+    /// The session the stream was opened with, if any: its revocation ends the stream.
+    session_id: Option<Uuid>,
 }
 
 /// The client went away.
@@ -121,6 +132,7 @@ impl Watcher {
             recent_logs: BTreeMap::new(),
             sender,
             pending: Vec::new(),
+            session_id: None,
         }
     }
 
@@ -193,9 +205,11 @@ impl Watcher {
         // the database while events are in flight could jump over a transition, so that only
         // happens when the bus says it lost messages, at the end, and after a quiet spell.
         let mut result = Ok(true);
+        let mut session_check = tokio::time::interval(SESSION_CHECK_INTERVAL);
         while result.as_ref().is_ok_and(|carry_on| *carry_on) {
             result = tokio::select! {
                 biased;
+                _ = session_check.tick(), if self.session_id.is_some() => self.session_live(),
                 message = events.next() => match message {
                     Some(message) => self.on_message(message).await,
                     // The bus closed the subscription: fall back to reading on the timer.
@@ -211,6 +225,17 @@ impl Watcher {
             }
         }
         result.map(|_| ())
+    }
+
+    /// `Ok(true)` while the stream's session is live; UNAUTHENTICATED once it was revoked
+    /// (a logout, an administrator, a password reset).
+    fn session_live(&self) -> ServiceResult<bool> {
+        match self.session_id {
+            Some(session_id) if self.context.revoked_sessions.is_revoked(session_id) => {
+                Err(ServiceError::unauthorized("the session of this stream has ended"))
+            }
+            _ => Ok(true),
+        }
     }
 
     /// Acts on one bus message; `Ok(false)` once the stream should end.

@@ -297,10 +297,11 @@ fn present_json(value: Option<&prost_types::Value>) -> Option<Value> {
     value.map(wkt::value_to_json).filter(|json| !json.is_null())
 }
 
-fn check_json_size(validator: &mut Validator, field: &str, value: &Value) {
+fn check_json_size(validator: &mut Validator, field: &str, value: &Value, max_depth: usize) {
     if value.to_string().len() > MAX_JSON_BYTES {
         validator.error(field, format!("must be at most {MAX_JSON_BYTES} bytes of JSON"));
     }
+    validator.json_depth(field, value, max_depth);
 }
 
 /// A JSON object (absent or `null` is `{}`), for `defaultInput` and an execution's `input`.
@@ -308,13 +309,14 @@ fn read_json_object(
     validator: &mut Validator,
     field: &str,
     value: Option<&prost_types::Value>,
+    max_depth: usize,
 ) -> Option<Value> {
     let json = present_json(value)?;
     if !json.is_object() {
         validator.error(field, "must be a JSON object");
         return None;
     }
-    check_json_size(validator, field, &json);
+    check_json_size(validator, field, &json, max_depth);
     Some(json)
 }
 
@@ -330,6 +332,7 @@ fn read_priority(validator: &mut Validator, field: &str, priority: i32) -> i32 {
 fn read_steps(
     validator: &mut Validator,
     steps: &[pb::WorkflowStep],
+    max_depth: usize,
 ) -> (Vec<NewWorkflowStep>, Vec<Option<Uuid>>) {
     if steps.is_empty() {
         validator.error("steps", "must have at least one step");
@@ -361,7 +364,7 @@ fn read_steps(
         };
         let input_mapping = present_json(step.input_mapping.as_ref());
         if let Some(mapping) = &input_mapping {
-            check_json_size(validator, &field("inputMapping"), mapping);
+            check_json_size(validator, &field("inputMapping"), mapping, max_depth);
         }
         let retry_policy =
             read_retry_policy(validator, &field("retryPolicy"), step.retry_policy.as_ref());
@@ -522,10 +525,15 @@ pub async fn create_workflow(
     let mut validator = Validator::new();
     validator.required_text("name", &workflow.name, MAX_NAME_CHARS);
     validator.max_chars("description", &workflow.description, MAX_DESCRIPTION_CHARS);
-    let (steps, agent_ids) = read_steps(&mut validator, &workflow.steps);
-    let default_input =
-        read_json_object(&mut validator, "defaultInput", workflow.default_input.as_ref())
-            .unwrap_or_else(|| json!({}));
+    let (steps, agent_ids) =
+        read_steps(&mut validator, &workflow.steps, context.engine.settings().max_json_depth);
+    let default_input = read_json_object(
+        &mut validator,
+        "defaultInput",
+        workflow.default_input.as_ref(),
+        context.engine.settings().max_json_depth,
+    )
+    .unwrap_or_else(|| json!({}));
     let priority = match workflow.priority {
         0 => DEFAULT_PRIORITY,
         given => read_priority(&mut validator, "priority", given),
@@ -597,7 +605,11 @@ pub async fn update_workflow(
                 changes.description = Some(workflow.description.trim().to_owned());
             }
             WorkflowField::Steps => {
-                let (steps, ids) = read_steps(&mut validator, &workflow.steps);
+                let (steps, ids) = read_steps(
+                    &mut validator,
+                    &workflow.steps,
+                    context.engine.settings().max_json_depth,
+                );
                 changes.steps = Some(steps);
                 agent_ids = ids;
             }
@@ -607,6 +619,7 @@ pub async fn update_workflow(
                         &mut validator,
                         "defaultInput",
                         workflow.default_input.as_ref(),
+                        context.engine.settings().max_json_depth,
                     )
                     .unwrap_or_else(|| json!({})),
                 );
@@ -693,7 +706,12 @@ pub async fn execute_workflow(
     caller.require_user_access(Access::Write)?;
     let workflow_id = parse_id("workflowId", &request.workflow_id)?;
     let mut validator = Validator::new();
-    let input = read_json_object(&mut validator, "input", request.input.as_ref());
+    let input = read_json_object(
+        &mut validator,
+        "input",
+        request.input.as_ref(),
+        context.engine.settings().max_json_depth,
+    );
     let priority = match request.priority {
         0 => None,
         given => Some(read_priority(&mut validator, "priority", given)),

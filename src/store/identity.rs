@@ -755,6 +755,10 @@ pub trait IdentityStore: Send + Sync {
     /// caller checks `expires_at`); revoked keys and keys of deleted users are `NotFound`.
     async fn get_api_key_by_hash(&self, key_hash: &str) -> StoreResult<ApiKeyWithOwner>;
 
+    /// The same as `get_api_key_by_hash`, by the key's id: what re-checks a credential that
+    /// was accepted earlier (an attached runner's key).
+    async fn get_api_key_with_owner(&self, api_key_id: Uuid) -> StoreResult<ApiKeyWithOwner>;
+
     /// Revokes a key in scope and returns it; revoking a revoked key keeps the first time.
     async fn revoke_api_key(&self, scope: OwnerScope, api_key_id: Uuid) -> StoreResult<ApiKey>;
 
@@ -786,6 +790,25 @@ const USER_CREATION_LOCK_KEY: i64 = 0x7463_2d75_7365_7273; // "tc-users" in ASCI
 // ---------------------------------------------------------------------------------------------
 // The implementation, written once for both backends
 // ---------------------------------------------------------------------------------------------
+
+/// The SELECT of a key joined with its owner (`ApiKeyWithOwnerRow`), without its WHERE.
+macro_rules! api_key_with_owner_select {
+    () => {
+        "SELECT api_keys.id, api_keys.user_id, api_keys.name, api_keys.key_prefix, \
+         api_keys.key_hash, api_keys.scopes, api_keys.shared, api_keys.expires_at, \
+         api_keys.last_used_at, api_keys.revoked_at, api_keys.created_at, \
+         api_keys.updated_at, users.email AS owner_email, \
+         users.password_hash AS owner_password_hash, \
+         users.full_name AS owner_full_name, users.avatar_url AS owner_avatar_url, \
+         users.role AS owner_role, users.preferences AS owner_preferences, \
+         users.external_issuer AS owner_external_issuer, \
+         users.external_subject AS owner_external_subject, \
+         users.last_login_at AS owner_last_login_at, \
+         users.created_at AS owner_created_at, users.updated_at AS owner_updated_at, \
+         users.version AS owner_version \
+         FROM api_keys JOIN users ON users.id = api_keys.user_id"
+    };
+}
 
 /// The columns of `users`, in `User` field order, as a literal for `concat!`.
 macro_rules! user_columns {
@@ -1547,24 +1570,27 @@ macro_rules! impl_identity_store {
             }
 
             async fn get_api_key_by_hash(&self, key_hash: &str) -> StoreResult<ApiKeyWithOwner> {
-                let row = sqlx::query_as::<$db, ApiKeyWithOwnerRow>(
-                    "SELECT api_keys.id, api_keys.user_id, api_keys.name, api_keys.key_prefix, \
-                     api_keys.key_hash, api_keys.scopes, api_keys.shared, api_keys.expires_at, \
-                     api_keys.last_used_at, api_keys.revoked_at, api_keys.created_at, \
-                     api_keys.updated_at, users.email AS owner_email, \
-                     users.password_hash AS owner_password_hash, \
-                     users.full_name AS owner_full_name, users.avatar_url AS owner_avatar_url, \
-                     users.role AS owner_role, users.preferences AS owner_preferences, \
-                     users.external_issuer AS owner_external_issuer, \
-                     users.external_subject AS owner_external_subject, \
-                     users.last_login_at AS owner_last_login_at, \
-                     users.created_at AS owner_created_at, users.updated_at AS owner_updated_at, \
-                     users.version AS owner_version \
-                     FROM api_keys JOIN users ON users.id = api_keys.user_id \
-                     WHERE api_keys.key_hash = $1 AND api_keys.revoked_at IS NULL \
-                     AND users.deleted_at IS NULL",
-                )
+                let row = sqlx::query_as::<$db, ApiKeyWithOwnerRow>(concat!(
+                    api_key_with_owner_select!(),
+                    " WHERE api_keys.key_hash = $1 AND api_keys.revoked_at IS NULL \
+                     AND users.deleted_at IS NULL"
+                ))
                 .bind(key_hash.to_owned())
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(ApiKeyWithOwner::from).ok_or(StoreError::NotFound)
+            }
+
+            async fn get_api_key_with_owner(
+                &self,
+                api_key_id: Uuid,
+            ) -> StoreResult<ApiKeyWithOwner> {
+                let row = sqlx::query_as::<$db, ApiKeyWithOwnerRow>(concat!(
+                    api_key_with_owner_select!(),
+                    " WHERE api_keys.id = $1 AND api_keys.revoked_at IS NULL \
+                     AND users.deleted_at IS NULL"
+                ))
+                .bind(api_key_id)
                 .fetch_optional(&self.pool)
                 .await?;
                 row.map(ApiKeyWithOwner::from).ok_or(StoreError::NotFound)

@@ -1054,6 +1054,18 @@ pub trait ResourceStore: Send + Sync {
     /// concurrent starts and stops, each followed by this call, end on the right status.
     /// Returns the status after; `NotFound` for a missing or deleted agent.
     async fn sync_agent_status_with_deployments(&self, agent_id: Uuid) -> StoreResult<AgentStatus>;
+
+    /// Records a webhook delivery of a deployment (`delivery_id` as its sender names it):
+    /// `Ok(true)` the first time the id is seen, `Ok(false)` for a replay. Deliveries of the
+    /// deployment received before `forget_before` are purged on the way (the caller refuses
+    /// calls that old by their signed timestamp anyway).
+    async fn record_webhook_delivery(
+        &self,
+        deployment_id: Uuid,
+        delivery_id: &str,
+        received_at: DateTime<Utc>,
+        forget_before: DateTime<Utc>,
+    ) -> StoreResult<bool>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2604,6 +2616,34 @@ macro_rules! impl_resource_store {
                 .await?;
                 transaction.commit().await?;
                 Ok(appended)
+            }
+
+            async fn record_webhook_delivery(
+                &self,
+                deployment_id: Uuid,
+                delivery_id: &str,
+                received_at: DateTime<Utc>,
+                forget_before: DateTime<Utc>,
+            ) -> StoreResult<bool> {
+                let mut transaction = self.begin_write_transaction().await?;
+                sqlx::query::<$db>(
+                    "DELETE FROM webhook_deliveries WHERE deployment_id = $1 AND received_at < $2",
+                )
+                .bind(deployment_id)
+                .bind(stored_time(forget_before))
+                .execute(&mut *transaction)
+                .await?;
+                let inserted = sqlx::query::<$db>(
+                    "INSERT INTO webhook_deliveries (deployment_id, delivery_id, received_at) \
+                     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                )
+                .bind(deployment_id)
+                .bind(delivery_id.to_owned())
+                .bind(stored_time(received_at))
+                .execute(&mut *transaction)
+                .await?;
+                transaction.commit().await?;
+                Ok(inserted.rows_affected() == 1)
             }
 
             async fn sync_agent_status_with_deployments(

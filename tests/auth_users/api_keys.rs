@@ -406,3 +406,62 @@ async fn keys_authenticate_with_exactly_their_scopes_on_both_transports() {
         .expect_err("owner deleted");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_cannot_manage_api_keys_over_rest_or_grpc() {
+    let (server, _data_dir) = start_dev(&[]);
+    let api = Api::new(&server);
+    let _admin = api.register("root@example.com", "Root").await;
+    let lena = api.register("lena@example.com", "Lena").await;
+    let (parent, parent_id) = api.create_key(&lena.auth(), "parent", &["READ", "WRITE"]).await;
+    let (_, sibling_id) = api.create_key(&lena.auth(), "sibling", &["READ"]).await;
+
+    // A key mints no key, lists none and revokes none, as x-api-key or bearer, REST or gRPC.
+    for auth in [Auth::key(&parent), Auth::bearer(&parent)] {
+        let (status, body) = api
+            .post("/api/v1/api-keys", &auth, json!({ "name": "child", "scopes": ["READ"] }))
+            .await;
+        assert_error(status, &body, 403, "FORBIDDEN");
+        assert!(
+            body["error"]["message"].as_str().unwrap_or_default().contains("signed-in session"),
+            "{body}"
+        );
+        let (status, body) = api.get("/api/v1/api-keys", &auth).await;
+        assert_error(status, &body, 403, "FORBIDDEN");
+        let (status, body) = api.delete(&format!("/api/v1/api-keys/{sibling_id}"), &auth).await;
+        assert_error(status, &body, 403, "FORBIDDEN");
+    }
+    let mut keys = api.keys().await;
+    let refused = keys
+        .create_api_key(grpc(
+            CreateApiKeyRequest {
+                name: "child".into(),
+                scopes: vec![ApiKeyScope::Read as i32],
+                ..CreateApiKeyRequest::default()
+            },
+            &Auth::key(&parent),
+        ))
+        .await
+        .expect_err("a key mints no key");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let refused = keys
+        .delete_api_key(grpc(
+            DeleteApiKeyRequest { api_key_id: sibling_id.clone() },
+            &Auth::key(&parent),
+        ))
+        .await
+        .expect_err("a key revokes no key");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+
+    // The key still does what keys are for, and the session manages keys: the sibling is
+    // still live, and revoking the parent leaves nothing of it working.
+    let (status, _) = api.get("/api/v1/users/me", &Auth::key(&parent)).await;
+    assert_eq!(status, 200);
+    let (status, body) = api.get("/api/v1/api-keys", &lena.auth()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"].as_array().map(Vec::len), Some(2), "no child was made: {body}");
+    let (status, body) = api.delete(&format!("/api/v1/api-keys/{parent_id}"), &lena.auth()).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = api.get("/api/v1/users/me", &Auth::key(&parent)).await;
+    assert_eq!(status, 401);
+}

@@ -23,8 +23,9 @@ use crate::support::{TurbocatProcess, start_serve, start_turbocat};
 use crate::{RunnerProcess, Workbench, step};
 
 const LIMIT: Duration = Duration::from_secs(60);
-/// The runner's variable holding the LLM key; the test process itself never sets it.
-const KEY_VARIABLE: &str = "TURBOCAT_E2E_LLM_KEY";
+/// The runner's variable holding the LLM key, lent to agents with `--llm-key-env`; the test
+/// process itself never sets it.
+const KEY_VARIABLE: &str = "E2E_LLM_KEY";
 const KEY_VALUE: &str = "sk-e2e-5b2d7c1e9f04-do-not-store";
 
 /// One request the stub received.
@@ -301,7 +302,15 @@ async fn every_agent_type_runs_through_the_engine_on_dev() {
     let data_dir = directory.path().to_str().expect("utf-8 path").to_owned();
     // The in-process runner reads the server's environment.
     let server: TurbocatProcess = start_turbocat(
-        &["dev", "--listen", "127.0.0.1:0", "--data-dir", data_dir.as_str()],
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_dir.as_str(),
+            "--llm-key-env",
+            KEY_VARIABLE,
+        ],
         &[(KEY_VARIABLE, KEY_VALUE)],
     );
     let bench = Workbench::new(Api::new(&server), "types-dev@example.com").await;
@@ -324,7 +333,7 @@ async fn every_agent_type_runs_through_the_engine_on_serve() {
         "typed",
         2,
         "",
-        &[(KEY_VARIABLE, KEY_VALUE)],
+        &[(KEY_VARIABLE, KEY_VALUE), ("TURBOCAT_LLM_KEY_ENV", KEY_VARIABLE)],
     );
     wait_for_runner(&bench, "typed").await;
     every_agent_type_runs(&bench).await;

@@ -10,6 +10,7 @@ mod dev;
 mod failures;
 mod runners;
 mod subworkflows;
+mod tenants;
 mod watch;
 
 use std::sync::{Arc, Mutex};

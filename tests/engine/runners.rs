@@ -14,7 +14,7 @@ use crate::{RunnerProcess, Time, Workbench, step, time};
 const LIMIT: Duration = Duration::from_secs(90);
 
 /// Waits until `GET /runners` lists runners named `names`; returns their ids by name.
-async fn wait_for_runners(api: &Api, auth: &Auth, names: &[&str]) -> Vec<(String, String)> {
+pub async fn wait_for_runners(api: &Api, auth: &Auth, names: &[&str]) -> Vec<(String, String)> {
     let started = Instant::now();
     loop {
         let (status, body) = api.get("/api/v1/runners", auth).await;
@@ -44,7 +44,7 @@ async fn wait_for_runners(api: &Api, auth: &Auth, names: &[&str]) -> Vec<(String
     }
 }
 
-fn runner_id(runners: &[(String, String)], name: &str) -> String {
+pub fn runner_id(runners: &[(String, String)], name: &str) -> String {
     runners.iter().find(|(listed, _)| listed == name).map(|(_, id)| id.clone()).expect("runner")
 }
 

@@ -454,3 +454,104 @@ async fn a_browser_event_source_follows_an_execution_to_its_end() {
     let events: Vec<Value> = serde_json::from_str(&line).expect("a JSON array");
     check_story(&events.iter().map(seen_from_json).collect::<Vec<_>>());
 }
+
+/// Reads an event stream until it ends; returns its raw text (events and error events).
+async fn read_sse_text(response: reqwest::Response) -> String {
+    let mut response = response;
+    let mut text = String::new();
+    while let Some(chunk) = tokio::time::timeout(LIMIT, response.chunk())
+        .await
+        .expect("the event stream ends")
+        .expect("read the event stream")
+    {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_end_with_their_session_and_query_tokens_are_never_api_keys() {
+    let (server, _data) = start_dev(&[]);
+    let api = Api::new(&server);
+    let owner = Workbench::new(Api::new(&server), "watch-session@example.com").await;
+    let idle = owner.jq("idle", ".").await;
+    let workflow = owner
+        .workflow(
+            "parked",
+            json!([{ "key": "parked", "agentId": idle, "requiredLabels": { "nowhere": "" } }]),
+            json!({}),
+        )
+        .await;
+    let execution_id = owner.execute(&workflow, json!({})).await;
+    let events = format!("/api/v1/executions/{execution_id}/events");
+
+    // An API key never travels in a URL: refused, naming the parameter; in a header it works.
+    let (key, _) = api.create_key(&owner.auth, "reader", &["READ"]).await;
+    let (status, body) = api.get(&format!("{events}?access_token={key}"), &Auth::None).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("access_token"), "{body}");
+    let by_header = reqwest::Client::new()
+        .get(format!("{}{events}", api.base_url))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("open");
+    assert_eq!(by_header.status(), 200);
+    drop(by_header);
+
+    // A second session watches over SSE (query token) and gRPC; it logs out.
+    let (status, login) =
+        api.login("watch-session@example.com", "pw-watch-session@example.com-long-enough").await;
+    assert_eq!(status, 200, "{login}");
+    let token = login["data"]["accessToken"].as_str().expect("access token").to_owned();
+    let refresh = login["data"]["refreshToken"].as_str().expect("refresh token").to_owned();
+    let sse = reqwest::Client::new()
+        .get(format!("{}{events}?access_token={token}", api.base_url))
+        .send()
+        .await
+        .expect("open the event stream");
+    assert_eq!(sse.status(), 200);
+    let mut client = ExecutionServiceClient::new(api.channel().await);
+    let mut stream = client
+        .watch_execution(grpc(
+            pb::WatchExecutionRequest { execution_id: execution_id.clone() },
+            &Auth::bearer(&token),
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    stream.message().await.expect("healthy").expect("snapshot");
+    let (status, body) =
+        api.post("/api/v1/auth/logout", &Auth::None, json!({ "refreshToken": refresh })).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Both streams end, as unauthenticated, while the execution still waits.
+    let ended = loop {
+        match tokio::time::timeout(LIMIT, stream.message()).await.expect("the stream ends") {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without saying why"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
+    let text = read_sse_text(sse).await;
+    assert!(text.contains("event:") && text.contains("UNAUTHORIZED"), "{text}");
+    let still = owner.execution(&execution_id).await;
+    assert_eq!(still["stepRuns"][0]["status"], "QUEUED", "{still}");
+
+    // The other session's watch is untouched by it.
+    let mut client = ExecutionServiceClient::new(api.channel().await);
+    let mut stream = client
+        .watch_execution(grpc(
+            pb::WatchExecutionRequest { execution_id: execution_id.clone() },
+            &owner.auth,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    stream.message().await.expect("healthy").expect("snapshot");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), stream.message()).await.is_err(),
+        "a live session's stream stays open"
+    );
+}

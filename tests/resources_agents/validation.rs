@@ -170,6 +170,16 @@ fn bad_agents(other_users_workflow: &str) -> Vec<(&'static str, Value, Vec<&'sta
             vec!["config.data.jqProgram"],
         ),
         (
+            "data program imports a file of the runner",
+            agent("DATA", json!({ "data": { "jqProgram": "import \"/etc/passwd\" as $f; $f" } })),
+            vec!["config.data.jqProgram"],
+        ),
+        (
+            "data program includes a module",
+            agent("DATA", json!({ "data": { "jqProgram": "include \"/etc/passwd\"; ." } })),
+            vec!["config.data.jqProgram"],
+        ),
+        (
             "data program too deep to compile safely",
             agent("DATA", json!({ "data": { "jqProgram": ".|".repeat(10_000) + "." } })),
             vec!["config.data.jqProgram"],

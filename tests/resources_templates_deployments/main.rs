@@ -29,17 +29,21 @@ pub struct Installation {
     _serve_database: Option<ServeDatabase>,
 }
 
+/// Users' cron schedules may fire every second here (the tests would wait a minute otherwise;
+/// the default floor has its own test in the engine suite).
+const EVERY_SECOND: [&str; 2] = ["--cron-min-interval-seconds", "1"];
+
 impl Installation {
     /// `turbocat dev` on SQLite.
     pub async fn dev() -> Self {
-        let (server, data_dir) = start_dev(&[]);
+        let (server, data_dir) = start_dev(&EVERY_SECOND);
         let store = dev_store(data_dir.path()).await;
         Self::with_accounts(server, store, Some(data_dir), None).await
     }
 
     /// `turbocat serve` on PostgreSQL and Redis.
     pub async fn serve() -> Self {
-        let (server, database) = start_serve(&[]).await;
+        let (server, database) = start_serve(&EVERY_SECOND).await;
         let store = turbocat::store::open(&database.url).await.expect("open the serve database");
         Self::with_accounts(server, store, None, Some(database)).await
     }

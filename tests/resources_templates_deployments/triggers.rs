@@ -65,25 +65,44 @@ async fn with_runner(installation: &Installation, serve: bool) -> Option<RunnerP
     }
 }
 
-fn hex_hmac(secret: &str, body: &[u8]) -> String {
+/// The signature of a webhook call as the README documents it: the hex HMAC-SHA256 of
+/// `<timestamp>.<delivery>.<body>` keyed with the deployment's secret.
+fn sign(secret: &str, timestamp: &str, delivery: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(format!("{timestamp}.{delivery}.").as_bytes());
     mac.update(body);
     hex::encode(mac.finalize().into_bytes())
 }
 
-/// A raw webhook call: (status, body).
+/// The three headers of a call signed now, with a fresh delivery id.
+fn signed_headers(secret: &str, body: &[u8]) -> Vec<(&'static str, String)> {
+    let timestamp = chrono::Utc::now().timestamp().to_string();
+    let delivery = format!("evt_{}", uuid::Uuid::new_v4().simple());
+    vec![
+        ("X-Turbocat-Signature", format!("sha256={}", sign(secret, &timestamp, &delivery, body))),
+        ("X-Turbocat-Timestamp", timestamp),
+        ("X-Turbocat-Delivery", delivery),
+    ]
+}
+
+/// A webhook call signed now with `secret`: (status, body).
+async fn post_signed(api: &Api, deployment_id: &str, secret: &str, body: &[u8]) -> (u16, Value) {
+    post_webhook(api, deployment_id, &signed_headers(secret, body), body).await
+}
+
+/// A raw webhook call with exactly `headers`: (status, body).
 async fn post_webhook(
     api: &Api,
     deployment_id: &str,
-    signature: Option<&str>,
+    headers: &[(&str, String)],
     body: &[u8],
 ) -> (u16, Value) {
     let mut request = reqwest::Client::new()
         .post(format!("{}/api/v1/webhooks/{deployment_id}", api.base_url))
         .header("content-type", "application/json")
         .body(body.to_vec());
-    if let Some(signature) = signature {
-        request = request.header("X-Turbocat-Signature", signature);
+    for (name, value) in headers {
+        request = request.header(*name, value);
     }
     let response = request.send().await.expect("webhook call");
     let status = response.status().as_u16();
@@ -420,21 +439,29 @@ async fn webhooks_start_single_agent_executions(installation: Installation, serv
     let deployment_id = deployment["id"].as_str().expect("id").to_owned();
     let secret = deployment["trigger"]["webhookSecret"].as_str().expect("secret").to_owned();
     let body = br#"{"name":"Ada","extra":[1,2]}"#;
-    let signature = hex_hmac(&secret, body);
 
     // Not started: nothing listens.
-    let (status, answer) = post_webhook(api, &deployment_id, Some(&signature), body).await;
+    let (status, answer) = post_signed(api, &deployment_id, &secret, body).await;
     assert_error(status, &answer, 404, "NOT_FOUND");
     assert_eq!(agent_status(api, &auth, &agent_id).await, "IDLE");
 
     post_ok(api, &auth, &format!("/api/v1/deployments/{deployment_id}/start")).await;
     assert_eq!(agent_status(api, &auth, &agent_id).await, "RUNNING");
 
-    // A good signature: 202 and an execution of the agent with the body as input.
-    let (status, answer) = post_webhook(api, &deployment_id, Some(&signature), body).await;
+    // A good signature: 202 with the execution's id only (its input holds the deployment's
+    // environment values, which the caller has no right to read), and an execution of the
+    // agent with the body as input.
+    let headers = signed_headers(&secret, body);
+    let (status, answer) = post_webhook(api, &deployment_id, &headers, body).await;
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["success"], true);
-    let execution = answer["data"].clone();
+    let data = answer["data"].as_object().expect("data");
+    assert_eq!(data.keys().collect::<Vec<_>>(), vec!["executionId"], "{answer}");
+    assert!(!answer.to_string().contains("REGION"), "{answer}");
+    let execution_id = answer["data"]["executionId"].as_str().expect("id").to_owned();
+    let (status, shown) = api.get(&format!("/api/v1/executions/{execution_id}"), &auth).await;
+    assert_eq!(status, 200, "{shown}");
+    let execution = shown["data"].clone();
     assert_eq!(execution["trigger"], "WEBHOOK", "{execution}");
     assert_eq!(execution["deploymentId"], deployment_id);
     assert_eq!(execution["workflowId"], "", "a single agent has no workflow");
@@ -442,7 +469,7 @@ async fn webhooks_start_single_agent_executions(installation: Installation, serv
         execution["input"],
         json!({ "name": "Ada", "extra": [1, 2], "env": { "REGION": "eu" } })
     );
-    let done = finished(api, &auth, execution["id"].as_str().expect("id")).await;
+    let done = finished(api, &auth, &execution_id).await;
     assert_eq!(done["status"], "SUCCEEDED", "{done}");
     assert_eq!(done["output"], json!({ "greeting": "hello Ada", "env": "eu" }));
     let step_runs = done["stepRuns"].as_array().expect("step runs");
@@ -451,38 +478,62 @@ async fn webhooks_start_single_agent_executions(installation: Installation, serv
     assert_eq!(step_runs[0]["agentId"], agent_id);
     assert_eq!(step_runs[0]["output"], done["output"], "the execution's output is the agent's");
 
-    // `sha256=` in front is accepted; an empty body is `{}` under the input defaults.
-    let (status, answer) =
-        post_webhook(api, &deployment_id, Some(&format!("sha256={}", hex_hmac(&secret, b""))), b"")
-            .await;
+    // The same call again is a replay: refused, nothing started.
+    let (status, answer) = post_webhook(api, &deployment_id, &headers, body).await;
+    assert_error(status, &answer, 409, "CONFLICT");
+
+    // A bare hex signature is accepted too; an empty body is `{}` under the input defaults.
+    let timestamp = chrono::Utc::now().timestamp().to_string();
+    let bare = vec![
+        ("X-Turbocat-Signature", sign(&secret, &timestamp, "evt-empty", b"")),
+        ("X-Turbocat-Timestamp", timestamp.clone()),
+        ("X-Turbocat-Delivery", "evt-empty".to_owned()),
+    ];
+    let (status, answer) = post_webhook(api, &deployment_id, &bare, b"").await;
     assert_eq!(status, 202, "{answer}");
-    let done = finished(api, &auth, answer["data"]["id"].as_str().expect("id")).await;
+    let done = finished(api, &auth, answer["data"]["executionId"].as_str().expect("id")).await;
     assert_eq!(done["output"], json!({ "greeting": "hello nobody", "env": "eu" }), "{done}");
     let count = executions_of(api, &auth, &deployment_id).await.len();
     assert_eq!(count, 2);
 
-    // Refused calls start nothing.
+    // Refused calls start nothing: another body under a signature, a call signed ten minutes
+    // ago (a replay outside the window), a missing header, another secret, no hex at all.
     let tampered = br#"{"name":"Eve","extra":[1,2]}"#;
-    let (status, answer) = post_webhook(api, &deployment_id, Some(&signature), tampered).await;
+    let (status, answer) = post_webhook(api, &deployment_id, &headers, tampered).await;
     assert_error(status, &answer, 401, "UNAUTHORIZED");
-    let (status, answer) = post_webhook(api, &deployment_id, None, body).await;
+    let stale = (chrono::Utc::now() - chrono::Duration::minutes(10)).timestamp().to_string();
+    let old_call = vec![
+        ("X-Turbocat-Signature", sign(&secret, &stale, "evt-old", body)),
+        ("X-Turbocat-Timestamp", stale),
+        ("X-Turbocat-Delivery", "evt-old".to_owned()),
+    ];
+    let (status, answer) = post_webhook(api, &deployment_id, &old_call, body).await;
     assert_error(status, &answer, 401, "UNAUTHORIZED");
-    assert!(answer["error"]["message"].as_str().expect("message").contains("X-Turbocat-Signature"));
-    let other_secret = hex_hmac("not the secret", body);
-    let (status, answer) = post_webhook(api, &deployment_id, Some(&other_secret), body).await;
+    assert!(answer["error"]["message"].as_str().expect("message").contains("X-Turbocat-Timestamp"));
+    for missing in ["X-Turbocat-Signature", "X-Turbocat-Timestamp", "X-Turbocat-Delivery"] {
+        let partial: Vec<(&str, String)> = signed_headers(&secret, body)
+            .into_iter()
+            .filter(|(name, _)| *name != missing)
+            .collect();
+        let (status, answer) = post_webhook(api, &deployment_id, &partial, body).await;
+        assert_error(status, &answer, 401, "UNAUTHORIZED");
+        assert!(answer["error"]["message"].as_str().expect("message").contains(missing));
+    }
+    let (status, answer) = post_signed(api, &deployment_id, "not the secret", body).await;
     assert_error(status, &answer, 401, "UNAUTHORIZED");
-    let (status, answer) = post_webhook(api, &deployment_id, Some("zz-not-hex"), body).await;
+    let mut not_hex = signed_headers(&secret, body);
+    not_hex[0].1 = "zz-not-hex".to_owned();
+    let (status, answer) = post_webhook(api, &deployment_id, &not_hex, body).await;
     assert_error(status, &answer, 401, "UNAUTHORIZED");
     for bad_body in [&b"not json"[..], &b"[1, 2]"[..], &b"\"text\""[..]] {
-        let signed = hex_hmac(&secret, bad_body);
-        let (status, answer) = post_webhook(api, &deployment_id, Some(&signed), bad_body).await;
+        let (status, answer) = post_signed(api, &deployment_id, &secret, bad_body).await;
         let fields = assert_error(status, &answer, 400, "VALIDATION_ERROR");
         assert_eq!(fields, vec!["body"], "{answer}");
     }
     let unknown = uuid::Uuid::now_v7().to_string();
-    let (status, answer) = post_webhook(api, &unknown, Some(&signature), body).await;
+    let (status, answer) = post_signed(api, &unknown, &secret, body).await;
     assert_error(status, &answer, 404, "NOT_FOUND");
-    let (status, answer) = post_webhook(api, "not-an-id", Some(&signature), body).await;
+    let (status, answer) = post_signed(api, "not-an-id", &secret, body).await;
     assert_error(status, &answer, 404, "NOT_FOUND");
     assert_eq!(executions_of(api, &auth, &deployment_id).await.len(), count, "nothing started");
 
@@ -509,7 +560,7 @@ async fn webhooks_start_single_agent_executions(installation: Installation, serv
     post_ok(api, &auth, &format!("/api/v1/deployments/{second_id}/start")).await;
     post_ok(api, &auth, &format!("/api/v1/deployments/{deployment_id}/stop")).await;
     assert_eq!(agent_status(api, &auth, &agent_id).await, "RUNNING", "Hook 2 still runs");
-    let (status, answer) = post_webhook(api, &deployment_id, Some(&signature), body).await;
+    let (status, answer) = post_signed(api, &deployment_id, &secret, body).await;
     assert_error(status, &answer, 404, "NOT_FOUND");
     assert_eq!(executions_of(api, &auth, &deployment_id).await.len(), count, "stopped");
     let (status, answer) = api.delete(&format!("/api/v1/deployments/{second_id}"), &auth).await;
@@ -558,8 +609,7 @@ async fn a_deployment_whose_workflow_is_gone_fails() {
     assert_eq!(status, 200, "{answer}");
 
     let body = b"{}";
-    let (status, answer) =
-        post_webhook(api, &deployment_id, Some(&hex_hmac(&secret, body)), body).await;
+    let (status, answer) = post_signed(api, &deployment_id, &secret, body).await;
     assert_error(status, &answer, 404, "NOT_FOUND");
     assert!(answer["error"]["message"].as_str().expect("message").contains("workflow"), "{answer}");
     let (_, got) = api.get(&format!("/api/v1/deployments/{deployment_id}"), &auth).await;

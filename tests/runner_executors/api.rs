@@ -267,3 +267,67 @@ async fn private_addresses_are_refused_without_the_flag_and_nothing_is_sent() {
     let system = attempt.log_texts(Some(LogStream::System));
     assert!(system.iter().any(|line| line.starts_with("redirected (307)")), "{system:?}");
 }
+
+#[tokio::test]
+async fn configured_headers_never_follow_a_redirect_to_another_origin() {
+    let (base, recorder) = api_server().await;
+    let port = base.rsplit(':').next().unwrap();
+    // Another origin (`localhost` is not `127.0.0.1`) bounces back to the echo server.
+    let target = format!("http://localhost:{port}/echo/landed");
+    let bouncer = Router::new().route(
+        "/",
+        any(move || {
+            let target = target.clone();
+            async move { Redirect::temporary(&target) }
+        }),
+    );
+    let bouncer_base = serve(bouncer).await;
+    let with_headers = |url: String| pb::ApiAgentConfig {
+        method: pb::HttpMethod::Post as i32,
+        headers: [
+            ("x-auth-token".to_owned(), "token-7f2a".to_owned()),
+            ("Authorization".to_owned(), "Bearer abc".to_owned()),
+            ("x-tenant".to_owned(), "alpha".to_owned()),
+        ]
+        .into(),
+        body_template: "{\"x\": 1}".to_owned(),
+        ..get_config(url)
+    };
+    let attempt = run(api_agent(with_headers(format!("{bouncer_base}/"))), json!({})).await;
+    assert_eq!(attempt.output()["body"]["path"], "/echo/landed");
+    assert_eq!(attempt.output()["body"]["body"], "{\"x\": 1}", "a 307 keeps the body");
+    let received = recorder.all();
+    assert_eq!(received.len(), 1);
+    for header in ["x-auth-token", "authorization", "x-tenant"] {
+        assert!(!received[0].headers.contains_key(header), "{header} followed: {received:?}");
+    }
+    assert_eq!(received[0].headers["content-type"], "application/json");
+
+    // Within one origin the headers follow.
+    let attempt = run(api_agent(with_headers(format!("{base}/moved"))), json!({})).await;
+    assert_eq!(attempt.output()["body"]["path"], "/echo/after-redirect");
+    let received = recorder.all();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].headers["x-auth-token"], "token-7f2a");
+}
+
+#[tokio::test]
+async fn credentials_in_urls_are_used_but_never_logged() {
+    let (base, recorder) = api_server().await;
+    let with_credentials = base.replacen("http://", "http://alice:hunter2@", 1);
+    let attempt =
+        run(api_agent(get_config(format!("{with_credentials}/echo/private"))), json!({})).await;
+    assert_eq!(attempt.output()["body"]["path"], "/echo/private");
+    // The server got them (as basic authentication), the step's log did not.
+    let received = recorder.all();
+    assert!(received[0].headers["authorization"].starts_with("Basic "), "{received:?}");
+    let system = attempt.log_texts(Some(LogStream::System));
+    assert!(system[0].starts_with(&format!("GET {base}/echo/private")), "{system:?}");
+    for line in &attempt.logs {
+        assert!(
+            !line.text.contains("hunter2") && !line.text.contains("alice"),
+            "logged: {}",
+            line.text
+        );
+    }
+}

@@ -13,7 +13,7 @@ use turbocat::proto::v1 as pb;
 use turbocat::runner::executors::StepErrorKind;
 
 use crate::api::{Recorder, serve};
-use crate::{SECRET_VALUE, SECRET_VARIABLE, agent, limits, run};
+use crate::{LLM_KEY_VALUE, LLM_KEY_VARIABLE, SECRET_VALUE, SECRET_VARIABLE, agent, limits, run};
 
 /// Answers like the real endpoint; the model `busy` gets a 429, `broken` a 500.
 async fn completions(
@@ -98,7 +98,7 @@ fn llm_agent(base_url: String, model: &str, api_key_ref: &str) -> pb::Agent {
 #[tokio::test]
 async fn a_completion_is_requested_in_the_openai_format_and_answered() {
     let (base, recorder) = stub().await;
-    let key_reference = format!("env:{SECRET_VARIABLE}");
+    let key_reference = format!("env:{LLM_KEY_VARIABLE}");
     let attempt = run(
         llm_agent(format!("{base}/v1/"), "gpt-4o-mini", &key_reference),
         json!({"text": "Cats sleep a lot."}),
@@ -117,7 +117,7 @@ async fn a_completion_is_requested_in_the_openai_format_and_answered() {
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].method, "POST");
     assert_eq!(received[0].uri, "/v1/chat/completions");
-    assert_eq!(received[0].headers["authorization"], format!("Bearer {SECRET_VALUE}"));
+    assert_eq!(received[0].headers["authorization"], format!("Bearer {LLM_KEY_VALUE}"));
     assert_eq!(received[0].headers["content-type"], "application/json");
     let request: Value = serde_json::from_str(&received[0].body).unwrap();
     assert_eq!(
@@ -133,14 +133,14 @@ async fn a_completion_is_requested_in_the_openai_format_and_answered() {
         })
     );
     for line in &attempt.logs {
-        assert!(!line.text.contains(SECRET_VALUE), "the key was logged: {}", line.text);
+        assert!(!line.text.contains(LLM_KEY_VALUE), "the key was logged: {}", line.text);
     }
 }
 
 #[tokio::test]
 async fn rate_limits_and_server_errors_are_retryable_other_failures_are_not() {
     let (base, recorder) = stub().await;
-    let key_reference = format!("env:{SECRET_VARIABLE}");
+    let key_reference = format!("env:{LLM_KEY_VARIABLE}");
     let busy =
         run(llm_agent(format!("{base}/v1"), "busy", &key_reference), json!({"text": "x"})).await;
     let error = busy.error();
@@ -156,16 +156,16 @@ async fn rate_limits_and_server_errors_are_retryable_other_failures_are_not() {
     assert_eq!(unknown.error().kind, StepErrorKind::NonRetryable);
     assert!(unknown.error().message.contains("does not exist"), "{}", unknown.error().message);
 
-    let missing_key = run(
-        llm_agent(format!("{base}/v1"), "gpt", "env:TURBOCAT_NO_SUCH_KEY_VARIABLE"),
-        json!({"text": "x"}),
+    let missing_key = run_lending(
+        llm_agent(format!("{base}/v1"), "gpt", "env:NO_SUCH_KEY_VARIABLE"),
+        "NO_SUCH_KEY_VARIABLE",
     )
     .await;
-    let error = missing_key.error();
+    let error = missing_key.unwrap_err();
     assert_eq!(error.kind, StepErrorKind::NonRetryable);
     assert_eq!(
         error.message,
-        "the API key variable TURBOCAT_NO_SUCH_KEY_VARIABLE is not set on this runner"
+        "the API key variable NO_SUCH_KEY_VARIABLE is not set on this runner"
     );
 
     let missing_input =
@@ -184,6 +184,68 @@ async fn rate_limits_and_server_errors_are_retryable_other_failures_are_not() {
     }
     let refused = run(private, json!({"text": "x"})).await;
     assert!(refused.error().message.contains("loopback"), "{}", refused.error().message);
-    assert!(!refused.error().message.contains(SECRET_VALUE));
+    assert!(!refused.error().message.contains(LLM_KEY_VALUE));
     assert_eq!(recorder.all().len(), 3, "only busy, broken and unknown reached the stub");
+}
+
+/// Runs an LLM agent on a runner that lends exactly `lent` (`--llm-key-env`).
+async fn run_lending(
+    agent: pb::Agent,
+    lent: &str,
+) -> Result<Value, turbocat::runner::executors::StepError> {
+    crate::setup();
+    let policy =
+        turbocat::runner::executors::llm::LlmKeyPolicy::parse(lent.split(',')).expect("policy");
+    turbocat::runner::executors::execute(
+        turbocat::runner::executors::StepWork {
+            agent,
+            input: json!({"text": "x"}),
+            deadline: None,
+            llm_keys: std::sync::Arc::new(policy),
+        },
+        turbocat::runner::executors::LogSink::discard(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn agents_read_only_the_variables_the_runner_lends_never_its_own_settings() {
+    let (base, recorder) = stub().await;
+    // The runner's own settings (its API key is one) are refused whatever it lends, and so is
+    // any variable it does not lend: nothing reaches the agent's base URL.
+    let own_setting = format!("env:{SECRET_VARIABLE}");
+    for (reference, lent, expected) in [
+        (own_setting.as_str(), LLM_KEY_VARIABLE, "is a setting of the runner"),
+        ("env:HOME", LLM_KEY_VARIABLE, "does not lend HOME"),
+        ("env:PATH", "", "does not lend PATH"),
+    ] {
+        let error =
+            run_lending(llm_agent(format!("{base}/v1"), "gpt", reference), lent).await.unwrap_err();
+        assert_eq!(error.kind, StepErrorKind::NonRetryable, "{reference}");
+        assert!(error.message.starts_with("apiKeyRef: "), "{reference}: {}", error.message);
+        assert!(error.message.contains(expected), "{reference}: {}", error.message);
+        assert!(!error.message.contains(SECRET_VALUE));
+    }
+    // Tied to a host, a lent key goes only there (127.0.0.1 is not `localhost`).
+    let tied = format!("{LLM_KEY_VARIABLE}@localhost");
+    let reference = format!("env:{LLM_KEY_VARIABLE}");
+    let error =
+        run_lending(llm_agent(format!("{base}/v1"), "gpt", &reference), &tied).await.unwrap_err();
+    assert!(error.message.contains("only for localhost"), "{}", error.message);
+    assert!(recorder.all().is_empty(), "nothing was sent: {:?}", recorder.all().len());
+
+    // The lent key reaches the endpoint, on its host or on any.
+    let tied = format!("{LLM_KEY_VARIABLE}@127.0.0.1");
+    for lent in [tied.as_str(), LLM_KEY_VARIABLE] {
+        let output = run_lending(llm_agent(format!("{base}/v1"), "gpt", &reference), lent)
+            .await
+            .expect("a lent key works");
+        assert_eq!(output["finishReason"], "stop");
+    }
+    let received = recorder.all();
+    assert_eq!(received.len(), 2);
+    for request in &received {
+        assert_eq!(request.headers["authorization"], format!("Bearer {LLM_KEY_VALUE}"));
+    }
 }

@@ -19,6 +19,15 @@ use turbocat::runner::executors::{self, LogLine, LogSink, LogStream, StepError, 
 pub const SECRET_VARIABLE: &str = "TURBOCAT_RUNNER_TEST_SECRET";
 pub const SECRET_VALUE: &str = "sk-test-4f1c9a-secret";
 
+/// The variable LLM tests lend their agents as an API key (through `llm_keys`).
+pub const LLM_KEY_VARIABLE: &str = "RUNNER_TEST_LLM_KEY";
+pub const LLM_KEY_VALUE: &str = "sk-test-llm-7d2e0b";
+
+/// What the runner of these tests lends LLM agents: the test key, for any host.
+pub fn llm_keys() -> std::sync::Arc<executors::llm::LlmKeyPolicy> {
+    std::sync::Arc::new(executors::llm::LlmKeyPolicy::parse([LLM_KEY_VARIABLE]).expect("policy"))
+}
+
 /// Sets the secret once, before any test starts a process or a lookup (every test calls it
 /// first, and the `Once` holds the others back until it is set).
 pub fn setup() {
@@ -27,6 +36,8 @@ pub fn setup() {
         // SAFETY: every test calls `setup` before anything else, so no other thread of this
         // process reads the environment while it is written.
         unsafe { std::env::set_var(SECRET_VARIABLE, SECRET_VALUE) };
+        // SAFETY: as above.
+        unsafe { std::env::set_var(LLM_KEY_VARIABLE, LLM_KEY_VALUE) };
         // DATA steps run in `turbocat jq-worker`; this test binary is not turbocat.
         executors::data::set_worker_executable(env!("CARGO_BIN_EXE_turbocat").into());
     });
@@ -113,7 +124,12 @@ pub async fn run_with(agent: pb::Agent, input: Value, cancel_after: Option<Durat
         });
     }
     let started = Instant::now();
-    let result = executors::execute(StepWork { agent, input, deadline: None }, sink, cancel).await;
+    let result = executors::execute(
+        StepWork { agent, input, deadline: None, llm_keys: llm_keys() },
+        sink,
+        cancel,
+    )
+    .await;
     let elapsed = started.elapsed();
     let logs = collector.await.expect("the log collector ends when the sink is dropped");
     Attempt { result, logs, elapsed }
@@ -166,7 +182,7 @@ async fn a_step_past_its_assignment_deadline_times_out() {
     let started = Instant::now();
     let deadline = Some(Instant::now() + Duration::from_millis(800));
     let result = executors::execute(
-        StepWork { agent: sleeper, input: Value::Null, deadline },
+        StepWork { agent: sleeper, input: Value::Null, deadline, llm_keys: llm_keys() },
         LogSink::discard(),
         CancellationToken::new(),
     )

@@ -752,6 +752,12 @@ async fn api_key_lifecycle_and_scoping(store: Arc<dyn Store>) {
     assert_eq!(found.key, runner);
     assert_eq!(found.owner, ann, "the owner comes with the key");
     assert!(matches!(store.get_api_key_by_hash("hash-none").await, Err(StoreError::NotFound)));
+    let by_id = store.get_api_key_with_owner(runner.id).await.expect("by id");
+    assert_eq!((by_id.key, by_id.owner), (runner.clone(), ann.clone()), "by id, the same");
+    assert!(matches!(
+        store.get_api_key_with_owner(Uuid::now_v7()).await,
+        Err(StoreError::NotFound)
+    ));
 
     let same_prefix =
         NewApiKey { key_hash: "hash-other".to_owned(), ..new_api_key(ann.id, "x", "aaaa0001") };
@@ -808,6 +814,10 @@ async fn api_key_lifecycle_and_scoping(store: Arc<dyn Store>) {
     let revoked = store.revoke_api_key(OwnerScope::Owner(ann.id), runner.id).await.expect("revoke");
     let revoked_at = revoked.revoked_at.expect("revoked_at set");
     assert!(matches!(store.get_api_key_by_hash("hash-aaaa0001").await, Err(StoreError::NotFound)));
+    assert!(
+        matches!(store.get_api_key_with_owner(runner.id).await, Err(StoreError::NotFound)),
+        "a revoked key is not found by id either"
+    );
     let revoked_again = store.revoke_api_key(OwnerScope::All, runner.id).await.expect("again");
     assert_eq!(revoked_again.revoked_at, Some(revoked_at), "the first revocation time stays");
 
@@ -843,6 +853,7 @@ async fn api_key_lifecycle_and_scoping(store: Arc<dyn Store>) {
     // A deleted owner's keys no longer authenticate.
     store.soft_delete_user(bob.id, None).await.expect("delete bob");
     assert!(matches!(store.get_api_key_by_hash("hash-bbbb0001").await, Err(StoreError::NotFound)));
+    assert!(matches!(store.get_api_key_with_owner(bobs.id).await, Err(StoreError::NotFound)));
 }
 
 // ---------------------------------------------------------------------------------------------

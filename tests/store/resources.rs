@@ -1666,7 +1666,38 @@ async fn deployment_list_pages_filters_sorts_and_searches(store: Arc<dyn Store>)
     }
 }
 
+async fn webhook_deliveries_are_recorded_once_and_forgotten_when_old(store: Arc<dyn Store>) {
+    let owner = create_owner(&store, "owner").await;
+    let agent = store.create_agent(new_agent(owner, "Hooked")).await.expect("agent");
+    let first = store
+        .create_deployment(new_deployment(owner, "one", DeploymentTarget::Agent(agent.id)))
+        .await
+        .expect("one");
+    let second = store
+        .create_deployment(new_deployment(owner, "two", DeploymentTarget::Agent(agent.id)))
+        .await
+        .expect("two");
+    let now = Utc::now();
+    let long_ago = now - Duration::minutes(30);
+    let horizon = now - Duration::minutes(10);
+    let record = async |deployment: Uuid, id: &str, at: DateTime<Utc>| {
+        store.record_webhook_delivery(deployment, id, at, horizon).await.expect("record")
+    };
+    assert!(record(first.id, "evt_1", long_ago).await, "first time");
+    assert!(record(first.id, "evt_2", now).await, "another id");
+    assert!(!record(first.id, "evt_2", now).await, "a replay");
+    assert!(record(second.id, "evt_2", now).await, "ids are per deployment");
+    // evt_1 is older than the horizon: purged by the calls above, it records again.
+    assert!(record(first.id, "evt_1", now).await, "forgotten once old");
+    assert!(!record(first.id, "evt_1", now).await);
+    assert!(
+        store.record_webhook_delivery(Uuid::now_v7(), "evt_3", now, horizon).await.is_err(),
+        "an unknown deployment"
+    );
+}
+
 crate::conformance!(
+    webhook_deliveries_are_recorded_once_and_forgotten_when_old,
     agent_crud_with_version_history,
     agent_duplicate_is_independent_with_fresh_history,
     agent_delete_refused_while_a_live_workflow_uses_it,

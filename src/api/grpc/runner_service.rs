@@ -9,11 +9,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::AppContext;
-use crate::auth::caller::{Caller, Credential, caller_of};
-use crate::engine::attached_runners::RunnerOwner;
+use crate::auth::caller::caller_of;
 use crate::error::ServiceError;
 use crate::proto::v1::{self as pb, runner_service_server};
-use crate::store::ApiKeyScope;
+use crate::service::runner_access::runner_grant;
 
 /// Messages queued for one runner before the server stops reading its stream.
 const OUTBOUND_BUFFER: usize = 64;
@@ -29,23 +28,6 @@ impl RunnerGrpc {
     }
 }
 
-/// Who the runner works for: an API key with the `runner` scope is required; an admin's key
-/// created `shared` serves everyone, any other key only its owner.
-fn runner_owner(caller: &Caller) -> Result<RunnerOwner, ServiceError> {
-    match &caller.credential {
-        Credential::ApiKey { scopes, shared, .. } if scopes.contains(&ApiKeyScope::Runner) => {
-            if *shared {
-                Ok(RunnerOwner::Shared)
-            } else {
-                Ok(RunnerOwner::User(caller.user_id))
-            }
-        }
-        _ => Err(ServiceError::forbidden(
-            "attaching a runner needs an API key with the runner scope",
-        )),
-    }
-}
-
 #[tonic::async_trait]
 impl runner_service_server::RunnerService for RunnerGrpc {
     async fn attach(
@@ -53,7 +35,7 @@ impl runner_service_server::RunnerService for RunnerGrpc {
         request: Request<Streaming<pb::AttachRequest>>,
     ) -> Result<Response<tonic::codegen::BoxStream<pb::AttachResponse>>, Status> {
         let caller = caller_of(&request)?;
-        let owner = runner_owner(&caller)?;
+        let grant = runner_grant(&caller)?;
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(pb::AttachRequest {
@@ -70,7 +52,7 @@ impl runner_service_server::RunnerService for RunnerGrpc {
         let engine = self.context.engine.clone();
         let (sender, receiver) = mpsc::channel(OUTBOUND_BUFFER);
         let (runner, accepted) = engine
-            .attach_runner(hello, owner, sender.clone())
+            .attach_runner(hello, grant, sender.clone())
             .await
             .map_err(|error| ServiceError::invalid_field(error.field, error.message))?;
         let accepted =
@@ -82,7 +64,12 @@ impl runner_service_server::RunnerService for RunnerGrpc {
         tokio::spawn(async move {
             let inbox = engine.runner_inbox(runner.clone());
             loop {
-                match inbound.message().await {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    // The runner's right to work was withdrawn: stop listening to it.
+                    () = runner.withdrawn() => break,
+                };
+                match next {
                     Ok(Some(pb::AttachRequest { message: Some(message) })) => {
                         inbox.deliver(message).await;
                     }

@@ -27,6 +27,43 @@ use self::bindings::{BodyMapping, HttpBinding};
 use crate::error::{ErrorCode, FieldError, ServiceError};
 use crate::proto::json;
 
+/// How deep a request message may nest (itself included) for a gRPC decoder to accept it:
+/// prost refuses a message nested past 100 levels, which the call would report as an error of
+/// the server.
+const MAX_DECODABLE_MESSAGE_DEPTH: usize = 100;
+
+/// A request whose message nests deeper than a decoder accepts: VALIDATION_ERROR on each
+/// top-level field at fault (the services refuse values deeper than `--max-json-depth`, far
+/// below, with their own message).
+fn refuse_too_deep(message: &DynamicMessage) -> Result<(), ServiceError> {
+    let too_deep: Vec<FieldError> = message
+        .fields()
+        .filter(|(_, value)| 1 + value_depth(value) > MAX_DECODABLE_MESSAGE_DEPTH)
+        .map(|(field, _)| FieldError {
+            field: field.json_name().to_owned(),
+            message: "is nested too deeply to be carried".to_owned(),
+        })
+        .collect();
+    if too_deep.is_empty() {
+        return Ok(());
+    }
+    Err(ServiceError::validation(too_deep))
+}
+
+/// How many protobuf messages deep a field value nests (a map entry is a message too).
+fn value_depth(value: &prost_reflect::Value) -> usize {
+    match value {
+        prost_reflect::Value::Message(message) => {
+            1 + message.fields().map(|(_, field)| value_depth(field)).max().unwrap_or(0)
+        }
+        prost_reflect::Value::List(items) => items.iter().map(value_depth).max().unwrap_or(0),
+        prost_reflect::Value::Map(entries) => {
+            entries.values().map(|entry| 1 + value_depth(entry)).max().unwrap_or(0)
+        }
+        _ => 0,
+    }
+}
+
 /// Headers the REST edge hands on to the gRPC service as metadata.
 const FORWARDED_HEADERS: [&str; 6] =
     ["authorization", "x-api-key", "x-request-id", "user-agent", "x-forwarded-for", "x-real-ip"];
@@ -83,6 +120,14 @@ impl RestEdge {
             // An EventSource cannot send headers: the event stream alone takes the token here.
             if let Some(position) = query_pairs.iter().position(|(key, _)| key == "access_token") {
                 let (_, token) = query_pairs.remove(position);
+                // URLs end up in logs and histories: a long-lived API key never travels there.
+                if token.trim().starts_with(crate::auth::API_KEY_PREFIX) {
+                    return Err(ServiceError::invalid_field(
+                        "access_token",
+                        "takes only a short-lived access token; send an API key in the \
+                         x-api-key header",
+                    ));
+                }
                 if let Ok(value) = http::HeaderValue::from_str(&format!("Bearer {token}")) {
                     parts.headers.insert(http::header::AUTHORIZATION, value);
                 }
@@ -101,6 +146,7 @@ impl RestEdge {
         )?;
         let message = json::message_from_json(&binding.input, request_json)
             .map_err(ServiceError::validation)?;
+        refuse_too_deep(&message)?;
 
         let grpc_request = grpc_request(binding, &parts, &message)?;
         let grpc_response = match self.grpc.clone().oneshot(grpc_request).await {

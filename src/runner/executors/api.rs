@@ -5,8 +5,10 @@
 //! (repeated headers joined by ", "), `body` is the parsed JSON when the response says it is
 //! JSON (`application/json`, `…+json`), else the text. A non-2xx status fails the step:
 //! retryable for 5xx and 429, not retryable otherwise. Redirects (at most 5) are followed only
-//! to URLs that pass the SSRF guard again; credentials are dropped when a redirect leaves the
-//! origin. The response body may not exceed the agent's `maxOutputBytes`.
+//! to URLs that pass the SSRF guard again; every header the agent configured is dropped when a
+//! redirect leaves the origin (any of them may be a credential: `x-auth-token`). The response
+//! body may not exceed the agent's `maxOutputBytes`. URLs are logged without their
+//! credentials (`https://user:password@host` shows as `https://host`).
 //! May call: `crate::mapping`, `crate::runner::ssrf`, reqwest.
 
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION};
@@ -23,7 +25,7 @@ use crate::text::truncate_text;
 
 /// Redirects followed at most.
 const MAX_REDIRECTS: usize = 5;
-/// Headers that never follow a redirect to another origin.
+/// Headers whose values are marked sensitive (kept out of debug output).
 const CREDENTIAL_HEADERS: [&str; 4] =
     ["authorization", "cookie", "proxy-authorization", "x-api-key"];
 
@@ -45,7 +47,7 @@ pub(super) async fn run(
         Some(timeout) => context.deadline.min(Instant::now() + timeout),
         None => context.deadline,
     };
-    context.logs.system(&format!("{} {}", request.method, request.url)).await;
+    context.logs.system(&format!("{} {}", request.method, loggable_url(&request.url))).await;
     let sending = send_following_redirects(request, config.allow_private_network, context);
     let response = match tokio::time::timeout_at(deadline, sending).await {
         Ok(response) => response?,
@@ -124,6 +126,18 @@ fn prepare(config: &pb::ApiAgentConfig, input: &Value) -> Result<PreparedRequest
     Ok(PreparedRequest { method, url, headers, body })
 }
 
+/// A URL as logs show it: without the user name and password it may carry.
+pub(super) fn loggable_url(url: &Url) -> String {
+    if url.username().is_empty() && url.password().is_none() {
+        return url.to_string();
+    }
+    let mut shown = url.clone();
+    // Only URLs that cannot carry credentials refuse these, and they carry none.
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.to_string()
+}
+
 /// The SSRF verdict on a URL as a step failure.
 pub(super) fn ssrf_failure(error: ssrf::SsrfError) -> StepError {
     if error.is_retryable() {
@@ -171,10 +185,17 @@ async fn send_following_redirects(
         let next_url = request.url.join(location).map_err(|error| {
             StepError::non_retryable(format!("redirect to an invalid location: {error}"))
         })?;
-        context.logs.system(&format!("redirected ({}) to {next_url}", status.as_u16())).await;
+        context
+            .logs
+            .system(&format!("redirected ({}) to {}", status.as_u16(), loggable_url(&next_url)))
+            .await;
         if next_url.origin() != request.url.origin() {
-            for header in CREDENTIAL_HEADERS {
-                request.headers.remove(header);
+            // Another origin gets none of the agent's headers: which of them are credentials
+            // only the agent knows. The body's type stays with the body.
+            let content_type = request.headers.get(CONTENT_TYPE).cloned();
+            request.headers.clear();
+            if let Some(content_type) = content_type {
+                request.headers.insert(CONTENT_TYPE, content_type);
             }
         }
         let becomes_get = status == StatusCode::SEE_OTHER

@@ -43,6 +43,8 @@ pub struct StepWork {
     /// The attempt must end by then (the assignment's deadline); `None` leaves only the agent's
     /// own timeout.
     pub deadline: Option<Instant>,
+    /// The runner's variables LLM agents may use as API keys.
+    pub llm_keys: std::sync::Arc<llm::LlmKeyPolicy>,
 }
 
 impl StepWork {
@@ -288,6 +290,7 @@ pub(crate) struct RunContext<'run> {
     pub timeout_description: String,
     pub logs: &'run LogSink,
     pub cancel: &'run CancellationToken,
+    pub llm_keys: &'run llm::LlmKeyPolicy,
 }
 
 impl RunContext<'_> {
@@ -330,8 +333,15 @@ pub async fn execute(
         }
         _ => (own_deadline, format!("its time limit of {}", describe_duration(limits.timeout))),
     };
-    let context =
-        RunContext { limits, deadline, timeout_description, logs: &logs, cancel: &cancel };
+    let llm_keys = work.llm_keys.clone();
+    let context = RunContext {
+        limits,
+        deadline,
+        timeout_description,
+        logs: &logs,
+        cancel: &cancel,
+        llm_keys: &llm_keys,
+    };
     if cancel.is_cancelled() {
         return Err(StepError::cancelled());
     }
