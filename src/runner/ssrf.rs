@@ -206,7 +206,7 @@ pub async fn vet_url(url: &Url, allow_private_network: bool) -> Result<Vec<Socke
         let class = classify(address.ip());
         if !class.is_allowed(allow_private_network) {
             let hint = if class.is_private_network() {
-                " (set allowPrivateNetwork on the agent to allow it)"
+                " (an administrator can allow it with allowPrivateNetwork on the agent)"
             } else {
                 ""
             };

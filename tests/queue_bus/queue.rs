@@ -9,7 +9,7 @@ use tokio::sync::Barrier;
 use turbocat::queue::{EnqueueOutcome, Queue, QueueError, QueueItem, QueueKey, QueueStats};
 use uuid::Uuid;
 
-use crate::Backend;
+use crate::{Backend, TEST_WAKE_POLL_INTERVAL};
 
 conformance!(
     orders_by_priority_then_age,
@@ -520,6 +520,10 @@ mod redis_only {
         let replica_a = redis_queue(redis_pool().await, &prefix, 100);
         let replica_b = redis_queue(redis_pool().await, &prefix, 100);
         let mut ready_on_b = replica_b.subscribe_ready();
+        // b wakes on a version different from the one its first poll saw: let that poll happen
+        // before a enqueues (under load the poller's first tick can come late).
+        tokio::time::sleep(TEST_WAKE_POLL_INTERVAL * 3).await;
+        ready_on_b.borrow_and_update();
         let now = base_time();
         let items: Vec<QueueItem> =
             (0..5).map(|index| ready_item(5, now + TimeDelta::seconds(index))).collect();
