@@ -78,38 +78,29 @@ pub fn number_to_json(number: f64) -> serde_json::Value {
 /// two levels of protobuf messages (`Value` holding a `Struct` or a `ListValue`), and gRPC
 /// decoders refuse messages nested past 100: what crosses the transport must stay well below.
 pub fn json_depth(value: &serde_json::Value) -> usize {
-    // Iterative: a value deep enough to matter here must not exhaust the stack either.
-    let mut deepest = 0;
-    let mut pending = vec![(value, 1usize)];
-    while let Some((item, depth)) = pending.pop() {
-        deepest = deepest.max(depth);
-        match item {
-            serde_json::Value::Array(items) => {
-                pending.extend(items.iter().map(|child| (child, depth + 1)));
-            }
-            serde_json::Value::Object(fields) => {
-                pending.extend(fields.values().map(|child| (child, depth + 1)));
-            }
-            _ => {}
-        }
-    }
-    deepest
+    nesting(value, 1, 1)
 }
 
 /// How many protobuf messages deep a JSON value becomes as a `google.protobuf.Value`: a
 /// scalar is 1, a list adds 2 (`Value`, `ListValue`), an object 3 (`Value`, `Struct`, the map
 /// entry). gRPC decoders refuse a message nested past 100, whatever carries it.
 pub fn json_proto_depth(value: &serde_json::Value) -> usize {
+    nesting(value, 2, 3)
+}
+
+/// The depth of `value` when a scalar counts 1 and each list and object level adds `per_list`
+/// and `per_object`. Iterative: a value deep enough to matter here must not exhaust the stack.
+fn nesting(value: &serde_json::Value, per_list: usize, per_object: usize) -> usize {
     let mut deepest = 0;
     let mut pending = vec![(value, 1usize)];
     while let Some((item, depth)) = pending.pop() {
         deepest = deepest.max(depth);
         match item {
             serde_json::Value::Array(items) => {
-                pending.extend(items.iter().map(|child| (child, depth + 2)));
+                pending.extend(items.iter().map(|child| (child, depth + per_list)));
             }
             serde_json::Value::Object(fields) => {
-                pending.extend(fields.values().map(|child| (child, depth + 3)));
+                pending.extend(fields.values().map(|child| (child, depth + per_object)));
             }
             _ => {}
         }

@@ -479,25 +479,36 @@ fn build_command(
     if sandboxed && network == SandboxNetwork::Proxied {
         environment.extend(egress::proxy_environment());
     }
+    let spec = SandboxSpec {
+        program: program.executable.to_path_buf(),
+        arguments,
+        step_directory: program.directory.path.clone(),
+        read_only_paths: sandbox::read_only_paths(&[program.executable.to_path_buf()]),
+        network,
+        limits,
+    };
+    child_command(&spec, &environment, sandboxed)
+}
+
+/// The command of a child with piped standard streams: `spec` run through the sandbox, or
+/// (where the operator allowed code to run without one) directly in its work directory, with
+/// only `environment`, in a process group of its own, under `spec.limits`.
+pub(super) fn child_command(
+    spec: &SandboxSpec,
+    environment: &[(&str, OsString)],
+    sandboxed: bool,
+) -> Result<Command, StepError> {
     let mut command = if sandboxed {
-        let spec = SandboxSpec {
-            program: program.executable.to_path_buf(),
-            arguments,
-            step_directory: program.directory.path.clone(),
-            read_only_paths: sandbox::read_only_paths(&[program.executable.to_path_buf()]),
-            network,
-            limits,
-        };
-        sandbox::sandboxed_command(&spec, &environment)?
+        sandbox::sandboxed_command(spec, environment)?
     } else {
-        let mut command = Command::new(program.executable);
+        let mut command = Command::new(&spec.program);
         command
-            .args(arguments)
-            .current_dir(&work)
+            .args(&spec.arguments)
+            .current_dir(spec.step_directory.join("work"))
             .env_clear()
             .envs(environment.iter().map(|(name, value)| (name, value)))
             .process_group(0);
-        ChildPreparation::Limits(limits).install(command.as_std_mut());
+        ChildPreparation::Limits(spec.limits).install(command.as_std_mut());
         command
     };
     command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);

@@ -16,7 +16,7 @@
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::OnceLock;
 
 use jaq_core::{Ctx, Vars};
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::code::{ChildLimits, ChildPreparation, MemoryLimit, Spawned, drain, spawn_fed};
+use super::code::{ChildLimits, MemoryLimit, Spawned, child_command, drain, spawn_fed};
 use super::sandbox::{self, SandboxSpec, StepDirectory};
 use super::{LogStream, RunContext, StepError, StepErrorKind};
 use crate::jq::{JqData, clear_program_logs, compile, json_to_val, take_program_logs, val_to_json};
@@ -68,28 +68,15 @@ pub(super) async fn run(
     let directory = StepDirectory::create().map_err(|error| {
         StepError::retryable(format!("cannot create the work directory: {error}"))
     })?;
-    let mut command = if sandboxed {
-        let spec = SandboxSpec {
-            program: executable.clone(),
-            arguments: vec![WORKER_SUBCOMMAND.into()],
-            step_directory: directory.path.clone(),
-            read_only_paths: sandbox::read_only_paths(&[executable]),
-            network: sandbox::SandboxNetwork::Off,
-            limits,
-        };
-        sandbox::sandboxed_command(&spec, &environment)?
-    } else {
-        let mut command = tokio::process::Command::new(executable);
-        command
-            .arg(WORKER_SUBCOMMAND)
-            .current_dir(directory.work())
-            .env_clear()
-            .envs(environment.iter().map(|(name, value)| (name, value)))
-            .process_group(0);
-        ChildPreparation::Limits(limits).install(command.as_std_mut());
-        command
+    let spec = SandboxSpec {
+        program: executable.clone(),
+        arguments: vec![WORKER_SUBCOMMAND.into()],
+        step_directory: directory.path.clone(),
+        read_only_paths: sandbox::read_only_paths(&[executable]),
+        network: sandbox::SandboxNetwork::Off,
+        limits,
     };
-    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let command = child_command(&spec, &environment, sandboxed)?;
     let outcome = run_worker(command, request_bytes, context).await;
     directory.remove().await;
     outcome
