@@ -4,8 +4,8 @@
 //! cancellation), `dispatcher` (handing queued steps to attached runners), `reconciler` (repairing
 //! what the queue or a crash lost, from the database), `attached_runners` (the runners attached
 //! to this process), `leases` (runner liveness, kept off the database), `runner_directory` (the
-//! runners attached to every replica, shared through Redis), `group_commit` (assignments and
-//! starts that arrive together share one commit) and `subworkflow` (WORKFLOW steps, which the
+//! runners attached to every replica, shared through Redis), `group_commit` (steps becoming
+//! ready, assignments and starts that arrive together share one commit) and `subworkflow` (WORKFLOW steps, which the
 //! engine runs itself as child executions). The `{{…}}` mappings it renders are
 //! `crate::mapping`, shared with the runner.
 //!
@@ -126,6 +126,12 @@ pub struct Engine {
     child_workflows: OnceLock<Arc<dyn subworkflow::ChildWorkflows>>,
     /// Decoded definitions of the executions this process moved recently.
     definitions: definition::DefinitionCache,
+    /// Steps that became ready (PENDING -> QUEUED), committed in groups.
+    queueing: group_commit::GroupCommit<(
+        crate::store::AttemptKey,
+        Option<serde_json::Value>,
+        chrono::DateTime<chrono::Utc>,
+    )>,
     /// Assignments, committed in groups.
     assigning: group_commit::GroupCommit<(crate::store::AttemptKey, crate::store::StepAssignment)>,
     /// Starts reported by runners (ASSIGNED -> RUNNING), committed in groups.
@@ -135,6 +141,11 @@ pub struct Engine {
 impl Engine {
     /// Builds the engine; call it inside the runtime (its group commits start tasks).
     pub fn new(parts: EngineParts) -> Arc<Self> {
+        let store = parts.store.clone();
+        let queueing = group_commit::GroupCommit::start(Arc::new(move |batch| {
+            let store = store.clone();
+            Box::pin(async move { store.mark_steps_queued(&batch).await })
+        }));
         let store = parts.store.clone();
         let assigning = group_commit::GroupCommit::start(Arc::new(move |batch| {
             let store = store.clone();
@@ -146,6 +157,7 @@ impl Engine {
             Box::pin(async move { store.mark_steps_running(&batch).await })
         }));
         Arc::new(Self {
+            queueing,
             assigning,
             starting,
             store: parts.store,

@@ -143,6 +143,7 @@ impl Engine {
         }
 
         let scope = step_scope(&execution.input, &outputs);
+        let mut ready = Vec::new();
         for step in steps.iter().filter(|step| step.status == StepRunStatus::Pending) {
             let Some(step_definition) = definition.step(&step.step_key) else {
                 let error = format!("step {} is missing from the definition", step.step_key);
@@ -211,9 +212,13 @@ impl Engine {
                     }
                 }
             };
-            if let StepTransitionOutcome::Applied(queued) =
-                self.store.mark_step_queued(step.attempt_key(), input, now).await?
-            {
+            ready.push((step.attempt_key(), input));
+        }
+        // Submitted together, the steps a completion made ready share one commit.
+        let commits =
+            ready.into_iter().map(|(key, input)| self.queueing.submit(key, (key, input, now)));
+        for queued in futures::future::join_all(commits).await {
+            if let Some(queued) = queued? {
                 self.publish_step(&queued).await;
                 self.enqueue(&execution, &definition, &queued).await?;
             }

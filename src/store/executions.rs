@@ -42,7 +42,8 @@ const INSERT_BATCH_ROWS: usize = 500;
 
 /// Times are stored with microsecond precision (PostgreSQL's), so both backends hold and return
 /// exactly the same values.
-/// The most transitions `assign_steps` and `mark_steps_running` apply in one statement.
+/// The most transitions `mark_steps_queued`, `assign_steps` and `mark_steps_running` apply in
+/// one statement.
 pub const MAX_TRANSITION_BATCH: usize = 64;
 
 fn stored_time(at: DateTime<Utc>) -> DateTime<Utc> {
@@ -799,6 +800,13 @@ pub trait ExecutionStore: Send + Sync {
         at: DateTime<Utc>,
     ) -> StoreResult<StepTransitionOutcome>;
 
+    /// `mark_step_queued` for many attempts in one statement (one commit): the rows it moved;
+    /// an attempt left out was refused. At most `MAX_TRANSITION_BATCH` at once.
+    async fn mark_steps_queued(
+        &self,
+        queued: &[(AttemptKey, Option<Value>, DateTime<Utc>)],
+    ) -> StoreResult<Vec<StepRun>>;
+
     /// QUEUED -> ASSIGNED for this attempt only, with the runner and its lease. Of two
     /// concurrent assignments of the same attempt exactly one is applied. Rejected when the
     /// execution is finished or being cancelled, so the caller need not read it first.
@@ -1550,22 +1558,44 @@ macro_rules! impl_executions_store {
                 input: Option<Value>,
                 at: DateTime<Utc>,
             ) -> StoreResult<StepTransitionOutcome> {
-                let at = stored_time(at);
-                let step_run = sqlx::query_as::<$db, StepRun>(concat!(
-                    "UPDATE step_runs SET status = 'QUEUED', input = COALESCE($3, input), \
-                     queued_at = $4, next_attempt_at = NULL, updated_at = $4, \
-                     version = version + 1 \
-                     WHERE id = $1 AND attempt = $2 AND status = 'PENDING' \
-                     AND (next_attempt_at IS NULL OR next_attempt_at <= $4) RETURNING ",
+                let queued = self.mark_steps_queued(&[(key, input, at)]).await?.pop();
+                self.step_transition_outcome(key, queued).await
+            }
+
+            async fn mark_steps_queued(
+                &self,
+                queued: &[(AttemptKey, Option<Value>, DateTime<Utc>)],
+            ) -> StoreResult<Vec<StepRun>> {
+                if queued.is_empty() {
+                    return Ok(Vec::new());
+                }
+                // VALUES columns are column1… on both databases: id, attempt, input, queued at.
+                let mut update = sqlx::QueryBuilder::<$db>::new(
+                    "UPDATE step_runs SET status = 'QUEUED', input = COALESCE(v.column3, input), \
+                     queued_at = v.column4, next_attempt_at = NULL, updated_at = v.column4, \
+                     version = version + 1 FROM (",
+                );
+                update.push_values(
+                    queued.iter().take(MAX_TRANSITION_BATCH),
+                    |mut row, (key, input, at)| {
+                        row.push_bind(key.step_run_id)
+                            .push_bind(key.attempt)
+                            .push_bind(input.clone().map(Json))
+                            .push_bind(stored_time(*at));
+                    },
+                );
+                update.push(concat!(
+                    ") AS v WHERE step_runs.id = v.column1 AND step_runs.attempt = v.column2 \
+                     AND step_runs.status = 'PENDING' \
+                     AND (step_runs.next_attempt_at IS NULL \
+                     OR step_runs.next_attempt_at <= v.column4) RETURNING ",
                     step_run_columns!()
-                ))
-                .bind(key.step_run_id)
-                .bind(key.attempt)
-                .bind(input.map(Json))
-                .bind(at)
-                .fetch_optional(self.connection_pool())
-                .await?;
-                self.step_transition_outcome(key, step_run).await
+                ));
+                let moved = update
+                    .build_query_as::<StepRun>()
+                    .fetch_all(self.connection_pool())
+                    .await?;
+                Ok(moved)
             }
 
             async fn assign_step(
