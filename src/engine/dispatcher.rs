@@ -71,6 +71,7 @@ impl Engine {
             return Ok(0);
         }
         let mut placing = FuturesUnordered::new();
+        let mut duplicates = Vec::new();
         let mut assigned = 0;
         let mut failure = None;
         for item in self.queue.peek(PEEK_BATCH).await? {
@@ -81,6 +82,13 @@ impl Engine {
             };
             let Some(runner) = self.attached_runners.pick(&placement) else { continue };
             let key = attempt_of(&item);
+            if runner.held(key).is_some() {
+                // The runner holds this very attempt: the entry is a late duplicate (offered
+                // again while the step was being assigned). Drop it rather than claim it over
+                // and over while the step runs.
+                duplicates.push(item.key());
+                continue;
+            }
             // A provisional deadline until the assignment knows the step's own.
             let provisional = Utc::now() + chrono::Duration::seconds(30);
             let reserved = runner.hold(key, item.execution_id, provisional);
@@ -93,6 +101,9 @@ impl Engine {
         }
         while let Some(placed) = placing.next().await {
             tally(placed, &mut assigned, &mut failure);
+        }
+        for duplicate in duplicates {
+            self.queue.remove(duplicate).await?;
         }
         match failure {
             Some(error) => Err(error),

@@ -22,6 +22,8 @@ use crate::store::{
 
 /// Rows one pass looks at, per kind.
 const BATCH: u32 = 500;
+/// How long after a step was queued the reconciler leaves it to the replica that queued it.
+const RECENTLY_QUEUED: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 /// Every how many passes the unfinished executions are all advanced (with the default 2 s
 /// interval: every 30 s, and on the first pass after a start).
 const SWEEP_EVERY_PASSES: u64 = 15;
@@ -66,6 +68,10 @@ impl Engine {
         for ready in self.store.list_ready_step_runs(now, BATCH).await? {
             let step_run = ready.step_run;
             match step_run.status {
+                // Queued a moment ago: the replica that queued it is still on its way to the
+                // queue (offering it now would race the assignment and leave a duplicate).
+                StepRunStatus::Queued
+                    if step_run.queued_at.is_some_and(|at| now - at < RECENTLY_QUEUED) => {}
                 StepRunStatus::Queued => {
                     let key = crate::queue::QueueKey::new(step_run.id, step_run.attempt);
                     if self.queue.contains(key).await? {
