@@ -33,8 +33,6 @@ enum Placed {
     Assigned,
     /// The item no longer matches the database: drop it.
     Stale,
-    /// The runner's slot went to another assignment meanwhile.
-    NoSlot,
 }
 
 /// How many ready items one pass looks at.
@@ -91,8 +89,11 @@ impl Engine {
             }
             // A provisional deadline until the assignment knows the step's own.
             let provisional = Utc::now() + chrono::Duration::seconds(30);
-            let reserved = runner.hold(key, item.execution_id, provisional);
-            placing.push(self.place(runner, item, reserved));
+            if !runner.hold(key, item.execution_id, provisional) {
+                // The slot went meanwhile (the runner started draining): the next pass.
+                continue;
+            }
+            placing.push(self.place(runner, item));
             if placing.len() >= PLACING_AT_ONCE
                 && let Some(placed) = placing.next().await
             {
@@ -111,17 +112,16 @@ impl Engine {
         }
     }
 
-    /// Claims `item`, assigns it to `runner` and settles its queue entry. `reserved`: the
-    /// runner's slot is already held for it.
+    /// Claims `item`, assigns it to `runner` (whose slot is already held for it) and settles
+    /// its queue entry; the slot is freed again unless the assignment was made.
     async fn place(
         self: &Arc<Self>,
         runner: Arc<AttachedRunner>,
         item: QueueItem,
-        reserved: bool,
     ) -> EngineResult<bool> {
         let key = attempt_of(&item);
         let unreserve = || {
-            if reserved && runner.release(key) {
+            if runner.release(key) {
                 self.attached_runners.capacity_changed.notify_waiters();
             }
         };
@@ -137,7 +137,7 @@ impl Engine {
                 return Err(error.into());
             }
         }
-        match self.assign(&runner, &item, reserved).await {
+        match self.assign(&runner, &item).await {
             Ok(Placed::Assigned) => {
                 self.queue.ack(item.key()).await?;
                 Ok(true)
@@ -148,12 +148,6 @@ impl Engine {
                 self.queue.ack(item.key()).await?;
                 Ok(false)
             }
-            // Another pass took the slot: leave the item for the next one.
-            Ok(Placed::NoSlot) => {
-                unreserve();
-                self.queue.release(item.key()).await?;
-                Ok(false)
-            }
             Err(error) => {
                 unreserve();
                 let _ = self.queue.release(item.key()).await;
@@ -162,12 +156,11 @@ impl Engine {
         }
     }
 
-    /// Commits the assignment of `item` to `runner` and sends it.
+    /// Commits the assignment of `item` to `runner` (holding its slot) and sends it.
     async fn assign(
         self: &Arc<Self>,
         runner: &Arc<AttachedRunner>,
         item: &QueueItem,
-        reserved: bool,
     ) -> EngineResult<Placed> {
         let key = attempt_of(item);
         let Some(known) = self.assignment_facts(item).await? else { return Ok(Placed::Stale) };
@@ -182,11 +175,7 @@ impl Engine {
             deadline = deadline.min(execution_deadline);
         }
         let lease_until = lease_end(now, self.settings.lease_duration, deadline);
-        if reserved {
-            runner.set_deadline(key, deadline);
-        } else if !runner.hold(key, item.execution_id, deadline) {
-            return Ok(Placed::NoSlot);
-        }
+        runner.set_deadline(key, deadline);
         let assignment = StepAssignment {
             runner_id: runner.id.clone(),
             lease_expires_at: lease_until,
@@ -194,19 +183,9 @@ impl Engine {
         };
         let assigned = match self.assigning.submit(key, (key, assignment)).await {
             Ok(Some(assigned)) => assigned,
-            // The caller frees a reserved slot.
-            Ok(None) => {
-                if !reserved {
-                    runner.release(key);
-                }
-                return Ok(Placed::Stale);
-            }
-            Err(error) => {
-                if !reserved {
-                    runner.release(key);
-                }
-                return Err(error.into());
-            }
+            // The caller frees the slot.
+            Ok(None) => return Ok(Placed::Stale),
+            Err(error) => return Err(error.into()),
         };
         self.leases.extend(key, lease_until).await;
         self.publish_step(&assigned).await;

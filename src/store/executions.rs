@@ -1232,7 +1232,6 @@ macro_rules! impl_executions_store {
                 Ok((execution, created_step_runs))
             }
 
-            /// The status and attempt of a step run (to explain a rejected transition).
             /// The outcome of a step transition's compare-and-set: applied with the row it
             /// wrote, or rejected with where the step is now.
             async fn step_transition_outcome(
@@ -1246,6 +1245,42 @@ macro_rules! impl_executions_store {
                 }
             }
 
+            /// Moves many step runs in one statement: `UPDATE step_runs SET <set> FROM
+            /// (VALUES <one row per item>) AS v WHERE` the row's id and attempt are v's first
+            /// two columns `AND <condition> RETURNING` the rows moved (`MAX_TRANSITION_BATCH`
+            /// at most). `set` and `condition` read the values as `v.column3`, … (the names
+            /// VALUES columns have on both databases).
+            async fn transition_step_runs<T>(
+                &self,
+                items: &[T],
+                set: &str,
+                condition: &str,
+                push_row: impl FnMut(
+                    sqlx::query_builder::Separated<'_, $db, &'static str>,
+                    &T,
+                ),
+            ) -> StoreResult<Vec<StepRun>> {
+                if items.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE step_runs SET ");
+                update.push(set).push(", version = version + 1 FROM (");
+                update.push_values(items.iter().take(MAX_TRANSITION_BATCH), push_row);
+                update
+                    .push(
+                        ") AS v WHERE step_runs.id = v.column1 AND step_runs.attempt = v.column2 \
+                         AND ",
+                    )
+                    .push(condition)
+                    .push(concat!(" RETURNING ", step_run_columns!()));
+                let moved = update
+                    .build_query_as::<StepRun>()
+                    .fetch_all(self.connection_pool())
+                    .await?;
+                Ok(moved)
+            }
+
+            /// The status and attempt of a step run (to explain a rejected transition).
             async fn step_run_position(
                 &self,
                 step_run_id: Uuid,
@@ -1566,36 +1601,21 @@ macro_rules! impl_executions_store {
                 &self,
                 queued: &[(AttemptKey, Option<Value>, DateTime<Utc>)],
             ) -> StoreResult<Vec<StepRun>> {
-                if queued.is_empty() {
-                    return Ok(Vec::new());
-                }
-                // VALUES columns are column1… on both databases: id, attempt, input, queued at.
-                let mut update = sqlx::QueryBuilder::<$db>::new(
-                    "UPDATE step_runs SET status = 'QUEUED', input = COALESCE(v.column3, input), \
-                     queued_at = v.column4, next_attempt_at = NULL, updated_at = v.column4, \
-                     version = version + 1 FROM (",
-                );
-                update.push_values(
-                    queued.iter().take(MAX_TRANSITION_BATCH),
+                // v: id, attempt, input, queued at.
+                self.transition_step_runs(
+                    queued,
+                    "status = 'QUEUED', input = COALESCE(v.column3, input), \
+                     queued_at = v.column4, next_attempt_at = NULL, updated_at = v.column4",
+                    "step_runs.status = 'PENDING' AND (step_runs.next_attempt_at IS NULL \
+                     OR step_runs.next_attempt_at <= v.column4)",
                     |mut row, (key, input, at)| {
                         row.push_bind(key.step_run_id)
                             .push_bind(key.attempt)
                             .push_bind(input.clone().map(Json))
                             .push_bind(stored_time(*at));
                     },
-                );
-                update.push(concat!(
-                    ") AS v WHERE step_runs.id = v.column1 AND step_runs.attempt = v.column2 \
-                     AND step_runs.status = 'PENDING' \
-                     AND (step_runs.next_attempt_at IS NULL \
-                     OR step_runs.next_attempt_at <= v.column4) RETURNING ",
-                    step_run_columns!()
-                ));
-                let moved = update
-                    .build_query_as::<StepRun>()
-                    .fetch_all(self.connection_pool())
-                    .await?;
-                Ok(moved)
+                )
+                .await
             }
 
             async fn assign_step(
@@ -1611,18 +1631,15 @@ macro_rules! impl_executions_store {
                 &self,
                 assignments: &[(AttemptKey, StepAssignment)],
             ) -> StoreResult<Vec<StepRun>> {
-                if assignments.is_empty() {
-                    return Ok(Vec::new());
-                }
-                // VALUES columns are column1… on both databases: id, attempt, runner, lease,
-                // assigned at.
-                let mut update = sqlx::QueryBuilder::<$db>::new(
-                    "UPDATE step_runs SET status = 'ASSIGNED', runner_id = v.column3, \
-                     lease_expires_at = v.column4, assigned_at = v.column5, \
-                     updated_at = v.column5, version = version + 1 FROM (",
-                );
-                update.push_values(
-                    assignments.iter().take(MAX_TRANSITION_BATCH),
+                // v: id, attempt, runner, lease, assigned at.
+                self.transition_step_runs(
+                    assignments,
+                    "status = 'ASSIGNED', runner_id = v.column3, lease_expires_at = v.column4, \
+                     assigned_at = v.column5, updated_at = v.column5",
+                    "step_runs.status = 'QUEUED' AND EXISTS (SELECT 1 FROM executions \
+                     WHERE executions.id = step_runs.execution_id \
+                     AND executions.status IN ('QUEUED', 'RUNNING') \
+                     AND executions.cancel_requested_at IS NULL)",
                     |mut row, (key, assignment)| {
                         row.push_bind(key.step_run_id)
                             .push_bind(key.attempt)
@@ -1630,21 +1647,8 @@ macro_rules! impl_executions_store {
                             .push_bind(stored_time(assignment.lease_expires_at))
                             .push_bind(stored_time(assignment.assigned_at));
                     },
-                );
-                update.push(concat!(
-                    ") AS v WHERE step_runs.id = v.column1 AND step_runs.attempt = v.column2 \
-                     AND step_runs.status = 'QUEUED' \
-                     AND EXISTS (SELECT 1 FROM executions \
-                     WHERE executions.id = step_runs.execution_id \
-                     AND executions.status IN ('QUEUED', 'RUNNING') \
-                     AND executions.cancel_requested_at IS NULL) RETURNING ",
-                    step_run_columns!()
-                ));
-                let assigned = update
-                    .build_query_as::<StepRun>()
-                    .fetch_all(self.connection_pool())
-                    .await?;
-                Ok(assigned)
+                )
+                .await
             }
 
             async fn mark_step_running(
@@ -1660,29 +1664,18 @@ macro_rules! impl_executions_store {
                 &self,
                 started: &[(AttemptKey, DateTime<Utc>)],
             ) -> StoreResult<Vec<StepRun>> {
-                if started.is_empty() {
-                    return Ok(Vec::new());
-                }
-                // VALUES columns are column1… on both databases: id, attempt, started at.
-                let mut update = sqlx::QueryBuilder::<$db>::new(
-                    "UPDATE step_runs SET status = 'RUNNING', started_at = v.column3, \
-                     updated_at = v.column3, version = version + 1 FROM (",
-                );
-                update.push_values(started.iter().take(MAX_TRANSITION_BATCH), |mut row, (key, at)| {
-                    row.push_bind(key.step_run_id)
-                        .push_bind(key.attempt)
-                        .push_bind(stored_time(*at));
-                });
-                update.push(concat!(
-                    ") AS v WHERE step_runs.id = v.column1 AND step_runs.attempt = v.column2 \
-                     AND step_runs.status = 'ASSIGNED' RETURNING ",
-                    step_run_columns!()
-                ));
-                let running = update
-                    .build_query_as::<StepRun>()
-                    .fetch_all(self.connection_pool())
-                    .await?;
-                Ok(running)
+                // v: id, attempt, started at.
+                self.transition_step_runs(
+                    started,
+                    "status = 'RUNNING', started_at = v.column3, updated_at = v.column3",
+                    "step_runs.status = 'ASSIGNED'",
+                    |mut row, (key, at)| {
+                        row.push_bind(key.step_run_id)
+                            .push_bind(key.attempt)
+                            .push_bind(stored_time(*at));
+                    },
+                )
+                .await
             }
 
             async fn start_child_execution(
