@@ -1657,11 +1657,70 @@ async fn execution_stats_on_a_known_data_set(store: Arc<dyn Store>) {
     assert_eq!((after_delete.status_counts.cancelled, after_delete.status_counts.total()), (0, 7));
 }
 
+/// The batched transitions (group commit) move every row the one-row transition would, in one
+/// statement, each with its own values, and leave out the rows it refuses.
+async fn batched_transitions_move_each_row_or_leave_it_out(store: Arc<dyn Store>) {
+    let fixture = fixture(&store).await;
+    let (_, steps) = simple_execution(&store, fixture.owner, &["a", "b", "c"], 1).await;
+    let t0 = now();
+    let keys: Vec<AttemptKey> = steps.iter().map(StepRun::attempt_key).collect();
+    let stale = AttemptKey { step_run_id: keys[2].step_run_id, attempt: 9 };
+
+    let queued = store
+        .mark_steps_queued(&[
+            (keys[0], Some(json!({"for": "a"})), t0),
+            (keys[1], None, t0 + seconds(1)),
+            (stale, Some(json!({"for": "nobody"})), t0),
+        ])
+        .await
+        .expect("queue");
+    let mut queued_ids: Vec<Uuid> = queued.iter().map(|row| row.id).collect();
+    queued_ids.sort();
+    let mut expected = vec![keys[0].step_run_id, keys[1].step_run_id];
+    expected.sort();
+    assert_eq!(queued_ids, expected, "the stale attempt is left out");
+    let a = store.get_step_run(keys[0].step_run_id).await.expect("a");
+    assert_eq!((a.status, a.input), (StepRunStatus::Queued, Some(json!({"for": "a"}))));
+    let b = store.get_step_run(keys[1].step_run_id).await.expect("b");
+    assert_eq!((b.status, b.queued_at), (StepRunStatus::Queued, Some(t0 + seconds(1))));
+    let c = store.get_step_run(keys[2].step_run_id).await.expect("c");
+    assert_eq!(c.status, StepRunStatus::Pending);
+
+    // c is not queued: its assignment is refused, the others take their own runners.
+    let assigned = store
+        .assign_steps(&[
+            (keys[0], assignment("runner-a", t0)),
+            (keys[1], assignment("runner-b", t0)),
+            (keys[2], assignment("runner-c", t0)),
+        ])
+        .await
+        .expect("assign");
+    assert_eq!(assigned.len(), 2);
+    for row in &assigned {
+        let runner = if row.id == keys[0].step_run_id { "runner-a" } else { "runner-b" };
+        assert_eq!((row.status, row.runner_id.as_deref()), (StepRunStatus::Assigned, Some(runner)));
+    }
+
+    let running = store
+        .mark_steps_running(&[(keys[0], t0 + seconds(2)), (keys[2], t0 + seconds(2))])
+        .await
+        .expect("run");
+    assert_eq!(running.len(), 1);
+    assert_eq!(
+        (running[0].id, running[0].status, running[0].started_at),
+        (keys[0].step_run_id, StepRunStatus::Running, Some(t0 + seconds(2)))
+    );
+    let attempts =
+        store.list_step_attempts(OwnerScope::All, keys[0].step_run_id).await.expect("attempts");
+    assert_eq!(attempts[0].status, StepAttemptStatus::Running, "the attempt row follows");
+}
+
 crate::conformance!(
     execution_and_step_runs_are_created_atomically,
     step_transitions_in_order,
     stale_and_duplicate_completions_are_ignored,
     concurrent_double_assignment_has_one_winner,
+    batched_transitions_move_each_row_or_leave_it_out,
     retry_scheduling_creates_attempt_rows,
     lease_loss_is_counted_apart_from_retries,
     cancel_pending_steps_reports_in_flight_work,
