@@ -12,7 +12,7 @@ use tokio::sync::{Notify, mpsc};
 use uuid::Uuid;
 
 use crate::proto::v1 as pb;
-use crate::store::AttemptKey;
+use crate::store::{AttemptKey, StepRun};
 
 /// What the server sends down a runner's stream.
 pub type RunnerSender = mpsc::Sender<Result<pb::AttachResponse, tonic::Status>>;
@@ -38,7 +38,7 @@ pub struct RunnerGrant {
 
 /// An attempt a runner holds, whether it acknowledged the assignment yet, and whether it was
 /// told to cancel it (the slot stays taken until the runner acknowledges the cancel).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct HeldStep {
     pub execution_id: Uuid,
     pub acknowledged: bool,
@@ -46,6 +46,10 @@ pub struct HeldStep {
     pub assigned_at: DateTime<Utc>,
     /// The attempt must end by then; heartbeats never extend its lease past it.
     pub deadline: DateTime<Utc>,
+    /// The step run as its assignment committed it (what a start is told from).
+    pub assigned_row: Option<Arc<StepRun>>,
+    /// When the runner said it started the attempt.
+    pub started_at: Option<DateTime<Utc>>,
 }
 
 /// One attached runner.
@@ -183,6 +187,8 @@ impl AttachedRunner {
             cancelling: false,
             assigned_at: Utc::now(),
             deadline,
+            assigned_row: None,
+            started_at: None,
         };
         state.held.insert(key, held);
         true
@@ -197,6 +203,8 @@ impl AttachedRunner {
                 cancelling: false,
                 assigned_at: Utc::now(),
                 deadline,
+                assigned_row: None,
+                started_at: None,
             };
             state.held.insert(key, held);
         }
@@ -217,7 +225,27 @@ impl AttachedRunner {
     }
 
     pub fn held(&self, key: AttemptKey) -> Option<HeldStep> {
-        self.state.lock().ok().and_then(|state| state.held.get(&key).copied())
+        self.state.lock().ok().and_then(|state| state.held.get(&key).cloned())
+    }
+
+    /// Keeps the row the assignment of a held attempt committed.
+    pub fn set_assigned_row(&self, key: AttemptKey, row: Arc<StepRun>) {
+        if let Ok(mut state) = self.state.lock()
+            && let Some(held) = state.held.get_mut(&key)
+        {
+            held.assigned_row = Some(row);
+        }
+    }
+
+    /// Records that the runner started a held attempt (which acknowledges its assignment):
+    /// the attempt as it is now, `None` when the runner does not hold it. A repeated start
+    /// keeps the first time.
+    pub fn record_start(&self, key: AttemptKey, at: DateTime<Utc>) -> Option<HeldStep> {
+        let Ok(mut state) = self.state.lock() else { return None };
+        let held = state.held.get_mut(&key)?;
+        held.acknowledged = true;
+        held.started_at.get_or_insert(at);
+        Some(held.clone())
     }
 
     pub fn held_keys(&self) -> Vec<AttemptKey> {

@@ -34,12 +34,31 @@ pub struct FixedFacts {
     pub deadline_at: Option<DateTime<Utc>>,
     /// 0 for a top-level execution, the parent's depth + 1 for a sub-workflow.
     pub depth: i32,
+    pub owner_id: Uuid,
+    pub priority: i32,
 }
+
+impl FixedFacts {
+    pub fn of(execution: &crate::store::Execution) -> Self {
+        Self {
+            deadline_at: execution.deadline_at,
+            depth: execution.depth,
+            owner_id: execution.owner_id,
+            priority: execution.priority,
+        }
+    }
+}
+
+/// The largest execution input kept beside a definition (as JSON text); a larger one is read
+/// from the database when needed.
+const MAX_KEPT_INPUT_BYTES: usize = 16 * 1024;
 
 #[derive(Clone)]
 struct CachedExecution {
     definition: Arc<ExecutionDefinition>,
     facts: FixedFacts,
+    /// The execution's input, when it is small.
+    input: Option<Arc<Value>>,
 }
 
 #[derive(Default)]
@@ -53,18 +72,21 @@ impl DefinitionCache {
         Self { entries: Mutex::new(DefinitionEntries::default()), capacity: capacity.max(1) }
     }
 
-    /// The decoded definition of `execution_id`, decoding `stored` on a miss (and keeping
-    /// `facts` beside it).
+    /// The decoded definition of `execution`, decoding its stored one on a miss (and keeping
+    /// its fixed facts, and its input when small, beside it).
     pub fn get_or_parse(
         &self,
-        execution_id: Uuid,
-        stored: &Value,
-        facts: FixedFacts,
+        execution: &crate::store::Execution,
     ) -> Result<Arc<ExecutionDefinition>, String> {
+        let execution_id = execution.id;
         if let Some(found) = self.known(execution_id) {
             return Ok(found.0);
         }
-        let parsed = Arc::new(ExecutionDefinition::parse(stored)?);
+        let parsed = Arc::new(ExecutionDefinition::parse(&execution.definition)?);
+        let facts = FixedFacts::of(execution);
+        let input = serde_json::to_string(&execution.input)
+            .is_ok_and(|text| text.len() <= MAX_KEPT_INPUT_BYTES)
+            .then(|| Arc::new(execution.input.clone()));
         if let Ok(mut entries) = self.entries.lock()
             && !entries.by_execution.contains_key(&execution_id)
         {
@@ -73,7 +95,7 @@ impl DefinitionCache {
             {
                 entries.by_execution.remove(&oldest);
             }
-            let cached = CachedExecution { definition: parsed.clone(), facts };
+            let cached = CachedExecution { definition: parsed.clone(), facts, input };
             entries.by_execution.insert(execution_id, cached);
             entries.insertion_order.push_back(execution_id);
         }
@@ -85,6 +107,16 @@ impl DefinitionCache {
         let entries = self.entries.lock().ok()?;
         let cached = entries.by_execution.get(&execution_id)?;
         Some((cached.definition.clone(), cached.facts))
+    }
+
+    /// `known`, with the execution's input, when this process keeps all three.
+    pub fn known_with_input(
+        &self,
+        execution_id: Uuid,
+    ) -> Option<(Arc<ExecutionDefinition>, FixedFacts, Arc<Value>)> {
+        let entries = self.entries.lock().ok()?;
+        let cached = entries.by_execution.get(&execution_id)?;
+        Some((cached.definition.clone(), cached.facts, cached.input.clone()?))
     }
 }
 

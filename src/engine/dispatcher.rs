@@ -2,8 +2,9 @@
 //! age), places each item on the least loaded attached runner that accepts it (owner, agent
 //! type, labels) and has a free slot, claims it, commits the assignment with its lease, and
 //! only then acknowledges the queue entry and sends the assignment. An item no runner here can
-//! take stays in the queue for another replica (or a runner yet to come). An assignment the
-//! runner does not acknowledge in time is taken back.
+//! take stays in the queue for another replica (or a runner yet to come). A step that becomes
+//! ready while a runner here has a free slot for it skips the queue (`hand_off`). An assignment
+//! the runner does not acknowledge in time is taken back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use super::scheduler::step_ref;
 use super::{Engine, EngineResult};
 use crate::proto::v1 as pb;
 use crate::queue::QueueItem;
-use crate::store::{AttemptKey, OwnerScope, StepAssignment, StepRunStatus};
+use crate::store::{AttemptKey, OwnerScope, StepAssignment, StepRun, StepRunStatus};
 
 /// What an assignment needs to know of its execution and step.
 struct AssignmentFacts {
@@ -33,6 +34,15 @@ enum Placed {
     Assigned,
     /// The item no longer matches the database: drop it.
     Stale,
+}
+
+/// What one pass of the dispatcher saw and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DispatchPass {
+    /// Queue entries it looked at.
+    pub peeked: usize,
+    /// Steps it assigned.
+    pub assigned: usize,
 }
 
 /// How many ready items one pass looks at.
@@ -50,29 +60,38 @@ impl Engine {
             let capacity = self.attached_runners.capacity_changed.notified();
             tokio::pin!(capacity);
             capacity.as_mut().enable();
-            if let Err(error) = self.dispatch_once().await {
-                tracing::warn!(%error, "dispatching failed; trying again shortly");
-            }
+            // A slot freed while the queue is empty needs no pass (steps that become ready
+            // then are handed to runners directly); anything queued meanwhile wakes `ready`.
+            let queue_empty = match self.dispatch_once().await {
+                Ok(pass) => pass.peeked == 0,
+                Err(error) => {
+                    tracing::warn!(%error, "dispatching failed; trying again shortly");
+                    false
+                }
+            };
             tokio::select! {
                 _ = ready.changed() => {}
-                () = &mut capacity => {}
+                () = &mut capacity, if !queue_empty => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }
 
-    /// One pass over the ready queue; returns how many steps were assigned. Up to
-    /// `PLACING_AT_ONCE` items are placed at once; each takes its runner's slot before any
-    /// round trip, so the placements that follow see the slot taken.
-    pub async fn dispatch_once(self: &Arc<Self>) -> EngineResult<usize> {
+    /// One pass over the ready queue. Up to `PLACING_AT_ONCE` items are placed at once; each
+    /// takes its runner's slot before any round trip, so the placements that follow see the
+    /// slot taken.
+    pub async fn dispatch_once(self: &Arc<Self>) -> EngineResult<DispatchPass> {
         if self.attached_runners.all().is_empty() {
-            return Ok(0);
+            // Nothing was read: a runner attaching is a capacity change worth a pass.
+            return Ok(DispatchPass { peeked: usize::MAX, assigned: 0 });
         }
         let mut placing = FuturesUnordered::new();
         let mut duplicates = Vec::new();
         let mut assigned = 0;
         let mut failure = None;
-        for item in self.queue.peek(PEEK_BATCH).await? {
+        let items = self.queue.peek(PEEK_BATCH).await?;
+        let peeked = items.len();
+        for item in items {
             let placement = Placement {
                 owner_id: item.owner_id,
                 agent_type: &item.agent_type,
@@ -108,8 +127,37 @@ impl Engine {
         }
         match failure {
             Some(error) => Err(error),
-            None => Ok(assigned),
+            None => Ok(DispatchPass { peeked, assigned }),
         }
+    }
+
+    /// Assigns a step that has just become ready (still PENDING, with its resolved `input`)
+    /// straight to a runner attached here that accepts it and has a free slot: one commit
+    /// (PENDING -> ASSIGNED) and none of the ready queue's round trips. `None` when no runner
+    /// here can take it now: the caller queues it. A free slot means the dispatcher found
+    /// nothing older for that runner, so this does not jump the queue.
+    pub(super) async fn hand_off(
+        self: &Arc<Self>,
+        item: &QueueItem,
+        input: Option<serde_json::Value>,
+    ) -> Option<EngineResult<()>> {
+        let placement = Placement {
+            owner_id: item.owner_id,
+            agent_type: &item.agent_type,
+            required_labels: &item.required_labels,
+        };
+        let runner = self.attached_runners.pick(&placement)?;
+        let key = attempt_of(item);
+        let provisional = Utc::now() + chrono::Duration::seconds(30);
+        if !runner.hold(key, item.execution_id, provisional) {
+            return None;
+        }
+        let placed = self.assign(&runner, item, Some(input)).await;
+        if !matches!(placed, Ok(Placed::Assigned)) && runner.release(key) {
+            self.attached_runners.capacity_changed.notify_waiters();
+        }
+        // Refused (the step moved on, or its execution is ending): nothing to queue.
+        Some(placed.map(|_| ()))
     }
 
     /// Claims `item`, assigns it to `runner` (whose slot is already held for it) and settles
@@ -137,7 +185,7 @@ impl Engine {
                 return Err(error.into());
             }
         }
-        match self.assign(&runner, &item).await {
+        match self.assign(&runner, &item, None).await {
             Ok(Placed::Assigned) => {
                 self.queue.ack(item.key()).await?;
                 Ok(true)
@@ -156,11 +204,14 @@ impl Engine {
         }
     }
 
-    /// Commits the assignment of `item` to `runner` (holding its slot) and sends it.
+    /// Commits the assignment of `item` to `runner` (holding its slot) and sends it. `pending`
+    /// holds the input of a step that is still PENDING (`hand_off`): it is queued and assigned
+    /// in one commit, and watchers hear of both transitions.
     async fn assign(
         self: &Arc<Self>,
         runner: &Arc<AttachedRunner>,
         item: &QueueItem,
+        pending: Option<Option<serde_json::Value>>,
     ) -> EngineResult<Placed> {
         let key = attempt_of(item);
         let Some(known) = self.assignment_facts(item).await? else { return Ok(Placed::Stale) };
@@ -181,13 +232,22 @@ impl Engine {
             lease_expires_at: lease_until,
             assigned_at: now,
         };
-        let assigned = match self.assigning.submit(key, (key, assignment)).await {
-            Ok(Some(assigned)) => assigned,
+        let handed = pending.is_some();
+        let committed = match pending {
+            None => self.assigning.submit(key, (key, assignment)).await,
+            Some(input) => self.handing.submit(key, (key, input, assignment)).await,
+        };
+        let assigned = match committed {
+            Ok(Some(assigned)) => Arc::new(assigned),
             // The caller frees the slot.
             Ok(None) => return Ok(Placed::Stale),
             Err(error) => return Err(error.into()),
         };
+        runner.set_assigned_row(key, assigned.clone());
         self.leases.extend(key, lease_until).await;
+        if handed {
+            self.publish_step(&as_queued(&assigned)).await;
+        }
         self.publish_step(&assigned).await;
         let message = pb::StepAssignment {
             step: Some(step_ref(key)),
@@ -236,7 +296,7 @@ impl Engine {
             self.advance(execution.id).await?;
             return Ok(None);
         };
-        let facts = FixedFacts { deadline_at: execution.deadline_at, depth: execution.depth };
+        let facts = FixedFacts::of(&execution);
         Ok(Some(AssignmentFacts { definition, facts, step_key: step_run.step_key }))
     }
 
@@ -262,6 +322,18 @@ impl Engine {
                 tracing::warn!(%error, %execution_id, "taking back an unacknowledged step failed; the reconciler will");
             }
         });
+    }
+}
+
+/// The step run as it was between its queueing and its assignment, which one commit made.
+fn as_queued(assigned: &StepRun) -> StepRun {
+    StepRun {
+        status: StepRunStatus::Queued,
+        runner_id: None,
+        lease_expires_at: None,
+        assigned_at: None,
+        version: assigned.version - 1,
+        ..assigned.clone()
     }
 }
 

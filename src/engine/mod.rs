@@ -1,13 +1,13 @@
-//! The execution engine: workflow definitions as DAGs (`dag`), the snapshot an
-//! execution runs from (`definition`), the cron schedules of deployments (`schedule`), and the
-//! machinery that runs executions: `scheduler` (moving an execution forward, retries, timeouts,
-//! cancellation), `dispatcher` (handing queued steps to attached runners), `reconciler` (repairing
-//! what the queue or a crash lost, from the database), `attached_runners` (the runners attached
-//! to this process), `leases` (runner liveness, kept off the database), `runner_directory` (the
-//! runners attached to every replica, shared through Redis), `group_commit` (steps becoming
-//! ready, assignments and starts that arrive together share one commit) and `subworkflow` (WORKFLOW steps, which the
-//! engine runs itself as child executions). The `{{…}}` mappings it renders are
-//! `crate::mapping`, shared with the runner.
+//! The execution engine: workflow definitions as DAGs (`dag`), the snapshot an execution runs from
+//! (`definition`), the cron schedules of deployments (`schedule`), and the machinery that runs
+//! executions: `scheduler` (moving an execution forward, retries, timeouts, cancellation),
+//! `dispatcher` (handing queued steps to attached runners), `reconciler` (repairing what the queue
+//! or a crash lost, from the database), `attached_runners` (the runners attached to this process),
+//! `leases` (runner liveness, kept off the database), `runner_directory` (the runners attached to
+//! every replica, shared through Redis), `group_commit` (steps becoming ready, assignments, starts
+//! and results that arrive together share one commit) and `subworkflow` (WORKFLOW steps, which the
+//! engine runs itself as child executions). The `{{…}}` mappings it renders are `crate::mapping`,
+//! shared with the runner.
 //!
 //! The database is the source of truth: every transition is committed (as a fenced
 //! compare-and-set on the attempt) before the queue or a runner hears of it, so any replica may
@@ -136,6 +136,15 @@ pub struct Engine {
     assigning: group_commit::GroupCommit<(crate::store::AttemptKey, crate::store::StepAssignment)>,
     /// Starts reported by runners (ASSIGNED -> RUNNING), committed in groups.
     starting: group_commit::GroupCommit<(crate::store::AttemptKey, chrono::DateTime<chrono::Utc>)>,
+    /// Steps that become ready while a runner here has a slot for them (PENDING -> ASSIGNED
+    /// at once), committed in groups.
+    handing: group_commit::GroupCommit<(
+        crate::store::AttemptKey,
+        Option<serde_json::Value>,
+        crate::store::StepAssignment,
+    )>,
+    /// Results of attempts, committed in groups.
+    completing: group_commit::GroupCommit<crate::store::FinishedAttempt>,
 }
 
 impl Engine {
@@ -156,7 +165,19 @@ impl Engine {
             let store = store.clone();
             Box::pin(async move { store.mark_steps_running(&batch).await })
         }));
+        let store = parts.store.clone();
+        let handing = group_commit::GroupCommit::start(Arc::new(move |batch| {
+            let store = store.clone();
+            Box::pin(async move { store.queue_and_assign_steps(&batch).await })
+        }));
+        let store = parts.store.clone();
+        let completing = group_commit::GroupCommit::start(Arc::new(move |batch| {
+            let store = store.clone();
+            Box::pin(async move { store.complete_steps(&batch).await })
+        }));
         Arc::new(Self {
+            handing,
+            completing,
             queueing,
             assigning,
             starting,
@@ -177,9 +198,7 @@ impl Engine {
         &self,
         execution: &crate::store::Execution,
     ) -> Result<Arc<definition::ExecutionDefinition>, String> {
-        let facts =
-            definition::FixedFacts { deadline_at: execution.deadline_at, depth: execution.depth };
-        self.definitions.get_or_parse(execution.id, &execution.definition, facts)
+        self.definitions.get_or_parse(execution)
     }
 
     /// The knobs this engine runs with.

@@ -22,8 +22,8 @@ use super::dispatcher::lease_end;
 use super::{Engine, EngineResult};
 use crate::proto::v1 as pb;
 use crate::store::{
-    AttemptKey, Completion, ExecutionLogLevel, ExecutionLogSource, NewExecutionLog, StepRunStatus,
-    StoreError,
+    AttemptKey, Completion, ExecutionLogLevel, ExecutionLogSource, NewExecutionLog, StepRun,
+    StepRunStatus, StoreError,
 };
 
 /// The most slots one runner may announce.
@@ -32,6 +32,9 @@ pub const MAX_RUNNER_CAPACITY: i32 = 1_000;
 const MAX_LOG_LINES_PER_BATCH: usize = 1_000;
 /// The longest log line kept; longer ones are cut.
 const MAX_LOG_LINE_CHARS: usize = 16 * 1024;
+
+/// How long an attempt runs before its start is committed on its own (see `runner_started`).
+const START_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How many of one runner's attempt messages are applied at once.
 const RUNNER_LANES: usize = 8;
@@ -280,12 +283,9 @@ impl Engine {
             }
             Message::Started(started) => {
                 let Some(key) = started.step.as_ref().and_then(attempt_key) else { return Ok(()) };
-                if runner.held(key).is_none() {
-                    return Ok(());
-                }
-                runner.acknowledge(key);
-                if let Some(running) = self.starting.submit(key, (key, now)).await? {
-                    self.publish_step(&running).await;
+                let Some(held) = runner.record_start(key, now) else { return Ok(()) };
+                if held.started_at == Some(now) {
+                    self.runner_started(runner, key, held.assigned_row, now).await?;
                 }
             }
             Message::Logs(batch) => self.record_logs(runner, batch).await?,
@@ -305,14 +305,15 @@ impl Engine {
                 // no longer holds (taken back, cancelled, already reported) or never held
                 // (another runner's, a stale attempt number) is refused here; the store's
                 // fence on (step run id, attempt) refuses the rest.
-                if runner.held(key).is_none() {
+                let Some(held) = runner.held(key) else {
                     tracing::info!(runner_id = %runner.id, step_run_id = %key.step_run_id, attempt = key.attempt, "refused a result for an attempt this runner does not hold");
                     return Ok(());
-                }
+                };
                 let completion = self.completion_of(result.outcome);
                 // Free the slot only once the result is committed, so the attempt's end is
                 // recorded before the next assignment to this slot starts.
-                let mut outcome = self.complete_attempt(key, completion).await;
+                let mut outcome =
+                    self.complete_started_attempt(key, completion, held.started_at).await;
                 if let Err(super::EngineError::Store(StoreError::ValueRefused(reason))) = &outcome {
                     // The store cannot keep what the runner reported: the attempt fails once,
                     // with that as its own error (never retried as if its runner were lost).
@@ -342,6 +343,54 @@ impl Engine {
                 tracing::info!(runner_id = %runner.id, "runner draining");
             }
         }
+        Ok(())
+    }
+
+    /// A runner started an attempt it holds. Watchers hear of it at once; the database only
+    /// if the attempt still runs `START_COMMIT_DELAY` later: a shorter attempt records its
+    /// start with its result, which saves a commit a step (and whose `version` then counts the
+    /// start it stands for, so watchers order the rows as if it had been committed). A watcher
+    /// that opens within those first moments may see such a step go from ASSIGNED to its end. (Were this process to stop before
+    /// either, only the start time is lost: the lease brings the attempt back as before.) An
+    /// attempt this process did not assign (kept across a reconnect) commits its start now.
+    async fn runner_started(
+        self: &Arc<Self>,
+        runner: &Arc<AttachedRunner>,
+        key: AttemptKey,
+        assigned_row: Option<Arc<StepRun>>,
+        at: chrono::DateTime<Utc>,
+    ) -> EngineResult<()> {
+        let Some(assigned_row) = assigned_row else {
+            if let Some(running) = self.starting.submit(key, (key, at)).await? {
+                self.publish_step(&running).await;
+            }
+            return Ok(());
+        };
+        let running = StepRun {
+            status: StepRunStatus::Running,
+            started_at: Some(at),
+            updated_at: at,
+            version: assigned_row.version + 1,
+            ..(*assigned_row).clone()
+        };
+        self.publish_step(&running).await;
+        let engine = self.clone();
+        let runner = runner.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(START_COMMIT_DELAY).await;
+            if runner.held(key).is_none() {
+                return;
+            }
+            match engine.starting.submit(key, (key, at)).await {
+                // The same row as the one published above (same version): a watcher that saw
+                // that one skips this; one whose snapshot read the step still ASSIGNED needs it.
+                Ok(Some(running)) => engine.publish_step(&running).await,
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::debug!(%error, step_run_id = %key.step_run_id, "could not record a start; the result will carry it");
+                }
+            }
+        });
         Ok(())
     }
 

@@ -69,7 +69,8 @@ impl Engine {
             let step_run = ready.step_run;
             match step_run.status {
                 // Queued a moment ago: the replica that queued it is still on its way to the
-                // queue (offering it now would race the assignment and leave a duplicate).
+                // queue or to a runner of its own (offering it now would race the assignment
+                // and leave a duplicate).
                 StepRunStatus::Queued
                     if step_run.queued_at.is_some_and(|at| now - at < RECENTLY_QUEUED) => {}
                 StepRunStatus::Queued => {

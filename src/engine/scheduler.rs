@@ -14,7 +14,7 @@ use serde::Deserialize as _;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::definition::{ExecutionDefinition, execution_output, retry_backoff};
+use super::definition::{ExecutionDefinition, FixedFacts, execution_output, retry_backoff};
 use super::{Engine, EngineResult};
 use crate::bus::topics;
 use crate::mapping;
@@ -22,7 +22,7 @@ use crate::proto::v1 as pb;
 use crate::queue::{QueueError, QueueItem};
 use crate::store::{
     AttemptKey, Completion, CompletionOutcome, Execution, ExecutionChange, ExecutionStatus,
-    InFlightStepRun, OwnerScope, StepRun, StepRunStatus, StepTransitionOutcome,
+    FinishedAttempt, InFlightStepRun, OwnerScope, StepRun, StepRunStatus, StepTransitionOutcome,
 };
 
 /// The bus topic that carries cancels to the replica a runner is attached to.
@@ -164,47 +164,9 @@ impl Engine {
                     if !dependencies_done {
                         continue;
                     }
-                    // No mapping (absent, or JSON null): the step receives the execution input.
-                    let mapping_json = step_definition
-                        .input_mapping
-                        .as_ref()
-                        .map(crate::proto::wkt::value_to_json)
-                        .filter(|mapping_json| !mapping_json.is_null());
-                    let resolved = match &mapping_json {
-                        None => Ok(execution.input.clone()),
-                        Some(mapping_json) => mapping::render(mapping_json, &scope),
-                    };
-                    match resolved {
-                        Ok(input) => {
-                            // A mapping can nest an output deeper: never past the limit, which
-                            // keeps it within what a runner decodes (a message it cannot
-                            // decode would break its stream for every step on it).
-                            let depth = crate::proto::wkt::json_depth(&input);
-                            if depth > self.settings.max_json_depth {
-                                let error = format!(
-                                    "step {}: its input is nested {depth} levels deep, deeper \
-                                     than the limit of {}",
-                                    step.step_key, self.settings.max_json_depth
-                                );
-                                return self
-                                    .finish_early(&execution, ExecutionStatus::Failed, &error)
-                                    .await;
-                            }
-                            let size = input.to_string().len();
-                            if size > self.settings.max_payload_bytes {
-                                let error = format!(
-                                    "step {}: its input is {size} bytes, larger than the limit of \
-                                     {} bytes",
-                                    step.step_key, self.settings.max_payload_bytes
-                                );
-                                return self
-                                    .finish_early(&execution, ExecutionStatus::Failed, &error)
-                                    .await;
-                            }
-                            Some(input)
-                        }
+                    match self.resolve_input(step_definition, &execution.input, &scope) {
+                        Ok(input) => Some(input),
                         Err(error) => {
-                            let error = format!("step {}: input mapping: {error}", step.step_key);
                             return self
                                 .finish_early(&execution, ExecutionStatus::Failed, &error)
                                 .await;
@@ -212,18 +174,186 @@ impl Engine {
                     }
                 }
             };
-            ready.push((step.attempt_key(), input));
+            ready.push((step, input));
         }
         // Submitted together, the steps a completion made ready share one commit.
-        let commits =
-            ready.into_iter().map(|(key, input)| self.queueing.submit(key, (key, input, now)));
-        for queued in futures::future::join_all(commits).await {
-            if let Some(queued) = queued? {
-                self.publish_step(&queued).await;
-                self.enqueue(&execution, &definition, &queued).await?;
+        let made_ready = ready
+            .into_iter()
+            .map(|(step, input)| self.make_ready(&execution, &definition, step, input, now));
+        for made in futures::future::join_all(made_ready).await {
+            made?;
+        }
+        Ok(())
+    }
+
+    /// The input of a step whose dependencies all succeeded: its mapping rendered against
+    /// `scope` (the execution's input when it has none), within the depth and size limits. The
+    /// error is the execution's error.
+    fn resolve_input(
+        &self,
+        step: &pb::WorkflowStep,
+        execution_input: &Value,
+        scope: &Value,
+    ) -> Result<Value, String> {
+        let input = match mapping_of(step) {
+            None => execution_input.clone(),
+            Some(mapping_json) => mapping::render(&mapping_json, scope)
+                .map_err(|error| format!("step {}: input mapping: {error}", step.key))?,
+        };
+        // A mapping can nest an output deeper: never past the limit, which keeps it within
+        // what a runner decodes (a message it cannot decode would break its stream for every
+        // step on it).
+        let depth = crate::proto::wkt::json_depth(&input);
+        if depth > self.settings.max_json_depth {
+            return Err(format!(
+                "step {}: its input is nested {depth} levels deep, deeper than the limit of {}",
+                step.key, self.settings.max_json_depth
+            ));
+        }
+        let size = input.to_string().len();
+        if size > self.settings.max_payload_bytes {
+            return Err(format!(
+                "step {}: its input is {size} bytes, larger than the limit of {} bytes",
+                step.key, self.settings.max_payload_bytes
+            ));
+        }
+        Ok(input)
+    }
+
+    /// `advance` after a step succeeded, reading only what that success changes: the steps
+    /// that depend on it, and the rows they need (their other dependencies, the steps their
+    /// mappings read) — one read of a few rows, not of the execution and all its steps. It
+    /// works from what this process keeps of the execution (definition, fixed facts, input);
+    /// the full `advance` takes over whenever that is not enough: nothing kept here, a child
+    /// execution, past its deadline, a step no other depends on (the execution may be done), a
+    /// WORKFLOW successor, an input that cannot be resolved. A cancel requested meanwhile is
+    /// safe: queueing and assigning refuse the steps of an execution being cancelled.
+    async fn advance_after_success(self: &Arc<Self>, done: &StepRun) -> EngineResult<()> {
+        let execution_id = done.execution_id;
+        let now = Utc::now();
+        let Some((definition, facts, input)) = self.definitions.known_with_input(execution_id)
+        else {
+            return self.advance(execution_id).await;
+        };
+        let successors: Vec<&pb::WorkflowStep> = definition
+            .workflow
+            .steps
+            .iter()
+            .filter(|step| step.depends_on.contains(&done.step_key))
+            .collect();
+        let simple = facts.depth == 0
+            && facts.deadline_at.is_none_or(|deadline| deadline > now)
+            && !successors.is_empty()
+            && successors
+                .iter()
+                .all(|step| !super::subworkflow::is_sub_workflow(&definition, step));
+        if !simple {
+            return self.advance(execution_id).await;
+        }
+        let mut needed: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        for step in &successors {
+            needed.insert(step.key.clone());
+            needed.extend(step.depends_on.iter().cloned());
+            if let Some(mapping_json) = mapping_of(step) {
+                let Some(read) = referenced_steps(&mapping_json) else {
+                    return self.advance(execution_id).await;
+                };
+                needed.extend(read);
+            }
+        }
+        needed.remove(&done.step_key);
+        let keys: Vec<&str> = needed.iter().map(String::as_str).collect();
+        let rows = self.store.list_step_runs_by_keys(execution_id, &keys).await?;
+        let mut outputs: HashMap<String, Value> = rows
+            .iter()
+            .filter(|row| row.status == StepRunStatus::Succeeded)
+            .map(|row| (row.step_key.clone(), row.output.clone().unwrap_or(Value::Null)))
+            .collect();
+        outputs.insert(done.step_key.clone(), done.output.clone().unwrap_or(Value::Null));
+        let scope = step_scope(&input, &outputs);
+        let mut ready = Vec::new();
+        for step in successors {
+            let Some(step_run) = rows.iter().find(|row| row.step_key == step.key) else {
+                return self.advance(execution_id).await;
+            };
+            // Moved on already (another completion made it ready), or waiting for a retry.
+            if step_run.status != StepRunStatus::Pending || step_run.next_attempt_at.is_some() {
+                continue;
+            }
+            if !step.depends_on.iter().all(|dependency| outputs.contains_key(dependency)) {
+                continue;
+            }
+            match self.resolve_input(step, &input, &scope) {
+                Ok(step_input) => ready.push((step_run, step_input)),
+                // The full advance fails the execution with it.
+                Err(_) => return self.advance(execution_id).await,
+            }
+        }
+        let made_ready = ready.into_iter().map(|(step_run, step_input)| {
+            self.hand_off_or_queue(
+                execution_id,
+                &facts,
+                &definition,
+                step_run,
+                Some(step_input),
+                now,
+            )
+        });
+        for made in futures::future::join_all(made_ready).await {
+            if let Some(queued) = made? {
+                let queued_at = queued.queued_at.unwrap_or(now);
+                if let Some(item) =
+                    self.queue_item(execution_id, &facts, &definition, &queued, queued_at)
+                {
+                    self.enqueue_item(item).await?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// Moves a PENDING step whose time has come on: straight to a runner attached here with a
+    /// free slot for it (one commit), or else QUEUED and into the ready queue.
+    async fn make_ready(
+        self: &Arc<Self>,
+        execution: &Execution,
+        definition: &ExecutionDefinition,
+        step_run: &StepRun,
+        input: Option<Value>,
+        now: DateTime<Utc>,
+    ) -> EngineResult<()> {
+        let facts = FixedFacts::of(execution);
+        if let Some(queued) =
+            self.hand_off_or_queue(execution.id, &facts, definition, step_run, input, now).await?
+        {
+            self.enqueue(execution, definition, &queued).await?;
+        }
+        Ok(())
+    }
+
+    /// The first part of `make_ready`: the hand-off to a runner here, or else the commit of
+    /// QUEUED (published), whose row it returns for the caller to put in the queue.
+    async fn hand_off_or_queue(
+        self: &Arc<Self>,
+        execution_id: Uuid,
+        facts: &FixedFacts,
+        definition: &ExecutionDefinition,
+        step_run: &StepRun,
+        input: Option<Value>,
+        now: DateTime<Utc>,
+    ) -> EngineResult<Option<StepRun>> {
+        let key = step_run.attempt_key();
+        if let Some(item) = self.queue_item(execution_id, facts, definition, step_run, now)
+            && let Some(handed) = self.hand_off(&item, input.clone()).await
+        {
+            handed?;
+            return Ok(None);
+        }
+        let Some(queued) = self.queueing.submit(key, (key, input, now)).await? else {
+            return Ok(None);
+        };
+        self.publish_step(&queued).await;
+        Ok(Some(queued))
     }
 
     /// Ends an execution CANCELLED with `reason` (its cancel request is already recorded);
@@ -245,13 +375,28 @@ impl Engine {
         key: AttemptKey,
         completion: Completion,
     ) -> EngineResult<CompletionOutcome> {
+        self.complete_started_attempt(key, completion, None).await
+    }
+
+    /// `complete_attempt` for a result reported by the runner that said it started the attempt
+    /// at `started_at` (recorded with the result when the start was not committed on its own).
+    pub async fn complete_started_attempt(
+        self: &Arc<Self>,
+        key: AttemptKey,
+        completion: Completion,
+        started_at: Option<DateTime<Utc>>,
+    ) -> EngineResult<CompletionOutcome> {
         let now = Utc::now();
         let retryable = match &completion {
             Completion::Failed { retryable, .. } => *retryable,
             Completion::TimedOut => true,
             Completion::Succeeded { .. } | Completion::Cancelled => false,
         };
-        let outcome = self.store.complete_step(key, completion, now).await?;
+        let finished = FinishedAttempt { key, completion, started_at, finished_at: now };
+        let outcome = match self.completing.submit(key, finished).await? {
+            Some(step_run) => CompletionOutcome::Applied(step_run),
+            None => self.store.refused_completion(key).await?,
+        };
         let CompletionOutcome::Applied(step_run) = &outcome else { return Ok(outcome) };
         self.leases.forget(key).await;
         self.publish_step(step_run).await;
@@ -280,7 +425,11 @@ impl Engine {
                 return Ok(outcome);
             }
         }
-        self.advance(step_run.execution_id).await?;
+        if step_run.status == StepRunStatus::Succeeded {
+            self.advance_after_success(step_run).await?;
+        } else {
+            self.advance(step_run.execution_id).await?;
+        }
         Ok(outcome)
     }
 
@@ -412,8 +561,9 @@ impl Engine {
         }
     }
 
-    /// Puts a QUEUED step run in the ready queue. A full queue leaves it QUEUED in the
-    /// database; the reconciler offers it again later. WORKFLOW steps never reach the queue:
+    /// Hands a QUEUED step run to a runner attached here with a free slot for it, or else
+    /// puts it in the ready queue. A full queue leaves it QUEUED in the database; the
+    /// reconciler offers it again later. WORKFLOW steps never reach the queue:
     /// the engine runs them itself (`subworkflow`).
     pub(super) async fn enqueue(
         self: &Arc<Self>,
@@ -425,32 +575,57 @@ impl Engine {
         if super::subworkflow::is_sub_workflow(definition, step) {
             return Box::pin(self.start_sub_workflow(execution, definition, step_run)).await;
         }
+        let queued_at = step_run.queued_at.unwrap_or_else(Utc::now);
+        let facts = FixedFacts::of(execution);
+        match self.queue_item(execution.id, &facts, definition, step_run, queued_at) {
+            Some(item) => self.enqueue_item(item).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Puts an entry in the ready queue; see `enqueue`.
+    async fn enqueue_item(&self, item: QueueItem) -> EngineResult<()> {
+        let step_run_id = item.step_run_id;
+        match self.queue.enqueue(item).await {
+            Ok(_) => Ok(()),
+            Err(QueueError::Full { max_len }) => {
+                tracing::warn!(max_len, %step_run_id, "the queue is full; the reconciler will offer the step again");
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The queue entry of a step run that runners execute (`None` for a WORKFLOW step, which
+    /// the engine runs itself, and for a step the definition lacks).
+    pub(super) fn queue_item(
+        &self,
+        execution_id: Uuid,
+        facts: &FixedFacts,
+        definition: &ExecutionDefinition,
+        step_run: &StepRun,
+        enqueued_at: DateTime<Utc>,
+    ) -> Option<QueueItem> {
+        let step = definition.step(&step_run.step_key)?;
+        if super::subworkflow::is_sub_workflow(definition, step) {
+            return None;
+        }
         let agent_type = definition
             .agent_of(step)
             .and_then(|agent| pb::AgentType::try_from(agent.r#type).ok())
             .map(|agent_type| agent_type_name(agent_type).to_owned())
             .unwrap_or_default();
-        let item = QueueItem {
+        Some(QueueItem {
             step_run_id: step_run.id,
             attempt: step_run.attempt,
-            execution_id: execution.id,
+            execution_id,
             step_key: step_run.step_key.clone(),
-            owner_id: execution.owner_id,
-            priority: execution
-                .priority
-                .clamp(crate::queue::MIN_PRIORITY, crate::queue::MAX_PRIORITY),
-            enqueued_at: step_run.queued_at.unwrap_or_else(Utc::now),
+            owner_id: facts.owner_id,
+            priority: facts.priority.clamp(crate::queue::MIN_PRIORITY, crate::queue::MAX_PRIORITY),
+            enqueued_at,
             agent_type,
             required_labels: ExecutionDefinition::required_labels(step),
-        };
-        match self.queue.enqueue(item).await {
-            Ok(_) => Ok(()),
-            Err(QueueError::Full { max_len }) => {
-                tracing::warn!(max_len, step_run_id = %step_run.id, "the queue is full; the reconciler will offer the step again");
-                Ok(())
-            }
-            Err(error) => Err(error.into()),
-        }
+        })
     }
 
     /// Advances the execution again at `at` (a retry's backoff ends). The reconciler does the
@@ -506,6 +681,32 @@ impl Engine {
         }
         self.publish(step_run.execution_id, json!({ "kind": WATCH_LOG })).await;
     }
+}
+
+/// The steps whose outputs a mapping reads (`steps.<key>.output…`); `None` when it does not
+/// parse.
+fn referenced_steps(mapping_json: &Value) -> Option<Vec<String>> {
+    let references = mapping::references(mapping_json).ok()?;
+    Some(
+        references
+            .iter()
+            .filter(|(_, reference)| reference.root() == Some("steps"))
+            .filter_map(|(_, reference)| match reference.segments.get(1) {
+                Some(mapping::PathSegment::Key(key)) => Some(key.clone()),
+                Some(mapping::PathSegment::Index(index)) => Some(index.to_string()),
+                None => None,
+            })
+            .collect(),
+    )
+}
+
+/// A step's input mapping as JSON; `None` when it has none (absent, or JSON null): the step
+/// then receives the execution input.
+fn mapping_of(step: &pb::WorkflowStep) -> Option<Value> {
+    step.input_mapping
+        .as_ref()
+        .map(crate::proto::wkt::value_to_json)
+        .filter(|mapping_json| !mapping_json.is_null())
 }
 
 /// The scope step input mappings render against.

@@ -503,6 +503,16 @@ impl Completion {
     }
 }
 
+/// An attempt's result as `complete_steps` records it: `started_at` is when the runner said
+/// it started, for a start that was not committed on its own (it is kept when it was).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishedAttempt {
+    pub key: AttemptKey,
+    pub completion: Completion,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: DateTime<Utc>,
+}
+
 /// What `complete_step` did.
 #[derive(Debug, Clone, PartialEq)]
 #[expect(
@@ -793,6 +803,7 @@ pub trait ExecutionStore: Send + Sync {
     /// PENDING -> QUEUED for this attempt, when no retry backoff is still running
     /// (`next_attempt_at` is empty or not after `at`). Sets the resolved `input` (`None` keeps
     /// the current one) and clears `next_attempt_at`. Commit this before pushing to the queue.
+    /// Rejected when the execution is finished or being cancelled.
     async fn mark_step_queued(
         &self,
         key: AttemptKey,
@@ -821,6 +832,16 @@ pub trait ExecutionStore: Send + Sync {
     async fn assign_steps(
         &self,
         assignments: &[(AttemptKey, StepAssignment)],
+    ) -> StoreResult<Vec<StepRun>>;
+
+    /// PENDING -> ASSIGNED in one step for attempts that become ready while a runner has a
+    /// free slot for them: `mark_steps_queued` and `assign_steps` in one statement (queued and
+    /// assigned at the same instant, the assignment's). Refused like both: a step not PENDING
+    /// at this attempt or still in its backoff, an execution finished or being cancelled. The
+    /// rows it moved; at most `MAX_TRANSITION_BATCH` at once.
+    async fn queue_and_assign_steps(
+        &self,
+        handed: &[(AttemptKey, Option<Value>, StepAssignment)],
     ) -> StoreResult<Vec<StepRun>>;
 
     /// ASSIGNED -> RUNNING for this attempt (the runner reported that it started).
@@ -860,6 +881,15 @@ pub trait ExecutionStore: Send + Sync {
         completion: Completion,
         at: DateTime<Utc>,
     ) -> StoreResult<CompletionOutcome>;
+
+    /// `complete_step` for many attempts in one statement (one commit): the rows it changed;
+    /// an attempt left out was refused (`complete_step` explains why). At most
+    /// `MAX_TRANSITION_BATCH` at once, each attempt once.
+    async fn complete_steps(&self, completions: &[FinishedAttempt]) -> StoreResult<Vec<StepRun>>;
+
+    /// Why a completion of `key` that `complete_steps` left out was refused: `Duplicate` or
+    /// `Stale` as `complete_step` would say (`NotFound` for an unknown step run).
+    async fn refused_completion(&self, key: AttemptKey) -> StoreResult<CompletionOutcome>;
 
     /// Starts attempt `key.attempt + 1` after attempt `key.attempt` FAILED or TIMED_OUT: the
     /// step goes back to PENDING with `next_attempt_at` (the backoff) and a new attempt row.
@@ -913,6 +943,14 @@ pub trait ExecutionStore: Send + Sync {
 
     /// The step runs of an execution in creation order (unscoped: for the engine).
     async fn list_step_runs(&self, execution_id: Uuid) -> StoreResult<Vec<StepRun>>;
+
+    /// The step runs of an execution with these step keys (unscoped: for the engine), in no
+    /// particular order; keys the execution lacks are left out.
+    async fn list_step_runs_by_keys(
+        &self,
+        execution_id: Uuid,
+        step_keys: &[&str],
+    ) -> StoreResult<Vec<StepRun>>;
 
     /// One step run (unscoped: for the engine).
     async fn get_step_run(&self, step_run_id: Uuid) -> StoreResult<StepRun>;
@@ -1249,7 +1287,8 @@ macro_rules! impl_executions_store {
             /// (VALUES <one row per item>) AS v WHERE` the row's id and attempt are v's first
             /// two columns `AND <condition> RETURNING` the rows moved (`MAX_TRANSITION_BATCH`
             /// at most). `set` and `condition` read the values as `v.column3`, … (the names
-            /// VALUES columns have on both databases).
+            /// VALUES columns have on both databases). `set` bumps `version` by one for each
+            /// transition the change stands for (watchers order rows by it).
             async fn transition_step_runs<T>(
                 &self,
                 items: &[T],
@@ -1264,7 +1303,7 @@ macro_rules! impl_executions_store {
                     return Ok(Vec::new());
                 }
                 let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE step_runs SET ");
-                update.push(set).push(", version = version + 1 FROM (");
+                update.push(set).push(" FROM (");
                 update.push_values(items.iter().take(MAX_TRANSITION_BATCH), push_row);
                 update
                     .push(
@@ -1605,9 +1644,13 @@ macro_rules! impl_executions_store {
                 self.transition_step_runs(
                     queued,
                     "status = 'QUEUED', input = COALESCE(v.column3, input), \
-                     queued_at = v.column4, next_attempt_at = NULL, updated_at = v.column4",
+                     queued_at = v.column4, next_attempt_at = NULL, updated_at = v.column4, \
+                     version = version + 1",
                     "step_runs.status = 'PENDING' AND (step_runs.next_attempt_at IS NULL \
-                     OR step_runs.next_attempt_at <= v.column4)",
+                     OR step_runs.next_attempt_at <= v.column4) AND EXISTS (SELECT 1 \
+                     FROM executions WHERE executions.id = step_runs.execution_id \
+                     AND executions.status IN ('QUEUED', 'RUNNING') \
+                     AND executions.cancel_requested_at IS NULL)",
                     |mut row, (key, input, at)| {
                         row.push_bind(key.step_run_id)
                             .push_bind(key.attempt)
@@ -1635,7 +1678,7 @@ macro_rules! impl_executions_store {
                 self.transition_step_runs(
                     assignments,
                     "status = 'ASSIGNED', runner_id = v.column3, lease_expires_at = v.column4, \
-                     assigned_at = v.column5, updated_at = v.column5",
+                     assigned_at = v.column5, updated_at = v.column5, version = version + 1",
                     "step_runs.status = 'QUEUED' AND EXISTS (SELECT 1 FROM executions \
                      WHERE executions.id = step_runs.execution_id \
                      AND executions.status IN ('QUEUED', 'RUNNING') \
@@ -1643,6 +1686,34 @@ macro_rules! impl_executions_store {
                     |mut row, (key, assignment)| {
                         row.push_bind(key.step_run_id)
                             .push_bind(key.attempt)
+                            .push_bind(assignment.runner_id.clone())
+                            .push_bind(stored_time(assignment.lease_expires_at))
+                            .push_bind(stored_time(assignment.assigned_at));
+                    },
+                )
+                .await
+            }
+
+            async fn queue_and_assign_steps(
+                &self,
+                handed: &[(AttemptKey, Option<Value>, StepAssignment)],
+            ) -> StoreResult<Vec<StepRun>> {
+                // v: id, attempt, input, runner, lease, queued and assigned at.
+                self.transition_step_runs(
+                    handed,
+                    "status = 'ASSIGNED', input = COALESCE(v.column3, input), \
+                     queued_at = v.column6, next_attempt_at = NULL, runner_id = v.column4, \
+                     lease_expires_at = v.column5, assigned_at = v.column6, \
+                     updated_at = v.column6, version = version + 2",
+                    "step_runs.status = 'PENDING' AND (step_runs.next_attempt_at IS NULL \
+                     OR step_runs.next_attempt_at <= v.column6) AND EXISTS (SELECT 1 \
+                     FROM executions WHERE executions.id = step_runs.execution_id \
+                     AND executions.status IN ('QUEUED', 'RUNNING') \
+                     AND executions.cancel_requested_at IS NULL)",
+                    |mut row, (key, input, assignment)| {
+                        row.push_bind(key.step_run_id)
+                            .push_bind(key.attempt)
+                            .push_bind(input.clone().map(Json))
                             .push_bind(assignment.runner_id.clone())
                             .push_bind(stored_time(assignment.lease_expires_at))
                             .push_bind(stored_time(assignment.assigned_at));
@@ -1667,7 +1738,8 @@ macro_rules! impl_executions_store {
                 // v: id, attempt, started at.
                 self.transition_step_runs(
                     started,
-                    "status = 'RUNNING', started_at = v.column3, updated_at = v.column3",
+                    "status = 'RUNNING', started_at = v.column3, updated_at = v.column3, \
+                     version = version + 1",
                     "step_runs.status = 'ASSIGNED'",
                     |mut row, (key, at)| {
                         row.push_bind(key.step_run_id)
@@ -1728,48 +1800,57 @@ macro_rules! impl_executions_store {
                 completion: Completion,
                 at: DateTime<Utc>,
             ) -> StoreResult<CompletionOutcome> {
-                let at = stored_time(at);
-                let status = completion.status();
-                let (output, error, retryable) = match completion {
-                    Completion::Succeeded { output } => (Some(output), None, None),
-                    Completion::Failed { error, retryable } => (None, Some(error), Some(retryable)),
-                    Completion::TimedOut | Completion::Cancelled => (None, None, None),
-                };
+                let finished =
+                    FinishedAttempt { key, completion, started_at: None, finished_at: at };
+                match self.complete_steps(&[finished]).await?.pop() {
+                    Some(step_run) => Ok(CompletionOutcome::Applied(step_run)),
+                    None => self.refused_completion(key).await,
+                }
+            }
+
+            async fn refused_completion(&self, key: AttemptKey) -> StoreResult<CompletionOutcome> {
+                ignored_completion(key, self.step_run_position(key.step_run_id).await?)
+            }
+
+            async fn complete_steps(
+                &self,
+                completions: &[FinishedAttempt],
+            ) -> StoreResult<Vec<StepRun>> {
+                // v: id, attempt, status, output, error, retryable, finished at, started at.
                 // Results come from a runner, which only ever holds ASSIGNED/RUNNING attempts;
                 // timeouts and cancels are the engine's verdicts on any unfinished attempt.
-                let update_sql = match status {
-                    StepRunStatus::Succeeded | StepRunStatus::Failed => concat!(
-                        "UPDATE step_runs SET status = $3, output = $4, error = $5, \
-                         error_retryable = $6, finished_at = $7, lease_expires_at = NULL, \
-                         next_attempt_at = NULL, updated_at = $7, version = version + 1 \
-                         WHERE id = $1 AND attempt = $2 AND status IN ('ASSIGNED', 'RUNNING') \
-                         RETURNING ",
-                        step_run_columns!()
-                    ),
-                    _ => concat!(
-                        "UPDATE step_runs SET status = $3, output = $4, error = $5, \
-                         error_retryable = $6, finished_at = $7, lease_expires_at = NULL, \
-                         next_attempt_at = NULL, updated_at = $7, version = version + 1 \
-                         WHERE id = $1 AND attempt = $2 \
-                         AND status IN ('PENDING', 'QUEUED', 'ASSIGNED', 'RUNNING') RETURNING ",
-                        step_run_columns!()
-                    ),
-                };
-                let output = output.map(Json);
-                let step_run = sqlx::query_as::<$db, StepRun>(update_sql)
-                    .bind(key.step_run_id)
-                    .bind(key.attempt)
-                    .bind(status)
-                    .bind(output)
-                    .bind(error)
-                    .bind(retryable)
-                    .bind(at)
-                    .fetch_optional(self.connection_pool())
-                    .await?;
-                match step_run {
-                    Some(step_run) => Ok(CompletionOutcome::Applied(step_run)),
-                    None => ignored_completion(key, self.step_run_position(key.step_run_id).await?),
-                }
+                self.transition_step_runs(
+                    completions,
+                    "status = v.column3, output = v.column4, error = v.column5, \
+                     error_retryable = v.column6, finished_at = v.column7, \
+                     started_at = COALESCE(step_runs.started_at, v.column8), \
+                     lease_expires_at = NULL, next_attempt_at = NULL, updated_at = v.column7, \
+                     version = version + CASE WHEN step_runs.status = 'ASSIGNED' \
+                     AND v.column8 IS NOT NULL THEN 2 ELSE 1 END",
+                    "(step_runs.status IN ('ASSIGNED', 'RUNNING') \
+                     OR (v.column3 IN ('TIMED_OUT', 'CANCELLED') \
+                     AND step_runs.status IN ('PENDING', 'QUEUED')))",
+                    |mut row, finished| {
+                        let (output, error, retryable) = match &finished.completion {
+                            Completion::Succeeded { output } => {
+                                (Some(Json(output.clone())), None, None)
+                            }
+                            Completion::Failed { error, retryable } => {
+                                (None, Some(error.clone()), Some(*retryable))
+                            }
+                            Completion::TimedOut | Completion::Cancelled => (None, None, None),
+                        };
+                        row.push_bind(finished.key.step_run_id)
+                            .push_bind(finished.key.attempt)
+                            .push_bind(finished.completion.status())
+                            .push_bind(output)
+                            .push_bind(error)
+                            .push_bind(retryable)
+                            .push_bind(stored_time(finished.finished_at))
+                            .push_bind(finished.started_at.map(stored_time));
+                    },
+                )
+                .await
             }
 
             async fn schedule_retry(
@@ -1949,6 +2030,29 @@ macro_rules! impl_executions_store {
                 .bind(execution_id)
                 .fetch_all(&self.pool)
                 .await?;
+                Ok(step_runs)
+            }
+
+            async fn list_step_runs_by_keys(
+                &self,
+                execution_id: Uuid,
+                step_keys: &[&str],
+            ) -> StoreResult<Vec<StepRun>> {
+                if step_keys.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut select = sqlx::QueryBuilder::<$db>::new(concat!(
+                    "SELECT ",
+                    step_run_columns!(),
+                    " FROM step_runs WHERE execution_id = "
+                ));
+                select.push_bind(execution_id).push(" AND step_key IN (");
+                let mut keys = select.separated(", ");
+                for step_key in step_keys {
+                    keys.push_bind(step_key.to_string());
+                }
+                select.push(")");
+                let step_runs = select.build_query_as::<StepRun>().fetch_all(&self.pool).await?;
                 Ok(step_runs)
             }
 

@@ -9,9 +9,9 @@ use turbocat::store::{
     AgentLimits, AgentType, AttemptKey, CancelRequestOutcome, ChildExecutionStart, Completion,
     CompletionOutcome, DeploymentEnvironment, DeploymentTarget, DeploymentTrigger, Execution,
     ExecutionChange, ExecutionCursor, ExecutionFilter, ExecutionLogFilter, ExecutionLogLevel,
-    ExecutionLogSource, ExecutionStatus, ExecutionTrigger, InFlightStepRun, NewAgent,
-    NewDeployment, NewExecution, NewExecutionLog, NewStepRun, NewUser, NewWorkflow, OwnerScope,
-    PageRequest, ParentStep, StepAssignment, StepAttemptStatus, StepRun, StepRunStatus,
+    ExecutionLogSource, ExecutionStatus, ExecutionTrigger, FinishedAttempt, InFlightStepRun,
+    NewAgent, NewDeployment, NewExecution, NewExecutionLog, NewStepRun, NewUser, NewWorkflow,
+    OwnerScope, PageRequest, ParentStep, StepAssignment, StepAttemptStatus, StepRun, StepRunStatus,
     StepTransitionOutcome, Store, StoreError,
 };
 use uuid::Uuid;
@@ -1715,8 +1715,127 @@ async fn batched_transitions_move_each_row_or_leave_it_out(store: Arc<dyn Store>
     assert_eq!(attempts[0].status, StepAttemptStatus::Running, "the attempt row follows");
 }
 
+/// The transitions that stand for two stages at once: a step handed straight to a runner
+/// (PENDING -> ASSIGNED, queued at the same instant) and a result that brings the start time
+/// of a start never committed on its own. Each bumps `version` once per stage it stands for,
+/// the attempt row mirrors every stage, and what either refuses is left out.
+async fn merged_transitions_record_every_stage(store: Arc<dyn Store>) {
+    let fixture = fixture(&store).await;
+    let (_, steps) = simple_execution(&store, fixture.owner, &["a", "b", "c"], 1).await;
+    let t0 = now();
+    let keys: Vec<AttemptKey> = steps.iter().map(StepRun::attempt_key).collect();
+    let pending_version = steps[0].version;
+
+    // c is queued already: handing it over is refused (it goes through assign_steps).
+    queue(&store, keys[2], t0).await;
+    let handed = store
+        .queue_and_assign_steps(&[
+            (keys[0], Some(json!({"for": "a"})), assignment("runner-a", t0)),
+            (keys[1], None, assignment("runner-b", t0 + seconds(1))),
+            (keys[2], None, assignment("runner-c", t0)),
+        ])
+        .await
+        .expect("hand over");
+    assert_eq!(handed.len(), 2, "{handed:?}");
+    let a = handed.iter().find(|row| row.id == keys[0].step_run_id).expect("a handed");
+    assert_eq!(
+        (a.status, a.runner_id.as_deref(), a.input.clone(), a.queued_at, a.assigned_at),
+        (StepRunStatus::Assigned, Some("runner-a"), Some(json!({"for": "a"})), Some(t0), Some(t0))
+    );
+    assert_eq!(a.version, pending_version + 2, "queued and assigned: two versions");
+    let b = handed.iter().find(|row| row.id == keys[1].step_run_id).expect("b handed");
+    assert_eq!((b.queued_at, b.assigned_at), (Some(t0 + seconds(1)), Some(t0 + seconds(1))));
+    let attempts =
+        store.list_step_attempts(OwnerScope::All, keys[0].step_run_id).await.expect("attempts");
+    assert_eq!(
+        (attempts[0].status, attempts[0].runner_id.as_deref(), attempts[0].queued_at),
+        (StepAttemptStatus::Assigned, Some("runner-a"), Some(t0)),
+        "the attempt row mirrors both stages"
+    );
+    assert_eq!(attempts[0].input, Some(json!({"for": "a"})));
+
+    // a finishes straight from ASSIGNED with the start the runner reported; b's start was
+    // committed on its own and is kept.
+    run(&store, keys[1], t0 + seconds(2)).await;
+    let b_running = store.get_step_run(keys[1].step_run_id).await.expect("b");
+    let finished = store
+        .complete_steps(&[
+            FinishedAttempt {
+                key: keys[0],
+                completion: Completion::Succeeded { output: json!("a") },
+                started_at: Some(t0 + seconds(3)),
+                finished_at: t0 + seconds(4),
+            },
+            FinishedAttempt {
+                key: keys[1],
+                completion: Completion::Succeeded { output: json!("b") },
+                started_at: Some(t0 + seconds(9)),
+                finished_at: t0 + seconds(4),
+            },
+            FinishedAttempt {
+                key: AttemptKey { step_run_id: keys[2].step_run_id, attempt: 7 },
+                completion: Completion::Succeeded { output: json!("stale") },
+                started_at: None,
+                finished_at: t0 + seconds(4),
+            },
+        ])
+        .await
+        .expect("complete");
+    assert_eq!(finished.len(), 2, "the stale attempt is left out: {finished:?}");
+    let a = finished.iter().find(|row| row.id == keys[0].step_run_id).expect("a finished");
+    assert_eq!(
+        (a.status, a.started_at, a.finished_at, a.output.clone()),
+        (StepRunStatus::Succeeded, Some(t0 + seconds(3)), Some(t0 + seconds(4)), Some(json!("a")))
+    );
+    assert_eq!(a.version, pending_version + 4, "started and finished: two more versions");
+    let b = finished.iter().find(|row| row.id == keys[1].step_run_id).expect("b finished");
+    assert_eq!(b.started_at, Some(t0 + seconds(2)), "a committed start is kept");
+    assert_eq!(b.version, b_running.version + 1);
+    let attempts =
+        store.list_step_attempts(OwnerScope::All, keys[0].step_run_id).await.expect("attempts");
+    assert_eq!(
+        (attempts[0].status, attempts[0].started_at, attempts[0].finished_at),
+        (StepAttemptStatus::Succeeded, Some(t0 + seconds(3)), Some(t0 + seconds(4))),
+        "the attempt row gets the start with the result"
+    );
+    assert!(matches!(
+        store.refused_completion(keys[0]).await.expect("explain"),
+        CompletionOutcome::Duplicate { status: StepRunStatus::Succeeded }
+    ));
+
+    // Only the rows asked for, by key.
+    let mut by_keys: Vec<String> = store
+        .list_step_runs_by_keys(a.execution_id, &["a", "c", "nope"])
+        .await
+        .expect("by keys")
+        .into_iter()
+        .map(|row| row.step_key)
+        .collect();
+    by_keys.sort();
+    assert_eq!(by_keys, ["a", "c"]);
+}
+
+/// Steps of an execution being cancelled are neither queued nor handed to a runner.
+async fn no_step_of_a_cancelling_execution_is_queued(store: Arc<dyn Store>) {
+    let fixture = fixture(&store).await;
+    let (execution, steps) = simple_execution(&store, fixture.owner, &["a", "b"], 1).await;
+    let t0 = now();
+    let requested = store.request_cancel(OwnerScope::All, execution.id, t0).await.expect("cancel");
+    assert_eq!(requested, CancelRequestOutcome::Recorded);
+    let queued =
+        store.mark_steps_queued(&[(steps[0].attempt_key(), None, t0)]).await.expect("queue");
+    assert!(queued.is_empty(), "{queued:?}");
+    let handed = store
+        .queue_and_assign_steps(&[(steps[1].attempt_key(), None, assignment("runner-1", t0))])
+        .await
+        .expect("hand over");
+    assert!(handed.is_empty(), "{handed:?}");
+}
+
 crate::conformance!(
     execution_and_step_runs_are_created_atomically,
+    merged_transitions_record_every_stage,
+    no_step_of_a_cancelling_execution_is_queued,
     step_transitions_in_order,
     stale_and_duplicate_completions_are_ignored,
     concurrent_double_assignment_has_one_winner,
