@@ -283,9 +283,11 @@ impl Engine {
             }
             Message::Started(started) => {
                 let Some(key) = started.step.as_ref().and_then(attempt_key) else { return Ok(()) };
-                let Some(held) = runner.record_start(key, now) else { return Ok(()) };
-                if held.started_at == Some(now) {
-                    self.runner_started(runner, key, held.assigned_row, now).await?;
+                // At the precision the database keeps, so the event and the stored row agree.
+                let at = chrono::SubsecRound::trunc_subsecs(now, 6);
+                let Some(held) = runner.record_start(key, at) else { return Ok(()) };
+                if held.started_at == Some(at) {
+                    self.runner_started(runner, key, held.assigned_row, at).await?;
                 }
             }
             Message::Logs(batch) => self.record_logs(runner, batch).await?,

@@ -65,6 +65,7 @@ impl Engine {
         report.requeued_claims = self.queue.requeue_expired(now).await?.len();
 
         let mut to_advance: HashSet<Uuid> = HashSet::new();
+        let mut queued = Vec::new();
         for ready in self.store.list_ready_step_runs(now, BATCH).await? {
             let step_run = ready.step_run;
             match step_run.status {
@@ -73,25 +74,31 @@ impl Engine {
                 // and leave a duplicate).
                 StepRunStatus::Queued
                     if step_run.queued_at.is_some_and(|at| now - at < RECENTLY_QUEUED) => {}
-                StepRunStatus::Queued => {
-                    let key = crate::queue::QueueKey::new(step_run.id, step_run.attempt);
-                    if self.queue.contains(key).await? {
-                        continue;
-                    }
-                    let execution =
-                        self.store.get_execution(OwnerScope::All, step_run.execution_id).await?;
-                    match self.definition(&execution) {
-                        Ok(definition) => {
-                            self.enqueue(&execution, &definition, &step_run).await?;
-                            report.reenqueued += 1;
-                        }
-                        Err(_) => {
-                            to_advance.insert(execution.id);
-                        }
-                    }
-                }
+                StepRunStatus::Queued => queued.push(step_run),
                 _ => {
                     to_advance.insert(step_run.execution_id);
+                }
+            }
+        }
+        // Which of them the queue holds, asked in one round trip however long the backlog.
+        let keys: Vec<crate::queue::QueueKey> = queued
+            .iter()
+            .map(|step_run| crate::queue::QueueKey::new(step_run.id, step_run.attempt))
+            .collect();
+        let held = self.queue.contains_many(&keys).await?;
+        for (step_run, held) in queued.iter().zip(held) {
+            if held {
+                continue;
+            }
+            let execution =
+                self.store.get_execution(OwnerScope::All, step_run.execution_id).await?;
+            match self.definition(&execution) {
+                Ok(definition) => {
+                    self.enqueue(&execution, &definition, step_run).await?;
+                    report.reenqueued += 1;
+                }
+                Err(_) => {
+                    to_advance.insert(execution.id);
                 }
             }
         }

@@ -182,6 +182,11 @@ impl Queue for MemoryQueue {
         Ok(self.lock_state().entries.contains_key(&key))
     }
 
+    async fn contains_many(&self, keys: &[QueueKey]) -> QueueResult<Vec<bool>> {
+        let state = self.lock_state();
+        Ok(keys.iter().map(|key| state.entries.contains_key(key)).collect())
+    }
+
     async fn stats(&self) -> QueueResult<QueueStats> {
         let state = self.lock_state();
         debug_assert_eq!(state.ready.len() + state.in_flight.len(), state.entries.len());

@@ -250,6 +250,9 @@ pub trait Queue: Send + Sync + 'static {
     /// Whether an item with this key is ready or in flight (the reconciler's question).
     async fn contains(&self, key: QueueKey) -> QueueResult<bool>;
 
+    /// `contains` for many keys in one round trip, answered in their order.
+    async fn contains_many(&self, keys: &[QueueKey]) -> QueueResult<Vec<bool>>;
+
     async fn stats(&self) -> QueueResult<QueueStats>;
 
     /// Drops every item (tests, and the reconciler before a rebuild).

@@ -471,6 +471,21 @@ impl Queue for RedisQueue {
         Ok(exists)
     }
 
+    async fn contains_many(&self, keys: &[QueueKey]) -> QueueResult<Vec<bool>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let shared = &self.shared;
+        let mut connection = shared.pool.connection().await?;
+        let mut fetch = redis::cmd("HMGET");
+        fetch.arg(&shared.keys.items);
+        for key in keys {
+            fetch.arg(key.to_member());
+        }
+        let found: Vec<Option<String>> = fetch.query_async(&mut *connection).await?;
+        Ok(found.iter().map(Option::is_some).collect())
+    }
+
     async fn stats(&self) -> QueueResult<QueueStats> {
         let shared = &self.shared;
         let mut connection = shared.pool.connection().await?;

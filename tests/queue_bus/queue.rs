@@ -336,6 +336,13 @@ async fn remove_contains_and_clear(backend: Backend) {
     assert!(!queue.contains(ready_one.key()).await.expect("contains removed"));
     assert!(!queue.contains(claimed_one.key()).await.expect("contains removed in flight"));
     assert_eq!(queue.stats().await.expect("stats"), QueueStats { ready: 1, in_flight: 0 });
+    let asked = [kept_one.key(), unknown, ready_one.key(), kept_one.key()];
+    assert_eq!(
+        queue.contains_many(&asked).await.expect("contains many"),
+        vec![true, false, false, true],
+        "answered in the order asked"
+    );
+    assert!(queue.contains_many(&[]).await.expect("contains none").is_empty());
     // A removed in-flight item is gone from every list.
     assert!(!queue.ack(claimed_one.key()).await.expect("ack removed"));
     let far_future = Utc::now() + TimeDelta::hours(1);
