@@ -58,6 +58,8 @@ pub struct AppContext {
     pub local_runner_key: Option<crate::config::Secret>,
     /// Webhook freshness and cron floors (`--webhook-tolerance-seconds`, …).
     pub trigger_limits: crate::config::TriggerLimits,
+    /// API calls per user and day not yet in the store (see `auth::usage`).
+    pub api_calls: Arc<crate::auth::usage::ApiCallCounter>,
 }
 
 /// Something the server depends on and can ping: the database, Redis.

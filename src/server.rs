@@ -371,6 +371,7 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
     ));
     Ok(Arc::new(AppContext {
         trigger_limits: parts.listen.triggers.limits(),
+        api_calls: Arc::default(),
         engine,
         local_runner_key: parts.local_runner_key,
         mailer,

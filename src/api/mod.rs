@@ -66,7 +66,9 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
         external: context.external_identity.clone(),
         api_key_last_used: crate::auth::api_keys::LastUsedThrottle::default(),
         local_runner_key: context.local_runner_key.clone(),
+        api_calls: context.api_calls.clone(),
     });
+    tokio::spawn(context.api_calls.clone().keep_flushing(context.store.clone()));
     tokio::spawn(context.revoked_sessions.clone().keep_current(
         context.store.clone(),
         context.bus.clone(),
