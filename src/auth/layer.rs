@@ -178,6 +178,11 @@ pub async fn authenticate(
         }
         Authentication::Authenticated(_) | Authentication::Anonymous => {}
     }
+    if let (Authentication::Authenticated(caller), Some(record)) =
+        (&authentication, request.extensions().get::<super::caller::CallerRecord>())
+    {
+        record.record(caller.user_id);
+    }
     request.extensions_mut().insert(client);
     request.extensions_mut().insert(authentication);
     next.run(request).await

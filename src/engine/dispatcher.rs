@@ -157,6 +157,11 @@ impl Engine {
     }
 
     /// Commits the assignment of `item` to `runner` (holding its slot) and sends it.
+    #[tracing::instrument(
+        level = "debug",
+        skip_all,
+        fields(execution_id = %item.execution_id, step_run_id = %item.step_run_id, attempt = item.attempt, runner_id = %runner.id)
+    )]
     async fn assign(
         self: &Arc<Self>,
         runner: &Arc<AttachedRunner>,
@@ -187,6 +192,7 @@ impl Engine {
             Ok(None) => return Ok(Placed::Stale),
             Err(error) => return Err(error.into()),
         };
+        super::metrics::step_assigned(&assigned, &agent);
         self.leases.extend(key, lease_until).await;
         self.publish_step(&assigned).await;
         let message = pb::StepAssignment {

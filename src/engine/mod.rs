@@ -6,7 +6,7 @@
 //! to this process), `leases` (runner liveness, kept off the database), `runner_directory` (the
 //! runners attached to every replica, shared through Redis), `group_commit` (steps becoming
 //! ready, assignments and starts that arrive together share one commit) and `subworkflow` (WORKFLOW steps, which the
-//! engine runs itself as child executions). The `{{…}}` mappings it renders are
+//! engine runs itself as child executions); `metrics` records the operators' series. The `{{…}}` mappings it renders are
 //! `crate::mapping`, shared with the runner.
 //!
 //! The database is the source of truth: every transition is committed (as a fenced
@@ -24,6 +24,7 @@ pub mod definition;
 pub mod dispatcher;
 pub mod group_commit;
 pub mod leases;
+mod metrics;
 pub mod protocol;
 pub mod reconciler;
 pub mod runner_directory;

@@ -304,6 +304,16 @@ pub trait Store:
 
     /// A round trip to the database, for health checks.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// The connections the pool holds now, for the metrics.
+    fn pool_connections(&self) -> PoolConnections;
+}
+
+/// Open connections of a store's pool and how many of them are idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConnections {
+    pub open: u32,
+    pub idle: u32,
 }
 
 /// PostgreSQL: the source of truth in `serve` mode.
@@ -379,6 +389,13 @@ impl Store for PostgresStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+
+    fn pool_connections(&self) -> PoolConnections {
+        PoolConnections {
+            open: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 #[async_trait]
@@ -390,6 +407,13 @@ impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    fn pool_connections(&self) -> PoolConnections {
+        PoolConnections {
+            open: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+        }
     }
 }
 

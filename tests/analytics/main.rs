@@ -1,12 +1,13 @@
-//! Analytics end to end: real `turbocat dev` (SQLite, its in-process runner) and real
-//! `turbocat serve` (PostgreSQL, Redis, a `turbocat runner` process) run executions the test
-//! designs — steps that sleep a known time, fail, fail once then succeed, ask an LLM stub that
-//! reports `usage` — and the AnalyticsService must count exactly those, over REST and gRPC,
-//! within the caller's scope.
+//! Analytics and metrics end to end: real `turbocat dev` (SQLite, its in-process runner) and
+//! real `turbocat serve` (PostgreSQL, Redis, a `turbocat runner` process) run executions the
+//! test designs — steps that sleep a known time, fail, fail once then succeed, ask an LLM stub
+//! that reports `usage` — and the AnalyticsService must count exactly those, over REST and gRPC,
+//! within the caller's scope (`numbers`); `/metrics` must show them to operators (`metrics`).
 
 #[path = "../support/mod.rs"]
 mod support;
 
+mod metrics;
 mod numbers;
 
 use std::sync::{Arc, Mutex};
@@ -32,12 +33,23 @@ pub struct Workbench {
     pub api: Api,
     pub auth: Auth,
     pub user_id: String,
+    token: String,
 }
 
 impl Workbench {
     pub async fn new(api: Api, email: &str) -> Self {
         let account = api.register(email, "Analytics Tester").await;
-        Self { auth: account.auth(), user_id: account.id.clone(), api }
+        Self {
+            auth: account.auth(),
+            user_id: account.id.clone(),
+            token: account.token.clone(),
+            api,
+        }
+    }
+
+    /// The account's access token (to check it never reaches a log).
+    pub fn auth_token(&self) -> String {
+        self.token.clone()
     }
 
     /// Creates an agent and returns its id.
