@@ -204,6 +204,12 @@ impl Engine {
         runners.into_values().collect()
     }
 
+    /// How many server replicas are alive (announced within the last 10 s; 1 in `dev`), `None`
+    /// when Redis cannot say.
+    pub async fn replicas_alive(&self) -> Option<usize> {
+        self.runner_directory.replicas_alive().await
+    }
+
     /// Starts the dispatcher, the reconciler and the cancel relay; they run until the returned
     /// handles are aborted.
     pub fn spawn(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {

@@ -455,6 +455,11 @@ pub async fn get_system_health(
         version: env!("CARGO_PKG_VERSION").to_owned(),
         mode: context.mode.as_str().to_owned(),
         uptime_seconds: context.started_at.elapsed().as_secs_f64(),
+        replicas_alive: context
+            .engine
+            .replicas_alive()
+            .await
+            .map_or(0, |count| i32::try_from(count).unwrap_or(i32::MAX)),
     })
 }
 

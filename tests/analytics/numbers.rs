@@ -255,6 +255,7 @@ async fn check_grpc_numbers(bench: &Workbench, designed: &Designed) {
     assert!(!health.runners.is_empty(), "{health:?}");
     assert!(health.queue_depth.is_empty(), "nothing waits: {health:?}");
     assert_eq!(health.oldest_queued_step_seconds, 0.0);
+    assert_eq!(health.replicas_alive, 1, "{health:?}");
     // 3 of the 8 executions of the last hour failed.
     assert!((health.recent_error_rate - 3.0 / 8.0).abs() < 1e-9, "{health:?}");
 
@@ -397,4 +398,30 @@ async fn analytics_count_the_designed_executions_on_dev() {
 async fn analytics_count_the_designed_executions_on_serve() {
     let (server, _database) = start_serve(&[]).await;
     check_everything(&server, "serve.example.com", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_health_counts_the_replicas_of_an_installation() {
+    let prefix = format!("turbocat-test:{}:", uuid::Uuid::new_v4().simple());
+    let shared = ["--redis-key-prefix", prefix.as_str()];
+    let (first, database) = start_serve(&shared).await;
+    let bench = Workbench::new(Api::new(&first), "replicas@example.com").await;
+    let replicas = || async {
+        let health = get_data(&bench, &bench.auth, "/api/v1/analytics/system-health").await;
+        number(&health["replicasAlive"])
+    };
+    assert_eq!(replicas().await, 1.0);
+    let second = crate::support::start_serve_replica(&database, &shared).await;
+    let started = std::time::Instant::now();
+    while replicas().await < 2.0 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the second never counted");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // A replica that stops drops out once its announcement expires (10 s).
+    drop(second);
+    let stopped = std::time::Instant::now();
+    while replicas().await > 1.0 {
+        assert!(stopped.elapsed() < std::time::Duration::from_secs(20), "the stopped one stays");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
