@@ -201,3 +201,85 @@ CREATE TRIGGER step_runs_analytics_attempt_finished
     WHEN (OLD.status IN ('PENDING', 'QUEUED', 'ASSIGNED', 'RUNNING')
           AND NEW.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT'))
     EXECUTE FUNCTION analytics_step_attempt_finished();
+
+-- The runs that finished before this migration, summed as the triggers above sum new ones: an
+-- upgraded installation shows its history. (Retries of old attempts: an attempt after the
+-- first that did not follow a lost lease.)
+INSERT INTO execution_rollups (owner_id, hour_start, workflow_id, status, duration_bucket,
+                               executions, duration_seconds)
+SELECT owner_id, finished_hour, workflow_key, status, analytics_duration_bucket(seconds),
+       count(*), COALESCE(sum(seconds), 0)
+FROM (SELECT owner_id,
+             floor(extract(epoch FROM COALESCE(finished_at, updated_at)) / 3600)::bigint * 3600
+                 AS finished_hour,
+             COALESCE(workflow_id, '00000000-0000-0000-0000-000000000000'::uuid) AS workflow_key,
+             status,
+             extract(epoch FROM (finished_at - started_at))::double precision AS seconds
+      FROM executions
+      WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT')) AS finished
+GROUP BY owner_id, finished_hour, workflow_key, status, analytics_duration_bucket(seconds);
+
+INSERT INTO error_rollups (subject_id, hour_start, message, occurrences)
+SELECT workflow_id,
+       floor(extract(epoch FROM COALESCE(finished_at, updated_at)) / 3600)::bigint * 3600,
+       left(COALESCE(error, lower(replace(status, '_', ' '))), 200), count(*)
+FROM executions
+WHERE status IN ('FAILED', 'TIMED_OUT') AND workflow_id IS NOT NULL
+GROUP BY 1, 2, 3;
+
+CREATE TEMPORARY TABLE finished_attempts ON COMMIT DROP AS
+SELECT e.owner_id,
+       COALESCE(s.agent_id, '00000000-0000-0000-0000-000000000000'::uuid) AS agent_key,
+       s.agent_id,
+       COALESCE(e.workflow_id, '00000000-0000-0000-0000-000000000000'::uuid) AS workflow_key,
+       a.status,
+       a.error,
+       a.output,
+       COALESCE(a.finished_at, a.updated_at) AS finished,
+       extract(epoch FROM (a.finished_at - a.started_at))::double precision AS seconds,
+       CASE WHEN a.attempt > 1 AND COALESCE(previous.status, '') <> 'LEASE_LOST' THEN 1 ELSE 0 END
+           AS retry,
+       COALESCE(agent.agent_type = 'LLM', false) AS is_llm
+FROM step_attempts a
+JOIN step_runs s ON s.id = a.step_run_id
+JOIN executions e ON e.id = s.execution_id
+LEFT JOIN step_attempts previous
+    ON previous.step_run_id = a.step_run_id AND previous.attempt = a.attempt - 1
+LEFT JOIN agents agent ON agent.id = s.agent_id
+WHERE a.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT');
+
+INSERT INTO step_rollups (owner_id, hour_start, agent_id, workflow_id, status, duration_bucket,
+                          attempts, retries, duration_seconds)
+SELECT owner_id, floor(extract(epoch FROM finished) / 3600)::bigint * 3600, agent_key,
+       workflow_key, status, analytics_duration_bucket(seconds), count(*), sum(retry),
+       COALESCE(sum(seconds), 0)
+FROM finished_attempts
+GROUP BY 1, 2, 3, 4, 5, 6;
+
+INSERT INTO error_rollups AS rollup (subject_id, hour_start, message, occurrences)
+SELECT agent_id, floor(extract(epoch FROM finished) / 3600)::bigint * 3600,
+       left(COALESCE(error, lower(replace(status, '_', ' '))), 200), count(*)
+FROM finished_attempts
+WHERE status IN ('FAILED', 'TIMED_OUT') AND agent_id IS NOT NULL
+GROUP BY 1, 2, 3
+ON CONFLICT (subject_id, hour_start, message) DO UPDATE
+    SET occurrences = rollup.occurrences + EXCLUDED.occurrences;
+
+INSERT INTO usage_rollups (user_id, day_start, executions_started)
+SELECT owner_id, floor(extract(epoch FROM created_at) / 86400)::bigint * 86400, count(*)
+FROM executions
+WHERE parent_execution_id IS NULL
+GROUP BY 1, 2;
+
+INSERT INTO usage_rollups AS rollup (user_id, day_start, step_seconds, prompt_tokens,
+                                     completion_tokens)
+SELECT owner_id, floor(extract(epoch FROM finished) / 86400)::bigint * 86400,
+       sum(greatest(COALESCE(seconds, 0), 0)),
+       sum(CASE WHEN is_llm THEN analytics_token_count(output, 'promptTokens') ELSE 0 END),
+       sum(CASE WHEN is_llm THEN analytics_token_count(output, 'completionTokens') ELSE 0 END)
+FROM finished_attempts
+GROUP BY 1, 2
+ON CONFLICT (user_id, day_start) DO UPDATE
+    SET step_seconds = rollup.step_seconds + EXCLUDED.step_seconds,
+        prompt_tokens = rollup.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = rollup.completion_tokens + EXCLUDED.completion_tokens;

@@ -178,3 +178,101 @@ BEGIN
             prompt_tokens = prompt_tokens + excluded.prompt_tokens,
             completion_tokens = completion_tokens + excluded.completion_tokens;
 END;
+
+-- The runs that finished before this migration, summed as the triggers above sum new ones: an
+-- upgraded installation shows its history. (Retries of old attempts: an attempt after the
+-- first that did not follow a lost lease.)
+INSERT INTO execution_rollups (owner_id, hour_start, workflow_id, status, duration_bucket,
+                               executions, duration_seconds)
+SELECT owner_id, finished_hour, workflow_key, status,
+       CASE WHEN seconds IS NULL THEN -1
+            ELSE COALESCE((SELECT MIN(bucket) FROM analytics_duration_buckets
+                           WHERE upper_seconds >= seconds), 120) END AS duration_bucket,
+       COUNT(*), COALESCE(SUM(seconds), 0)
+FROM (SELECT owner_id,
+             CAST(strftime('%s', COALESCE(finished_at, updated_at)) AS INTEGER) / 3600 * 3600
+                 AS finished_hour,
+             COALESCE(workflow_id, zeroblob(16)) AS workflow_key,
+             status,
+             (julianday(finished_at) - julianday(started_at)) * 86400.0 AS seconds
+      FROM executions
+      WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT')) AS finished
+GROUP BY owner_id, finished_hour, workflow_key, status, duration_bucket;
+
+INSERT INTO error_rollups (subject_id, hour_start, message, occurrences)
+SELECT workflow_id,
+       CAST(strftime('%s', COALESCE(finished_at, updated_at)) AS INTEGER) / 3600 * 3600,
+       substr(COALESCE(error, lower(replace(status, '_', ' '))), 1, 200), COUNT(*)
+FROM executions
+WHERE status IN ('FAILED', 'TIMED_OUT') AND workflow_id IS NOT NULL
+GROUP BY 1, 2, 3;
+
+CREATE TEMPORARY TABLE finished_attempts AS
+SELECT e.owner_id AS owner_id,
+       COALESCE(s.agent_id, zeroblob(16)) AS agent_key,
+       s.agent_id AS agent_id,
+       COALESCE(e.workflow_id, zeroblob(16)) AS workflow_key,
+       a.status AS status,
+       a.error AS error,
+       a.output AS output,
+       COALESCE(a.finished_at, a.updated_at) AS finished,
+       (julianday(a.finished_at) - julianday(a.started_at)) * 86400.0 AS seconds,
+       CASE WHEN a.attempt > 1 AND COALESCE(previous.status, '') <> 'LEASE_LOST' THEN 1 ELSE 0 END
+           AS retry,
+       COALESCE(agent.agent_type = 'LLM', 0) AS is_llm
+FROM step_attempts a
+JOIN step_runs s ON s.id = a.step_run_id
+JOIN executions e ON e.id = s.execution_id
+LEFT JOIN step_attempts previous
+    ON previous.step_run_id = a.step_run_id AND previous.attempt = a.attempt - 1
+LEFT JOIN agents agent ON agent.id = s.agent_id
+WHERE a.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT');
+
+INSERT INTO step_rollups (owner_id, hour_start, agent_id, workflow_id, status, duration_bucket,
+                          attempts, retries, duration_seconds)
+SELECT owner_id, CAST(strftime('%s', finished) AS INTEGER) / 3600 * 3600 AS finished_hour,
+       agent_key, workflow_key, status,
+       CASE WHEN seconds IS NULL THEN -1
+            ELSE COALESCE((SELECT MIN(bucket) FROM analytics_duration_buckets
+                           WHERE upper_seconds >= seconds), 120) END AS duration_bucket,
+       COUNT(*), SUM(retry), COALESCE(SUM(seconds), 0)
+FROM finished_attempts
+GROUP BY owner_id, finished_hour, agent_key, workflow_key, status, duration_bucket;
+
+INSERT INTO error_rollups (subject_id, hour_start, message, occurrences)
+SELECT agent_id, CAST(strftime('%s', finished) AS INTEGER) / 3600 * 3600,
+       substr(COALESCE(error, lower(replace(status, '_', ' '))), 1, 200), COUNT(*)
+FROM finished_attempts
+WHERE status IN ('FAILED', 'TIMED_OUT') AND agent_id IS NOT NULL
+GROUP BY 1, 2, 3
+ON CONFLICT (subject_id, hour_start, message) DO UPDATE
+    SET occurrences = occurrences + excluded.occurrences;
+
+INSERT INTO usage_rollups (user_id, day_start, executions_started)
+SELECT owner_id, CAST(strftime('%s', created_at) AS INTEGER) / 86400 * 86400, COUNT(*)
+FROM executions
+WHERE parent_execution_id IS NULL
+GROUP BY 1, 2;
+
+INSERT INTO usage_rollups (user_id, day_start, step_seconds, prompt_tokens, completion_tokens)
+SELECT owner_id, CAST(strftime('%s', finished) AS INTEGER) / 86400 * 86400,
+       SUM(MAX(COALESCE(seconds, 0), 0)),
+       SUM(CASE WHEN is_llm AND json_valid(output)
+                     AND json_type(output, '$.usage.promptTokens') IN ('integer', 'real')
+                THEN MIN(MAX(CAST(json_extract(output, '$.usage.promptTokens') AS INTEGER), 0),
+                         1000000000000)
+                ELSE 0 END),
+       SUM(CASE WHEN is_llm AND json_valid(output)
+                     AND json_type(output, '$.usage.completionTokens') IN ('integer', 'real')
+                THEN MIN(MAX(CAST(json_extract(output, '$.usage.completionTokens') AS INTEGER),
+                             0), 1000000000000)
+                ELSE 0 END)
+FROM finished_attempts
+WHERE true
+GROUP BY 1, 2
+ON CONFLICT (user_id, day_start) DO UPDATE
+    SET step_seconds = step_seconds + excluded.step_seconds,
+        prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = completion_tokens + excluded.completion_tokens;
+
+DROP TABLE finished_attempts;
