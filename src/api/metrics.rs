@@ -186,12 +186,6 @@ async fn refresh_gauges(context: &AppContext) {
         .set(f64::from(connections.idle));
 }
 
-/// Compares two secrets in time that depends only on their lengths.
-fn same_secret(left: &[u8], right: &[u8]) -> bool {
-    left.len() == right.len()
-        && left.iter().zip(right).fold(0u8, |difference, (a, b)| difference | (a ^ b)) == 0
-}
-
 /// `GET /metrics`. On the main listener it needs the bearer token (`--metrics-token`) and is
 /// off (404) without one, or when `--metrics-listen` serves it elsewhere; on its own listener
 /// (`on_metrics_listener`) it asks for the token only if one is set.
@@ -212,7 +206,8 @@ pub async fn scrape(
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
             .unwrap_or_default();
-        if !same_secret(presented.trim().as_bytes(), token.expose().as_bytes()) {
+        if !crate::auth::layer::subtle_equal(presented.trim().as_bytes(), token.expose().as_bytes())
+        {
             return (
                 http::StatusCode::UNAUTHORIZED,
                 [(http::header::WWW_AUTHENTICATE, "Bearer")],

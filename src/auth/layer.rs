@@ -135,7 +135,7 @@ impl Authenticator {
 }
 
 /// Compares two secrets in time that depends only on their lengths.
-fn subtle_equal(left: &[u8], right: &[u8]) -> bool {
+pub(crate) fn subtle_equal(left: &[u8], right: &[u8]) -> bool {
     if left.len() != right.len() {
         return false;
     }
