@@ -49,7 +49,10 @@ CREATE TABLE step_rollups (
     -- Attempts the retry policy started (beyond the first; lease losses not counted).
     retries           bigint           NOT NULL,
     duration_seconds  double precision NOT NULL,
-    PRIMARY KEY (owner_id, hour_start, agent_id, workflow_id, status, duration_bucket)
+    -- Rows of one key are spread over 8 shards, so attempts finishing at once do not queue
+    -- behind one row lock; readers sum the shards.
+    shard             smallint         NOT NULL DEFAULT 0,
+    PRIMARY KEY (owner_id, hour_start, agent_id, workflow_id, status, duration_bucket, shard)
 );
 CREATE INDEX step_rollups_agent_hour ON step_rollups (agent_id, hour_start);
 CREATE INDEX step_rollups_workflow_hour ON step_rollups (workflow_id, hour_start);
@@ -75,7 +78,9 @@ CREATE TABLE usage_rollups (
     step_seconds        double precision NOT NULL DEFAULT 0,
     prompt_tokens       bigint           NOT NULL DEFAULT 0,
     completion_tokens   bigint           NOT NULL DEFAULT 0,
-    PRIMARY KEY (user_id, day_start)
+    -- As in step_rollups: 8 rows per user and day, summed by readers.
+    shard               smallint         NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, day_start, shard)
 );
 CREATE INDEX usage_rollups_day ON usage_rollups (day_start);
 
@@ -135,7 +140,7 @@ LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO usage_rollups AS rollup (user_id, day_start, executions_started)
     VALUES (NEW.owner_id, floor(extract(epoch FROM NEW.created_at) / 86400)::bigint * 86400, 1)
-    ON CONFLICT (user_id, day_start) DO UPDATE
+    ON CONFLICT (user_id, day_start, shard) DO UPDATE
         SET executions_started = rollup.executions_started + 1;
     RETURN NULL;
 END;
@@ -157,19 +162,23 @@ DECLARE
     execution_owner uuid;
     execution_workflow uuid;
     is_llm boolean;
+    -- The step run's own shard: its attempts always land on the same rows.
+    row_shard smallint := abs(hashtext(NEW.id::text)) % 8;
 BEGIN
     SELECT owner_id, workflow_id INTO execution_owner, execution_workflow
     FROM executions WHERE id = NEW.execution_id;
     SELECT agent_type = 'LLM' INTO is_llm FROM agents WHERE id = NEW.agent_id;
     INSERT INTO step_rollups AS rollup (owner_id, hour_start, agent_id, workflow_id, status,
-                                        duration_bucket, attempts, retries, duration_seconds)
+                                        duration_bucket, attempts, retries, duration_seconds,
+                                        shard)
     VALUES (execution_owner, finished_hour,
             COALESCE(NEW.agent_id, '00000000-0000-0000-0000-000000000000'::uuid),
             COALESCE(execution_workflow, '00000000-0000-0000-0000-000000000000'::uuid),
             NEW.status, analytics_duration_bucket(duration), 1,
             CASE WHEN NEW.attempt - NEW.infra_reassignments > 1 THEN 1 ELSE 0 END,
-            COALESCE(duration, 0))
-    ON CONFLICT (owner_id, hour_start, agent_id, workflow_id, status, duration_bucket) DO UPDATE
+            COALESCE(duration, 0), row_shard)
+    ON CONFLICT (owner_id, hour_start, agent_id, workflow_id, status, duration_bucket, shard)
+    DO UPDATE
         SET attempts = rollup.attempts + 1,
             retries = rollup.retries + EXCLUDED.retries,
             duration_seconds = rollup.duration_seconds + EXCLUDED.duration_seconds;
@@ -181,12 +190,13 @@ BEGIN
             SET occurrences = rollup.occurrences + 1;
     END IF;
     INSERT INTO usage_rollups AS rollup (user_id, day_start, step_seconds, prompt_tokens,
-                                         completion_tokens)
+                                         completion_tokens, shard)
     VALUES (execution_owner, floor(extract(epoch FROM finished) / 86400)::bigint * 86400,
             greatest(COALESCE(duration, 0), 0),
             CASE WHEN is_llm THEN analytics_token_count(NEW.output, 'promptTokens') ELSE 0 END,
-            CASE WHEN is_llm THEN analytics_token_count(NEW.output, 'completionTokens') ELSE 0 END)
-    ON CONFLICT (user_id, day_start) DO UPDATE
+            CASE WHEN is_llm THEN analytics_token_count(NEW.output, 'completionTokens') ELSE 0 END,
+            row_shard)
+    ON CONFLICT (user_id, day_start, shard) DO UPDATE
         SET step_seconds = rollup.step_seconds + EXCLUDED.step_seconds,
             prompt_tokens = rollup.prompt_tokens + EXCLUDED.prompt_tokens,
             completion_tokens = rollup.completion_tokens + EXCLUDED.completion_tokens;
@@ -227,7 +237,7 @@ FROM executions
 WHERE status IN ('FAILED', 'TIMED_OUT') AND workflow_id IS NOT NULL
 GROUP BY 1, 2, 3;
 
-CREATE TEMPORARY TABLE finished_attempts ON COMMIT DROP AS
+CREATE TEMPORARY TABLE finished_attempts AS
 SELECT e.owner_id,
        COALESCE(s.agent_id, '00000000-0000-0000-0000-000000000000'::uuid) AS agent_key,
        s.agent_id,
@@ -279,7 +289,9 @@ SELECT owner_id, floor(extract(epoch FROM finished) / 86400)::bigint * 86400,
        sum(CASE WHEN is_llm THEN analytics_token_count(output, 'completionTokens') ELSE 0 END)
 FROM finished_attempts
 GROUP BY 1, 2
-ON CONFLICT (user_id, day_start) DO UPDATE
+ON CONFLICT (user_id, day_start, shard) DO UPDATE
     SET step_seconds = rollup.step_seconds + EXCLUDED.step_seconds,
         prompt_tokens = rollup.prompt_tokens + EXCLUDED.prompt_tokens,
         completion_tokens = rollup.completion_tokens + EXCLUDED.completion_tokens;
+
+DROP TABLE finished_attempts;

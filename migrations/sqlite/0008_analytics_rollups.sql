@@ -47,7 +47,10 @@ CREATE TABLE step_rollups (
     attempts          INTEGER NOT NULL,
     retries           INTEGER NOT NULL,
     duration_seconds  REAL    NOT NULL,
-    PRIMARY KEY (owner_id, hour_start, agent_id, workflow_id, status, duration_bucket)
+    -- PostgreSQL spreads one key over 8 shards against row lock queues; SQLite serialises its
+    -- writers anyway and keeps every row in shard 0.
+    shard             INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (owner_id, hour_start, agent_id, workflow_id, status, duration_bucket, shard)
 );
 CREATE INDEX step_rollups_agent_hour ON step_rollups (agent_id, hour_start);
 CREATE INDEX step_rollups_workflow_hour ON step_rollups (workflow_id, hour_start);
@@ -69,7 +72,8 @@ CREATE TABLE usage_rollups (
     step_seconds        REAL    NOT NULL DEFAULT 0,
     prompt_tokens       INTEGER NOT NULL DEFAULT 0,
     completion_tokens   INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (user_id, day_start)
+    shard               INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, day_start, shard)
 );
 CREATE INDEX usage_rollups_day ON usage_rollups (day_start);
 
@@ -113,7 +117,8 @@ CREATE TRIGGER executions_analytics_started
 BEGIN
     INSERT INTO usage_rollups (user_id, day_start, executions_started)
     VALUES (NEW.owner_id, CAST(strftime('%s', NEW.created_at) AS INTEGER) / 86400 * 86400, 1)
-    ON CONFLICT (user_id, day_start) DO UPDATE SET executions_started = executions_started + 1;
+    ON CONFLICT (user_id, day_start, shard) DO UPDATE
+        SET executions_started = executions_started + 1;
 END;
 
 -- Every attempt that ends (a retried attempt ends FAILED or TIMED_OUT before the next starts).
@@ -140,7 +145,8 @@ BEGIN
            CASE WHEN NEW.attempt - NEW.infra_reassignments > 1 THEN 1 ELSE 0 END,
            COALESCE((julianday(NEW.finished_at) - julianday(NEW.started_at)) * 86400.0, 0)
     FROM executions WHERE executions.id = NEW.execution_id
-    ON CONFLICT (owner_id, hour_start, agent_id, workflow_id, status, duration_bucket) DO UPDATE
+    ON CONFLICT (owner_id, hour_start, agent_id, workflow_id, status, duration_bucket, shard)
+    DO UPDATE
         SET attempts = attempts + 1,
             retries = retries + excluded.retries,
             duration_seconds = duration_seconds + excluded.duration_seconds;
@@ -173,7 +179,7 @@ BEGIN
          (SELECT EXISTS (SELECT 1 FROM agents WHERE agents.id = NEW.agent_id
                          AND agents.agent_type = 'LLM') AS is_llm) AS llm
     WHERE executions.id = NEW.execution_id
-    ON CONFLICT (user_id, day_start) DO UPDATE
+    ON CONFLICT (user_id, day_start, shard) DO UPDATE
         SET step_seconds = step_seconds + excluded.step_seconds,
             prompt_tokens = prompt_tokens + excluded.prompt_tokens,
             completion_tokens = completion_tokens + excluded.completion_tokens;
@@ -270,7 +276,7 @@ SELECT owner_id, CAST(strftime('%s', finished) AS INTEGER) / 86400 * 86400,
 FROM finished_attempts
 WHERE true
 GROUP BY 1, 2
-ON CONFLICT (user_id, day_start) DO UPDATE
+ON CONFLICT (user_id, day_start, shard) DO UPDATE
     SET step_seconds = step_seconds + excluded.step_seconds,
         prompt_tokens = prompt_tokens + excluded.prompt_tokens,
         completion_tokens = completion_tokens + excluded.completion_tokens;

@@ -420,15 +420,19 @@ macro_rules! impl_analytics_store {
                 to_day: i64,
             ) -> StoreResult<Vec<UsageTally>> {
                 let mut query = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT user_id, day_start, api_calls, executions_started, step_seconds, \
-                     prompt_tokens, completion_tokens FROM usage_rollups WHERE day_start >= ",
+                    "SELECT user_id, day_start, CAST(SUM(api_calls) AS BIGINT) AS api_calls, \
+                     CAST(SUM(executions_started) AS BIGINT) AS executions_started, \
+                     SUM(step_seconds) AS step_seconds, \
+                     CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens, \
+                     CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens \
+                     FROM usage_rollups WHERE day_start >= ",
                 );
                 query.push_bind(from_day);
                 query.push(" AND day_start < ").push_bind(to_day);
                 if let Some(owner_id) = scope.owner_id() {
                     query.push(" AND user_id = ").push_bind(owner_id);
                 }
-                query.push(" ORDER BY day_start, user_id");
+                query.push(" GROUP BY user_id, day_start ORDER BY day_start, user_id");
                 Ok(query.build_query_as::<UsageTally>().fetch_all(&self.pool).await?)
             }
 
@@ -443,7 +447,7 @@ macro_rules! impl_analytics_store {
                 for count in &sorted {
                     sqlx::query::<$db>(
                         "INSERT INTO usage_rollups (user_id, day_start, api_calls) \
-                         VALUES ($1, $2, $3) ON CONFLICT (user_id, day_start) DO UPDATE \
+                         VALUES ($1, $2, $3) ON CONFLICT (user_id, day_start, shard) DO UPDATE \
                          SET api_calls = usage_rollups.api_calls + excluded.api_calls",
                     )
                     .bind(count.user_id)
