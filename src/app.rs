@@ -58,6 +58,22 @@ pub struct AppContext {
     pub local_runner_key: Option<crate::config::Secret>,
     /// Webhook freshness and cron floors (`--webhook-tolerance-seconds`, …).
     pub trigger_limits: crate::config::TriggerLimits,
+    /// API calls per user and day not yet in the store (see `auth::usage`).
+    pub api_calls: Arc<crate::auth::usage::ApiCallCounter>,
+    /// Who may read `GET /metrics`, and whether requests are logged.
+    pub observability: Observability,
+}
+
+/// How operators watch the server (`--metrics-token`, `--metrics-listen`, `--access-log`).
+#[derive(Debug, Clone, Default)]
+pub struct Observability {
+    /// The bearer token `/metrics` asks for; `None`: no token is asked on the metrics
+    /// listener, and `/metrics` is off on the main listener.
+    pub metrics_token: Option<crate::config::Secret>,
+    /// `/metrics` is served on its own listener (`--metrics-listen`), not on the main one.
+    pub separate_metrics_listener: bool,
+    /// One `info` line per request.
+    pub access_log: bool,
 }
 
 /// Something the server depends on and can ping: the database, Redis.

@@ -205,6 +205,18 @@ pub struct ListenArgs {
     /// Largest gRPC message in bytes.
     #[arg(long, env = "TURBOCAT_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    /// The bearer token `GET /metrics` asks for on the main listener; without it (and without
+    /// `--metrics-listen`) `/metrics` is off.
+    #[arg(long, env = "TURBOCAT_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<Secret>,
+    /// Serve `GET /metrics` on this separate address instead (no token needed unless one is
+    /// set), for a network only Prometheus reaches.
+    #[arg(long, env = "TURBOCAT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// One log line per request at `info` (method, route, status, latency, request and caller
+    /// ids); `false` turns it off.
+    #[arg(long, env = "TURBOCAT_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub access_log: bool,
     #[command(flatten)]
     pub external_identity: ExternalIdentityArgs,
     #[command(flatten)]

@@ -6,7 +6,8 @@
 //! reports it; the next one runs on a fresh connection), so the pool does not `PING` each
 //! connection it hands out. None of our commands block, so the multiplexed connections
 //! pipeline concurrent callers.
-//! May call: redis, bb8 (as bb8-redis re-exports it). Errors and logs name the server's host and port, never the
+//! May call: redis, bb8 (as bb8-redis re-exports it), and the `metrics` facade (failed commands
+//! are counted). Errors and logs name the server's host and port, never the
 //! URL itself, so a password in the URL cannot leak.
 
 use std::fmt;
@@ -104,7 +105,15 @@ pub enum RedisCommandError {
     #[error("no redis connection to {server_address} became available in time")]
     PoolTimedOut { server_address: String },
     #[error("redis command failed")]
-    Command(#[from] redis::RedisError),
+    Command(#[source] redis::RedisError),
+}
+
+impl From<redis::RedisError> for RedisCommandError {
+    /// Every failed command passes here (`?` on a command's result): counted for `/metrics`.
+    fn from(error: redis::RedisError) -> Self {
+        metrics::counter!("turbocat_redis_errors_total").increment(1);
+        RedisCommandError::Command(error)
+    }
 }
 
 /// Connects to the Redis server `url` names (`redis://[user:password@]host:port[/db]`,
@@ -175,8 +184,9 @@ impl RedisPool {
     /// A pooled connection for commands.
     pub async fn connection(&self) -> Result<RedisPooledConnection<'_>, RedisCommandError> {
         self.commands.get().await.map_err(|error| match error {
-            bb8::RunError::User(source) => RedisCommandError::Command(source),
+            bb8::RunError::User(source) => RedisCommandError::from(source),
             bb8::RunError::TimedOut => {
+                metrics::counter!("turbocat_redis_errors_total").increment(1);
                 RedisCommandError::PoolTimedOut { server_address: self.server_address.to_string() }
             }
         })

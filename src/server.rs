@@ -112,13 +112,18 @@ pub async fn start(
         max_message_bytes: listen.max_message_bytes,
         cors_origins: listen.cors_origins.clone(),
     };
+    // Installed before anything counts, so the first requests and steps are in the series.
+    crate::api::metrics::recorder();
     let app = api::router(context.clone(), &settings).await.map_err(StartupError::Internal)?;
     let listener = TcpListener::bind(listen.listen).await.map_err(|error| {
         StartupError::Listen { address: listen.listen, cause: error.to_string() }
     })?;
     let local_addr =
         listener.local_addr().map_err(|error| StartupError::Internal(error.to_string()))?;
-    let background = start_engine(&context, local_addr, local_runner_llm_keys);
+    let mut background = start_engine(&context, local_addr, local_runner_llm_keys);
+    if let Some(metrics_address) = listen.metrics_listen {
+        background.push(serve_metrics(context.clone(), metrics_address).await?);
+    }
     let (shutdown, mut shutdown_requested) = tokio::sync::watch::channel(false);
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
@@ -137,6 +142,24 @@ pub async fn start(
             .await
     });
     Ok(RunningServer { local_addr, shutdown, task, background })
+}
+
+/// Serves `GET /metrics` alone on `address` (`--metrics-listen`).
+async fn serve_metrics(
+    context: Arc<AppContext>,
+    address: SocketAddr,
+) -> Result<tokio::task::JoinHandle<()>, StartupError> {
+    crate::api::metrics::recorder();
+    let listener = TcpListener::bind(address).await.map_err(|error| StartupError::Listen {
+        address,
+        cause: format!("{error} (--metrics-listen)"),
+    })?;
+    let router = crate::api::metrics::router(context, true);
+    Ok(tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router).await {
+            tracing::error!(%error, "the metrics listener stopped");
+        }
+    }))
 }
 
 /// Opens the `dev` SQLite database in `data_dir`, migrated.
@@ -371,6 +394,12 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
     ));
     Ok(Arc::new(AppContext {
         trigger_limits: parts.listen.triggers.limits(),
+        api_calls: Arc::default(),
+        observability: crate::app::Observability {
+            metrics_token: parts.listen.metrics_token.clone(),
+            separate_metrics_listener: parts.listen.metrics_listen.is_some(),
+            access_log: parts.listen.access_log,
+        },
         engine,
         local_runner_key: parts.local_runner_key,
         mailer,

@@ -1,12 +1,14 @@
 //! The edges: one listener serving gRPC (HTTP/2), grpc-web, REST/JSON under `/api/v1`,
-//! `grpc.health.v1.Health`, gRPC reflection and `GET /health`. Authentication, request ids,
-//! CORS and tracing are layers shared by every transport.
+//! `grpc.health.v1.Health`, gRPC reflection, `GET /health` and `GET /metrics`. Authentication,
+//! request ids, CORS, tracing, request metrics and the access log are layers shared by every
+//! transport.
 //! May call: the service layer and the `app` context it runs with; `auth` (the layer);
 //! `engine` (the runner stream's messages); `proto` and `error` (transcoding, envelopes); the
 //! store only for health probes.
 
 pub mod grpc;
 pub mod health;
+pub mod metrics;
 pub mod openapi;
 pub mod rest;
 pub mod security_headers;
@@ -66,7 +68,9 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
         external: context.external_identity.clone(),
         api_key_last_used: crate::auth::api_keys::LastUsedThrottle::default(),
         local_runner_key: context.local_runner_key.clone(),
+        api_calls: context.api_calls.clone(),
     });
+    tokio::spawn(context.api_calls.clone().keep_flushing(context.store.clone()));
     tokio::spawn(context.revoked_sessions.clone().keep_current(
         context.store.clone(),
         context.bus.clone(),
@@ -83,6 +87,22 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
         ));
 
     let bindings = rest::bindings::http_bindings(pool)?;
+    let observer = Arc::new(metrics::RequestObserver {
+        rest_templates: bindings
+            .iter()
+            .map(|binding| (binding.route_path.clone(), binding.template.clone()))
+            .collect(),
+        grpc_methods: pool
+            .services()
+            .flat_map(|service| {
+                service
+                    .methods()
+                    .map(|method| format!("/{}/{}", service.full_name(), method.name()))
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
+        access_log: context.observability.access_log,
+    });
     let security_headers = axum::middleware::from_fn_with_state(
         Arc::new(security_headers::SecurityHeaders {
             trusted_proxies: context.trusted_proxies.clone(),
@@ -102,12 +122,15 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
         .merge(webhooks::router(context.clone(), settings.max_body_bytes))
         .merge(openapi::router(pool)?)
         .merge(grpc_router.layer(tonic_web::GrpcWebLayer::new()))
+        .merge(metrics::router(context.clone(), false))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         // Skips gRPC and grpc-web responses by their content type; covers the fallbacks too.
         .layer(security_headers)
         // The docs page sets its own security headers (a CSP that lets its scripts run).
         .merge(openapi::docs_router())
+        // Counts, times and logs every request, after routing (it reads the matched route).
+        .layer(axum::middleware::from_fn_with_state(observer, metrics::observe))
         .layer(cors_layer(&settings.cors_origins))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|request: &http::Request<_>| {
@@ -117,7 +140,11 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
                 .and_then(|value| value.to_str().ok())
                 .unwrap_or_default();
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
-        }))
+        })
+        // The access log reports every answer; a 5xx (a 501 of a method that does not exist
+        // included) is not an error of this server's, and real faults are logged where they
+        // happen, with their cause.
+        .on_failure(()))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
     Ok(app)
 }

@@ -116,6 +116,22 @@ pub struct ClientInfo {
     pub request_id: Option<String>,
 }
 
+/// A slot the edge leaves on a request for the auth layer to write the caller's id into, so the
+/// access log line written after the answer can name who called (REST requests reach the layer
+/// on an inner request that carries the same extensions).
+#[derive(Debug, Clone, Default)]
+pub struct CallerRecord(std::sync::Arc<std::sync::OnceLock<Uuid>>);
+
+impl CallerRecord {
+    pub fn record(&self, user_id: Uuid) {
+        let _ = self.0.set(user_id);
+    }
+
+    pub fn user_id(&self) -> Option<Uuid> {
+        self.0.get().copied()
+    }
+}
+
 /// The caller of a request, or UNAUTHORIZED. The message is the same whatever went wrong.
 pub fn caller_of<T>(request: &tonic::Request<T>) -> ServiceResult<Caller> {
     match request.extensions().get::<Authentication>() {

@@ -29,6 +29,8 @@ pub struct Authenticator {
     pub api_key_last_used: super::api_keys::LastUsedThrottle,
     /// The in-process runner's credential (`turbocat dev`).
     pub local_runner_key: Option<crate::config::Secret>,
+    /// Counts each authenticated caller's API calls for the usage statistics.
+    pub api_calls: Arc<super::usage::ApiCallCounter>,
 }
 
 impl Authenticator {
@@ -133,7 +135,7 @@ impl Authenticator {
 }
 
 /// Compares two secrets in time that depends only on their lengths.
-fn subtle_equal(left: &[u8], right: &[u8]) -> bool {
+pub(crate) fn subtle_equal(left: &[u8], right: &[u8]) -> bool {
     if left.len() != right.len() {
         return false;
     }
@@ -166,8 +168,20 @@ pub async fn authenticate(
         request_id: header_text(headers, crate::auth::caller::REQUEST_ID_HEADER).map(str::to_owned),
     };
     let authentication = authenticator.authenticate(headers, &client).await;
-    if let Authentication::Rejected { reason } = &authentication {
-        tracing::debug!(reason = %reason, "credentials refused");
+    match &authentication {
+        Authentication::Rejected { reason } => {
+            tracing::debug!(reason = %reason, "credentials refused");
+        }
+        // Runners' own traffic (their stream) is not a user's API usage.
+        Authentication::Authenticated(caller) if caller.role != UserRole::Agent => {
+            authenticator.api_calls.record(caller.user_id);
+        }
+        Authentication::Authenticated(_) | Authentication::Anonymous => {}
+    }
+    if let (Authentication::Authenticated(caller), Some(record)) =
+        (&authentication, request.extensions().get::<super::caller::CallerRecord>())
+    {
+        record.record(caller.user_id);
     }
     request.extensions_mut().insert(client);
     request.extensions_mut().insert(authentication);

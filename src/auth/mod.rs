@@ -12,6 +12,7 @@ pub mod password;
 pub mod rate_limit;
 pub mod revocation;
 pub mod tokens;
+pub mod usage;
 
 /// Every API key starts with this, so a bearer value can be told apart from a JWT.
 pub const API_KEY_PREFIX: &str = "tc_";

@@ -50,7 +50,7 @@ pub enum RateLimitError {
 
 impl From<redis::RedisError> for RateLimitError {
     fn from(error: redis::RedisError) -> Self {
-        Self::Redis(RedisCommandError::Command(error))
+        Self::Redis(RedisCommandError::from(error))
     }
 }
 

@@ -95,7 +95,7 @@ pub enum BusError {
 
 impl From<::redis::RedisError> for BusError {
     fn from(error: ::redis::RedisError) -> Self {
-        BusError::Backend(RedisCommandError::Command(error))
+        BusError::Backend(RedisCommandError::from(error))
     }
 }
 

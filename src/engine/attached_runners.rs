@@ -391,7 +391,9 @@ impl AttachedRunners {
 impl super::Engine {
     /// Keeps this replica's runners in the shared directory (a no-op in `dev`).
     pub(super) async fn share_runners(self: Arc<Self>) {
+        let replica_id = Uuid::new_v4().to_string();
         loop {
+            self.runner_directory.announce_replica(&replica_id).await;
             let runners: Vec<pb::Runner> =
                 self.attached_runners.all().iter().map(|runner| runner.to_proto()).collect();
             self.runner_directory.share(&runners).await;

@@ -207,6 +207,11 @@ impl Engine {
     /// Commits the assignment of `item` to `runner` (holding its slot) and sends it. `pending`
     /// holds the input of a step that is still PENDING (`hand_off`): it is queued and assigned
     /// in one commit, and watchers hear of both transitions.
+    #[tracing::instrument(
+        level = "debug",
+        skip_all,
+        fields(execution_id = %item.execution_id, step_run_id = %item.step_run_id, attempt = item.attempt, runner_id = %runner.id)
+    )]
     async fn assign(
         self: &Arc<Self>,
         runner: &Arc<AttachedRunner>,
@@ -244,6 +249,7 @@ impl Engine {
             Err(error) => return Err(error.into()),
         };
         runner.set_assigned_row(key, assigned.clone());
+        super::metrics::step_assigned(&assigned, &agent);
         self.leases.extend(key, lease_until).await;
         if handed {
             self.publish_step(&as_queued(&assigned)).await;

@@ -60,7 +60,7 @@ impl Leases {
                     .arg(ttl_millis)
                     .query_async::<()>(&mut *connection)
                     .await
-                    .map_err(crate::redis_pool::RedisCommandError::Command)
+                    .map_err(crate::redis_pool::RedisCommandError::from)
             }
             .await;
             if let Err(error) = result {
@@ -91,7 +91,7 @@ impl Leases {
                     .arg(shared.key(key))
                     .query_async::<()>(&mut *connection)
                     .await
-                    .map_err(crate::redis_pool::RedisCommandError::Command)
+                    .map_err(crate::redis_pool::RedisCommandError::from)
             }
             .await;
             if let Err(error) = result {

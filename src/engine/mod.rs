@@ -6,8 +6,8 @@
 //! `leases` (runner liveness, kept off the database), `runner_directory` (the runners attached to
 //! every replica, shared through Redis), `group_commit` (steps becoming ready, assignments, starts
 //! and results that arrive together share one commit) and `subworkflow` (WORKFLOW steps, which the
-//! engine runs itself as child executions). The `{{…}}` mappings it renders are `crate::mapping`,
-//! shared with the runner.
+//! engine runs itself as child executions); `metrics` records the operators' series. The `{{…}}`
+//! mappings it renders are `crate::mapping`, shared with the runner.
 //!
 //! The database is the source of truth: every transition is committed (as a fenced
 //! compare-and-set on the attempt) before the queue or a runner hears of it, so any replica may
@@ -24,6 +24,7 @@ pub mod definition;
 pub mod dispatcher;
 pub mod group_commit;
 pub mod leases;
+mod metrics;
 pub mod protocol;
 pub mod reconciler;
 pub mod runner_directory;
@@ -220,6 +221,12 @@ impl Engine {
             runners.insert(runner.id.clone(), runner.to_proto());
         }
         runners.into_values().collect()
+    }
+
+    /// How many server replicas are alive (announced within the last 10 s; 1 in `dev`), `None`
+    /// when Redis cannot say.
+    pub async fn replicas_alive(&self) -> Option<usize> {
+        self.runner_directory.replicas_alive().await
     }
 
     /// Starts the dispatcher, the reconciler and the cancel relay; they run until the returned

@@ -1,6 +1,7 @@
 //! The shared runner directory: in `serve` each replica writes the runners attached to it to
 //! Redis every `DIRECTORY_REFRESH` (entries expire after `DIRECTORY_TTL`), so `ListRunners` on
-//! any replica shows them all. In `dev` there is one process and the directory is empty (the
+//! any replica shows them all; it announces itself the same way, so system health can count
+//! the replicas alive. In `dev` there is one process and the directory is empty (the
 //! engine answers from its attached runners). Redis losing its keys costs the other replicas
 //! their view until the next refresh.
 //! May call: redis (through `crate::redis_pool`).
@@ -69,7 +70,7 @@ impl RunnerDirectory {
             pipeline
                 .query_async::<()>(&mut *connection)
                 .await
-                .map_err(crate::redis_pool::RedisCommandError::Command)
+                .map_err(crate::redis_pool::RedisCommandError::from)
         }
         .await;
         if let Err(error) = result {
@@ -92,11 +93,61 @@ impl RunnerDirectory {
                 .ignore()
                 .query_async::<()>(&mut *connection)
                 .await
-                .map_err(crate::redis_pool::RedisCommandError::Command)
+                .map_err(crate::redis_pool::RedisCommandError::from)
         }
         .await;
         if let Err(error) = result {
             tracing::debug!(%error, "could not drop a runner from the shared directory");
+        }
+    }
+
+    /// Says the replica `replica_id` is alive for the next `DIRECTORY_TTL` (`serve`).
+    pub async fn announce_replica(&self, replica_id: &str) {
+        let Some(shared) = &self.shared else { return };
+        let expires = Utc::now().timestamp_millis()
+            + i64::try_from(DIRECTORY_TTL.as_millis()).unwrap_or(i64::MAX);
+        let result = async {
+            let mut connection = shared.pool.connection().await?;
+            redis::cmd("ZADD")
+                .arg(shared.replicas_key())
+                .arg(expires)
+                .arg(replica_id)
+                .query_async::<()>(&mut *connection)
+                .await
+                .map_err(crate::redis_pool::RedisCommandError::from)
+        }
+        .await;
+        if let Err(error) = result {
+            tracing::debug!(%error, "could not announce this replica");
+        }
+    }
+
+    /// The replicas that announced themselves within `DIRECTORY_TTL`: 1 in `dev` (this
+    /// process), `None` when Redis cannot answer.
+    pub async fn replicas_alive(&self) -> Option<usize> {
+        let Some(shared) = &self.shared else { return Some(1) };
+        let result = async {
+            let mut connection = shared.pool.connection().await?;
+            let (count,): (usize,) = redis::pipe()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(shared.replicas_key())
+                .arg("-inf")
+                .arg(Utc::now().timestamp_millis())
+                .ignore()
+                .cmd("ZCARD")
+                .arg(shared.replicas_key())
+                .query_async(&mut *connection)
+                .await
+                .map_err(crate::redis_pool::RedisCommandError::from)?;
+            Ok::<usize, crate::redis_pool::RedisCommandError>(count)
+        }
+        .await;
+        match result {
+            Ok(count) => Some(count),
+            Err(error) => {
+                tracing::debug!(%error, "could not count the replicas");
+                None
+            }
         }
     }
 
@@ -123,6 +174,10 @@ impl SharedDirectory {
         format!("{}runners", self.prefix)
     }
 
+    fn replicas_key(&self) -> String {
+        format!("{}replicas", self.prefix)
+    }
+
     async fn runners(&self) -> Result<Vec<pb::Runner>, crate::redis_pool::RedisCommandError> {
         let mut connection = self.pool.connection().await?;
         let now = Utc::now().timestamp_millis();
@@ -138,7 +193,7 @@ impl SharedDirectory {
             .arg(-1)
             .query_async(&mut *connection)
             .await
-            .map_err(crate::redis_pool::RedisCommandError::Command)?;
+            .map_err(crate::redis_pool::RedisCommandError::from)?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -147,7 +202,7 @@ impl SharedDirectory {
             .arg(&keys)
             .query_async(&mut *connection)
             .await
-            .map_err(crate::redis_pool::RedisCommandError::Command)?;
+            .map_err(crate::redis_pool::RedisCommandError::from)?;
         Ok(entries
             .into_iter()
             .flatten()

@@ -47,6 +47,7 @@ pub const WATCH_LOG: &str = "log";
 
 impl Engine {
     /// Does what is due for one execution; see the module comment.
+    #[tracing::instrument(level = "debug", skip_all, fields(execution_id = %execution_id))]
     pub async fn advance(self: &Arc<Self>, execution_id: Uuid) -> EngineResult<()> {
         let (execution, steps) =
             self.store.get_execution_with_steps(OwnerScope::All, execution_id).await?;
@@ -134,6 +135,7 @@ impl Engine {
                 .transition_execution(execution.id, ExecutionStatus::UNFINISHED, change)
                 .await?
             {
+                super::metrics::execution_finished(ExecutionStatus::Succeeded);
                 self.publish_execution(execution.id).await;
                 if execution.parent_step_run_id.is_some() {
                     self.child_execution_finished(execution.id).await;
@@ -370,6 +372,11 @@ impl Engine {
     /// Records the result of an attempt and moves the execution on. A failure that may be
     /// retried and has attempts left goes back to PENDING with its backoff; anything else is
     /// final. Duplicate and stale reports change nothing.
+    #[tracing::instrument(
+        level = "debug",
+        skip_all,
+        fields(step_run_id = %key.step_run_id, attempt = key.attempt)
+    )]
     pub async fn complete_attempt(
         self: &Arc<Self>,
         key: AttemptKey,
@@ -398,6 +405,7 @@ impl Engine {
             None => self.store.refused_completion(key).await?,
         };
         let CompletionOutcome::Applied(step_run) = &outcome else { return Ok(outcome) };
+        self.step_finished(step_run);
         self.leases.forget(key).await;
         self.publish_step(step_run).await;
         if retryable && step_run.user_attempts_used() < step_run.max_attempts {
@@ -436,6 +444,7 @@ impl Engine {
     /// Ends an unfinished execution early: cancels its unfinished steps (telling the runners
     /// that hold them) and its child executions, records `status` with `error`, and reports
     /// to the parent step when it is a child.
+    #[tracing::instrument(level = "debug", skip_all, fields(execution_id = %execution.id, status = %status))]
     pub(super) async fn finish_early(
         self: &Arc<Self>,
         execution: &Execution,
@@ -467,6 +476,7 @@ impl Engine {
             .transition_execution(execution.id, ExecutionStatus::UNFINISHED, change)
             .await?
         {
+            super::metrics::execution_finished(status);
             self.publish_execution(execution.id).await;
             if execution.parent_step_run_id.is_some() {
                 self.child_execution_finished(execution.id).await;

@@ -200,7 +200,7 @@ pub enum QueueError {
 
 impl From<::redis::RedisError> for QueueError {
     fn from(error: ::redis::RedisError) -> Self {
-        QueueError::Backend(RedisCommandError::Command(error))
+        QueueError::Backend(RedisCommandError::from(error))
     }
 }
 

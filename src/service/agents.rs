@@ -872,7 +872,11 @@ async fn check_agent_further(
 // Operations
 // ---------------------------------------------------------------------------------------------
 
-async fn load_agent(context: &AppContext, caller: &Caller, agent_id: Uuid) -> ServiceResult<Agent> {
+pub(super) async fn load_agent(
+    context: &AppContext,
+    caller: &Caller,
+    agent_id: Uuid,
+) -> ServiceResult<Agent> {
     context
         .store
         .get_agent(caller.owner_scope(), agent_id)

@@ -7,6 +7,7 @@
 //! (`proto`, `mapping`, `jq`). Never the edges, never the runner program.
 
 pub mod agents;
+pub mod analytics;
 pub mod api_keys;
 pub mod audit;
 pub mod audit_logs;

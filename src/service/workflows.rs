@@ -451,7 +451,7 @@ fn audit_snapshot(workflow: &WorkflowWithSteps, fields: Option<&[WorkflowField]>
     Value::Object(snapshot)
 }
 
-async fn load_workflow(
+pub(super) async fn load_workflow(
     context: &AppContext,
     caller: &Caller,
     workflow_id: Uuid,

@@ -2,9 +2,9 @@
 //! audit trail, with one PostgreSQL and one SQLite implementation. May call: sqlx. Knows nothing
 //! of proto, HTTP, the queue or the engine.
 //!
-//! Each area (`identity`, `resources`, `executions`) owns its model types, its sub-trait and one
-//! `macro_rules!` body that is instantiated for both backends, so the two implementations cannot
-//! drift apart. Where the SQL dialects differ, the body asks the `Dialect` trait, which both
+//! Each area (`identity`, `resources`, `executions`, `analytics`) owns its model types, its
+//! sub-trait and one `macro_rules!` body that is instantiated for both backends, so the two
+//! implementations cannot drift apart. Where the SQL dialects differ, the body asks the `Dialect` trait, which both
 //! stores implement here; shapes every area shares (a numbered list: visibility, count, page)
 //! are generic functions here too. Timestamps are made in Rust (`Utc::now()`), never by the
 //! database, so both backends store and order them identically.
@@ -99,6 +99,7 @@ macro_rules! text_enum {
     };
 }
 
+mod analytics;
 mod executions;
 mod identity;
 mod resources;
@@ -114,6 +115,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+pub use analytics::*;
 pub use executions::*;
 pub use identity::*;
 pub use resources::*;
@@ -295,11 +297,23 @@ impl Backend {
 
 /// The whole persistence seam. Services hold an `Arc<dyn Store>`.
 #[async_trait]
-pub trait Store: IdentityStore + ResourceStore + ExecutionStore + Send + Sync + 'static {
+pub trait Store:
+    IdentityStore + ResourceStore + ExecutionStore + AnalyticsStore + Send + Sync + 'static
+{
     fn backend(&self) -> Backend;
 
     /// A round trip to the database, for health checks.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// The connections the pool holds now, for the metrics.
+    fn pool_connections(&self) -> PoolConnections;
+}
+
+/// Open connections of a store's pool and how many of them are idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConnections {
+    pub open: u32,
+    pub idle: u32,
 }
 
 /// PostgreSQL: the source of truth in `serve` mode.
@@ -375,6 +389,13 @@ impl Store for PostgresStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+
+    fn pool_connections(&self) -> PoolConnections {
+        PoolConnections {
+            open: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 #[async_trait]
@@ -386,6 +407,13 @@ impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    fn pool_connections(&self) -> PoolConnections {
+        PoolConnections {
+            open: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+        }
     }
 }
 

@@ -177,12 +177,14 @@ async fn dev_serves_rest_grpc_and_grpc_web_on_one_port() {
         );
     }
 
+    // Every service answers on every transport: analytics without credentials is refused the
+    // same way over gRPC, grpc-web and REST.
     let mut analytics = AnalyticsServiceClient::connect(base_url.clone()).await.expect("connect");
     let error = analytics
         .get_overview(GetOverviewRequest::default())
         .await
-        .expect_err("not implemented yet");
-    assert_eq!(error.code(), tonic::Code::Unimplemented);
+        .expect_err("credentials are required");
+    assert_eq!(error.code(), tonic::Code::Unauthenticated);
     let (web_message, web_status) = grpc_web_call(
         &base_url,
         "/turbocat.v1.AnalyticsService/GetOverview",
@@ -190,10 +192,10 @@ async fn dev_serves_rest_grpc_and_grpc_web_on_one_port() {
     )
     .await;
     assert!(web_message.is_none());
-    assert_eq!(web_status, "12", "grpc-web answers UNIMPLEMENTED");
+    assert_eq!(web_status, "16", "grpc-web answers UNAUTHENTICATED");
     let (status, body) = get_json(&format!("{base_url}/api/v1/analytics/overview")).await;
-    assert_eq!(status, 501, "{body}");
-    assert_error(&body, "NOT_IMPLEMENTED");
+    assert_eq!(status, 401, "{body}");
+    assert_error(&body, "UNAUTHORIZED");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,14 +66,14 @@ async fn create_deployment(store: &Arc<dyn Store>, owner_id: Uuid, workflow_id: 
 }
 
 /// A user with an agent and a workflow, and a second user.
-struct Fixture {
-    owner: Uuid,
-    other_owner: Uuid,
-    agent: Uuid,
-    workflow: Uuid,
+pub(crate) struct Fixture {
+    pub owner: Uuid,
+    pub other_owner: Uuid,
+    pub agent: Uuid,
+    pub workflow: Uuid,
 }
 
-async fn fixture(store: &Arc<dyn Store>) -> Fixture {
+pub(crate) async fn fixture(store: &Arc<dyn Store>) -> Fixture {
     let owner = create_user(store).await;
     let other_owner = create_user(store).await;
     let agent = create_agent(store, owner).await;
@@ -81,7 +81,7 @@ async fn fixture(store: &Arc<dyn Store>) -> Fixture {
     Fixture { owner, other_owner, agent, workflow }
 }
 
-fn definition() -> Value {
+pub(crate) fn definition() -> Value {
     json!({"workflow": {"name": "demo", "steps": [{"key": "only"}]}, "agents": {}})
 }
 
@@ -90,12 +90,12 @@ fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
-fn seconds(count: i64) -> Duration {
+pub(crate) fn seconds(count: i64) -> Duration {
     Duration::seconds(count)
 }
 
 /// A top-level manual execution with the given steps (each allowing `max_attempts`).
-async fn start_execution(
+pub(crate) async fn start_execution(
     store: &Arc<dyn Store>,
     new_execution: NewExecution,
     step_keys: &[&str],
@@ -126,7 +126,7 @@ fn applied(outcome: StepTransitionOutcome) -> StepRun {
     }
 }
 
-async fn queue(store: &Arc<dyn Store>, key: AttemptKey, at: DateTime<Utc>) -> StepRun {
+pub(crate) async fn queue(store: &Arc<dyn Store>, key: AttemptKey, at: DateTime<Utc>) -> StepRun {
     applied(store.mark_step_queued(key, Some(json!({"resolved": true})), at).await.expect("queue"))
 }
 
@@ -138,7 +138,7 @@ fn assignment(runner_id: &str, at: DateTime<Utc>) -> StepAssignment {
     }
 }
 
-async fn assign(
+pub(crate) async fn assign(
     store: &Arc<dyn Store>,
     key: AttemptKey,
     runner_id: &str,
@@ -147,11 +147,11 @@ async fn assign(
     applied(store.assign_step(key, assignment(runner_id, at)).await.expect("assign"))
 }
 
-async fn run(store: &Arc<dyn Store>, key: AttemptKey, at: DateTime<Utc>) -> StepRun {
+pub(crate) async fn run(store: &Arc<dyn Store>, key: AttemptKey, at: DateTime<Utc>) -> StepRun {
     applied(store.mark_step_running(key, at).await.expect("mark running"))
 }
 
-async fn complete(
+pub(crate) async fn complete(
     store: &Arc<dyn Store>,
     key: AttemptKey,
     completion: Completion,
@@ -177,12 +177,12 @@ async fn drive_step(
     complete(store, key, completion, at).await
 }
 
-fn failure(retryable: bool) -> Completion {
+pub(crate) fn failure(retryable: bool) -> Completion {
     Completion::Failed { error: "boom".to_owned(), retryable }
 }
 
 /// QUEUED -> RUNNING at `started_at`, then RUNNING -> `status` at `finished_at`.
-async fn finish_execution(
+pub(crate) async fn finish_execution(
     store: &Arc<dyn Store>,
     execution_id: Uuid,
     status: ExecutionStatus,

@@ -189,3 +189,94 @@ async fn sqlite_parent_attempts_move_from_the_definition_to_their_column() {
         sqlx::query_scalar(PARENT_ATTEMPTS).fetch_all(&mut connection).await.expect("read");
     assert_eq!(attempts, [None, Some(2)]);
 }
+
+/// Runs finished before migration 8: a failed execution whose one step failed its first
+/// attempt (1 s) and succeeded its second (2 s).
+const BEFORE_ROLLUPS: [&str; 5] = [
+    "INSERT INTO users (id, email, full_name, role, created_at, updated_at) \
+     VALUES ($1, 'history@example.com', 'History', 'USER', '2026-01-01T00:00:00Z', \
+     '2026-01-01T00:00:00Z')",
+    "INSERT INTO executions (id, owner_id, trigger, status, priority, input, definition, error, \
+     started_at, finished_at, created_at, updated_at) VALUES ($2, $1, 'MANUAL', 'FAILED', 5, \
+     '{}', '{}', 'step x failed', '2026-01-01T10:00:00Z', '2026-01-01T10:00:05Z', \
+     '2026-01-01T10:00:00Z', '2026-01-01T10:00:05Z')",
+    "INSERT INTO step_runs (id, execution_id, step_key, status, attempt, max_attempts, \
+     created_at, updated_at) VALUES ($3, $2, 'x', 'SUCCEEDED', 2, 2, '2026-01-01T10:00:00Z', \
+     '2026-01-01T10:00:04Z')",
+    "INSERT INTO step_attempts (step_run_id, attempt, status, error, started_at, finished_at, \
+     created_at, updated_at) VALUES ($3, 1, 'FAILED', 'boom', '2026-01-01T10:00:00Z', \
+     '2026-01-01T10:00:01Z', '2026-01-01T10:00:00Z', '2026-01-01T10:00:01Z')",
+    "INSERT INTO step_attempts (step_run_id, attempt, status, started_at, finished_at, \
+     created_at, updated_at) VALUES ($3, 2, 'SUCCEEDED', '2026-01-01T10:00:02Z', \
+     '2026-01-01T10:00:04Z', '2026-01-01T10:00:02Z', '2026-01-01T10:00:04Z')",
+];
+
+/// The highest `$n` of a statement: how many ids it binds.
+fn highest_parameter(statement: &str) -> usize {
+    statement
+        .split('$')
+        .skip(1)
+        .filter_map(|rest| rest.chars().next().and_then(|digit| digit.to_digit(10)))
+        .max()
+        .map_or(0, |highest| highest as usize)
+}
+
+/// (executions, failed executions, attempts, retries, executions started) after migration 8.
+const ROLLED_UP: &str = "SELECT \
+     (SELECT CAST(SUM(executions) AS BIGINT) FROM execution_rollups), \
+     (SELECT CAST(SUM(executions) AS BIGINT) FROM execution_rollups WHERE status = 'FAILED'), \
+     (SELECT CAST(SUM(attempts) AS BIGINT) FROM step_rollups), \
+     (SELECT CAST(SUM(retries) AS BIGINT) FROM step_rollups), \
+     (SELECT CAST(SUM(executions_started) AS BIGINT) FROM usage_rollups)";
+const ROLLED_UP_SECONDS: &str = "SELECT (SELECT SUM(duration_seconds) FROM step_rollups), (SELECT SUM(step_seconds) FROM usage_rollups)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rollups_start_with_the_history_of_an_upgraded_installation() {
+    let migrator = migrator("postgres").await;
+    let (url, name) = support::create_postgres_database().await;
+    let _database = support::ServeDatabase::new(url.clone(), name);
+    let mut connection = sqlx::PgConnection::connect(&url).await.expect("connect");
+    migrator.run_to(7, &mut connection).await.expect("migrate to 7");
+    let ids: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
+    for statement in BEFORE_ROLLUPS {
+        let mut query = sqlx::query(statement);
+        for id in ids.iter().take(highest_parameter(statement)) {
+            query = query.bind(*id);
+        }
+        query.execute(&mut connection).await.expect(statement);
+    }
+    migrator.run(&mut connection).await.expect("migrate");
+    let counts: (i64, i64, i64, i64, i64) =
+        sqlx::query_as(ROLLED_UP).fetch_one(&mut connection).await.expect("read");
+    assert_eq!(counts, (1, 1, 2, 1, 1));
+    let seconds: (f64, f64) =
+        sqlx::query_as(ROLLED_UP_SECONDS).fetch_one(&mut connection).await.expect("read");
+    assert!((seconds.0 - 3.0).abs() < 0.01 && (seconds.1 - 3.0).abs() < 0.01, "{seconds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_rollups_start_with_the_history_of_an_upgraded_installation() {
+    let migrator = migrator("sqlite").await;
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let path = directory.path().join("old.db");
+    std::fs::File::create(&path).expect("create file");
+    let mut connection = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("connect");
+    migrator.run_to(7, &mut connection).await.expect("migrate to 7");
+    let ids: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
+    for statement in BEFORE_ROLLUPS {
+        let mut query = sqlx::query(statement);
+        for id in ids.iter().take(highest_parameter(statement)) {
+            query = query.bind(*id);
+        }
+        query.execute(&mut connection).await.expect(statement);
+    }
+    migrator.run(&mut connection).await.expect("migrate");
+    let counts: (i64, i64, i64, i64, i64) =
+        sqlx::query_as(ROLLED_UP).fetch_one(&mut connection).await.expect("read");
+    assert_eq!(counts, (1, 1, 2, 1, 1));
+    let seconds: (f64, f64) =
+        sqlx::query_as(ROLLED_UP_SECONDS).fetch_one(&mut connection).await.expect("read");
+    assert!((seconds.0 - 3.0).abs() < 0.01 && (seconds.1 - 3.0).abs() < 0.01, "{seconds:?}");
+}

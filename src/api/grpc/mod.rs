@@ -1,6 +1,5 @@
 //! The gRPC services, one type per proto service. Each method is a few lines: read the caller,
-//! call the service layer, convert. Until an area's issue lands its methods answer
-//! UNIMPLEMENTED (the generated default stubs).
+//! call the service layer, convert.
 //! May call: the service layer (through `AppContext`).
 
 use std::sync::Arc;
@@ -20,26 +19,6 @@ use crate::proto::v1::{
     workflow_service_server,
 };
 
-macro_rules! grpc_service {
-    ($name:ident, $module:ident, $trait_name:ident) => {
-        /// gRPC face of the service of the same name.
-        #[derive(Clone)]
-        pub struct $name {
-            #[expect(dead_code, reason = "read once the service's issue lands")]
-            context: Arc<AppContext>,
-        }
-
-        impl $name {
-            pub fn new(context: Arc<AppContext>) -> Self {
-                Self { context }
-            }
-        }
-
-        #[tonic::async_trait]
-        impl $module::$trait_name for $name {}
-    };
-}
-
 mod agents;
 pub use self::agents::AgentGrpc;
 mod workflows;
@@ -52,7 +31,8 @@ mod deployments;
 pub use self::deployments::DeploymentGrpc;
 mod audit_logs;
 pub use self::audit_logs::AuditLogGrpc;
-grpc_service!(AnalyticsGrpc, analytics_service_server, AnalyticsService);
+mod analytics;
+pub use self::analytics::AnalyticsGrpc;
 mod runner_service;
 pub use self::runner_service::RunnerGrpc;
 
