@@ -179,7 +179,7 @@ fn pool_limits(timeout_seconds: u64, memory_mb: u64, cpu_seconds: u64) -> Limits
 
 #[tokio::test]
 async fn a_pool_reuses_its_workers_and_replaces_the_ones_that_die() {
-    let pool = JqPool::new(JqPoolSettings::default());
+    let pool = JqPool::new(JqPoolSettings { max_idle_workers: 4, ..JqPoolSettings::default() });
     let usual = pool_limits(30, 256, 60);
     for number in 0..30 {
         let program = format!(".n * {number} + {}", number % 3);
@@ -249,6 +249,23 @@ async fn a_pool_reuses_its_workers_and_replaces_the_ones_that_die() {
     let statistics = pool.statistics();
     assert_eq!(statistics.workers_started, 7, "{statistics:?}");
     assert_eq!(statistics.workers_idle, 3);
+
+    // Past the idle limit, the longest idle worker ends (alice's roomier one).
+    pool.keep_idle_at_least(2);
+    assert_eq!(pooled(&pool, "alice", ".", json!(4), usual).await.output, Ok(json!(4)));
+    assert_eq!(pool.statistics().workers_idle, 3, "keep_idle_at_least never lowers the limit");
+    let small = JqPool::new(JqPoolSettings { max_idle_workers: 1, ..JqPoolSettings::default() });
+    assert_eq!(pooled(&small, "alice", ".", json!(1), usual).await.output, Ok(json!(1)));
+    assert_eq!(pooled(&small, "alice", ".", json!(1), roomier).await.output, Ok(json!(1)));
+    assert_eq!(small.statistics().workers_idle, 1);
+    assert_eq!(pooled(&small, "alice", ".", json!(1), roomier).await.output, Ok(json!(1)));
+    assert_eq!(small.statistics().workers_started, 2, "the roomier worker stayed");
+    assert_eq!(pooled(&small, "alice", ".", json!(1), usual).await.output, Ok(json!(1)));
+    assert_eq!(small.statistics().workers_started, 3, "the first worker was ended");
+    small.close();
+    assert_eq!(small.statistics().workers_idle, 0);
+    assert_eq!(pooled(&small, "alice", ".", json!(5), usual).await.output, Ok(json!(5)));
+    assert_eq!(small.statistics().workers_idle, 0, "a closed pool keeps no worker");
 }
 
 #[tokio::test]
