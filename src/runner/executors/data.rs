@@ -40,11 +40,14 @@ use crate::text::truncate_text;
 
 /// Stack of the thread programs run on: deep (non-tail) recursion in jq recurses in Rust.
 pub(super) const PROGRAM_STACK_BYTES: usize = 64 * 1024 * 1024;
-/// Compiled programs a worker keeps at most, the least recently used dropped first.
-const PROGRAM_CACHE_ENTRIES: usize = 256;
+/// Compiled programs a worker keeps at most, the least recently used dropped first. A compiled
+/// program holds its own copy of the standard library's definitions (about 115 KiB for a short
+/// program), and the cache lives in the worker's memory overhead ([`WORKER_OVERHEAD_BYTES`]):
+/// 128 short programs take about 15 MiB of its 64.
+const PROGRAM_CACHE_ENTRIES: usize = 128;
 /// Program text a worker's cache holds at most (its compiled programs grow with it); a longer
 /// program is compiled for each step and not kept.
-const PROGRAM_CACHE_TEXT_BYTES: usize = 1 << 20;
+const PROGRAM_CACHE_TEXT_BYTES: usize = 256 * 1024;
 /// A request buffer that grew past this is given back after its request.
 const KEPT_REQUEST_BUFFER_BYTES: usize = 1 << 20;
 
