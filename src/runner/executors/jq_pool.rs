@@ -49,6 +49,10 @@ use crate::text::truncate_text;
 /// The CPU time a worker may use over its whole life (its hard RLIMIT_CPU): a week, more than
 /// any agent's budget.
 const WORKER_LIFETIME_CPU_SECONDS: u64 = 7 * 24 * 3600;
+/// Idle workers a runner keeps at most, whatever its capacity: an idle worker holds about
+/// 20 MiB of memory (and its cache), its sandbox's helper and init a few more; busy workers
+/// are as many as DATA steps run at once.
+pub const MAX_KEPT_IDLE_WORKERS: usize = 16;
 /// Stderr of a dead worker kept for the failure message.
 const STDERR_KEPT_BYTES: u64 = 64 * 1024;
 /// How long the end of a killed worker may take before the step stops waiting for it.
@@ -167,9 +171,10 @@ impl JqPool {
         }
     }
 
-    /// Keeps up to `count` idle workers (never fewer than before): a runner calls it with its
-    /// capacity.
+    /// Keeps up to `count` idle workers, at most [`MAX_KEPT_IDLE_WORKERS`] (never fewer than
+    /// before): a runner calls it with its capacity.
     pub fn keep_idle_at_least(&self, count: usize) {
+        let count = count.min(MAX_KEPT_IDLE_WORKERS);
         self.inner.max_idle_workers.fetch_max(count, Ordering::SeqCst);
     }
 
