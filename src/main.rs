@@ -178,7 +178,7 @@ async fn run(command: Command) -> Result<(), String> {
     }
 }
 
-/// Ends the warm jq workers of the (local) runner, so none of their directories stays behind.
+/// Ends the warm jq workers of the (local) runner at once, instead of when the process ends.
 async fn close_jq_workers() {
     let closing = tokio::task::spawn_blocking(|| {
         turbocat::runner::executors::data::shared_pool().close();

@@ -180,7 +180,7 @@ impl JqPool {
 
     /// Ends the idle workers and every worker that finishes a step from now on (blocking: a
     /// few milliseconds per worker). `turbocat runner` and `turbocat dev` call it when they
-    /// stop, so no worker's directory is left behind.
+    /// stop. (Workers end by themselves too when the process ends: their stdin closes.)
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
         let retired = std::mem::take(&mut self.inner.lock_idle().workers);
@@ -503,12 +503,26 @@ impl Worker {
                 (&mut self.stdout).take(reply_limit as u64 + 1).read_until(b'\n', &mut reply);
             if read.is_ok() && reply.last() == Some(&b'\n') {
                 self.requests += 1;
+                self.remove_directory_once_inside();
                 return Exchange::Replied(reply);
             }
         }
         // End of file (every process of the sandbox holds the pipes, so all of them ended),
         // a broken pipe (likewise), or a reply past the limit (the worker still writes).
         Exchange::Died(self.end())
+    }
+
+    /// After the first reply the sandbox stands (its root is built and pivoted into, the work
+    /// directory bound in, the status file open): the directory is removed from the runner's
+    /// side at once, so that nothing of the worker stays behind should the runner be killed
+    /// outright. Where it cannot be removed yet, it is removed when the worker ends.
+    fn remove_directory_once_inside(&mut self) {
+        let Some(directory) = &self.directory else { return };
+        if std::fs::remove_dir_all(&directory.path).is_ok()
+            && let Some(directory) = self.directory.take()
+        {
+            directory.forget();
+        }
     }
 
     /// Kills the process group (the leader, not reaped yet, keeps its id ours), reads what

@@ -286,6 +286,11 @@ impl StepDirectory {
         tracing::warn!(path = %self.path.display(), "cannot remove a step's directory");
     }
 
+    /// For a directory removed already: nothing to do when dropped.
+    pub fn forget(mut self) {
+        self.removed = true;
+    }
+
     /// [`Self::remove`] for a thread that may block (it sleeps between attempts).
     pub fn remove_blocking(mut self) {
         self.removed = true;
