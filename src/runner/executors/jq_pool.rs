@@ -22,9 +22,12 @@
 //! retires a worker after `max_requests_per_worker` steps. A step's deadline and a cancel
 //! kill its worker's process group (the sandbox with it); a worker that dies (stack overflow,
 //! memory, CPU) takes only its step, which fails as a one-shot worker's did; the next step
-//! gets a new worker. The pool uses no async runtime of its own (the pipes are blocking ones,
-//! read on tokio's blocking threads), so one pool serves every runtime of the process.
-//! May call: the operating system (processes, signals, files), `sandbox`, `code`, `data`.
+//! gets a new worker. A worker's directory is removed once its sandbox stands (after its
+//! first reply), so a runner that is killed leaves none behind; its workers end when their
+//! stdin closes. The pool uses no async runtime of its own (the pipes are blocking ones, read
+//! on tokio's blocking threads), so one pool serves every runtime of the process.
+//! May call: the operating system (processes, signals, files), `sandbox`, `code`, `data`,
+//! `crate::text`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, ExitStatus};
