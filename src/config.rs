@@ -125,8 +125,9 @@ pub enum Command {
     /// Administer accounts from the command line.
     #[command(subcommand)]
     Admin(AdminCommand),
-    /// Internal: runs one DATA step's jq program for a runner (request on stdin, reply on
-    /// stdout), so that a program that crashes takes down only this process.
+    /// Internal: a warm jq worker of a runner, running DATA steps' programs one after another
+    /// (a line of JSON per request on stdin, per reply on stdout), so that a program that
+    /// crashes takes down only this process.
     #[command(name = "jq-worker", hide = true)]
     JqWorker,
 }

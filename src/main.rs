@@ -31,9 +31,9 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     if matches!(cli.command, Command::JqWorker) {
-        // A child of a runner: no runtime, no logging, one program. What it writes to stderr
-        // can reach the step's user, so a panic says nothing of the build machine (the default
-        // message names source paths).
+        // A child of a runner: no runtime, no logging, one program after another (a warm worker
+        // of the runner's pool). What it writes to stderr can reach the step's user, so a
+        // panic says nothing of the build machine (the default message names source paths).
         std::panic::set_hook(Box::new(|_| eprintln!("the jq worker hit an internal error")));
         return turbocat::runner::executors::data::worker_main();
     }
@@ -99,7 +99,9 @@ async fn run(command: Command) -> Result<(), String> {
             sandbox::configure(args.sandbox.policy());
             let running = server::start_dev(&args).await.map_err(|error| error.to_string())?;
             announce("dev", running.local_addr);
-            running.run_until_signal().await.map_err(|error| error.to_string())
+            let outcome = running.run_until_signal().await.map_err(|error| error.to_string());
+            close_jq_workers().await;
+            outcome
         }
         Command::Serve(args) => {
             let running = server::start_serve(&args).await.map_err(|error| error.to_string())?;
@@ -167,11 +169,21 @@ async fn run(command: Command) -> Result<(), String> {
                 "turbocat runner {} attaching to {} (capacity {})",
                 settings.name, settings.server_url, settings.capacity
             );
-            turbocat::runner::client::run(settings, shutdown_requested)
+            let outcome = turbocat::runner::client::run(settings, shutdown_requested)
                 .await
-                .map_err(|error| error.to_string())
+                .map_err(|error| error.to_string());
+            close_jq_workers().await;
+            outcome
         }
     }
+}
+
+/// Ends the warm jq workers of the (local) runner at once, instead of when the process ends.
+async fn close_jq_workers() {
+    let closing = tokio::task::spawn_blocking(|| {
+        turbocat::runner::executors::data::shared_pool().close();
+    });
+    let _ = closing.await;
 }
 
 /// A service error for a terminal: the message and every rejected field.

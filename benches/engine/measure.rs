@@ -1,5 +1,6 @@
 //! What a round costs, read from outside the processes: CPU time from `/proc/<pid>/stat`
-//! (utime + stime, plus the reaped children's cutime + cstime: a runner's jq processes), resident
+//! (utime + stime, plus the reaped children's cutime + cstime; for the server and the runners
+//! also their live descendants': a runner's warm jq workers and their sandboxes), resident
 //! memory from `/proc/<pid>/status`, PostgreSQL transactions from `pg_stat_database`, Redis
 //! commands from `INFO commandstats`, and the whole machine's busy time from `/proc/stat`.
 //! May call: /proc, PostgreSQL (the admin connection), Redis.
@@ -91,6 +92,33 @@ pub fn clock_ticks_per_second() -> f64 {
 /// CPU ticks a process used, with the children it reaped.
 fn process_ticks(pid: u32) -> u64 {
     process_stat(pid).map(|stat| stat.own_ticks + stat.children_ticks).unwrap_or(0)
+}
+
+/// CPU ticks of a process and of all its descendants: each live one's own time and what it
+/// reaped (a reaped process's time is in its reaper's cutime + cstime, a live one's in no one's).
+fn process_tree_ticks(pid: u32) -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return process_ticks(pid) };
+    let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    let mut statistics = BTreeMap::new();
+    for entry in entries.flatten() {
+        let Some(process) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(stat) = process_stat(process) {
+            children.entry(stat.parent).or_default().push(process);
+            statistics.insert(process, stat);
+        }
+    }
+    let mut total = 0;
+    let mut pending = vec![pid];
+    while let Some(process) = pending.pop() {
+        if let Some(stat) = statistics.get(&process) {
+            total += stat.own_ticks + stat.children_ticks;
+        }
+        pending.extend(children.get(&process).into_iter().flatten());
+    }
+    total
 }
 
 /// CPU ticks of every PostgreSQL process of the machine: each live process's own time, plus what
@@ -372,12 +400,12 @@ impl Probe {
     async fn read(&mut self, with_postgres: bool) -> Outcome<Reading> {
         let mut cpu_ticks = BTreeMap::new();
         if let Some(pid) = self.server_pid {
-            cpu_ticks.insert(Role::Server, process_ticks(pid));
+            cpu_ticks.insert(Role::Server, process_tree_ticks(pid));
         }
         if !self.runner_pids.is_empty() {
             cpu_ticks.insert(
                 Role::Runners,
-                self.runner_pids.iter().map(|pid| process_ticks(*pid)).sum(),
+                self.runner_pids.iter().map(|pid| process_tree_ticks(*pid)).sum(),
             );
         }
         cpu_ticks.insert(Role::Bench, process_ticks(std::process::id()));

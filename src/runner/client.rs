@@ -87,6 +87,8 @@ pub async fn run(
     protect_process();
     // Probed (and logged) now: the mode is also in every hello.
     let _ = executors::sandbox::mode().await;
+    // As many warm jq workers as DATA steps may run at once stay idle between steps.
+    executors::data::shared_pool().keep_idle_at_least(settings.capacity as usize);
     let endpoint = tonic::transport::Endpoint::from_shared(settings.server_url.clone())
         .map_err(|_| RunnerError::InvalidServer(settings.server_url.clone()))?
         .connect_timeout(Duration::from_secs(5))

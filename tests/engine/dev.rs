@@ -276,3 +276,102 @@ async fn timeouts_and_cancellation_stop_steps_and_executions() {
     assert_eq!(execution["status"], "CANCELLED", "{execution}");
     assert_eq!(step(&execution, "long")["status"], "CANCELLED");
 }
+
+/// The step logs of an execution, as `step_key source message`.
+async fn step_log_lines(bench: &Workbench, execution_id: &str) -> Vec<String> {
+    let (status, logs) = bench
+        .api
+        .get(&format!("/api/v1/executions/{execution_id}/logs?pageSize=100"), &bench.auth)
+        .await;
+    assert_eq!(status, 200, "{logs}");
+    logs["data"]
+        .as_array()
+        .expect("log lines")
+        .iter()
+        .filter(|line| line["source"] == "STDERR")
+        .map(|line| {
+            format!(
+                "{} {}",
+                line["stepKey"].as_str().unwrap_or(""),
+                line["message"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_steps_in_warm_workers_keep_to_themselves_and_outlive_crashes() {
+    let (server, _data) = start_dev(&[]);
+    let bench = Workbench::new(Api::new(&server), "warm-jq@example.com").await;
+    let keeper = bench.jq("keeper", "debug | {kept: .secret}").await;
+    let looker = bench.jq("looker", "debug(\"looker\") | {seen: .}").await;
+    let chain = bench
+        .workflow(
+            "keeper then looker",
+            json!([
+                { "key": "a", "agentId": keeper },
+                { "key": "b", "agentId": looker, "dependsOn": ["a"], "inputMapping": { "n": 1 } },
+                { "key": "c", "agentId": keeper, "dependsOn": ["b"], "inputMapping": { "secret": "{{input.other}}" } },
+            ]),
+            json!({}),
+        )
+        .await;
+    let run_chain = |secret: &'static str, other: &'static str| {
+        let bench = &bench;
+        let chain = &chain;
+        async move {
+            let input = json!({ "input": { "secret": secret, "other": other } });
+            let execution_id = bench.execute(chain, input).await;
+            let execution = bench.finished(&execution_id, LIMIT).await;
+            assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+            (execution, step_log_lines(bench, &execution_id).await)
+        }
+    };
+    let (execution, lines) = run_chain("alpha", "beta").await;
+    // Each step sees its own input and writes only its own messages.
+    assert_eq!(step(&execution, "a")["output"], json!({ "kept": "alpha" }));
+    assert_eq!(step(&execution, "b")["output"], json!({ "seen": { "n": 1 } }));
+    assert_eq!(step(&execution, "c")["output"], json!({ "kept": "beta" }));
+    assert_eq!(
+        lines,
+        vec![
+            "a [\"DEBUG:\",{\"other\":\"beta\",\"secret\":\"alpha\"}]",
+            "b [\"DEBUG:\",\"looker\"]",
+            "c [\"DEBUG:\",{\"secret\":\"beta\"}]",
+        ]
+    );
+
+    // A program that overflows its worker's stack, and one that spins past its CPU limit,
+    // fail their step as ever; the steps after them run.
+    let deep = bench.jq("deep", "def f: 1 + f; f").await;
+    let spinning = bench
+        .agent(
+            "spinning",
+            "DATA",
+            json!({ "data": { "jqProgram": "last(repeat(1))" } }),
+            json!({ "cpuSeconds": 1, "timeout": "30s" }),
+        )
+        .await;
+    for (agent, expected) in [
+        (&deep, "the jq program recursed too deeply"),
+        (&spinning, "the jq program exceeded the CPU time limit of 1 s"),
+    ] {
+        let workflow = bench
+            .workflow(
+                &format!("fails {agent}"),
+                json!([{ "key": "x", "agentId": agent }]),
+                json!({}),
+            )
+            .await;
+        let execution_id = bench.execute(&workflow, json!({ "input": {} })).await;
+        let execution = bench.finished(&execution_id, LIMIT).await;
+        assert_eq!(execution["status"], "FAILED", "{execution}");
+        let error = step(&execution, "x")["error"].as_str().unwrap_or_default().to_owned();
+        assert!(error.starts_with(expected), "{error}");
+        assert_eq!(step(&execution, "x")["attempt"], 1, "not retried: {execution}");
+    }
+    let (execution, lines) = run_chain("gamma", "delta").await;
+    assert_eq!(step(&execution, "c")["output"], json!({ "kept": "delta" }));
+    assert!(!lines.iter().any(|line| line.contains("alpha") || line.contains("beta")), "{lines:?}");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+}

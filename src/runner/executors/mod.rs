@@ -1,9 +1,9 @@
 //! Executes one attempt of one step: the agent snapshot of a step assignment applied to its
 //! resolved input, under the agent's limits, with log lines streamed as they happen.
 //! `code` runs python3/node snippets in a limited child process, `api` sends templated HTTP
-//! requests, `llm` asks an OpenAI-compatible chat completion, `data` runs a jq program;
-//! `sandbox` is the box CODE and DATA children run in, `egress` the proxy that is a CODE
-//! step's only way out with the network ON.
+//! requests, `llm` asks an OpenAI-compatible chat completion, `data` runs a jq program in a
+//! warm worker of `jq_pool`; `sandbox` is the box CODE and DATA children run in, `egress` the
+//! proxy that is a CODE step's only way out with the network ON.
 //! WORKFLOW agents are run by the server, never here.
 //! May call: `crate::mapping` (templates), `crate::runner::ssrf`, the generated proto
 //! types. Never the store, the queue or the service layer.
@@ -12,6 +12,7 @@ pub mod api;
 pub mod code;
 pub mod data;
 pub mod egress;
+pub mod jq_pool;
 pub mod llm;
 pub mod sandbox;
 
@@ -282,6 +283,8 @@ pub(crate) fn positive_duration(duration: &prost_types::Duration) -> Option<Dura
 
 /// What every executor gets besides its config and input.
 pub(crate) struct RunContext<'run> {
+    /// The agent's owner (DATA workers serve one owner each).
+    pub owner_id: &'run str,
     pub limits: Limits,
     /// When the attempt must be over: the earlier of the agent's timeout and the assignment's
     /// deadline.
@@ -334,7 +337,9 @@ pub async fn execute(
         _ => (own_deadline, format!("its time limit of {}", describe_duration(limits.timeout))),
     };
     let llm_keys = work.llm_keys.clone();
+    let owner_id = work.agent.owner_id.clone();
     let context = RunContext {
+        owner_id: &owner_id,
         limits,
         deadline,
         timeout_description,

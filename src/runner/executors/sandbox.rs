@@ -285,6 +285,24 @@ impl StepDirectory {
         }
         tracing::warn!(path = %self.path.display(), "cannot remove a step's directory");
     }
+
+    /// For a directory removed already: nothing to do when dropped.
+    pub fn forget(mut self) {
+        self.removed = true;
+    }
+
+    /// [`Self::remove`] for a thread that may block (it sleeps between attempts).
+    pub fn remove_blocking(mut self) {
+        self.removed = true;
+        for _ in 0..REMOVAL_ATTEMPTS {
+            match std::fs::remove_dir_all(&self.path) {
+                Ok(()) => return,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
+                Err(_) => std::thread::sleep(REMOVAL_RETRY_DELAY),
+            }
+        }
+        tracing::warn!(path = %self.path.display(), "cannot remove a step's directory");
+    }
 }
 
 impl Drop for StepDirectory {
