@@ -39,8 +39,8 @@ enum Placed {
 /// What one pass of the dispatcher saw and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DispatchPass {
-    /// Queue entries it looked at.
-    pub peeked: usize,
+    /// Queue entries it looked at; `None` when it did not look (no runner is attached).
+    pub peeked: Option<usize>,
     /// Steps it assigned.
     pub assigned: usize,
 }
@@ -63,7 +63,7 @@ impl Engine {
             // A slot freed while the queue is empty needs no pass (steps that become ready
             // then are handed to runners directly); anything queued meanwhile wakes `ready`.
             let queue_empty = match self.dispatch_once().await {
-                Ok(pass) => pass.peeked == 0,
+                Ok(pass) => pass.peeked == Some(0),
                 Err(error) => {
                     tracing::warn!(%error, "dispatching failed; trying again shortly");
                     false
@@ -82,8 +82,7 @@ impl Engine {
     /// slot taken.
     pub async fn dispatch_once(self: &Arc<Self>) -> EngineResult<DispatchPass> {
         if self.attached_runners.all().is_empty() {
-            // Nothing was read: a runner attaching is a capacity change worth a pass.
-            return Ok(DispatchPass { peeked: usize::MAX, assigned: 0 });
+            return Ok(DispatchPass { peeked: None, assigned: 0 });
         }
         let mut placing = FuturesUnordered::new();
         let mut duplicates = Vec::new();
@@ -127,7 +126,7 @@ impl Engine {
         }
         match failure {
             Some(error) => Err(error),
-            None => Ok(DispatchPass { peeked, assigned }),
+            None => Ok(DispatchPass { peeked: Some(peeked), assigned }),
         }
     }
 

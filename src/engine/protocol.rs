@@ -352,9 +352,10 @@ impl Engine {
     /// if the attempt still runs `START_COMMIT_DELAY` later: a shorter attempt records its
     /// start with its result, which saves a commit a step (and whose `version` then counts the
     /// start it stands for, so watchers order the rows as if it had been committed). A watcher
-    /// that opens within those first moments may see such a step go from ASSIGNED to its end. (Were this process to stop before
-    /// either, only the start time is lost: the lease brings the attempt back as before.) An
-    /// attempt this process did not assign (kept across a reconnect) commits its start now.
+    /// that opens within those first moments may see such a step go from ASSIGNED to its end.
+    /// Were this process to stop before either, only the start time is lost: the lease brings
+    /// the attempt back as before. An attempt this process did not assign (kept across a
+    /// reconnect) commits its start now.
     async fn runner_started(
         self: &Arc<Self>,
         runner: &Arc<AttachedRunner>,
