@@ -1,9 +1,9 @@
 //! Group commit of step transitions. Transitions of one kind (queueing, hand-offs, assignments,
-//! starts, results) that arrive while the previous batch of that kind is being committed wait
-//! for it and are then committed together, in one statement: under load many steps share one commit; alone,
-//! a transition goes at once (nothing waits for company). Durability is unchanged: every caller
-//! gets its row back only after the commit that holds it, exactly as from the one-attempt store
-//! methods.
+//! starts, results) that arrive while the previous batch of that kind is being committed wait for
+//! it and are then committed together, in one statement: under load many steps share one commit;
+//! alone, a transition goes at once (nothing waits for company). Durability is unchanged: every
+//! caller gets its row back only after the commit that holds it, exactly as from the one-attempt
+//! store methods.
 //! May call: the store (through the batch function it is given), nothing else.
 
 use std::collections::HashSet;
