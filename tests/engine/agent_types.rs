@@ -237,6 +237,17 @@ async fn every_agent_type_runs(bench: &Workbench) -> String {
 
     let text_length = "In short: Summarise: apple has 3 tags".len();
     assert_eq!(execution["output"], json!({ "length": text_length, "tokens": 22 }));
+    // Every step's start is recorded, also where it travelled with the result (a step that
+    // ends within 250 ms commits no RUNNING of its own), on the step and on its attempt.
+    for step_run in execution["stepRuns"].as_array().expect("step runs") {
+        let time = |field: &str| {
+            let text = step_run[field].as_str().unwrap_or_default();
+            chrono::DateTime::parse_from_rfc3339(text)
+                .unwrap_or_else(|_| panic!("{field}: {step_run}"))
+        };
+        assert!(time("startedAt") <= time("finishedAt"), "{step_run}");
+        assert_eq!(step_run["attempts"][0]["startedAt"], step_run["startedAt"], "{step_run}");
+    }
 
     // The same server without `allowPrivateNetwork`: refused before any request is made.
     let guarded = bench
