@@ -12,7 +12,7 @@ use tokio::sync::{Notify, mpsc};
 use uuid::Uuid;
 
 use crate::proto::v1 as pb;
-use crate::store::{AttemptKey, StepRun};
+use crate::store::{AttemptKey, NewExecutionLog, StepRun};
 
 /// What the server sends down a runner's stream.
 pub type RunnerSender = mpsc::Sender<Result<pb::AttachResponse, tonic::Status>>;
@@ -77,6 +77,8 @@ pub struct AttachedRunner {
 #[derive(Default)]
 struct RunnerState {
     held: HashMap<AttemptKey, HeldStep>,
+    /// Log lines of held attempts waiting to travel with their results (or to be flushed).
+    logs: HashMap<AttemptKey, Vec<NewExecutionLog>>,
     draining: bool,
     last_heartbeat_at: Option<DateTime<Utc>>,
 }
@@ -246,6 +248,29 @@ impl AttachedRunner {
         held.acknowledged = true;
         held.started_at.get_or_insert(at);
         Some(held.clone())
+    }
+
+    /// Keeps log lines of attempt `key` until its result carries them or `take_logs` flushes
+    /// them: how many lines now wait and whether they are the first to wait. Lines of an
+    /// attempt the runner does not hold are dropped (`None`).
+    pub fn buffer_logs(
+        &self,
+        key: AttemptKey,
+        mut lines: Vec<NewExecutionLog>,
+    ) -> Option<(usize, bool)> {
+        let Ok(mut state) = self.state.lock() else { return None };
+        if !state.held.contains_key(&key) {
+            return None;
+        }
+        let waiting = state.logs.entry(key).or_default();
+        let first = waiting.is_empty();
+        waiting.append(&mut lines);
+        Some((waiting.len(), first))
+    }
+
+    /// The log lines of attempt `key` still waiting (see `buffer_logs`), taken.
+    pub fn take_logs(&self, key: AttemptKey) -> Vec<NewExecutionLog> {
+        self.state.lock().ok().and_then(|mut state| state.logs.remove(&key)).unwrap_or_default()
     }
 
     pub fn held_keys(&self) -> Vec<AttemptKey> {

@@ -53,12 +53,17 @@ impl FixedFacts {
 /// from the database when needed.
 const MAX_KEPT_INPUT_BYTES: usize = 16 * 1024;
 
-#[derive(Clone)]
 struct CachedExecution {
     definition: Arc<ExecutionDefinition>,
     facts: FixedFacts,
     /// The execution's input, when it is small.
     input: Option<Arc<Value>>,
+    /// Rows of steps that wait for their dependencies (PENDING, never attempted), by step key,
+    /// as this process read them: a success whose successor waits only for it hands that
+    /// successor on from here instead of reading its row. Taken when used.
+    waiting: HashMap<String, crate::store::StepRun>,
+    /// Whether `waiting` was filled (once, from the first read of the execution's steps).
+    waiting_kept: bool,
 }
 
 #[derive(Default)]
@@ -95,7 +100,13 @@ impl DefinitionCache {
             {
                 entries.by_execution.remove(&oldest);
             }
-            let cached = CachedExecution { definition: parsed.clone(), facts, input };
+            let cached = CachedExecution {
+                definition: parsed.clone(),
+                facts,
+                input,
+                waiting: HashMap::new(),
+                waiting_kept: false,
+            };
             entries.by_execution.insert(execution_id, cached);
             entries.insertion_order.push_back(execution_id);
         }
@@ -117,6 +128,42 @@ impl DefinitionCache {
         let entries = self.entries.lock().ok()?;
         let cached = entries.by_execution.get(&execution_id)?;
         Some((cached.definition.clone(), cached.facts, cached.input.clone()?))
+    }
+
+    /// Keeps the rows of `steps` (read from the database) that wait for dependencies and were
+    /// never attempted, for `take_waiting`; nothing when the execution is not kept here, and a
+    /// step already kept (or taken) stays as it is.
+    pub fn remember_waiting(&self, execution_id: Uuid, steps: &[crate::store::StepRun]) {
+        let Ok(mut entries) = self.entries.lock() else { return };
+        let Some(cached) = entries.by_execution.get_mut(&execution_id) else { return };
+        if cached.waiting_kept {
+            return;
+        }
+        cached.waiting_kept = true;
+        for step in steps {
+            let waits = cached
+                .definition
+                .step(&step.step_key)
+                .is_some_and(|definition| !definition.depends_on.is_empty());
+            if waits
+                && step.status == crate::store::StepRunStatus::Pending
+                && step.next_attempt_at.is_none()
+            {
+                cached.waiting.insert(step.step_key.clone(), step.clone());
+            }
+        }
+    }
+
+    /// The row of step `step_key` as it was while it waited for its dependencies (see
+    /// `remember_waiting`), once: the caller acts on it with a fenced transition, which the
+    /// store refuses should the step have moved on meanwhile.
+    pub fn take_waiting(
+        &self,
+        execution_id: Uuid,
+        step_key: &str,
+    ) -> Option<crate::store::StepRun> {
+        let mut entries = self.entries.lock().ok()?;
+        entries.by_execution.get_mut(&execution_id)?.waiting.remove(step_key)
     }
 }
 

@@ -172,9 +172,15 @@ impl Engine {
             Box::pin(async move { store.queue_and_assign_steps(&batch).await })
         }));
         let store = parts.store.clone();
+        let bus = parts.bus.clone();
         let completing = group_commit::GroupCommit::start(Arc::new(move |batch| {
-            let store = store.clone();
-            Box::pin(async move { store.complete_steps(&batch).await })
+            let (store, bus) = (store.clone(), bus.clone());
+            Box::pin(async move {
+                let completed = store.complete_steps(&batch).await?;
+                // The lines that travelled with the results reach watchers before the results.
+                scheduler::publish_logs(bus.as_ref(), completed.logs).await;
+                Ok(completed.step_runs)
+            })
         }));
         Arc::new(Self {
             handing,

@@ -36,6 +36,12 @@ const MAX_LOG_LINE_CHARS: usize = 16 * 1024;
 /// How long an attempt runs before its start is committed on its own (see `runner_started`).
 const START_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// How long a held attempt's log lines wait to travel with its result before they are written
+/// on their own (a short step's lines share its result's commit).
+const LOG_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Log lines of one attempt that wait at most; more are written at once.
+const MAX_WAITING_LOG_LINES: usize = 1_000;
+
 /// How many of one runner's attempt messages are applied at once.
 const RUNNER_LANES: usize = 8;
 /// Attempt messages waiting in one lane before the stream is read no further.
@@ -312,10 +318,23 @@ impl Engine {
                     return Ok(());
                 };
                 let completion = self.completion_of(result.outcome);
+                let logs = runner.take_logs(key);
                 // Free the slot only once the result is committed, so the attempt's end is
                 // recorded before the next assignment to this slot starts.
-                let mut outcome =
-                    self.complete_started_attempt(key, completion, held.started_at).await;
+                let mut outcome = self
+                    .complete_started_attempt(key, completion, held.started_at, logs.clone())
+                    .await;
+                if outcome.is_err() && !logs.is_empty() {
+                    // The lines did not commit with the result: on their own, then.
+                    match self.store.append_execution_logs(logs).await {
+                        Ok(written) => {
+                            super::scheduler::publish_logs(self.bus.as_ref(), written).await;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, step_run_id = %key.step_run_id, "could not write a step's log lines");
+                        }
+                    }
+                }
                 if let Err(super::EngineError::Store(StoreError::ValueRefused(reason))) = &outcome {
                     // The store cannot keep what the runner reported: the attempt fails once,
                     // with that as its own error (never retried as if its runner were lost).
@@ -457,15 +476,13 @@ impl Engine {
 
     async fn record_logs(
         self: &Arc<Self>,
-        runner: &AttachedRunner,
+        runner: &Arc<AttachedRunner>,
         batch: pb::StepLogBatch,
     ) -> EngineResult<()> {
         let mut lines = Vec::new();
-        let mut executions = HashSet::new();
         for line in batch.lines.into_iter().take(MAX_LOG_LINES_PER_BATCH) {
             let Some(key) = line.step.as_ref().and_then(attempt_key) else { continue };
             let Some(held) = runner.held(key) else { continue };
-            executions.insert(held.execution_id);
             let level = match pb::LogLevel::try_from(line.level) {
                 Ok(pb::LogLevel::Debug) => ExecutionLogLevel::Debug,
                 Ok(pb::LogLevel::Warn) => ExecutionLogLevel::Warn,
@@ -482,27 +499,59 @@ impl Engine {
                 .as_ref()
                 .and_then(crate::proto::wkt::time_from_timestamp)
                 .unwrap_or_else(Utc::now);
-            lines.push(NewExecutionLog {
-                execution_id: held.execution_id,
-                step_run_id: Some(key.step_run_id),
-                attempt: Some(key.attempt),
-                level,
-                source,
-                message: without_nul(
-                    &line.message.chars().take(MAX_LOG_LINE_CHARS).collect::<String>(),
-                ),
-                fields: None,
-                created_at,
-            });
+            lines.push((
+                key,
+                NewExecutionLog {
+                    execution_id: held.execution_id,
+                    step_run_id: Some(key.step_run_id),
+                    attempt: Some(key.attempt),
+                    level,
+                    source,
+                    message: without_nul(
+                        &line.message.chars().take(MAX_LOG_LINE_CHARS).collect::<String>(),
+                    ),
+                    fields: None,
+                    created_at,
+                },
+            ));
         }
+        let mut by_attempt: std::collections::HashMap<AttemptKey, Vec<NewExecutionLog>> =
+            std::collections::HashMap::new();
+        for (key, line) in lines {
+            by_attempt.entry(key).or_default().push(line);
+        }
+        for (key, lines) in by_attempt {
+            match runner.buffer_logs(key, lines) {
+                Some((waiting, _)) if waiting >= MAX_WAITING_LOG_LINES => {
+                    self.flush_logs(runner, key).await?;
+                }
+                Some((_, true)) => {
+                    let (engine, runner) = (self.clone(), runner.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(LOG_COMMIT_DELAY).await;
+                        if let Err(error) = engine.flush_logs(&runner, key).await {
+                            tracing::warn!(%error, step_run_id = %key.step_run_id, "could not write a step's log lines");
+                        }
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the log lines of attempt `key` still waiting on `runner` and tells watchers.
+    async fn flush_logs(
+        self: &Arc<Self>,
+        runner: &AttachedRunner,
+        key: AttemptKey,
+    ) -> EngineResult<()> {
+        let lines = runner.take_logs(key);
         if lines.is_empty() {
             return Ok(());
         }
-        self.store.append_execution_logs(lines).await?;
-        for execution_id in executions {
-            self.publish(execution_id, serde_json::json!({ "kind": super::scheduler::WATCH_LOG }))
-                .await;
-        }
+        let written = self.store.append_execution_logs(lines).await?;
+        super::scheduler::publish_logs(self.bus.as_ref(), written).await;
         Ok(())
     }
 }

@@ -21,8 +21,9 @@ use crate::mapping;
 use crate::proto::v1 as pb;
 use crate::queue::{QueueError, QueueItem};
 use crate::store::{
-    AttemptKey, Completion, CompletionOutcome, Execution, ExecutionChange, ExecutionStatus,
-    FinishedAttempt, InFlightStepRun, OwnerScope, StepRun, StepRunStatus, StepTransitionOutcome,
+    AttemptKey, Completion, CompletionOutcome, Execution, ExecutionChange, ExecutionLog,
+    ExecutionStatus, FinishedAttempt, InFlightStepRun, NewExecutionLog, OwnerScope, StepRun,
+    StepRunStatus, StepTransitionOutcome,
 };
 
 /// The bus topic that carries cancels to the replica a runner is attached to.
@@ -40,7 +41,8 @@ pub struct RelayedCancel {
 
 /// The `kind` of the events published on an execution's topic (`bus::topics::execution`):
 /// a step run changed (`stepRun` holds the committed row), the execution changed (read it
-/// back), or log lines were appended (read them back).
+/// back), or log lines were appended (`lines` holds them as committed; read them back when it
+/// is absent).
 pub const WATCH_STEP: &str = "step";
 pub const WATCH_EXECUTION: &str = "execution";
 pub const WATCH_LOG: &str = "log";
@@ -80,6 +82,7 @@ impl Engine {
                 return self.finish_early(&execution, ExecutionStatus::Failed, &error).await;
             }
         };
+        self.definitions.remember_waiting(execution.id, &steps);
         if execution.status == ExecutionStatus::Queued {
             let change = ExecutionChange {
                 started_at: Some(now),
@@ -253,19 +256,34 @@ impl Engine {
             return self.advance(execution_id).await;
         }
         let mut needed: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let mut rows = Vec::new();
         for step in &successors {
+            let read = match mapping_of(step) {
+                None => Vec::new(),
+                Some(mapping_json) => match referenced_steps(&mapping_json) {
+                    Some(read) => read,
+                    None => return self.advance(execution_id).await,
+                },
+            };
+            // A step that waits for this one alone and reads nothing else needs no row but its
+            // own, which this process may still keep from when it read the execution.
+            let needs_only_done = step.depends_on.iter().all(|key| *key == done.step_key)
+                && read.iter().all(|key| *key == done.step_key);
+            if needs_only_done
+                && let Some(waiting) = self.definitions.take_waiting(execution_id, &step.key)
+            {
+                rows.push(waiting);
+                continue;
+            }
             needed.insert(step.key.clone());
             needed.extend(step.depends_on.iter().cloned());
-            if let Some(mapping_json) = mapping_of(step) {
-                let Some(read) = referenced_steps(&mapping_json) else {
-                    return self.advance(execution_id).await;
-                };
-                needed.extend(read);
-            }
+            needed.extend(read);
         }
         needed.remove(&done.step_key);
-        let keys: Vec<&str> = needed.iter().map(String::as_str).collect();
-        let rows = self.store.list_step_runs_by_keys(execution_id, &keys).await?;
+        if !needed.is_empty() {
+            let keys: Vec<&str> = needed.iter().map(String::as_str).collect();
+            rows.extend(self.store.list_step_runs_by_keys(execution_id, &keys).await?);
+        }
         let mut outputs: HashMap<String, Value> = rows
             .iter()
             .filter(|row| row.status == StepRunStatus::Succeeded)
@@ -382,16 +400,18 @@ impl Engine {
         key: AttemptKey,
         completion: Completion,
     ) -> EngineResult<CompletionOutcome> {
-        self.complete_started_attempt(key, completion, None).await
+        self.complete_started_attempt(key, completion, None, Vec::new()).await
     }
 
     /// `complete_attempt` for a result reported by the runner that said it started the attempt
-    /// at `started_at` (recorded with the result when the start was not committed on its own).
+    /// at `started_at` (recorded with the result when the start was not committed on its own),
+    /// with the log lines about it that travel with the result (appended in the same commit).
     pub async fn complete_started_attempt(
         self: &Arc<Self>,
         key: AttemptKey,
         completion: Completion,
         started_at: Option<DateTime<Utc>>,
+        logs: Vec<NewExecutionLog>,
     ) -> EngineResult<CompletionOutcome> {
         let now = Utc::now();
         let retryable = match &completion {
@@ -399,7 +419,7 @@ impl Engine {
             Completion::TimedOut => true,
             Completion::Succeeded { .. } | Completion::Cancelled => false,
         };
-        let finished = FinishedAttempt { key, completion, started_at, finished_at: now };
+        let finished = FinishedAttempt { key, completion, started_at, finished_at: now, logs };
         let outcome = match self.completing.submit(key, finished).await? {
             Some(step_run) => CompletionOutcome::Applied(step_run),
             None => self.store.refused_completion(key).await?,
@@ -686,28 +706,44 @@ impl Engine {
             fields: None,
             created_at: Utc::now(),
         };
-        if let Err(error) = self.store.append_execution_logs(vec![line]).await {
-            tracing::warn!(%error, "could not write an engine log line");
+        match self.store.append_execution_logs(vec![line]).await {
+            Ok(written) => publish_logs(self.bus.as_ref(), written).await,
+            Err(error) => tracing::warn!(%error, "could not write an engine log line"),
         }
-        self.publish(step_run.execution_id, json!({ "kind": WATCH_LOG })).await;
+    }
+}
+
+/// Tells the watchers of each execution about its log lines, as committed.
+pub(super) async fn publish_logs(bus: &dyn crate::bus::Bus, logs: Vec<ExecutionLog>) {
+    let mut by_execution: HashMap<Uuid, Vec<ExecutionLog>> = HashMap::new();
+    for line in logs {
+        by_execution.entry(line.execution_id).or_default().push(line);
+    }
+    for (execution_id, lines) in by_execution {
+        let event = match serde_json::to_value(&lines) {
+            Ok(lines) => json!({ "kind": WATCH_LOG, "lines": lines }),
+            Err(_) => json!({ "kind": WATCH_LOG }),
+        };
+        if let Err(error) = bus.publish(&topics::execution(execution_id), event).await {
+            tracing::debug!(%error, "could not publish an execution event");
+        }
     }
 }
 
 /// The steps whose outputs a mapping reads (`steps.<key>.output…`); `None` when it does not
-/// parse.
+/// parse or reads `steps` as a whole.
 fn referenced_steps(mapping_json: &Value) -> Option<Vec<String>> {
     let references = mapping::references(mapping_json).ok()?;
-    Some(
-        references
-            .iter()
-            .filter(|(_, reference)| reference.root() == Some("steps"))
-            .filter_map(|(_, reference)| match reference.segments.get(1) {
-                Some(mapping::PathSegment::Key(key)) => Some(key.clone()),
-                Some(mapping::PathSegment::Index(index)) => Some(index.to_string()),
-                None => None,
-            })
-            .collect(),
-    )
+    references
+        .iter()
+        .filter(|(_, reference)| reference.root() == Some("steps"))
+        .map(|(_, reference)| match reference.segments.get(1) {
+            Some(mapping::PathSegment::Key(key)) => Some(key.clone()),
+            Some(mapping::PathSegment::Index(index)) => Some(index.to_string()),
+            // `steps` as a whole reads every output: only a full read will do.
+            None => None,
+        })
+        .collect()
 }
 
 /// A step's input mapping as JSON; `None` when it has none (absent, or JSON null): the step

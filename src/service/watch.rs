@@ -35,7 +35,7 @@ use crate::error::{ServiceError, ServiceResult};
 use crate::proto::v1 as pb;
 use crate::proto::wkt;
 use crate::store::{
-    ExecutionLogFilter, MAX_EXECUTION_LOG_PAGE_SIZE, OwnerScope, StepRun, StoreError,
+    ExecutionLog, ExecutionLogFilter, MAX_EXECUTION_LOG_PAGE_SIZE, OwnerScope, StepRun, StoreError,
 };
 
 /// How long a quiet bus is trusted before the watcher re-reads the execution.
@@ -253,7 +253,11 @@ impl Watcher {
                 Ok(true)
             }
             Some(WATCH_LOG) => {
-                self.relay_logs().await?;
+                match serde_json::from_value::<Vec<ExecutionLog>>(payload["lines"].clone()) {
+                    Ok(lines) => self.logs_appended(&lines),
+                    // Published without its lines: read them back.
+                    Err(_) => self.relay_logs().await?,
+                }
                 Ok(true)
             }
             Some(WATCH_EXECUTION) => self.execution_changed().await,
@@ -319,9 +323,24 @@ impl Watcher {
         Ok(!self.finished)
     }
 
-    /// Sends the log lines persisted since the last ones sent.
-    async fn relay_logs(&mut self) -> ServiceResult<()> {
-        // Lines delivered long enough ago are settled: read after the newest of them.
+    /// Sends the lines of a log event (as committed) not sent yet.
+    fn logs_appended(&mut self, lines: &[ExecutionLog]) {
+        self.settle_logs();
+        let now = Instant::now();
+        for line in lines {
+            let sent_before = self.log_cursor.is_some_and(|cursor| line.id <= cursor)
+                || self.recent_logs.contains_key(&line.id);
+            if line.execution_id != self.execution_id || sent_before {
+                continue;
+            }
+            self.recent_logs.insert(line.id, now);
+            let message = log_message(line, &self.step_keys);
+            self.send(pb::watch_execution_response::Event::Log(message));
+        }
+    }
+
+    /// Moves the log cursor past the lines delivered long enough ago to be settled.
+    fn settle_logs(&mut self) {
         let settled_before = Instant::now().checked_sub(LOG_REREAD_WINDOW);
         let settled: Vec<i64> = self
             .recent_logs
@@ -334,6 +353,11 @@ impl Watcher {
                 Some(self.log_cursor.map_or(*newest_settled, |cursor| cursor.max(*newest_settled)));
             self.recent_logs.retain(|id, _| *id > *newest_settled);
         }
+    }
+
+    /// Sends the log lines persisted since the last ones sent.
+    async fn relay_logs(&mut self) -> ServiceResult<()> {
+        self.settle_logs();
         let mut after_id = self.log_cursor;
         loop {
             let page = match self

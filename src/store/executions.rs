@@ -504,13 +504,23 @@ impl Completion {
 }
 
 /// An attempt's result as `complete_steps` records it: `started_at` is when the runner said
-/// it started, for a start that was not committed on its own (it is kept when it was).
+/// it started, for a start that was not committed on its own (it is kept when it was); `logs`
+/// are lines the runner sent about it that travel with the result (appended in the same
+/// commit, whether or not the result is accepted).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FinishedAttempt {
     pub key: AttemptKey,
     pub completion: Completion,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: DateTime<Utc>,
+    pub logs: Vec<NewExecutionLog>,
+}
+
+/// What `complete_steps` committed: the step runs it changed and the log lines it appended.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CompletedSteps {
+    pub step_runs: Vec<StepRun>,
+    pub logs: Vec<ExecutionLog>,
 }
 
 /// What `complete_step` did.
@@ -600,7 +610,8 @@ pub struct ReadyStepRun {
 // ---------------------------------------------------------------------------------------------
 
 /// One log line of an execution; `id` grows with insertion order and is the paging cursor.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+/// Serializable because the engine publishes committed lines to watchers.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
 pub struct ExecutionLog {
     pub id: i64,
     pub execution_id: Uuid,
@@ -882,10 +893,11 @@ pub trait ExecutionStore: Send + Sync {
         at: DateTime<Utc>,
     ) -> StoreResult<CompletionOutcome>;
 
-    /// `complete_step` for many attempts in one statement (one commit): the rows it changed;
-    /// an attempt left out was refused (`complete_step` explains why). At most
-    /// `MAX_TRANSITION_BATCH` at once, each attempt once.
-    async fn complete_steps(&self, completions: &[FinishedAttempt]) -> StoreResult<Vec<StepRun>>;
+    /// `complete_step` for many attempts in one commit, with the log lines they carry: the
+    /// rows it changed and the lines it appended; an attempt left out was refused
+    /// (`complete_step` explains why). At most `MAX_TRANSITION_BATCH` at once, each attempt
+    /// once. A line the store refuses fails the whole batch.
+    async fn complete_steps(&self, completions: &[FinishedAttempt]) -> StoreResult<CompletedSteps>;
 
     /// Why a completion of `key` that `complete_steps` left out was refused: `Duplicate` or
     /// `Stale` as `complete_step` would say (`NotFound` for an unknown step run).
@@ -963,8 +975,11 @@ pub trait ExecutionStore: Send + Sync {
         step_run_id: Uuid,
     ) -> StoreResult<Vec<StepAttempt>>;
 
-    /// Appends log lines in one transaction (multi-row inserts); returns how many were written.
-    async fn append_execution_logs(&self, logs: Vec<NewExecutionLog>) -> StoreResult<u64>;
+    /// Appends log lines in one transaction (multi-row inserts); returns them as stored.
+    async fn append_execution_logs(
+        &self,
+        logs: Vec<NewExecutionLog>,
+    ) -> StoreResult<Vec<ExecutionLog>>;
 
     /// Log lines of an execution visible in `scope`, ascending by id. `next_cursor` is the last
     /// id in decimal (pass it back as `after_id`) and `None` when no more lines exist yet.
@@ -1289,8 +1304,9 @@ macro_rules! impl_executions_store {
             /// at most). `set` and `condition` read the values as `v.column3`, … (the names
             /// VALUES columns have on both databases). `set` bumps `version` by one for each
             /// transition the change stands for (watchers order rows by it).
-            async fn transition_step_runs<T>(
+            async fn transition_step_runs<'c, T>(
                 &self,
+                connection: impl sqlx::Executor<'c, Database = $db>,
                 items: &[T],
                 set: &str,
                 condition: &str,
@@ -1312,11 +1328,84 @@ macro_rules! impl_executions_store {
                     )
                     .push(condition)
                     .push(concat!(" RETURNING ", step_run_columns!()));
-                let moved = update
-                    .build_query_as::<StepRun>()
-                    .fetch_all(self.connection_pool())
-                    .await?;
+                let moved = update.build_query_as::<StepRun>().fetch_all(connection).await?;
                 Ok(moved)
+            }
+
+            /// Inserts log lines (one statement per `INSERT_BATCH_ROWS`) on `connection`.
+            async fn insert_execution_logs(
+                &self,
+                connection: &mut <$db as sqlx::Database>::Connection,
+                logs: &[NewExecutionLog],
+            ) -> StoreResult<Vec<ExecutionLog>> {
+                let mut written = Vec::with_capacity(logs.len());
+                for chunk in logs.chunks(INSERT_BATCH_ROWS) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO execution_logs (execution_id, step_run_id, attempt, level, \
+                         source, message, fields, created_at) ",
+                    );
+                    insert.push_values(chunk, |mut row, log| {
+                        row.push_bind(log.execution_id)
+                            .push_bind(log.step_run_id)
+                            .push_bind(log.attempt)
+                            .push_bind(log.level)
+                            .push_bind(log.source)
+                            .push_bind(log.message.clone())
+                            .push_bind(log.fields.clone().map(Json))
+                            .push_bind(stored_time(log.created_at));
+                    });
+                    insert.push(concat!(" RETURNING ", execution_log_columns!()));
+                    let mut rows = insert
+                        .build_query_as::<ExecutionLog>()
+                        .fetch_all(&mut *connection)
+                        .await?;
+                    written.append(&mut rows);
+                }
+                Ok(written)
+            }
+
+            /// The statement of `complete_steps`, on `connection`.
+            async fn complete_steps_on(
+                &self,
+                connection: &mut <$db as sqlx::Database>::Connection,
+                completions: &[FinishedAttempt],
+            ) -> StoreResult<Vec<StepRun>> {
+                // v: id, attempt, status, output, error, retryable, finished at, started at.
+                // Results come from a runner, which only ever holds ASSIGNED/RUNNING attempts;
+                // timeouts and cancels are the engine's verdicts on any unfinished attempt.
+                self.transition_step_runs(
+                    &mut *connection,
+                    completions,
+                    "status = v.column3, output = v.column4, error = v.column5, \
+                     error_retryable = v.column6, finished_at = v.column7, \
+                     started_at = COALESCE(step_runs.started_at, v.column8), \
+                     lease_expires_at = NULL, next_attempt_at = NULL, updated_at = v.column7, \
+                     version = version + CASE WHEN step_runs.status = 'ASSIGNED' \
+                     AND v.column8 IS NOT NULL THEN 2 ELSE 1 END",
+                    "(step_runs.status IN ('ASSIGNED', 'RUNNING') \
+                     OR (v.column3 IN ('TIMED_OUT', 'CANCELLED') \
+                     AND step_runs.status IN ('PENDING', 'QUEUED')))",
+                    |mut row, finished| {
+                        let (output, error, retryable) = match &finished.completion {
+                            Completion::Succeeded { output } => {
+                                (Some(Json(output.clone())), None, None)
+                            }
+                            Completion::Failed { error, retryable } => {
+                                (None, Some(error.clone()), Some(*retryable))
+                            }
+                            Completion::TimedOut | Completion::Cancelled => (None, None, None),
+                        };
+                        row.push_bind(finished.key.step_run_id)
+                            .push_bind(finished.key.attempt)
+                            .push_bind(finished.completion.status())
+                            .push_bind(output)
+                            .push_bind(error)
+                            .push_bind(retryable)
+                            .push_bind(stored_time(finished.finished_at))
+                            .push_bind(finished.started_at.map(stored_time));
+                    },
+                )
+                .await
             }
 
             /// The status and attempt of a step run (to explain a rejected transition).
@@ -1642,6 +1731,7 @@ macro_rules! impl_executions_store {
             ) -> StoreResult<Vec<StepRun>> {
                 // v: id, attempt, input, queued at.
                 self.transition_step_runs(
+                    self.connection_pool(),
                     queued,
                     "status = 'QUEUED', input = COALESCE(v.column3, input), \
                      queued_at = v.column4, next_attempt_at = NULL, updated_at = v.column4, \
@@ -1676,6 +1766,7 @@ macro_rules! impl_executions_store {
             ) -> StoreResult<Vec<StepRun>> {
                 // v: id, attempt, runner, lease, assigned at.
                 self.transition_step_runs(
+                    self.connection_pool(),
                     assignments,
                     "status = 'ASSIGNED', runner_id = v.column3, lease_expires_at = v.column4, \
                      assigned_at = v.column5, updated_at = v.column5, version = version + 1",
@@ -1700,6 +1791,7 @@ macro_rules! impl_executions_store {
             ) -> StoreResult<Vec<StepRun>> {
                 // v: id, attempt, input, runner, lease, queued and assigned at.
                 self.transition_step_runs(
+                    self.connection_pool(),
                     handed,
                     "status = 'ASSIGNED', input = COALESCE(v.column3, input), \
                      queued_at = v.column6, next_attempt_at = NULL, runner_id = v.column4, \
@@ -1737,6 +1829,7 @@ macro_rules! impl_executions_store {
             ) -> StoreResult<Vec<StepRun>> {
                 // v: id, attempt, started at.
                 self.transition_step_runs(
+                    self.connection_pool(),
                     started,
                     "status = 'RUNNING', started_at = v.column3, updated_at = v.column3, \
                      version = version + 1",
@@ -1801,8 +1894,14 @@ macro_rules! impl_executions_store {
                 at: DateTime<Utc>,
             ) -> StoreResult<CompletionOutcome> {
                 let finished =
-                    FinishedAttempt { key, completion, started_at: None, finished_at: at };
-                match self.complete_steps(&[finished]).await?.pop() {
+                    FinishedAttempt {
+                        key,
+                        completion,
+                        started_at: None,
+                        finished_at: at,
+                        logs: Vec::new(),
+                    };
+                match self.complete_steps(&[finished]).await?.step_runs.pop() {
                     Some(step_run) => Ok(CompletionOutcome::Applied(step_run)),
                     None => self.refused_completion(key).await,
                 }
@@ -1815,42 +1914,23 @@ macro_rules! impl_executions_store {
             async fn complete_steps(
                 &self,
                 completions: &[FinishedAttempt],
-            ) -> StoreResult<Vec<StepRun>> {
-                // v: id, attempt, status, output, error, retryable, finished at, started at.
-                // Results come from a runner, which only ever holds ASSIGNED/RUNNING attempts;
-                // timeouts and cancels are the engine's verdicts on any unfinished attempt.
-                self.transition_step_runs(
-                    completions,
-                    "status = v.column3, output = v.column4, error = v.column5, \
-                     error_retryable = v.column6, finished_at = v.column7, \
-                     started_at = COALESCE(step_runs.started_at, v.column8), \
-                     lease_expires_at = NULL, next_attempt_at = NULL, updated_at = v.column7, \
-                     version = version + CASE WHEN step_runs.status = 'ASSIGNED' \
-                     AND v.column8 IS NOT NULL THEN 2 ELSE 1 END",
-                    "(step_runs.status IN ('ASSIGNED', 'RUNNING') \
-                     OR (v.column3 IN ('TIMED_OUT', 'CANCELLED') \
-                     AND step_runs.status IN ('PENDING', 'QUEUED')))",
-                    |mut row, finished| {
-                        let (output, error, retryable) = match &finished.completion {
-                            Completion::Succeeded { output } => {
-                                (Some(Json(output.clone())), None, None)
-                            }
-                            Completion::Failed { error, retryable } => {
-                                (None, Some(error.clone()), Some(*retryable))
-                            }
-                            Completion::TimedOut | Completion::Cancelled => (None, None, None),
-                        };
-                        row.push_bind(finished.key.step_run_id)
-                            .push_bind(finished.key.attempt)
-                            .push_bind(finished.completion.status())
-                            .push_bind(output)
-                            .push_bind(error)
-                            .push_bind(retryable)
-                            .push_bind(stored_time(finished.finished_at))
-                            .push_bind(finished.started_at.map(stored_time));
-                    },
-                )
-                .await
+            ) -> StoreResult<CompletedSteps> {
+                let logs: Vec<NewExecutionLog> = completions
+                    .iter()
+                    .take(MAX_TRANSITION_BATCH)
+                    .flat_map(|finished| finished.logs.iter().cloned())
+                    .collect();
+                if logs.is_empty() {
+                    // One statement, atomic by itself: no transaction around it.
+                    let mut connection = self.connection_pool().acquire().await?;
+                    let step_runs = self.complete_steps_on(&mut connection, completions).await?;
+                    return Ok(CompletedSteps { step_runs, logs: Vec::new() });
+                }
+                let mut transaction = self.begin_write_transaction().await?;
+                let step_runs = self.complete_steps_on(&mut transaction, completions).await?;
+                let logs = self.insert_execution_logs(&mut transaction, &logs).await?;
+                transaction.commit().await?;
+                Ok(CompletedSteps { step_runs, logs })
             }
 
             async fn schedule_retry(
@@ -2096,42 +2176,22 @@ macro_rules! impl_executions_store {
                 Ok(attempts)
             }
 
-            async fn append_execution_logs(&self, logs: Vec<NewExecutionLog>) -> StoreResult<u64> {
+            async fn append_execution_logs(
+                &self,
+                logs: Vec<NewExecutionLog>,
+            ) -> StoreResult<Vec<ExecutionLog>> {
                 if logs.is_empty() {
-                    return Ok(0);
+                    return Ok(Vec::new());
                 }
-                let mut written = 0;
                 // One chunk is one statement, atomic by itself: no transaction around it (two
                 // round trips fewer for the usual batch of a few lines).
-                let mut transaction = if logs.len() > INSERT_BATCH_ROWS {
-                    Some(self.begin_write_transaction().await?)
-                } else {
-                    None
-                };
-                for chunk in logs.chunks(INSERT_BATCH_ROWS) {
-                    let mut insert = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO execution_logs (execution_id, step_run_id, attempt, level, \
-                         source, message, fields, created_at) ",
-                    );
-                    insert.push_values(chunk, |mut row, log| {
-                        row.push_bind(log.execution_id)
-                            .push_bind(log.step_run_id)
-                            .push_bind(log.attempt)
-                            .push_bind(log.level)
-                            .push_bind(log.source)
-                            .push_bind(log.message.clone())
-                            .push_bind(log.fields.clone().map(Json))
-                            .push_bind(stored_time(log.created_at));
-                    });
-                    let done = match transaction.as_mut() {
-                        Some(transaction) => insert.build().execute(&mut **transaction).await?,
-                        None => insert.build().execute(self.connection_pool()).await?,
-                    };
-                    written += done.rows_affected();
+                if logs.len() <= INSERT_BATCH_ROWS {
+                    let mut connection = self.connection_pool().acquire().await?;
+                    return self.insert_execution_logs(&mut connection, &logs).await;
                 }
-                if let Some(transaction) = transaction {
-                    transaction.commit().await?;
-                }
+                let mut transaction = self.begin_write_transaction().await?;
+                let written = self.insert_execution_logs(&mut transaction, &logs).await?;
+                transaction.commit().await?;
                 Ok(written)
             }
 

@@ -154,6 +154,41 @@ async fn read_grpc(api: &Api, auth: &Auth, execution_id: &str) -> Vec<pb::WatchE
     }
 }
 
+/// When the server sent an event (its `time`), as REST JSON carries it.
+fn sent_at_json(event: &Value) -> chrono::DateTime<chrono::Utc> {
+    event["time"].as_str().and_then(|time| time.parse().ok()).expect("every event has its time")
+}
+
+/// When the server sent an event, as the generated gRPC types carry it.
+fn sent_at_proto(event: &pb::WatchExecutionResponse) -> chrono::DateTime<chrono::Utc> {
+    let time = event.time.expect("every event has its time");
+    chrono::DateTime::from_timestamp(time.seconds, u32::try_from(time.nanos).expect("nanos"))
+        .expect("a valid time")
+}
+
+/// A line a step prints before it sleeps two seconds reaches the watcher while the step runs:
+/// more than a second before the step's end (a short step's lines travel with its result; a
+/// long one's must not wait for it).
+fn check_live_log(events: &[(chrono::DateTime<chrono::Utc>, Seen)]) {
+    let sent = |wanted: &dyn Fn(&Seen) -> bool| {
+        events
+            .iter()
+            .find(|(_, seen)| wanted(seen))
+            .map(|(at, _)| *at)
+            .unwrap_or_else(|| panic!("an event is missing: {events:#?}"))
+    };
+    let line = sent(
+        &|seen| matches!(seen, Seen::Log { key, message } if key == "warm" && message.contains("warming up")),
+    );
+    let end = sent(
+        &|seen| matches!(seen, Seen::Step { key, status, .. } if key == "warm" && status == "SUCCEEDED"),
+    );
+    assert!(
+        end - line > chrono::Duration::seconds(1),
+        "the line came at {line}, the step's end at {end}: {events:#?}"
+    );
+}
+
 /// The order every attempt of a step goes through.
 const LIFECYCLE: [&str; 5] = ["PENDING", "QUEUED", "ASSIGNED", "RUNNING", "SUCCEEDED"];
 
@@ -229,7 +264,7 @@ async fn flaky_chain(bench: &Workbench) -> String {
         .code(
             "warm",
             "python",
-            "import json, time\ntime.sleep(2)\nprint(json.dumps({'warm': True}))\n",
+            "import json, time\nprint('warming up', flush=True)\ntime.sleep(2)\nprint(json.dumps({'warm': True}))\n",
             json!({}),
         )
         .await;
@@ -267,9 +302,15 @@ async fn dev_sse_with_an_access_token_delivers_every_transition_in_order() {
         "/api/v1/executions/{execution_id}/events?access_token={}",
         access_token(&bench.auth)
     );
-    let events: Vec<(i64, Seen)> =
-        read_sse(&bench.api, &path).await.iter().map(seen_from_json).collect();
+    let read = read_sse(&bench.api, &path).await;
+    let events: Vec<(i64, Seen)> = read.iter().map(seen_from_json).collect();
     check_story(&events);
+    check_live_log(
+        &read
+            .iter()
+            .map(|event| (sent_at_json(event), seen_from_json(event).1))
+            .collect::<Vec<_>>(),
+    );
 
     // Watching a finished execution: its snapshot, then the stream ends.
     let again: Vec<(i64, Seen)> =
@@ -283,12 +324,15 @@ async fn dev_grpc_and_grpc_web_watch_the_same_story() {
     let (server, _data) = start_dev(&[]);
     let bench = Workbench::new(Api::new(&server), "watch-grpc@example.com").await;
     let execution_id = flaky_chain(&bench).await;
-    let events: Vec<(i64, Seen)> = read_grpc(&bench.api, &bench.auth, &execution_id)
-        .await
-        .iter()
-        .map(seen_from_proto)
-        .collect();
+    let read = read_grpc(&bench.api, &bench.auth, &execution_id).await;
+    let events: Vec<(i64, Seen)> = read.iter().map(seen_from_proto).collect();
     check_story(&events);
+    check_live_log(
+        &read
+            .iter()
+            .map(|event| (sent_at_proto(event), seen_from_proto(event).1))
+            .collect::<Vec<_>>(),
+    );
 
     // grpc-web (what a browser speaks): a second run, watched from its start to its end.
     let second = flaky_chain(&bench).await;

@@ -1214,8 +1214,15 @@ async fn logs_batch_insert_and_cursor_paging(store: Arc<dyn Store>) {
             created_at: t0 + seconds(i64::try_from(index).expect("small")),
         })
         .collect();
-    assert_eq!(store.append_execution_logs(logs).await.expect("append"), 25);
-    assert_eq!(store.append_execution_logs(Vec::new()).await.expect("append nothing"), 0);
+    let written = store.append_execution_logs(logs.clone()).await.expect("append");
+    assert_eq!(
+        written.iter().map(|line| line.message.clone()).collect::<Vec<_>>(),
+        logs.iter().map(|line| line.message.clone()).collect::<Vec<_>>(),
+        "the lines come back as stored, in order"
+    );
+    assert!(written.windows(2).all(|pair| pair[0].id < pair[1].id), "ids grow: {written:?}");
+    assert_eq!(written[3].fields, Some(json!({"key": "value"})));
+    assert!(store.append_execution_logs(Vec::new()).await.expect("append nothing").is_empty());
     let noise = NewExecutionLog {
         execution_id: other_execution.id,
         step_run_id: Some(other_steps[0].id),
@@ -1226,7 +1233,7 @@ async fn logs_batch_insert_and_cursor_paging(store: Arc<dyn Store>) {
         fields: None,
         created_at: t0,
     };
-    assert_eq!(store.append_execution_logs(vec![noise.clone()]).await.expect("append"), 1);
+    assert_eq!(store.append_execution_logs(vec![noise.clone()]).await.expect("append").len(), 1);
 
     // Pages of 10: 10, 10, 5, no gaps and no duplicates, in insertion order.
     let mine = OwnerScope::Owner(fixture.owner);
@@ -1758,30 +1765,66 @@ async fn merged_transitions_record_every_stage(store: Arc<dyn Store>) {
     // committed on its own and is kept.
     run(&store, keys[1], t0 + seconds(2)).await;
     let b_running = store.get_step_run(keys[1].step_run_id).await.expect("b");
-    let finished = store
-        .complete_steps(&[
-            FinishedAttempt {
-                key: keys[0],
-                completion: Completion::Succeeded { output: json!("a") },
-                started_at: Some(t0 + seconds(3)),
-                finished_at: t0 + seconds(4),
-            },
-            FinishedAttempt {
-                key: keys[1],
-                completion: Completion::Succeeded { output: json!("b") },
-                started_at: Some(t0 + seconds(9)),
-                finished_at: t0 + seconds(4),
-            },
-            FinishedAttempt {
-                key: AttemptKey { step_run_id: keys[2].step_run_id, attempt: 7 },
-                completion: Completion::Succeeded { output: json!("stale") },
-                started_at: None,
-                finished_at: t0 + seconds(4),
-            },
-        ])
-        .await
-        .expect("complete");
+    let execution_id = steps[0].execution_id;
+    let line = |key: AttemptKey, message: &str| NewExecutionLog {
+        execution_id,
+        step_run_id: Some(key.step_run_id),
+        attempt: Some(key.attempt),
+        level: ExecutionLogLevel::Info,
+        source: ExecutionLogSource::Stdout,
+        message: message.to_owned(),
+        fields: None,
+        created_at: t0 + seconds(3),
+    };
+    let stale = AttemptKey { step_run_id: keys[2].step_run_id, attempt: 7 };
+    let completions = [
+        FinishedAttempt {
+            key: keys[0],
+            completion: Completion::Succeeded { output: json!("a") },
+            started_at: Some(t0 + seconds(3)),
+            finished_at: t0 + seconds(4),
+            logs: vec![line(keys[0], "a says hello"), line(keys[0], "a says bye")],
+        },
+        FinishedAttempt {
+            key: keys[1],
+            completion: Completion::Succeeded { output: json!("b") },
+            started_at: Some(t0 + seconds(9)),
+            finished_at: t0 + seconds(4),
+            logs: Vec::new(),
+        },
+        FinishedAttempt {
+            key: stale,
+            completion: Completion::Succeeded { output: json!("stale") },
+            started_at: None,
+            finished_at: t0 + seconds(4),
+            logs: vec![line(stale, "a stale attempt's line is kept")],
+        },
+    ];
+    // A line the store refuses (it names another execution's step) fails the whole batch:
+    // neither the results nor the lines are committed.
+    let (_, elsewhere) = simple_execution(&store, fixture.owner, &["x"], 1).await;
+    let mut refused = completions.clone();
+    refused[1].logs =
+        vec![NewExecutionLog { step_run_id: Some(elsewhere[0].id), ..line(keys[1], "misplaced") }];
+    let refusal = store.complete_steps(&refused).await;
+    assert!(matches!(refusal, Err(StoreError::ReferenceViolated(_))), "{refusal:?}");
+    assert_eq!(
+        store.get_step_run(keys[0].step_run_id).await.expect("a").status,
+        StepRunStatus::Assigned,
+        "nothing of a refused batch is committed"
+    );
+    let completed = store.complete_steps(&completions).await.expect("complete");
+    let finished = completed.step_runs;
     assert_eq!(finished.len(), 2, "the stale attempt is left out: {finished:?}");
+    let mut messages: Vec<String> =
+        completed.logs.iter().map(|line| line.message.clone()).collect();
+    messages.sort();
+    assert_eq!(messages, ["a says bye", "a says hello", "a stale attempt's line is kept"]);
+    let stored = store
+        .list_execution_logs(OwnerScope::All, execution_id, ExecutionLogFilter::first(100))
+        .await
+        .expect("logs");
+    assert_eq!(stored.items, completed.logs, "the lines are committed with the results");
     let a = finished.iter().find(|row| row.id == keys[0].step_run_id).expect("a finished");
     assert_eq!(
         (a.status, a.started_at, a.finished_at, a.output.clone()),
