@@ -128,22 +128,8 @@ impl Engine {
             .collect();
         if outputs.len() == steps.len() {
             let output = execution_output(&definition.sink_keys(), &outputs);
-            let change = ExecutionChange {
-                output: Some(output),
-                finished_at: Some(now),
-                ..ExecutionChange::new(ExecutionStatus::Succeeded, now)
-            };
-            if self
-                .store
-                .transition_execution(execution.id, ExecutionStatus::UNFINISHED, change)
-                .await?
-            {
-                super::metrics::execution_finished(ExecutionStatus::Succeeded);
-                self.publish_execution(execution.id).await;
-                if execution.parent_step_run_id.is_some() {
-                    self.child_execution_finished(execution.id).await;
-                }
-            }
+            let is_child = execution.parent_step_run_id.is_some();
+            self.finish_succeeded(execution.id, output, is_child, false).await?;
             return Ok(());
         }
 
@@ -191,6 +177,38 @@ impl Engine {
         Ok(())
     }
 
+    /// Records the execution SUCCEEDED with `output` (when it is unfinished and, with
+    /// `when_every_step_succeeded`, only when all its steps did and no cancel was requested)
+    /// and tells watchers, and the parent step of a child; `true` when this call finished it.
+    async fn finish_succeeded(
+        self: &Arc<Self>,
+        execution_id: Uuid,
+        output: Value,
+        is_child: bool,
+        when_every_step_succeeded: bool,
+    ) -> EngineResult<bool> {
+        let now = Utc::now();
+        let change = ExecutionChange {
+            output: Some(output),
+            finished_at: Some(now),
+            only_when_every_step_succeeded: when_every_step_succeeded,
+            ..ExecutionChange::new(ExecutionStatus::Succeeded, now)
+        };
+        if !self
+            .store
+            .transition_execution(execution_id, ExecutionStatus::UNFINISHED, change)
+            .await?
+        {
+            return Ok(false);
+        }
+        super::metrics::execution_finished(ExecutionStatus::Succeeded);
+        self.publish_execution(execution_id).await;
+        if is_child {
+            self.child_execution_finished(execution_id).await;
+        }
+        Ok(true)
+    }
+
     /// The input of a step whose dependencies all succeeded: its mapping rendered against
     /// `scope` (the execution's input when it has none), within the depth and size limits. The
     /// error is the execution's error.
@@ -227,12 +245,15 @@ impl Engine {
 
     /// `advance` after a step succeeded, reading only what that success changes: the steps
     /// that depend on it, and the rows they need (their other dependencies, the steps their
-    /// mappings read) — one read of a few rows, not of the execution and all its steps. It
-    /// works from what this process keeps of the execution (definition, fixed facts, input);
-    /// the full `advance` takes over whenever that is not enough: nothing kept here, a child
-    /// execution, past its deadline, a step no other depends on (the execution may be done), a
+    /// mappings read) — one read of a few rows, not of the execution and all its steps, and
+    /// none for a successor that waits for this step alone (see `take_waiting`). The success
+    /// of a workflow's only sink finishes the execution in one fenced statement. It works
+    /// from what this process keeps of the execution (definition, fixed facts, input); the
+    /// full `advance` takes over whenever that is not enough: nothing kept here, a child
+    /// execution, past its deadline, one of several sinks (the execution may be done), a
     /// WORKFLOW successor, an input that cannot be resolved. A cancel requested meanwhile is
-    /// safe: queueing and assigning refuse the steps of an execution being cancelled.
+    /// safe: queueing and assigning refuse the steps of an execution being cancelled, and
+    /// finishing refuses an execution being cancelled.
     async fn advance_after_success(self: &Arc<Self>, done: &StepRun) -> EngineResult<()> {
         let execution_id = done.execution_id;
         let now = Utc::now();
@@ -246,8 +267,20 @@ impl Engine {
             .iter()
             .filter(|step| step.depends_on.contains(&done.step_key))
             .collect();
+        let in_time = facts.deadline_at.is_none_or(|deadline| deadline > now);
+        if successors.is_empty() && facts.depth == 0 && in_time {
+            // The only step no other depends on comes after every other one: its success
+            // ends the execution (the store checks that every step succeeded).
+            if definition.sink_keys() == [done.step_key.as_str()] {
+                let output = done.output.clone().unwrap_or(Value::Null);
+                if self.finish_succeeded(execution_id, output, false, true).await? {
+                    return Ok(());
+                }
+            }
+            return self.advance(execution_id).await;
+        }
         let simple = facts.depth == 0
-            && facts.deadline_at.is_none_or(|deadline| deadline > now)
+            && in_time
             && !successors.is_empty()
             && successors
                 .iter()

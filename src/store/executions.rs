@@ -282,6 +282,9 @@ pub struct ExecutionChange {
     pub deadline_at: Option<DateTime<Utc>>,
     /// The time of the change (`updated_at`).
     pub at: DateTime<Utc>,
+    /// Applies only when every step run of the execution SUCCEEDED and no cancel was
+    /// requested: how the engine finishes an execution without reading its steps.
+    pub only_when_every_step_succeeded: bool,
 }
 
 impl ExecutionChange {
@@ -295,6 +298,7 @@ impl ExecutionChange {
             finished_at: None,
             deadline_at: None,
             at,
+            only_when_every_step_succeeded: false,
         }
     }
 }
@@ -1644,6 +1648,13 @@ macro_rules! impl_executions_store {
                     statuses.push_bind(*status);
                 }
                 update.push(")");
+                if change.only_when_every_step_succeeded {
+                    update.push(
+                        " AND cancel_requested_at IS NULL AND NOT EXISTS (SELECT 1 FROM step_runs \
+                         WHERE step_runs.execution_id = executions.id \
+                         AND step_runs.status <> 'SUCCEEDED')",
+                    );
+                }
                 let updated = update.build().execute(&self.pool).await?;
                 if updated.rows_affected() == 1 {
                     return Ok(true);

@@ -1875,8 +1875,47 @@ async fn no_step_of_a_cancelling_execution_is_queued(store: Arc<dyn Store>) {
     assert!(handed.is_empty(), "{handed:?}");
 }
 
+/// A success that ends the execution only when every step succeeded and no cancel was asked.
+async fn finishing_when_every_step_succeeded(store: Arc<dyn Store>) {
+    let fixture = fixture(&store).await;
+    let t0 = now();
+    let when_done = || ExecutionChange {
+        output: Some(json!("done")),
+        finished_at: Some(t0),
+        only_when_every_step_succeeded: true,
+        ..ExecutionChange::new(ExecutionStatus::Succeeded, t0)
+    };
+    let finish = |execution_id| {
+        let store = store.clone();
+        async move {
+            store
+                .transition_execution(execution_id, ExecutionStatus::UNFINISHED, when_done())
+                .await
+                .expect("transition")
+        }
+    };
+    let (execution, steps) = simple_execution(&store, fixture.owner, &["a", "b"], 1).await;
+    let succeeded = || Completion::Succeeded { output: json!(1) };
+    drive_step(&store, &steps[0], succeeded(), t0).await;
+    assert!(!finish(execution.id).await, "b has not succeeded yet");
+    drive_step(&store, &steps[1], succeeded(), t0).await;
+    assert!(finish(execution.id).await, "every step succeeded");
+    let finished = store.get_execution(OwnerScope::All, execution.id).await.expect("read");
+    assert_eq!(
+        (finished.status, finished.output),
+        (ExecutionStatus::Succeeded, Some(json!("done")))
+    );
+    assert!(!finish(execution.id).await, "finished already");
+
+    let (cancelled, steps) = simple_execution(&store, fixture.owner, &["a"], 1).await;
+    drive_step(&store, &steps[0], succeeded(), t0).await;
+    store.request_cancel(OwnerScope::All, cancelled.id, t0).await.expect("cancel");
+    assert!(!finish(cancelled.id).await, "a cancel was requested");
+}
+
 crate::conformance!(
     execution_and_step_runs_are_created_atomically,
+    finishing_when_every_step_succeeded,
     merged_transitions_record_every_stage,
     no_step_of_a_cancelling_execution_is_queued,
     step_transitions_in_order,
