@@ -249,11 +249,12 @@ impl Engine {
         };
         runner.set_assigned_row(key, assigned.clone());
         super::metrics::step_assigned(&assigned, &agent);
-        self.leases.extend(key, lease_until).await;
+        self.leases.granted(key, lease_until);
         if handed {
-            self.publish_step(&as_queued(&assigned)).await;
+            self.publish_step_after(&[as_queued(&assigned)], &assigned).await;
+        } else {
+            self.publish_step(&assigned).await;
         }
-        self.publish_step(&assigned).await;
         let message = pb::StepAssignment {
             step: Some(step_ref(key)),
             execution_id: item.execution_id.to_string(),

@@ -4,6 +4,9 @@
 //! replica's reconciler sees the runners attached to the others. The reconciler asks
 //! `expires_at` before it takes a step back from a runner whose database lease has run out.
 //!
+//! The lease an assignment grants is in the database already: it is kept in memory only, so a
+//! short step costs Redis nothing here.
+//!
 //! Redis losing its keys (a restart, `FLUSHALL`) only costs the replicas that do not hold the
 //! runner their view: the holding replica still answers from memory, and the runner's next
 //! heartbeat writes the key again.
@@ -18,8 +21,15 @@ use chrono::{DateTime, Utc};
 
 /// Where leases are extended and read.
 pub struct Leases {
-    local: Mutex<HashMap<AttemptKey, DateTime<Utc>>>,
+    local: Mutex<HashMap<AttemptKey, LocalLease>>,
     shared: Option<SharedLeases>,
+}
+
+#[derive(Clone, Copy)]
+struct LocalLease {
+    until: DateTime<Utc>,
+    /// Whether this process wrote the lease to Redis (so `forget` deletes it there).
+    shared: bool,
 }
 
 struct SharedLeases {
@@ -41,14 +51,23 @@ impl Leases {
         }
     }
 
+    /// Records the lease an assignment granted (and committed with the step run): in memory
+    /// only, since every reader also looks at the database's lease.
+    pub fn granted(&self, key: AttemptKey, until: DateTime<Utc>) {
+        self.remember(key, until, false);
+    }
+
+    fn remember(&self, key: AttemptKey, until: DateTime<Utc>, shared: bool) {
+        if let Ok(mut local) = self.local.lock() {
+            let entry = local.entry(key).or_insert(LocalLease { until, shared });
+            entry.until = entry.until.max(until);
+            entry.shared |= shared;
+        }
+    }
+
     /// Records that the holder of `key` is alive until `until` (later extensions win).
     pub async fn extend(&self, key: AttemptKey, until: DateTime<Utc>) {
-        if let Ok(mut local) = self.local.lock() {
-            let entry = local.entry(key).or_insert(until);
-            if *entry < until {
-                *entry = until;
-            }
-        }
+        self.remember(key, until, self.shared.is_some());
         if let Some(shared) = &self.shared {
             let ttl_millis = (until - Utc::now()).num_milliseconds().max(1) + 60_000;
             let result = async {
@@ -71,7 +90,8 @@ impl Leases {
 
     /// The latest time the lease of `key` was extended to, here or (in `serve`) on any replica.
     pub async fn expires_at(&self, key: AttemptKey) -> Option<DateTime<Utc>> {
-        let local = self.local.lock().ok().and_then(|local| local.get(&key).copied());
+        let local =
+            self.local.lock().ok().and_then(|local| local.get(&key).map(|lease| lease.until));
         let shared = match &self.shared {
             Some(shared) => shared.read(key).await,
             None => None,
@@ -79,12 +99,16 @@ impl Leases {
         local.max(shared)
     }
 
-    /// Drops what is known of `key` (the attempt finished or moved on).
+    /// Drops what is known of `key` (the attempt finished or moved on). A lease another
+    /// replica shared expires in Redis by itself.
     pub async fn forget(&self, key: AttemptKey) {
-        if let Ok(mut local) = self.local.lock() {
-            local.remove(&key);
-        }
-        if let Some(shared) = &self.shared {
+        let was_shared = self
+            .local
+            .lock()
+            .ok()
+            .and_then(|mut local| local.remove(&key))
+            .is_some_and(|lease| lease.shared);
+        if let Some(shared) = self.shared.as_ref().filter(|_| was_shared) {
             let result = async {
                 let mut connection = shared.pool.connection().await?;
                 redis::cmd("DEL")

@@ -40,7 +40,8 @@ pub struct RelayedCancel {
 }
 
 /// The `kind` of the events published on an execution's topic (`bus::topics::execution`):
-/// a step run changed (`stepRun` holds the committed row), the execution changed (read it
+/// a step run changed (`stepRun` holds the committed row, after `earlier` ones of the stages
+/// one commit went through, when there are any), the execution changed (read it
 /// back), or log lines were appended (`lines` holds them as committed; read them back when it
 /// is absent).
 pub const WATCH_STEP: &str = "step";
@@ -53,6 +54,25 @@ impl Engine {
     pub async fn advance(self: &Arc<Self>, execution_id: Uuid) -> EngineResult<()> {
         let (execution, steps) =
             self.store.get_execution_with_steps(OwnerScope::All, execution_id).await?;
+        self.advance_from(&execution, &steps).await
+    }
+
+    /// `advance` from the execution and its steps as just committed (by its creation), without
+    /// reading them again.
+    #[tracing::instrument(level = "debug", skip_all, fields(execution_id = %execution.id))]
+    pub async fn advance_created(
+        self: &Arc<Self>,
+        execution: &Execution,
+        steps: &[StepRun],
+    ) -> EngineResult<()> {
+        self.advance_from(execution, steps).await
+    }
+
+    async fn advance_from(
+        self: &Arc<Self>,
+        execution: &Execution,
+        steps: &[StepRun],
+    ) -> EngineResult<()> {
         if execution.status.is_finished() {
             return Ok(());
         }
@@ -709,9 +729,18 @@ impl Engine {
     /// watchers receive the transitions of a step in the order they happened, whichever
     /// replica made them.
     pub(super) async fn publish_step(&self, step_run: &StepRun) {
-        let event = match serde_json::to_value(step_run) {
-            Ok(row) => json!({ "kind": WATCH_STEP, "stepRun": row }),
-            Err(_) => json!({ "kind": WATCH_STEP }),
+        self.publish_step_after(&[], step_run).await;
+    }
+
+    /// `publish_step` for a transition that stands for several (`earlier`, oldest first, are
+    /// the rows of the stages it went through, of the same step), in one event.
+    pub(super) async fn publish_step_after(&self, earlier: &[StepRun], step_run: &StepRun) {
+        let event = match (serde_json::to_value(step_run), serde_json::to_value(earlier)) {
+            (Ok(row), Ok(earlier)) if !earlier.as_array().is_some_and(Vec::is_empty) => {
+                json!({ "kind": WATCH_STEP, "stepRun": row, "earlier": earlier })
+            }
+            (Ok(row), _) => json!({ "kind": WATCH_STEP, "stepRun": row }),
+            (Err(_), _) => json!({ "kind": WATCH_STEP }),
         };
         self.publish(step_run.execution_id, event).await;
     }

@@ -161,7 +161,7 @@ pub async fn create_execution(
         .await
         .map_err(|error| ServiceError::from_store(error, "execution"))?;
     // Committed: queue the first steps now. A failure here is repaired by the reconciler.
-    if let Err(error) = context.engine.advance(execution.id).await {
+    if let Err(error) = context.engine.advance_created(&execution, &step_runs).await {
         tracing::warn!(%error, execution_id = %execution.id, "could not start the execution yet");
     }
     Ok((execution, step_runs))

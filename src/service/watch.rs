@@ -7,7 +7,8 @@
 //! `dev`) only says what changed and when. The engine publishes each step run's committed row
 //! before it acts on the transition, so the rows of one step arrive here in the order they
 //! happened, whichever replica made them; a row no newer (by `version`) than the one already
-//! sent is skipped. Log lines are read back from the database by id. When the bus may have
+//! sent is skipped. Log lines come in their event as committed (with their ids; an event
+//! without them has the watcher read them back from the database by id). When the bus may have
 //! lost messages (a lagging subscriber, a reconnect), after `RESYNC_INTERVAL` without any
 //! event, and when the execution finishes, the watcher re-reads the execution and sends what
 //! changed (never while events may be in flight, which could skip a transition). A stream
@@ -246,9 +247,17 @@ impl Watcher {
         };
         match payload["kind"].as_str() {
             Some(WATCH_STEP) => {
-                match serde_json::from_value::<StepRun>(payload["stepRun"].clone()) {
-                    Ok(step_run) => self.step_changed(&step_run),
-                    Err(_) => return self.resync().await,
+                let earlier = match payload.get("earlier") {
+                    None => Ok(Vec::new()),
+                    Some(rows) => serde_json::from_value::<Vec<StepRun>>(rows.clone()),
+                };
+                match (earlier, serde_json::from_value::<StepRun>(payload["stepRun"].clone())) {
+                    (Ok(earlier), Ok(step_run)) => {
+                        for row in earlier.iter().chain([&step_run]) {
+                            self.step_changed(row);
+                        }
+                    }
+                    _ => return self.resync().await,
                 }
                 Ok(true)
             }
