@@ -79,30 +79,30 @@ impl Engine {
         let now = Utc::now();
         if execution.cancel_requested_at.is_some() {
             return self
-                .finish_early(&execution, ExecutionStatus::Cancelled, "cancelled on request")
+                .finish_early(execution, ExecutionStatus::Cancelled, "cancelled on request")
                 .await;
         }
-        if execution.parent_step_run_id.is_some() && !self.parent_still_waits(&execution).await? {
+        if execution.parent_step_run_id.is_some() && !self.parent_still_waits(execution).await? {
             let error = "cancelled: its parent step no longer waits for it";
-            return self.finish_early(&execution, ExecutionStatus::Cancelled, error).await;
+            return self.finish_early(execution, ExecutionStatus::Cancelled, error).await;
         }
         if execution.deadline_at.is_some_and(|deadline| deadline <= now) {
             return self
                 .finish_early(
-                    &execution,
+                    execution,
                     ExecutionStatus::TimedOut,
                     "the execution ran past its timeout",
                 )
                 .await;
         }
-        let definition = match self.definition(&execution) {
+        let definition = match self.definition(execution) {
             Ok(definition) => definition,
             Err(problem) => {
                 let error = format!("the execution's definition is unusable: {problem}");
-                return self.finish_early(&execution, ExecutionStatus::Failed, &error).await;
+                return self.finish_early(execution, ExecutionStatus::Failed, &error).await;
             }
         };
-        self.definitions.remember_waiting(execution.id, &steps);
+        self.definitions.remember_waiting(execution.id, steps);
         if execution.status == ExecutionStatus::Queued {
             let change = ExecutionChange {
                 started_at: Some(now),
@@ -117,7 +117,7 @@ impl Engine {
             }
         }
 
-        if self.collect_finished_children(&execution, &steps).await? {
+        if self.collect_finished_children(execution, steps).await? {
             // Collecting completed a step, which advanced the execution with fresh state.
             return Ok(());
         }
@@ -138,7 +138,7 @@ impl Engine {
                 error.push_str(": ");
                 error.push_str(last_error);
             }
-            return self.finish_early(&execution, ExecutionStatus::Failed, &error).await;
+            return self.finish_early(execution, ExecutionStatus::Failed, &error).await;
         }
 
         let outputs: HashMap<String, Value> = steps
@@ -158,7 +158,7 @@ impl Engine {
         for step in steps.iter().filter(|step| step.status == StepRunStatus::Pending) {
             let Some(step_definition) = definition.step(&step.step_key) else {
                 let error = format!("step {} is missing from the definition", step.step_key);
-                return self.finish_early(&execution, ExecutionStatus::Failed, &error).await;
+                return self.finish_early(execution, ExecutionStatus::Failed, &error).await;
             };
             let input = match step.next_attempt_at {
                 // A retry: its input was resolved for the first attempt.
@@ -179,7 +179,7 @@ impl Engine {
                         Ok(input) => Some(input),
                         Err(error) => {
                             return self
-                                .finish_early(&execution, ExecutionStatus::Failed, &error)
+                                .finish_early(execution, ExecutionStatus::Failed, &error)
                                 .await;
                         }
                     }
@@ -190,7 +190,7 @@ impl Engine {
         // Submitted together, the steps a completion made ready share one commit.
         let made_ready = ready
             .into_iter()
-            .map(|(step, input)| self.make_ready(&execution, &definition, step, input, now));
+            .map(|(step, input)| self.make_ready(execution, &definition, step, input, now));
         for made in futures::future::join_all(made_ready).await {
             made?;
         }
