@@ -1,5 +1,6 @@
 //! Health: `GET /health` (liveness with the state of every dependency; 503 when the database is
-//! unreachable), `GET /health/ready` (503 until every dependency answers), and the
+//! unreachable), `GET /health/ready` (503 until every dependency answers, and from the moment
+//! the process starts shutting down), and the
 //! `grpc.health.v1.Health` statuses kept in step by a background probe.
 //! May call: the probes in `AppContext`.
 
@@ -105,6 +106,15 @@ pub async fn readiness(
 ) -> Response {
     let request_id = envelope::request_id_of(&headers);
     let reports = probe_all(&context.probes).await;
+    if context.shutting_down.is_cancelled() {
+        // A load balancer stops sending new work here while the requests in flight finish.
+        return unavailable(
+            &context,
+            &reports,
+            "not ready: the server is shutting down",
+            &request_id,
+        );
+    }
     if reports.iter().any(|report| !report.up) {
         return unavailable(&context, &reports, "not ready: a dependency is down", &request_id);
     }

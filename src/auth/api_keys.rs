@@ -130,6 +130,12 @@ pub async fn authenticate_at(
         Ok(found) => found,
         // Revoked keys and keys of deleted owners are not found either.
         Err(StoreError::NotFound) => return rejected("the api key is unknown or revoked"),
+        // The database is away: the key is not judged (a runner told "unauthenticated" would
+        // stop for good); the request answers 503 and is tried again.
+        Err(error) if error.is_unavailable() => {
+            tracing::warn!(%error, "could not look up an api key: the database is unreachable");
+            return Authentication::Unavailable;
+        }
         Err(error) => {
             tracing::error!(%error, "could not look up an api key");
             return rejected(STORE_UNAVAILABLE);
