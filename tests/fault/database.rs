@@ -116,19 +116,6 @@ async fn while_postgres_is_away_requests_answer_503_quickly_and_everything_recov
     // Each loop warned once for the outage and said once that it works again; nothing was a
     // 500 (an internal error would be logged at ERROR).
     let log = crate::plain(&server.stderr_text());
-    let mut failing: Vec<String> = log
-        .lines()
-        .filter(|line| line.contains("a background task is failing"))
-        .map(|line| {
-            let value = line.split("activity=\"").nth(1).unwrap_or_default();
-            value.split('"').next().unwrap_or_default().to_owned()
-        })
-        .collect();
-    assert!(!failing.is_empty(), "the outage was noticed:\n{log}");
-    let noticed = failing.len();
-    failing.sort();
-    failing.dedup();
-    assert_eq!(failing.len(), noticed, "one warning per loop and outage:\n{log}");
-    assert!(log.contains("a background task works again"), "{log}");
+    crate::assert_one_warning_per_loop(&log);
     assert!(!log.contains("internal error"), "{log}");
 }

@@ -9,6 +9,7 @@ mod support;
 mod dangling;
 mod database;
 mod proxy;
+mod redis;
 mod shutdown;
 
 use std::sync::{Arc, Mutex};
@@ -234,4 +235,23 @@ pub fn plain(log: &str) -> String {
         text.push(character);
     }
     text
+}
+
+/// The outage was noticed, each background loop warned about it once (not once per pass), and
+/// they said they work again.
+pub fn assert_one_warning_per_loop(log: &str) {
+    let mut failing: Vec<String> = log
+        .lines()
+        .filter(|line| line.contains("a background task is failing"))
+        .map(|line| {
+            let value = line.split("activity=\"").nth(1).unwrap_or_default();
+            value.split('"').next().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert!(!failing.is_empty(), "the outage was noticed:\n{log}");
+    let noticed = failing.len();
+    failing.sort();
+    failing.dedup();
+    assert_eq!(failing.len(), noticed, "one warning per loop and outage:\n{log}");
+    assert!(log.contains("a background task works again"), "{log}");
 }
