@@ -28,8 +28,9 @@ impl Outage {
 
     /// Records a failed pass; returns how long to pause before the next one. Only the first
     /// failure of an outage is a warning.
-    pub fn failed(&mut self, error: &dyn std::fmt::Display) -> Duration {
+    pub fn failed(&mut self, error: &dyn std::error::Error) -> Duration {
         self.failures = self.failures.saturating_add(1);
+        let error = with_causes(error);
         if self.failing_since.is_none() {
             self.failing_since = Some(Instant::now());
             tracing::warn!(
@@ -71,6 +72,22 @@ impl Outage {
     }
 }
 
+/// An error and its causes, `: `-separated ("database error: error communicating with the
+/// database: connection refused"): the first line of an outage says what is wrong.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        if !text.ends_with(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        cause = inner.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,16 +97,17 @@ mod tests {
         let mut outage = Outage::new("testing");
         assert_eq!(outage.pause(), Duration::ZERO);
         assert!(!outage.is_failing());
-        assert_eq!(outage.failed(&"down"), FIRST_PAUSE);
-        assert_eq!(outage.failed(&"down"), FIRST_PAUSE * 2);
+        let down = std::io::Error::other("down");
+        assert_eq!(outage.failed(&down), FIRST_PAUSE);
+        assert_eq!(outage.failed(&down), FIRST_PAUSE * 2);
         assert!(outage.is_failing());
         for _ in 0..20 {
-            outage.failed(&"down");
+            outage.failed(&down);
         }
         assert_eq!(outage.pause(), MAX_PAUSE);
         outage.succeeded();
         assert!(!outage.is_failing());
         assert_eq!(outage.pause(), Duration::ZERO);
-        assert_eq!(outage.failed(&"down again"), FIRST_PAUSE, "a new outage starts over");
+        assert_eq!(outage.failed(&down), FIRST_PAUSE, "a new outage starts over");
     }
 }

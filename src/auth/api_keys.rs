@@ -133,7 +133,7 @@ pub async fn authenticate_at(
         // The database is away: the key is not judged (a runner told "unauthenticated" would
         // stop for good); the request answers 503 and is tried again.
         Err(error) if error.is_unavailable() => {
-            tracing::warn!(%error, "could not look up an api key: the database is unreachable");
+            tracing::debug!(%error, "could not look up an api key: the database is unreachable");
             return Authentication::Unavailable;
         }
         Err(error) => {
@@ -164,6 +164,11 @@ pub async fn recheck(
     match store.get_api_key_with_owner(api_key_id).await {
         Ok(found) => caller_of_key(found, now),
         Err(StoreError::NotFound) => Err("the api key is unknown or revoked"),
+        // Every re-check of an outage meets it; the key is not judged meanwhile.
+        Err(error) if error.is_unavailable() => {
+            tracing::debug!(%error, %api_key_id, "could not look up an api key: the database is unreachable");
+            Err(STORE_UNAVAILABLE)
+        }
         Err(error) => {
             tracing::error!(%error, %api_key_id, "could not look up an api key");
             Err(STORE_UNAVAILABLE)

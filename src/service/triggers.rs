@@ -48,7 +48,7 @@ pub async fn run_cron_triggers(context: Arc<AppContext>) {
         match fire_due_cron_deployments(&context, Utc::now()).await {
             Ok(_) => outage.succeeded(),
             Err(error) => {
-                outage.failed(&error.message);
+                outage.failed(&error);
             }
         }
     }
