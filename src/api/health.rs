@@ -122,7 +122,8 @@ pub async fn readiness(
 }
 
 /// Keeps `grpc.health.v1.Health` in step with the probes: SERVING while every critical
-/// dependency answers, NOT_SERVING otherwise.
+/// dependency answers, NOT_SERVING otherwise and from the moment the process starts shutting
+/// down.
 pub async fn keep_grpc_health(
     context: Arc<AppContext>,
     reporter: tonic_health::server::HealthReporter,
@@ -131,7 +132,8 @@ pub async fn keep_grpc_health(
     let mut last_serving = None;
     loop {
         let reports = probe_all(&context.probes).await;
-        let serving = reports.iter().all(|report| !report.critical || report.up);
+        let serving = !context.shutting_down.is_cancelled()
+            && reports.iter().all(|report| !report.critical || report.up);
         if last_serving != Some(serving) {
             let status = if serving {
                 tonic_health::ServingStatus::Serving
@@ -145,7 +147,12 @@ pub async fn keep_grpc_health(
             tracing::info!(serving, "grpc health status changed");
             last_serving = Some(serving);
         }
-        tokio::time::sleep(interval).await;
+        let not_yet_stopping = !context.shutting_down.is_cancelled();
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            // A shutdown is reported at once, not at the next probe.
+            () = context.shutting_down.cancelled(), if not_yet_stopping => {}
+        }
     }
 }
 

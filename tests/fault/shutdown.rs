@@ -120,6 +120,15 @@ async fn a_replica_stopped_with_sigterm_exits_in_time_and_its_runner_carries_on_
         assert_every_step_ran_once(&execution);
     }
 
+    // It kept the steps it was running when it moved: they finished on it, reported through
+    // the other replica.
+    let staying_log = crate::plain(&staying.stderr_text());
+    assert!(
+        staying_log.lines().any(|line| line.contains("runner attached")
+            && line.contains("name=moving")
+            && !line.contains("kept=0")),
+        "{staying_log}"
+    );
     let log = crate::plain(&leaving.stderr_text());
     assert!(log.contains("runners asked to attach elsewhere"), "{log}");
     assert!(log.contains("moved=1") && log.contains("cut=0"), "{log}");
