@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(run(cli.command));
     // Blocking work still running (a jq worker's pipe, a password hash) does not hold the exit
     // back past the shutdown's grace period.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

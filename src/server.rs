@@ -73,9 +73,11 @@ impl RunningServer {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let mut task = self.task;
         let served = tokio::time::timeout(remaining, &mut task).await;
-        // The API calls counted since the last flush are not lost with the process.
+        // The API calls counted since the last flush are not lost with the process (within
+        // what is left of the grace period).
         let last_flush = self.context.api_calls.flush(self.context.store.as_ref());
-        match tokio::time::timeout(std::time::Duration::from_secs(1), last_flush).await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left.min(std::time::Duration::from_secs(1)), last_flush).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::debug!(%error, "could not record the last api call counts"),
             Err(_) => tracing::debug!("could not record the last api call counts in time"),
