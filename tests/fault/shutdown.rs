@@ -2,15 +2,19 @@
 //! (through a load balancer) and an SSE watch open; it exits within its grace period, the watch
 //! ends with a last event saying why, the runner attaches to the other replica with the steps it
 //! still runs, and every execution succeeds with each step run once. The same signal on `dev`
-//! with a step running and a watch open.
+//! with a step running and a watch open. Watches are read over SSE and over gRPC.
 
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use serde_json::json;
 
+use tokio::task::JoinHandle;
+use turbocat::proto::v1::WatchExecutionRequest;
+use turbocat::proto::v1::execution_service_client::ExecutionServiceClient;
+
 use crate::proxy::TcpProxy;
-use crate::support::api::Api;
+use crate::support::api::{Api, Auth, grpc};
 use crate::support::{TurbocatProcess, start_dev, start_serve, start_serve_replica};
 use crate::{
     Bench, RunnerProcess, assert_every_step_ran_once, some_step_running, terminate, unique_prefix,
@@ -36,6 +40,39 @@ async fn read_events(url: String, token: String) -> (String, bool) {
         }
     }
     (text, true)
+}
+
+/// Reads a gRPC `WatchExecution` to its end: how many events came, and the status it ended with
+/// (`None`: it ended without one).
+async fn read_grpc_watch(
+    api: &Api,
+    auth: &Auth,
+    execution_id: &str,
+) -> JoinHandle<(usize, Option<tonic::Status>)> {
+    let mut client = ExecutionServiceClient::new(api.channel().await);
+    let request = WatchExecutionRequest { execution_id: execution_id.to_owned() };
+    let mut stream =
+        client.watch_execution(grpc(request, auth)).await.expect("open the watch").into_inner();
+    tokio::spawn(async move {
+        let mut events = 0;
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => events += 1,
+                Ok(None) => return (events, None),
+                Err(status) => return (events, Some(status)),
+            }
+        }
+    })
+}
+
+/// The gRPC watch ended with UNAVAILABLE saying the server is shutting down, after its snapshot.
+async fn assert_grpc_watch_ended_saying_why(watch: JoinHandle<(usize, Option<tonic::Status>)>) {
+    let (events, status) =
+        tokio::time::timeout(Duration::from_secs(2), watch).await.expect("ended").expect("read");
+    assert!(events >= 1, "the snapshot came first");
+    let status = status.expect("an UNAVAILABLE status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
 }
 
 /// Waits for the process to exit; how long it took from `since`.
@@ -96,6 +133,7 @@ async fn a_replica_stopped_with_sigterm_exits_in_time_and_its_runner_carries_on_
         format!("{}/api/v1/executions/{}/events", leaving.base_url(), executions[0]),
         bench.token.clone(),
     ));
+    let grpc_watch = read_grpc_watch(&bench.api, &bench.auth, &executions[1]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let signalled = Instant::now();
@@ -105,6 +143,7 @@ async fn a_replica_stopped_with_sigterm_exits_in_time_and_its_runner_carries_on_
     let (events, clean) =
         tokio::time::timeout(Duration::from_secs(2), watch).await.expect("ended").expect("read");
     assert_ended_saying_why(&events, clean);
+    assert_grpc_watch_ended_saying_why(grpc_watch).await;
 
     // The other replica carries on: the runner moved there (same process, same name), and
     // every execution succeeds with each step run once, nothing lost, nothing doubled.
@@ -148,6 +187,7 @@ async fn dev_stopped_with_sigterm_ends_its_watches_and_exits_in_time() {
         format!("{}/api/v1/executions/{execution_id}/events", dev.base_url()),
         bench.token.clone(),
     ));
+    let grpc_watch = read_grpc_watch(&bench.api, &bench.auth, &execution_id).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let signalled = Instant::now();
@@ -157,4 +197,5 @@ async fn dev_stopped_with_sigterm_ends_its_watches_and_exits_in_time() {
     let (events, clean) =
         tokio::time::timeout(Duration::from_secs(2), watch).await.expect("ended").expect("read");
     assert_ended_saying_why(&events, clean);
+    assert_grpc_watch_ended_saying_why(grpc_watch).await;
 }
