@@ -321,15 +321,17 @@ impl Engine {
                     tracing::info!(runner_id = %runner.id, step_run_id = %key.step_run_id, attempt = key.attempt, "refused a result for an attempt this runner does not hold");
                     return Ok(());
                 };
-                let completion = self.completion_of(result.outcome);
+                let completion = self.completion_of(result.outcome.as_ref());
                 // Free the slot only once the result is committed, so the attempt's end is
                 // recorded before the next assignment to this slot starts.
                 let mut outcome =
-                    self.complete_started_attempt(key, completion.clone(), held.started_at).await;
+                    self.complete_started_attempt(key, completion, held.started_at).await;
                 if let Err(error) = &outcome
                     && error.is_unavailable()
                 {
-                    // The runner sent its only copy: keep it until the database is back.
+                    // The runner sent its only copy: keep it until the database is back (made
+                    // again from the message, so the usual path copies no output).
+                    let completion = self.completion_of(result.outcome.as_ref());
                     let engine = self.clone();
                     let runner = runner.clone();
                     tokio::spawn(async move {
@@ -454,7 +456,7 @@ impl Engine {
         }
     }
 
-    fn completion_of(&self, outcome: Option<pb::step_result::Outcome>) -> Completion {
+    fn completion_of(&self, outcome: Option<&pb::step_result::Outcome>) -> Completion {
         use pb::step_result::Outcome;
         match outcome {
             Some(Outcome::Success(success)) => {
