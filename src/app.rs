@@ -62,6 +62,9 @@ pub struct AppContext {
     pub api_calls: Arc<crate::auth::usage::ApiCallCounter>,
     /// Who may read `GET /metrics`, and whether requests are logged.
     pub observability: Observability,
+    /// Cancelled when the process starts shutting down: `/health/ready` answers 503, watch
+    /// streams end, runners are asked to attach elsewhere.
+    pub shutting_down: tokio_util::sync::CancellationToken,
 }
 
 /// How operators watch the server (`--metrics-token`, `--metrics-listen`, `--access-log`).

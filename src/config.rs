@@ -218,6 +218,16 @@ pub struct ListenArgs {
     /// ids); `false` turns it off.
     #[arg(long, env = "TURBOCAT_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
+    /// On SIGTERM or SIGINT, how long the server may take to stop: it stops accepting, ends
+    /// watch streams, asks its runners to attach elsewhere and lets requests in flight finish,
+    /// then exits; whatever still runs after this many seconds is cut.
+    #[arg(
+        long,
+        env = "TURBOCAT_SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(1..=3_600)
+    )]
+    pub shutdown_grace_seconds: u64,
     #[command(flatten)]
     pub external_identity: ExternalIdentityArgs,
     #[command(flatten)]
@@ -525,6 +535,15 @@ pub struct ServeArgs {
     /// Largest number of database connections of this replica.
     #[arg(long, env = "TURBOCAT_DATABASE_MAX_CONNECTIONS", default_value_t = 20)]
     pub database_max_connections: u32,
+    /// How long a request or a background task waits for a database connection (opening one
+    /// included) before it gives up: a request then answers 503 SERVICE_UNAVAILABLE.
+    #[arg(
+        long,
+        env = "TURBOCAT_DATABASE_ACQUIRE_TIMEOUT_SECONDS",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u64).range(1..=300)
+    )]
+    pub database_acquire_timeout_seconds: u64,
     /// Redis URL, e.g. `redis://redis:6379`.
     #[arg(long, env = "TURBOCAT_REDIS_URL")]
     pub redis_url: ConnectionUrl,
@@ -532,6 +551,15 @@ pub struct ServeArgs {
     /// agree on it, installations sharing a Redis must not.
     #[arg(long, env = "TURBOCAT_REDIS_KEY_PREFIX", default_value = "turbocat:")]
     pub redis_key_prefix: String,
+    /// How long a Redis command waits for a connection (opening one included) and for its
+    /// answer before it gives up; the dispatcher then pauses instead of stalling.
+    #[arg(
+        long,
+        env = "TURBOCAT_REDIS_TIMEOUT_SECONDS",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u64).range(1..=300)
+    )]
+    pub redis_timeout_seconds: u64,
     /// JWT signing secret, at least 32 bytes; required with HS256 (the default algorithm).
     #[arg(long, env = "TURBOCAT_JWT_SECRET")]
     pub jwt_secret: Option<Secret>,

@@ -243,10 +243,28 @@ impl ServiceError {
                     ),
                 )
             }
+            unreachable @ StoreError::Database(_) if unreachable.is_unavailable() => {
+                Self::database_unavailable(&unreachable)
+            }
             database_error @ StoreError::Database(_) => Self::internal(&database_error),
         }
     }
+
+    /// The database could not be reached (`StoreError::is_unavailable`): 503 with a retry
+    /// hint, never a 500. Logged at `debug` only: every request of an outage meets it, the
+    /// access log shows the 503s, and the background loops warn once per outage.
+    pub fn database_unavailable(cause: &(dyn std::error::Error + 'static)) -> Self {
+        tracing::debug!(error = %cause, source = ?cause.source(), "the database is unreachable");
+        Self::new(
+            ErrorCode::ServiceUnavailable,
+            "the database is unavailable; try again in a few seconds",
+        )
+        .with_retry_after(DATABASE_RETRY_AFTER)
+    }
 }
+
+/// What a 503 for an unreachable database suggests as `Retry-After`.
+pub const DATABASE_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 impl From<ServiceError> for tonic::Status {
     fn from(error: ServiceError) -> Self {

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod jq;
 pub mod mapping;
+pub mod outage;
 pub mod proto;
 pub mod queue;
 pub mod redis_pool;

@@ -18,7 +18,7 @@ use crate::app::{AppContext, Mode};
 use crate::bus::{MemoryBus, RedisBus, RedisBusConfig};
 use crate::config::{self, ConnectionUrl, DevArgs, ListenArgs, Secret, ServeArgs, SettingError};
 use crate::queue::{MemoryQueue, RedisQueue, RedisQueueConfig};
-use crate::redis_pool::{RedisPool, connect_redis};
+use crate::redis_pool::{RedisPool, RedisPoolOptions, connect_redis_with_options};
 use crate::store::{PostgresStore, SqliteStore, Store};
 
 /// A start-up failure, worded for the person who launched the process.
@@ -43,20 +43,62 @@ pub enum StartupError {
 /// A server that is accepting connections.
 pub struct RunningServer {
     pub local_addr: SocketAddr,
+    context: Arc<AppContext>,
     shutdown: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     /// The engine's loops and the local runner, stopped with the server.
     background: Vec<tokio::task::JoinHandle<()>>,
+    /// How long a shutdown may take (`--shutdown-grace-seconds`).
+    grace: std::time::Duration,
 }
 
 impl RunningServer {
-    /// Stops accepting, lets in-flight requests finish, and waits.
+    /// Shuts down gracefully within the grace period: stops accepting connections (and new
+    /// requests on kept-alive ones), answers 503 on `/health/ready`, ends watch streams and SSE
+    /// with a last UNAVAILABLE event, stops the engine's loops after their current pass (no
+    /// claim left behind), asks attached runners to attach elsewhere (what they sent is applied
+    /// first), lets in-flight requests finish, and returns once they have, or when the grace
+    /// period ends (whatever still runs is then cut).
     pub async fn shutdown(self) -> std::io::Result<()> {
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.grace;
+        self.context.shutting_down.cancel();
+        let _ = self.shutdown.send(true);
+        // Runners get at most half the grace period to close their streams: the requests in
+        // flight keep the rest.
+        self.context.engine.shut_down(self.grace / 2).await;
         for task in &self.background {
             task.abort();
         }
-        let _ = self.shutdown.send(true);
-        self.task.await.unwrap_or_else(|join_error| Err(std::io::Error::other(join_error)))
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut task = self.task;
+        let served = tokio::time::timeout(remaining, &mut task).await;
+        // The API calls counted since the last flush are not lost with the process (within
+        // what is left of the grace period).
+        let last_flush = self.context.api_calls.flush(self.context.store.as_ref());
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left.min(std::time::Duration::from_secs(1)), last_flush).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::debug!(%error, "could not record the last api call counts"),
+            Err(_) => tracing::debug!("could not record the last api call counts in time"),
+        }
+        match served {
+            Ok(outcome) => {
+                tracing::info!(
+                    seconds = started.elapsed().as_secs_f64(),
+                    "every connection closed; stopped"
+                );
+                outcome.unwrap_or_else(|join_error| Err(std::io::Error::other(join_error)))
+            }
+            Err(_) => {
+                tracing::warn!(
+                    grace_seconds = self.grace.as_secs(),
+                    "the shutdown grace period ended; cutting the connections still open"
+                );
+                task.abort();
+                Ok(())
+            }
+        }
     }
 
     /// Serves until the process is asked to stop.
@@ -141,7 +183,8 @@ pub async fn start(
             })
             .await
     });
-    Ok(RunningServer { local_addr, shutdown, task, background })
+    let grace = std::time::Duration::from_secs(listen.shutdown_grace_seconds);
+    Ok(RunningServer { local_addr, context, shutdown, task, background, grace })
 }
 
 /// Serves `GET /metrics` alone on `address` (`--metrics-listen`).
@@ -174,18 +217,23 @@ pub async fn open_dev_store(data_dir: &Path) -> Result<SqliteStore, StartupError
     Ok(store)
 }
 
-/// Connects to PostgreSQL at `url` without migrating.
+/// How long a one-shot command (`migrate`, `seed`, `admin`) waits for a database connection.
+const COMMAND_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Connects to PostgreSQL at `url` without migrating; a query waits at most `acquire_timeout`
+/// for a connection.
 pub async fn connect_postgres_store(
     url: &ConnectionUrl,
     max_connections: u32,
+    acquire_timeout: std::time::Duration,
 ) -> Result<PostgresStore, StartupError> {
     config::validate_database_url(url, true)?;
-    PostgresStore::connect(url.expose(), max_connections).await.map_err(|error| {
-        StartupError::DatabaseUnreachable {
+    PostgresStore::connect_with_timeout(url.expose(), max_connections, acquire_timeout)
+        .await
+        .map_err(|error| StartupError::DatabaseUnreachable {
             url: url.redacted(),
             cause: describe_store_error(error),
-        }
-    })
+        })
 }
 
 /// Opens PostgreSQL at `url`, migrated.
@@ -193,7 +241,7 @@ pub async fn open_postgres_store(
     url: &ConnectionUrl,
     max_connections: u32,
 ) -> Result<PostgresStore, StartupError> {
-    let store = connect_postgres_store(url, max_connections).await?;
+    let store = connect_postgres_store(url, max_connections, COMMAND_ACQUIRE_TIMEOUT).await?;
     store.migrate().await.map_err(|error| StartupError::Migration(describe_store_error(error)))?;
     Ok(store)
 }
@@ -415,6 +463,7 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
         trusted_proxies: parts.listen.trusted_proxies.clone(),
         external_identity,
         started_at: Instant::now(),
+        shutting_down: tokio_util::sync::CancellationToken::new(),
     }))
 }
 
@@ -469,15 +518,27 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
         config::validate_public_url(public_url)?;
     }
     // Reach every dependency before changing anything: a bad Redis URL must not migrate.
-    let postgres =
-        connect_postgres_store(&args.database_url, args.database_max_connections).await?;
+    let postgres = connect_postgres_store(
+        &args.database_url,
+        args.database_max_connections,
+        std::time::Duration::from_secs(args.database_acquire_timeout_seconds),
+    )
+    .await?;
     let redis_unreachable =
         |cause: String| StartupError::RedisUnreachable { url: args.redis_url.redacted(), cause };
-    let redis = connect_redis(args.redis_url.expose())
+    let redis_options = RedisPoolOptions {
+        connection_timeout: std::time::Duration::from_secs(args.redis_timeout_seconds),
+        ..RedisPoolOptions::default()
+    };
+    let redis = connect_redis_with_options(args.redis_url.expose(), redis_options)
         .await
         .map_err(|error| redis_unreachable(error.to_string()))?;
-    let bus_config =
-        RedisBusConfig { key_prefix: args.redis_key_prefix.clone(), ..RedisBusConfig::default() };
+    let bus_config = RedisBusConfig {
+        key_prefix: args.redis_key_prefix.clone(),
+        subscribe_timeout: redis_options.connection_timeout,
+        command_timeout: redis_options.connection_timeout,
+        ..RedisBusConfig::default()
+    };
     let bus = RedisBus::connect(redis.clone(), bus_config)
         .await
         .map_err(|error| redis_unreachable(error.to_string()))?;

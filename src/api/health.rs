@@ -1,5 +1,6 @@
 //! Health: `GET /health` (liveness with the state of every dependency; 503 when the database is
-//! unreachable), `GET /health/ready` (503 until every dependency answers), and the
+//! unreachable), `GET /health/ready` (503 until every dependency answers, and from the moment
+//! the process starts shutting down), and the
 //! `grpc.health.v1.Health` statuses kept in step by a background probe.
 //! May call: the probes in `AppContext`.
 
@@ -105,6 +106,15 @@ pub async fn readiness(
 ) -> Response {
     let request_id = envelope::request_id_of(&headers);
     let reports = probe_all(&context.probes).await;
+    if context.shutting_down.is_cancelled() {
+        // A load balancer stops sending new work here while the requests in flight finish.
+        return unavailable(
+            &context,
+            &reports,
+            "not ready: the server is shutting down",
+            &request_id,
+        );
+    }
     if reports.iter().any(|report| !report.up) {
         return unavailable(&context, &reports, "not ready: a dependency is down", &request_id);
     }
@@ -112,7 +122,8 @@ pub async fn readiness(
 }
 
 /// Keeps `grpc.health.v1.Health` in step with the probes: SERVING while every critical
-/// dependency answers, NOT_SERVING otherwise.
+/// dependency answers, NOT_SERVING otherwise and from the moment the process starts shutting
+/// down.
 pub async fn keep_grpc_health(
     context: Arc<AppContext>,
     reporter: tonic_health::server::HealthReporter,
@@ -121,7 +132,8 @@ pub async fn keep_grpc_health(
     let mut last_serving = None;
     loop {
         let reports = probe_all(&context.probes).await;
-        let serving = reports.iter().all(|report| !report.critical || report.up);
+        let serving = !context.shutting_down.is_cancelled()
+            && reports.iter().all(|report| !report.critical || report.up);
         if last_serving != Some(serving) {
             let status = if serving {
                 tonic_health::ServingStatus::Serving
@@ -135,7 +147,12 @@ pub async fn keep_grpc_health(
             tracing::info!(serving, "grpc health status changed");
             last_serving = Some(serving);
         }
-        tokio::time::sleep(interval).await;
+        let not_yet_stopping = !context.shutting_down.is_cancelled();
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            // A shutdown is reported at once, not at the next probe.
+            () = context.shutting_down.cancelled(), if not_yet_stopping => {}
+        }
     }
 }
 

@@ -130,6 +130,12 @@ pub async fn authenticate_at(
         Ok(found) => found,
         // Revoked keys and keys of deleted owners are not found either.
         Err(StoreError::NotFound) => return rejected("the api key is unknown or revoked"),
+        // The database is away: the key is not judged (a runner told "unauthenticated" would
+        // stop for good); the request answers 503 and is tried again.
+        Err(error) if error.is_unavailable() => {
+            tracing::debug!(%error, "could not look up an api key: the database is unreachable");
+            return Authentication::Unavailable;
+        }
         Err(error) => {
             tracing::error!(%error, "could not look up an api key");
             return rejected(STORE_UNAVAILABLE);
@@ -158,6 +164,11 @@ pub async fn recheck(
     match store.get_api_key_with_owner(api_key_id).await {
         Ok(found) => caller_of_key(found, now),
         Err(StoreError::NotFound) => Err("the api key is unknown or revoked"),
+        // Every re-check of an outage meets it; the key is not judged meanwhile.
+        Err(error) if error.is_unavailable() => {
+            tracing::debug!(%error, %api_key_id, "could not look up an api key: the database is unreachable");
+            Err(STORE_UNAVAILABLE)
+        }
         Err(error) => {
             tracing::error!(%error, %api_key_id, "could not look up an api key");
             Err(STORE_UNAVAILABLE)

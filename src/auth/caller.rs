@@ -105,6 +105,9 @@ pub enum Authentication {
     Rejected {
         reason: String,
     },
+    /// Credentials were sent and could not be checked: the database is unreachable. Operations
+    /// that need a caller answer 503 SERVICE_UNAVAILABLE (never 401: the key may be good).
+    Unavailable,
 }
 
 /// Where a request came from.
@@ -132,10 +135,16 @@ impl CallerRecord {
     }
 }
 
-/// The caller of a request, or UNAUTHORIZED. The message is the same whatever went wrong.
+/// The caller of a request, or UNAUTHORIZED (the message is the same whatever went wrong), or
+/// SERVICE_UNAVAILABLE when the credentials could not be checked.
 pub fn caller_of<T>(request: &tonic::Request<T>) -> ServiceResult<Caller> {
     match request.extensions().get::<Authentication>() {
         Some(Authentication::Authenticated(caller)) => Ok(caller.clone()),
+        Some(Authentication::Unavailable) => Err(ServiceError::new(
+            crate::error::ErrorCode::ServiceUnavailable,
+            "the credentials cannot be checked now (the database is unavailable); try again in a few seconds",
+        )
+        .with_retry_after(crate::error::DATABASE_RETRY_AFTER)),
         _ => Err(ServiceError::unauthorized("authentication required")),
     }
 }

@@ -176,7 +176,9 @@ pub async fn authenticate(
         Authentication::Authenticated(caller) if caller.role != UserRole::Agent => {
             authenticator.api_calls.record(caller.user_id);
         }
-        Authentication::Authenticated(_) | Authentication::Anonymous => {}
+        Authentication::Authenticated(_)
+        | Authentication::Anonymous
+        | Authentication::Unavailable => {}
     }
     if let (Authentication::Authenticated(caller), Some(record)) =
         (&authentication, request.extensions().get::<super::caller::CallerRecord>())

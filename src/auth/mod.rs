@@ -1,7 +1,8 @@
 //! Authentication: who a caller is (access tokens, API keys), sessions and their revocation,
 //! password hashing. Services read the `Caller` the layer leaves on each request.
 //! May call: the store, the bus (revocations), `redis_pool` (rate limit counters in `serve`),
-//! `config` (secrets and settings) and `error`.
+//! `config` (secrets and settings), `error`, and `outage` (quiet retries of its background
+//! loops).
 
 pub mod api_keys;
 pub mod caller;

@@ -71,6 +71,7 @@ impl RevokedSessions {
             }
         };
         let mut ticker = tokio::time::interval(POLL_INTERVAL);
+        let mut outage = crate::outage::Outage::new("polling session revocations");
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
@@ -82,8 +83,11 @@ impl RevokedSessions {
                             }
                             // Overlap one interval so a revocation committed during the poll is seen.
                             since = polled_at - chrono::Duration::seconds(2);
+                            outage.succeeded();
                         }
-                        Err(error) => tracing::warn!(%error, "cannot poll session revocations"),
+                        Err(error) => {
+                            outage.failed(&error);
+                        }
                     }
                     self.forget_expired(polled_at);
                 }

@@ -51,10 +51,14 @@ impl ApiCallCounter {
     pub async fn keep_flushing(self: Arc<Self>, store: Arc<dyn Store>) {
         let mut ticker = tokio::time::interval(FLUSH_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut outage = crate::outage::Outage::new("recording api call counts");
         loop {
             ticker.tick().await;
-            if let Err(error) = self.flush(store.as_ref()).await {
-                tracing::warn!(%error, "could not record api call counts yet");
+            match self.flush(store.as_ref()).await {
+                Ok(()) => outage.succeeded(),
+                Err(error) => {
+                    outage.failed(&error);
+                }
             }
         }
     }

@@ -132,6 +132,15 @@ impl AttachedRunner {
         self.withdrawn.notify_one();
     }
 
+    /// Ends the runner's stream from the server's side with `status` (UNAVAILABLE: attach again,
+    /// to another replica) while its inbound stream is still read to its end, so whatever the
+    /// runner sent before it read `status` is applied; the runner then closes its side and
+    /// reconnects, naming the attempts it still holds. `false` when the stream had no room for
+    /// `status` within `patience`.
+    pub async fn ask_to_move(&self, status: tonic::Status, patience: std::time::Duration) -> bool {
+        matches!(tokio::time::timeout(patience, self.sender.send(Err(status))).await, Ok(Ok(())))
+    }
+
     /// Resolves once `withdraw` was called (at once if it was called already).
     pub async fn withdrawn(&self) {
         self.withdrawn.notified().await;

@@ -4,7 +4,9 @@
 //! only then acknowledges the queue entry and sends the assignment. An item no runner here can
 //! take stays in the queue for another replica (or a runner yet to come). A step that becomes
 //! ready while a runner here has a free slot for it skips the queue (`hand_off`). An assignment
-//! the runner does not acknowledge in time is taken back.
+//! the runner does not acknowledge in time is taken back. An entry whose step run or execution
+//! the database does not know is dropped with one warning naming it. A pass that fails (the
+//! database or Redis unreachable) is retried with a growing pause, warned about once per outage.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +22,7 @@ use super::scheduler::step_ref;
 use super::{Engine, EngineResult};
 use crate::proto::v1 as pb;
 use crate::queue::QueueItem;
-use crate::store::{AttemptKey, OwnerScope, StepAssignment, StepRun, StepRunStatus};
+use crate::store::{AttemptKey, OwnerScope, StepAssignment, StepRun, StepRunStatus, StoreError};
 
 /// What an assignment needs to know of its execution and step.
 struct AssignmentFacts {
@@ -55,7 +57,10 @@ pub const DEADLINE_GRACE: Duration = Duration::from_secs(5);
 impl Engine {
     pub(super) async fn run_dispatcher(self: Arc<Self>) {
         let mut ready = self.queue.subscribe_ready();
-        loop {
+        let mut outage = crate::outage::Outage::new("dispatching");
+        // Ends between passes, never within one: every claim it made is acknowledged or
+        // released, so a replica that stops hands its queue work back.
+        while !self.stopping.is_cancelled() {
             ready.borrow_and_update();
             let capacity = self.attached_runners.capacity_changed.notified();
             tokio::pin!(capacity);
@@ -63,16 +68,26 @@ impl Engine {
             // A slot freed while the queue is empty needs no pass (steps that become ready
             // then are handed to runners directly); anything queued meanwhile wakes `ready`.
             let queue_empty = match self.dispatch_once().await {
-                Ok(pass) => pass.peeked == Some(0),
+                Ok(pass) => {
+                    outage.succeeded();
+                    pass.peeked == Some(0)
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "dispatching failed; trying again shortly");
-                    false
+                    // The database or Redis is away: pause (growing) instead of waking on
+                    // every freed slot, and say so once per outage.
+                    let pause = outage.failed(&error);
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = self.stopping.cancelled() => {}
+                    }
+                    continue;
                 }
             };
             tokio::select! {
                 _ = ready.changed() => {}
                 () = &mut capacity, if !queue_empty => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = self.stopping.cancelled() => {}
             }
         }
     }
@@ -290,11 +305,19 @@ impl Engine {
                 step_key: item.step_key.clone(),
             }));
         }
-        let step_run = self.store.get_step_run(item.step_run_id).await?;
+        let step_run = match self.store.get_step_run(item.step_run_id).await {
+            Ok(step_run) => step_run,
+            Err(StoreError::NotFound) => return Ok(dangling(item)),
+            Err(error) => return Err(error.into()),
+        };
         if step_run.attempt != item.attempt || step_run.status != StepRunStatus::Queued {
             return Ok(None);
         }
-        let execution = self.store.get_execution(OwnerScope::All, item.execution_id).await?;
+        let execution = match self.store.get_execution(OwnerScope::All, item.execution_id).await {
+            Ok(execution) => execution,
+            Err(StoreError::NotFound) => return Ok(dangling(item)),
+            Err(error) => return Err(error.into()),
+        };
         if execution.status.is_finished() || execution.cancel_requested_at.is_some() {
             return Ok(None);
         }
@@ -329,6 +352,19 @@ impl Engine {
             }
         });
     }
+}
+
+/// A queue entry whose step run or execution the database does not know (a Redis that outlived
+/// its database, a restore, another installation sharing the key prefix): it is stale like any
+/// other and is dropped (`Placed::Stale` acknowledges it), said once, by name, so the entries
+/// behind it are dispatched instead of this one failing every pass.
+fn dangling<T>(item: &QueueItem) -> Option<T> {
+    tracing::warn!(
+        entry = %item.key(),
+        execution_id = %item.execution_id,
+        "dropping a queue entry the database does not know"
+    );
+    None
 }
 
 /// The step run as it was between its queueing and its assignment, which one commit made.

@@ -10,11 +10,15 @@
 //! Redis losing its keys (a restart, `FLUSHALL`) only costs the replicas that do not hold the
 //! runner their view: the holding replica still answers from memory, and the runner's next
 //! heartbeat writes the key again.
-//! May call: redis (through `crate::redis_pool`).
+//! Redis unreachable: extensions still land in memory, and the failure is warned about once per
+//! outage (`crate::outage`), not once per heartbeat.
+//! May call: redis (through `crate::redis_pool`) and `crate::outage`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::outage::Outage;
 use crate::redis_pool::RedisPool;
 use crate::store::AttemptKey;
 use chrono::{DateTime, Utc};
@@ -35,6 +39,9 @@ struct LocalLease {
 struct SharedLeases {
     pool: RedisPool,
     prefix: String,
+    /// Whether Redis refused the last extension; `outage` is locked only then (and on errors).
+    failing: AtomicBool,
+    outage: Mutex<Outage>,
 }
 
 impl Leases {
@@ -47,7 +54,12 @@ impl Leases {
     pub fn shared(pool: RedisPool, prefix: impl Into<String>) -> Self {
         Self {
             local: Mutex::new(HashMap::new()),
-            shared: Some(SharedLeases { pool, prefix: prefix.into() }),
+            shared: Some(SharedLeases {
+                pool,
+                prefix: prefix.into(),
+                failing: AtomicBool::new(false),
+                outage: Mutex::new(Outage::new("sharing lease extensions through Redis")),
+            }),
         }
     }
 
@@ -82,9 +94,7 @@ impl Leases {
                     .map_err(crate::redis_pool::RedisCommandError::from)
             }
             .await;
-            if let Err(error) = result {
-                tracing::warn!(%error, "could not share a lease extension through Redis");
-            }
+            shared.record(result.err());
         }
     }
 
@@ -126,6 +136,26 @@ impl Leases {
 }
 
 impl SharedLeases {
+    /// Notes how an extension went: one warning when Redis starts failing, one line when it
+    /// answers again.
+    fn record(&self, error: Option<crate::redis_pool::RedisCommandError>) {
+        match error {
+            None if !self.failing.load(Ordering::Relaxed) => {}
+            None => {
+                self.failing.store(false, Ordering::Relaxed);
+                if let Ok(mut outage) = self.outage.lock() {
+                    outage.succeeded();
+                }
+            }
+            Some(error) => {
+                self.failing.store(true, Ordering::Relaxed);
+                if let Ok(mut outage) = self.outage.lock() {
+                    outage.failed(&error);
+                }
+            }
+        }
+    }
+
     fn key(&self, key: AttemptKey) -> String {
         format!("{}lease:{}:{}", self.prefix, key.step_run_id, key.attempt)
     }

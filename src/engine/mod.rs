@@ -6,17 +6,18 @@
 //! `leases` (runner liveness, kept off the database), `runner_directory` (the runners attached to
 //! every replica, shared through Redis), `group_commit` (steps becoming ready, assignments, starts
 //! and results that arrive together share one commit) and `subworkflow` (WORKFLOW steps, which the
-//! engine runs itself as child executions); `metrics` records the operators' series. The `{{…}}`
-//! mappings it renders are `crate::mapping`, shared with the runner.
+//! engine runs itself as child executions); `metrics` records the operators' series and
+//! `shutdown` stops the loops and moves the attached runners away when the process stops. The
+//! `{{…}}` mappings it renders are `crate::mapping`, shared with the runner.
 //!
 //! The database is the source of truth: every transition is committed (as a fenced
 //! compare-and-set on the attempt) before the queue or a runner hears of it, so any replica may
 //! act on any execution and a crash at any point is repaired by the reconciler.
 //! May call: the store, the queue, the bus, `crate::redis_pool` (leases and the runner
-//! directory), and the shared pure modules (`proto`, `mapping`, `error`). Never the edges, the
-//! service layer (which builds child executions for it through the `subworkflow::ChildWorkflows`
-//! it installs) or the runner program. Callers reach it through the methods below, never its
-//! parts.
+//! directory), and the shared pure modules (`proto`, `mapping`, `error`, `outage`). Never the
+//! edges, the service layer (which builds child executions for it through the
+//! `subworkflow::ChildWorkflows` it installs) or the runner program. Callers reach it through
+//! the methods below, never its parts.
 
 pub mod attached_runners;
 pub mod dag;
@@ -30,6 +31,7 @@ pub mod reconciler;
 pub mod runner_directory;
 pub mod schedule;
 pub mod scheduler;
+pub mod shutdown;
 pub mod subworkflow;
 
 use std::sync::{Arc, OnceLock};
@@ -94,6 +96,16 @@ pub enum EngineError {
     Queue(#[from] QueueError),
 }
 
+impl EngineError {
+    /// Whether the database or Redis could not be reached: a passing outage, not a fault.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            EngineError::Store(error) => error.is_unavailable(),
+            EngineError::Queue(error) => matches!(error, QueueError::Backend(_)),
+        }
+    }
+}
+
 pub type EngineResult<T> = Result<T, EngineError>;
 
 /// How many decoded execution definitions one process keeps.
@@ -146,6 +158,8 @@ pub struct Engine {
     )>,
     /// Results of attempts, committed in groups.
     completing: group_commit::GroupCommit<crate::store::FinishedAttempt>,
+    /// Cancelled when the process shuts down: the loops end after their current pass.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Engine {
@@ -197,6 +211,7 @@ impl Engine {
             runner_directory: parts.runner_directory,
             child_workflows: OnceLock::new(),
             definitions: definition::DefinitionCache::new(DEFINITION_CACHE_CAPACITY),
+            stopping: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -235,8 +250,9 @@ impl Engine {
         self.runner_directory.replicas_alive().await
     }
 
-    /// Starts the dispatcher, the reconciler and the cancel relay; they run until the returned
-    /// handles are aborted.
+    /// Starts the dispatcher, the reconciler and the cancel relay; the dispatcher and the
+    /// reconciler end after their current pass once `shut_down` is called, the others run until
+    /// the returned handles are aborted.
     pub fn spawn(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         vec![
             tokio::spawn(self.clone().run_dispatcher()),

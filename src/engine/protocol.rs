@@ -41,6 +41,8 @@ const START_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis
 const LOG_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 /// Log lines of one attempt that wait at most; more are written at once.
 const MAX_WAITING_LOG_LINES: usize = 1_000;
+/// How long a result the database cannot take is kept and tried again.
+const RESULT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How many of one runner's attempt messages are applied at once.
 const RUNNER_LANES: usize = 8;
@@ -101,8 +103,15 @@ async fn apply(
     runner: &Arc<AttachedRunner>,
     message: pb::attach_request::Message,
 ) {
-    if let Err(error) = engine.on_runner_message(runner, message).await {
-        tracing::warn!(%error, runner_id = %runner.id, "a runner message could not be applied; the reconciler will repair");
+    match engine.on_runner_message(runner, message).await {
+        Ok(()) => {}
+        // Every message of an outage meets it; the engine's loops warn once per outage.
+        Err(error) if error.is_unavailable() => {
+            tracing::debug!(%error, runner_id = %runner.id, "a runner message could not be applied now; the reconciler will repair");
+        }
+        Err(error) => {
+            tracing::warn!(%error, runner_id = %runner.id, "a runner message could not be applied; the reconciler will repair");
+        }
     }
 }
 
@@ -317,13 +326,28 @@ impl Engine {
                     tracing::info!(runner_id = %runner.id, step_run_id = %key.step_run_id, attempt = key.attempt, "refused a result for an attempt this runner does not hold");
                     return Ok(());
                 };
-                let completion = self.completion_of(result.outcome);
+                let completion = self.completion_of(result.outcome.as_ref());
                 let logs = runner.take_logs(key);
                 // Free the slot only once the result is committed, so the attempt's end is
                 // recorded before the next assignment to this slot starts.
                 let mut outcome = self
                     .complete_started_attempt(key, completion, held.started_at, logs.clone())
                     .await;
+                if let Err(error) = &outcome
+                    && error.is_unavailable()
+                {
+                    // The runner sent its only copy: keep it until the database is back (made
+                    // again from the message, so the usual path copies no output).
+                    let completion = self.completion_of(result.outcome.as_ref());
+                    let engine = self.clone();
+                    let runner = runner.clone();
+                    tokio::spawn(async move {
+                        engine
+                            .record_result_when_possible(&runner, key, completion, held, logs)
+                            .await;
+                    });
+                    return Ok(());
+                }
                 if outcome.is_err() && !logs.is_empty() {
                     // The lines did not commit with the result: on their own, then.
                     match self.store.append_execution_logs(logs).await {
@@ -416,7 +440,45 @@ impl Engine {
         Ok(())
     }
 
-    fn completion_of(&self, outcome: Option<pb::step_result::Outcome>) -> Completion {
+    /// A result the database could not take (it is unreachable): tried again with a growing
+    /// pause, the attempt's lease kept alive meanwhile (the runner no longer heartbeats an
+    /// attempt it reported), so that once the database is back the result is recorded and the
+    /// step is not run a second time. The slot is freed when it is recorded (or given up, after
+    /// `RESULT_PATIENCE`, when the lease takes over as for a lost runner).
+    async fn record_result_when_possible(
+        self: &Arc<Self>,
+        runner: &Arc<AttachedRunner>,
+        key: AttemptKey,
+        completion: Completion,
+        held: super::attached_runners::HeldStep,
+        logs: Vec<NewExecutionLog>,
+    ) {
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(250);
+        loop {
+            let until = lease_end(Utc::now(), self.settings.lease_duration, held.deadline);
+            self.leases.extend(key, until).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(crate::outage::MAX_PAUSE);
+            let outcome = self
+                .complete_started_attempt(key, completion.clone(), held.started_at, logs.clone())
+                .await;
+            let unavailable = matches!(&outcome, Err(error) if error.is_unavailable());
+            if unavailable && started.elapsed() < RESULT_PATIENCE {
+                tracing::debug!(step_run_id = %key.step_run_id, "still cannot record a step result");
+                continue;
+            }
+            if let Err(error) = outcome {
+                tracing::warn!(%error, step_run_id = %key.step_run_id, attempt = key.attempt, "could not record a step result; its lease decides");
+            }
+            if runner.release(key) {
+                self.attached_runners.capacity_changed.notify_waiters();
+            }
+            return;
+        }
+    }
+
+    fn completion_of(&self, outcome: Option<&pb::step_result::Outcome>) -> Completion {
         use pb::step_result::Outcome;
         match outcome {
             Some(Outcome::Success(success)) => {

@@ -42,16 +42,30 @@ impl Engine {
         let mut interval = tokio::time::interval(self.settings.reconcile_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pass: u64 = 0;
+        let mut outage = crate::outage::Outage::new("reconciling");
         loop {
-            interval.tick().await;
-            let sweep = pass.is_multiple_of(SWEEP_EVERY_PASSES);
+            tokio::select! {
+                _ = interval.tick() => {}
+                () = self.stopping.cancelled() => return,
+            }
+            // After an outage the next pass sweeps every unfinished execution: whatever failed
+            // to move on while the database was away moves on now.
+            let sweep = pass.is_multiple_of(SWEEP_EVERY_PASSES) || outage.is_failing();
             pass = pass.wrapping_add(1);
             match self.reconcile_once(sweep).await {
-                Ok(report) if report != ReconcileReport::default() => {
-                    tracing::debug!(?report, "reconciled");
+                Ok(report) => {
+                    outage.succeeded();
+                    if report != ReconcileReport::default() {
+                        tracing::debug!(?report, "reconciled");
+                    }
                 }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "a reconciler pass failed"),
+                Err(error) => {
+                    let pause = outage.failed(&error);
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = self.stopping.cancelled() => return,
+                    }
+                }
             }
         }
     }

@@ -619,12 +619,16 @@ impl Engine {
 
     /// Forwards cancels published by other replicas to the runners attached here.
     pub(super) async fn relay_cancels(self: Arc<Self>) {
+        let mut outage = crate::outage::Outage::new("subscribing to runner cancels");
         loop {
             let mut stream = match self.bus.subscribe(RUNNER_CANCELS).await {
-                Ok(stream) => stream,
+                Ok(stream) => {
+                    outage.succeeded();
+                    stream
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "cannot subscribe to runner cancels; retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    let pause = outage.failed(&error);
+                    tokio::time::sleep(pause).await;
                     continue;
                 }
             };

@@ -285,7 +285,14 @@ impl Session<'_> {
                         self.on_server_message(message, *draining, &stream_sender).await;
                     }
                     Ok(Some(_)) => {}
-                    Ok(None) | Err(_) => return Ok(SessionEnd::Broken),
+                    Ok(None) => return Ok(SessionEnd::Broken),
+                    Err(status) => {
+                        if status.code() == tonic::Code::Unavailable {
+                            // A server shutting down: attach again, elsewhere, with what we hold.
+                            tracing::info!(reason = %status.message(), "the server ended the stream; attaching again");
+                        }
+                        return Ok(SessionEnd::Broken);
+                    }
                 },
                 Some(request) = outbox_receiver.recv() => {
                     let Some(request) = release_reported(request, self.running) else { continue };

@@ -42,10 +42,14 @@ const CONCURRENT_FIRES: usize = 8;
 /// tick fires a few milliseconds after its time, and every replica polls at the same moments:
 /// the claim, not luck, is what keeps them from firing a tick twice.
 pub async fn run_cron_triggers(context: Arc<AppContext>) {
+    let mut outage = crate::outage::Outage::new("firing due cron deployments");
     loop {
-        tokio::time::sleep(until_next_poll(Utc::now())).await;
-        if let Err(error) = fire_due_cron_deployments(&context, Utc::now()).await {
-            tracing::warn!(error = %error.message, "could not fire the due cron deployments");
+        tokio::time::sleep(until_next_poll(Utc::now()) + outage.pause()).await;
+        match fire_due_cron_deployments(&context, Utc::now()).await {
+            Ok(_) => outage.succeeded(),
+            Err(error) => {
+                outage.failed(&error);
+            }
         }
     }
 }

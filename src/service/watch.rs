@@ -13,7 +13,8 @@
 //! event, and when the execution finishes, the watcher re-reads the execution and sends what
 //! changed (never while events may be in flight, which could skip a transition). A stream
 //! opened with a session's access token ends (UNAUTHENTICATED) within `SESSION_CHECK_INTERVAL`
-//! of that session's logout or revocation, on whichever replica it runs.
+//! of that session's logout or revocation, on whichever replica it runs. When the process shuts
+//! down, every stream ends with UNAVAILABLE (an `error` event over SSE) saying so.
 //! May call: the store and the bus. Never the edges.
 
 use std::collections::{BTreeMap, HashMap};
@@ -48,6 +49,8 @@ const LOG_REREAD_WINDOW: Duration = Duration::from_secs(5);
 /// How often a stream checks that the session it was opened with is still live (revocations
 /// reach every replica's `RevokedSessions` through the bus).
 const SESSION_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// The last event of a stream whose server is shutting down.
+pub const SHUTTING_DOWN: &str = "the server is shutting down; watch again to continue";
 /// Events buffered for a slow client before the watcher waits for it.
 const STREAM_BUFFER: usize = 64;
 
@@ -79,8 +82,18 @@ pub async fn watch_execution(
         _ => None,
     };
     watcher.start().await?;
+    let shutting_down = watcher.context.shutting_down.clone();
     tokio::spawn(async move {
-        if let Err(error) = watcher.follow(events).await {
+        let outcome = tokio::select! {
+            outcome = watcher.follow(events) => outcome,
+            // The process is stopping: the stream ends cleanly, saying so (a client watches
+            // again, through another replica, and starts from a fresh snapshot).
+            () = shutting_down.cancelled() => Err(ServiceError::new(
+                crate::error::ErrorCode::ServiceUnavailable,
+                SHUTTING_DOWN,
+            )),
+        };
+        if let Err(error) = outcome {
             let _ = watcher.sender.send(Err(error)).await;
         }
     });

@@ -183,6 +183,28 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether the database could not be reached (no connection within the pool's acquire
+    /// timeout, a connection that broke, the pool closed): a passing outage, not a fault of
+    /// the request, which is worth trying again.
+    pub fn is_unavailable(&self) -> bool {
+        let StoreError::Database(error) = self else { return false };
+        match error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => true,
+            // PostgreSQL going down: admin shutdown, crash shutdown, cannot connect now, and
+            // the connection exceptions (class 08).
+            sqlx::Error::Database(database_error) => database_error.code().is_some_and(|code| {
+                matches!(&*code, "57P01" | "57P02" | "57P03") || code.starts_with("08")
+            }),
+            _ => false,
+        }
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// A stored enum column held a value this build does not know.
@@ -329,14 +351,26 @@ pub struct SqliteStore {
 }
 
 impl PostgresStore {
-    /// Connects without migrating; `migrate` applies the embedded migrations.
+    /// Connects without migrating (waiting up to 5 s for a connection); `migrate` applies the
+    /// embedded migrations.
     pub async fn connect(database_url: &str, max_connections: u32) -> StoreResult<Self> {
+        Self::connect_with_timeout(database_url, max_connections, Duration::from_secs(5)).await
+    }
+
+    /// `connect`, where a query waits at most `acquire_timeout` for a connection (opening one
+    /// included): with the database away, callers learn it within that time
+    /// (`StoreError::is_unavailable`) instead of hanging.
+    pub async fn connect_with_timeout(
+        database_url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> StoreResult<Self> {
         let options = PgConnectOptions::from_str(database_url)?;
         // No ping before each checkout (a round trip per query): a connection that broke is
         // closed by the error of the query that met it, and the pool opens a new one.
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(acquire_timeout)
             .test_before_acquire(false)
             .connect_with(options)
             .await?;

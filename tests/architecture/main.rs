@@ -16,6 +16,7 @@ const RULES: &[(&str, &[&str])] = &[
     // Below everything: pure code the server and the runner share.
     ("text", &[]),
     ("mapping", &[]),
+    ("outage", &[]),
     ("jq", &["text"]),
     ("store", &[]),
     ("error", &["store"]),
@@ -25,14 +26,17 @@ const RULES: &[(&str, &[&str])] = &[
     ("queue", &["redis_pool"]),
     ("bus", &["redis_pool"]),
     ("config", &["auth", "engine", "runner"]),
-    ("auth", &["bus", "config", "error", "redis_pool", "store"]),
-    ("engine", &["bus", "error", "mapping", "proto", "queue", "redis_pool", "store"]),
+    ("auth", &["bus", "config", "error", "outage", "redis_pool", "store"]),
+    ("engine", &["bus", "error", "mapping", "outage", "proto", "queue", "redis_pool", "store"]),
     // The runner program reaches the server only through the proto.
     ("runner", &["jq", "mapping", "proto", "text"]),
     ("app", &["auth", "bus", "config", "engine", "queue", "store"]),
     (
         "service",
-        &["app", "auth", "bus", "engine", "error", "jq", "mapping", "proto", "queue", "store"],
+        &[
+            "app", "auth", "bus", "engine", "error", "jq", "mapping", "outage", "proto", "queue",
+            "store",
+        ],
     ),
     ("api", &["app", "auth", "engine", "error", "proto", "service", "store"]),
     ("seed", &["auth", "config", "store"]),

@@ -34,6 +34,9 @@ impl runner_service_server::RunnerService for RunnerGrpc {
         &self,
         request: Request<Streaming<pb::AttachRequest>>,
     ) -> Result<Response<tonic::codegen::BoxStream<pb::AttachResponse>>, Status> {
+        if self.context.engine.is_shutting_down() {
+            return Err(Status::unavailable(crate::engine::shutdown::SHUTTING_DOWN));
+        }
         let caller = caller_of(&request)?;
         let grant = runner_grant(&caller)?;
         let mut inbound = request.into_inner();
@@ -60,6 +63,12 @@ impl runner_service_server::RunnerService for RunnerGrpc {
         if sender.send(Ok(accepted)).await.is_err() {
             engine.detach_runner(&runner).await;
             return Err(Status::cancelled("the runner went away"));
+        }
+        if engine.is_shutting_down() {
+            // Attached while the shutdown asked the others to move: this one moves too.
+            runner.set_draining();
+            let _ =
+                sender.try_send(Err(Status::unavailable(crate::engine::shutdown::SHUTTING_DOWN)));
         }
         tokio::spawn(async move {
             let inbox = engine.runner_inbox(runner.clone());

@@ -1,0 +1,257 @@
+//! Fault tolerance, end to end with real processes: a queue entry the database does not know
+//! (`dangling`), PostgreSQL unreachable for a while behind a TCP proxy the test cuts and restores
+//! (`database`), and SIGTERM on `serve` and `dev` with work in flight, a runner attached and an
+//! SSE watch open (`shutdown`).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod dangling;
+mod database;
+mod proxy;
+mod redis;
+mod shutdown;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::api::{Api, Auth};
+
+/// An account that builds and runs workflows over REST.
+pub struct Bench {
+    pub api: Api,
+    pub auth: Auth,
+    pub user_id: String,
+    /// The access token of `auth`.
+    pub token: String,
+}
+
+impl Bench {
+    pub async fn new(api: Api, email: &str) -> Self {
+        let account = api.register(email, "Fault Tester").await;
+        Self {
+            auth: account.auth(),
+            user_id: account.id.clone(),
+            token: account.token.clone(),
+            api,
+        }
+    }
+
+    /// Creates an agent and returns its id.
+    pub async fn agent(&self, name: &str, agent_type: &str, config: Value) -> String {
+        let (status, body) = self
+            .api
+            .post(
+                "/api/v1/agents",
+                &self.auth,
+                json!({ "name": name, "type": agent_type, "config": config }),
+            )
+            .await;
+        assert_eq!(status, 201, "create agent {name}: {body}");
+        body["data"]["id"].as_str().expect("agent id").to_owned()
+    }
+
+    /// A DATA agent running `program`.
+    pub async fn jq(&self, name: &str, program: &str) -> String {
+        self.agent(name, "DATA", json!({ "data": { "jqProgram": program } })).await
+    }
+
+    /// A python CODE agent that sleeps `seconds` and outputs `{"slept": seconds}`.
+    pub async fn sleeper(&self, name: &str, seconds: f64) -> String {
+        let source = format!(
+            "import json, time\ntime.sleep({seconds})\nprint(json.dumps({{'slept': {seconds}}}))\n"
+        );
+        self.agent(name, "CODE", json!({ "code": { "language": "python", "source": source } }))
+            .await
+    }
+
+    /// Creates a workflow and returns its id.
+    pub async fn workflow(&self, name: &str, steps: Value) -> String {
+        let (status, body) = self
+            .api
+            .post("/api/v1/workflows", &self.auth, json!({ "name": name, "steps": steps }))
+            .await;
+        assert_eq!(status, 201, "create workflow {name}: {body}");
+        body["data"]["id"].as_str().expect("workflow id").to_owned()
+    }
+
+    /// Starts an execution and returns its id.
+    pub async fn execute(&self, workflow_id: &str) -> String {
+        let (status, body) = self
+            .api
+            .post(&format!("/api/v1/workflows/{workflow_id}/execute"), &self.auth, json!({}))
+            .await;
+        assert_eq!(status, 202, "execute: {body}");
+        body["data"]["id"].as_str().expect("execution id").to_owned()
+    }
+
+    pub async fn execution(&self, execution_id: &str) -> Value {
+        let (status, body) =
+            self.api.get(&format!("/api/v1/executions/{execution_id}"), &self.auth).await;
+        assert_eq!(status, 200, "get execution: {body}");
+        body["data"].clone()
+    }
+
+    /// Polls until `predicate` holds for the execution (or `limit` passes).
+    pub async fn wait_for(
+        &self,
+        execution_id: &str,
+        limit: Duration,
+        what: &str,
+        predicate: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let started = Instant::now();
+        loop {
+            let execution = self.execution(execution_id).await;
+            if predicate(&execution) {
+                return execution;
+            }
+            assert!(started.elapsed() < limit, "not {what} after {limit:?}: {execution}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls until the execution reaches a final status.
+    pub async fn finished(&self, execution_id: &str, limit: Duration) -> Value {
+        self.wait_for(execution_id, limit, "finished", |execution| {
+            ["SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"]
+                .contains(&execution["status"].as_str().unwrap_or_default())
+        })
+        .await
+    }
+}
+
+/// Every step run of an execution ran once and succeeded: attempt 1, one attempt recorded.
+pub fn assert_every_step_ran_once(execution: &Value) {
+    assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+    let steps = execution["stepRuns"].as_array().expect("step runs");
+    assert!(!steps.is_empty(), "{execution}");
+    for step in steps {
+        assert_eq!(step["status"], "SUCCEEDED", "{step}");
+        assert_eq!(step["attempt"], 1, "run again: {step}");
+        let attempts = step["attempts"].as_array().map_or(0, Vec::len);
+        assert_eq!(attempts, 1, "one recorded attempt: {step}");
+    }
+}
+
+/// Whether any step of the execution is RUNNING.
+pub fn some_step_running(execution: &Value) -> bool {
+    execution["stepRuns"]
+        .as_array()
+        .is_some_and(|steps| steps.iter().any(|step| step["status"] == "RUNNING"))
+}
+
+/// A `turbocat runner` process, killed when dropped; its log is kept.
+pub struct RunnerProcess {
+    child: std::process::Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl RunnerProcess {
+    pub fn start(server_url: &str, api_key: &str, name: &str, capacity: u32) -> Self {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
+        command
+            .args(["runner", "--server", server_url, "--name", name])
+            .args(["--capacity", &capacity.to_string()])
+            .env("TURBOCAT_API_KEY", api_key)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().expect("spawn runner");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().expect("runner stderr");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                if let Ok(mut text) = sink.lock() {
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            }
+        });
+        Self { child, stderr }
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().map(|text| text.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for RunnerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `GET /runners` on `api` lists a runner named `name`.
+pub async fn wait_for_runner(api: &Api, auth: &Auth, name: &str) {
+    let started = Instant::now();
+    loop {
+        let (status, body) = api.get("/api/v1/runners", auth).await;
+        if status == 200
+            && body["data"]
+                .as_array()
+                .is_some_and(|runners| runners.iter().any(|runner| runner["name"] == name))
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "runner {name} never attached: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A prefix for one installation's keys in the shared Redis.
+pub fn unique_prefix() -> String {
+    format!("turbocat-test:{}:", uuid::Uuid::new_v4().simple())
+}
+
+/// Sends SIGTERM to a process.
+pub fn terminate(pid: u32) {
+    let signalled = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    assert!(signalled.expect("kill").success());
+}
+
+/// A log without its terminal colours (the server colours its log even into a pipe).
+pub fn plain(log: &str) -> String {
+    let mut text = String::with_capacity(log.len());
+    let mut characters = log.chars();
+    while let Some(character) = characters.next() {
+        if character == '\u{1b}' {
+            // An escape sequence: `ESC [ … letter`.
+            for inner in characters.by_ref() {
+                if inner.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+            continue;
+        }
+        text.push(character);
+    }
+    text
+}
+
+/// The outage was noticed, each background loop warned about it once (not once per pass), and
+/// they said they work again.
+pub fn assert_one_warning_per_loop(log: &str) {
+    let mut failing: Vec<String> = log
+        .lines()
+        .filter(|line| line.contains("a background task is failing"))
+        .map(|line| {
+            let value = line.split("activity=\"").nth(1).unwrap_or_default();
+            value.split('"').next().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert!(!failing.is_empty(), "the outage was noticed:\n{log}");
+    let noticed = failing.len();
+    failing.sort();
+    failing.dedup();
+    assert_eq!(failing.len(), noticed, "one warning per loop and outage:\n{log}");
+    assert!(log.contains("a background task works again"), "{log}");
+}
