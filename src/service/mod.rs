@@ -4,7 +4,7 @@
 //! response or a `ServiceError`. The gRPC methods call these; REST reaches them through gRPC.
 //! May call: app (the context), store, queue, bus, auth, the engine (DAG checks, snapshots,
 //! schedules, starting and cancelling executions), `error`, and the shared pure modules
-//! (`proto`, `mapping`, `jq`). Never the edges, never the runner program.
+//! (`proto`, `mapping`, `jq`, `ssrf`). Never the edges, never the runner program.
 
 pub mod agents;
 pub mod analytics;
@@ -17,6 +17,7 @@ pub mod deployments;
 pub mod executions;
 pub mod runner_access;
 pub mod runner_listing;
+pub mod signing;
 pub mod subworkflows;
 pub mod templates;
 pub mod triggers;

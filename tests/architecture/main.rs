@@ -21,6 +21,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("error", &["store"]),
     ("proto", &["error"]),
     ("redis_pool", &[]),
+    ("ssrf", &[]),
     // Seams: queue and bus know nothing of the store, the engine or proto.
     ("queue", &["redis_pool"]),
     ("bus", &["redis_pool"]),
@@ -28,11 +29,14 @@ const RULES: &[(&str, &[&str])] = &[
     ("auth", &["bus", "config", "error", "redis_pool", "store"]),
     ("engine", &["bus", "error", "mapping", "proto", "queue", "redis_pool", "store"]),
     // The runner program reaches the server only through the proto.
-    ("runner", &["jq", "mapping", "proto", "text"]),
+    ("runner", &["jq", "mapping", "proto", "ssrf", "text"]),
     ("app", &["auth", "bus", "config", "engine", "queue", "store"]),
     (
         "service",
-        &["app", "auth", "bus", "engine", "error", "jq", "mapping", "proto", "queue", "store"],
+        &[
+            "app", "auth", "bus", "engine", "error", "jq", "mapping", "proto", "queue", "ssrf",
+            "store",
+        ],
     ),
     ("api", &["app", "auth", "engine", "error", "proto", "service", "store"]),
     ("seed", &["auth", "config", "store"]),
