@@ -111,6 +111,23 @@ pub struct EngineParts {
     pub settings: EngineSettings,
 }
 
+/// An execution that reached a final state on this replica, told in memory (no round trip)
+/// after its commit to whoever listens (`Engine::finished_executions`): the alert rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishedExecution {
+    pub execution_id: uuid::Uuid,
+    pub owner_id: uuid::Uuid,
+    pub workflow_id: Option<uuid::Uuid>,
+    pub deployment_id: Option<uuid::Uuid>,
+    /// A sub-workflow's execution (its parent's step reports it).
+    pub is_child: bool,
+    pub status: crate::store::ExecutionStatus,
+    pub error: Option<String>,
+}
+
+/// Finished executions a slow listener may fall behind by before it misses some.
+const FINISHED_EXECUTIONS_CAPACITY: usize = 1024;
+
 /// One engine per server process; every replica runs one over the shared store and queue.
 pub struct Engine {
     store: Arc<dyn Store>,
@@ -146,6 +163,8 @@ pub struct Engine {
     )>,
     /// Results of attempts, committed in groups.
     completing: group_commit::GroupCommit<crate::store::FinishedAttempt>,
+    /// Executions this process finished, for `finished_executions`.
+    finished: tokio::sync::broadcast::Sender<FinishedExecution>,
 }
 
 impl Engine {
@@ -191,7 +210,38 @@ impl Engine {
             runner_directory: parts.runner_directory,
             child_workflows: OnceLock::new(),
             definitions: definition::DefinitionCache::new(DEFINITION_CACHE_CAPACITY),
+            finished: tokio::sync::broadcast::channel(FINISHED_EXECUTIONS_CAPACITY).0,
         })
+    }
+
+    /// The executions this process finishes from now on (a listener that falls more than
+    /// 1024 behind is told how many it missed).
+    pub fn finished_executions(&self) -> tokio::sync::broadcast::Receiver<FinishedExecution> {
+        self.finished.subscribe()
+    }
+
+    /// The one hook where an execution reached `status` (after the commit): the metrics, and
+    /// the listeners if there are any. No I/O.
+    fn execution_finished(
+        &self,
+        execution: &crate::store::Execution,
+        status: crate::store::ExecutionStatus,
+        error: Option<&str>,
+    ) {
+        metrics::execution_finished(status);
+        if self.finished.receiver_count() == 0 {
+            return;
+        }
+        // No listener left meanwhile is the only failure: nothing to tell.
+        let _ = self.finished.send(FinishedExecution {
+            execution_id: execution.id,
+            owner_id: execution.owner_id,
+            workflow_id: execution.workflow_id,
+            deployment_id: execution.deployment_id,
+            is_child: execution.parent_execution_id.is_some(),
+            status,
+            error: error.map(str::to_owned),
+        });
     }
 
     /// The decoded definition of an execution (decoded once, then kept while it is recent).

@@ -135,7 +135,7 @@ impl Engine {
                 .transition_execution(execution.id, ExecutionStatus::UNFINISHED, change)
                 .await?
             {
-                super::metrics::execution_finished(ExecutionStatus::Succeeded);
+                self.execution_finished(&execution, ExecutionStatus::Succeeded, None);
                 self.publish_execution(execution.id).await;
                 if execution.parent_step_run_id.is_some() {
                     self.child_execution_finished(execution.id).await;
@@ -476,7 +476,7 @@ impl Engine {
             .transition_execution(execution.id, ExecutionStatus::UNFINISHED, change)
             .await?
         {
-            super::metrics::execution_finished(status);
+            self.execution_finished(execution, status, Some(error));
             self.publish_execution(execution.id).await;
             if execution.parent_step_run_id.is_some() {
                 self.child_execution_finished(execution.id).await;

@@ -7,6 +7,7 @@
 //! (`proto`, `mapping`, `jq`, `ssrf`). Never the edges, never the runner program.
 
 pub mod agents;
+pub mod alerts;
 pub mod analytics;
 pub mod api_keys;
 pub mod audit;
