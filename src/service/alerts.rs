@@ -474,8 +474,8 @@ pub async fn create_alert_rule(
     request: pb::CreateAlertRuleRequest,
 ) -> ServiceResult<pb::CreateAlertRuleResponse> {
     caller.require_user_access(Access::Write)?;
-    let Some(rule) = request.rule else {
-        return Err(ServiceError::invalid_field("rule", "is required"));
+    let Some(rule) = request.alert_rule else {
+        return Err(ServiceError::invalid_field("alertRule", "is required"));
     };
     let mut validator = Validator::new();
     validator.required_text("name", &rule.name, MAX_NAME_CHARS);
@@ -487,7 +487,7 @@ pub async fn create_alert_rule(
     }
     validator.finish()?;
     let (Some(condition), Some((url, allow_private_network))) = (condition, webhook) else {
-        return Err(ServiceError::invalid_field("rule", "is incomplete"));
+        return Err(ServiceError::invalid_field("alertRule", "is incomplete"));
     };
     vet_webhook_address(context, &url, allow_private_network).await?;
     check_subject_exists(context, caller.user_id, &condition).await?;
@@ -518,7 +518,7 @@ pub async fn create_alert_rule(
             .with_changes(json!({ "after": audit_snapshot(&created) })),
     )
     .await;
-    Ok(pb::CreateAlertRuleResponse { rule: Some(rule_to_proto(&created, caller)) })
+    Ok(pb::CreateAlertRuleResponse { alert_rule: Some(rule_to_proto(&created, caller)) })
 }
 
 /// A rule the caller may see.
@@ -529,9 +529,9 @@ pub async fn get_alert_rule(
     request: pb::GetAlertRuleRequest,
 ) -> ServiceResult<pb::GetAlertRuleResponse> {
     caller.require_user_access(Access::Read)?;
-    let rule_id = parse_id("ruleId", &request.rule_id)?;
+    let rule_id = parse_id("alertRuleId", &request.alert_rule_id)?;
     let rule = load_rule(context, caller, rule_id).await?;
-    Ok(pb::GetAlertRuleResponse { rule: Some(rule_to_proto(&rule, caller)) })
+    Ok(pb::GetAlertRuleResponse { alert_rule: Some(rule_to_proto(&rule, caller)) })
 }
 
 /// The caller's rules (everyone's for an admin), oldest first, a page at a time.
@@ -563,8 +563,8 @@ pub async fn update_alert_rule(
     request: pb::UpdateAlertRuleRequest,
 ) -> ServiceResult<pb::UpdateAlertRuleResponse> {
     caller.require_user_access(Access::Write)?;
-    let Some(rule) = request.rule else {
-        return Err(ServiceError::invalid_field("rule", "is required"));
+    let Some(rule) = request.alert_rule else {
+        return Err(ServiceError::invalid_field("alertRule", "is required"));
     };
     let rule_id = parse_id("id", &rule.id)?;
     let mut validator = Validator::new();
@@ -633,7 +633,7 @@ pub async fn update_alert_rule(
         ),
     )
     .await;
-    Ok(pb::UpdateAlertRuleResponse { rule: Some(rule_to_proto(&after, caller)) })
+    Ok(pb::UpdateAlertRuleResponse { alert_rule: Some(rule_to_proto(&after, caller)) })
 }
 
 /// Deletes a rule (soft); `version` 0 skips the check. Its open incident is never resolved.
@@ -645,7 +645,7 @@ pub async fn delete_alert_rule(
     request: pb::DeleteAlertRuleRequest,
 ) -> ServiceResult<pb::DeleteAlertRuleResponse> {
     caller.require_user_access(Access::Write)?;
-    let rule_id = parse_id("ruleId", &request.rule_id)?;
+    let rule_id = parse_id("alertRuleId", &request.alert_rule_id)?;
     if request.version < 0 {
         return Err(ServiceError::invalid_field("version", "must not be negative"));
     }
@@ -675,7 +675,7 @@ pub async fn list_alert_deliveries(
     request: pb::ListAlertDeliveriesRequest,
 ) -> ServiceResult<pb::ListAlertDeliveriesResponse> {
     caller.require_user_access(Access::Read)?;
-    let rule_id = parse_id("ruleId", &request.rule_id)?;
+    let rule_id = parse_id("alertRuleId", &request.alert_rule_id)?;
     let mut validator = Validator::new();
     let page = page_request(&mut validator, request.page, request.page_size);
     validator.finish()?;
@@ -695,7 +695,7 @@ pub async fn list_alert_incidents(
     request: pb::ListAlertIncidentsRequest,
 ) -> ServiceResult<pb::ListAlertIncidentsResponse> {
     caller.require_user_access(Access::Read)?;
-    let rule_id = parse_id("ruleId", &request.rule_id)?;
+    let rule_id = parse_id("alertRuleId", &request.alert_rule_id)?;
     let mut validator = Validator::new();
     let page = page_request(&mut validator, request.page, request.page_size);
     validator.finish()?;

@@ -21,11 +21,23 @@ use crate::support::api::{Api, Auth, assert_error, grpc, violated_fields};
 use crate::support::{start_dev, start_serve, start_serve_replica};
 
 /// One call the receiver got.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct ReceivedCall {
     headers: http::HeaderMap,
     body: Vec<u8>,
     answered: u16,
+}
+
+impl std::fmt::Debug for ReceivedCall {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ReceivedCall")
+            .field("event", &self.header("x-turbocat-event"))
+            .field("delivery", &self.header("x-turbocat-delivery"))
+            .field("body", &String::from_utf8_lossy(&self.body))
+            .field("answered", &self.answered)
+            .finish()
+    }
 }
 
 impl ReceivedCall {
@@ -320,16 +332,16 @@ async fn rules_are_owned_validated_and_served_on_both_transports() {
     // gRPC: the same rules, the same rules of validation and ownership.
     let mut client = AlertServiceClient::new(api.channel().await);
     let got = client
-        .get_alert_rule(grpc(pb::GetAlertRuleRequest { rule_id: rule_id.clone() }, &admin))
+        .get_alert_rule(grpc(pb::GetAlertRuleRequest { alert_rule_id: rule_id.clone() }, &admin))
         .await
         .expect("get over grpc")
         .into_inner()
-        .rule
+        .alert_rule
         .expect("rule");
     assert_eq!(got.name, "watched failed");
     assert_eq!(got.condition.expect("condition").workflow_id, workflow_id);
     let refused = client
-        .get_alert_rule(grpc(pb::GetAlertRuleRequest { rule_id: rule_id.clone() }, &other))
+        .get_alert_rule(grpc(pb::GetAlertRuleRequest { alert_rule_id: rule_id.clone() }, &other))
         .await
         .expect_err("another user's rule");
     assert_eq!(refused.code(), tonic::Code::NotFound);
@@ -340,26 +352,28 @@ async fn rules_are_owned_validated_and_served_on_both_transports() {
         ..Default::default()
     });
     let refused = client
-        .create_alert_rule(grpc(pb::CreateAlertRuleRequest { rule: Some(bad) }, &other))
+        .create_alert_rule(grpc(pb::CreateAlertRuleRequest { alert_rule: Some(bad) }, &other))
         .await
         .expect_err("a zero threshold");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert_eq!(violated_fields(&refused), vec!["condition.thresholdSeconds"]);
     let created = client
         .create_alert_rule(grpc(
-            pb::CreateAlertRuleRequest { rule: Some(queued_step_rule("https://8.8.8.8/hook")) },
+            pb::CreateAlertRuleRequest {
+                alert_rule: Some(queued_step_rule("https://8.8.8.8/hook")),
+            },
             &other,
         ))
         .await
         .expect("create over grpc")
         .into_inner()
-        .rule
+        .alert_rule
         .expect("rule");
     assert_eq!(created.state, pb::AlertState::Ok as i32);
     let updated = client
         .update_alert_rule(grpc(
             pb::UpdateAlertRuleRequest {
-                rule: Some(pb::AlertRule {
+                alert_rule: Some(pb::AlertRule {
                     id: created.id.clone(),
                     name: "queue watch, renamed".to_owned(),
                     version: created.version,
@@ -372,7 +386,7 @@ async fn rules_are_owned_validated_and_served_on_both_transports() {
         .await
         .expect("update over grpc")
         .into_inner()
-        .rule
+        .alert_rule
         .expect("rule");
     assert_eq!(updated.name, "queue watch, renamed");
     assert_eq!(updated.version, created.version + 1);
@@ -611,7 +625,7 @@ async fn two_serve_replicas_report_an_incident_once_and_resolve_it_once() {
     let mut client = AlertServiceClient::new(first_api.channel().await);
     let incidents = client
         .list_alert_incidents(grpc(
-            pb::ListAlertIncidentsRequest { rule_id: rule_id.clone(), ..Default::default() },
+            pb::ListAlertIncidentsRequest { alert_rule_id: rule_id.clone(), ..Default::default() },
             &user,
         ))
         .await
@@ -622,7 +636,7 @@ async fn two_serve_replicas_report_an_incident_once_and_resolve_it_once() {
     assert!(incidents[0].resolved_at.is_some());
     let deliveries = client
         .list_alert_deliveries(grpc(
-            pb::ListAlertDeliveriesRequest { rule_id, ..Default::default() },
+            pb::ListAlertDeliveriesRequest { alert_rule_id: rule_id, ..Default::default() },
             &user,
         ))
         .await
