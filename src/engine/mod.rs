@@ -6,7 +6,9 @@
 //! `leases` (runner liveness, kept off the database), `runner_directory` (the runners attached to
 //! every replica, shared through Redis), `group_commit` (steps becoming ready, assignments, starts
 //! and results that arrive together share one commit) and `subworkflow` (WORKFLOW steps, which the
-//! engine runs itself as child executions); `metrics` records the operators' series. The `{{…}}`
+//! engine runs itself as child executions); `metrics` records the operators' series, and
+//! `Engine::finished_executions` tells listeners in memory (the alert rules) which executions
+//! ended. The `{{…}}`
 //! mappings it renders are `crate::mapping`, shared with the runner.
 //!
 //! The database is the source of truth: every transition is committed (as a fenced

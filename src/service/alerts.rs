@@ -115,7 +115,20 @@ fn optional_id_text(id: Option<Uuid>) -> String {
     id.map(|id| id.to_string()).unwrap_or_default()
 }
 
-/// A rule as the API shows it: the webhook secret only to the rule's owner.
+/// A webhook URL without its path, query and credentials: incoming-webhook URLs (Slack's among
+/// them) carry their token in the path.
+fn redacted_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(url) => {
+            let port = url.port().map(|port| format!(":{port}")).unwrap_or_default();
+            format!("{}://{}{port}/…", url.scheme(), url.host_str().unwrap_or_default())
+        }
+        Err(_) => "…".to_owned(),
+    }
+}
+
+/// A rule as the API shows it: the webhook secret and the URL's path only to the rule's owner
+/// (an administrator sees where it points, not its token).
 fn rule_to_proto(rule: &AlertRule, caller: &Caller) -> pb::AlertRule {
     let show_secret = rule.owner_id == caller.user_id;
     pb::AlertRule {
@@ -134,7 +147,11 @@ fn rule_to_proto(rule: &AlertRule, caller: &Caller) -> pb::AlertRule {
             threshold_seconds: rule.threshold_seconds,
         }),
         webhook: Some(pb::AlertWebhook {
-            url: rule.webhook_url.clone(),
+            url: if show_secret {
+                rule.webhook_url.clone()
+            } else {
+                redacted_url(&rule.webhook_url)
+            },
             secret: if show_secret { rule.webhook_secret.clone() } else { String::new() },
             allow_private_network: rule.allow_private_network,
         }),
@@ -147,7 +164,7 @@ fn rule_to_proto(rule: &AlertRule, caller: &Caller) -> pb::AlertRule {
     }
 }
 
-/// What the audit trail keeps of a rule: never the webhook secret.
+/// What the audit trail keeps of a rule: never the webhook secret nor the URL's path.
 fn audit_snapshot(rule: &AlertRule) -> Value {
     json!({
         "name": rule.name,
@@ -156,7 +173,7 @@ fn audit_snapshot(rule: &AlertRule) -> Value {
         "workflowId": rule.workflow_id,
         "deploymentId": rule.deployment_id,
         "agentId": rule.agent_id,
-        "webhookUrl": rule.webhook_url,
+        "webhookUrl": redacted_url(&rule.webhook_url),
         "allowPrivateNetwork": rule.allow_private_network,
     })
 }
@@ -1184,6 +1201,16 @@ mod tests {
             load,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_redacted_url_keeps_the_origin_only() {
+        assert_eq!(
+            redacted_url("https://hooks.slack.com/services/T000/B000/XXXX?x=1"),
+            "https://hooks.slack.com/…"
+        );
+        assert_eq!(redacted_url("http://127.0.0.1:8080/hook"), "http://127.0.0.1:8080/…");
+        assert_eq!(redacted_url("not a url"), "…");
     }
 
     #[test]

@@ -370,6 +370,12 @@ async fn rules_are_owned_validated_and_served_on_both_transports() {
         .alert_rule
         .expect("rule");
     assert_eq!(created.state, pb::AlertState::Ok as i32);
+    // An administrator sees another user's rule, but neither its secret nor its URL's path.
+    let seen = rule_data(&api, &admin, &created.id).await;
+    assert_eq!(seen["webhook"]["url"], "https://8.8.8.8/…", "{seen}");
+    assert!(seen["webhook"]["secret"].as_str().unwrap_or_default().is_empty(), "{seen}");
+    let own = rule_data(&api, &other, &created.id).await;
+    assert_eq!(own["webhook"]["url"], "https://8.8.8.8/hook", "{own}");
     let updated = client
         .update_alert_rule(grpc(
             pb::UpdateAlertRuleRequest {
