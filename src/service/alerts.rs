@@ -565,7 +565,7 @@ pub async fn list_alert_rules(
     let found =
         context.store.list_alert_rules(caller.owner_scope(), page).await.map_err(store_error)?;
     Ok(pb::ListAlertRulesResponse {
-        rules: found.items.iter().map(|rule| rule_to_proto(rule, caller)).collect(),
+        alert_rules: found.items.iter().map(|rule| rule_to_proto(rule, caller)).collect(),
         pagination: Some(convert::pagination(page, found.total)),
     })
 }

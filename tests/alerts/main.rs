@@ -400,6 +400,24 @@ async fn rules_are_owned_validated_and_served_on_both_transports() {
     let listed = list_data(&api, &other, "/api/v1/alerts").await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["name"], "queue watch, renamed");
+    let listed = client
+        .list_alert_rules(grpc(pb::ListAlertRulesRequest::default(), &other))
+        .await
+        .expect("list over grpc")
+        .into_inner();
+    assert_eq!(
+        listed.alert_rules.iter().map(|rule| rule.id.as_str()).collect::<Vec<_>>(),
+        vec![created.id.as_str()]
+    );
+    assert_eq!(listed.pagination.expect("pagination").total, 1);
+    let refused = client
+        .delete_alert_rule(grpc(
+            pb::DeleteAlertRuleRequest { alert_rule_id: rule_id.clone(), version: 0 },
+            &other,
+        ))
+        .await
+        .expect_err("another user's rule");
+    assert_eq!(refused.code(), tonic::Code::NotFound);
     // A stale version is a conflict; the current one deletes.
     let (status, body) = api
         .patch(
