@@ -600,6 +600,8 @@ async fn two_serve_replicas_report_an_incident_once_and_resolve_it_once() {
         "true",
         "--alert-evaluation-seconds",
         "1",
+        "--alert-retry-backoff-ms",
+        "200",
         "--redis-key-prefix",
         prefix.as_str(),
     ];
@@ -609,7 +611,7 @@ async fn two_serve_replicas_report_an_incident_once_and_resolve_it_once() {
     let second_api = Api::new(&second);
     first_api.register("alerts-serve-admin@example.com", "Admin").await;
     let user = first_api.register("alerts-serve@example.com", "User").await.auth();
-    let receiver = Receiver::start(&[]).await;
+    let receiver = Receiver::start(&[500]).await;
 
     // The server's opt-in lets a user's rule call the local receiver over plain http.
     let (status, body) = second_api
@@ -627,13 +629,16 @@ async fn two_serve_replicas_report_an_incident_once_and_resolve_it_once() {
     // No runner is attached: the step waits in the queue.
     let workflow_id = failable_workflow(&first_api, &user).await;
     let execution_id = execute(&first_api, &user, &workflow_id, json!({})).await;
-    let firing = receiver.wait_for("FIRING", 1).await;
-    assert!(firing[0].signature_verifies(&secret));
-    let text = firing[0].json()["text"].as_str().unwrap_or_default().to_owned();
+    // The first call answers 500; the replica that opened the incident calls again.
+    let firing = receiver.wait_for("FIRING", 2).await;
+    assert_eq!((firing[0].answered, firing[1].answered), (500, 200), "{firing:?}");
+    assert_eq!(firing[0].header("x-turbocat-delivery"), firing[1].header("x-turbocat-delivery"));
+    assert!(firing.iter().all(|call| call.signature_verifies(&secret)), "{firing:?}");
+    let text = firing[1].json()["text"].as_str().unwrap_or_default().to_owned();
     assert!(text.starts_with("[FIRING] stuck queue: the oldest queued step has waited"), "{text}");
     // Both replicas keep evaluating every second; the incident stays reported once.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(receiver.calls_of("FIRING").len(), 1, "{:?}", receiver.calls());
+    assert_eq!(receiver.calls_of("FIRING").len(), 2, "{:?}", receiver.calls());
     assert_eq!(rule_data(&second_api, &user, &rule_id).await["state"], "FIRING");
 
     let (status, body) = second_api
@@ -644,7 +649,7 @@ async fn two_serve_replicas_report_an_incident_once_and_resolve_it_once() {
     assert!(resolved[0].signature_verifies(&secret));
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(receiver.calls_of("RESOLVED").len(), 1, "{:?}", receiver.calls());
-    assert_eq!(receiver.calls().len(), 2, "{:?}", receiver.calls());
+    assert_eq!(receiver.calls().len(), 3, "{:?}", receiver.calls());
 
     let mut client = AlertServiceClient::new(first_api.channel().await);
     let incidents = client
@@ -667,8 +672,19 @@ async fn two_serve_replicas_report_an_incident_once_and_resolve_it_once() {
         .expect("deliveries over grpc")
         .into_inner()
         .deliveries;
-    assert_eq!(deliveries.len(), 2, "{deliveries:?}");
-    assert!(deliveries.iter().all(|delivery| delivery.succeeded && delivery.attempt == 1));
+    let mut attempts: Vec<(i32, i32, i32, bool)> = deliveries
+        .iter()
+        .map(|delivery| {
+            (delivery.event, delivery.attempt, delivery.response_status, delivery.succeeded)
+        })
+        .collect();
+    attempts.sort_unstable();
+    let (firing, resolved) = (pb::AlertEvent::Firing as i32, pb::AlertEvent::Resolved as i32);
+    assert_eq!(
+        attempts,
+        vec![(firing, 1, 500, false), (firing, 2, 200, true), (resolved, 1, 200, true)],
+        "{deliveries:?}"
+    );
 }
 
 /// `turbocat dev` evaluating alert rules every second.
