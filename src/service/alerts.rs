@@ -63,6 +63,8 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(300);
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Rules claimed per poll.
 const CLAIM_BATCH: u32 = 100;
+/// Finished executions judged together at most.
+const JUDGE_BATCH: usize = 256;
 /// Queue entries NO_RUNNER_AVAILABLE looks at (the front of the queue).
 const QUEUE_PEEK: usize = 1_000;
 /// The most characters of an execution's error a notification quotes.
@@ -749,22 +751,62 @@ async fn judge_finished_executions(
     context: Arc<AppContext>,
     mut finished: tokio::sync::broadcast::Receiver<FinishedExecution>,
 ) {
-    use tokio::sync::broadcast::error::RecvError;
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     loop {
-        match finished.recv().await {
-            Ok(execution) => {
-                if let Err(error) = judge_finished_execution(&context, &execution).await {
-                    tracing::warn!(
-                        error = %error.message,
-                        execution_id = %execution.execution_id,
-                        "could not judge a finished execution against the alert rules"
-                    );
-                }
-            }
+        let first = match finished.recv().await {
+            Ok(execution) => execution,
             Err(RecvError::Lagged(missed)) => {
                 tracing::warn!(missed, "the alert rules missed finished executions");
+                continue;
             }
             Err(RecvError::Closed) => return,
+        };
+        // What finished meanwhile is judged with it: one read of the rules per owner.
+        let mut batch = vec![first];
+        while batch.len() < JUDGE_BATCH {
+            match finished.try_recv() {
+                Ok(execution) => batch.push(execution),
+                Err(TryRecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "the alert rules missed finished executions");
+                }
+                Err(_) => break,
+            }
+        }
+        judge_finished_executions_of(&context, &batch).await;
+    }
+}
+
+/// Judges a batch of finished executions, reading each owner's execution rules once; a failure
+/// is logged and costs that owner's executions of the batch only.
+async fn judge_finished_executions_of(context: &Arc<AppContext>, batch: &[FinishedExecution]) {
+    let judged: Vec<&FinishedExecution> = batch
+        .iter()
+        .filter(|execution| {
+            !execution.is_child
+                && (is_failure(execution.status) || execution.status == ExecutionStatus::Succeeded)
+        })
+        .collect();
+    let owners: std::collections::BTreeSet<Uuid> =
+        judged.iter().map(|execution| execution.owner_id).collect();
+    for owner_id in owners {
+        let rules = match context.store.execution_alert_rules(owner_id).await {
+            Ok(rules) => rules,
+            Err(error) => {
+                tracing::warn!(%error, %owner_id, "could not read the alert rules of an owner");
+                continue;
+            }
+        };
+        if rules.is_empty() {
+            continue;
+        }
+        for execution in judged.iter().filter(|execution| execution.owner_id == owner_id) {
+            if let Err(error) = judge_finished_execution(context, execution, &rules).await {
+                tracing::warn!(
+                    error = %error.message,
+                    execution_id = %execution.execution_id,
+                    "could not judge a finished execution against the alert rules"
+                );
+            }
         }
     }
 }
@@ -791,20 +833,13 @@ fn subject_of(rule: &AlertRule) -> String {
     }
 }
 
-/// One finished execution against the owner's execution rules.
+/// One finished top-level execution against its owner's execution rules.
 async fn judge_finished_execution(
     context: &Arc<AppContext>,
     execution: &FinishedExecution,
+    rules: &[AlertRule],
 ) -> ServiceResult<()> {
-    if execution.is_child {
-        return Ok(());
-    }
     let failed = is_failure(execution.status);
-    if !failed && execution.status != ExecutionStatus::Succeeded {
-        return Ok(());
-    }
-    let rules =
-        context.store.execution_alert_rules(execution.owner_id).await.map_err(store_error)?;
     for rule in rules.iter().filter(|rule| covers(rule, execution)) {
         match rule.condition_type {
             AlertConditionType::ExecutionFailed if failed => {
