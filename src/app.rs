@@ -58,6 +58,8 @@ pub struct AppContext {
     pub local_runner_key: Option<crate::config::Secret>,
     /// Webhook freshness and cron floors (`--webhook-tolerance-seconds`, …).
     pub trigger_limits: crate::config::TriggerLimits,
+    /// How alert rules are evaluated and delivered (`--alert-evaluation-seconds`, …).
+    pub alerts: crate::config::AlertSettings,
     /// API calls per user and day not yet in the store (see `auth::usage`).
     pub api_calls: Arc<crate::auth::usage::ApiCallCounter>,
     /// Who may read `GET /metrics`, and whether requests are logged.

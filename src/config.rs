@@ -236,6 +236,75 @@ pub struct ListenArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub triggers: TriggerArgs,
+    #[command(flatten)]
+    pub alerts: AlertArgs,
+}
+
+/// How alert rules are evaluated and how their webhooks are called.
+#[derive(Debug, Clone, Args)]
+pub struct AlertArgs {
+    /// Seconds between two evaluations of a rule's time-based condition (failures in a window,
+    /// waiting steps, an agent's health). Failed executions are judged as they finish.
+    #[arg(
+        long,
+        env = "TURBOCAT_ALERT_EVALUATION_SECONDS",
+        default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(1..=3_600)
+    )]
+    pub alert_evaluation_seconds: u64,
+    /// Lets every alert rule call plain `http://` webhooks and private-network addresses
+    /// (loopback, RFC 1918, link-local, …): for local testing only. Cloud metadata addresses
+    /// stay refused.
+    #[arg(long, env = "TURBOCAT_ALERTS_ALLOW_PRIVATE_NETWORK", default_value_t = false, action = clap::ArgAction::Set)]
+    pub alerts_allow_private_network: bool,
+    /// Calls per notification: the first and its retries.
+    #[arg(
+        long,
+        env = "TURBOCAT_ALERT_DELIVERY_ATTEMPTS",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u32).range(1..=10)
+    )]
+    pub alert_delivery_attempts: u32,
+    /// Milliseconds before the first retry of a notification; each next retry waits twice as
+    /// long (at most 5 minutes).
+    #[arg(
+        long,
+        env = "TURBOCAT_ALERT_RETRY_BACKOFF_MS",
+        default_value_t = 2_000,
+        value_parser = clap::value_parser!(u64).range(10..=300_000)
+    )]
+    pub alert_retry_backoff_ms: u64,
+}
+
+/// The settings `AlertArgs` set, as the alert service reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlertSettings {
+    pub evaluation_interval: std::time::Duration,
+    pub allow_private_network: bool,
+    pub delivery_attempts: u32,
+    pub retry_backoff: std::time::Duration,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        Self {
+            evaluation_interval: std::time::Duration::from_secs(15),
+            allow_private_network: false,
+            delivery_attempts: 5,
+            retry_backoff: std::time::Duration::from_secs(2),
+        }
+    }
+}
+
+impl AlertArgs {
+    pub fn settings(&self) -> AlertSettings {
+        AlertSettings {
+            evaluation_interval: std::time::Duration::from_secs(self.alert_evaluation_seconds),
+            allow_private_network: self.alerts_allow_private_network,
+            delivery_attempts: self.alert_delivery_attempts,
+            retry_backoff: std::time::Duration::from_millis(self.alert_retry_backoff_ms),
+        }
+    }
 }
 
 /// What deployments' triggers may do: how fresh a webhook call must be, how often a cron

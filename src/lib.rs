@@ -18,5 +18,6 @@ pub mod runner;
 pub mod seed;
 pub mod server;
 pub mod service;
+pub mod ssrf;
 pub mod store;
 pub mod text;

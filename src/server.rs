@@ -323,6 +323,9 @@ fn start_engine(
     let mut tasks = context.engine.spawn();
     // Cron deployments: every replica polls, the database picks one per tick.
     tasks.push(tokio::spawn(crate::service::triggers::run_cron_triggers(context.clone())));
+    // Alert rules: the executions this replica finishes, and the periodic conditions (every
+    // replica polls, the database picks one per rule and tick).
+    tasks.push(tokio::spawn(crate::service::alerts::run_alert_evaluation(context.clone())));
     // Runners whose key or owner changed are withdrawn, on every replica.
     tasks.push(tokio::spawn(crate::service::runner_access::keep_runner_access_current(
         context.clone(),
@@ -442,6 +445,7 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
     ));
     Ok(Arc::new(AppContext {
         trigger_limits: parts.listen.triggers.limits(),
+        alerts: parts.listen.alerts.settings(),
         api_calls: Arc::default(),
         observability: crate::app::Observability {
             metrics_token: parts.listen.metrics_token.clone(),

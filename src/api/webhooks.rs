@@ -5,7 +5,7 @@
 //! caller's proof. The answer is the usual envelope: 202 with `{executionId}` only (the
 //! execution's input holds the deployment's environment values), or the error (see
 //! `service::deployments::trigger_webhook`).
-//! May call: the deployments service.
+//! May call: the deployments service and the signing scheme it shares (`service::signing`).
 
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use super::rest::{envelope, payload_too_large};
 use crate::app::AppContext;
 use crate::error::{ErrorCode, ServiceError};
-use crate::service::deployments;
+use crate::service::{deployments, signing};
 
 /// What the route needs: the context and the body limit of every REST request.
 struct WebhookEdge {
@@ -58,9 +58,9 @@ async fn receive(
     // A header that is not text cannot match: it is kept (as empty) to be refused as wrong.
     let header = |name: &str| headers.get(name).map(|value| value.to_str().unwrap_or_default());
     let call = deployments::WebhookCall {
-        signature: header(deployments::SIGNATURE_HEADER),
-        timestamp: header(deployments::TIMESTAMP_HEADER),
-        delivery: header(deployments::DELIVERY_HEADER),
+        signature: header(signing::SIGNATURE_HEADER),
+        timestamp: header(signing::TIMESTAMP_HEADER),
+        delivery: header(signing::DELIVERY_HEADER),
         body: &body,
     };
     match deployments::trigger_webhook(&edge.context, &deployment_id, call).await {

@@ -36,6 +36,8 @@ pub struct FixedFacts {
     pub depth: i32,
     pub owner_id: Uuid,
     pub priority: i32,
+    pub workflow_id: Option<Uuid>,
+    pub deployment_id: Option<Uuid>,
 }
 
 impl FixedFacts {
@@ -45,6 +47,8 @@ impl FixedFacts {
             depth: execution.depth,
             owner_id: execution.owner_id,
             priority: execution.priority,
+            workflow_id: execution.workflow_id,
+            deployment_id: execution.deployment_id,
         }
     }
 }

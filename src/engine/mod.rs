@@ -6,9 +6,10 @@
 //! `leases` (runner liveness, kept off the database), `runner_directory` (the runners attached to
 //! every replica, shared through Redis), `group_commit` (steps becoming ready, assignments, starts
 //! and results that arrive together share one commit) and `subworkflow` (WORKFLOW steps, which the
-//! engine runs itself as child executions); `metrics` records the operators' series and
-//! `shutdown` stops the loops and moves the attached runners away when the process stops. The
-//! `{{…}}` mappings it renders are `crate::mapping`, shared with the runner.
+//! engine runs itself as child executions); `metrics` records the operators' series,
+//! `Engine::finished_executions` tells listeners in memory (the alert rules) which executions
+//! ended, and `shutdown` stops the loops and moves the attached runners away when the process
+//! stops. The `{{…}}` mappings it renders are `crate::mapping`, shared with the runner.
 //!
 //! The database is the source of truth: every transition is committed (as a fenced
 //! compare-and-set on the attempt) before the queue or a runner hears of it, so any replica may
@@ -123,6 +124,23 @@ pub struct EngineParts {
     pub settings: EngineSettings,
 }
 
+/// An execution that reached a final state on this replica, told in memory (no round trip)
+/// after its commit to whoever listens (`Engine::finished_executions`): the alert rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishedExecution {
+    pub execution_id: uuid::Uuid,
+    pub owner_id: uuid::Uuid,
+    pub workflow_id: Option<uuid::Uuid>,
+    pub deployment_id: Option<uuid::Uuid>,
+    /// A sub-workflow's execution (its parent's step reports it).
+    pub is_child: bool,
+    pub status: crate::store::ExecutionStatus,
+    pub error: Option<String>,
+}
+
+/// Finished executions a slow listener may fall behind by before it misses some.
+const FINISHED_EXECUTIONS_CAPACITY: usize = 1024;
+
 /// One engine per server process; every replica runs one over the shared store and queue.
 pub struct Engine {
     store: Arc<dyn Store>,
@@ -160,6 +178,8 @@ pub struct Engine {
     completing: group_commit::GroupCommit<crate::store::FinishedAttempt>,
     /// Cancelled when the process shuts down: the loops end after their current pass.
     stopping: tokio_util::sync::CancellationToken,
+    /// Executions this process finished, for `finished_executions`.
+    finished: tokio::sync::broadcast::Sender<FinishedExecution>,
 }
 
 impl Engine {
@@ -212,7 +232,39 @@ impl Engine {
             child_workflows: OnceLock::new(),
             definitions: definition::DefinitionCache::new(DEFINITION_CACHE_CAPACITY),
             stopping: tokio_util::sync::CancellationToken::new(),
+            finished: tokio::sync::broadcast::channel(FINISHED_EXECUTIONS_CAPACITY).0,
         })
+    }
+
+    /// The executions this process finishes from now on (a listener that falls more than
+    /// 1024 behind is told how many it missed).
+    pub fn finished_executions(&self) -> tokio::sync::broadcast::Receiver<FinishedExecution> {
+        self.finished.subscribe()
+    }
+
+    /// The one hook where an execution reached `status` (after the commit): the metrics, and
+    /// the listeners if there are any. No I/O.
+    fn execution_finished(
+        &self,
+        execution_id: uuid::Uuid,
+        facts: &definition::FixedFacts,
+        status: crate::store::ExecutionStatus,
+        error: Option<&str>,
+    ) {
+        metrics::execution_finished(status);
+        if self.finished.receiver_count() == 0 {
+            return;
+        }
+        // No listener left meanwhile is the only failure: nothing to tell.
+        let _ = self.finished.send(FinishedExecution {
+            execution_id,
+            owner_id: facts.owner_id,
+            workflow_id: facts.workflow_id,
+            deployment_id: facts.deployment_id,
+            is_child: facts.depth > 0,
+            status,
+            error: error.map(str::to_owned),
+        });
     }
 
     /// The decoded definition of an execution (decoded once, then kept while it is recent).

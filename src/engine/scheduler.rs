@@ -149,7 +149,8 @@ impl Engine {
         if outputs.len() == steps.len() {
             let output = execution_output(&definition.sink_keys(), &outputs);
             let is_child = execution.parent_step_run_id.is_some();
-            self.finish_succeeded(execution.id, output, is_child, false).await?;
+            let facts = FixedFacts::of(execution);
+            self.finish_succeeded(execution.id, &facts, output, is_child, false).await?;
             return Ok(());
         }
 
@@ -203,6 +204,7 @@ impl Engine {
     async fn finish_succeeded(
         self: &Arc<Self>,
         execution_id: Uuid,
+        facts: &FixedFacts,
         output: Value,
         is_child: bool,
         when_every_step_succeeded: bool,
@@ -221,7 +223,7 @@ impl Engine {
         {
             return Ok(false);
         }
-        super::metrics::execution_finished(ExecutionStatus::Succeeded);
+        self.execution_finished(execution_id, facts, ExecutionStatus::Succeeded, None);
         self.publish_execution(execution_id).await;
         if is_child {
             self.child_execution_finished(execution_id).await;
@@ -293,7 +295,7 @@ impl Engine {
             // ends the execution (the store checks that every step succeeded).
             if definition.sink_keys() == [done.step_key.as_str()] {
                 let output = done.output.clone().unwrap_or(Value::Null);
-                if self.finish_succeeded(execution_id, output, false, true).await? {
+                if self.finish_succeeded(execution_id, &facts, output, false, true).await? {
                     return Ok(());
                 }
             }
@@ -549,7 +551,7 @@ impl Engine {
             .transition_execution(execution.id, ExecutionStatus::UNFINISHED, change)
             .await?
         {
-            super::metrics::execution_finished(status);
+            self.execution_finished(execution.id, &FixedFacts::of(execution), status, Some(error));
             self.publish_execution(execution.id).await;
             if execution.parent_step_run_id.is_some() {
                 self.child_execution_finished(execution.id).await;

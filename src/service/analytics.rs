@@ -3,7 +3,8 @@
 //! rollup rows the database keeps as runs finish (`store::AnalyticsStore`); this module checks
 //! the request, picks the rows the caller may see and turns histograms into percentiles.
 //! May call: the store, the engine (attached runners), the app's health probes and the auth
-//! usage counter (to flush API calls before reading them).
+//! usage counter (to flush API calls before reading them). The alert rules read the agent
+//! health verdict, the oldest queued step and the visible runners here.
 
 use std::time::Instant;
 
@@ -217,7 +218,7 @@ fn epoch_timestamp(seconds: i64) -> Option<prost_types::Timestamp> {
 }
 
 /// Runners attached to any replica in `scope`: shared ones and the owner's own, or all.
-async fn visible_runners(context: &AppContext, scope: OwnerScope) -> Vec<pb::Runner> {
+pub(crate) async fn visible_runners(context: &AppContext, scope: OwnerScope) -> Vec<pb::Runner> {
     let owner_id = scope.owner_id().map(|owner_id| owner_id.to_string());
     let mut runners: Vec<pb::Runner> = context
         .engine
@@ -301,6 +302,38 @@ pub async fn get_overview(
         busiest_workflows: ranking(busiest),
         most_failing_workflows: ranking(most_failing),
     })
+}
+
+/// The health verdict of an agent over `[from, to)` (whole hours), as its metrics report it:
+/// the alert rules' AGENT_FAILING reads it here.
+pub(crate) async fn agent_health_verdict(
+    context: &AppContext,
+    agent_id: Uuid,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> ServiceResult<(pb::HealthVerdict, String)> {
+    let filter = RollupFilter { agent_id: Some(agent_id), ..RollupFilter::default() };
+    let outcomes = context
+        .store
+        .step_outcomes(filter, Range { from, to }.hours(), DAY_SECONDS)
+        .await
+        .map_err(store_error)?;
+    Ok(health(&outcome_counts(&outcomes)))
+}
+
+/// Seconds the oldest QUEUED step in `scope` has waited (0 when none waits), as the system
+/// health reports it; the alert rules' QUEUED_STEP_TOO_OLD reads it here.
+pub(crate) async fn oldest_queued_step_seconds(
+    context: &AppContext,
+    scope: OwnerScope,
+) -> ServiceResult<f64> {
+    let depth = context.store.queue_depth(scope).await.map_err(store_error)?;
+    Ok(oldest_wait_seconds(&depth, Utc::now()))
+}
+
+fn oldest_wait_seconds(depth: &[store::QueueDepthTally], now: DateTime<Utc>) -> f64 {
+    let oldest = depth.iter().filter_map(|tally| tally.oldest_queued_at).min();
+    oldest.map_or(0.0, |queued_at| (now - queued_at).num_milliseconds().max(0) as f64 / 1000.0)
 }
 
 /// The runs of one agent: every attempt of a step that used it.
@@ -426,7 +459,6 @@ pub async fn get_system_health(
     let store = context.store.as_ref();
     let now = Utc::now();
     let depth = store.queue_depth(scope).await.map_err(store_error)?;
-    let oldest = depth.iter().filter_map(|tally| tally.oldest_queued_at).min();
     let recent = HourRange::covering(now - Duration::hours(1), now);
     let recent_outcomes = store
         .execution_outcomes(RollupFilter::scope(scope), recent, DAY_SECONDS)
@@ -444,8 +476,7 @@ pub async fn get_system_health(
                 queued_steps: count(tally.queued_steps),
             })
             .collect(),
-        oldest_queued_step_seconds: oldest
-            .map_or(0.0, |queued_at| (now - queued_at).num_milliseconds().max(0) as f64 / 1000.0),
+        oldest_queued_step_seconds: oldest_wait_seconds(&depth, now),
         runners: visible_runners(context, scope).await,
         recent_error_rate: if recent_counts.total == 0 {
             0.0

@@ -8,15 +8,14 @@
 //! DAG checks and definition snapshots.
 
 use chrono::{DateTime, Utc};
-use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
-use sha2::Sha256;
 use uuid::Uuid;
 
 use super::agents;
 use super::audit::{self, Actor, AuditEvent};
 use super::convert;
 use super::executions::{self, ExecutionStart};
+use super::signing::{self, signature_matches, signed_payload};
 use super::validate;
 use super::validate::{
     MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, Validator, page_request, parse_id, sort_order,
@@ -47,7 +46,6 @@ pub const MAX_ENVIRONMENT_VALUE_CHARS: usize = 4_096;
 /// The largest configuration, as compact JSON.
 pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
 /// Random bytes in a webhook secret (shown as 64 hex digits).
-const WEBHOOK_SECRET_BYTES: usize = 32;
 /// The most entries the deployment log reads to merge one page. Past it, the log keeps the
 /// lifecycle events and the lines of the newest executions that fit.
 pub const MAX_MERGED_LOG_ENTRIES: usize = 20_000;
@@ -217,9 +215,7 @@ fn audit_snapshot(deployment: &Deployment) -> Value {
 
 /// A fresh webhook secret: 32 random bytes from the operating system's generator, as hex.
 fn new_webhook_secret() -> String {
-    let mut bytes = [0u8; WEBHOOK_SECRET_BYTES];
-    rand::Rng::fill(&mut rand::rng(), &mut bytes);
-    hex::encode(bytes)
+    signing::new_secret()
 }
 
 fn is_environment_name(name: &str) -> bool {
@@ -911,14 +907,6 @@ pub async fn stop_deployment(
 
 /// The key of the only step of the one-step workflow a single-agent deployment runs.
 pub const AGENT_STEP_KEY: &str = "agent";
-/// The header of a webhook call that carries the signature (see `signed_payload`).
-pub const SIGNATURE_HEADER: &str = "x-turbocat-signature";
-/// The header of a webhook call that carries when it was sent, in Unix seconds (signed).
-pub const TIMESTAMP_HEADER: &str = "x-turbocat-timestamp";
-/// The header of a webhook call that carries its sender's unique id for it (signed).
-pub const DELIVERY_HEADER: &str = "x-turbocat-delivery";
-/// The prefix a signature may carry (`sha256=<hex>`, as GitHub sends it).
-const SIGNATURE_PREFIX: &str = "sha256=";
 
 /// The input of an execution a deployment starts. Each layer's top-level keys replace the ones
 /// before: the workflow's default input (workflow targets), the deployment's `inputDefaults`,
@@ -1145,29 +1133,6 @@ pub struct WebhookCall<'a> {
 
 /// The longest delivery id (`X-Turbocat-Delivery`).
 const MAX_DELIVERY_ID_CHARS: usize = 200;
-
-/// The bytes a webhook signature covers: `<timestamp>.<delivery id>.<body>`, so neither the
-/// time nor the id can be changed (or the body sent again later) without the secret.
-pub fn signed_payload(timestamp: &str, delivery: &str, body: &[u8]) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(timestamp.len() + delivery.len() + body.len() + 2);
-    payload.extend_from_slice(timestamp.as_bytes());
-    payload.push(b'.');
-    payload.extend_from_slice(delivery.as_bytes());
-    payload.push(b'.');
-    payload.extend_from_slice(body);
-    payload
-}
-
-/// Whether `signature` (lowercase or uppercase hex, optionally prefixed `sha256=`) is the
-/// HMAC-SHA256 of `payload` keyed with the text of `secret`. Compared in constant time.
-pub fn signature_matches(secret: &str, payload: &[u8], signature: &str) -> bool {
-    let signature = signature.trim();
-    let digits = signature.strip_prefix(SIGNATURE_PREFIX).unwrap_or(signature);
-    let Ok(given) = hex::decode(digits) else { return false };
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else { return false };
-    mac.update(payload);
-    mac.verify_slice(&given).is_ok()
-}
 
 /// A webhook body as the trigger's input: a JSON object; empty (or only whitespace) is `{}`.
 fn webhook_input(body: &[u8], max_depth: usize) -> ServiceResult<Value> {
@@ -1469,6 +1434,8 @@ pub async fn list_deployment_logs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
 
     #[test]
     fn webhook_secrets_are_long_random_hex() {

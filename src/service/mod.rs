@@ -4,9 +4,10 @@
 //! response or a `ServiceError`. The gRPC methods call these; REST reaches them through gRPC.
 //! May call: app (the context), store, queue, bus, auth, the engine (DAG checks, snapshots,
 //! schedules, starting and cancelling executions), `error`, and the shared pure modules
-//! (`proto`, `mapping`, `jq`, `outage`). Never the edges, never the runner program.
+//! (`proto`, `mapping`, `jq`, `outage`, `ssrf`). Never the edges, never the runner program.
 
 pub mod agents;
+pub mod alerts;
 pub mod analytics;
 pub mod api_keys;
 pub mod audit;
@@ -17,6 +18,7 @@ pub mod deployments;
 pub mod executions;
 pub mod runner_access;
 pub mod runner_listing;
+pub mod signing;
 pub mod subworkflows;
 pub mod templates;
 pub mod triggers;

@@ -2,7 +2,7 @@
 //! audit trail, with one PostgreSQL and one SQLite implementation. May call: sqlx. Knows nothing
 //! of proto, HTTP, the queue or the engine.
 //!
-//! Each area (`identity`, `resources`, `executions`, `analytics`) owns its model types, its
+//! Each area (`identity`, `resources`, `executions`, `analytics`, `alerts`) owns its model types, its
 //! sub-trait and one `macro_rules!` body that is instantiated for both backends, so the two
 //! implementations cannot drift apart. Where the SQL dialects differ, the body asks the `Dialect` trait, which both
 //! stores implement here; shapes every area shares (a numbered list: visibility, count, page)
@@ -99,6 +99,7 @@ macro_rules! text_enum {
     };
 }
 
+mod alerts;
 mod analytics;
 mod executions;
 mod identity;
@@ -115,6 +116,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+pub use alerts::*;
 pub use analytics::*;
 pub use executions::*;
 pub use identity::*;
@@ -320,7 +322,7 @@ impl Backend {
 /// The whole persistence seam. Services hold an `Arc<dyn Store>`.
 #[async_trait]
 pub trait Store:
-    IdentityStore + ResourceStore + ExecutionStore + AnalyticsStore + Send + Sync + 'static
+    IdentityStore + ResourceStore + ExecutionStore + AnalyticsStore + AlertStore + Send + Sync + 'static
 {
     fn backend(&self) -> Backend;
 

@@ -22,6 +22,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("error", &["store"]),
     ("proto", &["error"]),
     ("redis_pool", &[]),
+    ("ssrf", &[]),
     // Seams: queue and bus know nothing of the store, the engine or proto.
     ("queue", &["redis_pool"]),
     ("bus", &["redis_pool"]),
@@ -29,13 +30,13 @@ const RULES: &[(&str, &[&str])] = &[
     ("auth", &["bus", "config", "error", "outage", "redis_pool", "store"]),
     ("engine", &["bus", "error", "mapping", "outage", "proto", "queue", "redis_pool", "store"]),
     // The runner program reaches the server only through the proto.
-    ("runner", &["jq", "mapping", "proto", "text"]),
+    ("runner", &["jq", "mapping", "proto", "ssrf", "text"]),
     ("app", &["auth", "bus", "config", "engine", "queue", "store"]),
     (
         "service",
         &[
             "app", "auth", "bus", "engine", "error", "jq", "mapping", "outage", "proto", "queue",
-            "store",
+            "ssrf", "store",
         ],
     ),
     ("api", &["app", "auth", "engine", "error", "proto", "service", "store"]),

@@ -13,7 +13,7 @@ pub use self::auth::AuthGrpc;
 pub use self::users::UserGrpc;
 use crate::app::AppContext;
 use crate::proto::v1::{
-    agent_service_server, analytics_service_server, api_key_service_server,
+    agent_service_server, alert_service_server, analytics_service_server, api_key_service_server,
     audit_log_service_server, auth_service_server, deployment_service_server,
     execution_service_server, runner_service_server, template_service_server, user_service_server,
     workflow_service_server,
@@ -35,6 +35,8 @@ mod analytics;
 pub use self::analytics::AnalyticsGrpc;
 mod runner_service;
 pub use self::runner_service::RunnerGrpc;
+mod alerts;
+pub use self::alerts::AlertGrpc;
 
 /// Every Turbocat service, with the message size limits applied.
 pub fn routes(context: &Arc<AppContext>, max_message_bytes: usize) -> tonic::service::Routes {
@@ -55,11 +57,12 @@ pub fn routes(context: &Arc<AppContext>, max_message_bytes: usize) -> tonic::ser
         .add_service(server!(deployment_service_server, DeploymentServiceServer, DeploymentGrpc))
         .add_service(server!(audit_log_service_server, AuditLogServiceServer, AuditLogGrpc))
         .add_service(server!(analytics_service_server, AnalyticsServiceServer, AnalyticsGrpc))
+        .add_service(server!(alert_service_server, AlertServiceServer, AlertGrpc))
         .add_service(server!(runner_service_server, RunnerServiceServer, RunnerGrpc))
 }
 
 /// Names of every service, for the gRPC health reporter.
-pub const SERVICE_NAMES: [&str; 11] = [
+pub const SERVICE_NAMES: [&str; 12] = [
     auth_service_server::SERVICE_NAME,
     user_service_server::SERVICE_NAME,
     api_key_service_server::SERVICE_NAME,
@@ -70,5 +73,6 @@ pub const SERVICE_NAMES: [&str; 11] = [
     deployment_service_server::SERVICE_NAME,
     audit_log_service_server::SERVICE_NAME,
     analytics_service_server::SERVICE_NAME,
+    alert_service_server::SERVICE_NAME,
     runner_service_server::SERVICE_NAME,
 ];

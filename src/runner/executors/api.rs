@@ -9,7 +9,7 @@
 //! redirect leaves the origin (any of them may be a credential: `x-auth-token`). The response
 //! body may not exceed the agent's `maxOutputBytes`. URLs are logged without their
 //! credentials (`https://user:password@host` shows as `https://host`).
-//! May call: `crate::mapping`, `crate::runner::ssrf`, reqwest.
+//! May call: `crate::mapping`, `crate::ssrf`, reqwest.
 
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION};
 use reqwest::{Method, StatusCode};
@@ -20,7 +20,7 @@ use url::Url;
 use super::{RunContext, StepError, StepErrorKind, positive_duration};
 use crate::mapping;
 use crate::proto::v1 as pb;
-use crate::runner::ssrf;
+use crate::ssrf;
 use crate::text::truncate_text;
 
 /// Redirects followed at most.

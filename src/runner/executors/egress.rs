@@ -7,11 +7,11 @@
 //! `127.0.0.1:`[`RELAY_PORT`] inside the step's namespace to it (see `sandbox`). Here, each
 //! connection speaks HTTP proxy: `CONNECT host:port` (HTTPS and any other tunnel) or an
 //! absolute `http://` request. The destination goes through the SSRF guard of API agents
-//! (`crate::runner::ssrf`): the name is resolved here, every address vetted, and the runner
+//! (`crate::ssrf`): the name is resolved here, every address vetted, and the runner
 //! connects to a vetted address itself, so no answer can change between the check and the
 //! connection. A refusal is a `403` whose body says why. The listener and every connection end
 //! with the step.
-//! May call: `crate::runner::ssrf`, tokio (Unix and TCP sockets).
+//! May call: `crate::ssrf`, tokio (Unix and TCP sockets).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,7 +23,7 @@ use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::task::JoinSet;
 use url::Url;
 
-use crate::runner::ssrf;
+use crate::ssrf;
 
 /// Where the sandbox sees the proxy's socket directory.
 pub const SANDBOX_SOCKET_DIRECTORY: &str = "/run/turbocat-egress";

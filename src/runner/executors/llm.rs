@@ -12,7 +12,7 @@
 //! 429 and 5xx answers are retryable, other failures are not. The base URL passes the same
 //! SSRF guard as API agents (`allowPrivateNetwork` opens private networks); redirects are not
 //! followed.
-//! May call: `crate::mapping`, `crate::runner::ssrf`, reqwest.
+//! May call: `crate::mapping`, `crate::ssrf`, reqwest.
 
 use reqwest::header::{AUTHORIZATION, HeaderValue};
 use serde_json::{Value, json};
@@ -24,7 +24,7 @@ use super::api::{
 use super::{RunContext, StepError};
 use crate::mapping;
 use crate::proto::v1 as pb;
-use crate::runner::ssrf;
+use crate::ssrf;
 use crate::text::truncate_text;
 
 /// Room for the response's envelope (ids, usage, choices) on top of the text itself.

@@ -5,7 +5,7 @@
 //! warm worker of `jq_pool`; `sandbox` is the box CODE and DATA children run in, `egress` the
 //! proxy that is a CODE step's only way out with the network ON.
 //! WORKFLOW agents are run by the server, never here.
-//! May call: `crate::mapping` (templates), `crate::runner::ssrf`, the generated proto
+//! May call: `crate::mapping` (templates), `crate::ssrf`, the generated proto
 //! types. Never the store, the queue or the service layer.
 
 pub mod api;

@@ -1,8 +1,10 @@
-//! The SSRF guard of API and LLM agents: which addresses a user's URL may reach, and an HTTP
-//! client pinned to the addresses that were vetted (so a DNS answer that changes between the
-//! check and the connection cannot slip past).
+//! The SSRF guard of the URLs users give: API and LLM agents (on the runner) and alert webhooks
+//! (on the server). Which addresses a URL may reach, and an HTTP client pinned to the addresses
+//! that were vetted (so a DNS answer that changes between the check and the connection cannot
+//! slip past). Pure code below the server and the runner, which both call it.
 //!
-//! Refused unless the agent sets `allowPrivateNetwork`: loopback, private (RFC 1918), shared
+//! Refused unless the caller allows private networks (an agent's or an alert rule's
+//! `allowPrivateNetwork`): loopback, private (RFC 1918), shared
 //! (CGNAT, 100.64/10), link-local, unique-local (fc00::/7), site-local, and the IPv6 forms that
 //! embed such an IPv4 address (v4-mapped, v4-compatible, NAT64, 6to4). Always refused, flag or
 //! not: unspecified, multicast, broadcast, reserved and documentation ranges, and the cloud
@@ -206,7 +208,7 @@ pub async fn vet_url(url: &Url, allow_private_network: bool) -> Result<Vec<Socke
         let class = classify(address.ip());
         if !class.is_allowed(allow_private_network) {
             let hint = if class.is_private_network() {
-                " (an administrator can allow it with allowPrivateNetwork on the agent)"
+                " (an administrator can allow it with allowPrivateNetwork)"
             } else {
                 ""
             };
@@ -224,10 +226,19 @@ pub async fn vet_url(url: &Url, allow_private_network: bool) -> Result<Vec<Socke
 /// A client that reaches `url`'s host only at `addresses` (from [`vet_url`]), follows no
 /// redirect and ignores proxy settings (a proxy would connect elsewhere).
 pub fn pinned_client(url: &Url, addresses: &[SocketAddr]) -> Result<reqwest::Client, String> {
+    pinned_client_as(url, addresses, concat!("turbocat-runner/", env!("CARGO_PKG_VERSION")))
+}
+
+/// [`pinned_client`] sending `user_agent`.
+pub fn pinned_client_as(
+    url: &Url,
+    addresses: &[SocketAddr],
+    user_agent: &str,
+) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("turbocat-runner/", env!("CARGO_PKG_VERSION")));
+        .user_agent(user_agent);
     if let Some(Host::Domain(domain)) = url.host() {
         builder = builder.resolve_to_addrs(domain, addresses);
     }
