@@ -54,7 +54,7 @@ async fn a_queue_entry_the_database_does_not_know_is_dropped_once_and_work_behin
     let second = bench.execute(&workflow).await;
 
     // One slot: while the dangling entry held it, nothing behind it could ever run.
-    let runner = RunnerProcess::start(&server.base_url(), &key, "one-slot", 1);
+    let runner = RunnerProcess::start(&server.base_url(), &key, "one-slot", 1, "", &[]);
     for execution_id in [&first, &second] {
         let execution = bench.finished(execution_id, Duration::from_secs(30)).await;
         assert_every_step_ran_once(&execution);

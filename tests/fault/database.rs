@@ -33,7 +33,7 @@ async fn while_postgres_is_away_requests_answer_503_quickly_and_everything_recov
     let bench = Bench::new(Api::new(&server), "outage@example.com").await;
     let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
     let key_auth = Auth::key(&key);
-    let _runner = RunnerProcess::start(&server.base_url(), &key, "through-it", 4);
+    let _runner = RunnerProcess::start(&server.base_url(), &key, "through-it", 4, "", &[]);
     crate::wait_for_runner(&bench.api, &bench.auth, "through-it").await;
 
     // A step that finishes while the database is away, then one that runs after.

@@ -12,7 +12,6 @@ mod proxy;
 mod redis;
 mod shutdown;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -143,49 +142,7 @@ pub fn some_step_running(execution: &Value) -> bool {
         .is_some_and(|steps| steps.iter().any(|step| step["status"] == "RUNNING"))
 }
 
-/// A `turbocat runner` process, killed when dropped; its log is kept.
-pub struct RunnerProcess {
-    child: std::process::Child,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl RunnerProcess {
-    pub fn start(server_url: &str, api_key: &str, name: &str, capacity: u32) -> Self {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
-        command
-            .args(["runner", "--server", server_url, "--name", name])
-            .args(["--capacity", &capacity.to_string()])
-            .env("TURBOCAT_API_KEY", api_key)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        let mut child = command.spawn().expect("spawn runner");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().expect("runner stderr");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                if let Ok(mut text) = sink.lock() {
-                    text.push_str(&line);
-                    text.push('\n');
-                }
-            }
-        });
-        Self { child, stderr }
-    }
-
-    pub fn stderr_text(&self) -> String {
-        self.stderr.lock().map(|text| text.clone()).unwrap_or_default()
-    }
-}
-
-impl Drop for RunnerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub use crate::support::RunnerProcess;
 
 /// Waits until `GET /runners` on `api` lists a runner named `name`.
 pub async fn wait_for_runner(api: &Api, auth: &Auth, name: &str) {

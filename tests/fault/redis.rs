@@ -67,7 +67,7 @@ async fn while_redis_is_away_the_api_answers_and_work_runs_once_it_is_back() {
     let server = serve_with_redis(&database, through(&redis_url(), &proxy)).await;
     let bench = Bench::new(Api::new(&server), "redis-outage@example.com").await;
     let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
-    let _runner = RunnerProcess::start(&server.base_url(), &key, "redis-less", 2);
+    let _runner = RunnerProcess::start(&server.base_url(), &key, "redis-less", 2, "", &[]);
     crate::wait_for_runner(&bench.api, &bench.auth, "redis-less").await;
 
     let slow = bench.sleeper("slow", 2.5).await;

@@ -111,7 +111,8 @@ async fn a_replica_stopped_with_sigterm_exits_in_time_and_its_runner_carries_on_
     let balancer = TcpProxy::start(vec![leaving.address, staying.address]).await;
     let bench = Bench::new(Api::new(&leaving), "draining@example.com").await;
     let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
-    let runner = RunnerProcess::start(&format!("http://{}", balancer.address), &key, "moving", 4);
+    let runner =
+        RunnerProcess::start(&format!("http://{}", balancer.address), &key, "moving", 4, "", &[]);
     wait_for_runner(&bench.api, &bench.auth, "moving").await;
 
     // Fan-out of four naps and a join; three executions keep the runner's four slots busy.

@@ -5,7 +5,7 @@
 //! out of scope. SQLite tests get a fresh file in a temporary directory.
 #![allow(dead_code, reason = "each test binary uses a different part of the harness")]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use sqlx::Connection;
 use turbocat::store::{PostgresStore, SqliteStore, Store};
@@ -386,4 +386,64 @@ pub async fn start_serve_replica(database: &ServeDatabase, extra: &[&str]) -> Tu
     })
     .await
     .expect("start a replica")
+}
+
+/// A `turbocat runner` process with its labels and extra environment, killed (SIGKILL) when
+/// dropped. Its stderr (the runner's log) is kept.
+pub struct RunnerProcess {
+    pub child: std::process::Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl RunnerProcess {
+    pub fn start(
+        server_url: &str,
+        api_key: &str,
+        name: &str,
+        capacity: u32,
+        labels: &str,
+        environment: &[(&str, &str)],
+    ) -> Self {
+        let capacity = capacity.to_string();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
+        command
+            .args(["runner", "--server", server_url, "--name", name, "--capacity", &capacity])
+            .env("TURBOCAT_API_KEY", api_key)
+            .env("TURBOCAT_RUNNER_LABELS", labels)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (key, value) in environment {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn runner");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().expect("runner stderr");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                if let Ok(mut text) = sink.lock() {
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            }
+        });
+        Self { child, stderr }
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().map(|text| text.clone()).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RunnerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
