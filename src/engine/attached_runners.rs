@@ -83,6 +83,17 @@ struct RunnerState {
     last_heartbeat_at: Option<DateTime<Utc>>,
 }
 
+/// Whether a runner whose labels `have` looks up carries every `required` label (a required
+/// label with an empty value only needs the key): how the dispatcher matches steps to runners.
+pub fn labels_satisfy<'a>(
+    required: &BTreeMap<String, String>,
+    have: impl Fn(&str) -> Option<&'a String>,
+) -> bool {
+    required
+        .iter()
+        .all(|(key, value)| have(key).is_some_and(|have| value.is_empty() || have == value))
+}
+
 /// What the dispatcher needs to know of a queue item to place it.
 pub struct Placement<'a> {
     pub owner_id: Uuid,
@@ -159,9 +170,7 @@ impl AttachedRunner {
         };
         owner_ok
             && self.agent_types.contains(placement.agent_type)
-            && placement.required_labels.iter().all(|(key, value)| {
-                self.labels.get(key).is_some_and(|have| value.is_empty() || have == value)
-            })
+            && labels_satisfy(placement.required_labels, |key| self.labels.get(key))
     }
 
     /// Slots not taken by held attempts; none while draining.

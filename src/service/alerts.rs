@@ -36,6 +36,7 @@ use super::validate::{
 use crate::app::AppContext;
 use crate::auth::caller::{Access, Caller, ClientInfo};
 use crate::engine::FinishedExecution;
+use crate::engine::attached_runners::labels_satisfy;
 use crate::error::{ServiceError, ServiceResult};
 use crate::proto::v1 as pb;
 use crate::proto::wkt;
@@ -956,7 +957,8 @@ async fn queued_step_too_old(
 
 /// Whether a runner as the system health shows it accepts an item (its owner is already
 /// checked by `analytics::visible_runners`) and has a free slot: the dispatcher's rule
-/// (`engine::attached_runners::AttachedRunner::accepts` and `free_slots`) on the shared view.
+/// (`engine::attached_runners::AttachedRunner::accepts`, whose label match it shares, and
+/// `free_slots`) on the shared view.
 fn runner_can_take(
     runner: &pb::Runner,
     agent_type: &str,
@@ -965,9 +967,7 @@ fn runner_can_take(
     let type_number = pb::AgentType::from_str_name(&format!("AGENT_TYPE_{agent_type}"))
         .map(|agent_type| agent_type as i32);
     let has_type = type_number.is_some_and(|number| runner.agent_types.contains(&number));
-    let has_labels = labels.iter().all(|(key, value)| {
-        runner.labels.get(key).is_some_and(|have| value.is_empty() || have == value)
-    });
+    let has_labels = labels_satisfy(labels, |key| runner.labels.get(key));
     has_type && has_labels && !runner.draining && runner.load < runner.capacity
 }
 
