@@ -54,21 +54,13 @@ impl Engine {
     pub async fn advance(self: &Arc<Self>, execution_id: Uuid) -> EngineResult<()> {
         let (execution, steps) =
             self.store.get_execution_with_steps(OwnerScope::All, execution_id).await?;
-        self.advance_from(&execution, &steps).await
+        self.advance_created(&execution, &steps).await
     }
 
-    /// `advance` from the execution and its steps as just committed (by its creation), without
-    /// reading them again.
+    /// `advance` from the execution and its steps as the database has them (as its creation
+    /// just committed them, or as `advance` read them), without reading them again.
     #[tracing::instrument(level = "debug", skip_all, fields(execution_id = %execution.id))]
     pub async fn advance_created(
-        self: &Arc<Self>,
-        execution: &Execution,
-        steps: &[StepRun],
-    ) -> EngineResult<()> {
-        self.advance_from(execution, steps).await
-    }
-
-    async fn advance_from(
         self: &Arc<Self>,
         execution: &Execution,
         steps: &[StepRun],
@@ -757,9 +749,7 @@ impl Engine {
     }
 
     pub(super) async fn publish(&self, execution_id: Uuid, event: Value) {
-        if let Err(error) = self.bus.publish(&topics::execution(execution_id), event).await {
-            tracing::debug!(%error, "could not publish an execution event");
-        }
+        publish_on(self.bus.as_ref(), execution_id, event).await;
     }
 
     /// Writes a log line of the engine's own about a step.
@@ -792,9 +782,15 @@ pub(super) async fn publish_logs(bus: &dyn crate::bus::Bus, logs: Vec<ExecutionL
             Ok(lines) => json!({ "kind": WATCH_LOG, "lines": lines }),
             Err(_) => json!({ "kind": WATCH_LOG }),
         };
-        if let Err(error) = bus.publish(&topics::execution(execution_id), event).await {
-            tracing::debug!(%error, "could not publish an execution event");
-        }
+        publish_on(bus, execution_id, event).await;
+    }
+}
+
+/// Publishes `event` on the topic of execution `execution_id` (best effort: watchers re-read
+/// the database when the bus loses messages).
+async fn publish_on(bus: &dyn crate::bus::Bus, execution_id: Uuid, event: Value) {
+    if let Err(error) = bus.publish(&topics::execution(execution_id), event).await {
+        tracing::debug!(%error, "could not publish an execution event");
     }
 }
 
