@@ -148,6 +148,10 @@ pub struct ServiceError {
 
 pub type ServiceResult<T> = Result<T, ServiceError>;
 
+/// The metadata entry that marks a claim lost to another claimant (`is_claim_taken`).
+const CLAIM_METADATA: &str = "claim";
+const CLAIM_TAKEN: &str = "taken";
+
 impl ServiceError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
@@ -243,11 +247,22 @@ impl ServiceError {
                     ),
                 )
             }
+            StoreError::ClaimTaken => Self::conflict(format!(
+                "{resource}: another replica claimed it first, or it is no longer due"
+            ))
+            .with_metadata(CLAIM_METADATA, CLAIM_TAKEN),
             unreachable @ StoreError::Database(_) if unreachable.is_unavailable() => {
                 Self::database_unavailable(&unreachable)
             }
             database_error @ StoreError::Database(_) => Self::internal(&database_error),
         }
+    }
+
+    /// Whether the error is a claim lost to another claimant (`StoreError::ClaimTaken`): not a
+    /// failure, only somebody else's turn.
+    pub fn is_claim_taken(&self) -> bool {
+        self.code == ErrorCode::Conflict
+            && self.metadata.get(CLAIM_METADATA).is_some_and(|value| value == CLAIM_TAKEN)
     }
 
     /// The database could not be reached (`StoreError::is_unavailable`): 503 with a retry

@@ -30,7 +30,7 @@ use crate::proto::json;
 use crate::proto::v1 as pb;
 use crate::proto::wkt;
 use crate::store::{
-    Agent, Deployment, DeploymentChanges, DeploymentEnvironment, DeploymentEvent,
+    Agent, CronRunClaim, Deployment, DeploymentChanges, DeploymentEnvironment, DeploymentEvent,
     DeploymentEventKind, DeploymentFilter, DeploymentSortField, DeploymentStatus, DeploymentTarget,
     DeploymentTrigger, DeploymentTriggerType, Execution, ExecutionFilter, ExecutionLog,
     ExecutionLogFilter, ExecutionLogLevel, ExecutionTrigger, NewDeployment, NewDeploymentEvent,
@@ -984,11 +984,38 @@ fn target_cannot_run(error: &ServiceError) -> bool {
     matches!(error.code, ErrorCode::NotFound | ErrorCode::Conflict | ErrorCode::ValidationError)
 }
 
+/// What starts a live deployment's execution by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// A cron tick, claimed in the transaction that creates its execution: of several
+    /// replicas that saw the tick exactly one starts it, and a replica that dies before its
+    /// commit leaves the tick due for another.
+    Cron(CronRunClaim),
+    /// A call of the deployment's webhook.
+    Webhook,
+}
+
+impl Trigger {
+    fn execution_trigger(self) -> ExecutionTrigger {
+        match self {
+            Trigger::Cron(_) => ExecutionTrigger::Cron,
+            Trigger::Webhook => ExecutionTrigger::Webhook,
+        }
+    }
+
+    fn cron_claim(self) -> Option<CronRunClaim> {
+        match self {
+            Trigger::Cron(claim) => Some(claim),
+            Trigger::Webhook => None,
+        }
+    }
+}
+
 /// Loads the deployment's target and starts one execution of it.
 async fn start_target(
     context: &AppContext,
     deployment: &Deployment,
-    trigger: ExecutionTrigger,
+    trigger: Trigger,
     given: Value,
 ) -> ServiceResult<(Execution, Vec<StepRun>)> {
     let config = config_from_json(&deployment.config);
@@ -999,12 +1026,13 @@ async fn start_target(
                     |error| ServiceError::from_store(error, "the deployment's workflow"),
                 )?;
             let start = ExecutionStart {
-                trigger,
+                trigger: trigger.execution_trigger(),
                 input: execution_input(&workflow.workflow.default_input, &config, given),
                 priority: workflow.workflow.priority,
                 timeout_seconds: workflow.workflow.timeout_seconds,
                 deployment_id: Some(deployment.id),
                 parent: None,
+                cron_claim: trigger.cron_claim(),
             };
             executions::start_workflow_execution(context, &workflow, start).await
         }
@@ -1015,36 +1043,39 @@ async fn start_target(
                 .await
                 .map_err(|error| ServiceError::from_store(error, "the deployment's agent"))?;
             let start = ExecutionStart {
-                trigger,
+                trigger: trigger.execution_trigger(),
                 input: execution_input(&json!({}), &config, given),
                 priority: crate::store::NewExecution::DEFAULT_PRIORITY,
                 timeout_seconds: None,
                 deployment_id: Some(deployment.id),
                 parent: None,
+                cron_claim: trigger.cron_claim(),
             };
             start_agent_execution(context, &agent, start).await
         }
     }
 }
 
-/// Starts one execution of a live deployment for a trigger (`CRON` or `WEBHOOK`), with what
-/// the trigger gives as input (see `execution_input`). The execution carries the deployment's
+/// Starts one execution of a live deployment for a trigger, with what the trigger gives as
+/// input (see `execution_input`). The execution carries the deployment's
 /// id (its log lines show in the deployment's log), and a `TRIGGERED` event naming it and
 /// `occasion` is appended, with `last_triggered_at`.
 ///
 /// When the target cannot run any more (deleted, not a valid DAG, a step's agent deleted) the
 /// deployment becomes `FAILED` (its trigger stops; starting it again re-arms it) with a
 /// `FAILED` event saying why; a passing failure only appends the `FAILED` event. Either way the
-/// error is returned.
+/// error is returned. A cron tick another replica claimed first is only returned
+/// (`ServiceError::is_claim_taken`): it is not a failure.
 pub async fn start_triggered_execution(
     context: &AppContext,
     deployment: &Deployment,
-    trigger: ExecutionTrigger,
+    trigger: Trigger,
     given: Value,
     occasion: &str,
 ) -> ServiceResult<(Execution, Vec<StepRun>)> {
     let (execution, step_runs) = match start_target(context, deployment, trigger, given).await {
         Ok(started) => started,
+        Err(error) if error.is_claim_taken() => return Err(error),
         Err(error) => {
             let message = format!("{occasion}: could not start an execution: {}", error.message);
             if target_cannot_run(&error) {
@@ -1260,14 +1291,9 @@ pub async fn trigger_webhook(
             "this X-Turbocat-Delivery was received already: a replayed call starts nothing",
         ));
     }
-    let (execution, _) = start_triggered_execution(
-        context,
-        &deployment,
-        ExecutionTrigger::Webhook,
-        given,
-        "webhook call",
-    )
-    .await?;
+    let (execution, _) =
+        start_triggered_execution(context, &deployment, Trigger::Webhook, given, "webhook call")
+            .await?;
     Ok(execution.id.to_string())
 }
 

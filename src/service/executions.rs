@@ -53,6 +53,9 @@ pub struct ExecutionStart {
     /// The step of a parent execution that starts this one as a sub-workflow (trigger
     /// `SubWorkflow`); `None` for a top-level execution.
     pub parent: Option<store::ParentStep>,
+    /// The cron tick this execution fires (trigger `Cron`), claimed in the transaction that
+    /// creates the execution (`store::NewExecution::cron_claim`).
+    pub cron_claim: Option<store::CronRunClaim>,
 }
 
 /// Creates a QUEUED execution of `workflow` and one PENDING step run per step, in one
@@ -180,6 +183,7 @@ pub(crate) fn new_execution(
     new_execution.workflow_id = workflow_id;
     new_execution.deployment_id = start.deployment_id;
     new_execution.parent = start.parent;
+    new_execution.cron_claim = start.cron_claim;
     new_execution.priority = start.priority;
     new_execution.input = start.input;
     new_execution.timeout_seconds = start.timeout_seconds;

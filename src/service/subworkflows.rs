@@ -67,6 +67,7 @@ impl ChildWorkflows for ChildWorkflowBuilder {
             timeout_seconds: workflow.workflow.timeout_seconds,
             deployment_id: None,
             parent: Some(request.parent),
+            cron_claim: None,
         };
         let mut execution = executions::new_execution(
             request.owner_id,

@@ -4,11 +4,11 @@
 //! Replicas share the work through the database alone. Every replica polls for due deployments
 //! (`POLL_INTERVAL`, aligned on the wall clock, so seconds-level schedules fire on time), and
 //! fires one only after claiming its tick with a compare-and-set on `next_run_at`
-//! (`Store::claim_cron_run`): of several replicas that saw the same tick, exactly one wins and
-//! starts the execution. The claim also moves `next_run_at` to the first fire time after
-//! *now*, so ticks missed while no server ran fire once, not as a burst. A tick is fired at
-//! most once: a replica that dies between its claim and the start of the execution loses that
-//! one tick.
+//! (`CronRunClaim`) in the transaction that creates the tick's execution: of several replicas
+//! that saw the same tick, exactly one wins and starts the execution, and a replica that dies
+//! before its commit leaves the tick due, so another fires it at its next poll. The claim also
+//! moves `next_run_at` to the first fire time after *now*, so ticks missed while no server ran
+//! fire once, not as a burst.
 //!
 //! Stopping, deleting or failing a deployment clears its `next_run_at` (and the claim checks
 //! the status), which stops its trigger.
@@ -24,7 +24,7 @@ use serde_json::json;
 use super::deployments;
 use crate::app::AppContext;
 use crate::error::{ServiceError, ServiceResult};
-use crate::store::{CronRunClaim, Deployment, ExecutionTrigger};
+use crate::store::{CronRunClaim, Deployment};
 
 /// How often each replica looks for due cron deployments.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -91,7 +91,8 @@ pub async fn fire_due_cron_deployments(
     Ok(started)
 }
 
-/// Claims the deployment's due tick and starts its execution; whether one was started.
+/// Claims the deployment's due tick and starts its execution, both in one transaction;
+/// whether one was started.
 async fn fire(context: &AppContext, deployment: Deployment, now: DateTime<Utc>) -> bool {
     let Some(due_at) = deployment.next_run_at else { return false };
     let claim = CronRunClaim {
@@ -100,26 +101,20 @@ async fn fire(context: &AppContext, deployment: Deployment, now: DateTime<Utc>) 
         next_run_at: deployments::next_run_time(&deployment.trigger, now),
         triggered_at: now,
     };
-    match context.store.claim_cron_run(claim).await {
-        Ok(true) => {}
-        // Another replica fired this tick, or the deployment was stopped meanwhile.
-        Ok(false) => return false,
-        Err(error) => {
-            tracing::warn!(%error, deployment_id = %deployment.id, "could not claim a cron tick");
-            return false;
-        }
-    }
     let occasion = format!("cron tick {}", due_at.to_rfc3339_opts(SecondsFormat::Secs, true));
+    let trigger = deployments::Trigger::Cron(claim);
     match deployments::start_triggered_execution(
         context,
         &deployment,
-        ExecutionTrigger::Cron,
+        trigger,
         json!({}),
         &occasion,
     )
     .await
     {
         Ok(_) => true,
+        // Another replica fired this tick, or the deployment was stopped meanwhile.
+        Err(error) if error.is_claim_taken() => false,
         Err(error) => {
             tracing::warn!(error = %error.message, deployment_id = %deployment.id,
                 "a cron deployment could not start its execution");

@@ -732,6 +732,7 @@ pub async fn execute_workflow(
         timeout_seconds: timeout_seconds.or(workflow.workflow.timeout_seconds),
         deployment_id: None,
         parent: None,
+        cron_claim: None,
     };
     let (execution, step_runs) =
         executions::start_workflow_execution(context, &workflow, start).await?;

@@ -30,8 +30,8 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    CursorPage, Dialect, OwnerScope, Page, PageRequest, PagedList, SortOrder, StoreError,
-    StoreResult, fetch_page, push_visible_rows,
+    CronRunClaim, CursorPage, Dialect, OwnerScope, Page, PageRequest, PagedList, SortOrder,
+    StoreError, StoreResult, fetch_page, push_visible_rows,
 };
 
 /// The largest page `list_execution_logs` returns.
@@ -247,6 +247,10 @@ pub struct NewExecution {
     pub timeout_seconds: Option<i32>,
     /// Decided by the caller (for example created_at + timeout, capped by the parent's deadline).
     pub deadline_at: Option<DateTime<Utc>>,
+    /// The cron tick this execution fires, claimed in the transaction that creates it: the
+    /// execution exists exactly when the claim won, so a replica that dies mid-tick leaves the
+    /// tick to another (see `CronRunClaim`).
+    pub cron_claim: Option<CronRunClaim>,
 }
 
 impl NewExecution {
@@ -266,6 +270,7 @@ impl NewExecution {
             definition,
             timeout_seconds: None,
             deadline_at: None,
+            cron_claim: None,
         }
     }
 }
@@ -738,7 +743,9 @@ pub struct ExecutionStats {
 pub trait ExecutionStore: Send + Sync {
     /// Creates a `QUEUED` execution and its `PENDING` step runs (attempt 1, with their attempt
     /// rows) in one transaction: all of it or nothing. A missing parent execution is
-    /// `ReferenceViolated("parent_execution_id")`; a repeated step key `AlreadyExists("step_key")`.
+    /// `ReferenceViolated("parent_execution_id")`; a repeated step key `AlreadyExists("step_key")`;
+    /// a `cron_claim` that another claimant won first (or whose deployment stopped meanwhile)
+    /// `ClaimTaken`, with nothing created.
     async fn create_execution(
         &self,
         new_execution: NewExecution,
@@ -1191,6 +1198,24 @@ macro_rules! impl_executions_store {
             ) -> StoreResult<(Execution, Vec<StepRun>)> {
                 debug_assert!((1..=10).contains(&new_execution.priority), "priority is 1..=10");
                 debug_assert!(step_runs.iter().all(|step_run| step_run.max_attempts >= 1));
+                if let Some(claim) = new_execution.cron_claim {
+                    // First, so a lost claim writes nothing; the row lock it takes makes a
+                    // second claimant wait for this transaction and then find the tick gone.
+                    let claimed = sqlx::query::<$db>(
+                        "UPDATE deployments SET next_run_at = $3, last_triggered_at = $4 \
+                         WHERE id = $1 AND next_run_at = $2 AND deleted_at IS NULL \
+                         AND status = 'RUNNING' AND trigger_type = 'CRON'",
+                    )
+                    .bind(claim.deployment_id)
+                    .bind(stored_time(claim.due_at))
+                    .bind(claim.next_run_at.map(stored_time))
+                    .bind(stored_time(claim.triggered_at))
+                    .execute(&mut **transaction)
+                    .await?;
+                    if claimed.rows_affected() != 1 {
+                        return Err(StoreError::ClaimTaken);
+                    }
+                }
                 let depth = match new_execution.parent {
                     None => 0,
                     Some(parent) => {

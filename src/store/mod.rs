@@ -150,6 +150,10 @@ pub enum StoreError {
     /// character): bad input that validation did not catch, never a server fault.
     #[error("value refused: {0}")]
     ValueRefused(String),
+    /// A claim (a cron tick: `CronRunClaim`) was won by another claimant first, or what it
+    /// claims is no longer there to claim; nothing was written.
+    #[error("claimed by another")]
+    ClaimTaken,
     #[error("database error")]
     Database(#[source] sqlx::Error),
 }

@@ -819,7 +819,9 @@ pub struct NewDeploymentEvent {
 }
 
 /// A scheduler's claim of one cron fire: it succeeds only while `next_run_at` still equals
-/// `due_at`, so of several server replicas exactly one fires each tick.
+/// `due_at`, so of several server replicas exactly one fires each tick. It moves `next_run_at`
+/// on and sets `last_triggered_at`, in the transaction that creates the tick's execution
+/// (`NewExecution::cron_claim`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CronRunClaim {
     pub deployment_id: Uuid,
@@ -1033,10 +1035,6 @@ pub trait ResourceStore: Send + Sync {
         next_run_at: Option<DateTime<Utc>>,
         last_triggered_at: Option<DateTime<Utc>>,
     ) -> StoreResult<()>;
-
-    /// Claims one cron fire (see `CronRunClaim`); `false` when another claimant was first or
-    /// the deployment is no longer a running, live deployment.
-    async fn claim_cron_run(&self, claim: CronRunClaim) -> StoreResult<bool>;
 
     /// Records that a trigger started a run of a live deployment: sets `last_triggered_at`
     /// (scheduler bookkeeping: no version bump, `updated_at` untouched) and appends `event`, in
@@ -2572,21 +2570,6 @@ macro_rules! impl_resource_store {
                     return Err(StoreError::NotFound);
                 }
                 Ok(())
-            }
-
-            async fn claim_cron_run(&self, claim: CronRunClaim) -> StoreResult<bool> {
-                let result = sqlx::query::<$db>(
-                    "UPDATE deployments SET next_run_at = $3, last_triggered_at = $4 \
-                     WHERE id = $1 AND next_run_at = $2 AND deleted_at IS NULL \
-                     AND status = 'RUNNING' AND trigger_type = 'CRON'",
-                )
-                .bind(claim.deployment_id)
-                .bind(stored_time(claim.due_at))
-                .bind(claim.next_run_at.map(stored_time))
-                .bind(stored_time(claim.triggered_at))
-                .execute(&self.pool)
-                .await?;
-                Ok(result.rows_affected() == 1)
             }
 
             async fn record_deployment_trigger(

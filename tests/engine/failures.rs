@@ -13,8 +13,8 @@ use turbocat::proto::v1::runner_service_client::RunnerServiceClient;
 
 use crate::support::api::Api;
 use crate::support::{
-    ServeDatabase, TEST_JWT_SECRET, TurbocatProcess, create_postgres_database, start_dev,
-    start_serve, start_turbocat,
+    RedisServer, ServeDatabase, TEST_JWT_SECRET, TurbocatProcess, create_postgres_database,
+    free_port, start_dev, start_serve, start_turbocat,
 };
 use crate::{RunnerProcess, Workbench, step};
 
@@ -54,15 +54,6 @@ pub async fn logs(bench: &Workbench, execution_id: &str) -> Vec<Value> {
             return lines;
         }
     }
-}
-
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("address")
-        .port()
 }
 
 /// `turbocat serve` on a fresh database and the Redis at `redis_url`, with an account and a
@@ -110,82 +101,6 @@ async fn serve_with_account(extra: &[&str]) -> (TurbocatProcess, ServeDatabase, 
     let bench = Workbench::new(Api::new(&server), "failures@example.com").await;
     let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
     (server, database, bench, key)
-}
-
-/// A private `redis-server` on a port of its own, so flushing or restarting it disturbs no
-/// other test. Killed when dropped.
-struct RedisServer {
-    child: Option<std::process::Child>,
-    port: u16,
-}
-
-impl RedisServer {
-    async fn start(port: u16) -> Self {
-        let mut server = Self { child: None, port };
-        server.restart().await;
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts it (again) on its port, empty, and waits until it answers.
-    async fn restart(&mut self) {
-        self.kill();
-        let port = self.port.to_string();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on the PATH");
-        self.child = Some(child);
-        let started = Instant::now();
-        loop {
-            if self.command("PING").await.is_ok() {
-                return;
-            }
-            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn command(&self, name: &str) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(self.url())?;
-        let mut connection = client.get_multiplexed_async_connection().await?;
-        redis::cmd(name).query_async(&mut connection).await
-    }
-
-    /// Empties Redis and checks it is empty, in one MULTI/EXEC: the running server writes
-    /// keys again at any moment, so a DBSIZE sent after the flush may already count them.
-    async fn flush_all(&self) {
-        let client = redis::Client::open(self.url()).expect("redis url");
-        let mut connection =
-            client.get_multiplexed_async_connection().await.expect("connect to redis");
-        let (_flushed, keys): (redis::Value, i64) = redis::pipe()
-            .atomic()
-            .cmd("FLUSHALL")
-            .cmd("DBSIZE")
-            .query_async(&mut connection)
-            .await
-            .expect("FLUSHALL and DBSIZE");
-        assert_eq!(keys, 0, "flushed");
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 fn succeeded_count(execution: &Value, keys: &[&str]) -> usize {

@@ -1,13 +1,17 @@
-//! Fault tolerance, end to end with real processes: a queue entry the database does not know
+//! Fault tolerance, end to end with real processes: a cron deployment on two replicas killed in
+//! turn (`cron`), a queue entry the database does not know
 //! (`dangling`), PostgreSQL unreachable for a while behind a TCP proxy the test cuts and restores
-//! (`database`), and SIGTERM on `serve` and `dev` with work in flight, a runner attached and an
-//! SSE watch open (`shutdown`).
+//! (`database`), SIGTERM on `serve` and `dev` with work in flight, a runner attached and an
+//! SSE watch open (`shutdown`), and 200 fan-out executions on two replicas and four runners,
+//! undisturbed and while a replica, a runner, Redis or PostgreSQL goes away (`load`).
 
 #[path = "../support/mod.rs"]
 mod support;
 
+mod cron;
 mod dangling;
 mod database;
+mod load;
 mod proxy;
 mod redis;
 mod shutdown;

@@ -11,8 +11,7 @@ use serde_json::json;
 use crate::proxy::{TcpProxy, through};
 use crate::support::api::{Api, Auth};
 use crate::support::{
-    ServeDatabase, TEST_JWT_SECRET, TurbocatProcess, create_postgres_database, redis_url,
-    start_turbocat,
+    ServeDatabase, TurbocatProcess, create_postgres_database, redis_url, start_serve_replica,
 };
 use crate::{Bench, RunnerProcess, assert_every_step_ran_once, some_step_running, unique_prefix};
 
@@ -20,32 +19,18 @@ const QUICKLY: Duration = Duration::from_secs(4);
 
 /// `serve` on `database` with Redis at `redis`.
 async fn serve_with_redis(database: &ServeDatabase, redis: String) -> TurbocatProcess {
-    let arguments: Vec<String> = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        database.url.as_str(),
+    let (prefix, rate_limit_prefix) = (unique_prefix(), unique_prefix());
+    let extra = [
         "--redis-url",
         redis.as_str(),
-        "--jwt-secret",
-        TEST_JWT_SECRET,
         "--redis-key-prefix",
-        &unique_prefix(),
+        prefix.as_str(),
         "--rate-limit-key-prefix",
-        &unique_prefix(),
+        rate_limit_prefix.as_str(),
         "--redis-timeout-seconds",
         "1",
-    ]
-    .iter()
-    .map(|argument| argument.to_string())
-    .collect();
-    tokio::task::spawn_blocking(move || {
-        let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
-        start_turbocat(&borrowed, &[])
-    })
-    .await
-    .expect("start serve")
+    ];
+    start_serve_replica(database, &extra).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,11 +9,11 @@ use turbocat::store::{
     Agent, AgentChanges, AgentFilter, AgentLimits, AgentSortField, AgentStatus, AgentType,
     BuiltinTemplate, BuiltinTemplateOutcome, CronRunClaim, Deployment, DeploymentChanges,
     DeploymentEnvironment, DeploymentEventKind, DeploymentFilter, DeploymentSortField,
-    DeploymentStatus, DeploymentTarget, DeploymentTrigger, DeploymentTriggerType, NewAgent,
-    NewDeployment, NewDeploymentEvent, NewTemplate, NewUser, NewWorkflow, NewWorkflowStep,
-    OwnerScope, PageRequest, RetryPolicy, SortOrder, Store, StoreError, Template, TemplateChanges,
-    TemplateFilter, TemplateKind, TemplateSortField, Workflow, WorkflowChanges, WorkflowFilter,
-    WorkflowSortField, WorkflowStep,
+    DeploymentStatus, DeploymentTarget, DeploymentTrigger, DeploymentTriggerType, ExecutionFilter,
+    ExecutionTrigger, NewAgent, NewDeployment, NewDeploymentEvent, NewExecution, NewTemplate,
+    NewUser, NewWorkflow, NewWorkflowStep, OwnerScope, PageRequest, ParentStep, RetryPolicy,
+    SortOrder, Store, StoreError, Template, TemplateChanges, TemplateFilter, TemplateKind,
+    TemplateSortField, Workflow, WorkflowChanges, WorkflowFilter, WorkflowSortField, WorkflowStep,
 };
 use uuid::Uuid;
 
@@ -1353,7 +1353,7 @@ async fn deployment_cron_due_query_and_claims(store: Arc<dyn Store>) {
     assert!(!deployment_ids(&much_later).contains(&stopped.id));
     assert!(!deployment_ids(&much_later).contains(&unscheduled.id));
 
-    // Claims: exactly one claimant wins a tick.
+    // Claims: exactly one claimant wins a tick, in the transaction that creates its execution.
     let due_at = due.next_run_at.expect("scheduled");
     let claim = CronRunClaim {
         deployment_id: due.id,
@@ -1361,8 +1361,47 @@ async fn deployment_cron_due_query_and_claims(store: Arc<dyn Store>) {
         next_run_at: Some(future + Duration::hours(1)),
         triggered_at: now,
     };
-    assert!(store.claim_cron_run(claim).await.expect("first claim"));
-    assert!(!store.claim_cron_run(claim).await.expect("second claim"));
+    let fire = |claim: CronRunClaim| {
+        let store = store.clone();
+        async move {
+            let new_execution = NewExecution {
+                deployment_id: Some(claim.deployment_id),
+                cron_claim: Some(claim),
+                ..NewExecution::new(owner, ExecutionTrigger::Cron, json!({}))
+            };
+            store.create_execution(new_execution, Vec::new()).await
+        }
+    };
+    let executions_of = |deployment_id: Uuid| {
+        let store = store.clone();
+        async move {
+            let filter = ExecutionFilter {
+                deployment_id: Some(deployment_id),
+                ..ExecutionFilter::new(OwnerScope::All)
+            };
+            store.list_executions(filter, PageRequest::new(1, 100)).await.expect("list").total
+        }
+    };
+    // A claim whose execution cannot be made is not taken either: the tick stays due.
+    let unmakeable = NewExecution {
+        parent: Some(ParentStep {
+            execution_id: Uuid::now_v7(),
+            step_run_id: Uuid::now_v7(),
+            attempt: 1,
+        }),
+        cron_claim: Some(claim),
+        ..NewExecution::new(owner, ExecutionTrigger::Cron, json!({}))
+    };
+    let refused = store.create_execution(unmakeable, Vec::new()).await;
+    assert!(matches!(refused, Err(StoreError::ReferenceViolated(_))), "{refused:?}");
+    let still_due = store.get_deployment_unscoped(due.id).await.expect("get");
+    assert_eq!(
+        still_due.next_run_at.map(|at| at.timestamp_micros()),
+        Some(due_at.timestamp_micros())
+    );
+    fire(claim).await.expect("first claim");
+    assert!(matches!(fire(claim).await, Err(StoreError::ClaimTaken)), "second claim");
+    assert_eq!(executions_of(due.id).await, 1, "a lost claim creates no execution");
     let claimed = store.get_deployment_unscoped(due.id).await.expect("get");
     assert_eq!(
         claimed.next_run_at.map(|at| at.timestamp_micros()),
@@ -1374,7 +1413,8 @@ async fn deployment_cron_due_query_and_claims(store: Arc<dyn Store>) {
     );
     assert_eq!(claimed.version, due.version, "scheduler bookkeeping does not bump the version");
     let stopped_claim = CronRunClaim { deployment_id: stopped.id, due_at: past, ..claim };
-    assert!(!store.claim_cron_run(stopped_claim).await.expect("stopped claim"));
+    assert!(matches!(fire(stopped_claim).await, Err(StoreError::ClaimTaken)), "stopped claim");
+    assert_eq!(executions_of(stopped.id).await, 0);
     let due_after_claim = store.list_due_cron_deployments(now, 10).await.expect("due");
     assert_eq!(deployment_ids(&due_after_claim), vec![due_late.id]);
 

@@ -47,6 +47,7 @@ impl Account {
     }
 }
 
+#[derive(Clone)]
 pub struct Api {
     pub base_url: String,
     http: reqwest::Client,
@@ -71,6 +72,18 @@ impl Api {
         auth: &Auth,
         body: Option<Value>,
     ) -> (u16, Value, reqwest::header::HeaderMap) {
+        self.try_call(method, path, auth, body).await.expect("rest request")
+    }
+
+    /// A REST call that may find nobody answering (a server killed or restarting): `None`
+    /// then.
+    pub async fn try_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        auth: &Auth,
+        body: Option<Value>,
+    ) -> Option<(u16, Value, reqwest::header::HeaderMap)> {
         let mut request = self.http.request(method, format!("{}{path}", self.base_url));
         request = match auth {
             Auth::None => request,
@@ -80,12 +93,12 @@ impl Api {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.expect("rest request");
+        let response = request.send().await.ok()?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let text = response.text().await.expect("rest body");
+        let text = response.text().await.ok()?;
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, body, headers)
+        Some((status, body, headers))
     }
 
     pub async fn get(&self, path: &str, auth: &Auth) -> (u16, Value) {

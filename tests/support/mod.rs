@@ -363,22 +363,22 @@ pub async fn start_serve(extra: &[&str]) -> (TurbocatProcess, ServeDatabase) {
 
 /// Another `serve` replica of an installation: the same database, Redis and `extra` flags
 /// (pass the first replica's `--redis-key-prefix` so they share the queue and the events).
+/// `extra` may choose the address (`--listen`: a replica restarted on the same port) and the
+/// Redis (`--redis-url`: a private one).
 pub async fn start_serve_replica(database: &ServeDatabase, extra: &[&str]) -> TurbocatProcess {
     let redis = redis_url();
-    let mut arguments: Vec<String> = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        database.url.as_str(),
-        "--redis-url",
-        redis.as_str(),
-        "--jwt-secret",
-        TEST_JWT_SECRET,
-    ]
-    .iter()
-    .map(|argument| argument.to_string())
-    .collect();
+    let mut arguments: Vec<String> = vec!["serve".to_owned()];
+    if !extra.contains(&"--listen") {
+        arguments.extend(["--listen".to_owned(), "127.0.0.1:0".to_owned()]);
+    }
+    if !extra.contains(&"--redis-url") {
+        arguments.extend(["--redis-url".to_owned(), redis]);
+    }
+    arguments.extend(
+        ["--database-url", database.url.as_str(), "--jwt-secret", TEST_JWT_SECRET]
+            .iter()
+            .map(|argument| argument.to_string()),
+    );
     arguments.extend(extra.iter().map(|argument| argument.to_string()));
     tokio::task::spawn_blocking(move || {
         let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
@@ -443,6 +443,94 @@ impl RunnerProcess {
 }
 
 impl Drop for RunnerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+/// A private `redis-server` on a port of its own, so flushing or restarting it disturbs no
+/// other test. Killed when dropped.
+pub struct RedisServer {
+    child: Option<std::process::Child>,
+    port: u16,
+}
+
+impl RedisServer {
+    pub async fn start(port: u16) -> Self {
+        let mut server = Self { child: None, port };
+        server.restart().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on its port, empty, and waits until it answers.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let port = self.port.to_string();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on the PATH");
+        self.child = Some(child);
+        let started = std::time::Instant::now();
+        loop {
+            if self.command("PING").await.is_ok() {
+                return;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn command(&self, name: &str) -> redis::RedisResult<redis::Value> {
+        let client = redis::Client::open(self.url())?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd(name).query_async(&mut connection).await
+    }
+
+    /// Empties Redis and checks it is empty, in one MULTI/EXEC: the running server writes
+    /// keys again at any moment, so a DBSIZE sent after the flush may already count them.
+    pub async fn flush_all(&self) {
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let mut connection =
+            client.get_multiplexed_async_connection().await.expect("connect to redis");
+        let (_flushed, keys): (redis::Value, i64) = redis::pipe()
+            .atomic()
+            .cmd("FLUSHALL")
+            .cmd("DBSIZE")
+            .query_async(&mut connection)
+            .await
+            .expect("FLUSHALL and DBSIZE");
+        assert_eq!(keys, 0, "flushed");
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
