@@ -1,7 +1,8 @@
 //! Fault tolerance, end to end with real processes: a queue entry the database does not know
 //! (`dangling`), PostgreSQL unreachable for a while behind a TCP proxy the test cuts and restores
-//! (`database`), and SIGTERM on `serve` and `dev` with work in flight, a runner attached and an
-//! SSE watch open (`shutdown`).
+//! (`database`), SIGTERM on `serve` and `dev` with work in flight, runners attached and an
+//! SSE watch open (`shutdown`), and a runner given several servers moving to the next when its
+//! replica is killed (`runners`).
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -10,6 +11,7 @@ mod dangling;
 mod database;
 mod proxy;
 mod redis;
+mod runners;
 mod shutdown;
 
 use std::time::{Duration, Instant};
