@@ -203,7 +203,7 @@ impl ServerRotation {
     fn after_unreachable(&mut self) -> Duration {
         self.failures_in_a_row += 1;
         self.advance();
-        if self.failures_in_a_row % self.endpoints.len() != 0 {
+        if !self.failures_in_a_row.is_multiple_of(self.endpoints.len()) {
             return Duration::ZERO;
         }
         let pause = self.backoff;
