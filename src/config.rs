@@ -666,9 +666,17 @@ pub const API_KEY_ON_STDIN_VARIABLE: &str = "TURBOCAT_API_KEY_ON_STDIN";
 
 #[derive(Debug, Clone, Args)]
 pub struct RunnerArgs {
-    /// Server to attach to, e.g. `https://turbocat.example.com`.
-    #[arg(long, env = "TURBOCAT_SERVER", default_value = "http://127.0.0.1:8080")]
-    pub server: String,
+    /// Servers to attach to, comma-separated, e.g. `https://turbocat.example.com` (a load
+    /// balancer) or `http://replica-1:8080,http://replica-2:8080`: the runner attaches to the
+    /// first and moves to the next when its stream breaks, its server asks it to move, or the
+    /// server cannot be reached.
+    #[arg(
+        long,
+        env = "TURBOCAT_SERVER",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: Vec<String>,
     /// API key with the `runner` scope, from the environment only (`TURBOCAT_API_KEY`): a
     /// command line is readable by every process of the machine.
     #[arg(skip = std::env::var("TURBOCAT_API_KEY").ok().map(Secret::new))]
@@ -760,8 +768,48 @@ impl RunnerArgs {
         Ok(Secret::new(key))
     }
 
+    /// The servers of `--server`, each checked: at least one, every one an `http://` or
+    /// `https://` URL with a host.
+    fn server_urls(&self) -> Result<Vec<String>, SettingError> {
+        let error = |problem: String| SettingError {
+            flag: "--server",
+            variable: "TURBOCAT_SERVER",
+            problem,
+        };
+        let mut urls = Vec::with_capacity(self.server.len());
+        for given in self.server.iter().map(|url| url.trim()) {
+            if given.is_empty() {
+                return Err(error(
+                    "an empty URL in the list; expected http://host:port, comma-separated"
+                        .to_owned(),
+                ));
+            }
+            let parsed = url::Url::parse(given).map_err(|parse_error| {
+                error(format!("{given:?} is not a URL ({parse_error}); expected http://host:port or https://host"))
+            })?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(error(format!(
+                    "{given:?} has the scheme `{}`; expected http:// or https://",
+                    parsed.scheme()
+                )));
+            }
+            if parsed.host_str().is_none_or(str::is_empty) {
+                return Err(error(format!("{given:?} names no host")));
+            }
+            let url = given.trim_end_matches('/').to_owned();
+            if !urls.contains(&url) {
+                urls.push(url);
+            }
+        }
+        if urls.is_empty() {
+            return Err(error("required: at least one server URL".to_owned()));
+        }
+        Ok(urls)
+    }
+
     /// The runner's settings, or the flag at fault.
     pub fn settings(&self) -> Result<crate::runner::client::RunnerSettings, SettingError> {
+        let server_urls = self.server_urls()?;
         let api_key = self.read_api_key()?;
         if !(1..=1000).contains(&self.capacity) {
             return Err(SettingError {
@@ -790,7 +838,7 @@ impl RunnerArgs {
                 .unwrap_or_else(|| "runner".to_owned())
         });
         Ok(crate::runner::client::RunnerSettings {
-            server_url: self.server.trim_end_matches('/').to_owned(),
+            server_urls,
             api_key: api_key.expose().to_owned(),
             name,
             labels,
@@ -934,5 +982,35 @@ mod tests {
         // There is no flag that would put the key on the command line.
         let refused = Cli::try_parse_from(["turbocat", "runner", "--api-key", "tc_visible"]);
         assert!(refused.is_err());
+    }
+
+    #[test]
+    fn the_runner_takes_several_servers_and_checks_each() {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let key_file = directory.path().join("key");
+        std::fs::write(&key_file, "tc_runner_key\n").expect("write the key");
+        let key = key_file.to_str().expect("utf-8 path");
+        let settings = runner_args(&["--api-key-file", key]).settings().expect("the default");
+        assert_eq!(settings.server_urls, ["http://127.0.0.1:8080"]);
+        let settings = runner_args(&[
+            "--api-key-file",
+            key,
+            "--server",
+            " http://a.internal:8080/, https://b.internal,http://a.internal:8080",
+        ])
+        .settings()
+        .expect("a list");
+        assert_eq!(settings.server_urls, ["http://a.internal:8080", "https://b.internal"]);
+
+        for bad in ["http://ok:1,not a url", "http://ok:1,,http://ok:2", "ftp://files", "http://"] {
+            let error =
+                runner_args(&["--api-key-file", key, "--server", bad]).settings().expect_err(bad);
+            assert_eq!(error.flag, "--server", "{bad}");
+            assert_eq!(error.variable, "TURBOCAT_SERVER", "{bad}");
+        }
+        let error = runner_args(&["--api-key-file", key, "--server", "http://ok:1,not a url"])
+            .settings()
+            .expect_err("not a url");
+        assert!(error.problem.contains("\"not a url\" is not a URL"), "{error}");
     }
 }

@@ -171,7 +171,9 @@ async fn run(command: Command) -> Result<(), String> {
             });
             println!(
                 "turbocat runner {} attaching to {} (capacity {})",
-                settings.name, settings.server_url, settings.capacity
+                settings.name,
+                settings.server_urls.join(","),
+                settings.capacity
             );
             let outcome = turbocat::runner::client::run(settings, shutdown_requested)
                 .await

@@ -337,7 +337,7 @@ fn start_engine(
             local_addr
         };
         let settings = crate::runner::client::RunnerSettings {
-            server_url: format!("http://{host}"),
+            server_urls: vec![format!("http://{host}")],
             api_key: key.expose().to_owned(),
             name: "local".to_owned(),
             labels: std::collections::BTreeMap::new(),

@@ -1,7 +1,9 @@
 //! The runner's side of `RunnerService.Attach`: connect with an API key, say hello, run each
 //! assignment with the executors (up to the announced capacity), stream its logs in batches,
-//! heartbeat the attempts it holds, report results, obey cancels. A broken stream is reopened
-//! with backoff, telling the server which attempts are still running so it keeps them. On
+//! heartbeat the attempts it holds, report results, obey cancels. A broken stream (or a server
+//! asking its runners to move) is reopened on the next of the servers given, in turn, telling
+//! that server which attempts are still running so it keeps them; a server that cannot be
+//! reached is passed over for the next, with a pause only once every one has failed. On
 //! shutdown the runner says it is draining, keeps heartbeating, finishes what it holds (or hands
 //! it back when the grace period ends) and leaves.
 //!
@@ -37,12 +39,17 @@ const MESSAGE_OVERHEAD_BYTES: usize = 1024;
 const MAX_SENDABLE_PROTO_DEPTH: usize = 96;
 /// The smallest message limit the runner works with, whatever is announced.
 const MIN_MESSAGE_BYTES: usize = 4 * 1024;
+/// The first pause once every server failed in a row; it doubles up to `MAX_BACKOFF`.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// How a runner connects and what it offers.
 #[derive(Debug, Clone)]
 pub struct RunnerSettings {
-    /// The server's gRPC address, e.g. `http://127.0.0.1:8080`.
-    pub server_url: String,
+    /// The servers' gRPC addresses in the order tried, e.g. `http://127.0.0.1:8080` (one load
+    /// balancer, or each replica): the runner attaches to one at a time and moves to the next
+    /// when that one ends its stream or cannot be reached. At least one.
+    pub server_urls: Vec<String>,
     /// An API key with the `runner` scope (sent as `x-api-key`).
     pub api_key: String,
     pub name: String,
@@ -89,18 +96,13 @@ pub async fn run(
     let _ = executors::sandbox::mode().await;
     // As many warm jq workers as DATA steps may run at once stay idle between steps.
     executors::data::shared_pool().keep_idle_at_least(settings.capacity as usize);
-    let endpoint = tonic::transport::Endpoint::from_shared(settings.server_url.clone())
-        .map_err(|_| RunnerError::InvalidServer(settings.server_url.clone()))?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
+    let mut servers = ServerRotation::new(&settings.server_urls)?;
     let running: Running = Arc::new(Mutex::new(HashMap::new()));
     let message_limit: MessageLimit =
         Arc::new(AtomicUsize::new(settings.max_message_bytes.max(MIN_MESSAGE_BYTES)));
     // Messages survive a broken stream here until the next connection sends them.
     let (outbox, mut outbox_receiver) = mpsc::channel::<pb::AttachRequest>(1024);
     let mut runner_id = String::new();
-    let mut backoff = Duration::from_millis(200);
     let mut draining = *shutdown.borrow();
     loop {
         if draining && running_keys(&running).is_empty() {
@@ -112,30 +114,101 @@ pub async fn run(
             outbox: &outbox,
             message_limit: &message_limit,
         };
-        match session
+        let outcome = session
             .connect_and_serve(
-                &endpoint,
+                servers.current(),
                 &mut runner_id,
                 &mut outbox_receiver,
                 &mut shutdown,
                 &mut draining,
             )
-            .await
-        {
+            .await;
+        let left = servers.current().uri().to_string();
+        let pause = match outcome {
             Ok(SessionEnd::Drained) => return Ok(()),
             Ok(SessionEnd::Broken) => {
-                backoff = Duration::from_millis(200);
+                let pause = servers.after_stream_ended();
+                if servers.len() > 1 {
+                    tracing::info!(from = %left, to = %servers.current().uri(), "moving to the next server");
+                }
+                pause
             }
             Err(SessionError::Refused(reason)) => return Err(RunnerError::Refused(reason)),
             Err(SessionError::Unreachable(reason)) => {
-                tracing::warn!(%reason, retry_in = ?backoff, "cannot reach the server");
+                let pause = servers.after_unreachable();
+                tracing::warn!(server = %left, %reason, next = %servers.current().uri(), retry_in = ?pause, "cannot reach the server");
+                pause
             }
+        };
+        if pause.is_zero() {
+            continue;
         }
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(pause) => {}
             _ = shutdown.changed() => { draining = true; }
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The servers of `RunnerSettings::server_urls` in turn, and the pause before each attempt:
+/// after a stream that was attached ends (broken, or the server asked its runners to move), the
+/// next server at once; after a server that cannot be reached, the next one at once until every
+/// server failed in a row, then a pause that doubles up to `MAX_BACKOFF`. With one server (a
+/// load balancer), the same server again after a pause.
+struct ServerRotation {
+    endpoints: Vec<tonic::transport::Endpoint>,
+    current: usize,
+    failures_in_a_row: usize,
+    backoff: Duration,
+}
+
+impl ServerRotation {
+    fn new(server_urls: &[String]) -> Result<Self, RunnerError> {
+        let mut endpoints = Vec::with_capacity(server_urls.len());
+        for url in server_urls {
+            let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+                .map_err(|_| RunnerError::InvalidServer(url.clone()))?
+                .connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_while_idle(true);
+            endpoints.push(endpoint);
+        }
+        if endpoints.is_empty() {
+            return Err(RunnerError::InvalidServer("(none given)".to_owned()));
+        }
+        Ok(Self { endpoints, current: 0, failures_in_a_row: 0, backoff: INITIAL_BACKOFF })
+    }
+
+    fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    fn current(&self) -> &tonic::transport::Endpoint {
+        &self.endpoints[self.current]
+    }
+
+    fn advance(&mut self) {
+        self.current = (self.current + 1) % self.endpoints.len();
+    }
+
+    /// The stream to the current server was attached and ended: on to the next server.
+    fn after_stream_ended(&mut self) -> Duration {
+        self.failures_in_a_row = 0;
+        self.backoff = INITIAL_BACKOFF;
+        self.advance();
+        if self.endpoints.len() > 1 { Duration::ZERO } else { INITIAL_BACKOFF }
+    }
+
+    /// The current server could not be reached (or would not attach): on to the next server.
+    fn after_unreachable(&mut self) -> Duration {
+        self.failures_in_a_row += 1;
+        self.advance();
+        if !self.failures_in_a_row.is_multiple_of(self.endpoints.len()) {
+            return Duration::ZERO;
+        }
+        let pause = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        pause
     }
 }
 
@@ -152,6 +225,8 @@ fn protect_process() {
 
 enum SessionEnd {
     Drained,
+    /// The stream ended after the server accepted this runner: broken, or the server asked its
+    /// runners to move (it is shutting down).
     Broken,
 }
 
@@ -230,7 +305,11 @@ impl Session<'_> {
             Ok(Some(pb::AttachResponse {
                 message: Some(pb::attach_response::Message::Accepted(accepted)),
             })) => accepted,
-            Ok(_) => return Ok(SessionEnd::Broken),
+            Ok(_) => {
+                return Err(SessionError::Unreachable(
+                    "the server ended the stream before accepting this runner".to_owned(),
+                ));
+            }
             Err(status) => return Err(SessionError::Unreachable(status.message().to_owned())),
         };
         *runner_id = accepted.runner_id.clone();
@@ -254,7 +333,7 @@ impl Session<'_> {
                 keep
             });
         }
-        tracing::info!(runner_id = %runner_id, kept = kept.len(), "attached to the server");
+        tracing::info!(runner_id = %runner_id, server = %endpoint.uri(), kept = kept.len(), "attached to the server");
         if *draining {
             let _ = stream_sender
                 .send(message(pb::attach_request::Message::Draining(pb::Draining {})))
@@ -288,7 +367,8 @@ impl Session<'_> {
                     Ok(None) => return Ok(SessionEnd::Broken),
                     Err(status) => {
                         if status.code() == tonic::Code::Unavailable {
-                            // A server shutting down: attach again, elsewhere, with what we hold.
+                            // A server shutting down: attach again, to the next server (or through
+                            // the balancer to another replica), with what we hold.
                             tracing::info!(reason = %status.message(), "the server ended the stream; attaching again");
                         }
                         return Ok(SessionEnd::Broken);
@@ -637,6 +717,41 @@ mod tests {
             panic!("still a failure");
         };
         assert!(failure.retryable && failure.error.ends_with('…'));
+    }
+
+    #[test]
+    fn servers_are_tried_in_turn_with_a_pause_only_after_a_whole_round_fails() {
+        let urls = ["http://a:1", "http://b:2", "http://c:3"].map(str::to_owned);
+        let mut servers = ServerRotation::new(&urls).expect("valid");
+        let current = |servers: &ServerRotation| servers.current().uri().to_string();
+        assert_eq!(current(&servers), "http://a:1/");
+        // A stream that ends moves to the next server at once, never back to the same one.
+        assert_eq!(servers.after_stream_ended(), Duration::ZERO);
+        assert_eq!(current(&servers), "http://b:2/");
+        // Unreachable servers: the others first, then a pause that doubles.
+        assert_eq!(servers.after_unreachable(), Duration::ZERO);
+        assert_eq!(servers.after_unreachable(), Duration::ZERO);
+        assert_eq!(servers.after_unreachable(), INITIAL_BACKOFF);
+        assert_eq!(current(&servers), "http://b:2/");
+        assert_eq!(servers.after_unreachable(), Duration::ZERO);
+        assert_eq!(servers.after_unreachable(), Duration::ZERO);
+        assert_eq!(servers.after_unreachable(), INITIAL_BACKOFF * 2);
+        for _ in 0..30 {
+            assert!(servers.after_unreachable() <= MAX_BACKOFF);
+        }
+        // Attached again: the pauses start over.
+        servers.after_stream_ended();
+        assert_eq!(servers.after_unreachable(), Duration::ZERO);
+        assert_eq!(servers.after_unreachable(), Duration::ZERO);
+        assert_eq!(servers.after_unreachable(), INITIAL_BACKOFF);
+
+        // One server (a load balancer): the same one again, after a pause.
+        let mut alone = ServerRotation::new(&["http://lb:8081".to_owned()]).expect("valid");
+        assert_eq!(alone.after_stream_ended(), INITIAL_BACKOFF);
+        assert_eq!(alone.after_unreachable(), INITIAL_BACKOFF);
+        assert_eq!(alone.after_unreachable(), INITIAL_BACKOFF * 2);
+        assert_eq!(current(&alone), "http://lb:8081/");
+        assert!(ServerRotation::new(&[]).is_err());
     }
 
     #[test]

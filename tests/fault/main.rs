@@ -1,8 +1,9 @@
 //! Fault tolerance, end to end with real processes: a cron deployment on two replicas killed in
 //! turn (`cron`), a queue entry the database does not know
 //! (`dangling`), PostgreSQL unreachable for a while behind a TCP proxy the test cuts and restores
-//! (`database`), SIGTERM on `serve` and `dev` with work in flight, a runner attached and an
-//! SSE watch open (`shutdown`), and 200 fan-out executions on two replicas and four runners,
+//! (`database`), SIGTERM on `serve` and `dev` with work in flight, runners attached and an
+//! SSE watch open (`shutdown`), a runner given several servers moving to the next when its
+//! replica is killed (`runners`), and 200 fan-out executions on two replicas and four runners,
 //! undisturbed and while a replica, a runner, Redis or PostgreSQL goes away (`load`).
 
 #[path = "../support/mod.rs"]
@@ -14,6 +15,7 @@ mod database;
 mod load;
 mod proxy;
 mod redis;
+mod runners;
 mod shutdown;
 
 use std::time::{Duration, Instant};

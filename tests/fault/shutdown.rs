@@ -1,8 +1,9 @@
-//! Graceful shutdown: SIGTERM on a `serve` replica with executions in flight, a runner attached
-//! (through a load balancer) and an SSE watch open; it exits within its grace period, the watch
-//! ends with a last event saying why, the runner attaches to the other replica with the steps it
-//! still runs, and every execution succeeds with each step run once. The same signal on `dev`
-//! with a step running and a watch open. Watches are read over SSE and over gRPC.
+//! Graceful shutdown: SIGTERM on a `serve` replica with executions in flight, two runners
+//! attached (one through a load balancer, one given both replicas with `--server A,B`) and an
+//! SSE watch open; it exits within its grace period, the watch ends with a last event saying
+//! why, each runner attaches to the other replica with the steps it still runs, and every
+//! execution succeeds with each step run once. The same signal on `dev` with a step running and
+//! a watch open. Watches are read over SSE and over gRPC.
 
 use std::time::{Duration, Instant};
 
@@ -111,12 +112,17 @@ async fn a_replica_stopped_with_sigterm_exits_in_time_and_its_runner_carries_on_
     let balancer = TcpProxy::start(vec![leaving.address, staying.address]).await;
     let bench = Bench::new(Api::new(&leaving), "draining@example.com").await;
     let (key, _) = bench.api.create_key(&bench.auth, "runner", &["RUNNER"]).await;
-    let runner =
-        RunnerProcess::start(&format!("http://{}", balancer.address), &key, "moving", 4, "", &[]);
-    wait_for_runner(&bench.api, &bench.auth, "moving").await;
+    let balanced =
+        RunnerProcess::start(&format!("http://{}", balancer.address), &key, "balanced", 2, "", &[]);
+    // The other is given both replicas, the leaving one first: it must not go back to it.
+    let servers = format!("{},{}", leaving.base_url(), staying.base_url());
+    let listed = RunnerProcess::start(&servers, &key, "listed", 2, "", &[]);
+    wait_for_runner(&bench.api, &bench.auth, "balanced").await;
+    wait_for_runner(&bench.api, &bench.auth, "listed").await;
+    crate::runners::wait_for_attach_line(&leaving, "listed").await;
 
-    // Fan-out of four naps and a join; three executions keep the runner's four slots busy.
-    let nap = bench.sleeper("nap", 1.5).await;
+    // Fan-out of four naps and a join; three executions keep the runners' four slots busy.
+    let nap = bench.sleeper("nap", 2.5).await;
     let join = bench.jq("join", "{joined: true}").await;
     let mut steps: Vec<serde_json::Value> =
         (0..4).map(|index| json!({ "key": format!("nap{index}"), "agentId": nap })).collect();
@@ -129,6 +135,7 @@ async fn a_replica_stopped_with_sigterm_exits_in_time_and_its_runner_carries_on_
         executions.push(bench.execute(&workflow).await);
     }
     bench.wait_for(&executions[0], Duration::from_secs(30), "running", some_step_running).await;
+    wait_until_steps_run(&bench, &executions, 4).await;
 
     let watch = tokio::spawn(read_events(
         format!("{}/api/v1/executions/{}/events", leaving.base_url(), executions[0]),
@@ -146,7 +153,7 @@ async fn a_replica_stopped_with_sigterm_exits_in_time_and_its_runner_carries_on_
     assert_ended_saying_why(&events, clean);
     assert_grpc_watch_ended_saying_why(grpc_watch).await;
 
-    // The other replica carries on: the runner moved there (same process, same name), and
+    // The other replica carries on: the runners moved there (same processes, same names), and
     // every execution succeeds with each step run once, nothing lost, nothing doubled.
     let other = Bench {
         api: Api::new(&staying),
@@ -154,26 +161,57 @@ async fn a_replica_stopped_with_sigterm_exits_in_time_and_its_runner_carries_on_
         user_id: bench.user_id.clone(),
         token: bench.token.clone(),
     };
-    wait_for_runner(&other.api, &other.auth, "moving").await;
     for execution_id in &executions {
         let execution = other.finished(execution_id, Duration::from_secs(45)).await;
         assert_every_step_ran_once(&execution);
     }
 
-    // It kept the steps it was running when it moved: they finished on it, reported through
+    // Each kept the steps it was running when it moved: they finished on it, reported through
     // the other replica.
-    let staying_log = crate::plain(&staying.stderr_text());
-    assert!(
-        staying_log.lines().any(|line| line.contains("runner attached")
-            && line.contains("name=moving")
-            && !line.contains("kept=0")),
-        "{staying_log}"
-    );
+    for name in ["balanced", "listed"] {
+        let attached = crate::runners::wait_for_attach_line(&staying, name).await;
+        assert!(!attached.contains("kept=0"), "{attached}");
+    }
     let log = crate::plain(&leaving.stderr_text());
     assert!(log.contains("runners asked to attach elsewhere"), "{log}");
-    assert!(log.contains("moved=1") && log.contains("cut=0"), "{log}");
-    let runner_log = crate::plain(&runner.stderr_text());
-    assert!(runner_log.contains("the server ended the stream; attaching again"), "{runner_log}");
+    assert!(log.contains("moved=2") && log.contains("cut=0"), "{log}");
+    for runner in [&balanced, &listed] {
+        let runner_log = crate::plain(&runner.stderr_text());
+        assert!(
+            runner_log.contains("the server ended the stream; attaching again"),
+            "{runner_log}"
+        );
+    }
+    // The listed runner went to the next server of its list, not back to the leaving one.
+    let listed_log = crate::plain(&listed.stderr_text());
+    let moved = listed_log
+        .lines()
+        .find(|line| line.contains("moving to the next server"))
+        .unwrap_or_else(|| panic!("{listed_log}"));
+    assert!(moved.contains(&format!("to={}", staying.base_url())), "{moved}");
+    assert!(!listed_log.contains("cannot reach the server"), "{listed_log}");
+}
+
+/// Waits until the executions together have `count` steps RUNNING (every runner slot busy).
+async fn wait_until_steps_run(bench: &Bench, executions: &[String], count: usize) {
+    let started = Instant::now();
+    loop {
+        let mut running = 0;
+        for execution_id in executions {
+            let execution = bench.execution(execution_id).await;
+            running += execution["stepRuns"]
+                .as_array()
+                .map_or(0, |steps| steps.iter().filter(|step| step["status"] == "RUNNING").count());
+        }
+        if running >= count {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{running} steps running, not {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

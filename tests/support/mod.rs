@@ -396,6 +396,7 @@ pub struct RunnerProcess {
 }
 
 impl RunnerProcess {
+    /// `server_url` is what `--server` takes: one URL, or several comma-separated.
     pub fn start(
         server_url: &str,
         api_key: &str,
