@@ -1,7 +1,8 @@
 //! Fault tolerance, end to end with real processes: a queue entry the database does not know
 //! (`dangling`), PostgreSQL unreachable for a while behind a TCP proxy the test cuts and restores
 //! (`database`), and SIGTERM on `serve` and `dev` with work in flight, a runner attached and an
-//! SSE watch open (`shutdown`).
+//! SSE watch open (`shutdown`); and a rolling upgrade of two replicas across a migration the
+//! older one does not know (`upgrade`).
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -11,6 +12,7 @@ mod database;
 mod proxy;
 mod redis;
 mod shutdown;
+mod upgrade;
 
 use std::time::{Duration, Instant};
 

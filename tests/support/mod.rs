@@ -362,23 +362,26 @@ pub async fn start_serve(extra: &[&str]) -> (TurbocatProcess, ServeDatabase) {
 }
 
 /// Another `serve` replica of an installation: the same database, Redis and `extra` flags
-/// (pass the first replica's `--redis-key-prefix` so they share the queue and the events).
+/// (pass the first replica's `--redis-key-prefix` so they share the queue and the events; a
+/// `--listen` among them chooses the address, e.g. a replica restarted where it was).
 pub async fn start_serve_replica(database: &ServeDatabase, extra: &[&str]) -> TurbocatProcess {
     let redis = redis_url();
-    let mut arguments: Vec<String> = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--database-url",
-        database.url.as_str(),
-        "--redis-url",
-        redis.as_str(),
-        "--jwt-secret",
-        TEST_JWT_SECRET,
-    ]
-    .iter()
-    .map(|argument| argument.to_string())
-    .collect();
+    let mut arguments: Vec<String> = vec!["serve".to_owned()];
+    if !extra.contains(&"--listen") {
+        arguments.extend(["--listen".to_owned(), "127.0.0.1:0".to_owned()]);
+    }
+    arguments.extend(
+        [
+            "--database-url",
+            database.url.as_str(),
+            "--redis-url",
+            redis.as_str(),
+            "--jwt-secret",
+            TEST_JWT_SECRET,
+        ]
+        .iter()
+        .map(|argument| argument.to_string()),
+    );
     arguments.extend(extra.iter().map(|argument| argument.to_string()));
     tokio::task::spawn_blocking(move || {
         let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
