@@ -211,7 +211,7 @@ async fn serve_metrics(
 /// Opens the `dev` SQLite database in `data_dir`, migrated.
 pub async fn open_dev_store(data_dir: &Path) -> Result<SqliteStore, StartupError> {
     let store = connect_dev_store(data_dir).await?;
-    log_migrations(store.migrate().await.map_err(migration_error)?);
+    log_migrations(&store.migrate().await.map_err(migration_error)?);
     Ok(store)
 }
 
@@ -231,7 +231,7 @@ fn migration_error(error: MigrationError) -> StartupError {
 
 /// Logs what migrating did: each migration applied, and the newer ones a newer release applied
 /// (which this one runs beside, by the expand/contract rule of docs/operations.md).
-fn log_migrations(report: MigrationReport) {
+fn log_migrations(report: &MigrationReport) {
     for migration in &report.applied {
         tracing::info!(version = migration.version, description = %migration.description, "applied a migration");
     }
@@ -313,7 +313,7 @@ impl CommandDatabase {
             )),
             other => migration_error(other),
         })?;
-        log_migrations(report.clone());
+        log_migrations(&report);
         Ok(report)
     }
 
@@ -628,7 +628,7 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
     let bus = RedisBus::connect(redis.clone(), bus_config)
         .await
         .map_err(|error| redis_unreachable(error.to_string()))?;
-    log_migrations(postgres.migrate().await.map_err(migration_error)?);
+    log_migrations(&postgres.migrate().await.map_err(migration_error)?);
     let store: Arc<dyn Store> = Arc::new(postgres);
     let context = build_context(ContextParts {
         mode: Mode::Serve,
