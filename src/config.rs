@@ -118,8 +118,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run a runner that executes steps for a server.
     Runner(RunnerArgs),
-    /// Apply database migrations and exit.
-    Migrate(DatabaseArgs),
+    /// Apply database migrations (or revert the newest ones with `--down N`) and exit.
+    Migrate(MigrateArgs),
     /// Load demo data: an admin user, sample agents, a workflow, templates.
     Seed(SeedArgs),
     /// Administer accounts from the command line.
@@ -645,6 +645,22 @@ pub struct DatabaseArgs {
     /// Directory of the `dev` SQLite database.
     #[arg(long, env = "TURBOCAT_DATA_DIR", default_value = ".turbocat")]
     pub data_dir: PathBuf,
+}
+
+/// `turbocat migrate`: apply every migration this release has, or revert the newest ones.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Revert the newest N applied migrations (newest first) with their down scripts, instead
+    /// of applying. Refused on a database a newer release migrated: revert with that release.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub down: Option<u32>,
+    /// Succeed on a database a newer release has migrated further (its migrations are kept and
+    /// listed), as `serve` and `dev` do; without it `migrate` refuses such a database, since
+    /// running an older release's `migrate` there is usually a mistake.
+    #[arg(long, conflicts_with = "down")]
+    pub allow_newer: bool,
 }
 
 #[derive(Debug, Clone, Args)]

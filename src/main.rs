@@ -6,6 +6,7 @@ use clap::Parser;
 use turbocat::config::{AdminCommand, Cli, Command, LogFormat};
 use turbocat::runner::executors::sandbox;
 use turbocat::server;
+use turbocat::store::NewerMigrations;
 
 fn init_tracing(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
@@ -97,6 +98,30 @@ fn restart_without_the_key_in_the_environment() -> Result<(), String> {
     Err(format!("cannot restart the runner without its key in the environment: {error}"))
 }
 
+/// `turbocat migrate`: applies (or with `--down N` reverts) migrations and says which.
+async fn migrate(args: &turbocat::config::MigrateArgs) -> Result<(), server::StartupError> {
+    let database = server::CommandDatabase::connect(&args.database).await?;
+    let backend = database.backend();
+    if let Some(count) = args.down {
+        let reverted = database.revert(count as usize).await?;
+        for migration in &reverted {
+            println!("reverted {migration}");
+        }
+        println!("migrations reverted ({})", backend.as_str());
+        return Ok(());
+    }
+    let newer = if args.allow_newer { NewerMigrations::Accept } else { NewerMigrations::Refuse };
+    let report = database.migrate(newer).await?;
+    for migration in &report.applied {
+        println!("applied {migration}");
+    }
+    for version in &report.newer {
+        println!("kept {version:04} (applied by a newer release)");
+    }
+    println!("migrations applied ({})", backend.as_str());
+    Ok(())
+}
+
 async fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Dev(args) => {
@@ -112,13 +137,7 @@ async fn run(command: Command) -> Result<(), String> {
             announce("serve", running.local_addr);
             running.run_until_signal().await.map_err(|error| error.to_string())
         }
-        Command::Migrate(args) => {
-            let store =
-                server::open_store_for_command(&args).await.map_err(|error| error.to_string())?;
-            tracing::info!(backend = store.backend().as_str(), "migrations applied");
-            println!("migrations applied ({})", store.backend().as_str());
-            Ok(())
-        }
+        Command::Migrate(args) => migrate(&args).await.map_err(|error| error.to_string()),
         Command::Seed(args) => {
             let store = server::open_store_for_command(&args.database)
                 .await

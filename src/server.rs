@@ -19,7 +19,10 @@ use crate::bus::{MemoryBus, RedisBus, RedisBusConfig};
 use crate::config::{self, ConnectionUrl, DevArgs, ListenArgs, Secret, ServeArgs, SettingError};
 use crate::queue::{MemoryQueue, RedisQueue, RedisQueueConfig};
 use crate::redis_pool::{RedisPool, RedisPoolOptions, connect_redis_with_options};
-use crate::store::{PostgresStore, SqliteStore, Store};
+use crate::store::{
+    Backend, MigrationEntry, MigrationError, MigrationReport, NewerMigrations, PostgresStore,
+    SqliteStore, Store,
+};
 
 /// A start-up failure, worded for the person who launched the process.
 #[derive(Debug, thiserror::Error)]
@@ -207,14 +210,39 @@ async fn serve_metrics(
 
 /// Opens the `dev` SQLite database in `data_dir`, migrated.
 pub async fn open_dev_store(data_dir: &Path) -> Result<SqliteStore, StartupError> {
+    let store = connect_dev_store(data_dir).await?;
+    log_migrations(&store.migrate().await.map_err(migration_error)?);
+    Ok(store)
+}
+
+/// Opens (creating it) the `dev` SQLite database in `data_dir`, without migrating.
+async fn connect_dev_store(data_dir: &Path) -> Result<SqliteStore, StartupError> {
     let data_directory_error =
         |cause: String| StartupError::DataDirectory { path: data_dir.display().to_string(), cause };
     std::fs::create_dir_all(data_dir).map_err(|error| data_directory_error(error.to_string()))?;
-    let store = SqliteStore::open(&data_dir.join("turbocat.db"))
+    SqliteStore::open(&data_dir.join("turbocat.db"))
         .await
-        .map_err(|error| data_directory_error(describe_store_error(error)))?;
-    store.migrate().await.map_err(|error| StartupError::Migration(describe_store_error(error)))?;
-    Ok(store)
+        .map_err(|error| data_directory_error(describe_store_error(error)))
+}
+
+fn migration_error(error: MigrationError) -> StartupError {
+    StartupError::Migration(error.to_string())
+}
+
+/// Logs what migrating did: each migration applied, and the newer ones a newer release applied
+/// (which this one runs beside, by the expand/contract rule of docs/operations.md).
+fn log_migrations(report: &MigrationReport) {
+    for migration in &report.applied {
+        tracing::info!(version = migration.version, description = %migration.description, "applied a migration");
+    }
+    if !report.newer.is_empty() {
+        let versions: Vec<String> =
+            report.newer.iter().map(|version| format!("{version:04}")).collect();
+        tracing::warn!(
+            versions = %versions.join(", "),
+            "the database has migrations newer than this release (a newer release applied them); running on its schema"
+        );
+    }
 }
 
 /// How long a one-shot command (`migrate`, `seed`, `admin`) waits for a database connection.
@@ -236,39 +264,93 @@ pub async fn connect_postgres_store(
         })
 }
 
-/// Opens PostgreSQL at `url`, migrated.
-pub async fn open_postgres_store(
-    url: &ConnectionUrl,
-    max_connections: u32,
-) -> Result<PostgresStore, StartupError> {
-    let store = connect_postgres_store(url, max_connections, COMMAND_ACQUIRE_TIMEOUT).await?;
-    store.migrate().await.map_err(|error| StartupError::Migration(describe_store_error(error)))?;
-    Ok(store)
+/// The database a one-shot command names, opened but not migrated.
+pub enum CommandDatabase {
+    Postgres(PostgresStore),
+    Sqlite(SqliteStore),
 }
 
-/// Opens the store a one-shot command names: `--database-url`, else the `dev` SQLite file.
+impl CommandDatabase {
+    /// Opens `--database-url`, else the `dev` SQLite file.
+    pub async fn connect(args: &config::DatabaseArgs) -> Result<Self, StartupError> {
+        match &args.database_url {
+            Some(url) if url.scheme().as_deref() == Some("sqlite") => {
+                config::validate_database_url(url, false)?;
+                let path = url.expose().trim_start_matches("sqlite://");
+                let store = SqliteStore::open(Path::new(path)).await.map_err(|error| {
+                    StartupError::DatabaseUnreachable {
+                        url: url.redacted(),
+                        cause: describe_store_error(error),
+                    }
+                })?;
+                Ok(Self::Sqlite(store))
+            }
+            Some(url) => {
+                Ok(Self::Postgres(connect_postgres_store(url, 5, COMMAND_ACQUIRE_TIMEOUT).await?))
+            }
+            None => Ok(Self::Sqlite(connect_dev_store(&args.data_dir).await?)),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Postgres(_) => Backend::Postgres,
+            Self::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// Applies the migrations the database lacks (`NewerMigrations` decides about the ones
+    /// this release does not know).
+    pub async fn migrate(&self, newer: NewerMigrations) -> Result<MigrationReport, StartupError> {
+        let report = match self {
+            Self::Postgres(store) => store.migrate_with(newer).await,
+            Self::Sqlite(store) => store.migrate_with(newer).await,
+        };
+        let report = report.map_err(|error| match error {
+            MigrationError::NewerThanThisRelease(_) => StartupError::Migration(format!(
+                "{error}; run `migrate` with that release, or pass --allow-newer to keep its \
+                 migrations and apply only what this release has"
+            )),
+            other => migration_error(other),
+        })?;
+        log_migrations(&report);
+        Ok(report)
+    }
+
+    /// Reverts the newest `count` applied migrations, newest first.
+    pub async fn revert(&self, count: usize) -> Result<Vec<MigrationEntry>, StartupError> {
+        let reverted = match self {
+            Self::Postgres(store) => store.revert(count).await,
+            Self::Sqlite(store) => store.revert(count).await,
+        };
+        let reverted = reverted.map_err(|error| match error {
+            MigrationError::NewerThanThisRelease(_) => StartupError::Migration(format!(
+                "{error}; revert with that release, which has their down scripts"
+            )),
+            other => migration_error(other),
+        })?;
+        for migration in &reverted {
+            tracing::info!(version = migration.version, description = %migration.description, "reverted a migration");
+        }
+        Ok(reverted)
+    }
+
+    pub fn into_store(self) -> Arc<dyn Store> {
+        match self {
+            Self::Postgres(store) => Arc::new(store),
+            Self::Sqlite(store) => Arc::new(store),
+        }
+    }
+}
+
+/// Opens the store a one-shot command names (`--database-url`, else the `dev` SQLite file),
+/// migrated as a server would (newer migrations accepted).
 pub async fn open_store_for_command(
     args: &config::DatabaseArgs,
 ) -> Result<Arc<dyn Store>, StartupError> {
-    match &args.database_url {
-        Some(url) if url.scheme().as_deref() == Some("sqlite") => {
-            config::validate_database_url(url, false)?;
-            let path = url.expose().trim_start_matches("sqlite://");
-            let store = SqliteStore::open(Path::new(path)).await.map_err(|error| {
-                StartupError::DatabaseUnreachable {
-                    url: url.redacted(),
-                    cause: describe_store_error(error),
-                }
-            })?;
-            store
-                .migrate()
-                .await
-                .map_err(|error| StartupError::Migration(describe_store_error(error)))?;
-            Ok(Arc::new(store))
-        }
-        Some(url) => Ok(Arc::new(open_postgres_store(url, 5).await?)),
-        None => Ok(Arc::new(open_dev_store(&args.data_dir).await?)),
-    }
+    let database = CommandDatabase::connect(args).await?;
+    database.migrate(NewerMigrations::Accept).await?;
+    Ok(database.into_store())
 }
 
 fn describe_store_error(error: crate::store::StoreError) -> String {
@@ -546,10 +628,7 @@ pub async fn start_serve(args: &ServeArgs) -> Result<RunningServer, StartupError
     let bus = RedisBus::connect(redis.clone(), bus_config)
         .await
         .map_err(|error| redis_unreachable(error.to_string()))?;
-    postgres
-        .migrate()
-        .await
-        .map_err(|error| StartupError::Migration(describe_store_error(error)))?;
+    log_migrations(&postgres.migrate().await.map_err(migration_error)?);
     let store: Arc<dyn Store> = Arc::new(postgres);
     let context = build_context(ContextParts {
         mode: Mode::Serve,

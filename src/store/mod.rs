@@ -110,7 +110,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::migrate::Migrator;
+use sqlx::migrate::{Migrate, MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -124,6 +124,183 @@ pub use resources::*;
 
 static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// Where sqlx records the applied migrations (version, description, checksum of the up script).
+const MIGRATIONS_TABLE: &str = "_sqlx_migrations";
+
+/// One migration: its version and what it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationEntry {
+    pub version: i64,
+    pub description: String,
+}
+
+impl std::fmt::Display for MigrationEntry {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{:04} {}", self.version, self.description)
+    }
+}
+
+/// What migrating found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// The migrations applied now, oldest first.
+    pub applied: Vec<MigrationEntry>,
+    /// Versions the database has applied that this release does not know: a newer release
+    /// migrated it (expand/contract: what it added, an older release can run beside).
+    pub newer: Vec<i64>,
+}
+
+/// Whether migrating accepts a database that a newer release has migrated further.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewerMigrations {
+    /// Apply what this release knows and report the newer ones (`dev`, `serve`: an older
+    /// replica keeps running during a rolling upgrade, and a rolled-back release starts).
+    Accept,
+    /// Change nothing and fail naming them (`turbocat migrate` without `--allow-newer`).
+    Refuse,
+}
+
+/// Why migrating (or reverting) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(
+        "the database has migrations this release does not know ({}): a newer release migrated it",
+        versions_text(.0)
+    )]
+    NewerThanThisRelease(Vec<i64>),
+    #[error("migration {0:04} has no down script")]
+    NotReversible(i64),
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+fn versions_text(versions: &[i64]) -> String {
+    versions.iter().map(|version| format!("{version:04}")).collect::<Vec<_>>().join(", ")
+}
+
+impl From<MigrationError> for StoreError {
+    fn from(error: MigrationError) -> Self {
+        match error {
+            MigrationError::Migrate(error) => {
+                StoreError::Database(sqlx::Error::Migrate(error.into()))
+            }
+            MigrationError::Database(error) => StoreError::from(error),
+            other => StoreError::Database(sqlx::Error::Configuration(other.into())),
+        }
+    }
+}
+
+/// Applies the up scripts of `migrator` that the database lacks, oldest first, under the
+/// migration lock, after checking that the applied ones are unchanged (their checksums).
+/// sqlx's `Migrator::run`, with the newer versions reported (or refused) instead of failing.
+async fn apply_migrations<C: Migrate + Send>(
+    migrator: &Migrator,
+    connection: &mut C,
+    newer: NewerMigrations,
+) -> Result<MigrationReport, MigrationError> {
+    connection.lock().await?;
+    let outcome = apply_migrations_locked(migrator, connection, newer).await;
+    let unlocked = connection.unlock().await;
+    let report = outcome?;
+    unlocked?;
+    Ok(report)
+}
+
+async fn apply_migrations_locked<C: Migrate + Send>(
+    migrator: &Migrator,
+    connection: &mut C,
+    newer: NewerMigrations,
+) -> Result<MigrationReport, MigrationError> {
+    connection.ensure_migrations_table(MIGRATIONS_TABLE).await?;
+    if let Some(version) = connection.dirty_version(MIGRATIONS_TABLE).await? {
+        return Err(MigrateError::Dirty(version).into());
+    }
+    let applied = connection.list_applied_migrations(MIGRATIONS_TABLE).await?;
+    let newer_versions = newer_than(migrator, applied.iter().map(|migration| migration.version));
+    if newer == NewerMigrations::Refuse && !newer_versions.is_empty() {
+        return Err(MigrationError::NewerThanThisRelease(newer_versions));
+    }
+    let mut report = MigrationReport { applied: Vec::new(), newer: newer_versions };
+    for migration in migrator.iter().filter(|migration| migration.migration_type.is_up_migration())
+    {
+        match applied.iter().find(|applied| applied.version == migration.version) {
+            Some(applied) if applied.checksum != migration.checksum => {
+                return Err(MigrateError::VersionMismatch(migration.version).into());
+            }
+            Some(_) => {}
+            None => {
+                connection.apply(MIGRATIONS_TABLE, migration).await?;
+                report.applied.push(MigrationEntry {
+                    version: migration.version,
+                    description: migration.description.to_string(),
+                });
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Reverts the newest `count` applied migrations (all of them, if fewer are applied), newest
+/// first, each with its down script in one transaction with its bookkeeping, under the
+/// migration lock. Refuses a database with migrations this release does not know: only the
+/// release that applied them has their down scripts.
+async fn revert_migrations<C: Migrate + Send>(
+    migrator: &Migrator,
+    connection: &mut C,
+    count: usize,
+) -> Result<Vec<MigrationEntry>, MigrationError> {
+    connection.lock().await?;
+    let outcome = revert_migrations_locked(migrator, connection, count).await;
+    let unlocked = connection.unlock().await;
+    let reverted = outcome?;
+    unlocked?;
+    Ok(reverted)
+}
+
+async fn revert_migrations_locked<C: Migrate + Send>(
+    migrator: &Migrator,
+    connection: &mut C,
+    count: usize,
+) -> Result<Vec<MigrationEntry>, MigrationError> {
+    connection.ensure_migrations_table(MIGRATIONS_TABLE).await?;
+    if let Some(version) = connection.dirty_version(MIGRATIONS_TABLE).await? {
+        return Err(MigrateError::Dirty(version).into());
+    }
+    let mut applied: Vec<i64> = connection
+        .list_applied_migrations(MIGRATIONS_TABLE)
+        .await?
+        .into_iter()
+        .map(|migration| migration.version)
+        .collect();
+    let newer_versions = newer_than(migrator, applied.iter().copied());
+    if !newer_versions.is_empty() {
+        return Err(MigrationError::NewerThanThisRelease(newer_versions));
+    }
+    applied.sort_unstable();
+    let mut reverted = Vec::new();
+    for version in applied.into_iter().rev().take(count) {
+        let down = migrator
+            .iter()
+            .find(|migration| {
+                migration.version == version && migration.migration_type.is_down_migration()
+            })
+            .ok_or(MigrationError::NotReversible(version))?;
+        connection.revert(MIGRATIONS_TABLE, down).await?;
+        reverted.push(MigrationEntry { version, description: down.description.to_string() });
+    }
+    Ok(reverted)
+}
+
+/// The `applied` versions `migrator` does not know, in order.
+fn newer_than(migrator: &Migrator, applied: impl Iterator<Item = i64>) -> Vec<i64> {
+    let mut newer: Vec<i64> =
+        applied.filter(|version| !migrator.version_exists(*version)).collect();
+    newer.sort_unstable();
+    newer
+}
 
 /// Every failure a store operation can report. Database errors stay opaque to callers: the
 /// service layer logs them and answers a generic internal error.
@@ -383,8 +560,24 @@ impl PostgresStore {
         Ok(Self { pool })
     }
 
-    pub async fn migrate(&self) -> StoreResult<()> {
-        POSTGRES_MIGRATOR.run(&self.pool).await.map_err(|error| StoreError::Database(error.into()))
+    /// Applies the embedded migrations the database lacks, accepting newer ones (reported).
+    pub async fn migrate(&self) -> Result<MigrationReport, MigrationError> {
+        self.migrate_with(NewerMigrations::Accept).await
+    }
+
+    /// Applies the embedded migrations the database lacks.
+    pub async fn migrate_with(
+        &self,
+        newer: NewerMigrations,
+    ) -> Result<MigrationReport, MigrationError> {
+        let mut connection = self.pool.acquire().await?;
+        apply_migrations(&POSTGRES_MIGRATOR, &mut *connection, newer).await
+    }
+
+    /// Reverts the newest `count` applied migrations with their down scripts, newest first.
+    pub async fn revert(&self, count: usize) -> Result<Vec<MigrationEntry>, MigrationError> {
+        let mut connection = self.pool.acquire().await?;
+        revert_migrations(&POSTGRES_MIGRATOR, &mut *connection, count).await
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -410,8 +603,24 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
-    pub async fn migrate(&self) -> StoreResult<()> {
-        SQLITE_MIGRATOR.run(&self.pool).await.map_err(|error| StoreError::Database(error.into()))
+    /// Applies the embedded migrations the database lacks, accepting newer ones (reported).
+    pub async fn migrate(&self) -> Result<MigrationReport, MigrationError> {
+        self.migrate_with(NewerMigrations::Accept).await
+    }
+
+    /// Applies the embedded migrations the database lacks.
+    pub async fn migrate_with(
+        &self,
+        newer: NewerMigrations,
+    ) -> Result<MigrationReport, MigrationError> {
+        let mut connection = self.pool.acquire().await?;
+        apply_migrations(&SQLITE_MIGRATOR, &mut *connection, newer).await
+    }
+
+    /// Reverts the newest `count` applied migrations with their down scripts, newest first.
+    pub async fn revert(&self, count: usize) -> Result<Vec<MigrationEntry>, MigrationError> {
+        let mut connection = self.pool.acquire().await?;
+        revert_migrations(&SQLITE_MIGRATOR, &mut *connection, count).await
     }
 
     pub fn pool(&self) -> &SqlitePool {

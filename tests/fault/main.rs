@@ -4,7 +4,8 @@
 //! (`database`), SIGTERM on `serve` and `dev` with work in flight, runners attached and an
 //! SSE watch open (`shutdown`), a runner given several servers moving to the next when its
 //! replica is killed (`runners`), and 200 fan-out executions on two replicas and four runners,
-//! undisturbed and while a replica, a runner, Redis or PostgreSQL goes away (`load`).
+//! undisturbed and while a replica, a runner, Redis or PostgreSQL goes away (`load`); and a
+//! rolling upgrade of two replicas across a migration the older one does not know (`upgrade`).
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -17,6 +18,7 @@ mod proxy;
 mod redis;
 mod runners;
 mod shutdown;
+mod upgrade;
 
 use std::time::{Duration, Instant};
 

@@ -607,6 +607,118 @@ async fn migrate_applies_once_and_again_is_a_no_op() {
     assert!(directory.path().join("turbocat.db").exists());
 }
 
+/// Runs `turbocat migrate <extra> --database-url <url>` off the runtime: (success, stdout,
+/// stderr).
+async fn migrate_command(url: &str, extra: &[&str]) -> (bool, String, String) {
+    let mut arguments = vec!["migrate".to_owned()];
+    arguments.extend(extra.iter().map(|argument| argument.to_string()));
+    arguments.extend(["--database-url".to_owned(), url.to_owned()]);
+    tokio::task::spawn_blocking(move || {
+        let borrowed: Vec<&str> = arguments.iter().map(String::as_str).collect();
+        run_turbocat(&borrowed, &[])
+    })
+    .await
+    .expect("join")
+}
+
+/// The `migrate` command on `url` (`backend` its name): applies everything saying what,
+/// `--down 2` reverts the two newest saying which (their tables go), and `migrate` applies
+/// them again; a database a newer release migrated (`newer` applies such a migration, 9999) is
+/// refused unless `--allow-newer`, and never reverted.
+async fn assert_migrate_command(url: &str, backend: &str, newer: impl AsyncFn()) {
+    let (success, stdout, stderr) = migrate_command(url, &[]).await;
+    assert!(success, "{stderr}");
+    assert!(stdout.contains("applied 0001 users\n"), "{stdout}");
+    assert!(stdout.contains("applied 0010 alerts\n"), "{stdout}");
+    assert!(stdout.contains(&format!("migrations applied ({backend})")), "{stdout}");
+
+    let (success, stdout, stderr) = migrate_command(url, &["--down", "2"]).await;
+    assert!(success, "{stderr}");
+    assert_eq!(
+        stdout,
+        format!(
+            "reverted 0010 alerts\nreverted 0009 step attempt mirror merged\n\
+             migrations reverted ({backend})\n"
+        )
+    );
+    let (success, stdout, stderr) = migrate_command(url, &[]).await;
+    assert!(success, "{stderr}");
+    assert!(
+        stdout.starts_with("applied 0009 step attempt mirror merged\napplied 0010 alerts\n"),
+        "{stdout}"
+    );
+    let (success, stdout, _) = migrate_command(url, &["--down", "0"]).await;
+    assert!(!success, "--down 0 is refused: {stdout}");
+
+    newer().await;
+    let (success, stdout, stderr) = migrate_command(url, &[]).await;
+    assert!(!success, "an older release's migrate refuses: {stdout}");
+    assert!(stderr.contains("9999") && stderr.contains("--allow-newer"), "{stderr}");
+    let (success, stdout, stderr) = migrate_command(url, &["--allow-newer"]).await;
+    assert!(success, "{stderr}");
+    assert!(stdout.contains("kept 9999 (applied by a newer release)"), "{stdout}");
+    let (success, stdout, stderr) = migrate_command(url, &["--down", "1"]).await;
+    assert!(!success, "not reverted: {stdout}");
+    assert!(stderr.contains("9999"), "{stderr}");
+}
+
+/// A migration of a newer release (9999), applied with sqlx as that release's `migrate` would.
+async fn newer_release_migrator(backend: &str) -> sqlx::migrate::Migrator {
+    use sqlx::SqlSafeStr as _;
+    let directory =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(backend);
+    let mut migrations: Vec<sqlx::migrate::Migration> = sqlx::migrate::Migrator::new(directory)
+        .await
+        .expect("read migrations")
+        .iter()
+        .cloned()
+        .collect();
+    migrations.push(sqlx::migrate::Migration::new(
+        9_999,
+        "a newer release".into(),
+        sqlx::migrate::MigrationType::ReversibleUp,
+        sqlx::AssertSqlSafe("CREATE TABLE newer_release (id INTEGER PRIMARY KEY)").into_sql_str(),
+        false,
+    ));
+    sqlx::migrate::Migrator::with_migrations(migrations)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_down_reverts_the_newest_and_refuses_a_newer_database_on_postgres() {
+    use sqlx::Connection as _;
+    let (url, name) = support::create_postgres_database().await;
+    let _guard = support::ServeDatabase::new(url.clone(), name);
+    assert_migrate_command(&url, "postgres", async || {
+        let mut connection = sqlx::PgConnection::connect(&url).await.expect("connect");
+        newer_release_migrator("postgres").await.run(&mut connection).await.expect("newer");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_down_reverts_the_newest_and_refuses_a_newer_database_on_sqlite() {
+    use sqlx::Connection as _;
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let url = format!("sqlite://{}", directory.path().join("turbocat.db").display());
+    assert_migrate_command(&url, "sqlite", async || {
+        let mut connection = sqlx::SqliteConnection::connect(&url).await.expect("connect");
+        newer_release_migrator("sqlite").await.run(&mut connection).await.expect("newer");
+    })
+    .await;
+    // `dev` on that data directory starts, saying the database is newer.
+    let data_dir = directory.path().to_str().expect("utf-8").to_owned();
+    let dev = tokio::task::spawn_blocking(move || {
+        support::start_turbocat(&["dev", "--listen", "127.0.0.1:0", "--data-dir", &data_dir], &[])
+    })
+    .await
+    .expect("dev starts on a database a newer release migrated");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = dev.stderr_text();
+    assert!(log.contains("newer than this release") && log.contains("9999"), "{log}");
+    let health = reqwest::get(format!("{}/health", dev.base_url())).await.expect("health");
+    assert_eq!(health.status(), 200);
+}
+
 async fn assert_seeded(store: std::sync::Arc<dyn turbocat::store::Store>) {
     use turbocat::store::{AgentFilter, AgentType, OwnerScope, TemplateFilter, WorkflowFilter};
     let admin = store.get_user_by_email("demo-admin@example.com").await.expect("admin exists");

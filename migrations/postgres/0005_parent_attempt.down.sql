@@ -1,0 +1,7 @@
+-- Reverts 0005: the parent attempt goes back into the child's definition snapshot as
+-- `parentAttempt`, where the engine kept it before the column (and where 0005 reads it from).
+UPDATE executions
+SET definition = jsonb_set(definition, '{parentAttempt}', to_jsonb(parent_attempt))
+WHERE parent_attempt IS NOT NULL;
+
+ALTER TABLE executions DROP COLUMN parent_attempt;

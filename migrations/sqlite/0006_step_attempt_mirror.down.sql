@@ -1,0 +1,2 @@
+-- Reverts 0006: the engine writes the attempt rows itself again.
+DROP TRIGGER step_runs_mirror_attempt;
