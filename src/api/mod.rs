@@ -20,6 +20,10 @@ use std::time::Duration;
 use axum::Router;
 use axum::response::{IntoResponse, Response};
 use http::HeaderValue;
+use tower_http::compression::CompressionLayer;
+use tower_http::compression::predicate::{
+    DefaultPredicate, NotForContentType, Predicate, SizeAbove,
+};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -37,6 +41,20 @@ pub struct EdgeSettings {
     pub max_message_bytes: usize,
     /// Origins allowed to call from a browser; empty means same-origin only.
     pub cors_origins: Vec<String>,
+}
+
+/// Responses smaller than this go out as they are, whatever the client accepts: compressing a
+/// small body costs more time than the bytes it saves.
+pub const MIN_COMPRESSED_BYTES: u16 = 1024;
+
+/// gzip, when the client asks for it (`Accept-Encoding`), for responses of a known size of at
+/// least `MIN_COMPRESSED_BYTES`. Never for streams, whose events must leave at once: SSE, gRPC
+/// and grpc-web (a watch over grpc-web is a stream too).
+fn compression_layer() -> CompressionLayer<impl Predicate> {
+    let predicate = DefaultPredicate::new()
+        .and(SizeAbove::new(MIN_COMPRESSED_BYTES))
+        .and(NotForContentType::const_new("application/grpc"));
+    CompressionLayer::new().gzip(true).compress_when(predicate)
 }
 
 /// Builds the one router that serves every transport.
@@ -129,6 +147,7 @@ pub async fn router(context: Arc<AppContext>, settings: &EdgeSettings) -> Result
         .layer(security_headers)
         // The docs page sets its own security headers (a CSP that lets its scripts run).
         .merge(openapi::docs_router())
+        .layer(compression_layer())
         // Counts, times and logs every request, after routing (it reads the matched route).
         .layer(axum::middleware::from_fn_with_state(observer, metrics::observe))
         .layer(cors_layer(&settings.cors_origins))

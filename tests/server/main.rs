@@ -801,3 +801,133 @@ async fn seed_loads_demo_data_once_on_both_backends() {
     let postgres = turbocat::store::PostgresStore::connect(&url, 2).await.expect("connect");
     assert_seeded(std::sync::Arc::new(postgres)).await;
 }
+
+/// A GET with `Accept-Encoding: gzip`: (status, content-encoding, the body decompressed).
+async fn get_accepting_gzip(url: &str, token: &str) -> (u16, Option<String>, Vec<u8>) {
+    let response = http()
+        .get(url)
+        .bearer_auth(token)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    let encoding = response
+        .headers()
+        .get("content-encoding")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let bytes = response.bytes().await.expect("body").to_vec();
+    let body = if encoding.as_deref() == Some("gzip") {
+        use std::io::Read;
+        let mut plain = Vec::new();
+        flate2::read::GzDecoder::new(bytes.as_slice()).read_to_end(&mut plain).expect("gunzip");
+        plain
+    } else {
+        bytes
+    };
+    (status, encoding, body)
+}
+
+/// Large REST answers go out gzipped when the client asks for it, and the same as without;
+/// small ones and streams (SSE, grpc-web) never are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answers_are_gzipped_when_asked_and_small_ones_and_streams_never() {
+    let (server, _data_dir) = start_dev(&[]);
+    let base_url = server.base_url();
+    let api = support::api::Api::new(&server);
+    let account = api.register("gzip@example.com", "Gzip").await;
+    let auth = account.auth();
+    let mut agent_id = String::new();
+    for index in 0..20 {
+        let (status, body) = api
+            .post(
+                "/api/v1/agents",
+                &auth,
+                serde_json::json!({
+                    "name": format!("Agent {index}"),
+                    "description": "an agent with a description long enough to fill a page",
+                    "type": "DATA",
+                    "config": { "data": { "jqProgram": "{ ok: true }" } }
+                }),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        agent_id = body["data"]["id"].as_str().expect("id").to_owned();
+    }
+
+    // A page of 20 agents: gzipped, and the same agents as without compression.
+    let list_url = format!("{base_url}/api/v1/agents?pageSize=50");
+    let (status, encoding, body) = get_accepting_gzip(&list_url, &account.token).await;
+    assert_eq!((status, encoding.as_deref()), (200, Some("gzip")));
+    let gzipped: Value = serde_json::from_slice(&body).expect("json");
+    let plain_response =
+        http().get(&list_url).bearer_auth(&account.token).send().await.expect("get");
+    assert!(
+        plain_response.headers().get("content-encoding").is_none(),
+        "not asked, not compressed"
+    );
+    let plain: Value = plain_response.json().await.expect("json");
+    assert_eq!(gzipped["data"], plain["data"]);
+    assert_eq!(gzipped["data"].as_array().map(Vec::len), Some(20));
+    // The OpenAPI document too.
+    let (status, encoding, _) =
+        get_accepting_gzip(&format!("{base_url}/api/v1/openapi.json"), &account.token).await;
+    assert_eq!((status, encoding.as_deref()), (200, Some("gzip")));
+
+    // One agent is small: it goes out as it is.
+    let (status, encoding, body) =
+        get_accepting_gzip(&format!("{base_url}/api/v1/agents/{agent_id}"), &account.token).await;
+    assert_eq!((status, encoding), (200, None));
+    assert!(body.len() < usize::from(turbocat::api::MIN_COMPRESSED_BYTES), "{}", body.len());
+
+    // grpc-web, even a large answer asked with gzip: a grpc-web response may be a stream.
+    let mut framed = vec![0u8];
+    let request = ListAgentsRequest { page_size: Some(50), ..Default::default() }.encode_to_vec();
+    framed.extend_from_slice(&u32::try_from(request.len()).expect("small").to_be_bytes());
+    framed.extend_from_slice(&request);
+    let response = http()
+        .post(format!("{base_url}/turbocat.v1.AgentService/ListAgents"))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .header("accept-encoding", "gzip")
+        .bearer_auth(&account.token)
+        .body(framed)
+        .send()
+        .await
+        .expect("grpc-web request");
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("content-encoding").is_none(), "{:?}", response.headers());
+    let body = response.bytes().await.expect("body");
+    assert!(body.len() > usize::from(turbocat::api::MIN_COMPRESSED_BYTES), "{}", body.len());
+    let length = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    let answer = turbocat::proto::v1::ListAgentsResponse::decode(&body[5..5 + length])
+        .expect("an uncompressed message");
+    assert_eq!(answer.agents.len(), 20);
+
+    // SSE: a watch is never compressed (its events must leave at once).
+    let (status, body) = api
+        .post(
+            "/api/v1/workflows",
+            &auth,
+            serde_json::json!({ "name": "One", "steps": [{ "key": "one", "agentId": agent_id }] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let workflow_id = body["data"]["id"].as_str().expect("workflow id").to_owned();
+    let (status, body) = api
+        .post(&format!("/api/v1/workflows/{workflow_id}/execute"), &auth, serde_json::json!({}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let execution_id = body["data"]["id"].as_str().expect("execution id");
+    let events = http()
+        .get(format!("{base_url}/api/v1/executions/{execution_id}/events"))
+        .bearer_auth(&account.token)
+        .header("accept", "text/event-stream")
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(events.status(), 200);
+    assert!(events.headers().get("content-encoding").is_none(), "{:?}", events.headers());
+}
