@@ -931,3 +931,110 @@ async fn large_answers_are_gzipped_when_asked_and_small_ones_and_streams_never()
     assert_eq!(events.status(), 200);
     assert!(events.headers().get("content-encoding").is_none(), "{:?}", events.headers());
 }
+
+/// A duplicate of the server process's descriptor for its end of the loopback TCP connection
+/// whose client end is on `client_port` (found through `/proc`, taken with `pidfd_getfd`), to
+/// read the socket options the server set.
+fn server_end_of(server_pid: u32, server_port: u16, client_port: u16) -> std::os::fd::OwnedFd {
+    let table =
+        std::fs::read_to_string(format!("/proc/{server_pid}/net/tcp")).expect("the tcp table");
+    let port = |address: &str| u16::from_str_radix(address.rsplit(':').next()?, 16).ok();
+    let inode = table
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let ours = port(fields.get(1)?)? == server_port && port(fields.get(2)?)? == client_port;
+            ours.then(|| fields.get(9).map(|inode| (*inode).to_owned())).flatten()
+        })
+        .expect("the server's end of the connection");
+    let wanted = format!("socket:[{inode}]");
+    let descriptor = std::fs::read_dir(format!("/proc/{server_pid}/fd"))
+        .expect("the server's descriptors")
+        .filter_map(Result::ok)
+        .find_map(|entry| {
+            let target = std::fs::read_link(entry.path()).ok()?;
+            (target.to_string_lossy() == wanted)
+                .then(|| entry.file_name().to_string_lossy().parse::<i32>().ok())
+                .flatten()
+        })
+        .expect("its descriptor");
+    let pid =
+        rustix::process::Pid::from_raw(i32::try_from(server_pid).expect("a pid")).expect("a pid");
+    let pidfd =
+        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).expect("pidfd_open");
+    rustix::process::pidfd_getfd(&pidfd, descriptor, rustix::process::PidfdGetfdFlags::empty())
+        .expect("pidfd_getfd")
+}
+
+/// Sends a request on a raw connection and reads until the end of the response's headers.
+async fn send_and_read_head(stream: &mut tokio::net::TcpStream, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&received).contains("\r\n\r\n") {
+        let read = stream.read(&mut buffer).await.expect("read");
+        assert!(read > 0, "closed: {}", String::from_utf8_lossy(&received));
+        received.extend_from_slice(&buffer[..read]);
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// Every accepted connection has Nagle's algorithm off (TCP_NODELAY), read from the server's
+/// own sockets: a kept-alive connection and an SSE watch, whose small frames would otherwise
+/// wait for the client's delayed ACK (~40 ms) before leaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_connections_send_small_frames_at_once() {
+    let (server, _data_dir) = start_dev(&[]);
+    let api = support::api::Api::new(&server);
+    let account = api.register("nodelay@example.com", "No Delay").await;
+    let auth = account.auth();
+    let (status, body) = api
+        .post(
+            "/api/v1/agents",
+            &auth,
+            serde_json::json!({ "name": "Echo", "type": "DATA", "config": { "data": { "jqProgram": "." } } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let agent_id = body["data"]["id"].as_str().expect("agent id").to_owned();
+    let (status, body) = api
+        .post(
+            "/api/v1/workflows",
+            &auth,
+            serde_json::json!({ "name": "One", "steps": [{ "key": "one", "agentId": agent_id }] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let workflow_id = body["data"]["id"].as_str().expect("workflow id").to_owned();
+    let (status, body) = api
+        .post(&format!("/api/v1/workflows/{workflow_id}/execute"), &auth, serde_json::json!({}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let execution_id = body["data"]["id"].as_str().expect("execution id").to_owned();
+
+    let host = server.address;
+    // A kept-alive connection: two requests on it.
+    let mut kept = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let health = format!("GET /health/ready HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    assert!(send_and_read_head(&mut kept, &health).await.starts_with("HTTP/1.1 200"));
+    // The reading tells the two apart: the test's own socket has Nagle's algorithm on.
+    assert!(!rustix::net::sockopt::tcp_nodelay(&kept).expect("client option"));
+    let client_port = kept.local_addr().expect("client address").port();
+    let server_end = server_end_of(server.pid(), host.port(), client_port);
+    assert!(rustix::net::sockopt::tcp_nodelay(&server_end).expect("server option"));
+
+    // An SSE watch.
+    let mut watch = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let events = format!(
+        "GET /api/v1/executions/{execution_id}/events HTTP/1.1\r\nHost: {host}\r\n\
+         Authorization: Bearer {}\r\nAccept: text/event-stream\r\n\r\n",
+        account.token
+    );
+    let head = send_and_read_head(&mut watch, &events).await;
+    assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/event-stream"), "{head}");
+    let client_port = watch.local_addr().expect("client address").port();
+    let server_end = server_end_of(server.pid(), host.port(), client_port);
+    assert!(rustix::net::sockopt::tcp_nodelay(&server_end).expect("server option"));
+}
