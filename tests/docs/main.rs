@@ -98,7 +98,8 @@ fn parse_example(fence_line: usize, repeat: usize, block: &[&str]) -> Example {
         body_lines.push(line);
     }
     let status_line = body_lines.pop().filter(|line| line.starts_with("HTTP/"));
-    let status_line = status_line.unwrap_or_else(|| panic!("{}", context("no `HTTP/1.1 <status>`")));
+    let status_line =
+        status_line.unwrap_or_else(|| panic!("{}", context("no `HTTP/1.1 <status>`")));
     let request_body = body_lines.join("\n").trim().to_owned();
     let status = status_line
         .split_whitespace()
@@ -251,8 +252,7 @@ fn compare(
                     if open { " or more" } else { "" }
                 ));
             }
-            for (position, (expected_value, actual_value)) in shown.iter().zip(actual).enumerate()
-            {
+            for (position, (expected_value, actual_value)) in shown.iter().zip(actual).enumerate() {
                 compare(
                     expected_value,
                     actual_value,
@@ -290,7 +290,11 @@ async fn replay(
     let response = response.expect("repeat is at least 1");
     let mut problems = Vec::new();
     if response.status().as_u16() != example.status {
-        problems.push(format!("status {} (the example shows {})", response.status(), example.status));
+        problems.push(format!(
+            "status {} (the example shows {})",
+            response.status(),
+            example.status
+        ));
     }
     for (name, expected) in &example.response_headers {
         let actual = response.headers().get(name).and_then(|value| value.to_str().ok());
@@ -336,10 +340,8 @@ async fn api_examples_match_a_live_server() {
     }
 
     let (server, _directory) = start_dev(EXAMPLE_SERVER_FLAGS);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("http client");
+    let http =
+        reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("http client");
     let mut variables = HashMap::new();
     let mut failures = Vec::new();
     for example in &examples {
@@ -417,11 +419,10 @@ fn parse_schema_document(document: &str) -> Schema {
             schema.columns.entry(table.clone()).or_default().insert(column, description);
         } else if let Some(item) = line.strip_prefix("- `") {
             let (name, rest) = item.split_once('`').expect("an index name in backticks");
-            let definition = rest
-                .trim_start()
-                .strip_prefix("on `")
-                .and_then(|rest| rest.split_once('`'))
-                .map(|(definition, reason)| (definition, reason.trim_start_matches(':').trim()));
+            let definition =
+                rest.trim_start().strip_prefix("on `").and_then(|rest| rest.split_once('`')).map(
+                    |(definition, reason)| (definition, reason.trim_start_matches(':').trim()),
+                );
             let (definition, reason) = definition.unwrap_or_else(|| {
                 panic!("docs/schema.md:{}: write `- `name` on `definition`: why`", number + 1)
             });
@@ -452,10 +453,11 @@ async fn migrated_postgres_schema() -> Schema {
         let table: String = row.get(0);
         let nullable: String = row.get(3);
         let null = if nullable == "YES" { "yes" } else { "no" };
-        schema.columns.entry(table.clone()).or_default().insert(
-            row.get::<String, _>(1),
-            format!("{}, null {null}", row.get::<String, _>(2)),
-        );
+        schema
+            .columns
+            .entry(table.clone())
+            .or_default()
+            .insert(row.get::<String, _>(1), format!("{}, null {null}", row.get::<String, _>(2)));
         schema.indexes.entry(table).or_default();
     }
     let indexes = sqlx::query(
@@ -478,30 +480,32 @@ async fn migrated_postgres_schema() -> Schema {
 /// The differences between two schemas, as sentences.
 fn differences(documented: &Schema, migrated: &Schema) -> Vec<String> {
     let mut problems = Vec::new();
-    let mut compare_maps = |kind: &str,
-                            documented: &BTreeMap<String, BTreeMap<String, String>>,
-                            migrated: &BTreeMap<String, BTreeMap<String, String>>| {
-        let tables: BTreeSet<&String> = documented.keys().chain(migrated.keys()).collect();
-        for table in tables {
-            let empty = BTreeMap::new();
-            let documented = documented.get(table).unwrap_or(&empty);
-            let migrated = migrated.get(table).unwrap_or(&empty);
-            let names: BTreeSet<&String> = documented.keys().chain(migrated.keys()).collect();
-            for name in names {
-                match (documented.get(name), migrated.get(name)) {
-                    (Some(_), None) => {
-                        problems.push(format!("{kind} {table}.{name} is documented but absent"))
+    let mut compare_maps =
+        |kind: &str,
+         documented: &BTreeMap<String, BTreeMap<String, String>>,
+         migrated: &BTreeMap<String, BTreeMap<String, String>>| {
+            let tables: BTreeSet<&String> = documented.keys().chain(migrated.keys()).collect();
+            for table in tables {
+                let empty = BTreeMap::new();
+                let documented = documented.get(table).unwrap_or(&empty);
+                let migrated = migrated.get(table).unwrap_or(&empty);
+                let names: BTreeSet<&String> = documented.keys().chain(migrated.keys()).collect();
+                for name in names {
+                    match (documented.get(name), migrated.get(name)) {
+                        (Some(_), None) => {
+                            problems.push(format!("{kind} {table}.{name} is documented but absent"))
+                        }
+                        (None, Some(actual)) => problems.push(format!(
+                            "{kind} {table}.{name} ({actual}) is missing from the doc"
+                        )),
+                        (Some(said), Some(actual)) if said != actual => problems.push(format!(
+                            "{kind} {table}.{name}: the doc says `{said}`, the database `{actual}`"
+                        )),
+                        _ => {}
                     }
-                    (None, Some(actual)) => problems
-                        .push(format!("{kind} {table}.{name} ({actual}) is missing from the doc")),
-                    (Some(said), Some(actual)) if said != actual => problems.push(format!(
-                        "{kind} {table}.{name}: the doc says `{said}`, the database `{actual}`"
-                    )),
-                    _ => {}
                 }
             }
-        }
-    };
+        };
     compare_maps("column", &documented.columns, &migrated.columns);
     compare_maps("index", &documented.indexes, &migrated.indexes);
     problems
@@ -551,7 +555,13 @@ async fn sqlite_has_the_documented_tables_columns_and_indexes() {
         .iter()
         .flat_map(|(table, columns)| columns.keys().map(|column| (table.clone(), column.clone())))
         .collect();
-    assert_eq!(sqlite_columns, documented_columns, "SQLite's columns are PostgreSQL's");
+    let only_in_sqlite: Vec<_> = sqlite_columns.difference(&documented_columns).collect();
+    let only_documented: Vec<_> = documented_columns.difference(&sqlite_columns).collect();
+    assert!(
+        only_in_sqlite.is_empty() && only_documented.is_empty(),
+        "SQLite's columns differ from docs/schema.md: only in SQLite {only_in_sqlite:?}, \
+         missing from SQLite {only_documented:?}"
+    );
 
     let indexes = sqlx::query(
         "SELECT tbl_name, name FROM sqlite_master \
