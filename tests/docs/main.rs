@@ -535,7 +535,7 @@ async fn schema_document_matches_the_postgres_migrations() {
 /// SQLite has the same tables and columns (types differ: see docs/schema.md), and each of its
 /// named indexes is one the document lists for PostgreSQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_has_the_documented_tables_columns_and_indexes() {
+async fn schema_of_sqlite_has_the_documented_tables_columns_and_indexes() {
     let documented = parse_schema_document(&read_document("docs/schema.md"));
     let database = support::sqlite().await;
     let mut connection =
