@@ -693,7 +693,11 @@ mod properties {
                     depends_on,
                     input_mapping: mapping.map(|(target, field, whole)| {
                         let reference = format!("{{{{steps.{target}.output.{field}}}}}");
-                        if whole { json!(reference) } else { json!({ "v": format!("x {reference}") }) }
+                        if whole {
+                            json!(reference)
+                        } else {
+                            json!({ "v": format!("x {reference}") })
+                        }
                     }),
                 })
                 .collect()
@@ -706,7 +710,12 @@ mod properties {
         (1usize..12)
             .prop_flat_map(|count| {
                 let dependencies = (0..count)
-                    .map(|index| proptest::sample::subsequence((0..index).collect::<Vec<_>>(), 0..=index.min(3)))
+                    .map(|index| {
+                        proptest::sample::subsequence(
+                            (0..index).collect::<Vec<_>>(),
+                            0..=index.min(3),
+                        )
+                    })
                     .collect::<Vec<_>>();
                 (dependencies, Just((0..count).collect::<Vec<usize>>()).prop_shuffle())
             })
@@ -715,7 +724,9 @@ mod properties {
                 let steps: Vec<DagStep> = dependencies
                     .into_iter()
                     .enumerate()
-                    .map(|(index, depends)| step(named(index), depends.into_iter().map(named).collect()))
+                    .map(|(index, depends)| {
+                        step(named(index), depends.into_iter().map(named).collect())
+                    })
                     .collect();
                 order.into_iter().map(|index| steps[index].clone()).collect()
             })

@@ -295,7 +295,13 @@ mod properties {
     }
 
     fn zone() -> impl Strategy<Value = &'static str> {
-        proptest::sample::select(vec!["", "UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata"])
+        proptest::sample::select(vec![
+            "",
+            "UTC",
+            "Europe/Paris",
+            "America/New_York",
+            "Asia/Kolkata",
+        ])
     }
 
     proptest! {

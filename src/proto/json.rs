@@ -468,10 +468,8 @@ mod tests {
         let mut fields: Vec<&str> = errors.iter().map(|error| error.field.as_str()).collect();
         fields.sort_unstable();
         assert_eq!(fields, vec!["lastTriggeredAt", "name"]);
-        let accepted = message_from_json(
-            &deployment,
-            json!({ "lastTriggeredAt": "2026-01-01T00:00:00Z" }),
-        );
+        let accepted =
+            message_from_json(&deployment, json!({ "lastTriggeredAt": "2026-01-01T00:00:00Z" }));
         assert!(accepted.is_ok(), "{accepted:?}");
     }
 

@@ -45,13 +45,19 @@ impl SigningKey {
     pub fn rsa(kid: &str) -> Self {
         use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
         use aws_lc_rs::signature::KeyPair as _;
-        let private = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
-            .expect("rsa key");
+        let private =
+            aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("rsa key");
         let pkcs8: Pkcs8V1Der<'_> = private.as_der().expect("pkcs8 der");
         let body = base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref());
-        let lines: Vec<&str> =
-            body.as_bytes().chunks(64).map(|chunk| std::str::from_utf8(chunk).expect("ascii")).collect();
-        let pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", lines.join("\n"));
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|chunk| std::str::from_utf8(chunk).expect("ascii"))
+            .collect();
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            lines.join("\n")
+        );
         let public = private.public_key();
         Self {
             kid: kid.to_owned(),

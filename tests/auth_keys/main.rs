@@ -65,8 +65,8 @@ impl KeyFiles {
     fn rsa(directory: &Path, name: &str) -> Self {
         use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der, PublicKeyX509Der};
         use aws_lc_rs::signature::KeyPair as _;
-        let private = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
-            .expect("rsa key");
+        let private =
+            aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("rsa key");
         let private_der: Pkcs8V1Der<'_> = private.as_der().expect("pkcs8 der");
         let public_der: PublicKeyX509Der<'_> = private.public_key().as_der().expect("spki der");
         Self::write(
