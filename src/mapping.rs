@@ -365,3 +365,179 @@ mod tests {
         assert_eq!(found[0].1.root(), Some("params"));
     }
 }
+
+/// Properties over generated templates: the parser never panics, a placeholder path
+/// round-trips through its text form, and rendering keeps the one rule of the module comment.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// A name that parses as a key, not as a position: letters, digits, `_` and `-`, not all
+    /// digits.
+    fn key_name() -> impl Strategy<Value = String> {
+        "[a-zA-Z_][a-zA-Z0-9_-]{0,8}"
+    }
+
+    fn path() -> impl Strategy<Value = Vec<PathSegment>> {
+        let segment = prop_oneof![
+            3 => key_name().prop_map(PathSegment::Key),
+            1 => (0usize..4).prop_map(PathSegment::Index),
+        ];
+        (key_name(), proptest::collection::vec(segment, 0..5)).prop_map(|(root, rest)| {
+            let mut segments = vec![PathSegment::Key(root)];
+            segments.extend(rest);
+            segments
+        })
+    }
+
+    /// The text of a path, each position written as `.3` or `[3]` as `brackets` says.
+    fn path_text(segments: &[PathSegment], brackets: &[bool]) -> String {
+        let mut text = String::new();
+        for (position, segment) in segments.iter().enumerate() {
+            match segment {
+                PathSegment::Key(key) => {
+                    if position > 0 {
+                        text.push('.');
+                    }
+                    text.push_str(key);
+                }
+                PathSegment::Index(index) if brackets.get(position).copied().unwrap_or(false) => {
+                    text.push_str(&format!("[{index}]"));
+                }
+                PathSegment::Index(index) => text.push_str(&format!(".{index}")),
+            }
+        }
+        text
+    }
+
+    /// The smallest scope in which `segments` names `value`.
+    fn scope_holding(segments: &[PathSegment], value: Value) -> Value {
+        segments.iter().rev().fold(value, |inner, segment| match segment {
+            PathSegment::Key(key) => object(key, inner),
+            PathSegment::Index(index) => {
+                let mut items = vec![Value::Null; *index + 1];
+                items[*index] = inner;
+                Value::Array(items)
+            }
+        })
+    }
+
+    fn object(key: &str, value: Value) -> Value {
+        Value::Object(serde_json::Map::from_iter([(key.to_owned(), value)]))
+    }
+
+    fn leaf() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[a-z ]{0,8}".prop_map(Value::from),
+        ]
+    }
+
+    /// Any JSON value, strings drawn from `text`.
+    fn json_value(text: BoxedStrategy<String>) -> impl Strategy<Value = Value> {
+        let scalar = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            text.prop_map(Value::from),
+        ];
+        scalar.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z]{1,4}", inner, 0..4)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Literal text that cannot open a placeholder.
+    fn literal() -> impl Strategy<Value = String> {
+        "[^{]{0,12}"
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_and_rendering_any_text_never_panics(text in any::<String>(), scope in json_value(any::<String>().boxed())) {
+            let parsed = text_references(&text);
+            let rendered = render_text(&text, &scope);
+            if let Err(error) = &parsed {
+                prop_assert!(!error.message.is_empty());
+                prop_assert_eq!(rendered.as_ref().err(), Some(error), "render reports the parse error");
+            }
+            if let Err(error) = rendered {
+                prop_assert!(!error.message.is_empty());
+            }
+        }
+
+        #[test]
+        fn text_without_an_opening_brace_pair_renders_as_itself(text in "[^{]*|[^{]*\\{[^{]*", scope in json_value("[a-z]{0,4}".boxed())) {
+            prop_assert_eq!(text_references(&text), Ok(Vec::new()));
+            prop_assert_eq!(render_text(&text, &scope), Ok(text.clone()));
+            prop_assert_eq!(render(&Value::String(text.clone()), &scope), Ok(Value::String(text)));
+        }
+
+        #[test]
+        fn a_path_round_trips_through_its_text(
+            segments in path(),
+            brackets in proptest::collection::vec(any::<bool>(), 6),
+            padding in ("[ \t]{0,2}", "[ \t]{0,2}"),
+        ) {
+            let text = path_text(&segments, &brackets);
+            let template = format!("{{{{{}{text}{}}}}}", padding.0, padding.1);
+            let found = text_references(&template).expect("a generated path parses");
+            prop_assert_eq!(found.len(), 1);
+            prop_assert_eq!(&found[0].segments, &segments);
+            prop_assert_eq!(&found[0].text, &text);
+        }
+
+        #[test]
+        fn a_whole_placeholder_keeps_the_type_and_embedded_ones_become_text(
+            segments in path(),
+            value in leaf(),
+            before in literal(),
+            after in literal(),
+        ) {
+            let reference = path_text(&segments, &[]);
+            let scope = scope_holding(&segments, value.clone());
+            prop_assert_eq!(lookup(&scope, &segments), Some(&value));
+            let whole = Value::String(format!("{{{{{reference}}}}}"));
+            prop_assert_eq!(render(&whole, &scope), Ok(value.clone()));
+            let as_text = match &value {
+                Value::String(text) => text.clone(),
+                Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            let embedded = format!("{before}{{{{ {reference} }}}}{after}");
+            prop_assert_eq!(render_text(&embedded, &scope), Ok(format!("{before}{as_text}{after}")));
+        }
+
+        #[test]
+        fn a_missing_path_is_an_error_at_its_location_never_a_null(
+            segments in path(),
+            keys in proptest::collection::vec("[a-z]{1,4}", 1..4),
+        ) {
+            let reference = path_text(&segments, &[]);
+            let template = keys.iter().rev().fold(
+                Value::String(format!("x {{{{{reference}}}}}")),
+                |inner, key| object(key, inner),
+            );
+            let error = render(&template, &json!({})).expect_err("nothing to name");
+            prop_assert_eq!(error.location, keys.join("."));
+            prop_assert!(error.message.contains(&reference), "{}", error.message);
+            let listed = references(&template).expect("parses");
+            prop_assert_eq!(listed.len(), 1);
+            prop_assert_eq!(&listed[0].0, &keys.join("."));
+        }
+
+        #[test]
+        fn templates_without_placeholders_render_unchanged(template in json_value("[^{]{0,6}".boxed()), scope in json_value("[a-z]{0,4}".boxed())) {
+            prop_assert_eq!(references(&template), Ok(Vec::new()));
+            prop_assert_eq!(render(&template, &scope), Ok(template));
+        }
+    }
+}

@@ -419,12 +419,14 @@ mod tests {
         (pem("PRIVATE KEY", &private_der.concat()), pem("PUBLIC KEY", &public_der.concat()))
     }
 
+    /// (private PKCS#8 PEM, public SPKI PEM) of a fresh 2048-bit RSA key.
     fn rsa_pems() -> (String, String) {
-        use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
-        let private = rsa::RsaPrivateKey::new(&mut rand_core_06::OsRng, 2048).unwrap();
-        let private_pem = private.to_pkcs8_pem(LineEnding::LF).unwrap().to_string();
-        let public_pem = private.to_public_key().to_public_key_pem(LineEnding::LF).unwrap();
-        (private_pem, public_pem)
+        use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der, PublicKeyX509Der};
+        use aws_lc_rs::signature::KeyPair as _;
+        let private = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let private_der: Pkcs8V1Der<'_> = private.as_der().unwrap();
+        let public_der: PublicKeyX509Der<'_> = private.public_key().as_der().unwrap();
+        (pem("PRIVATE KEY", private_der.as_ref()), pem("PUBLIC KEY", public_der.as_ref()))
     }
 
     fn service(algorithm: JwtAlgorithm, private_pem: &str, public_pem: &str) -> TokenService {

@@ -654,3 +654,152 @@ mod tests {
         assert_eq!(topological_order(&steps).map(|order| order.len()), Some(5_000));
     }
 }
+
+/// Properties over generated step lists: validation never panics and reports fields of the
+/// steps it was given; a definition that validates has a topological order; a graph built
+/// acyclic validates, one with a back edge does not; running ready steps wave by wave runs
+/// each step once, after its dependencies.
+#[cfg(test)]
+mod properties {
+    use std::collections::{HashMap, HashSet};
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    fn step(key: String, depends_on: Vec<String>) -> DagStep {
+        DagStep { key, depends_on, input_mapping: None }
+    }
+
+    /// Steps whose keys and dependencies come from a small pool (so repeats, unknown names,
+    /// self-references and cycles are common), a few with a mapping that reads another step.
+    fn any_steps() -> impl Strategy<Value = Vec<DagStep>> {
+        let name = prop_oneof![
+            4 => "[a-e]",
+            1 => Just(String::new()),
+            1 => "[a-e ][.x]",
+        ];
+        let mapping = proptest::option::of((name.clone(), "[a-z]{0,3}", any::<bool>()));
+        proptest::collection::vec(
+            (name.clone(), proptest::collection::vec(name, 0..4), mapping),
+            0..8,
+        )
+        .prop_map(|steps| {
+            steps
+                .into_iter()
+                .map(|(key, depends_on, mapping)| DagStep {
+                    key,
+                    depends_on,
+                    input_mapping: mapping.map(|(target, field, whole)| {
+                        let reference = format!("{{{{steps.{target}.output.{field}}}}}");
+                        if whole {
+                            json!(reference)
+                        } else {
+                            json!({ "v": format!("x {reference}") })
+                        }
+                    }),
+                })
+                .collect()
+        })
+    }
+
+    /// An acyclic graph: step `i` depends only on steps before it; then the list is shuffled,
+    /// so definition order is not run order.
+    fn acyclic_steps() -> impl Strategy<Value = Vec<DagStep>> {
+        (1usize..12)
+            .prop_flat_map(|count| {
+                let dependencies = (0..count)
+                    .map(|index| {
+                        proptest::sample::subsequence(
+                            (0..index).collect::<Vec<_>>(),
+                            0..=index.min(3),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                (dependencies, Just((0..count).collect::<Vec<usize>>()).prop_shuffle())
+            })
+            .prop_map(|(dependencies, order)| {
+                let named = |index: usize| format!("s{index}");
+                let steps: Vec<DagStep> = dependencies
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, depends)| {
+                        step(named(index), depends.into_iter().map(named).collect())
+                    })
+                    .collect();
+                order.into_iter().map(|index| steps[index].clone()).collect()
+            })
+    }
+
+    /// Whether `order` lists every step once, each after all its dependencies.
+    fn respects_dependencies(steps: &[DagStep], order: &[usize]) -> bool {
+        let mut position = HashMap::new();
+        for (at, index) in order.iter().enumerate() {
+            if position.insert(steps[*index].key.as_str(), at).is_some() {
+                return false;
+            }
+        }
+        position.len() == steps.len()
+            && order.iter().enumerate().all(|(at, index)| {
+                steps[*index].depends_on.iter().all(|dependency| position[dependency.as_str()] < at)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_definition_is_judged_without_panicking(steps in any_steps()) {
+            let errors = validate(&steps);
+            for error in &errors {
+                let index = step_index_of_field(&error.field);
+                prop_assert!(index < steps.len(), "{error:?} names a step that exists");
+                prop_assert!(!error.message.is_empty());
+            }
+            // A definition that validates has an order; any order found respects every edge.
+            match topological_order(&steps) {
+                Some(order) => prop_assert!(respects_dependencies(&steps, &order)),
+                None => prop_assert!(!errors.is_empty(), "no order, so something is reported"),
+            }
+        }
+
+        #[test]
+        fn an_acyclic_graph_validates_and_runs_wave_by_wave(steps in acyclic_steps()) {
+            prop_assert_eq!(validate(&steps), Vec::new());
+            let order = topological_order(&steps).expect("acyclic");
+            prop_assert!(respects_dependencies(&steps, &order));
+            let mut succeeded: HashSet<&str> = HashSet::new();
+            for _ in 0..steps.len() {
+                let ready = ready_steps(&steps, &succeeded);
+                if ready.is_empty() {
+                    break;
+                }
+                for ready_step in &ready {
+                    prop_assert!(ready_step.depends_on.iter().all(|dependency| succeeded.contains(dependency.as_str())));
+                }
+                succeeded.extend(ready.iter().map(|ready_step| ready_step.key.as_str()));
+            }
+            prop_assert_eq!(succeeded.len(), steps.len(), "every step ran");
+        }
+
+        #[test]
+        fn a_back_edge_is_reported_as_a_cycle(steps in acyclic_steps(), pick in any::<proptest::sample::Index>()) {
+            let order = topological_order(&steps).expect("acyclic");
+            // A step with a dependency, and one of its ancestors made to depend on it.
+            let Some(late) = order.iter().rev().copied().find(|index| !steps[*index].depends_on.is_empty()) else {
+                return Ok(());
+            };
+            let mut cyclic = steps.clone();
+            let dependency = pick.get(&steps[late].depends_on).clone();
+            let dependency_index = steps.iter().position(|candidate| candidate.key == dependency).expect("known");
+            cyclic[dependency_index].depends_on.push(steps[late].key.clone());
+            prop_assert_eq!(topological_order(&cyclic), None);
+            let errors = validate(&cyclic);
+            prop_assert!(
+                errors.iter().any(|error| error.message.starts_with("forms a dependency cycle")
+                    && error.message.contains(&steps[late].key)
+                    && error.message.contains(&dependency)),
+                "{errors:?}"
+            );
+        }
+    }
+}

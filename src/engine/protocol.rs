@@ -627,3 +627,38 @@ fn attempt_key(step: &pb::StepRef) -> Option<AttemptKey> {
     let step_run_id = Uuid::parse_str(step.step_run_id.trim()).ok()?;
     Some(AttemptKey { step_run_id, attempt: step.attempt })
 }
+
+/// Property: the messages about one attempt share one lane, so they are applied in the order
+/// the runner sent them; the other messages take none.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn messages_about_one_attempt_share_a_lane(id in any::<u128>(), attempt in any::<i32>(), text in ".{0,40}") {
+            use pb::attach_request::Message;
+            let step = Some(pb::StepRef { step_run_id: Uuid::from_u128(id).to_string(), attempt });
+            let about_the_attempt = [
+                Message::AssignmentAck(pb::AssignmentAck { step: step.clone(), accepted: true, reason: String::new() }),
+                Message::Started(pb::StepStarted { step: step.clone() }),
+                Message::Result(pb::StepResult { step: step.clone(), outcome: None }),
+                Message::CancelAck(pb::CancelAck { step: step.clone() }),
+            ];
+            let lanes: Vec<Option<usize>> = about_the_attempt.iter().map(lane_of).collect();
+            prop_assert!(lanes[0].is_some_and(|lane| lane < RUNNER_LANES));
+            prop_assert!(lanes.iter().all(|lane| *lane == lanes[0]), "{lanes:?}");
+            // A step run id that does not parse goes to the first lane, which ignores it.
+            let garbled = Message::Started(pb::StepStarted {
+                step: Some(pb::StepRef { step_run_id: text.clone(), attempt }),
+            });
+            if Uuid::parse_str(text.trim()).is_err() {
+                prop_assert_eq!(lane_of(&garbled), Some(0));
+            }
+            prop_assert_eq!(lane_of(&Message::Heartbeat(pb::Heartbeat { running: vec![] })), None);
+            prop_assert_eq!(lane_of(&Message::Draining(pb::Draining {})), None);
+        }
+    }
+}

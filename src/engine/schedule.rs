@@ -242,3 +242,120 @@ mod tests {
         assert_eq!(check("0 12 * * *", "Asia/Tokyo"), (None, None));
     }
 }
+
+/// Properties: any text is judged without a panic, and a refusal says what is wrong; for
+/// generated expressions the next fire time is a whole second strictly after the instant,
+/// never earlier for a later instant, nothing fires in between, and the fields hold.
+#[cfg(test)]
+mod properties {
+    use chrono::{Datelike, TimeZone, Timelike};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One field: `*`, a value, a range, a step or a list, within `low..=high`.
+    fn field(low: u32, high: u32) -> impl Strategy<Value = String> {
+        let value = low..=high;
+        prop_oneof![
+            Just("*".to_owned()),
+            value.clone().prop_map(|value| value.to_string()),
+            (value.clone(), value.clone()).prop_map(|(a, b)| format!("{}-{}", a.min(b), a.max(b))),
+            (1..=(high - low).max(1)).prop_map(|step| format!("*/{step}")),
+            proptest::collection::btree_set(value, 1..4).prop_map(|values| {
+                values.into_iter().map(|value| value.to_string()).collect::<Vec<_>>().join(",")
+            }),
+        ]
+    }
+
+    /// An expression of 5 fields, or 6 with seconds; days of the month stop at 28 so every
+    /// month has them.
+    fn expression() -> impl Strategy<Value = (String, bool)> {
+        (
+            proptest::option::of(field(0, 59)),
+            field(0, 59),
+            field(0, 23),
+            field(1, 28),
+            field(1, 12),
+            field(0, 6),
+        )
+            .prop_map(|(seconds, minute, hour, day, month, weekday)| {
+                let five = format!("{minute} {hour} {day} {month} {weekday}");
+                match seconds {
+                    Some(seconds) => (format!("{seconds} {five}"), true),
+                    None => (five, false),
+                }
+            })
+    }
+
+    fn instant() -> impl Strategy<Value = DateTime<Utc>> {
+        // 2001 to 2099, with a fraction of a second.
+        (978_307_200i64..4_102_444_800, 0u32..1_000_000_000).prop_map(|(seconds, nanos)| {
+            Utc.timestamp_opt(seconds, nanos).single().expect("in range")
+        })
+    }
+
+    fn zone() -> impl Strategy<Value = &'static str> {
+        proptest::sample::select(vec![
+            "",
+            "UTC",
+            "Europe/Paris",
+            "America/New_York",
+            "Asia/Kolkata",
+        ])
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_is_judged_without_panicking(expression in ".{0,60}|[0-9*/,@ a-zA-Z-]{0,40}", timezone in ".{0,20}") {
+            match Schedule::parse(&expression, &timezone) {
+                Ok(schedule) => prop_assert_eq!(schedule.expression(), expression.trim()),
+                Err(error) => prop_assert!(!error.to_string().is_empty()),
+            }
+            let (expression_problem, timezone_problem) = check(&expression, &timezone);
+            for problem in [expression_problem, timezone_problem].into_iter().flatten() {
+                prop_assert!(!problem.is_empty());
+            }
+        }
+
+        #[test]
+        fn the_next_fire_is_the_first_whole_second_after(
+            (expression, with_seconds) in expression(),
+            timezone in zone(),
+            from in instant(),
+            later_by in 0i64..200_000,
+        ) {
+            let schedule = Schedule::parse(&expression, timezone).expect("a generated expression parses");
+            prop_assert_eq!(check(&expression, timezone), (None, None));
+            let Some(next) = next_after(&schedule, from) else {
+                return Ok(());
+            };
+            prop_assert!(next > from, "{next} after {from}");
+            prop_assert_eq!(next.nanosecond(), 0);
+            if !with_seconds {
+                prop_assert_eq!(next.second(), 0, "five fields fire on the minute");
+            }
+            // Nothing fires between `from` and `next`: from any instant in between, the next
+            // fire is still `next`.
+            let between = from + (next - from) / 2;
+            prop_assert_eq!(next_after(&schedule, between), Some(next));
+            prop_assert_eq!(next_after(&schedule, next - chrono::Duration::milliseconds(1)), Some(next));
+            // A later instant never fires earlier.
+            let later = from + chrono::Duration::seconds(later_by);
+            prop_assert!(next_after(&schedule, later).is_none_or(|after_later| after_later >= next));
+        }
+
+        #[test]
+        fn a_daily_time_fires_at_that_time_within_a_day(
+            minute in 0u32..60,
+            hour in 0u32..24,
+            from in instant(),
+        ) {
+            let schedule = Schedule::parse(&format!("{minute} {hour} * * *"), "Asia/Kolkata").expect("parses");
+            let next = next_after(&schedule, from).expect("fires daily");
+            let local = next.with_timezone(&chrono_tz::Asia::Kolkata);
+            prop_assert_eq!((local.hour(), local.minute(), local.second()), (hour, minute, 0));
+            prop_assert!(next - from <= chrono::Duration::days(1));
+            prop_assert!(local.year() >= 2001);
+        }
+    }
+}

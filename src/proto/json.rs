@@ -150,7 +150,9 @@ fn check_single(
 ) {
     match field.kind() {
         Kind::Message(message) => {
-            if !is_well_known(&message) {
+            if is_well_known(&message) {
+                check_well_known(&message, value, path, errors);
+            } else {
                 check_message(&message, value, path, errors);
             }
         }
@@ -184,6 +186,20 @@ fn check_single(
         Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 | Kind::Uint64 | Kind::Fixed64 => {
             check_integer(value, path, errors, i64::MIN, i64::MAX)
         }
+    }
+}
+
+/// A well-known type (`Timestamp`, `Duration`, `Struct`, …) read by prost-reflect's own proto3
+/// JSON rules, one field at a time, so a bad value is reported on its field and not on the
+/// whole body.
+fn check_well_known(
+    message: &MessageDescriptor,
+    value: &Value,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    if let Err(error) = DynamicMessage::deserialize(message.clone(), value) {
+        errors.push(FieldError::new(path, error.to_string()));
     }
 }
 
@@ -432,6 +448,29 @@ mod tests {
         let errors =
             message_from_json(&agent, json!({ "type": "unspecified" })).expect_err("zero value");
         assert_eq!(errors[0].field, "type");
+    }
+
+    /// Found by `api::rest::properties`: a well-known type of the wrong shape was reported on
+    /// `body`, not on its field.
+    #[test]
+    fn a_bad_well_known_value_is_reported_on_its_field() {
+        let deployment = descriptor("turbocat.v1.Deployment");
+        let errors = message_from_json(&deployment, json!({ "lastTriggeredAt": false }))
+            .expect_err("not a timestamp");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "lastTriggeredAt");
+        assert!(errors[0].message.contains("timestamp"), "{errors:?}");
+        let errors = message_from_json(
+            &deployment,
+            json!({ "lastTriggeredAt": "2026-13-45T99:00:00Z", "name": 3 }),
+        )
+        .expect_err("no such time");
+        let mut fields: Vec<&str> = errors.iter().map(|error| error.field.as_str()).collect();
+        fields.sort_unstable();
+        assert_eq!(fields, vec!["lastTriggeredAt", "name"]);
+        let accepted =
+            message_from_json(&deployment, json!({ "lastTriggeredAt": "2026-01-01T00:00:00Z" }));
+        assert!(accepted.is_ok(), "{accepted:?}");
     }
 
     #[test]

@@ -770,3 +770,111 @@ mod tests {
         assert_eq!(release_reported(heartbeat.clone(), &running), Some(heartbeat));
     }
 }
+
+/// Properties of what the runner sends: a step's output crosses the wire (protobuf `Value`,
+/// encoded and decoded) as the JSON it was; a result always fits the message limit, and one
+/// that fits already is sent as it is.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use prost::Message as _;
+
+    use super::*;
+    use crate::proto::wkt;
+
+    /// JSON as a step produces it: integers a double holds exactly, finite fractions.
+    fn output() -> impl Strategy<Value = serde_json::Value> {
+        const EXACT: i64 = 1 << 53;
+        let scalar = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            (-EXACT + 1..EXACT).prop_map(serde_json::Value::from),
+            (-1e12f64..1e12)
+                .prop_filter("a fraction", |number| number.fract() != 0.0)
+                .prop_map(serde_json::Value::from),
+            ".{0,16}".prop_map(serde_json::Value::from),
+        ];
+        scalar.prop_recursive(4, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+                proptest::collection::btree_map(".{0,6}", inner, 0..6)
+                    .prop_map(|map| serde_json::Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn step() -> impl Strategy<Value = pb::StepRef> {
+        (any::<u128>(), 0i32..10).prop_map(|(id, attempt)| pb::StepRef {
+            step_run_id: uuid::Uuid::from_u128(id).to_string(),
+            attempt,
+        })
+    }
+
+    fn result() -> impl Strategy<Value = pb::StepResult> {
+        let outcome = prop_oneof![
+            prop_oneof![
+                output(),
+                (3_000usize..40_000).prop_map(|length| serde_json::Value::from("x".repeat(length))),
+            ]
+            .prop_map(|output| pb::step_result::Outcome::Success(pb::StepSuccess {
+                output: Some(wkt::json_to_value(&output)),
+            })),
+            (".{0,64}|[a-zé€😀]{2000,12000}", any::<bool>()).prop_map(|(error, retryable)| {
+                pb::step_result::Outcome::Failure(pb::StepFailure {
+                    error,
+                    retryable,
+                    kind: pb::FailureKind::Error as i32,
+                })
+            }),
+        ];
+        (step(), outcome)
+            .prop_map(|(step, outcome)| pb::StepResult { step: Some(step), outcome: Some(outcome) })
+    }
+
+    proptest! {
+        #[test]
+        fn an_output_crosses_the_wire_as_the_json_it_was(output in output(), step in step()) {
+            let result = pb::StepResult {
+                step: Some(step),
+                outcome: Some(pb::step_result::Outcome::Success(pb::StepSuccess {
+                    output: Some(wkt::json_to_value(&output)),
+                })),
+            };
+            let sent = message(pb::attach_request::Message::Result(result)).encode_to_vec();
+            let received = pb::AttachRequest::decode(sent.as_slice()).expect("decodes");
+            let Some(pb::attach_request::Message::Result(pb::StepResult {
+                outcome: Some(pb::step_result::Outcome::Success(success)),
+                ..
+            })) = received.message
+            else {
+                return Err(TestCaseError::fail("a result with a success"));
+            };
+            let value = success.output.expect("an output");
+            prop_assert_eq!(wkt::value_to_json(&value), output);
+        }
+
+        #[test]
+        fn a_result_always_fits_and_one_that_fits_is_unchanged(result in result(), limit in MIN_MESSAGE_BYTES..20_000) {
+            let fitted = fit_result(result.clone(), limit);
+            let budget = limit - MESSAGE_OVERHEAD_BYTES;
+            prop_assert!(fitted.encoded_len() <= budget, "{} > {budget}", fitted.encoded_len());
+            prop_assert_eq!(&fitted.step, &result.step, "the attempt it reports is kept");
+            if result.encoded_len() <= budget {
+                prop_assert_eq!(&fitted, &result);
+                return Ok(());
+            }
+            match (&result.outcome, &fitted.outcome) {
+                (Some(pb::step_result::Outcome::Success(_)), Some(pb::step_result::Outcome::Failure(failure))) => {
+                    prop_assert!(!failure.retryable, "the same output would not fit again");
+                    prop_assert!(failure.error.contains("bytes"), "{}", failure.error);
+                }
+                (Some(pb::step_result::Outcome::Failure(original)), Some(pb::step_result::Outcome::Failure(cut))) => {
+                    let kept = cut.error.strip_suffix('…').expect("a cut error ends with …");
+                    prop_assert!(original.error.starts_with(kept));
+                    prop_assert_eq!(cut.retryable, original.retryable);
+                }
+                other => return Err(TestCaseError::fail(format!("unexpected outcome {other:?}"))),
+            }
+        }
+    }
+}

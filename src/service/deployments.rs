@@ -1618,3 +1618,79 @@ mod tests {
         }
     }
 }
+
+/// Property: the signed bytes `<timestamp>.<delivery id>.<body>` name one call. Delivery ids
+/// and bodies may hold dots, so the same bytes split elsewhere would carry the same signature;
+/// every such other split must be refused by the header checks or by the body check.
+#[cfg(test)]
+mod webhook_properties {
+    use hmac::{Hmac, Mac};
+    use proptest::prelude::*;
+    use sha2::Sha256;
+
+    use super::*;
+
+    fn body() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            "[ \n]{1,3}",
+            ("[ \n]{0,2}", proptest::collection::btree_map("[a-z.]{1,5}", "[a-z0-9.]{0,5}", 0..3))
+                .prop_map(|(space, fields)| format!("{space}{}", json!(fields))),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn no_other_accepted_call_has_the_same_signed_bytes(
+            delivery in "[A-Za-z0-9._:-]{1,16}",
+            body in body(),
+            age in 0i64..300,
+        ) {
+            let secret = "0123456789abcdef";
+            let now = Utc::now();
+            let tolerance = std::time::Duration::from_secs(300);
+            let timestamp = (now.timestamp() - age).to_string();
+            let payload = signed_payload(&timestamp, &delivery, body.as_bytes());
+            let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any length");
+            mac.update(&payload);
+            let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+            let accepted = |timestamp: &str, delivery: &str, body: &[u8]| {
+                let call = WebhookCall {
+                    signature: Some(signature.as_str()),
+                    timestamp: Some(timestamp),
+                    delivery: Some(delivery),
+                    body,
+                };
+                verify_webhook_call(secret, &call, tolerance, now).is_ok()
+                    && webhook_input(body, 32).is_ok()
+            };
+            prop_assert!(accepted(&timestamp, &delivery, body.as_bytes()), "the call itself");
+            let dots: Vec<usize> = payload
+                .iter()
+                .enumerate()
+                .filter_map(|(position, byte)| (*byte == b'.').then_some(position))
+                .collect();
+            for (rank, first) in dots.iter().enumerate() {
+                for second in &dots[rank + 1..] {
+                    let (Ok(other_timestamp), Ok(other_delivery)) = (
+                        std::str::from_utf8(&payload[..*first]),
+                        std::str::from_utf8(&payload[first + 1..*second]),
+                    ) else {
+                        continue;
+                    };
+                    let other_body = &payload[second + 1..];
+                    if (other_timestamp, other_delivery, other_body)
+                        == (timestamp.as_str(), delivery.as_str(), body.as_bytes())
+                    {
+                        continue;
+                    }
+                    prop_assert!(
+                        !accepted(other_timestamp, other_delivery, other_body),
+                        "{other_timestamp:?} {other_delivery:?} {:?} passes as {timestamp:?} {delivery:?} {body:?}",
+                        String::from_utf8_lossy(other_body)
+                    );
+                }
+            }
+        }
+    }
+}

@@ -78,3 +78,74 @@ mod tests {
         assert!(!signature_matches("another secret", &payload, &signature), "another secret");
     }
 }
+
+/// Properties: a signature verifies for exactly the secret and bytes it was made from, in any
+/// of the accepted spellings; any other bytes, secret or signature text is refused without a
+/// panic.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn a_signature_verifies_iff_the_signed_bytes_are_unchanged(
+            secret in ".{0,80}",
+            payload in proptest::collection::vec(any::<u8>(), 0..256),
+            flip in (any::<proptest::sample::Index>(), 1u8..=255),
+        ) {
+            let signature = sign(&secret, &payload);
+            prop_assert!(signature.starts_with(SIGNATURE_PREFIX));
+            prop_assert_eq!(signature.len(), SIGNATURE_PREFIX.len() + 64);
+            prop_assert!(signature_matches(&secret, &payload, &signature));
+            let digits = &signature[SIGNATURE_PREFIX.len()..];
+            for spelling in [digits.to_owned(), digits.to_uppercase(), format!("  {signature}\n")] {
+                prop_assert!(signature_matches(&secret, &payload, &spelling), "{spelling:?}");
+            }
+            let mut extended = payload.clone();
+            extended.push(b' ');
+            prop_assert!(!signature_matches(&secret, &extended, &signature), "a byte appended");
+            if !payload.is_empty() {
+                let mut changed = payload.clone();
+                let position = flip.0.index(changed.len());
+                changed[position] ^= flip.1;
+                prop_assert!(!signature_matches(&secret, &changed, &signature), "a byte changed");
+                prop_assert!(!signature_matches(&secret, &payload[..payload.len() - 1], &signature), "a byte cut");
+            }
+            let other_secret = format!("{secret}x");
+            prop_assert!(!signature_matches(&other_secret, &payload, &signature), "another secret");
+            prop_assert!(!signature_matches(&secret, &payload, &signature[..signature.len() - 2]), "truncated");
+        }
+
+        #[test]
+        fn any_signature_text_is_judged_without_panicking(
+            secret in ".{0,40}",
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            signature in prop_oneof![".{0,80}", "(sha256=)?[0-9a-fA-F]{0,70}"],
+        ) {
+            let matches = signature_matches(&secret, &payload, &signature);
+            let expected = sign(&secret, &payload);
+            let trimmed = signature.trim();
+            let normalized = trimmed.strip_prefix(SIGNATURE_PREFIX).unwrap_or(trimmed).to_ascii_lowercase();
+            prop_assert_eq!(matches, normalized == expected[SIGNATURE_PREFIX.len()..]);
+        }
+
+        #[test]
+        fn the_timestamp_and_the_delivery_id_are_signed(
+            timestamp in "[0-9]{1,12}",
+            delivery in "[A-Za-z0-9_:-]{1,20}",
+            other_delivery in "[A-Za-z0-9_:-]{1,20}",
+            body in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let secret = new_secret();
+            let signature = sign(&secret, &signed_payload(&timestamp, &delivery, &body));
+            prop_assert!(signature_matches(&secret, &signed_payload(&timestamp, &delivery, &body), &signature));
+            let later = format!("{timestamp}0");
+            prop_assert!(!signature_matches(&secret, &signed_payload(&later, &delivery, &body), &signature));
+            if other_delivery != delivery {
+                prop_assert!(!signature_matches(&secret, &signed_payload(&timestamp, &other_delivery, &body), &signature));
+            }
+        }
+    }
+}

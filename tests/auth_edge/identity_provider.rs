@@ -43,18 +43,31 @@ impl SigningKey {
     }
 
     pub fn rsa(kid: &str) -> Self {
-        use rsa::pkcs1::EncodeRsaPrivateKey;
-        use rsa::traits::PublicKeyParts;
-        let private = rsa::RsaPrivateKey::new(&mut rand_core_06::OsRng, 2048).expect("rsa key");
-        let der = private.to_pkcs1_der().expect("pkcs1 der");
+        use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
+        use aws_lc_rs::signature::KeyPair as _;
+        let private =
+            aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("rsa key");
+        let pkcs8: Pkcs8V1Der<'_> = private.as_der().expect("pkcs8 der");
+        let body = base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref());
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|chunk| std::str::from_utf8(chunk).expect("ascii"))
+            .collect();
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            lines.join("\n")
+        );
+        let public = private.public_key();
         Self {
             kid: kid.to_owned(),
             algorithm: Algorithm::RS256,
-            encoding_key: EncodingKey::from_rsa_der(der.as_bytes()),
+            encoding_key: EncodingKey::from_rsa_pem(pem.as_bytes()).expect("rsa pem"),
             // No `alg`: the verifier must pick RS256 for an RSA key by itself.
             jwk: json!({
-                "kty": "RSA", "n": base64url(&private.n().to_bytes_be()),
-                "e": base64url(&private.e().to_bytes_be()), "kid": kid, "use": "sig",
+                "kty": "RSA", "n": base64url(public.modulus().big_endian_without_leading_zero()),
+                "e": base64url(public.exponent().big_endian_without_leading_zero()), "kid": kid,
+                "use": "sig",
             }),
         }
     }

@@ -61,13 +61,20 @@ impl KeyFiles {
         )
     }
 
+    /// A fresh 2048-bit RSA key: PKCS#8 private and SPKI public PEM.
     fn rsa(directory: &Path, name: &str) -> Self {
-        use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
-        let private = rsa::RsaPrivateKey::new(&mut rand_core_06::OsRng, 2048).expect("rsa key");
-        let private_pem = private.to_pkcs8_pem(LineEnding::LF).expect("pkcs8 pem").to_string();
-        let public_pem =
-            private.to_public_key().to_public_key_pem(LineEnding::LF).expect("public pem");
-        Self::write(directory, name, private_pem, public_pem)
+        use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der, PublicKeyX509Der};
+        use aws_lc_rs::signature::KeyPair as _;
+        let private =
+            aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("rsa key");
+        let private_der: Pkcs8V1Der<'_> = private.as_der().expect("pkcs8 der");
+        let public_der: PublicKeyX509Der<'_> = private.public_key().as_der().expect("spki der");
+        Self::write(
+            directory,
+            name,
+            pem("PRIVATE KEY", private_der.as_ref()),
+            pem("PUBLIC KEY", public_der.as_ref()),
+        )
     }
 
     fn arguments<'a>(&'a self, algorithm: &'a str) -> Vec<&'a str> {

@@ -138,15 +138,12 @@ impl RestEdge {
             .get(http::header::IF_MATCH)
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
-        let request_json = build_request_json(
+        let message = request_message(
             binding,
             &parts.headers,
             &body_bytes,
             RequestParts { path_values, query_pairs, if_match },
         )?;
-        let message = json::message_from_json(&binding.input, request_json)
-            .map_err(ServiceError::validation)?;
-        refuse_too_deep(&message)?;
 
         let grpc_request = grpc_request(binding, &parts, &message)?;
         let grpc_response = match self.grpc.clone().oneshot(grpc_request).await {
@@ -218,6 +215,21 @@ struct RequestParts {
     path_values: Vec<(String, String)>,
     query_pairs: Vec<(String, String)>,
     if_match: Option<String>,
+}
+
+/// The RPC's request message from the body, the path values, the query and `If-Match`; every
+/// problem is a 4xx naming its field (a body that is not JSON, a wrong content type).
+fn request_message(
+    binding: &HttpBinding,
+    headers: &http::HeaderMap,
+    body_bytes: &Bytes,
+    parts: RequestParts,
+) -> Result<DynamicMessage, ServiceError> {
+    let request_json = build_request_json(binding, headers, body_bytes, parts)?;
+    let message =
+        json::message_from_json(&binding.input, request_json).map_err(ServiceError::validation)?;
+    refuse_too_deep(&message)?;
+    Ok(message)
 }
 
 fn build_request_json(
@@ -538,4 +550,279 @@ fn event_stream(
 
 fn error_event(error: &ServiceError, request_id: &str) -> Event {
     Event::default().event("error").data(envelope::error_body(error, request_id).to_string())
+}
+
+/// Properties of the transcoder over every route of the contract: any body, query string or
+/// path value becomes the request message or a 4xx naming a field at fault, never a panic or
+/// a 500; a path value lands in its field unchanged.
+#[cfg(test)]
+mod properties {
+    use std::collections::BTreeSet;
+    use std::sync::LazyLock;
+
+    use proptest::prelude::*;
+    use prost_reflect::{DynamicMessage, ReflectMessage};
+    use serde_json::{Map, Value};
+
+    use super::bindings::{BodyMapping, HttpBinding, http_bindings};
+    use super::{RequestParts, request_message};
+    use crate::error::{ErrorCode, ServiceError};
+
+    static BINDINGS: LazyLock<Vec<HttpBinding>> = LazyLock::new(|| {
+        http_bindings(crate::proto::descriptor_pool()).expect("the contract's routes")
+    });
+
+    /// The JSON name of every field of every message in the contract: keys a generated body
+    /// uses, so bodies reach nested fields instead of stopping at "unknown field".
+    static FIELD_NAMES: LazyLock<Vec<String>> = LazyLock::new(|| {
+        let names: BTreeSet<String> = crate::proto::descriptor_pool()
+            .all_messages()
+            .flat_map(|message| {
+                message.fields().map(|field| field.json_name().to_owned()).collect::<Vec<_>>()
+            })
+            .collect();
+        names.into_iter().collect()
+    });
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => proptest::sample::select(FIELD_NAMES.clone()),
+            1 => "[a-zA-Z_]{1,8}",
+        ]
+    }
+
+    /// Strings shaped like what fields expect, and not.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,12}",
+            "[0-9]{1,20}",
+            "-?[0-9]{1,3}\\.[0-9]{1,3}",
+            proptest::sample::select(vec![
+                "code",
+                "AGENT_TYPE_CODE",
+                "http",
+                "RUNNING",
+                "true",
+                "NaN",
+                "Infinity",
+                "2026-01-01T00:00:00Z",
+                "2026-13-45T99:00:00Z",
+                "3.5s",
+                "1",
+                "aGVsbG8=",
+                "0190f0f0-0000-7000-8000-000000000001",
+                "name,description",
+                "",
+            ])
+            .prop_map(str::to_owned),
+        ]
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let scalar = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e300f64..1e300).prop_map(Value::from),
+            text().prop_map(Value::from),
+        ];
+        scalar.prop_recursive(4, 48, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(key(), inner, 0..5)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn json_headers() -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers
+            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        headers
+    }
+
+    fn no_parts() -> RequestParts {
+        RequestParts { path_values: Vec::new(), query_pairs: Vec::new(), if_match: None }
+    }
+
+    /// The JSON names of the fields a body of `binding` fills (of the body field's message when
+    /// the body is one field), so generated bodies mostly name real fields.
+    fn body_field_names(binding: &HttpBinding) -> Vec<String> {
+        let message = match &binding.body {
+            BodyMapping::Field(name) => {
+                match binding.input.get_field_by_name(name).map(|field| field.kind()) {
+                    Some(prost_reflect::Kind::Message(message)) => message,
+                    _ => binding.input.clone(),
+                }
+            }
+            _ => binding.input.clone(),
+        };
+        message.fields().map(|field| field.json_name().to_owned()).collect()
+    }
+
+    /// A route with a body, and a body for it: mostly its own fields, any values.
+    fn route_and_body()
+    -> impl Strategy<Value = (&'static HttpBinding, std::collections::BTreeMap<String, Value>)>
+    {
+        let with_body: Vec<&'static HttpBinding> =
+            BINDINGS.iter().filter(|binding| binding.body != BodyMapping::None).collect();
+        proptest::sample::select(with_body).prop_flat_map(|binding| {
+            let mut own = body_field_names(binding);
+            if own.is_empty() {
+                own.push("unknown".to_owned());
+            }
+            let name = prop_oneof![3 => proptest::sample::select(own), 1 => key()];
+            (Just(binding), proptest::collection::btree_map(name, json_value(), 0..6))
+        })
+    }
+
+    fn route(
+        pick: proptest::sample::Index,
+        keep: impl Fn(&HttpBinding) -> bool,
+    ) -> Option<&'static HttpBinding> {
+        let matching: Vec<&HttpBinding> = BINDINGS.iter().filter(|binding| keep(binding)).collect();
+        (!matching.is_empty()).then(|| *pick.get(&matching))
+    }
+
+    /// A refusal is a 400 with at least one field error, each naming a field and a reason.
+    fn assert_names_fields(error: &ServiceError) -> Result<(), TestCaseError> {
+        prop_assert_eq!(error.code, ErrorCode::ValidationError, "{:?}", error);
+        prop_assert_eq!(error.code.http_status(), http::StatusCode::BAD_REQUEST);
+        prop_assert!(!error.field_errors.is_empty(), "{:?}", error);
+        for field_error in &error.field_errors {
+            prop_assert!(
+                !field_error.field.is_empty() && !field_error.message.is_empty(),
+                "{:?}",
+                error
+            );
+        }
+        Ok(())
+    }
+
+    /// The top-level key of a field error's path: `agent` for `agent.config.code[0]`.
+    fn top_key(field: &str) -> &str {
+        field.split(['.', '[']).next().unwrap_or(field)
+    }
+
+    proptest! {
+        #[test]
+        fn any_json_body_decodes_or_names_the_fields_at_fault((binding, fields) in route_and_body()) {
+            let body = Value::Object(fields.clone().into_iter().collect::<Map<_, _>>());
+            let bytes = bytes::Bytes::from(body.to_string());
+            let Err(error) = request_message(binding, &json_headers(), &bytes, no_parts()) else {
+                return Ok(());
+            };
+            assert_names_fields(&error)?;
+            let body_key = match &binding.body {
+                BodyMapping::Field(name) => super::json_name(&binding.input, name),
+                _ => String::new(),
+            };
+            for field_error in &error.field_errors {
+                let top = top_key(&field_error.field);
+                prop_assert!(
+                    fields.contains_key(top) || top == body_key,
+                    "{} {:?} names a field the body does not have: {:?}",
+                    binding.template, field_error, body
+                );
+            }
+        }
+
+        #[test]
+        fn any_bytes_as_a_body_are_refused_on_the_body_or_decode(
+            pick in any::<proptest::sample::Index>(),
+            bytes in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..64),
+                json_value().prop_map(|value| value.to_string().into_bytes()),
+            ],
+        ) {
+            let Some(binding) = route(pick, |binding| binding.body != BodyMapping::None) else {
+                return Ok(());
+            };
+            let body = bytes::Bytes::from(bytes);
+            let parsed = serde_json::from_slice::<Value>(&body);
+            match request_message(binding, &json_headers(), &body, no_parts()) {
+                Ok(_) => prop_assert!(
+                    body.iter().all(u8::is_ascii_whitespace) || parsed.is_ok_and(|value| value.is_object()),
+                    "only an object or nothing decodes"
+                ),
+                Err(error) => {
+                    assert_names_fields(&error)?;
+                    if !parsed.as_ref().is_ok_and(Value::is_object) {
+                        prop_assert_eq!(&error.field_errors[0].field, "body");
+                    }
+                }
+            }
+            let mut text_plain = http::HeaderMap::new();
+            text_plain.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+            if let Err(error) = request_message(binding, &text_plain, &body, no_parts()) {
+                prop_assert!(matches!(error.code, ErrorCode::UnsupportedMediaType | ErrorCode::ValidationError), "{:?}", error);
+            }
+        }
+
+        #[test]
+        fn any_query_string_decodes_or_names_the_parameters_at_fault(
+            pick in any::<proptest::sample::Index>(),
+            query in proptest::collection::vec((key(), text()), 0..6),
+        ) {
+            let Some(binding) = route(pick, |binding| binding.http_method == http::Method::GET) else {
+                return Ok(());
+            };
+            let raw: String = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(&query).finish();
+            let query_pairs: Vec<(String, String)> = url::form_urlencoded::parse(raw.as_bytes()).into_owned().collect();
+            prop_assert_eq!(&query_pairs, &query, "the query string round-trips");
+            let parts = RequestParts { query_pairs, ..no_parts() };
+            let known = |name: &str| {
+                binding.input.get_field_by_json_name(name).or_else(|| binding.input.get_field_by_name(name)).is_some()
+            };
+            match request_message(binding, &http::HeaderMap::new(), &bytes::Bytes::new(), parts) {
+                Ok(_) => prop_assert!(query.iter().all(|(name, _)| known(name))),
+                Err(error) => {
+                    assert_names_fields(&error)?;
+                    for (name, _) in query.iter().filter(|(name, _)| !known(name)) {
+                        prop_assert!(error.field_errors.iter().any(|field_error| &field_error.field == name), "{name} is named");
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn a_path_value_lands_in_its_field_unchanged(
+            pick in any::<proptest::sample::Index>(),
+            value in ".{1,40}",
+        ) {
+            let Some(binding) = route(pick, |binding| !binding.path_variables.is_empty()) else {
+                return Ok(());
+            };
+            let path_values = binding
+                .path_variables
+                .iter()
+                .map(|variable| (variable.route_name.clone(), value.clone()))
+                .collect();
+            let parts = RequestParts { path_values, ..no_parts() };
+            let message = match request_message(binding, &http::HeaderMap::new(), &bytes::Bytes::new(), parts) {
+                Ok(message) => message,
+                Err(error) => {
+                    // Only a path field that is not text can refuse a value.
+                    assert_names_fields(&error)?;
+                    return Ok(());
+                }
+            };
+            for variable in &binding.path_variables {
+                let mut current: DynamicMessage = message.clone();
+                let (last, parents) = variable.field_path.split_last().expect("a field");
+                for name in parents {
+                    let next = current.get_field_by_name(name).and_then(|field| field.as_message().cloned());
+                    prop_assert!(next.is_some(), "{} sets {}", binding.template, name);
+                    current = next.expect("checked");
+                }
+                let field = current.descriptor().get_field_by_name(last).expect("a field of the path");
+                if matches!(field.kind(), prost_reflect::Kind::String) {
+                    let stored = current.get_field(&field);
+                    prop_assert_eq!(stored.as_str(), Some(value.as_str()));
+                }
+            }
+        }
+    }
 }
