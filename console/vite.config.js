@@ -1,0 +1,20 @@
+// The console's build: one deterministic bundle under ../assets/console, which the server
+// embeds (src/api/console.rs). `npm run dev` serves the sources and forwards grpc-web calls to a
+// local `turbocat dev` on :8080.
+import { defineConfig } from 'vite';
+
+export default defineConfig({
+  base: '/',
+  build: {
+    outDir: '../assets/console',
+    emptyOutDir: true,
+    assetsDir: 'assets',
+    sourcemap: false,
+    target: 'es2022',
+    modulePreload: { polyfill: false },
+    reportCompressedSize: false,
+  },
+  server: {
+    proxy: { '/turbocat.v1.': 'http://127.0.0.1:8080' },
+  },
+});
