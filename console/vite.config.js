@@ -1,6 +1,6 @@
 // The console's build: one deterministic bundle under ../assets/console, which the server
 // embeds (src/api/console.rs). `npm run dev` serves the sources and forwards grpc-web calls to a
-// local `turbocat dev` on :8080.
+// local `turbocat dev` on :8080 (or TURBOCAT_URL).
 import { defineConfig } from 'vite';
 
 export default defineConfig({
@@ -15,6 +15,6 @@ export default defineConfig({
     reportCompressedSize: false,
   },
   server: {
-    proxy: { '/turbocat.v1.': 'http://127.0.0.1:8080' },
+    proxy: { '/turbocat.v1.': process.env.TURBOCAT_URL ?? 'http://127.0.0.1:8080' },
   },
 });

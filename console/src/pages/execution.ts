@@ -10,6 +10,7 @@ import {
   StepRunStatus,
   type Execution,
   type ExecutionLog,
+  type StepAttempt,
   type StepRun,
 } from '../gen/turbocat/v1/execution_pb';
 import { WorkflowService, type Workflow } from '../gen/turbocat/v1/workflow_pb';
@@ -52,13 +53,18 @@ export function ExecutionsPage() {
     <${Pager} page=${page} totalPages=${list.data?.pagination?.totalPages ?? 1} onPage=${setPage} />`;
 }
 
+/** The distinctive end of an id (ids of one moment share their first characters). */
+export function shortId(id: string): string {
+  return id.slice(-12);
+}
+
 export function ExecutionTable(props: { executions: Execution[] }) {
   return html`<table class="list" aria-label="executions">
     <thead><tr><th>Execution</th><th>Status</th><th>Created</th><th>Finished</th></tr></thead>
     <tbody>
       ${props.executions.map(
         (execution) => html`<tr data-execution=${execution.id}>
-          <td><${Link} href=${`/executions/${execution.id}`}>${execution.id.slice(0, 8)}</${Link}></td>
+          <td><${Link} href=${`/executions/${execution.id}`}>${shortId(execution.id)}</${Link}></td>
           <td class="status-${ExecutionStatus[execution.status]}">${ExecutionStatus[execution.status]}</td>
           <td>${when(execution.createdAt)}</td><td>${when(execution.finishedAt)}</td>
         </tr>`,
@@ -70,17 +76,49 @@ export function ExecutionTable(props: { executions: Execution[] }) {
 interface Live {
   execution?: Execution;
   steps: Map<string, StepRun>;
+  /** Every attempt of each step (GetExecution fills them; the stream's events do not). */
+  attempts: Map<string, StepAttempt[]>;
   logs: ExecutionLog[];
 }
 
+const STEP_FINAL = new Set([
+  StepRunStatus.SUCCEEDED,
+  StepRunStatus.FAILED,
+  StepRunStatus.CANCELLED,
+  StepRunStatus.TIMED_OUT,
+  StepRunStatus.LEASE_LOST,
+]);
+
 function useWatch(executionId: string): [Live, Refusal | null] {
-  const [live, setLive] = useState<Live>({ steps: new Map(), logs: [] });
+  const [live, setLive] = useState<Live>({ steps: new Map(), attempts: new Map(), logs: [] });
   const [refusal, setRefusal] = useState<Refusal | null>(null);
   useEffect(() => {
     const abort = new AbortController();
-    let state: Live = { steps: new Map(), logs: [] };
+    const state: Live = { steps: new Map(), attempts: new Map(), logs: [] };
     const seenLogs = new Set<bigint>();
     const publish = () => setLive({ ...state });
+    // A step that finished an attempt: read every attempt again (shortly, once for a burst).
+    let attemptsTimer: ReturnType<typeof setTimeout> | undefined;
+    const readAttempts = () => {
+      if (attemptsTimer) clearTimeout(attemptsTimer);
+      attemptsTimer = setTimeout(async () => {
+        try {
+          const answer = await client(ExecutionService).getExecution({ executionId }, { signal: abort.signal });
+          state.attempts = new Map(
+            (answer.execution?.stepRuns ?? []).map((stepRun) => [stepRun.stepKey, stepRun.attempts]),
+          );
+          publish();
+        } catch (error) {
+          if (!abort.signal.aborted) setRefusal(asRefusal(error));
+        }
+      }, 200);
+    };
+    const takeStep = (stepRun: StepRun) => {
+      const previous = state.steps.get(stepRun.stepKey);
+      state.steps = new Map(state.steps);
+      state.steps.set(stepRun.stepKey, stepRun);
+      if (STEP_FINAL.has(stepRun.status) || (previous && previous.attempt !== stepRun.attempt)) readAttempts();
+    };
     const addLog = (log: ExecutionLog) => {
       if (seenLogs.has(log.id)) return;
       seenLogs.add(log.id);
@@ -88,10 +126,7 @@ function useWatch(executionId: string): [Live, Refusal | null] {
     };
     const takeExecution = (execution: Execution) => {
       state.execution = execution;
-      if (execution.stepRuns.length) {
-        state.steps = new Map(state.steps);
-        for (const run of execution.stepRuns) state.steps.set(run.stepKey, run);
-      }
+      for (const stepRun of execution.stepRuns) takeStep(stepRun);
     };
     (async () => {
       // The stream starts at a snapshot; the lines logged before it come from the log list.
@@ -109,10 +144,8 @@ function useWatch(executionId: string): [Live, Refusal | null] {
           )) {
             const kind = event.event;
             if (kind.case === 'snapshot' || kind.case === 'executionChanged') takeExecution(kind.value);
-            else if (kind.case === 'stepChanged' && kind.value.stepRun) {
-              state.steps = new Map(state.steps);
-              state.steps.set(kind.value.stepRun.stepKey, kind.value.stepRun);
-            } else if (kind.case === 'log') addLog(kind.value);
+            else if (kind.case === 'stepChanged' && kind.value.stepRun) takeStep(kind.value.stepRun);
+            else if (kind.case === 'log') addLog(kind.value);
             publish();
           }
           setRefusal(null);
@@ -126,7 +159,10 @@ function useWatch(executionId: string): [Live, Refusal | null] {
         await new Promise((resolve) => setTimeout(resolve, 1000));
       }
     })();
-    return () => abort.abort();
+    return () => {
+      abort.abort();
+      if (attemptsTimer) clearTimeout(attemptsTimer);
+    };
   }, [executionId]);
   return [live, refusal];
 }
@@ -161,7 +197,7 @@ export function ExecutionPage(props: { executionId: string }) {
     };
   });
   const cancel = () => run(() => client(ExecutionService).cancelExecution({ executionId: execution.id, reason: 'cancelled from the console' }));
-  return html`<h1>Execution <code>${execution.id.slice(0, 8)}</code></h1>
+  return html`<h1>Execution <code>${shortId(execution.id)}</code></h1>
     <p>
       <span class="badge status-${status}" data-testid="execution-status">${status}</span>
       ${workflow ? html` of <${Link} href=${`/workflows/${workflow.id}`}>${workflow.name}</${Link}>` : null}
@@ -174,7 +210,7 @@ export function ExecutionPage(props: { executionId: string }) {
     <h2>Output</h2>
     <pre class="json" data-testid="execution-output">${showValue(execution.output)}</pre>
     <h2>Steps</h2>
-    ${stepKeys.map((key) => html`<${StepPanel} key=${key} stepKey=${key} stepRun=${live.steps.get(key)} />`)}
+    ${stepKeys.map((key) => html`<${StepPanel} key=${key} stepKey=${key} stepRun=${live.steps.get(key)} attempts=${live.attempts.get(key) ?? []} />`)}
     <h2>Logs</h2>
     <ol class="logs" aria-label="logs" aria-live="polite">
       ${live.logs.map(
@@ -185,7 +221,7 @@ export function ExecutionPage(props: { executionId: string }) {
     </ol>`;
 }
 
-function StepPanel(props: { stepKey: string; stepRun?: StepRun }) {
+function StepPanel(props: { stepKey: string; stepRun?: StepRun; attempts: StepAttempt[] }) {
   const stepRun = props.stepRun;
   if (!stepRun) return html`<details class="step"><summary>${props.stepKey}: waiting</summary></details>`;
   const status = StepRunStatus[stepRun.status];
@@ -197,11 +233,11 @@ function StepPanel(props: { stepKey: string; stepRun?: StepRun }) {
       <div><h3>Output</h3><pre class="json">${showValue(stepRun.output)}</pre></div>
     </div>
     ${stepRun.error ? html`<p class="error-text">${stepRun.error}</p>` : null}
-    ${stepRun.attempts.length
+    ${props.attempts.length
       ? html`<table class="list attempts" aria-label=${`attempts of ${props.stepKey}`}>
           <thead><tr><th>Attempt</th><th>Status</th><th>Started</th><th>Finished</th><th>Error</th></tr></thead>
           <tbody>
-            ${stepRun.attempts.map(
+            ${props.attempts.map(
               (attempt) => html`<tr data-attempt=${attempt.attempt}>
                 <td>${attempt.attempt}</td><td class="status-${StepRunStatus[attempt.status]}">${StepRunStatus[attempt.status]}</td>
                 <td>${when(attempt.startedAt)}</td><td>${when(attempt.finishedAt)}</td>

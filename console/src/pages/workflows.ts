@@ -13,6 +13,7 @@ import {
   type Workflow,
 } from '../gen/turbocat/v1/workflow_pb';
 import { Dag } from '../dag';
+import { shortId } from './execution';
 import { html, Link, navigate, Pager, RefusalBox, useAction, useLoad, when } from '../ui';
 
 export function WorkflowsPage() {
@@ -206,7 +207,7 @@ export function WorkflowPage(props: { workflowId: string }) {
       <tbody>
         ${(executions.data?.executions ?? []).map(
           (execution) => html`<tr>
-            <td><${Link} href=${`/executions/${execution.id}`}>${execution.id.slice(0, 8)}</${Link}></td>
+            <td><${Link} href=${`/executions/${execution.id}`}>${shortId(execution.id)}</${Link}></td>
             <td class="status-${ExecutionStatus[execution.status]}">${ExecutionStatus[execution.status]}</td>
             <td>${when(execution.createdAt)}</td>
           </tr>`,
