@@ -15,6 +15,9 @@ export default defineConfig({
     reportCompressedSize: false,
   },
   server: {
-    proxy: { '/turbocat.v1.': process.env.TURBOCAT_URL ?? 'http://127.0.0.1:8080' },
+    // The console calls only the grpc-web paths; /api is forwarded for curl and the docs.
+    proxy: Object.fromEntries(
+      ['/turbocat.v1.', '/api/'].map((path) => [path, process.env.TURBOCAT_URL ?? 'http://127.0.0.1:8080']),
+    ),
   },
 });

@@ -190,6 +190,27 @@ const journeys = {
     await page.goto(`${baseUrl}/workflows`);
     await page.getByRole('heading', { name: 'Workflows' }).waitFor();
     await shot(page, 'reloaded');
+    // The session refreshes its access token before it expires: make it expire in 12 s, reload,
+    // and the page asks for a new one (RefreshToken over grpc-web) without being asked.
+    const before = await page.evaluate(() => {
+      const session = JSON.parse(localStorage.getItem('turbocat.session'));
+      session.expiresAt = Date.now() + 12_000;
+      localStorage.setItem('turbocat.session', JSON.stringify(session));
+      return session.accessToken;
+    });
+    const refreshed = page.waitForResponse((response) => response.url().endsWith('/turbocat.v1.AuthService/RefreshToken'), { timeout: 20_000 });
+    await page.reload();
+    await page.getByRole('heading', { name: 'Workflows' }).waitFor();
+    await refreshed;
+    await page.waitForFunction(
+      (old) => JSON.parse(localStorage.getItem('turbocat.session')).accessToken !== old,
+      before,
+    );
+    const after = await page.evaluate(() => JSON.parse(localStorage.getItem('turbocat.session')));
+    expect(after.expiresAt - Date.now() > 60_000, `a fresh token: ${after.expiresAt - Date.now()} ms left`);
+    await page.getByRole('link', { name: 'Agents', exact: true }).click();
+    await page.getByRole('heading', { name: 'Agents' }).waitFor();
+    expect((await page.getByRole('alert').count()) === 0, 'calls work with the new token');
   },
 
   // 2. An agent of each type the page offers and a workflow of two of them; the DAG is drawn;
@@ -386,6 +407,10 @@ const journeys = {
     await shot(page, 'key-listed');
     await page.locator('tr[data-key="from curl"]').getByRole('button', { name: 'Revoke' }).click();
     await page.locator('tr[data-key="from curl"]').waitFor({ state: 'detached' });
+    await page.reload();
+    await page.getByRole('table', { name: 'API keys' }).waitFor();
+    await page.waitForLoadState('networkidle');
+    expect((await page.locator('tr[data-key="from curl"]').count()) === 0, 'the revoked key is gone from the list');
     const status = curl();
     expect(status === '401', `the revoked key is refused: ${status}`);
     await shot(page, 'key-revoked');
@@ -423,6 +448,27 @@ const journeys = {
       expect((await page.getByRole('alert').count()) === 0, `${label} shows no refusal`);
       await shot(page, label.toLowerCase());
     }
+    // A built-in workflow template instantiated from its page lands on the new workflow's DAG.
+    await go(page, 'Templates');
+    await page.getByLabel('kind filter').selectOption({ label: 'WORKFLOW' });
+    const template = page.getByRole('table', { name: 'templates' }).locator('tbody tr').first();
+    await template.waitFor();
+    await template.getByRole('button', { name: 'Instantiate' }).click();
+    await page.waitForURL(/\/workflows\/[0-9a-f-]+$/);
+    await page.locator('svg.dag g.node').first().waitFor();
+    await shot(page, 'instantiated-template');
+    // A manual deployment of a workflow: created and started from its page.
+    await go(page, 'Deployments');
+    const deploymentForm = page.getByRole('form', { name: 'new deployment' });
+    await deploymentForm.getByLabel('Name').fill('by hand');
+    await deploymentForm.getByLabel('Workflow').selectOption({ label: 'passing' });
+    await deploymentForm.getByRole('button', { name: 'Create manual deployment' }).click();
+    const deployment = page.getByRole('table', { name: 'deployments' }).locator('tr', { hasText: 'by hand' });
+    await deployment.waitFor();
+    await deployment.getByRole('button', { name: 'Start' }).click();
+    await page.getByRole('table', { name: 'deployments' }).locator('tr', { hasText: 'RUNNING' }).waitFor();
+    expect((await page.getByRole('alert').count()) === 0, 'the deployment started');
+    await shot(page, 'deployment-started');
     await page.setViewportSize({ width: 390, height: 844 });
     await go(page, 'Dashboard');
     await page.getByTestId('executions-total').waitFor();
