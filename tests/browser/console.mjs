@@ -11,6 +11,8 @@ import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
 const [baseUrl, journey, screenshotFolder] = process.argv.slice(2);
+// Screenshots are named after the journey (and the mode, when one journey runs in two).
+const prefix = process.env.TURBOCAT_CONSOLE_SCREENSHOT_PREFIX || journey;
 const TIMEOUT = 60_000;
 const PASSWORD = 'correct horse battery staple 9';
 
@@ -66,7 +68,7 @@ async function newPage(context) {
 /** A screenshot of the page as it is now, at desktop width and, once per journey, phone width. */
 async function shot(page, name) {
   shots += 1;
-  const file = join(screenshotFolder, `${journey}-${String(shots).padStart(2, '0')}-${name}.png`);
+  const file = join(screenshotFolder, `${prefix}-${String(shots).padStart(2, '0')}-${name}.png`);
   await page.screenshot({ path: file, fullPage: true });
 }
 
@@ -488,7 +490,7 @@ try {
   // What the page showed when the journey failed.
   for (const context of browser.contexts()) {
     for (const [index, page] of context.pages().entries()) {
-      await page.screenshot({ path: join(screenshotFolder, `${journey}-failure-${index}.png`), fullPage: true }).catch(() => {});
+      await page.screenshot({ path: join(screenshotFolder, `${prefix}-failure-${index}.png`), fullPage: true }).catch(() => {});
     }
   }
   process.stderr.write(`journey ${journey} failed: ${error.stack ?? error}\n${problems.join('\n')}\n`);

@@ -191,6 +191,7 @@ async fn journey_3_an_execution_watched_live() {
     journey(&server, "live_execution", &[]).await;
 }
 
+/// `serve` runs no runner of its own: the steps can only run on the separate `turbocat runner`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journey_3_in_serve_with_a_separate_runner() {
     if chromium_missing() {
@@ -207,6 +208,7 @@ async fn journey_3_in_serve_with_a_separate_runner() {
         &[
             ("TURBOCAT_CONSOLE_EMAIL", account.email.as_str()),
             ("TURBOCAT_CONSOLE_PASSWORD", account.password.as_str()),
+            ("TURBOCAT_CONSOLE_SCREENSHOT_PREFIX", "serve-live_execution"),
         ],
     )
     .await;
