@@ -1,5 +1,6 @@
 //! Lists your workflows over gRPC with an API key, through the crate's own generated client (the
-//! one `turbocat runner` uses). `cargo test` compiles it; the README shows it.
+//! one `turbocat runner` uses). `cargo test` compiles it and
+//! `tests/console` runs it; the README shows it.
 //!
 //!     TURBOCAT_API_KEY=… cargo run --example list_workflows -- http://127.0.0.1:8080
 

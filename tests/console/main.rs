@@ -2,7 +2,8 @@
 //! routes, content types and cache headers; the API's paths keep their answers), and the
 //! product's journeys run in headless Chromium against it (`tests/browser/console.mjs`, one
 //! test per journey): the page talks grpc-web only, logs no console error, and leaves a
-//! screenshot of every page under `<target>/console-screenshots`.
+//! screenshot of every page under `<target>/console-screenshots`. The README's Rust client
+//! example (`examples/list_workflows.rs`) runs against it too.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -162,6 +163,64 @@ async fn the_server_serves_the_console_and_the_api_keeps_its_paths() {
         .await
         .expect("send");
     assert_eq!(posted.status(), 404, "only GET gets the page");
+}
+
+/// `cargo test` builds the examples next to the tests: `<target>/<profile>/examples/…`.
+fn example_binary(name: &str) -> PathBuf {
+    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let profile_dir = std::env::current_exe()
+        .ok()
+        .and_then(|test| test.parent().and_then(|deps| deps.parent()).map(PathBuf::from))
+        .unwrap_or_else(|| target.join("../debug"));
+    profile_dir.join("examples").join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_rust_example_lists_workflows_with_an_api_key() {
+    let binary = example_binary("list_workflows");
+    assert!(
+        binary.exists(),
+        "{} is missing: cargo test builds it (or cargo build --example list_workflows)",
+        binary.display()
+    );
+    let (server, _data) = start_dev(&[]);
+    let api = Api::new(&server);
+    let account = api.register("example@example.com", "Example").await;
+    let (status, body) = api
+        .post(
+            "/api/v1/agents",
+            &account.auth(),
+            serde_json::json!({ "name": "echo", "type": "DATA", "config": { "data": { "jqProgram": "." } } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let agent_id = body["data"]["id"].as_str().expect("agent id").to_owned();
+    let (status, body) = api
+        .post(
+            "/api/v1/workflows",
+            &account.auth(),
+            serde_json::json!({ "name": "listed by the example", "steps": [{ "key": "echo", "agentId": agent_id }] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (key, _) = api.create_key(&account.auth(), "example", &["READ"]).await;
+    let run = |api_key: String| {
+        let binary = binary.clone();
+        let base_url = server.base_url();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(binary)
+                .arg(base_url)
+                .env("TURBOCAT_API_KEY", api_key)
+                .output()
+                .expect("run the example")
+        })
+    };
+    let output = run(key).await.expect("join");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("listed by the example (version 1)"), "{stdout}");
+    let refused = run("not-a-key".to_owned()).await.expect("join");
+    assert!(!refused.status.success(), "a wrong key is refused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
