@@ -68,7 +68,7 @@ async function newPage(context) {
 /** A screenshot of the page as it is now, at desktop width and, once per journey, phone width. */
 async function shot(page, name) {
   shots += 1;
-  const file = join(screenshotFolder, `${prefix}-${String(shots).padStart(2, '0')}-${name}.png`);
+  const file = join(screenshotFolder, `${prefix}-${String(shots).padStart(2, '0')}-${name.replace(/\W+/g, '-')}.png`);
   await page.screenshot({ path: file, fullPage: true });
 }
 
@@ -459,12 +459,28 @@ const journeys = {
     await page.waitForURL(/\/workflows\/[0-9a-f-]+$/);
     await page.locator('svg.dag g.node').first().waitFor();
     await shot(page, 'instantiated-template');
+    // A template of one's own: created (the example body), renamed, instantiated into an agent.
+    await go(page, 'Templates');
+    await page.getByRole('button', { name: 'New template' }).click();
+    const templateForm = page.getByRole('form', { name: 'new template' });
+    await templateForm.getByLabel('Name').fill('my echo');
+    await templateForm.getByRole('button', { name: 'Create' }).click();
+    await page.getByLabel('kind filter').selectOption({ label: 'All kinds' });
+    const mine = page.locator('tr[data-template="my echo"]');
+    await mine.getByRole('button', { name: 'Edit' }).click();
+    const editForm = page.getByRole('form', { name: 'Edit my echo' });
+    await editForm.getByLabel('Name').fill('my jq echo');
+    await editForm.getByRole('button', { name: 'Save' }).click();
+    await page.locator('tr[data-template="my jq echo"]').getByRole('button', { name: 'Instantiate' }).click();
+    await page.getByRole('heading', { name: 'Agents' }).waitFor();
+    await page.locator('tr[data-agent="my jq echo"]').waitFor();
+    await shot(page, 'template-instantiated');
     // A manual deployment of a workflow: created and started from its page.
     await go(page, 'Deployments');
     const deploymentForm = page.getByRole('form', { name: 'new deployment' });
     await deploymentForm.getByLabel('Name').fill('by hand');
     await deploymentForm.getByLabel('Workflow').selectOption({ label: 'passing' });
-    await deploymentForm.getByRole('button', { name: 'Create manual deployment' }).click();
+    await deploymentForm.getByRole('button', { name: 'Create deployment' }).click();
     const deployment = page.getByRole('table', { name: 'deployments' }).locator('tr', { hasText: 'by hand' });
     await deployment.waitFor();
     await deployment.getByRole('button', { name: 'Start' }).click();
