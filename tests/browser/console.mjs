@@ -463,13 +463,13 @@ const journeys = {
     await go(page, 'Templates');
     await page.getByRole('button', { name: 'New template' }).click();
     const templateForm = page.getByRole('form', { name: 'new template' });
-    await templateForm.getByLabel('Name').fill('my echo');
+    await templateForm.getByLabel('Name', { exact: true }).fill('my echo');
     await templateForm.getByRole('button', { name: 'Create' }).click();
     await page.getByLabel('kind filter').selectOption({ label: 'All kinds' });
     const mine = page.locator('tr[data-template="my echo"]');
     await mine.getByRole('button', { name: 'Edit' }).click();
     const editForm = page.getByRole('form', { name: 'Edit my echo' });
-    await editForm.getByLabel('Name').fill('my jq echo');
+    await editForm.getByLabel('Name', { exact: true }).fill('my jq echo');
     await editForm.getByRole('button', { name: 'Save' }).click();
     await page.locator('tr[data-template="my jq echo"]').getByRole('button', { name: 'Instantiate' }).click();
     await page.getByRole('heading', { name: 'Agents' }).waitFor();

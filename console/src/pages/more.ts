@@ -63,11 +63,16 @@ function TemplateForm(props: { onDone: () => void }) {
   const submit = async (event: Event) => {
     event.preventDefault();
     const done = await run(() => {
+      // The REST edge's short enum names (`STRING`) are accepted here too.
+      const parameterList = ((parseJson(parameters, 'parameters') ?? []) as JsonObject[]).map((parameter) => {
+        const type = typeof parameter.type === 'string' ? parameter.type : '';
+        return type && !type.startsWith('PARAMETER_TYPE_') ? { ...parameter, type: `PARAMETER_TYPE_${type}` } : parameter;
+      });
       const template = fromJson(TemplateSchema, {
         name,
-        kind,
+        kind: `TEMPLATE_KIND_${kind}`,
         category,
-        parameters: parseJson(parameters, 'parameters'),
+        parameters: parameterList,
         body: parseJson(body, 'body') as JsonObject,
       });
       return client(TemplateService).createTemplate({ template });

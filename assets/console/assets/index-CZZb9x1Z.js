@@ -299,7 +299,7 @@ print(json.dumps(data))
       <button type="submit" disabled=${o}>Save</button>
       <button type="button" onClick=${e.onDone}>Cancel</button>
     </div>
-  </form>`}var Dp=`[{"name": "program", "type": "STRING", "defaultValue": "."}]`,Op=`{"type": "DATA", "config": {"data": {"jqProgram": "{{params.program}}"}}}`;function kp(e){let[t,n]=A(``),[r,i]=A(`AGENT`),[a,o]=A(``),[s,c]=A(Dp),[l,u]=A(Op),[d,f,p]=Y();return K`<form class="card stack" onSubmit=${async n=>{n.preventDefault(),await p(()=>{let e=po(Sp,{name:t,kind:r,category:a,parameters:Ec(s,`parameters`),body:Ec(l,`body`)});return G(wp).createTemplate({template:e})})&&e.onDone()}} aria-label="new template">
+  </form>`}var Dp=`[{"name": "program", "type": "STRING", "defaultValue": "."}]`,Op=`{"type": "DATA", "config": {"data": {"jqProgram": "{{params.program}}"}}}`;function kp(e){let[t,n]=A(``),[r,i]=A(`AGENT`),[a,o]=A(``),[s,c]=A(Dp),[l,u]=A(Op),[d,f,p]=Y();return K`<form class="card stack" onSubmit=${async n=>{n.preventDefault(),await p(()=>{let e=(Ec(s,`parameters`)??[]).map(e=>{let t=typeof e.type==`string`?e.type:``;return t&&!t.startsWith(`PARAMETER_TYPE_`)?{...e,type:`PARAMETER_TYPE_${t}`}:e}),n=po(Sp,{name:t,kind:`TEMPLATE_KIND_${r}`,category:a,parameters:e,body:Ec(l,`body`)});return G(wp).createTemplate({template:n})})&&e.onDone()}} aria-label="new template">
     <h2>New template</h2>
     <label>Name <input name="name" required value=${t} onInput=${Tp(n)} /></label>
     <label>Kind <select name="kind" value=${r} onChange=${Tp(i)}>
