@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    // The console's built bundle is embedded (`api::console`); a new file in it must rebuild.
+    println!("cargo:rerun-if-changed=assets/console");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
 
     let mut proto_files: Vec<PathBuf> = std::fs::read_dir("proto/turbocat/v1")?

@@ -1,11 +1,13 @@
 //! The edges: one listener serving gRPC (HTTP/2), grpc-web, REST/JSON under `/api/v1`,
-//! `grpc.health.v1.Health`, gRPC reflection, `GET /health` and `GET /metrics`. Authentication,
+//! `grpc.health.v1.Health`, gRPC reflection, `GET /health`, `GET /metrics` and the web console
+//! at `/`. Authentication,
 //! request ids, CORS, tracing, request metrics and the access log are layers shared by every
 //! transport.
 //! May call: the service layer and the `app` context it runs with; `auth` (the layer);
 //! `engine` (the runner stream's messages); `proto` and `error` (transcoding, envelopes); the
 //! store only for health probes.
 
+pub mod console;
 pub mod grpc;
 pub mod health;
 pub mod metrics;
@@ -213,12 +215,16 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
         .is_some_and(|content_type| content_type.starts_with("application/grpc"))
 }
 
-/// Unknown routes: a gRPC status for gRPC callers, the envelope for everyone else.
+/// Unknown routes: a gRPC status for gRPC callers, the console's files and pages for browsers,
+/// the envelope for everyone else.
 async fn fallback(method: http::Method, uri: http::Uri, headers: http::HeaderMap) -> Response {
     if is_grpc(&headers) {
         return tonic::Status::unimplemented(format!("unknown method {}", uri.path()))
             .into_http::<axum::body::Body>()
             .into_response();
+    }
+    if let Some(response) = console::response(&method, uri.path(), &headers) {
+        return response;
     }
     let error =
         ServiceError::new(ErrorCode::NotFound, format!("no route for {method} {}", uri.path()));

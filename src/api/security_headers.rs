@@ -1,5 +1,6 @@
 //! Security headers of REST and health responses (never of gRPC or grpc-web ones): no sniffing,
-//! no framing, no referrer, no caching, and HSTS when a trusted proxy says it spoke TLS.
+//! no framing, no referrer, no caching (a response that set its own content security policy or
+//! cache policy, the console's files, keeps it), and HSTS when a trusted proxy says it spoke TLS.
 //! May call: nothing beyond the request and the trusted proxy list.
 
 use std::net::{IpAddr, SocketAddr};
@@ -57,6 +58,10 @@ pub async fn add_security_headers(
         (header::CACHE_CONTROL, "no-store"),
     ];
     for (name, value) in fixed {
+        let own_policy = name == header::CONTENT_SECURITY_POLICY || name == header::CACHE_CONTROL;
+        if own_policy && headers.contains_key(&name) {
+            continue;
+        }
         headers.insert(name, HeaderValue::from_static(value));
     }
     if over_tls {
