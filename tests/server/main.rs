@@ -803,6 +803,28 @@ async fn seed_loads_demo_data_once_on_both_backends() {
     assert_seeded(std::sync::Arc::new(postgres)).await;
 }
 
+/// Executes a new one-step workflow of `agent_id`; the execution's id.
+async fn execute_one_step(
+    api: &support::api::Api,
+    auth: &support::api::Auth,
+    agent_id: &str,
+) -> String {
+    let (status, body) = api
+        .post(
+            "/api/v1/workflows",
+            auth,
+            serde_json::json!({ "name": "One", "steps": [{ "key": "one", "agentId": agent_id }] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let workflow_id = body["data"]["id"].as_str().expect("workflow id").to_owned();
+    let (status, body) = api
+        .post(&format!("/api/v1/workflows/{workflow_id}/execute"), auth, serde_json::json!({}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    body["data"]["id"].as_str().expect("execution id").to_owned()
+}
+
 /// A GET with `Accept-Encoding: gzip`: (status, content-encoding, the body decompressed).
 async fn get_accepting_gzip(url: &str, token: &str) -> (u16, Option<String>, Vec<u8>) {
     let response = http()
@@ -907,20 +929,7 @@ async fn large_answers_are_gzipped_when_asked_and_small_ones_and_streams_never()
     assert_eq!(answer.agents.len(), 20);
 
     // SSE: a watch is never compressed (its events must leave at once).
-    let (status, body) = api
-        .post(
-            "/api/v1/workflows",
-            &auth,
-            serde_json::json!({ "name": "One", "steps": [{ "key": "one", "agentId": agent_id }] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let workflow_id = body["data"]["id"].as_str().expect("workflow id").to_owned();
-    let (status, body) = api
-        .post(&format!("/api/v1/workflows/{workflow_id}/execute"), &auth, serde_json::json!({}))
-        .await;
-    assert_eq!(status, 202, "{body}");
-    let execution_id = body["data"]["id"].as_str().expect("execution id");
+    let execution_id = execute_one_step(&api, &auth, &agent_id).await;
     let events = http()
         .get(format!("{base_url}/api/v1/executions/{execution_id}/events"))
         .bearer_auth(&account.token)
@@ -1000,20 +1009,7 @@ async fn accepted_connections_send_small_frames_at_once() {
         .await;
     assert_eq!(status, 201, "{body}");
     let agent_id = body["data"]["id"].as_str().expect("agent id").to_owned();
-    let (status, body) = api
-        .post(
-            "/api/v1/workflows",
-            &auth,
-            serde_json::json!({ "name": "One", "steps": [{ "key": "one", "agentId": agent_id }] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let workflow_id = body["data"]["id"].as_str().expect("workflow id").to_owned();
-    let (status, body) = api
-        .post(&format!("/api/v1/workflows/{workflow_id}/execute"), &auth, serde_json::json!({}))
-        .await;
-    assert_eq!(status, 202, "{body}");
-    let execution_id = body["data"]["id"].as_str().expect("execution id").to_owned();
+    let execution_id = execute_one_step(&api, &auth, &agent_id).await;
 
     let host = server.address;
     // A kept-alive connection: two requests on it.
