@@ -1,4 +1,5 @@
-// A workflow's DAG as SVG, laid out by dagre (left to right); each step coloured by its status.
+// A workflow's DAG as SVG, laid out by dagre (left to right; top to bottom on a phone-sized
+// screen, where a wide graph would shrink past reading); each step coloured by its status.
 import { Graph, layout } from '@dagrejs/dagre';
 import { html } from './ui';
 
@@ -12,10 +13,20 @@ export interface DagStep {
 
 const NODE_WIDTH = 150;
 const NODE_HEIGHT = 44;
+/** The longest text that fits a node; longer keys are cut, the whole one is the node's title. */
+const NODE_CHARACTERS = 20;
+
+function fit(text: string): string {
+  return text.length > NODE_CHARACTERS ? `${text.slice(0, NODE_CHARACTERS - 1)}…` : text;
+}
+
+function narrow(): boolean {
+  return typeof matchMedia === 'function' && matchMedia('(max-width: 640px)').matches;
+}
 
 export function Dag(props: { steps: DagStep[] }) {
   const graph = new Graph();
-  graph.setGraph({ rankdir: 'LR', nodesep: 24, ranksep: 48, marginx: 8, marginy: 8 });
+  graph.setGraph({ rankdir: narrow() ? 'TB' : 'LR', nodesep: 24, ranksep: 48, marginx: 8, marginy: 8 });
   graph.setDefaultEdgeLabel(() => ({}));
   for (const step of props.steps) graph.setNode(step.key, { width: NODE_WIDTH, height: NODE_HEIGHT });
   for (const step of props.steps) {
@@ -44,9 +55,10 @@ export function Dag(props: { steps: DagStep[] }) {
       const status = step.status || 'NONE';
       return html`<g class="node status-${status}" data-step=${step.key} data-status=${status}
           transform="translate(${node.x - NODE_WIDTH / 2}, ${node.y - NODE_HEIGHT / 2})">
+        <title>${step.key}</title>
         <rect width=${NODE_WIDTH} height=${NODE_HEIGHT} rx="6" />
-        <text x=${NODE_WIDTH / 2} y="18" text-anchor="middle" class="key">${step.key}</text>
-        <text x=${NODE_WIDTH / 2} y="34" text-anchor="middle" class="label">${step.label ?? (step.status || '')}</text>
+        <text x=${NODE_WIDTH / 2} y="18" text-anchor="middle" class="key">${fit(step.key)}</text>
+        <text x=${NODE_WIDTH / 2} y="34" text-anchor="middle" class="label">${fit(step.label ?? (step.status || ''))}</text>
       </g>`;
     })}
   </svg>`;

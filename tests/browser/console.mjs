@@ -165,6 +165,75 @@ async function waitForStatus(page, status) {
   await page.locator(`[data-testid="execution-status"]:text-is("${status}")`).waitFor({ timeout: 90_000 });
 }
 
+/** At phone size: the page itself never scrolls sideways (wide content scrolls in its own box). */
+async function fitsThePhone(page, name) {
+  await page.waitForLoadState('networkidle');
+  const widths = await page.evaluate(() => ({
+    scroll: document.documentElement.scrollWidth,
+    inner: window.innerWidth,
+    widest: [...document.querySelectorAll('body *')]
+      .filter((element) => element.getBoundingClientRect().right > window.innerWidth + 1)
+      .slice(0, 5)
+      .map((element) => `${element.tagName.toLowerCase()}.${element.className}`),
+  }));
+  expect(widths.scroll <= widths.inner, `${name} scrolls sideways at ${widths.inner} px: ${JSON.stringify(widths)}`);
+  await shot(page, name);
+}
+
+/** The element that has the keyboard focus: what it is, and whether its focus can be seen. */
+function focused(page) {
+  return page.evaluate(() => {
+    const element = document.activeElement;
+    if (!element || element === document.body) return null;
+    const style = getComputedStyle(element);
+    return {
+      tag: element.tagName.toLowerCase(),
+      role: element.getAttribute('role'),
+      text: (element.getAttribute('aria-label') || element.labels?.[0]?.innerText || element.innerText || '').trim(),
+      visible: (style.outlineStyle !== 'none' && parseFloat(style.outlineWidth) > 0) || style.boxShadow !== 'none',
+      focusVisible: element.matches(':focus-visible'),
+    };
+  });
+}
+
+const CONTROLS = ['a', 'button', 'input', 'select', 'textarea', 'summary'];
+
+/** Presses Tab (or Shift+Tab) until the focus is on `tag` whose text starts with `text`; every
+ *  stop on the way is a real control whose focus is visible. */
+async function tabTo(page, tag, text, { back = false, limit = 40 } = {}) {
+  for (let presses = 0; presses < limit; presses += 1) {
+    await page.keyboard.press(back ? 'Shift+Tab' : 'Tab');
+    const now = await focused(page);
+    if (!now) continue;
+    expect(CONTROLS.includes(now.tag), `the focus stopped on a ${now.tag} (${now.text}): only real controls take it`);
+    expect(now.focusVisible && now.visible, `the focus on ${now.tag} "${now.text}" is not visible: ${JSON.stringify(now)}`);
+    if (now.tag === tag && now.text.startsWith(text)) return now;
+  }
+  fail(`no ${tag} "${text}" within ${limit} presses of ${back ? 'Shift+Tab' : 'Tab'}`);
+}
+
+/** Every element the page listens to for clicks or keys is a real control (no clickable divs):
+ *  the init script below records each element that gets such a listener. */
+async function noClickableDivs(page) {
+  const others = await page.evaluate((controls) =>
+    (window.__listened ?? [])
+      .filter((element) => element.isConnected && !controls.includes(element.tagName.toLowerCase()))
+      .map((element) => element.outerHTML.slice(0, 80)),
+  CONTROLS.concat(['form']));
+  expect(others.length === 0, `click or key handlers on elements that are not controls: ${others.join(' | ')}`);
+}
+
+function recordListeners() {
+  window.__listened = [];
+  const add = EventTarget.prototype.addEventListener;
+  EventTarget.prototype.addEventListener = function (type, ...rest) {
+    if (this instanceof Element && /^(click|mousedown|mouseup|pointerdown|pointerup|keydown|keyup|keypress)$/.test(type)) {
+      window.__listened.push(this);
+    }
+    return add.call(this, type, ...rest);
+  };
+}
+
 const journeys = {
   // 1. Register, sign out, sign in; a wrong password shows the server's message.
   async sign_in(context) {
@@ -491,6 +560,98 @@ const journeys = {
     await go(page, 'Dashboard');
     await page.getByTestId('executions-total').waitFor();
     await shot(page, 'dashboard-phone');
+  },
+  // 8. At phone size (390 x 844) every main page reflows: no sideways scrolling of the page.
+  async phone(context) {
+    const page = await newPage(context);
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.goto(`${baseUrl}/signin`);
+    await page.getByRole('heading', { name: 'Sign in' }).waitFor();
+    await fitsThePhone(page, 'sign-in');
+    await register(page, `journey8-${Date.now()}@example.com`);
+    await page.getByTestId('executions-total').waitFor();
+    await fitsThePhone(page, 'dashboard');
+    await jqAgent(page, 'double', '{value: (.value * 2)}');
+    await fitsThePhone(page, 'agents');
+    await createWorkflow(page, 'a workflow with a rather long name to see it wrap on a phone', [
+      { key: 'first-step-with-a-long-key', agent: 'double (DATA)' },
+      { key: 'second', agent: 'double (DATA)', dependsOn: 'first-step-with-a-long-key', inputMapping: { value: '{{steps.first-step-with-a-long-key.output.value}}' } },
+      { key: 'third', agent: 'double (DATA)', dependsOn: 'second', inputMapping: { value: '{{steps.second.output.value}}' } },
+    ]);
+    const dag = await page.locator('svg.dag').boundingBox();
+    expect(dag && dag.width <= 390, `the DAG scales to the phone: ${JSON.stringify(dag)}`);
+    await fitsThePhone(page, 'workflow-dag');
+    await execute(page, { value: 1 });
+    await waitForStatus(page, 'SUCCEEDED');
+    await fitsThePhone(page, 'execution');
+    await go(page, 'Workflows');
+    await page.locator('table[aria-label="workflows"] tbody tr').first().waitFor();
+    await fitsThePhone(page, 'workflows');
+    await go(page, 'Executions');
+    await fitsThePhone(page, 'executions');
+    await go(page, 'Runners');
+    await fitsThePhone(page, 'runners');
+    await go(page, 'API keys');
+    const form = page.getByRole('form', { name: 'new API key' });
+    await form.getByLabel('Name').fill('phone');
+    await form.getByLabel('READ').check();
+    await form.getByRole('button', { name: 'Create key' }).click();
+    await page.getByTestId('new-key').waitFor();
+    await fitsThePhone(page, 'api-key-shown');
+    await page.getByRole('button', { name: 'Done' }).click();
+    await page.locator('tr[data-key="phone"]').waitFor();
+    await fitsThePhone(page, 'api-keys');
+  },
+
+  // 9. Only the keyboard: sign in, go to the workflows, open one and execute it. Every stop of
+  //    the focus is a real control with a visible focus ring; no element but a control listens
+  //    for clicks or keys. The test made the account and its workflow "by keyboard".
+  async keyboard(context) {
+    await context.addInitScript(recordListeners);
+    const page = await newPage(context);
+    await page.goto(`${baseUrl}/signin`);
+    await page.getByRole('heading', { name: 'Sign in' }).waitFor();
+    const rules = await page.evaluate(() =>
+      [...document.styleSheets].flatMap((sheet) => [...sheet.cssRules]).filter((rule) => rule.selectorText?.includes(':focus-visible')).length,
+    );
+    expect(rules > 0, 'the stylesheet styles :focus-visible');
+    await noClickableDivs(page);
+    await tabTo(page, 'input', 'Email');
+    await page.keyboard.type(process.env.TURBOCAT_CONSOLE_EMAIL ?? '');
+    await tabTo(page, 'input', 'Password');
+    await page.keyboard.type(process.env.TURBOCAT_CONSOLE_PASSWORD ?? '');
+    await shot(page, 'sign-in-focused');
+    await page.keyboard.press('Enter');
+    await page.getByRole('heading', { name: 'Dashboard' }).waitFor();
+    await page.waitForLoadState('networkidle');
+    await noClickableDivs(page);
+    await tabTo(page, 'a', 'Workflows');
+    await shot(page, 'nav-focused');
+    await page.keyboard.press('Enter');
+    await page.getByRole('heading', { name: 'Workflows', exact: true }).waitFor();
+    await page.locator('table[aria-label="workflows"] tbody tr').first().waitFor();
+    await noClickableDivs(page);
+    await tabTo(page, 'a', 'by keyboard');
+    await page.keyboard.press('Enter');
+    await page.getByRole('heading', { name: 'by keyboard', exact: true }).waitFor();
+    await page.locator('svg.dag g.node').first().waitFor();
+    await noClickableDivs(page);
+    await tabTo(page, 'textarea', 'Input (JSON)');
+    await page.keyboard.press('ControlOrMeta+a');
+    await page.keyboard.type('{"value": 4}');
+    // Past the button and back again: Shift+Tab works as well.
+    await tabTo(page, 'button', 'Execute');
+    await tabTo(page, 'textarea', 'Input (JSON)', { back: true });
+    await tabTo(page, 'button', 'Execute');
+    await shot(page, 'execute-focused');
+    await page.keyboard.press('Space');
+    await page.waitForURL(/\/executions\/[0-9a-f-]+$/);
+    await waitForStatus(page, 'SUCCEEDED');
+    const output = await page.getByTestId('execution-output').innerText();
+    expect(JSON.parse(output).value === 8, `executed with the typed input: ${output}`);
+    await noClickableDivs(page);
+    await tabTo(page, 'a', 'Workflows', { back: true, limit: 80 });
+    await shot(page, 'execution');
   },
 };
 

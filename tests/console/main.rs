@@ -308,3 +308,49 @@ async fn journey_7_the_dashboard_shows_the_executions_run() {
     let (server, _data) = start_dev(&[]);
     journey(&server, "dashboard", &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journey_8_every_main_page_fits_a_phone() {
+    if chromium_missing() {
+        return;
+    }
+    let (server, _data) = start_dev(&[]);
+    journey(&server, "phone", &[]).await;
+}
+
+/// The account and its workflow come from the API; the browser then uses only the keyboard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journey_9_sign_in_and_execute_with_the_keyboard_only() {
+    if chromium_missing() {
+        return;
+    }
+    let (server, _data) = start_dev(&[]);
+    let api = Api::new(&server);
+    let account = api.register("keyboard@example.com", "Keyboard User").await;
+    let (status, body) = api
+        .post(
+            "/api/v1/agents",
+            &account.auth(),
+            serde_json::json!({ "name": "double", "type": "DATA", "config": { "data": { "jqProgram": "{value: (.value * 2)}" } } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let agent_id = body["data"]["id"].as_str().expect("agent id").to_owned();
+    let (status, body) = api
+        .post(
+            "/api/v1/workflows",
+            &account.auth(),
+            serde_json::json!({ "name": "by keyboard", "steps": [{ "key": "double", "agentId": agent_id }] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    journey(
+        &server,
+        "keyboard",
+        &[
+            ("TURBOCAT_CONSOLE_EMAIL", account.email.as_str()),
+            ("TURBOCAT_CONSOLE_PASSWORD", account.password.as_str()),
+        ],
+    )
+    .await;
+}
