@@ -166,7 +166,7 @@ fn sent_at_proto(event: &pb::WatchExecutionResponse) -> chrono::DateTime<chrono:
         .expect("a valid time")
 }
 
-/// A line a step prints before it sleeps two seconds reaches the watcher while the step runs:
+/// A line a step prints before it sleeps four seconds reaches the watcher while the step runs:
 /// more than a second before the step's end (a short step's lines travel with its result; a
 /// long one's must not wait for it).
 fn check_live_log(events: &[(chrono::DateTime<chrono::Utc>, Seen)]) {
@@ -195,7 +195,8 @@ const LIFECYCLE: [&str; 5] = ["PENDING", "QUEUED", "ASSIGNED", "RUNNING", "SUCCE
 /// Checks a watch of the two-step workflow of `flaky_chain`: sequences without gaps, a
 /// snapshot first, the execution's end last; `warm` (which the snapshot may catch at any point
 /// of its life) moving forward through its lifecycle one transition at a time; `flaky` (still
-/// PENDING in the snapshot, as `warm` sleeps first) showing every transition of both of its
+/// PENDING in the snapshot, as `warm` sleeps four seconds first: long enough for a browser
+/// on a busy machine to open its watch) showing every transition of both of its
 /// attempts in order; and the log line its second attempt printed.
 fn check_story(events: &[(i64, Seen)]) {
     let sequences: Vec<i64> = events.iter().map(|(sequence, _)| *sequence).collect();
@@ -264,7 +265,7 @@ async fn flaky_chain(bench: &Workbench) -> String {
         .code(
             "warm",
             "python",
-            "import json, time\nprint('warming up', flush=True)\ntime.sleep(2)\nprint(json.dumps({'warm': True}))\n",
+            "import json, time\nprint('warming up', flush=True)\ntime.sleep(4)\nprint(json.dumps({'warm': True}))\n",
             json!({}),
         )
         .await;
