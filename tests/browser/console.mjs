@@ -539,7 +539,15 @@ const journeys = {
     await mine.getByRole('button', { name: 'Edit' }).click();
     const editForm = page.getByRole('form', { name: 'Edit my echo' });
     await editForm.getByLabel('Name', { exact: true }).fill('my jq echo');
+    const editedBody = '{"type": "DATA", "config": {"data": {"jqProgram": "{{params.program}} | {edited: true}"}}}';
+    await editForm.getByLabel(/^Body/).fill(editedBody);
     await editForm.getByRole('button', { name: 'Save' }).click();
+    // The body was saved: the form opened again shows it as the server keeps it.
+    await page.locator('tr[data-template="my jq echo"]').getByRole('button', { name: 'Edit' }).click();
+    const reopened = page.getByRole('form', { name: 'Edit my jq echo' });
+    const savedBody = await reopened.getByLabel(/^Body/).inputValue();
+    if (!savedBody.includes('{edited: true}')) throw new Error(`the template's body was not saved: ${savedBody}`);
+    await reopened.getByRole('button', { name: 'Cancel' }).click();
     await page.locator('tr[data-template="my jq echo"]').getByRole('button', { name: 'Instantiate' }).click();
     await page.getByRole('heading', { name: 'Agents' }).waitFor();
     await page.locator('tr[data-agent="my jq echo"]').waitFor();

@@ -1,6 +1,6 @@
 // Templates (instantiate, delete), deployments (create a manual one, start, stop, delete),
 // runners and system health, and (for administrators) users and their roles.
-import { create, fromJson, type JsonObject } from '@bufbuild/protobuf';
+import { create, fromJson, toJson, type JsonObject } from '@bufbuild/protobuf';
 import { useState } from 'preact/hooks';
 import { client, parseJson } from '../api';
 import { AgentType } from '../gen/turbocat/v1/agent_pb';
@@ -53,12 +53,18 @@ function EditForm(props: {
 const TEMPLATE_EXAMPLE_PARAMETERS = '[{"name": "program", "type": "STRING", "defaultValue": "."}]';
 const TEMPLATE_EXAMPLE_BODY = '{"type": "DATA", "config": {"data": {"jqProgram": "{{params.program}}"}}}';
 
-function TemplateForm(props: { onDone: () => void }) {
-  const [name, setName] = useState('');
-  const [kind, setKind] = useState('AGENT');
-  const [category, setCategory] = useState('');
-  const [parameters, setParameters] = useState(TEMPLATE_EXAMPLE_PARAMETERS);
-  const [body, setBody] = useState(TEMPLATE_EXAMPLE_BODY);
+/** Creates a template, or edits one (`existing`: its kind stays; everything else may change). */
+function TemplateForm(props: { existing?: Template; onDone: () => void }) {
+  const existing = props.existing;
+  const saved = existing ? (toJson(TemplateSchema, existing) as JsonObject) : null;
+  const [name, setName] = useState(existing?.name ?? '');
+  const [description, setDescription] = useState(existing?.description ?? '');
+  const [kind, setKind] = useState(existing ? TemplateKind[existing.kind] : 'AGENT');
+  const [category, setCategory] = useState(existing?.category ?? '');
+  const [parameters, setParameters] = useState(
+    saved ? JSON.stringify(saved.parameters ?? [], null, 2) : TEMPLATE_EXAMPLE_PARAMETERS,
+  );
+  const [body, setBody] = useState(saved ? JSON.stringify(saved.body ?? {}, null, 2) : TEMPLATE_EXAMPLE_BODY);
   const [refusal, busy, run] = useAction();
   const submit = async (event: Event) => {
     event.preventDefault();
@@ -69,20 +75,28 @@ function TemplateForm(props: { onDone: () => void }) {
         return type && !type.startsWith('PARAMETER_TYPE_') ? { ...parameter, type: `PARAMETER_TYPE_${type}` } : parameter;
       });
       const template = fromJson(TemplateSchema, {
+        ...(existing ? { id: existing.id, version: existing.version } : {}),
         name,
+        description,
         kind: `TEMPLATE_KIND_${kind}`,
         category,
         parameters: parameterList,
         body: parseJson(body, 'body') as JsonObject,
       });
-      return client(TemplateService).createTemplate({ template });
+      if (existing) {
+        const updateMask = { paths: ['name', 'description', 'category', 'parameters', 'body'] };
+        return client(TemplateService).updateTemplate({ template, updateMask }).then((answer) => answer.template);
+      }
+      return client(TemplateService).createTemplate({ template }).then((answer) => answer.template);
     });
     if (done) props.onDone();
   };
-  return html`<form class="card stack" onSubmit=${submit} aria-label="new template">
-    <h2>New template</h2>
+  const title = existing ? `Edit ${existing.name}` : 'New template';
+  return html`<form class="card stack" onSubmit=${submit} aria-label=${existing ? `Edit ${existing.name}` : 'new template'}>
+    <h2>${title}</h2>
     <label>Name <input name="name" required value=${name} onInput=${input(setName)} /></label>
-    <label>Kind <select name="kind" value=${kind} onChange=${input(setKind)}>
+    <label>Description <input name="description" value=${description} onInput=${input(setDescription)} /></label>
+    <label>Kind <select name="kind" value=${kind} disabled=${Boolean(existing)} onChange=${input(setKind)}>
       <option value="AGENT">AGENT</option><option value="WORKFLOW">WORKFLOW</option>
     </select></label>
     <label>Category <input name="category" value=${category} onInput=${input(setCategory)} /></label>
@@ -90,12 +104,11 @@ function TemplateForm(props: { onDone: () => void }) {
     <label>Body (JSON; {{params.name}} where a parameter goes) <textarea name="body" rows="6" value=${body} onInput=${input(setBody)}></textarea></label>
     <${RefusalBox} refusal=${refusal} />
     <div class="row">
-      <button type="submit" disabled=${busy}>Create</button>
+      <button type="submit" disabled=${busy}>${existing ? 'Save' : 'Create'}</button>
       <button type="button" onClick=${props.onDone}>Cancel</button>
     </div>
   </form>`;
 }
-
 
 export function TemplatesPage() {
   const [search, setSearch] = useState('');
@@ -132,13 +145,7 @@ export function TemplatesPage() {
     </div>
     ${editing === 'new' ? html`<${TemplateForm} onDone=${() => (setEditing(null), list.reload())} />` : null}
     ${editing && editing !== 'new'
-      ? html`<${EditForm} title=${`Edit ${editing.name}`} name=${editing.name} description=${editing.description}
-          onSave=${(name: string, description: string) =>
-            client(TemplateService).updateTemplate({
-              template: { id: editing.id, version: editing.version, name, description },
-              updateMask: { paths: ['name', 'description'] },
-            })}
-          onDone=${() => (setEditing(null), list.reload())} />`
+      ? html`<${TemplateForm} key=${editing.id} existing=${editing} onDone=${() => (setEditing(null), list.reload())} />`
       : null}
     <${RefusalBox} refusal=${list.refusal ?? refusal} />
     <table class="list" aria-label="templates">

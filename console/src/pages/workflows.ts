@@ -31,12 +31,12 @@ export function WorkflowsPage() {
     </div>
     <${RefusalBox} refusal=${list.refusal} />
     <table class="list" aria-label="workflows">
-      <thead><tr><th>Name</th><th>Steps</th><th>Version</th><th>Updated</th></tr></thead>
+      <thead><tr><th>Name</th><th>Description</th><th>Version</th><th>Updated</th></tr></thead>
       <tbody>
         ${(list.data?.workflows ?? []).map(
           (workflow) => html`<tr>
             <td><${Link} href=${`/workflows/${workflow.id}`}>${workflow.name}</${Link}></td>
-            <td>${workflow.steps.length}</td><td>${workflow.version}</td><td>${when(workflow.updatedAt)}</td>
+            <td>${workflow.description}</td><td>${workflow.version}</td><td>${when(workflow.updatedAt)}</td>
           </tr>`,
         )}
       </tbody>

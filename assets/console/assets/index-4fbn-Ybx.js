@@ -205,11 +205,11 @@ print(json.dumps(data))
     </div>
     <${J} refusal=${i.refusal} />
     <table class="list" aria-label="workflows">
-      <thead><tr><th>Name</th><th>Steps</th><th>Version</th><th>Updated</th></tr></thead>
+      <thead><tr><th>Name</th><th>Description</th><th>Version</th><th>Updated</th></tr></thead>
       <tbody>
         ${(i.data?.workflows??[]).map(e=>K`<tr>
             <td><${q} href=${`/workflows/${e.id}`}>${e.name}</${q}></td>
-            <td>${e.steps.length}</td><td>${e.version}</td><td>${Z(e.updatedAt)}</td>
+            <td>${e.description}</td><td>${e.version}</td><td>${Z(e.updatedAt)}</td>
           </tr>`)}
       </tbody>
     </table>
@@ -300,18 +300,19 @@ print(json.dumps(data))
       <button type="submit" disabled=${o}>Save</button>
       <button type="button" onClick=${e.onDone}>Cancel</button>
     </div>
-  </form>`}var Ap=`[{"name": "program", "type": "STRING", "defaultValue": "."}]`,jp=`{"type": "DATA", "config": {"data": {"jqProgram": "{{params.program}}"}}}`;function Mp(e){let[t,n]=A(``),[r,i]=A(`AGENT`),[a,o]=A(``),[s,c]=A(Ap),[l,u]=A(jp),[d,f,p]=Y();return K`<form class="card stack" onSubmit=${async n=>{n.preventDefault(),await p(()=>{let e=(Ec(s,`parameters`)??[]).map(e=>{let t=typeof e.type==`string`?e.type:``;return t&&!t.startsWith(`PARAMETER_TYPE_`)?{...e,type:`PARAMETER_TYPE_${t}`}:e}),n=po(Tp,{name:t,kind:`TEMPLATE_KIND_${r}`,category:a,parameters:e,body:Ec(l,`body`)});return G(Dp).createTemplate({template:n})})&&e.onDone()}} aria-label="new template">
-    <h2>New template</h2>
-    <label>Name <input name="name" required value=${t} onInput=${Op(n)} /></label>
-    <label>Kind <select name="kind" value=${r} onChange=${Op(i)}>
+  </form>`}var Ap=`[{"name": "program", "type": "STRING", "defaultValue": "."}]`,jp=`{"type": "DATA", "config": {"data": {"jqProgram": "{{params.program}}"}}}`;function Mp(e){let t=e.existing,n=t?Fa(Tp,t):null,[r,i]=A(t?.name??``),[a,o]=A(t?.description??``),[s,c]=A(t?Ep[t.kind]:`AGENT`),[l,u]=A(t?.category??``),[d,f]=A(n?JSON.stringify(n.parameters??[],null,2):Ap),[p,m]=A(n?JSON.stringify(n.body??{},null,2):jp),[h,g,_]=Y(),v=async n=>{n.preventDefault(),await _(()=>{let e=(Ec(d,`parameters`)??[]).map(e=>{let t=typeof e.type==`string`?e.type:``;return t&&!t.startsWith(`PARAMETER_TYPE_`)?{...e,type:`PARAMETER_TYPE_${t}`}:e}),n=po(Tp,{...t?{id:t.id,version:t.version}:{},name:r,description:a,kind:`TEMPLATE_KIND_${s}`,category:l,parameters:e,body:Ec(p,`body`)});return t?G(Dp).updateTemplate({template:n,updateMask:{paths:[`name`,`description`,`category`,`parameters`,`body`]}}).then(e=>e.template):G(Dp).createTemplate({template:n}).then(e=>e.template)})&&e.onDone()},y=t?`Edit ${t.name}`:`New template`;return K`<form class="card stack" onSubmit=${v} aria-label=${t?`Edit ${t.name}`:`new template`}>
+    <h2>${y}</h2>
+    <label>Name <input name="name" required value=${r} onInput=${Op(i)} /></label>
+    <label>Description <input name="description" value=${a} onInput=${Op(o)} /></label>
+    <label>Kind <select name="kind" value=${s} disabled=${!!t} onChange=${Op(c)}>
       <option value="AGENT">AGENT</option><option value="WORKFLOW">WORKFLOW</option>
     </select></label>
-    <label>Category <input name="category" value=${a} onInput=${Op(o)} /></label>
-    <label>Parameters (JSON) <textarea name="parameters" rows="3" value=${s} onInput=${Op(c)}></textarea></label>
-    <label>Body (JSON; {{params.name}} where a parameter goes) <textarea name="body" rows="6" value=${l} onInput=${Op(u)}></textarea></label>
-    <${J} refusal=${d} />
+    <label>Category <input name="category" value=${l} onInput=${Op(u)} /></label>
+    <label>Parameters (JSON) <textarea name="parameters" rows="3" value=${d} onInput=${Op(f)}></textarea></label>
+    <label>Body (JSON; {{params.name}} where a parameter goes) <textarea name="body" rows="6" value=${p} onInput=${Op(m)}></textarea></label>
+    <${J} refusal=${h} />
     <div class="row">
-      <button type="submit" disabled=${f}>Create</button>
+      <button type="submit" disabled=${g}>${t?`Save`:`Create`}</button>
       <button type="button" onClick=${e.onDone}>Cancel</button>
     </div>
   </form>`}function Np(){let[e,t]=A(``),[n,r]=A(Ep.UNSPECIFIED),[i,a]=A(1),o=X(()=>G(Dp).listTemplates({page:i,pageSize:20,search:e,kind:n}),[i,e,n]),[s,c,l]=Y(),[u,d]=A(null),f=async e=>{let t=prompt(`Name for the new ${Ep[e.kind].toLowerCase()}`,e.name);if(t===null)return;let n=await l(()=>G(Dp).instantiateTemplate({templateId:e.id,name:t}));n?.workflowId?jc(`/workflows/${n.workflowId}`):n&&jc(`/agents`)},p=async e=>{confirm(`Delete template ${e.name}?`)&&(await l(()=>G(Dp).deleteTemplate({templateId:e.id,version:e.version})),o.reload())};return K`<h1>Templates</h1>
@@ -326,9 +327,7 @@ print(json.dumps(data))
       <button onClick=${()=>d(`new`)}>New template</button>
     </div>
     ${u===`new`?K`<${Mp} onDone=${()=>(d(null),o.reload())} />`:null}
-    ${u&&u!==`new`?K`<${kp} title=${`Edit ${u.name}`} name=${u.name} description=${u.description}
-          onSave=${(e,t)=>G(Dp).updateTemplate({template:{id:u.id,version:u.version,name:e,description:t},updateMask:{paths:[`name`,`description`]}})}
-          onDone=${()=>(d(null),o.reload())} />`:null}
+    ${u&&u!==`new`?K`<${Mp} key=${u.id} existing=${u} onDone=${()=>(d(null),o.reload())} />`:null}
     <${J} refusal=${o.refusal??s} />
     <table class="list" aria-label="templates">
       <thead><tr><th>Name</th><th>Kind</th><th>Category</th><th>Description</th><th></th></tr></thead>
