@@ -12,10 +12,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::support::api::Api;
-use crate::support::{RunnerProcess, TurbocatProcess, start_dev, start_serve};
-
-/// Debian's `chromium`, which `.ci/run` installs.
-const CHROMIUM: &str = "/usr/bin/chromium";
+use crate::support::{
+    CHROMIUM, RunnerProcess, TurbocatProcess, chromium_missing, start_dev, start_serve,
+};
 
 /// Chromium is heavy on a small machine: one journey at a time.
 static ONE_BROWSER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -25,15 +24,6 @@ fn screenshot_folder() -> PathBuf {
         .parent()
         .map(|target| target.join("console-screenshots"))
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots"))
-}
-
-fn chromium_missing() -> bool {
-    if std::path::Path::new(CHROMIUM).exists() {
-        return false;
-    }
-    assert!(std::env::var_os("CI").is_none(), "CI must install chromium (.ci/run does)");
-    eprintln!("skipped: no {CHROMIUM}");
-    true
 }
 
 /// Runs one journey of `tests/browser/console.mjs` against `server`; panics with the script's

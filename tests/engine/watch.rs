@@ -12,7 +12,7 @@ use turbocat::proto::v1 as pb;
 use turbocat::proto::v1::execution_service_client::ExecutionServiceClient;
 
 use crate::support::api::{Api, Auth, grpc};
-use crate::support::{start_dev, start_serve, start_serve_replica};
+use crate::support::{CHROMIUM, start_dev, start_serve, start_serve_replica};
 use crate::{RunnerProcess, Workbench};
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -460,14 +460,9 @@ async fn watching_is_for_the_owner_with_valid_credentials() {
     assert_eq!(rest.last(), Some(&Seen::Execution { status: "CANCELLED".into() }), "{rest:#?}");
 }
 
-/// Debian's `chromium`, which `.ci/run` installs.
-const CHROMIUM: &str = "/usr/bin/chromium";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_event_source_follows_an_execution_to_its_end() {
-    if !std::path::Path::new(CHROMIUM).exists() {
-        assert!(std::env::var_os("CI").is_none(), "CI must install chromium (.ci/run does)");
-        eprintln!("skipped: no {CHROMIUM}");
+    if crate::support::chromium_missing() {
         return;
     }
     let (server, _data) = start_dev(&[]);

@@ -14,7 +14,7 @@ use turbocat::api::openapi;
 use turbocat::api::rest::bindings::{BodyMapping, http_bindings};
 
 use crate::support::api::{Api, Auth};
-use crate::support::{TurbocatProcess, start_dev, start_serve};
+use crate::support::{CHROMIUM, TurbocatProcess, start_dev, start_serve};
 
 fn document() -> Value {
     openapi::document(turbocat::proto::descriptor_pool()).expect("the document builds")
@@ -431,14 +431,9 @@ async fn serve_serves_the_document_and_the_docs_page() {
     served_document_and_docs_page(&server).await;
 }
 
-/// Debian's `chromium`, which `.ci/run` installs.
-const CHROMIUM: &str = "/usr/bin/chromium";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_docs_page_lists_every_operation_in_a_headless_browser() {
-    if !std::path::Path::new(CHROMIUM).exists() {
-        assert!(std::env::var_os("CI").is_none(), "CI must install chromium (.ci/run does)");
-        eprintln!("skipped: no {CHROMIUM}");
+    if crate::support::chromium_missing() {
         return;
     }
     let (server, _directory) = start_dev(&[]);

@@ -536,3 +536,17 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// Debian's `chromium`, which `.ci/run` installs.
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Whether Chromium is missing, so a browser test cannot run: on a developer's machine the test
+/// says so and passes; under CI (`CI` set, as `.ci/run` sets it) a missing Chromium fails it.
+pub fn chromium_missing() -> bool {
+    if std::path::Path::new(CHROMIUM).exists() {
+        return false;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must install chromium (.ci/run does)");
+    eprintln!("skipped: no {CHROMIUM}");
+    true
+}
