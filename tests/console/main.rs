@@ -213,31 +213,28 @@ async fn the_readme_rust_example_lists_workflows_with_an_api_key() {
     assert!(!refused.status.success(), "a wrong key is refused");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn journey_1_register_sign_out_and_sign_in() {
+/// Runs journey `name` against a fresh `turbocat dev` (see `chromium_missing`).
+async fn dev_journey(name: &str) {
     if chromium_missing() {
         return;
     }
     let (server, _data) = start_dev(&[]);
-    journey(&server, "sign_in", &[]).await;
+    journey(&server, name, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journey_1_register_sign_out_and_sign_in() {
+    dev_journey("sign_in").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journey_2_agents_of_each_type_and_a_workflow_drawn_as_a_dag() {
-    if chromium_missing() {
-        return;
-    }
-    let (server, _data) = start_dev(&[]);
-    journey(&server, "agents_and_workflow", &[]).await;
+    dev_journey("agents_and_workflow").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journey_3_an_execution_watched_live() {
-    if chromium_missing() {
-        return;
-    }
-    let (server, _data) = start_dev(&[]);
-    journey(&server, "live_execution", &[]).await;
+    dev_journey("live_execution").await;
 }
 
 /// `serve` runs no runner of its own: the steps can only run on the separate `turbocat runner`.
@@ -265,47 +262,27 @@ async fn journey_3_in_serve_with_a_separate_runner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journey_4_a_failing_step_shows_its_attempts_and_errors() {
-    if chromium_missing() {
-        return;
-    }
-    let (server, _data) = start_dev(&[]);
-    journey(&server, "retried_failure", &[]).await;
+    dev_journey("retried_failure").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journey_5_a_long_execution_cancelled_from_the_page() {
-    if chromium_missing() {
-        return;
-    }
-    let (server, _data) = start_dev(&[]);
-    journey(&server, "cancel", &[]).await;
+    dev_journey("cancel").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journey_6_an_api_key_shown_once_used_and_revoked() {
-    if chromium_missing() {
-        return;
-    }
-    let (server, _data) = start_dev(&[]);
-    journey(&server, "api_key", &[]).await;
+    dev_journey("api_key").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journey_7_the_dashboard_shows_the_executions_run() {
-    if chromium_missing() {
-        return;
-    }
-    let (server, _data) = start_dev(&[]);
-    journey(&server, "dashboard", &[]).await;
+    dev_journey("dashboard").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journey_8_every_main_page_fits_a_phone() {
-    if chromium_missing() {
-        return;
-    }
-    let (server, _data) = start_dev(&[]);
-    journey(&server, "phone", &[]).await;
+    dev_journey("phone").await;
 }
 
 /// The account and its workflow come from the API; the browser then uses only the keyboard.
