@@ -176,23 +176,7 @@ async fn the_readme_rust_example_lists_workflows_with_an_api_key() {
     let (server, _data) = start_dev(&[]);
     let api = Api::new(&server);
     let account = api.register("example@example.com", "Example").await;
-    let (status, body) = api
-        .post(
-            "/api/v1/agents",
-            &account.auth(),
-            serde_json::json!({ "name": "echo", "type": "DATA", "config": { "data": { "jqProgram": "." } } }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let agent_id = body["data"]["id"].as_str().expect("agent id").to_owned();
-    let (status, body) = api
-        .post(
-            "/api/v1/workflows",
-            &account.auth(),
-            serde_json::json!({ "name": "listed by the example", "steps": [{ "key": "echo", "agentId": agent_id }] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
+    api.one_step_workflow(&account.auth(), "echo", ".", "listed by the example").await;
     let (key, _) = api.create_key(&account.auth(), "example", &["READ"]).await;
     let run = |api_key: String| {
         let binary = binary.clone();
@@ -294,23 +278,7 @@ async fn journey_9_sign_in_and_execute_with_the_keyboard_only() {
     let (server, _data) = start_dev(&[]);
     let api = Api::new(&server);
     let account = api.register("keyboard@example.com", "Keyboard User").await;
-    let (status, body) = api
-        .post(
-            "/api/v1/agents",
-            &account.auth(),
-            serde_json::json!({ "name": "double", "type": "DATA", "config": { "data": { "jqProgram": "{value: (.value * 2)}" } } }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let agent_id = body["data"]["id"].as_str().expect("agent id").to_owned();
-    let (status, body) = api
-        .post(
-            "/api/v1/workflows",
-            &account.auth(),
-            serde_json::json!({ "name": "by keyboard", "steps": [{ "key": "double", "agentId": agent_id }] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
+    api.one_step_workflow(&account.auth(), "double", "{value: (.value * 2)}", "by keyboard").await;
     journey(
         &server,
         "keyboard",

@@ -803,21 +803,9 @@ async fn seed_loads_demo_data_once_on_both_backends() {
     assert_seeded(std::sync::Arc::new(postgres)).await;
 }
 
-/// Executes a new one-step workflow of `agent_id`; the execution's id.
-async fn execute_one_step(
-    api: &support::api::Api,
-    auth: &support::api::Auth,
-    agent_id: &str,
-) -> String {
-    let (status, body) = api
-        .post(
-            "/api/v1/workflows",
-            auth,
-            serde_json::json!({ "name": "One", "steps": [{ "key": "one", "agentId": agent_id }] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let workflow_id = body["data"]["id"].as_str().expect("workflow id").to_owned();
+/// Executes a new one-step workflow (an echo) of the account's; the execution's id.
+async fn execute_one_step(api: &support::api::Api, auth: &support::api::Auth) -> String {
+    let (_, workflow_id) = api.one_step_workflow(auth, "echo", ".", "One").await;
     let (status, body) = api
         .post(&format!("/api/v1/workflows/{workflow_id}/execute"), auth, serde_json::json!({}))
         .await;
@@ -929,7 +917,7 @@ async fn large_answers_are_gzipped_when_asked_and_small_ones_and_streams_never()
     assert_eq!(answer.agents.len(), 20);
 
     // SSE: a watch is never compressed (its events must leave at once).
-    let execution_id = execute_one_step(&api, &auth, &agent_id).await;
+    let execution_id = execute_one_step(&api, &auth).await;
     let events = http()
         .get(format!("{base_url}/api/v1/executions/{execution_id}/events"))
         .bearer_auth(&account.token)
@@ -1000,16 +988,7 @@ async fn accepted_connections_send_small_frames_at_once() {
     let api = support::api::Api::new(&server);
     let account = api.register("nodelay@example.com", "No Delay").await;
     let auth = account.auth();
-    let (status, body) = api
-        .post(
-            "/api/v1/agents",
-            &auth,
-            serde_json::json!({ "name": "Echo", "type": "DATA", "config": { "data": { "jqProgram": "." } } }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let agent_id = body["data"]["id"].as_str().expect("agent id").to_owned();
-    let execution_id = execute_one_step(&api, &auth, &agent_id).await;
+    let execution_id = execute_one_step(&api, &auth).await;
 
     let host = server.address;
     // A kept-alive connection: two requests on it.

@@ -150,6 +150,34 @@ impl Api {
         .await
     }
 
+    /// Creates a DATA agent named `agent` running `jq_program` and a workflow named `workflow` of
+    /// one step (keyed `agent`) running it, over REST: (agent id, workflow id).
+    pub async fn one_step_workflow(
+        &self,
+        owner: &Auth,
+        agent: &str,
+        jq_program: &str,
+        workflow: &str,
+    ) -> (String, String) {
+        let config = json!({ "data": { "jqProgram": jq_program } });
+        let (status, body) = self
+            .post(
+                "/api/v1/agents",
+                owner,
+                json!({ "name": agent, "type": "DATA", "config": config }),
+            )
+            .await;
+        assert_eq!(status, 201, "create agent {agent}: {body}");
+        let agent_id = body["data"]["id"].as_str().expect("agent id").to_owned();
+        let steps = json!([{ "key": agent, "agentId": agent_id }]);
+        let (status, body) = self
+            .post("/api/v1/workflows", owner, json!({ "name": workflow, "steps": steps }))
+            .await;
+        assert_eq!(status, 201, "create workflow {workflow}: {body}");
+        let workflow_id = body["data"]["id"].as_str().expect("workflow id").to_owned();
+        (agent_id, workflow_id)
+    }
+
     /// Creates an API key over REST and returns (key, id).
     pub async fn create_key(&self, owner: &Auth, name: &str, scopes: &[&str]) -> (String, String) {
         let (status, body) =
