@@ -175,7 +175,7 @@ pub struct RunnerProcess(std::process::Child);
 
 impl RunnerProcess {
     pub fn start(server_url: &str, api_key: &str, name: &str) -> Self {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"))
+        let child = support::turbocat_command()
             .args(["runner", "--server", server_url, "--name", name, "--capacity", "4"])
             .env("TURBOCAT_API_KEY", api_key)
             .env("TURBOCAT_LLM_KEY_ENV", KEY_VARIABLE)

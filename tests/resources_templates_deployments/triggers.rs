@@ -15,7 +15,7 @@ use turbocat::proto::v1::{StartDeploymentRequest, StopDeploymentRequest};
 
 use crate::Installation;
 use crate::support::api::{Account, Api, Auth, assert_error, grpc};
-use crate::support::{start_serve, start_serve_replica};
+use crate::support::{start_serve, start_serve_replica, turbocat_command};
 
 /// How long an execution may take to finish.
 const FINISH_LIMIT: Duration = Duration::from_secs(60);
@@ -28,7 +28,7 @@ struct RunnerProcess {
 impl RunnerProcess {
     async fn start(api: &Api, owner: &Account) -> Self {
         let (key, _) = api.create_key(&owner.auth(), "runner", &["RUNNER"]).await;
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
+        let mut command = turbocat_command();
         command
             .args(["runner", "--server", &api.base_url, "--name", "triggers", "--capacity", "4"])
             .env("TURBOCAT_API_KEY", key)

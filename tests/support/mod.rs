@@ -206,9 +206,29 @@ fn spawn_reader(
     });
 }
 
+/// A command for the `turbocat` binary under test; every test starts turbocat through it.
+///
+/// Under the coverage run (`scripts/coverage`: cargo-tarpaulin sets `LLVM_PROFILE_FILE` for
+/// the test binary, and the binary is built with counter relocation) the child writes its
+/// counters continuously (`%c`) to a profile of its own beside the test's, so a process the
+/// test SIGKILLs still counts, and `%p` plus a per-spawn number keep names apart when process
+/// ids are reused.
+pub fn turbocat_command() -> std::process::Command {
+    static SPAWNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
+    if let Some(pattern) = std::env::var_os("LLVM_PROFILE_FILE") {
+        if let Some(folder) = std::path::Path::new(&pattern).parent() {
+            let number = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = format!("turbocat-{}-{number}-%p%c.profraw", std::process::id());
+            command.env("LLVM_PROFILE_FILE", folder.join(name));
+        }
+    }
+    command
+}
+
 /// Starts `turbocat <arguments>` and waits for its "listening on" line (at most 60 s).
 pub fn start_turbocat(arguments: &[&str], environment: &[(&str, &str)]) -> TurbocatProcess {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
+    let mut command = turbocat_command();
     command
         .args(arguments)
         .env_remove("TURBOCAT_JWT_SECRET")
@@ -253,7 +273,7 @@ pub fn start_turbocat(arguments: &[&str], environment: &[(&str, &str)]) -> Turbo
 
 /// Runs `turbocat <arguments>` to completion: (success, stdout, stderr).
 pub fn run_turbocat(arguments: &[&str], environment: &[(&str, &str)]) -> (bool, String, String) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
+    let mut command = turbocat_command();
     command
         .args(arguments)
         .env_remove("TURBOCAT_JWT_SECRET")
@@ -406,7 +426,7 @@ impl RunnerProcess {
         environment: &[(&str, &str)],
     ) -> Self {
         let capacity = capacity.to_string();
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
+        let mut command = turbocat_command();
         command
             .args(["runner", "--server", server_url, "--name", name, "--capacity", &capacity])
             .env("TURBOCAT_API_KEY", api_key)
