@@ -693,3 +693,81 @@ fn dev(extra: &[&str]) -> (support::TurbocatProcess, tempfile::TempDir) {
     flags.extend_from_slice(extra);
     start_dev(&flags)
 }
+
+/// Each fault of a rule's webhook and of an AGENT_FAILING condition is named on its own field,
+/// over REST and gRPC, and nothing is saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_webhook_and_agent_condition_fault_is_named_on_both_transports() {
+    let (server, _directory) = dev(&[]);
+    let api = Api::new(&server);
+    let owner = api.register("alerts-faults@example.com", "Owner").await.auth();
+    let mut client = AlertServiceClient::new(api.channel().await);
+    let queued = json!({ "type": "QUEUED_STEP_TOO_OLD", "thresholdSeconds": 60 });
+    let long_url = format!("https://example.com/{}", "a".repeat(2_048));
+    let cases = [
+        ("no webhook", json!({ "name": "n", "condition": queued }), vec!["webhook"]),
+        (
+            "a secret chosen by the caller",
+            json!({ "name": "n", "condition": queued,
+                    "webhook": { "url": "https://8.8.8.8/hook", "secret": "mine" } }),
+            vec!["webhook.secret"],
+        ),
+        (
+            "no URL",
+            json!({ "name": "n", "condition": queued, "webhook": { "url": "  " } }),
+            vec!["webhook.url"],
+        ),
+        (
+            "a URL too long",
+            json!({ "name": "n", "condition": queued, "webhook": { "url": long_url } }),
+            vec!["webhook.url"],
+        ),
+        (
+            "not a URL",
+            json!({ "name": "n", "condition": queued, "webhook": { "url": "hook me" } }),
+            vec!["webhook.url"],
+        ),
+        (
+            "credentials in the URL",
+            json!({ "name": "n", "condition": queued,
+                    "webhook": { "url": "https://user:password@8.8.8.8/hook" } }),
+            vec!["webhook.url"],
+        ),
+        (
+            "an agent condition without its agent, with fields of other conditions",
+            json!({ "name": "n",
+                    "condition": { "type": "AGENT_FAILING", "workflowId": "x", "failureCount": 2,
+                                   "thresholdSeconds": 60, "windowSeconds": 1 },
+                    "webhook": { "url": "https://8.8.8.8/hook" } }),
+            vec![
+                "condition.agentId",
+                "condition.workflowId",
+                "condition.failureCount",
+                "condition.thresholdSeconds",
+                "condition.windowSeconds",
+            ],
+        ),
+    ];
+    for (case, rule, expected) in cases {
+        let (status, body) = api.post("/api/v1/alerts", &owner, rule.clone()).await;
+        let fields = assert_error(status, &body, 400, "VALIDATION_ERROR");
+        for field in &expected {
+            assert!(fields.contains(&(*field).to_owned()), "{case}: {field} in {body}");
+        }
+        let message: pb::AlertRule =
+            turbocat::proto::json::decode("turbocat.v1.AlertRule", rule).expect("decodes");
+        let status = client
+            .create_alert_rule(grpc(
+                pb::CreateAlertRuleRequest { alert_rule: Some(message) },
+                &owner,
+            ))
+            .await
+            .expect_err(case);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{case}");
+        let fields = violated_fields(&status);
+        for field in &expected {
+            assert!(fields.contains(&(*field).to_owned()), "{case}: {field} in {fields:?}");
+        }
+    }
+    assert!(list_data(&api, &owner, "/api/v1/alerts").await.is_empty(), "nothing was saved");
+}

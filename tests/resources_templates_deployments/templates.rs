@@ -579,3 +579,107 @@ async fn templates_on_dev() {
 async fn templates_on_serve() {
     templates_end_to_end(Installation::serve().await).await;
 }
+
+/// A workflow template's body is checked part by part, each fault on its own field, over REST
+/// and gRPC; parameters of every type get a sample value for the check and are type-checked
+/// when the template is instantiated. Nothing bad is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_template_bodies_and_typed_parameters_are_checked_field_by_field() {
+    let installation = Installation::dev().await;
+    let Installation { api, ann, .. } = &installation;
+    let mut client = TemplateServiceClient::new(api.channel().await);
+
+    let many_agents: serde_json::Map<String, Value> = (0..51)
+        .map(|number| {
+            let agent = json!({ "name": format!("A{number}"), "type": "DATA",
+                                "config": { "data": { "jqProgram": "." } } });
+            (format!("a{number}"), agent)
+        })
+        .collect();
+    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+        ("no agents", Box::new(|t| t["body"]["agents"] = json!({})), "body.agents"),
+        (
+            "too many agents",
+            Box::new(move |t| t["body"]["agents"] = Value::Object(many_agents.clone())),
+            "body.agents",
+        ),
+        (
+            "an agent of no known type",
+            Box::new(|t| t["body"]["agents"]["second"]["type"] = json!("TELEPATHY")),
+            "body.agents.second.type",
+        ),
+        (
+            "no workflow",
+            Box::new(|t| {
+                t["body"].as_object_mut().expect("body").remove("workflow");
+            }),
+            "body.workflow",
+        ),
+        (
+            "a workflow field that does not exist",
+            Box::new(|t| t["body"]["workflow"]["colour"] = json!("red")),
+            "body.workflow.colour",
+        ),
+        (
+            "a reference to all parameters at once",
+            Box::new(|t| t["body"]["workflow"]["name"] = json!("{{params}}")),
+            "body.workflow.name",
+        ),
+    ];
+    for (case, change, field) in &cases {
+        let mut template = pipeline_template();
+        change(&mut template);
+        let (status, body) = api.post("/api/v1/templates", &ann.auth(), template.clone()).await;
+        let fields = assert_error(status, &body, 400, "VALIDATION_ERROR");
+        assert!(fields.contains(&(*field).to_owned()), "{case}: {body}");
+        let message: Template =
+            turbocat::proto::json::decode("turbocat.v1.Template", template).expect("decodes");
+        let status = client
+            .create_template(grpc(
+                turbocat::proto::v1::CreateTemplateRequest { template: Some(message) },
+                &ann.auth(),
+            ))
+            .await
+            .expect_err(case);
+        assert_eq!(status.code(), Code::InvalidArgument, "{case}");
+        assert!(violated_fields(&status).contains(&(*field).to_owned()), "{case}: {status:?}");
+    }
+    let (_, body) = api.get("/api/v1/templates?mineOnly=true", &ann.auth()).await;
+    assert_eq!(body["meta"]["pagination"]["total"], 0, "nothing was written: {body}");
+
+    // Parameters of every type, none with a default: the body's shape is checked with a
+    // sample of each type, and instantiation checks every value's type.
+    let mut typed = pipeline_template();
+    typed["parameters"] = json!([
+        { "name": "title", "type": "STRING", "required": true },
+        { "name": "priority", "type": "NUMBER", "required": true },
+        { "name": "loud", "type": "BOOLEAN" },
+        { "name": "extra", "type": "JSON" },
+    ]);
+    typed["body"]["agents"]["second"]["description"] = json!("loud: {{params.loud}}");
+    typed["body"]["workflow"]["description"] = json!("extra: {{params.extra}}");
+    let (status, body) = api.post("/api/v1/templates", &ann.auth(), typed).await;
+    assert_eq!(status, 201, "{body}");
+    let typed_id = body["data"]["id"].as_str().expect("id").to_owned();
+    let path = format!("/api/v1/templates/{typed_id}/instantiate");
+    let (status, body) = api
+        .post(
+            &path,
+            &ann.auth(),
+            json!({ "parameters": { "title": "T", "priority": 3, "loud": "yes",
+                                    "extra": { "any": ["json"] } } }),
+        )
+        .await;
+    let fields = assert_error(status, &body, 400, "VALIDATION_ERROR");
+    assert_eq!(fields, vec!["parameters.loud"], "{body}");
+    assert!(body.to_string().contains("must be true or false"), "{body}");
+    let (status, body) = api
+        .post(
+            &path,
+            &ann.auth(),
+            json!({ "parameters": { "title": "T", "priority": 3, "loud": true,
+                                    "extra": [1, 2] } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+}
