@@ -217,11 +217,19 @@ impl Engine {
                     let (finished, next): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
                     let next: Vec<crate::store::NextStep> = next.into_iter().flatten().collect();
                     let mut completed = store.complete_steps_then(&finished, &next).await?;
-                    // The lines that travelled with the results reach watchers before the
-                    // results.
-                    let logs = std::mem::take(&mut completed.logs);
-                    scheduler::publish_logs(bus.as_ref(), logs).await;
-                    Ok(scheduler::completed_per_result(completed, &next))
+                    // The lines that travelled with a result reach watchers in its event; those
+                    // of a result the store refused, now.
+                    let applied: std::collections::HashSet<crate::store::AttemptKey> = completed
+                        .step_runs
+                        .iter()
+                        .map(crate::store::StepRun::attempt_key)
+                        .collect();
+                    let (with_results, alone): (Vec<_>, Vec<_>) =
+                        std::mem::take(&mut completed.logs).into_iter().partition(|line| {
+                            scheduler::log_attempt(line).is_some_and(|key| applied.contains(&key))
+                        });
+                    scheduler::publish_logs(bus.as_ref(), alone).await;
+                    Ok(scheduler::completed_per_result(completed, &next, with_results))
                 })
             },
         ));

@@ -26,11 +26,18 @@ use crate::store::{
     StepRun, StepRunStatus, StepTransitionOutcome,
 };
 
-/// What the commit of a result did for its caller: the step run as it ended, and the steps it
-/// made ready that the same commit moved on (`complete_steps_then`).
+/// What the commit of a result did for its caller: the step run as it ended, the steps it
+/// made ready that the same commit moved on (`complete_steps_then`), and the log lines that
+/// travelled with it, for its event.
 pub struct Completed {
     pub step_run: StepRun,
     pub next: Vec<StepRun>,
+    pub logs: Vec<ExecutionLog>,
+}
+
+/// The attempt a log line is about, when it names one.
+pub(super) fn log_attempt(line: &ExecutionLog) -> Option<AttemptKey> {
+    Some(AttemptKey { step_run_id: line.step_run_id?, attempt: line.attempt? })
 }
 
 impl super::group_commit::Changed for Completed {
@@ -44,6 +51,7 @@ impl super::group_commit::Changed for Completed {
 pub(super) fn completed_per_result(
     completed: crate::store::CompletedSteps,
     next: &[NextStep],
+    logs: Vec<ExecutionLog>,
 ) -> Vec<Completed> {
     let after: HashMap<AttemptKey, AttemptKey> =
         next.iter().map(|step| (step.key, step.after)).collect();
@@ -53,12 +61,20 @@ pub(super) fn completed_per_result(
             moved.entry(*done).or_default().push(row);
         }
     }
+    let mut lines: HashMap<AttemptKey, Vec<ExecutionLog>> = HashMap::new();
+    for line in logs {
+        if let Some(key) = log_attempt(&line) {
+            lines.entry(key).or_default().push(line);
+        }
+    }
     completed
         .step_runs
         .into_iter()
         .map(|step_run| {
-            let next = moved.remove(&step_run.attempt_key()).unwrap_or_default();
-            Completed { step_run, next }
+            let key = step_run.attempt_key();
+            let next = moved.remove(&key).unwrap_or_default();
+            let logs = lines.remove(&key).unwrap_or_default();
+            Completed { step_run, next, logs }
         })
         .collect()
 }
@@ -91,7 +107,8 @@ pub struct RelayedCancel {
 /// The `kind` of the events published on an execution's topic (`bus::topics::execution`):
 /// step runs changed (`stepRun` holds the committed row, after `earlier` rows the same commit
 /// wrote, when there are any: the stages one commit took a step through, and the steps a
-/// result moved on with it; watchers apply each by its step's `version`), the execution
+/// result moved on with it; watchers apply each by its step's `version`; `lines`, when
+/// present, are log lines the same commit appended, taken before the rows), the execution
 /// changed (read it back), or log lines were appended (`lines` holds them as committed; read
 /// them back when it is absent).
 pub const WATCH_STEP: &str = "step";
@@ -555,13 +572,14 @@ impl Engine {
         }
     }
 
-    /// After the commit of the success `done` that moved on its `planned` successors
-    /// (`moved`, the rows it moved): tells watchers of all of it in one event, then sends the
-    /// assignments, queues the QUEUED ones, frees the slots of those it refused and, when it
-    /// refused any, lets the full `advance` see why.
+    /// After the commit of the success `done` (with the log `lines` that travelled with it)
+    /// that moved on its `planned` successors (`moved`, the rows it moved): tells watchers of
+    /// all of it in one event, then sends the assignments, queues the QUEUED ones, frees the
+    /// slots of those it refused and, when it refused any, lets the full `advance` see why.
     async fn moved_on(
         self: &Arc<Self>,
         done: &StepRun,
+        lines: &[ExecutionLog],
         planned: Vec<PlannedStep>,
         moved: Vec<StepRun>,
     ) -> EngineResult<()> {
@@ -596,7 +614,7 @@ impl Engine {
             }
         }
         if let Some(last) = rows.pop() {
-            self.publish_step_after(&rows, &last).await;
+            self.publish_steps(lines, &rows, &last).await;
         }
         for (runner, row, prepared) in assignments {
             self.send_assignment(&runner, execution_id, row, prepared).await;
@@ -700,11 +718,13 @@ impl Engine {
                 return Err(error.into());
             }
         };
-        let (outcome, moved) = match committed {
-            Some(Completed { step_run, next }) => (CompletionOutcome::Applied(step_run), next),
+        let (outcome, moved, lines) = match committed {
+            Some(Completed { step_run, next, logs }) => {
+                (CompletionOutcome::Applied(step_run), next, logs)
+            }
             None => {
                 self.release_planned(planned.as_deref().unwrap_or_default());
-                (self.store.refused_completion(key).await?, Vec::new())
+                (self.store.refused_completion(key).await?, Vec::new(), Vec::new())
             }
         };
         let CompletionOutcome::Applied(step_run) = &outcome else { return Ok(outcome) };
@@ -712,7 +732,7 @@ impl Engine {
         self.leases.forget(key).await;
         let told_with_next = planned.is_some() && step_run.status == StepRunStatus::Succeeded;
         if !told_with_next {
-            self.publish_step(step_run).await;
+            self.publish_steps(&lines, &[], step_run).await;
         }
         if retryable && step_run.user_attempts_used() < step_run.max_attempts {
             let execution =
@@ -741,7 +761,7 @@ impl Engine {
         }
         if step_run.status == StepRunStatus::Succeeded {
             match planned {
-                Some(planned) => self.moved_on(step_run, planned, moved).await?,
+                Some(planned) => self.moved_on(step_run, &lines, planned, moved).await?,
                 None => self.advance_after_success(step_run).await?,
             }
         } else {
@@ -976,13 +996,31 @@ impl Engine {
     /// stages it took the step through, and rows of other steps of the same execution it
     /// moved), in one event.
     pub(super) async fn publish_step_after(&self, earlier: &[StepRun], step_run: &StepRun) {
-        let event = match (serde_json::to_value(step_run), serde_json::to_value(earlier)) {
+        self.publish_steps(&[], earlier, step_run).await;
+    }
+
+    /// `publish_step_after` with the log `lines` the same commit appended (of this execution),
+    /// which watchers take before the rows.
+    pub(super) async fn publish_steps(
+        &self,
+        lines: &[ExecutionLog],
+        earlier: &[StepRun],
+        step_run: &StepRun,
+    ) {
+        let mut event = match (serde_json::to_value(step_run), serde_json::to_value(earlier)) {
             (Ok(row), Ok(earlier)) if !earlier.as_array().is_some_and(Vec::is_empty) => {
                 json!({ "kind": WATCH_STEP, "stepRun": row, "earlier": earlier })
             }
             (Ok(row), _) => json!({ "kind": WATCH_STEP, "stepRun": row }),
             (Err(_), _) => json!({ "kind": WATCH_STEP }),
         };
+        if !lines.is_empty()
+            && let Some(fields) = event.as_object_mut()
+        {
+            // Lines that do not encode are read back by watchers (`lines` present but unusable).
+            let lines = serde_json::to_value(lines).unwrap_or(Value::Null);
+            fields.insert("lines".to_owned(), lines);
+        }
         self.publish(step_run.execution_id, event).await;
     }
 
