@@ -169,6 +169,21 @@ impl DefinitionCache {
         let mut entries = self.entries.lock().ok()?;
         entries.by_execution.get_mut(&execution_id)?.waiting.remove(step_key)
     }
+
+    /// `take_waiting` for every one of `step_keys`, in their order, or for none of them (when
+    /// one is not kept, all stay as they were).
+    pub fn take_all_waiting(
+        &self,
+        execution_id: Uuid,
+        step_keys: &[&str],
+    ) -> Option<Vec<crate::store::StepRun>> {
+        let mut entries = self.entries.lock().ok()?;
+        let waiting = &mut entries.by_execution.get_mut(&execution_id)?.waiting;
+        if !step_keys.iter().all(|key| waiting.contains_key(*key)) {
+            return None;
+        }
+        step_keys.iter().map(|key| waiting.remove(*key)).collect()
+    }
 }
 
 /// A decoded execution definition.

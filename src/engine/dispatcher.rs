@@ -31,6 +31,14 @@ struct AssignmentFacts {
     step_key: String,
 }
 
+/// An assignment worked out before its commit (`prepare_assignment`).
+pub(super) struct PreparedAssignment {
+    pub(super) assignment: StepAssignment,
+    agent: pb::Agent,
+    deadline: chrono::DateTime<Utc>,
+    depth: i32,
+}
+
 /// What became of one placement.
 enum Placed {
     Assigned,
@@ -234,14 +242,54 @@ impl Engine {
     ) -> EngineResult<Placed> {
         let key = attempt_of(item);
         let Some(known) = self.assignment_facts(item).await? else { return Ok(Placed::Stale) };
-        let definition = &known.definition;
-        let Some(step) = definition.step(&known.step_key) else { return Ok(Placed::Stale) };
-        let Some(agent) = definition.agent_of(step).cloned() else { return Ok(Placed::Stale) };
-        let now = Utc::now();
+        let Some(prepared) = self.prepare_assignment(
+            runner,
+            key,
+            &known.definition,
+            &known.facts,
+            &known.step_key,
+            Utc::now(),
+        ) else {
+            return Ok(Placed::Stale);
+        };
+        let handed = pending.is_some();
+        let committed = match pending {
+            None => self.assigning.submit(key, (key, prepared.assignment.clone())).await,
+            Some(input) => {
+                self.handing.submit(key, (key, input, prepared.assignment.clone())).await
+            }
+        };
+        let assigned = match committed {
+            Ok(Some(assigned)) => assigned,
+            // The caller frees the slot.
+            Ok(None) => return Ok(Placed::Stale),
+            Err(error) => return Err(error.into()),
+        };
+        let earlier = if handed { vec![as_queued(&assigned)] } else { Vec::new() };
+        self.publish_step_after(&earlier, &assigned).await;
+        self.send_assignment(runner, item.execution_id, assigned, prepared).await;
+        // A runner whose stream is gone loses the attempt when its lease runs out.
+        Ok(Placed::Assigned)
+    }
+
+    /// What the assignment at `now` of attempt `key` (step `step_key`) to `runner`, whose slot
+    /// is held for it, commits and sends: its deadline (set on the slot) and lease; `None` when
+    /// the definition lacks the step or its agent.
+    pub(super) fn prepare_assignment(
+        &self,
+        runner: &AttachedRunner,
+        key: AttemptKey,
+        definition: &ExecutionDefinition,
+        facts: &FixedFacts,
+        step_key: &str,
+        now: chrono::DateTime<Utc>,
+    ) -> Option<PreparedAssignment> {
+        let step = definition.step(step_key)?;
+        let agent = definition.agent_of(step).cloned()?;
         let step_timeout = chrono::Duration::from_std(definition.step_timeout(step))
             .unwrap_or_else(|_| chrono::Duration::seconds(300));
         let mut deadline = now + step_timeout;
-        if let Some(execution_deadline) = known.facts.deadline_at {
+        if let Some(execution_deadline) = facts.deadline_at {
             deadline = deadline.min(execution_deadline);
         }
         let lease_until = lease_end(now, self.settings.lease_duration, deadline);
@@ -251,41 +299,38 @@ impl Engine {
             lease_expires_at: lease_until,
             assigned_at: now,
         };
-        let handed = pending.is_some();
-        let committed = match pending {
-            None => self.assigning.submit(key, (key, assignment)).await,
-            Some(input) => self.handing.submit(key, (key, input, assignment)).await,
-        };
-        let assigned = match committed {
-            Ok(Some(assigned)) => Arc::new(assigned),
-            // The caller frees the slot.
-            Ok(None) => return Ok(Placed::Stale),
-            Err(error) => return Err(error.into()),
-        };
+        Some(PreparedAssignment { assignment, agent, deadline, depth: facts.depth })
+    }
+
+    /// After the commit of an assignment (`assigned`, the row as committed) and after watchers
+    /// were told of it: keeps the row on the runner's slot, grants the lease and sends the
+    /// assignment to the runner.
+    pub(super) async fn send_assignment(
+        self: &Arc<Self>,
+        runner: &Arc<AttachedRunner>,
+        execution_id: Uuid,
+        assigned: StepRun,
+        prepared: PreparedAssignment,
+    ) {
+        let key = assigned.attempt_key();
+        let assigned = Arc::new(assigned);
         runner.set_assigned_row(key, assigned.clone());
-        super::metrics::step_assigned(&assigned, &agent);
-        self.leases.granted(key, lease_until);
-        if handed {
-            self.publish_step_after(&[as_queued(&assigned)], &assigned).await;
-        } else {
-            self.publish_step(&assigned).await;
-        }
+        super::metrics::step_assigned(&assigned, &prepared.agent);
+        self.leases.granted(key, prepared.assignment.lease_expires_at);
         let message = pb::StepAssignment {
             step: Some(step_ref(key)),
-            execution_id: item.execution_id.to_string(),
+            execution_id: execution_id.to_string(),
             step_key: assigned.step_key.clone(),
-            agent: Some(agent),
+            agent: Some(prepared.agent),
             input: Some(crate::proto::wkt::json_to_value(
                 assigned.input.as_ref().unwrap_or(&serde_json::Value::Null),
             )),
-            deadline: Some(crate::proto::wkt::timestamp(deadline)),
-            depth: known.facts.depth,
+            deadline: Some(crate::proto::wkt::timestamp(prepared.deadline)),
+            depth: prepared.depth,
         };
         if runner.send(pb::attach_response::Message::Assignment(message)).await {
-            self.watch_acknowledgement(runner.clone(), key, item.execution_id);
+            self.watch_acknowledgement(runner.clone(), key, execution_id);
         }
-        // A runner whose stream is gone loses the attempt when its lease runs out.
-        Ok(Placed::Assigned)
     }
 
     /// What assigning `item` needs beyond the queue entry: from memory when this process
@@ -368,7 +413,7 @@ fn dangling<T>(item: &QueueItem) -> Option<T> {
 }
 
 /// The step run as it was between its queueing and its assignment, which one commit made.
-fn as_queued(assigned: &StepRun) -> StepRun {
+pub(super) fn as_queued(assigned: &StepRun) -> StepRun {
     StepRun {
         status: StepRunStatus::Queued,
         runner_id: None,

@@ -18,23 +18,36 @@ use crate::store::{AttemptKey, MAX_TRANSITION_BATCH, StepRun, StoreError, StoreR
 /// Transitions waiting for their batch before callers wait to hand theirs in.
 const WAITING_TRANSITIONS: usize = 1_024;
 
-type Reply = oneshot::Sender<StoreResult<Option<StepRun>>>;
+/// What a commit answers a caller with: the row of the attempt it changed (and whatever else
+/// the same commit did for that caller).
+pub trait Changed: Send + 'static {
+    /// The attempt whose transition this answers.
+    fn attempt_key(&self) -> AttemptKey;
+}
 
-/// Commits a batch of requests; returns the rows it changed.
-pub type CommitBatch<Request> = Arc<
-    dyn Fn(Vec<Request>) -> Pin<Box<dyn Future<Output = StoreResult<Vec<StepRun>>> + Send>>
+impl Changed for StepRun {
+    fn attempt_key(&self) -> AttemptKey {
+        StepRun::attempt_key(self)
+    }
+}
+
+type Reply<Answer> = oneshot::Sender<StoreResult<Option<Answer>>>;
+
+/// Commits a batch of requests; returns what it changed.
+pub type CommitBatch<Request, Answer = StepRun> = Arc<
+    dyn Fn(Vec<Request>) -> Pin<Box<dyn Future<Output = StoreResult<Vec<Answer>>> + Send>>
         + Send
         + Sync,
 >;
 
 /// One kind of transition, committed in groups by a task of its own.
-pub struct GroupCommit<Request> {
-    sender: mpsc::Sender<(AttemptKey, Request, Reply)>,
+pub struct GroupCommit<Request, Answer = StepRun> {
+    sender: mpsc::Sender<(AttemptKey, Request, Reply<Answer>)>,
 }
 
-impl<Request: Clone + Send + 'static> GroupCommit<Request> {
+impl<Request: Clone + Send + 'static, Answer: Changed> GroupCommit<Request, Answer> {
     /// Starts the task that commits `Request`s through `commit`.
-    pub fn start(commit: CommitBatch<Request>) -> Self {
+    pub fn start(commit: CommitBatch<Request, Answer>) -> Self {
         let (sender, receiver) = mpsc::channel(WAITING_TRANSITIONS);
         tokio::spawn(run(receiver, commit));
         Self { sender }
@@ -42,7 +55,7 @@ impl<Request: Clone + Send + 'static> GroupCommit<Request> {
 
     /// Commits `request` (the transition of attempt `key`) with whatever else is waiting:
     /// the row it changed, or `None` when the store refused it.
-    pub async fn submit(&self, key: AttemptKey, request: Request) -> StoreResult<Option<StepRun>> {
+    pub async fn submit(&self, key: AttemptKey, request: Request) -> StoreResult<Option<Answer>> {
         let (reply, answer) = oneshot::channel();
         // The task lives as long as the engine; were it gone, the commit cannot happen.
         let gone = || StoreError::Database(sqlx::Error::PoolClosed);
@@ -51,13 +64,13 @@ impl<Request: Clone + Send + 'static> GroupCommit<Request> {
     }
 }
 
-async fn run<Request: Clone + Send + 'static>(
-    mut receiver: mpsc::Receiver<(AttemptKey, Request, Reply)>,
-    commit: CommitBatch<Request>,
+async fn run<Request: Clone + Send + 'static, Answer: Changed>(
+    mut receiver: mpsc::Receiver<(AttemptKey, Request, Reply<Answer>)>,
+    commit: CommitBatch<Request, Answer>,
 ) {
     // A second transition of an attempt already in the batch waits for the next one, so each
     // caller learns the outcome of its own transition.
-    let mut carried: Vec<(AttemptKey, Request, Reply)> = Vec::new();
+    let mut carried: Vec<(AttemptKey, Request, Reply<Answer>)> = Vec::new();
     loop {
         let mut batch = std::mem::take(&mut carried);
         if batch.is_empty() {
@@ -79,14 +92,14 @@ async fn run<Request: Clone + Send + 'static>(
     }
 }
 
-async fn commit_batch<Request: Clone + Send + 'static>(
-    commit: &CommitBatch<Request>,
-    batch: Vec<(AttemptKey, Request, Reply)>,
+async fn commit_batch<Request: Clone + Send + 'static, Answer: Changed>(
+    commit: &CommitBatch<Request, Answer>,
+    batch: Vec<(AttemptKey, Request, Reply<Answer>)>,
 ) {
     let requests: Vec<Request> = batch.iter().map(|(_, request, _)| request.clone()).collect();
     match commit(requests).await {
         Ok(rows) => {
-            let mut rows: std::collections::HashMap<AttemptKey, StepRun> =
+            let mut rows: std::collections::HashMap<AttemptKey, Answer> =
                 rows.into_iter().map(|row| (row.attempt_key(), row)).collect();
             for (key, _, reply) in batch {
                 let _ = reply.send(Ok(rows.remove(&key)));

@@ -174,8 +174,11 @@ pub struct Engine {
         Option<serde_json::Value>,
         crate::store::StepAssignment,
     )>,
-    /// Results of attempts, committed in groups.
-    completing: group_commit::GroupCommit<crate::store::FinishedAttempt>,
+    /// Results of attempts, with the steps they make ready, committed in groups.
+    completing: group_commit::GroupCommit<
+        (crate::store::FinishedAttempt, Vec<crate::store::NextStep>),
+        scheduler::Completed,
+    >,
     /// Cancelled when the process shuts down: the loops end after their current pass.
     stopping: tokio_util::sync::CancellationToken,
     /// Executions this process finished, for `finished_executions`.
@@ -207,15 +210,29 @@ impl Engine {
         }));
         let store = parts.store.clone();
         let bus = parts.bus.clone();
-        let completing = group_commit::GroupCommit::start(Arc::new(move |batch| {
-            let (store, bus) = (store.clone(), bus.clone());
-            Box::pin(async move {
-                let completed = store.complete_steps(&batch).await?;
-                // The lines that travelled with the results reach watchers before the results.
-                scheduler::publish_logs(bus.as_ref(), completed.logs).await;
-                Ok(completed.step_runs)
-            })
-        }));
+        let completing = group_commit::GroupCommit::start(Arc::new(
+            move |batch: Vec<(crate::store::FinishedAttempt, Vec<crate::store::NextStep>)>| {
+                let (store, bus) = (store.clone(), bus.clone());
+                Box::pin(async move {
+                    let (finished, next): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                    let next: Vec<crate::store::NextStep> = next.into_iter().flatten().collect();
+                    let mut completed = store.complete_steps_then(&finished, &next).await?;
+                    // The lines that travelled with a result reach watchers in its event; those
+                    // of a result the store refused, now.
+                    let applied: std::collections::HashSet<crate::store::AttemptKey> = completed
+                        .step_runs
+                        .iter()
+                        .map(crate::store::StepRun::attempt_key)
+                        .collect();
+                    let (with_results, alone): (Vec<_>, Vec<_>) =
+                        std::mem::take(&mut completed.logs).into_iter().partition(|line| {
+                            scheduler::log_attempt(line).is_some_and(|key| applied.contains(&key))
+                        });
+                    scheduler::publish_logs(bus.as_ref(), alone).await;
+                    Ok(scheduler::completed_per_result(completed, &next, with_results))
+                })
+            },
+        ));
         Arc::new(Self {
             handing,
             completing,

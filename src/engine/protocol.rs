@@ -331,7 +331,13 @@ impl Engine {
                 // Free the slot only once the result is committed, so the attempt's end is
                 // recorded before the next assignment to this slot starts.
                 let mut outcome = self
-                    .complete_started_attempt(key, completion, held.started_at, logs.clone())
+                    .complete_started_attempt(
+                        key,
+                        completion,
+                        held.started_at,
+                        logs.clone(),
+                        held.assigned_row.as_deref(),
+                    )
                     .await;
                 if let Err(error) = &outcome
                     && error.is_unavailable()
@@ -461,7 +467,13 @@ impl Engine {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(crate::outage::MAX_PAUSE);
             let outcome = self
-                .complete_started_attempt(key, completion.clone(), held.started_at, logs.clone())
+                .complete_started_attempt(
+                    key,
+                    completion.clone(),
+                    held.started_at,
+                    logs.clone(),
+                    None,
+                )
                 .await;
             let unavailable = matches!(&outcome, Err(error) if error.is_unavailable());
             if unavailable && started.elapsed() < RESULT_PATIENCE {

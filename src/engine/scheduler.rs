@@ -22,9 +22,74 @@ use crate::proto::v1 as pb;
 use crate::queue::{QueueError, QueueItem};
 use crate::store::{
     AttemptKey, Completion, CompletionOutcome, Execution, ExecutionChange, ExecutionLog,
-    ExecutionStatus, FinishedAttempt, InFlightStepRun, NewExecutionLog, OwnerScope, StepRun,
-    StepRunStatus, StepTransitionOutcome,
+    ExecutionStatus, FinishedAttempt, InFlightStepRun, NewExecutionLog, NextStep, OwnerScope,
+    StepRun, StepRunStatus, StepTransitionOutcome,
 };
+
+/// What the commit of a result did for its caller: the step run as it ended, the steps it
+/// made ready that the same commit moved on (`complete_steps_then`), and the log lines that
+/// travelled with it, for its event.
+pub struct Completed {
+    pub step_run: StepRun,
+    pub next: Vec<StepRun>,
+    pub logs: Vec<ExecutionLog>,
+}
+
+/// The attempt a log line is about, when it names one.
+pub(super) fn log_attempt(line: &ExecutionLog) -> Option<AttemptKey> {
+    Some(AttemptKey { step_run_id: line.step_run_id?, attempt: line.attempt? })
+}
+
+impl super::group_commit::Changed for Completed {
+    fn attempt_key(&self) -> AttemptKey {
+        self.step_run.attempt_key()
+    }
+}
+
+/// Splits what one commit of results did among the results: `next` are the steps those
+/// results were to move on, of which `completed.next` are the ones moved.
+pub(super) fn completed_per_result(
+    completed: crate::store::CompletedSteps,
+    next: &[NextStep],
+    logs: Vec<ExecutionLog>,
+) -> Vec<Completed> {
+    let after: HashMap<AttemptKey, AttemptKey> =
+        next.iter().map(|step| (step.key, step.after)).collect();
+    let mut moved: HashMap<AttemptKey, Vec<StepRun>> = HashMap::new();
+    for row in completed.next {
+        if let Some(done) = after.get(&row.attempt_key()) {
+            moved.entry(*done).or_default().push(row);
+        }
+    }
+    let mut lines: HashMap<AttemptKey, Vec<ExecutionLog>> = HashMap::new();
+    for line in logs {
+        if let Some(key) = log_attempt(&line) {
+            lines.entry(key).or_default().push(line);
+        }
+    }
+    completed
+        .step_runs
+        .into_iter()
+        .map(|step_run| {
+            let key = step_run.attempt_key();
+            let next = moved.remove(&key).unwrap_or_default();
+            let logs = lines.remove(&key).unwrap_or_default();
+            Completed { step_run, next, logs }
+        })
+        .collect()
+}
+
+/// A successor planned to move on in its predecessor's result commit (`plan_next`).
+pub(super) struct PlannedStep {
+    request: NextStep,
+    /// Its queue entry, for when it is QUEUED.
+    item: QueueItem,
+    /// The runner here whose slot is held for it, and its assignment.
+    runner: Option<(
+        Arc<super::attached_runners::AttachedRunner>,
+        super::dispatcher::PreparedAssignment,
+    )>,
+}
 
 /// The bus topic that carries cancels to the replica a runner is attached to.
 pub const RUNNER_CANCELS: &str = "runners:cancels";
@@ -40,10 +105,12 @@ pub struct RelayedCancel {
 }
 
 /// The `kind` of the events published on an execution's topic (`bus::topics::execution`):
-/// a step run changed (`stepRun` holds the committed row, after `earlier` ones of the stages
-/// one commit went through, when there are any), the execution changed (read it
-/// back), or log lines were appended (`lines` holds them as committed; read them back when it
-/// is absent).
+/// step runs changed (`stepRun` holds the committed row, after `earlier` rows the same commit
+/// wrote, when there are any: the stages one commit took a step through, and the steps a
+/// result moved on with it; watchers apply each by its step's `version`; `lines`, when
+/// present, are log lines the same commit appended, taken before the rows), the execution
+/// changed (read it back), or log lines were appended (`lines` holds them as committed; read
+/// them back when it is absent).
 pub const WATCH_STEP: &str = "step";
 pub const WATCH_EXECUTION: &str = "execution";
 pub const WATCH_LOG: &str = "log";
@@ -398,6 +465,169 @@ impl Engine {
         Ok(())
     }
 
+    /// The steps the success of `done` (its row as this process assigned it) with `output`
+    /// makes ready, worked out before that success is committed so that the same commit moves
+    /// them on: each goes to a runner here with a free slot for it (held from now on) or is
+    /// QUEUED. Only when nothing read before the commit can change by then: every successor
+    /// waits for `done` alone, reads no other step's output, and this process keeps its row
+    /// from when it read the execution (`take_all_waiting`), its definition, facts and input;
+    /// a top-level execution within its deadline, no WORKFLOW successor. `None` otherwise
+    /// (`advance_after_success` then does it after the commit, as it does when it is the
+    /// last step).
+    fn plan_next(
+        self: &Arc<Self>,
+        done: &StepRun,
+        output: &Value,
+        now: DateTime<Utc>,
+    ) -> Option<Vec<PlannedStep>> {
+        let execution_id = done.execution_id;
+        let (definition, facts, input) = self.definitions.known_with_input(execution_id)?;
+        let in_time = facts.deadline_at.is_none_or(|deadline| deadline > now);
+        if facts.depth != 0 || !in_time {
+            return None;
+        }
+        let successors: Vec<&pb::WorkflowStep> = definition
+            .workflow
+            .steps
+            .iter()
+            .filter(|step| step.depends_on.contains(&done.step_key))
+            .collect();
+        if successors.is_empty() {
+            return None;
+        }
+        for step in &successors {
+            if super::subworkflow::is_sub_workflow(&definition, step)
+                || step.depends_on.iter().any(|key| *key != done.step_key)
+            {
+                return None;
+            }
+            if let Some(mapping_json) = mapping_of(step) {
+                let read = referenced_steps(&mapping_json)?;
+                if read.iter().any(|key| *key != done.step_key) {
+                    return None;
+                }
+            }
+        }
+        let keys: Vec<&str> = successors.iter().map(|step| step.key.as_str()).collect();
+        let rows = self.definitions.take_all_waiting(execution_id, &keys)?;
+        let outputs = HashMap::from([(done.step_key.clone(), output.clone())]);
+        let scope = step_scope(&input, &outputs);
+        let mut planned: Vec<PlannedStep> = Vec::with_capacity(rows.len());
+        for (step, row) in successors.into_iter().zip(rows) {
+            let step_input = self.resolve_input(step, &input, &scope).ok();
+            let item = self.queue_item(execution_id, &facts, &definition, &row, now);
+            let (Some(step_input), Some(item)) = (step_input, item) else {
+                // The full advance fails the execution (or finds what is amiss).
+                self.release_planned(&planned);
+                return None;
+            };
+            let key = row.attempt_key();
+            let placement = crate::engine::attached_runners::Placement {
+                owner_id: item.owner_id,
+                agent_type: &item.agent_type,
+                required_labels: &item.required_labels,
+            };
+            let provisional = now + chrono::Duration::seconds(30);
+            let runner = self
+                .attached_runners
+                .pick(&placement)
+                .filter(|runner| runner.hold(key, execution_id, provisional));
+            let runner = match runner {
+                None => None,
+                Some(runner) => {
+                    let prepared =
+                        self.prepare_assignment(&runner, key, &definition, &facts, &step.key, now);
+                    match prepared {
+                        Some(prepared) => Some((runner, prepared)),
+                        None => {
+                            if runner.release(key) {
+                                self.attached_runners.capacity_changed.notify_waiters();
+                            }
+                            self.release_planned(&planned);
+                            return None;
+                        }
+                    }
+                }
+            };
+            let request = NextStep {
+                after: done.attempt_key(),
+                key,
+                input: Some(step_input),
+                at: now,
+                assignment: runner.as_ref().map(|(_, prepared)| prepared.assignment.clone()),
+            };
+            planned.push(PlannedStep { request, item, runner });
+        }
+        Some(planned)
+    }
+
+    /// Frees the slots held for planned steps that were not moved on.
+    fn release_planned(&self, planned: &[PlannedStep]) {
+        for step in planned {
+            if let Some((runner, _)) = &step.runner
+                && runner.release(step.request.key)
+            {
+                self.attached_runners.capacity_changed.notify_waiters();
+            }
+        }
+    }
+
+    /// After the commit of the success `done` (with the log `lines` that travelled with it)
+    /// that moved on its `planned` successors (`moved`, the rows it moved): tells watchers of
+    /// all of it in one event, then sends the assignments, queues the QUEUED ones, frees the
+    /// slots of those it refused and, when it refused any, lets the full `advance` see why.
+    async fn moved_on(
+        self: &Arc<Self>,
+        done: &StepRun,
+        lines: &[ExecutionLog],
+        planned: Vec<PlannedStep>,
+        moved: Vec<StepRun>,
+    ) -> EngineResult<()> {
+        let execution_id = done.execution_id;
+        let mut moved: HashMap<AttemptKey, StepRun> =
+            moved.into_iter().map(|row| (row.attempt_key(), row)).collect();
+        let mut refused = false;
+        let mut rows = vec![done.clone()];
+        let mut assignments = Vec::new();
+        let mut queued = Vec::new();
+        for step in planned {
+            let key = step.request.key;
+            match (moved.remove(&key), step.runner) {
+                (Some(row), Some((runner, prepared))) => {
+                    rows.push(super::dispatcher::as_queued(&row));
+                    rows.push(row.clone());
+                    assignments.push((runner, row, prepared));
+                }
+                (Some(row), None) => {
+                    let enqueued_at = row.queued_at.unwrap_or(step.item.enqueued_at);
+                    queued.push(QueueItem { enqueued_at, ..step.item });
+                    rows.push(row);
+                }
+                (None, runner) => {
+                    refused = true;
+                    if let Some((runner, _)) = runner
+                        && runner.release(key)
+                    {
+                        self.attached_runners.capacity_changed.notify_waiters();
+                    }
+                }
+            }
+        }
+        if let Some(last) = rows.pop() {
+            self.publish_steps(lines, &rows, &last).await;
+        }
+        for (runner, row, prepared) in assignments {
+            self.send_assignment(&runner, execution_id, row, prepared).await;
+        }
+        for item in queued {
+            self.enqueue_item(item).await?;
+        }
+        if refused {
+            self.advance(execution_id).await?;
+        }
+        Ok(())
+    }
+
     /// The first part of `make_ready`: the hand-off to a runner here, or else the commit of
     /// QUEUED (published), whose row it returns for the caller to put in the queue.
     async fn hand_off_or_queue(
@@ -447,18 +677,24 @@ impl Engine {
         key: AttemptKey,
         completion: Completion,
     ) -> EngineResult<CompletionOutcome> {
-        self.complete_started_attempt(key, completion, None, Vec::new()).await
+        self.complete_started_attempt(key, completion, None, Vec::new(), None).await
     }
 
     /// `complete_attempt` for a result reported by the runner that said it started the attempt
     /// at `started_at` (recorded with the result when the start was not committed on its own),
     /// with the log lines about it that travel with the result (appended in the same commit).
+    ///
+    /// `assigned` is the attempt's row as this process assigned it, when it did: a success
+    /// then moves the steps it makes ready on in the result's own commit, when this process
+    /// knows enough to (`plan_next`): straight to a runner here with a free slot, QUEUED
+    /// otherwise. One commit for a step's end and its successors' start.
     pub async fn complete_started_attempt(
         self: &Arc<Self>,
         key: AttemptKey,
         completion: Completion,
         started_at: Option<DateTime<Utc>>,
         logs: Vec<NewExecutionLog>,
+        assigned: Option<&StepRun>,
     ) -> EngineResult<CompletionOutcome> {
         let now = Utc::now();
         let retryable = match &completion {
@@ -466,15 +702,38 @@ impl Engine {
             Completion::TimedOut => true,
             Completion::Succeeded { .. } | Completion::Cancelled => false,
         };
+        let planned = match (&completion, assigned) {
+            (Completion::Succeeded { output }, Some(done)) if done.attempt_key() == key => {
+                self.plan_next(done, output, now)
+            }
+            _ => None,
+        };
+        let next: Vec<NextStep> =
+            planned.iter().flatten().map(|step| step.request.clone()).collect();
         let finished = FinishedAttempt { key, completion, started_at, finished_at: now, logs };
-        let outcome = match self.completing.submit(key, finished).await? {
-            Some(step_run) => CompletionOutcome::Applied(step_run),
-            None => self.store.refused_completion(key).await?,
+        let committed = match self.completing.submit(key, (finished, next)).await {
+            Ok(committed) => committed,
+            Err(error) => {
+                self.release_planned(planned.as_deref().unwrap_or_default());
+                return Err(error.into());
+            }
+        };
+        let (outcome, moved, lines) = match committed {
+            Some(Completed { step_run, next, logs }) => {
+                (CompletionOutcome::Applied(step_run), next, logs)
+            }
+            None => {
+                self.release_planned(planned.as_deref().unwrap_or_default());
+                (self.store.refused_completion(key).await?, Vec::new(), Vec::new())
+            }
         };
         let CompletionOutcome::Applied(step_run) = &outcome else { return Ok(outcome) };
         self.step_finished(step_run);
         self.leases.forget(key).await;
-        self.publish_step(step_run).await;
+        let told_with_next = planned.is_some() && step_run.status == StepRunStatus::Succeeded;
+        if !told_with_next {
+            self.publish_steps(&lines, &[], step_run).await;
+        }
         if retryable && step_run.user_attempts_used() < step_run.max_attempts {
             let execution =
                 self.store.get_execution(OwnerScope::All, step_run.execution_id).await?;
@@ -501,7 +760,10 @@ impl Engine {
             }
         }
         if step_run.status == StepRunStatus::Succeeded {
-            self.advance_after_success(step_run).await?;
+            match planned {
+                Some(planned) => self.moved_on(step_run, &lines, planned, moved).await?,
+                None => self.advance_after_success(step_run).await?,
+            }
         } else {
             self.advance(step_run.execution_id).await?;
         }
@@ -730,16 +992,35 @@ impl Engine {
         self.publish_step_after(&[], step_run).await;
     }
 
-    /// `publish_step` for a transition that stands for several (`earlier`, oldest first, are
-    /// the rows of the stages it went through, of the same step), in one event.
+    /// `publish_step` for a commit that wrote several rows (`earlier`, oldest first: the
+    /// stages it took the step through, and rows of other steps of the same execution it
+    /// moved), in one event.
     pub(super) async fn publish_step_after(&self, earlier: &[StepRun], step_run: &StepRun) {
-        let event = match (serde_json::to_value(step_run), serde_json::to_value(earlier)) {
+        self.publish_steps(&[], earlier, step_run).await;
+    }
+
+    /// `publish_step_after` with the log `lines` the same commit appended (of this execution),
+    /// which watchers take before the rows.
+    pub(super) async fn publish_steps(
+        &self,
+        lines: &[ExecutionLog],
+        earlier: &[StepRun],
+        step_run: &StepRun,
+    ) {
+        let mut event = match (serde_json::to_value(step_run), serde_json::to_value(earlier)) {
             (Ok(row), Ok(earlier)) if !earlier.as_array().is_some_and(Vec::is_empty) => {
                 json!({ "kind": WATCH_STEP, "stepRun": row, "earlier": earlier })
             }
             (Ok(row), _) => json!({ "kind": WATCH_STEP, "stepRun": row }),
             (Err(_), _) => json!({ "kind": WATCH_STEP }),
         };
+        if !lines.is_empty()
+            && let Some(fields) = event.as_object_mut()
+        {
+            // Lines that do not encode are read back by watchers (`lines` present but unusable).
+            let lines = serde_json::to_value(lines).unwrap_or(Value::Null);
+            fields.insert("lines".to_owned(), lines);
+        }
         self.publish(step_run.execution_id, event).await;
     }
 

@@ -260,6 +260,13 @@ impl Watcher {
         };
         match payload["kind"].as_str() {
             Some(WATCH_STEP) => {
+                // Lines the same commit appended come first, as they happened first.
+                if let Some(lines) = payload.get("lines") {
+                    match serde_json::from_value::<Vec<ExecutionLog>>(lines.clone()) {
+                        Ok(lines) => self.logs_appended(&lines),
+                        Err(_) => self.relay_logs().await?,
+                    }
+                }
                 let earlier = match payload.get("earlier") {
                     None => Ok(Vec::new()),
                     Some(rows) => serde_json::from_value::<Vec<StepRun>>(rows.clone()),

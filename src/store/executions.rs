@@ -525,11 +525,26 @@ pub struct FinishedAttempt {
     pub logs: Vec<NewExecutionLog>,
 }
 
-/// What `complete_steps` committed: the step runs it changed and the log lines it appended.
+/// What `complete_steps` committed: the step runs it changed and the log lines it appended;
+/// with `complete_steps_then`, also the steps those results made ready that it moved on.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CompletedSteps {
     pub step_runs: Vec<StepRun>,
     pub logs: Vec<ExecutionLog>,
+    pub next: Vec<StepRun>,
+}
+
+/// A step that the success of attempt `after` makes ready, moved on in that result's commit
+/// (`complete_steps_then`): straight to a runner (PENDING -> ASSIGNED, as
+/// `queue_and_assign_steps` moves it) when it has an `assignment`, QUEUED otherwise (as
+/// `mark_steps_queued` moves it, at `at`), and refused alike.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NextStep {
+    pub after: AttemptKey,
+    pub key: AttemptKey,
+    pub input: Option<Value>,
+    pub at: DateTime<Utc>,
+    pub assignment: Option<StepAssignment>,
 }
 
 /// What `complete_step` did.
@@ -909,6 +924,18 @@ pub trait ExecutionStore: Send + Sync {
     /// (`complete_step` explains why). At most `MAX_TRANSITION_BATCH` at once, each attempt
     /// once. A line the store refuses fails the whole batch.
     async fn complete_steps(&self, completions: &[FinishedAttempt]) -> StoreResult<CompletedSteps>;
+
+    /// `complete_steps` and, in the same commit, the steps those results make ready: a
+    /// `NextStep` moves only when the result of its `after` attempt is applied in this call and
+    /// SUCCEEDED (so a refused or stale result moves nothing), and is refused as
+    /// `queue_and_assign_steps` or `mark_steps_queued` would refuse it. One commit for a
+    /// step's end and its successors' start. At most `MAX_TRANSITION_BATCH` completions; any
+    /// number of next steps.
+    async fn complete_steps_then(
+        &self,
+        completions: &[FinishedAttempt],
+        next: &[NextStep],
+    ) -> StoreResult<CompletedSteps>;
 
     /// Why a completion of `key` that `complete_steps` left out was refused: `Duplicate` or
     /// `Stale` as `complete_step` would say (`NotFound` for an unknown step run).
@@ -1437,6 +1464,65 @@ macro_rules! impl_executions_store {
                 .await
             }
 
+            /// The statement of `mark_steps_queued`, on `connection`.
+            async fn mark_steps_queued_on<'c>(
+                &self,
+                connection: impl sqlx::Executor<'c, Database = $db>,
+                queued: &[(AttemptKey, Option<Value>, DateTime<Utc>)],
+            ) -> StoreResult<Vec<StepRun>> {
+                // v: id, attempt, input, queued at.
+                self.transition_step_runs(
+                    connection,
+                    queued,
+                    "status = 'QUEUED', input = COALESCE(v.column3, input), \
+                     queued_at = v.column4, next_attempt_at = NULL, updated_at = v.column4, \
+                     version = version + 1",
+                    "step_runs.status = 'PENDING' AND (step_runs.next_attempt_at IS NULL \
+                     OR step_runs.next_attempt_at <= v.column4) AND EXISTS (SELECT 1 \
+                     FROM executions WHERE executions.id = step_runs.execution_id \
+                     AND executions.status IN ('QUEUED', 'RUNNING') \
+                     AND executions.cancel_requested_at IS NULL)",
+                    |mut row, (key, input, at)| {
+                        row.push_bind(key.step_run_id)
+                            .push_bind(key.attempt)
+                            .push_bind(input.clone().map(Json))
+                            .push_bind(stored_time(*at));
+                    },
+                )
+                .await
+            }
+
+            /// The statement of `queue_and_assign_steps`, on `connection`.
+            async fn queue_and_assign_steps_on<'c>(
+                &self,
+                connection: impl sqlx::Executor<'c, Database = $db>,
+                handed: &[(AttemptKey, Option<Value>, StepAssignment)],
+            ) -> StoreResult<Vec<StepRun>> {
+                // v: id, attempt, input, runner, lease, queued and assigned at.
+                self.transition_step_runs(
+                    connection,
+                    handed,
+                    "status = 'ASSIGNED', input = COALESCE(v.column3, input), \
+                     queued_at = v.column6, next_attempt_at = NULL, runner_id = v.column4, \
+                     lease_expires_at = v.column5, assigned_at = v.column6, \
+                     updated_at = v.column6, version = version + 2",
+                    "step_runs.status = 'PENDING' AND (step_runs.next_attempt_at IS NULL \
+                     OR step_runs.next_attempt_at <= v.column6) AND EXISTS (SELECT 1 \
+                     FROM executions WHERE executions.id = step_runs.execution_id \
+                     AND executions.status IN ('QUEUED', 'RUNNING') \
+                     AND executions.cancel_requested_at IS NULL)",
+                    |mut row, (key, input, assignment)| {
+                        row.push_bind(key.step_run_id)
+                            .push_bind(key.attempt)
+                            .push_bind(input.clone().map(Json))
+                            .push_bind(assignment.runner_id.clone())
+                            .push_bind(stored_time(assignment.lease_expires_at))
+                            .push_bind(stored_time(assignment.assigned_at));
+                    },
+                )
+                .await
+            }
+
             /// The status and attempt of a step run (to explain a rejected transition).
             async fn step_run_position(
                 &self,
@@ -1765,26 +1851,7 @@ macro_rules! impl_executions_store {
                 &self,
                 queued: &[(AttemptKey, Option<Value>, DateTime<Utc>)],
             ) -> StoreResult<Vec<StepRun>> {
-                // v: id, attempt, input, queued at.
-                self.transition_step_runs(
-                    self.connection_pool(),
-                    queued,
-                    "status = 'QUEUED', input = COALESCE(v.column3, input), \
-                     queued_at = v.column4, next_attempt_at = NULL, updated_at = v.column4, \
-                     version = version + 1",
-                    "step_runs.status = 'PENDING' AND (step_runs.next_attempt_at IS NULL \
-                     OR step_runs.next_attempt_at <= v.column4) AND EXISTS (SELECT 1 \
-                     FROM executions WHERE executions.id = step_runs.execution_id \
-                     AND executions.status IN ('QUEUED', 'RUNNING') \
-                     AND executions.cancel_requested_at IS NULL)",
-                    |mut row, (key, input, at)| {
-                        row.push_bind(key.step_run_id)
-                            .push_bind(key.attempt)
-                            .push_bind(input.clone().map(Json))
-                            .push_bind(stored_time(*at));
-                    },
-                )
-                .await
+                self.mark_steps_queued_on(self.connection_pool(), queued).await
             }
 
             async fn assign_step(
@@ -1825,29 +1892,7 @@ macro_rules! impl_executions_store {
                 &self,
                 handed: &[(AttemptKey, Option<Value>, StepAssignment)],
             ) -> StoreResult<Vec<StepRun>> {
-                // v: id, attempt, input, runner, lease, queued and assigned at.
-                self.transition_step_runs(
-                    self.connection_pool(),
-                    handed,
-                    "status = 'ASSIGNED', input = COALESCE(v.column3, input), \
-                     queued_at = v.column6, next_attempt_at = NULL, runner_id = v.column4, \
-                     lease_expires_at = v.column5, assigned_at = v.column6, \
-                     updated_at = v.column6, version = version + 2",
-                    "step_runs.status = 'PENDING' AND (step_runs.next_attempt_at IS NULL \
-                     OR step_runs.next_attempt_at <= v.column6) AND EXISTS (SELECT 1 \
-                     FROM executions WHERE executions.id = step_runs.execution_id \
-                     AND executions.status IN ('QUEUED', 'RUNNING') \
-                     AND executions.cancel_requested_at IS NULL)",
-                    |mut row, (key, input, assignment)| {
-                        row.push_bind(key.step_run_id)
-                            .push_bind(key.attempt)
-                            .push_bind(input.clone().map(Json))
-                            .push_bind(assignment.runner_id.clone())
-                            .push_bind(stored_time(assignment.lease_expires_at))
-                            .push_bind(stored_time(assignment.assigned_at));
-                    },
-                )
-                .await
+                self.queue_and_assign_steps_on(self.connection_pool(), handed).await
             }
 
             async fn mark_step_running(
@@ -1960,13 +2005,57 @@ macro_rules! impl_executions_store {
                     // One statement, atomic by itself: no transaction around it.
                     let mut connection = self.connection_pool().acquire().await?;
                     let step_runs = self.complete_steps_on(&mut connection, completions).await?;
-                    return Ok(CompletedSteps { step_runs, logs: Vec::new() });
+                    return Ok(CompletedSteps { step_runs, logs: Vec::new(), next: Vec::new() });
                 }
                 let mut transaction = self.begin_write_transaction().await?;
                 let step_runs = self.complete_steps_on(&mut transaction, completions).await?;
                 let logs = self.insert_execution_logs(&mut transaction, &logs).await?;
                 transaction.commit().await?;
-                Ok(CompletedSteps { step_runs, logs })
+                Ok(CompletedSteps { step_runs, logs, next: Vec::new() })
+            }
+
+            async fn complete_steps_then(
+                &self,
+                completions: &[FinishedAttempt],
+                next: &[NextStep],
+            ) -> StoreResult<CompletedSteps> {
+                if next.is_empty() {
+                    return self.complete_steps(completions).await;
+                }
+                let completions = &completions[..completions.len().min(MAX_TRANSITION_BATCH)];
+                let logs: Vec<NewExecutionLog> =
+                    completions.iter().flat_map(|finished| finished.logs.iter().cloned()).collect();
+                let mut transaction = self.begin_write_transaction().await?;
+                let step_runs = self.complete_steps_on(&mut transaction, completions).await?;
+                let succeeded: std::collections::HashSet<AttemptKey> = step_runs
+                    .iter()
+                    .filter(|step_run| step_run.status == StepRunStatus::Succeeded)
+                    .map(StepRun::attempt_key)
+                    .collect();
+                let mut handed = Vec::new();
+                let mut queued = Vec::new();
+                for step in next.iter().filter(|step| succeeded.contains(&step.after)) {
+                    match &step.assignment {
+                        Some(assignment) => {
+                            handed.push((step.key, step.input.clone(), assignment.clone()));
+                        }
+                        None => queued.push((step.key, step.input.clone(), step.at)),
+                    }
+                }
+                let mut moved = Vec::new();
+                for chunk in handed.chunks(MAX_TRANSITION_BATCH) {
+                    moved.extend(self.queue_and_assign_steps_on(&mut *transaction, chunk).await?);
+                }
+                for chunk in queued.chunks(MAX_TRANSITION_BATCH) {
+                    moved.extend(self.mark_steps_queued_on(&mut *transaction, chunk).await?);
+                }
+                let logs = if logs.is_empty() {
+                    Vec::new()
+                } else {
+                    self.insert_execution_logs(&mut transaction, &logs).await?
+                };
+                transaction.commit().await?;
+                Ok(CompletedSteps { step_runs, logs, next: moved })
             }
 
             async fn schedule_retry(

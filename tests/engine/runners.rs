@@ -145,6 +145,38 @@ async fn steps_go_to_runners_with_their_labels_and_never_beyond_capacity() {
     );
 }
 
+/// A success and the steps it makes ready share one commit when a runner attached to the same
+/// server has room for them: the successor is queued and assigned at the very instant its
+/// predecessor finished (two commits would give it a later time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_hands_its_successors_on_in_its_own_commit() {
+    let (server, _database, bench, key) = serve_with_account(&[]).await;
+    let _runner = RunnerProcess::start(&server.base_url(), &key, "chain-box", 4, "", &[]);
+    wait_for_runners(&bench.api, &bench.auth, &["chain-box"]).await;
+    let identity = bench.jq("identity", ".").await;
+    let steps = json!([
+        { "key": "a", "agentId": identity },
+        { "key": "b", "agentId": identity, "dependsOn": ["a"] },
+        { "key": "c", "agentId": identity, "dependsOn": ["b"] },
+        { "key": "d", "agentId": identity, "dependsOn": ["b"], "inputMapping": "{{steps.b.output}}" },
+    ]);
+    let workflow = bench.workflow("one commit a step", steps, json!({})).await;
+    let execution_id = bench.execute(&workflow, json!({ "input": { "n": 1 } })).await;
+    let execution = bench.finished(&execution_id, LIMIT).await;
+    assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+    for (before, after) in [("a", "b"), ("b", "c"), ("b", "d")] {
+        let finished = time(&step(&execution, before)["finishedAt"]);
+        let successor = step(&execution, after);
+        assert_eq!(time(&successor["queuedAt"]), finished, "{after} after {before}: {successor}");
+        assert_eq!(
+            time(&successor["attempts"][0]["assignedAt"]),
+            finished,
+            "{after} after {before}: {successor}"
+        );
+    }
+    assert_eq!(step(&execution, "d")["output"], json!({ "n": 1 }));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_whose_runner_is_killed_runs_again_on_another_runner() {
     let (server, _database, bench, key) =

@@ -11,8 +11,8 @@ use turbocat::store::{
     ExecutionChange, ExecutionCursor, ExecutionFilter, ExecutionLogFilter, ExecutionLogLevel,
     ExecutionLogSource, ExecutionStatus, ExecutionTrigger, FinishedAttempt, InFlightStepRun,
     NewAgent, NewDeployment, NewExecution, NewExecutionLog, NewStepRun, NewUser, NewWorkflow,
-    OwnerScope, PageRequest, ParentStep, StepAssignment, StepAttemptStatus, StepRun, StepRunStatus,
-    StepTransitionOutcome, Store, StoreError,
+    NextStep, OwnerScope, PageRequest, ParentStep, StepAssignment, StepAttemptStatus, StepRun,
+    StepRunStatus, StepTransitionOutcome, Store, StoreError,
 };
 use uuid::Uuid;
 
@@ -1913,7 +1913,117 @@ async fn finishing_when_every_step_succeeded(store: Arc<dyn Store>) {
     assert!(!finish(cancelled.id).await, "a cancel was requested");
 }
 
+/// A result and the steps it makes ready in one commit (`complete_steps_then`): a success moves
+/// its next steps on (handed to a runner, or QUEUED) as the one-step transitions would, each
+/// refused as they refuse it; a result that is refused or not a success moves none of them.
+async fn a_result_moves_its_next_steps_in_its_own_commit(store: Arc<dyn Store>) {
+    let fixture = fixture(&store).await;
+    let (_, steps) = simple_execution(&store, fixture.owner, &["a", "b", "c", "d"], 1).await;
+    let t0 = now();
+    let keys: Vec<AttemptKey> = steps.iter().map(StepRun::attempt_key).collect();
+    queue(&store, keys[0], t0).await;
+    assign(&store, keys[0], "runner-1", t0).await;
+    let succeeded = |key: AttemptKey| FinishedAttempt {
+        key,
+        completion: Completion::Succeeded { output: json!({"from": "a"}) },
+        started_at: Some(t0 + seconds(1)),
+        finished_at: t0 + seconds(2),
+        logs: Vec::new(),
+    };
+    let next = |after: AttemptKey, key: AttemptKey, runner: Option<&str>| NextStep {
+        after,
+        key,
+        input: Some(json!({"for": key.step_run_id})),
+        at: t0 + seconds(2),
+        assignment: runner.map(|runner| assignment(runner, t0 + seconds(2))),
+    };
+    let stale_d = AttemptKey { step_run_id: keys[3].step_run_id, attempt: 5 };
+    let completed = store
+        .complete_steps_then(
+            &[succeeded(keys[0])],
+            &[
+                next(keys[0], keys[1], Some("runner-b")),
+                next(keys[0], keys[2], None),
+                next(keys[0], stale_d, Some("runner-d")),
+            ],
+        )
+        .await
+        .expect("complete and move on");
+    assert_eq!(completed.step_runs.len(), 1);
+    assert_eq!(completed.step_runs[0].status, StepRunStatus::Succeeded);
+    assert_eq!(completed.next.len(), 2, "the stale attempt is left out: {:?}", completed.next);
+    let b = completed.next.iter().find(|row| row.id == keys[1].step_run_id).expect("b moved");
+    assert_eq!(
+        (b.status, b.runner_id.as_deref(), b.queued_at, b.assigned_at, b.version),
+        (
+            StepRunStatus::Assigned,
+            Some("runner-b"),
+            Some(t0 + seconds(2)),
+            Some(t0 + seconds(2)),
+            steps[1].version + 2
+        )
+    );
+    assert_eq!(b.input, Some(json!({"for": keys[1].step_run_id})));
+    let c = store.get_step_run(keys[2].step_run_id).await.expect("c");
+    assert_eq!(
+        (c.status, c.runner_id, c.queued_at, c.version),
+        (StepRunStatus::Queued, None, Some(t0 + seconds(2)), steps[2].version + 1)
+    );
+    assert_eq!(c.input, Some(json!({"for": keys[2].step_run_id})));
+    let attempts =
+        store.list_step_attempts(OwnerScope::All, keys[1].step_run_id).await.expect("attempts");
+    assert_eq!(
+        (attempts[0].status, attempts[0].runner_id.as_deref()),
+        (StepAttemptStatus::Assigned, Some("runner-b")),
+        "the attempt row follows"
+    );
+
+    // The same result again is refused: the next step it names stays where it is.
+    let again = store
+        .complete_steps_then(&[succeeded(keys[0])], &[next(keys[0], keys[3], None)])
+        .await
+        .expect("complete again");
+    assert!(again.step_runs.is_empty() && again.next.is_empty(), "{again:?}");
+    let d = store.get_step_run(keys[3].step_run_id).await.expect("d");
+    assert_eq!(d.status, StepRunStatus::Pending);
+
+    // A failure moves nothing, nor does a next step tied to another attempt's result.
+    let (_, other) = simple_execution(&store, fixture.owner, &["x", "y"], 1).await;
+    let (x, y) = (other[0].attempt_key(), other[1].attempt_key());
+    queue(&store, x, t0).await;
+    assign(&store, x, "runner-1", t0).await;
+    let failed = FinishedAttempt { completion: failure(false), ..succeeded(x) };
+    let completed = store
+        .complete_steps_then(
+            &[failed],
+            &[next(x, y, Some("runner-y")), next(keys[0], keys[3], None)],
+        )
+        .await
+        .expect("fail");
+    assert_eq!(completed.step_runs.len(), 1);
+    assert_eq!(completed.step_runs[0].status, StepRunStatus::Failed);
+    assert!(completed.next.is_empty(), "{:?}", completed.next);
+    for key in [y, keys[3]] {
+        let row = store.get_step_run(key.step_run_id).await.expect("row");
+        assert_eq!(row.status, StepRunStatus::Pending);
+    }
+
+    // A next step of an execution being cancelled is refused; the result stands.
+    let (cancelling, steps) = simple_execution(&store, fixture.owner, &["p", "q"], 1).await;
+    let (p, q) = (steps[0].attempt_key(), steps[1].attempt_key());
+    queue(&store, p, t0).await;
+    assign(&store, p, "runner-1", t0).await;
+    store.request_cancel(OwnerScope::All, cancelling.id, t0).await.expect("cancel");
+    let completed = store
+        .complete_steps_then(&[succeeded(p)], &[next(p, q, Some("runner-q"))])
+        .await
+        .expect("complete");
+    assert_eq!(completed.step_runs.len(), 1);
+    assert!(completed.next.is_empty(), "{:?}", completed.next);
+}
+
 crate::conformance!(
+    a_result_moves_its_next_steps_in_its_own_commit,
     execution_and_step_runs_are_created_atomically,
     finishing_when_every_step_succeeded,
     merged_transitions_record_every_stage,
