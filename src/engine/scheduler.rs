@@ -79,6 +79,19 @@ pub(super) fn completed_per_result(
         .collect()
 }
 
+/// The steps of `definition` that depend on `step_key`.
+fn successors_of<'a>(
+    definition: &'a super::definition::ExecutionDefinition,
+    step_key: &str,
+) -> Vec<&'a pb::WorkflowStep> {
+    definition
+        .workflow
+        .steps
+        .iter()
+        .filter(|step| step.depends_on.iter().any(|key| key == step_key))
+        .collect()
+}
+
 /// A successor planned to move on in its predecessor's result commit (`plan_next`).
 pub(super) struct PlannedStep {
     request: NextStep,
@@ -342,12 +355,7 @@ impl Engine {
         else {
             return self.advance(execution_id).await;
         };
-        let successors: Vec<&pb::WorkflowStep> = definition
-            .workflow
-            .steps
-            .iter()
-            .filter(|step| step.depends_on.contains(&done.step_key))
-            .collect();
+        let successors = successors_of(&definition, &done.step_key);
         let in_time = facts.deadline_at.is_none_or(|deadline| deadline > now);
         if successors.is_empty() && facts.depth == 0 && in_time {
             // The only step no other depends on comes after every other one: its success
@@ -486,12 +494,7 @@ impl Engine {
         if facts.depth != 0 || !in_time {
             return None;
         }
-        let successors: Vec<&pb::WorkflowStep> = definition
-            .workflow
-            .steps
-            .iter()
-            .filter(|step| step.depends_on.contains(&done.step_key))
-            .collect();
+        let successors = successors_of(&definition, &done.step_key);
         if successors.is_empty() {
             return None;
         }

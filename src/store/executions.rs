@@ -1084,6 +1084,19 @@ struct AgentStepCountRow {
 }
 
 /// Names the unique constraint an execution insert tripped over, the same on both backends.
+/// The condition under which a step run may move on from PENDING at the time in `at` (a column
+/// of the statement's `VALUES` list `v`): it is due, and its execution is live and not being
+/// cancelled.
+fn pending_and_due_in_a_live_execution(at: &str) -> String {
+    format!(
+        "step_runs.status = 'PENDING' AND (step_runs.next_attempt_at IS NULL \
+         OR step_runs.next_attempt_at <= {at}) AND EXISTS (SELECT 1 \
+         FROM executions WHERE executions.id = step_runs.execution_id \
+         AND executions.status IN ('QUEUED', 'RUNNING') \
+         AND executions.cancel_requested_at IS NULL)"
+    )
+}
+
 fn name_execution_conflict(error: StoreError) -> StoreError {
     let StoreError::AlreadyExists(constraint) = error else { return error };
     if constraint.contains("step_key") {
@@ -1477,11 +1490,7 @@ macro_rules! impl_executions_store {
                     "status = 'QUEUED', input = COALESCE(v.column3, input), \
                      queued_at = v.column4, next_attempt_at = NULL, updated_at = v.column4, \
                      version = version + 1",
-                    "step_runs.status = 'PENDING' AND (step_runs.next_attempt_at IS NULL \
-                     OR step_runs.next_attempt_at <= v.column4) AND EXISTS (SELECT 1 \
-                     FROM executions WHERE executions.id = step_runs.execution_id \
-                     AND executions.status IN ('QUEUED', 'RUNNING') \
-                     AND executions.cancel_requested_at IS NULL)",
+                    &pending_and_due_in_a_live_execution("v.column4"),
                     |mut row, (key, input, at)| {
                         row.push_bind(key.step_run_id)
                             .push_bind(key.attempt)
@@ -1506,11 +1515,7 @@ macro_rules! impl_executions_store {
                      queued_at = v.column6, next_attempt_at = NULL, runner_id = v.column4, \
                      lease_expires_at = v.column5, assigned_at = v.column6, \
                      updated_at = v.column6, version = version + 2",
-                    "step_runs.status = 'PENDING' AND (step_runs.next_attempt_at IS NULL \
-                     OR step_runs.next_attempt_at <= v.column6) AND EXISTS (SELECT 1 \
-                     FROM executions WHERE executions.id = step_runs.execution_id \
-                     AND executions.status IN ('QUEUED', 'RUNNING') \
-                     AND executions.cancel_requested_at IS NULL)",
+                    &pending_and_due_in_a_live_execution("v.column6"),
                     |mut row, (key, input, assignment)| {
                         row.push_bind(key.step_run_id)
                             .push_bind(key.attempt)

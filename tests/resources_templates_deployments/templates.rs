@@ -596,7 +596,9 @@ async fn workflow_template_bodies_and_typed_parameters_are_checked_field_by_fiel
             (format!("a{number}"), agent)
         })
         .collect();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    /// A change that spoils a good template.
+    type Spoil = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Spoil, &str)> = vec![
         ("no agents", Box::new(|t| t["body"]["agents"] = json!({})), "body.agents"),
         (
             "too many agents",

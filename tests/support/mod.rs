@@ -216,12 +216,12 @@ fn spawn_reader(
 pub fn turbocat_command() -> std::process::Command {
     static SPAWNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turbocat"));
-    if let Some(pattern) = std::env::var_os("LLVM_PROFILE_FILE") {
-        if let Some(folder) = std::path::Path::new(&pattern).parent() {
-            let number = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let name = format!("turbocat-{}-{number}-%p%c.profraw", std::process::id());
-            command.env("LLVM_PROFILE_FILE", folder.join(name));
-        }
+    if let Some(pattern) = std::env::var_os("LLVM_PROFILE_FILE")
+        && let Some(folder) = std::path::Path::new(&pattern).parent()
+    {
+        let number = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("turbocat-{}-{number}-%p%c.profraw", std::process::id());
+        command.env("LLVM_PROFILE_FILE", folder.join(name));
     }
     command
 }
