@@ -211,15 +211,17 @@ async fn path_values(
     Ok(params.iter().map(|(name, value)| (name.to_owned(), value.to_owned())).collect())
 }
 
-struct RequestParts {
-    path_values: Vec<(String, String)>,
-    query_pairs: Vec<(String, String)>,
-    if_match: Option<String>,
+/// What a request carries besides its body: the path values by route name (`p0`, …), the
+/// decoded query pairs and `If-Match`.
+pub(crate) struct RequestParts {
+    pub(crate) path_values: Vec<(String, String)>,
+    pub(crate) query_pairs: Vec<(String, String)>,
+    pub(crate) if_match: Option<String>,
 }
 
 /// The RPC's request message from the body, the path values, the query and `If-Match`; every
 /// problem is a 4xx naming its field (a body that is not JSON, a wrong content type).
-fn request_message(
+pub(crate) fn request_message(
     binding: &HttpBinding,
     headers: &http::HeaderMap,
     body_bytes: &Bytes,
@@ -298,6 +300,14 @@ fn build_request_json(
             errors.push(FieldError::new(key.clone(), "unknown query parameter"));
             continue;
         };
+        // The path names the resource: a query parameter may not name another one (found by
+        // the rest_transcoding fuzz target: `DELETE /agents/A?agentId=B` deleted B).
+        if binding.path_variables.iter().any(|variable| {
+            variable.field_path.first().is_some_and(|first| first.as_str() == field.name())
+        }) {
+            errors.push(FieldError::new(key.clone(), "is given in the path"));
+            continue;
+        }
         match json::scalar_from_text(&field, text, key) {
             Ok(value) if field.is_list() => {
                 let entry = root
@@ -550,6 +560,50 @@ fn event_stream(
 
 fn error_event(error: &ServiceError, request_id: &str) -> Event {
     Event::default().event("error").data(envelope::error_body(error, request_id).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bindings::http_bindings;
+    use super::{RequestParts, request_message};
+    use crate::error::ErrorCode;
+
+    /// Found by the rest_transcoding fuzz target: a query parameter named like the path's field
+    /// replaced the path value, so `DELETE /api/v1/agents/A?agentId=B` deleted B.
+    #[test]
+    fn a_query_parameter_cannot_replace_the_path_value() {
+        let bindings = http_bindings(crate::proto::descriptor_pool()).expect("routes");
+        let delete_agent = bindings
+            .iter()
+            .find(|binding| binding.grpc_path == "/turbocat.v1.AgentService/DeleteAgent")
+            .expect("DeleteAgent");
+        let parts = |name: &str, value: &str| RequestParts {
+            path_values: vec![("p0".to_owned(), "a".to_owned())],
+            query_pairs: vec![(name.to_owned(), value.to_owned())],
+            if_match: None,
+        };
+        for name in ["agentId", "agent_id"] {
+            let error = request_message(
+                delete_agent,
+                &http::HeaderMap::new(),
+                &bytes::Bytes::new(),
+                parts(name, "b"),
+            )
+            .expect_err("refused");
+            assert_eq!(error.code, ErrorCode::ValidationError);
+            assert_eq!(error.field_errors[0].field, name);
+            assert_eq!(error.field_errors[0].message, "is given in the path");
+        }
+        let message = request_message(
+            delete_agent,
+            &http::HeaderMap::new(),
+            &bytes::Bytes::new(),
+            parts("version", "3"),
+        )
+        .expect("other parameters still work");
+        let agent_id = message.get_field_by_name("agent_id").expect("set");
+        assert_eq!(agent_id.as_str(), Some("a"));
+    }
 }
 
 /// Properties of the transcoder over every route of the contract: any body, query string or
