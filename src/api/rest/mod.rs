@@ -297,7 +297,12 @@ fn build_request_json(
             .get_field_by_json_name(key)
             .or_else(|| binding.input.get_field_by_name(key))
         else {
-            errors.push(FieldError::new(key.clone(), "unknown query parameter"));
+            // A parameter without a name (`?=x`) is reported on `query`: a field error always
+            // names a field (found by the rest_transcoding fuzz target).
+            match key.as_str() {
+                "" => errors.push(FieldError::new("query", "has a parameter without a name")),
+                _ => errors.push(FieldError::new(key.clone(), "unknown query parameter")),
+            }
             continue;
         };
         // The path names the resource: a query parameter may not name another one (found by
@@ -603,6 +608,27 @@ mod tests {
         .expect("other parameters still work");
         let agent_id = message.get_field_by_name("agent_id").expect("set");
         assert_eq!(agent_id.as_str(), Some("a"));
+    }
+
+    /// Found by the rest_transcoding fuzz target: `?=x` was refused on a field named "".
+    #[test]
+    fn a_query_parameter_without_a_name_is_refused_on_the_query() {
+        let bindings = http_bindings(crate::proto::descriptor_pool()).expect("routes");
+        let list_agents = bindings
+            .iter()
+            .find(|binding| binding.grpc_path == "/turbocat.v1.AgentService/ListAgents")
+            .expect("ListAgents");
+        let parts = RequestParts {
+            path_values: Vec::new(),
+            query_pairs: vec![(String::new(), "x".to_owned())],
+            if_match: None,
+        };
+        let error =
+            request_message(list_agents, &http::HeaderMap::new(), &bytes::Bytes::new(), parts)
+                .expect_err("refused");
+        assert_eq!(error.field_errors.len(), 1);
+        assert_eq!(error.field_errors[0].field, "query");
+        assert_eq!(error.field_errors[0].message, "has a parameter without a name");
     }
 }
 
