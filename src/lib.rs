@@ -8,6 +8,7 @@ pub mod bus;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod fuzzing;
 pub mod jq;
 pub mod mapping;
 pub mod outage;

@@ -81,7 +81,7 @@ impl RunnerInbox {
 }
 
 /// The lane of a message about one attempt; `None` for the others.
-fn lane_of(message: &pb::attach_request::Message) -> Option<usize> {
+pub(crate) fn lane_of(message: &pb::attach_request::Message) -> Option<usize> {
     use pb::attach_request::Message;
     let step = match message {
         Message::AssignmentAck(ack) => ack.step.as_ref(),
@@ -491,61 +491,7 @@ impl Engine {
     }
 
     fn completion_of(&self, outcome: Option<&pb::step_result::Outcome>) -> Completion {
-        use pb::step_result::Outcome;
-        match outcome {
-            Some(Outcome::Success(success)) => {
-                let output = success
-                    .output
-                    .as_ref()
-                    .map(crate::proto::wkt::value_to_json)
-                    .unwrap_or(serde_json::Value::Null);
-                if crate::proto::wkt::json_contains_nul(&output) {
-                    return Completion::Failed {
-                        error: "the output contains a NUL character (\\u0000), which cannot be \
-                                stored"
-                            .to_owned(),
-                        retryable: false,
-                    };
-                }
-                let depth = crate::proto::wkt::json_depth(&output);
-                if depth > self.settings.max_json_depth {
-                    return Completion::Failed {
-                        error: format!(
-                            "the output is nested {depth} levels deep, deeper than the limit of {}",
-                            self.settings.max_json_depth
-                        ),
-                        retryable: false,
-                    };
-                }
-                let size = output.to_string().len();
-                if size > self.settings.max_payload_bytes {
-                    return Completion::Failed {
-                        error: format!(
-                            "the output is {size} bytes, larger than the limit of {} bytes",
-                            self.settings.max_payload_bytes
-                        ),
-                        retryable: false,
-                    };
-                }
-                Completion::Succeeded { output }
-            }
-            Some(Outcome::Failure(failure)) => {
-                let kind =
-                    pb::FailureKind::try_from(failure.kind).unwrap_or(pb::FailureKind::Error);
-                let error = without_nul(
-                    &failure.error.chars().take(MAX_LOG_LINE_CHARS).collect::<String>(),
-                );
-                match kind {
-                    pb::FailureKind::Timeout => Completion::TimedOut,
-                    pb::FailureKind::Invalid => Completion::Failed { error, retryable: false },
-                    _ => Completion::Failed { error, retryable: failure.retryable },
-                }
-            }
-            None => Completion::Failed {
-                error: "the runner reported a result without an outcome".to_owned(),
-                retryable: true,
-            },
-        }
+        completion(outcome, self.settings.max_json_depth, self.settings.max_payload_bytes)
     }
 
     async fn record_logs(
@@ -627,6 +573,69 @@ impl Engine {
         let written = self.store.append_execution_logs(lines).await?;
         super::scheduler::publish_logs(self.bus.as_ref(), written).await;
         Ok(())
+    }
+}
+
+/// What a runner's reported outcome means for its attempt: an output that cannot be stored (a
+/// NUL character, nested deeper than `max_json_depth`, larger than `max_payload_bytes` as
+/// JSON) fails the attempt for good; an error is cut to `MAX_LOG_LINE_CHARS` without NULs.
+pub(crate) fn completion(
+    outcome: Option<&pb::step_result::Outcome>,
+    max_json_depth: usize,
+    max_payload_bytes: usize,
+) -> Completion {
+    use pb::step_result::Outcome;
+    match outcome {
+        Some(Outcome::Success(success)) => {
+            let output = success
+                .output
+                .as_ref()
+                .map(crate::proto::wkt::value_to_json)
+                .unwrap_or(serde_json::Value::Null);
+            if crate::proto::wkt::json_contains_nul(&output) {
+                return Completion::Failed {
+                    error: "the output contains a NUL character (\\u0000), which cannot be \
+                            stored"
+                        .to_owned(),
+                    retryable: false,
+                };
+            }
+            let depth = crate::proto::wkt::json_depth(&output);
+            if depth > max_json_depth {
+                return Completion::Failed {
+                    error: format!(
+                        "the output is nested {depth} levels deep, deeper than the limit of \
+                         {max_json_depth}"
+                    ),
+                    retryable: false,
+                };
+            }
+            let size = output.to_string().len();
+            if size > max_payload_bytes {
+                return Completion::Failed {
+                    error: format!(
+                        "the output is {size} bytes, larger than the limit of {max_payload_bytes} \
+                         bytes"
+                    ),
+                    retryable: false,
+                };
+            }
+            Completion::Succeeded { output }
+        }
+        Some(Outcome::Failure(failure)) => {
+            let kind = pb::FailureKind::try_from(failure.kind).unwrap_or(pb::FailureKind::Error);
+            let error =
+                without_nul(&failure.error.chars().take(MAX_LOG_LINE_CHARS).collect::<String>());
+            match kind {
+                pb::FailureKind::Timeout => Completion::TimedOut,
+                pb::FailureKind::Invalid => Completion::Failed { error, retryable: false },
+                _ => Completion::Failed { error, retryable: failure.retryable },
+            }
+        }
+        None => Completion::Failed {
+            error: "the runner reported a result without an outcome".to_owned(),
+            retryable: true,
+        },
     }
 }
 

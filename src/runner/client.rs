@@ -32,13 +32,13 @@ const LOG_BATCH_LINES: usize = 200;
 /// How long log lines wait to be batched.
 const LOG_BATCH_DELAY: Duration = Duration::from_millis(200);
 /// Room left in every message for its framing and the fields around a payload.
-const MESSAGE_OVERHEAD_BYTES: usize = 1024;
+pub(crate) const MESSAGE_OVERHEAD_BYTES: usize = 1024;
 /// The deepest output a runner sends, in protobuf levels (`wkt::json_proto_depth`): with the
 /// envelope (request, result, success) it stays below the decoders' limit of 100. The
 /// server's own limit (`--max-json-depth`) fails outputs deeper than it with its own message.
 const MAX_SENDABLE_PROTO_DEPTH: usize = 96;
 /// The smallest message limit the runner works with, whatever is announced.
-const MIN_MESSAGE_BYTES: usize = 4 * 1024;
+pub(crate) const MIN_MESSAGE_BYTES: usize = 4 * 1024;
 /// The first pause once every server failed in a row; it doubles up to `MAX_BACKOFF`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -593,7 +593,7 @@ async fn run_attempt(
 
 /// A result that fits in a message of `limit` bytes: an output too large to send becomes a
 /// failure that says so (the stream would break on it otherwise), an overlong error is cut.
-fn fit_result(mut result: pb::StepResult, limit: usize) -> pb::StepResult {
+pub(crate) fn fit_result(mut result: pb::StepResult, limit: usize) -> pb::StepResult {
     let budget = limit.saturating_sub(MESSAGE_OVERHEAD_BYTES);
     let size = result.encoded_len();
     if size <= budget {

@@ -263,13 +263,13 @@ fn check_config(
 }
 
 /// What a request's trigger asks for, before a webhook secret is chosen.
-enum RequestedTrigger {
+pub(crate) enum RequestedTrigger {
     Manual,
     Cron { expression: String, timezone: String },
     Webhook,
 }
 
-fn check_trigger(
+pub(crate) fn check_trigger(
     validator: &mut Validator,
     trigger: Option<&pb::DeploymentTrigger>,
     cron_floor: std::time::Duration,
@@ -1166,7 +1166,7 @@ pub struct WebhookCall<'a> {
 const MAX_DELIVERY_ID_CHARS: usize = 200;
 
 /// A webhook body as the trigger's input: a JSON object; empty (or only whitespace) is `{}`.
-fn webhook_input(body: &[u8], max_depth: usize) -> ServiceResult<Value> {
+pub(crate) fn webhook_input(body: &[u8], max_depth: usize) -> ServiceResult<Value> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }
@@ -1188,7 +1188,7 @@ fn webhook_input(body: &[u8], max_depth: usize) -> ServiceResult<Value> {
 /// Checks a webhook call's signature, timestamp and delivery id against `secret`; UNAUTHORIZED
 /// (naming the header at fault) unless all three hold and the timestamp lies within
 /// `tolerance` of `now`.
-fn verify_webhook_call(
+pub(crate) fn verify_webhook_call(
     secret: &str,
     call: &WebhookCall<'_>,
     tolerance: std::time::Duration,

@@ -211,15 +211,17 @@ async fn path_values(
     Ok(params.iter().map(|(name, value)| (name.to_owned(), value.to_owned())).collect())
 }
 
-struct RequestParts {
-    path_values: Vec<(String, String)>,
-    query_pairs: Vec<(String, String)>,
-    if_match: Option<String>,
+/// What a request carries besides its body: the path values by route name (`p0`, …), the
+/// decoded query pairs and `If-Match`.
+pub(crate) struct RequestParts {
+    pub(crate) path_values: Vec<(String, String)>,
+    pub(crate) query_pairs: Vec<(String, String)>,
+    pub(crate) if_match: Option<String>,
 }
 
 /// The RPC's request message from the body, the path values, the query and `If-Match`; every
 /// problem is a 4xx naming its field (a body that is not JSON, a wrong content type).
-fn request_message(
+pub(crate) fn request_message(
     binding: &HttpBinding,
     headers: &http::HeaderMap,
     body_bytes: &Bytes,
@@ -295,9 +297,22 @@ fn build_request_json(
             .get_field_by_json_name(key)
             .or_else(|| binding.input.get_field_by_name(key))
         else {
-            errors.push(FieldError::new(key.clone(), "unknown query parameter"));
+            // A parameter without a name (`?=x`) is reported on `query`: a field error always
+            // names a field (found by the rest_transcoding fuzz target).
+            match key.as_str() {
+                "" => errors.push(FieldError::new("query", "has a parameter without a name")),
+                _ => errors.push(FieldError::new(key.clone(), "unknown query parameter")),
+            }
             continue;
         };
+        // The path names the resource: a query parameter may not name another one (found by
+        // the rest_transcoding fuzz target: `DELETE /agents/A?agentId=B` deleted B).
+        if binding.path_variables.iter().any(|variable| {
+            variable.field_path.first().is_some_and(|first| first.as_str() == field.name())
+        }) {
+            errors.push(FieldError::new(key.clone(), "is given in the path"));
+            continue;
+        }
         match json::scalar_from_text(&field, text, key) {
             Ok(value) if field.is_list() => {
                 let entry = root
@@ -550,6 +565,71 @@ fn event_stream(
 
 fn error_event(error: &ServiceError, request_id: &str) -> Event {
     Event::default().event("error").data(envelope::error_body(error, request_id).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bindings::http_bindings;
+    use super::{RequestParts, request_message};
+    use crate::error::ErrorCode;
+
+    /// Found by the rest_transcoding fuzz target: a query parameter named like the path's field
+    /// replaced the path value, so `DELETE /api/v1/agents/A?agentId=B` deleted B.
+    #[test]
+    fn a_query_parameter_cannot_replace_the_path_value() {
+        let bindings = http_bindings(crate::proto::descriptor_pool()).expect("routes");
+        let delete_agent = bindings
+            .iter()
+            .find(|binding| binding.grpc_path == "/turbocat.v1.AgentService/DeleteAgent")
+            .expect("DeleteAgent");
+        let parts = |name: &str, value: &str| RequestParts {
+            path_values: vec![("p0".to_owned(), "a".to_owned())],
+            query_pairs: vec![(name.to_owned(), value.to_owned())],
+            if_match: None,
+        };
+        for name in ["agentId", "agent_id"] {
+            let error = request_message(
+                delete_agent,
+                &http::HeaderMap::new(),
+                &bytes::Bytes::new(),
+                parts(name, "b"),
+            )
+            .expect_err("refused");
+            assert_eq!(error.code, ErrorCode::ValidationError);
+            assert_eq!(error.field_errors[0].field, name);
+            assert_eq!(error.field_errors[0].message, "is given in the path");
+        }
+        let message = request_message(
+            delete_agent,
+            &http::HeaderMap::new(),
+            &bytes::Bytes::new(),
+            parts("version", "3"),
+        )
+        .expect("other parameters still work");
+        let agent_id = message.get_field_by_name("agent_id").expect("set");
+        assert_eq!(agent_id.as_str(), Some("a"));
+    }
+
+    /// Found by the rest_transcoding fuzz target: `?=x` was refused on a field named "".
+    #[test]
+    fn a_query_parameter_without_a_name_is_refused_on_the_query() {
+        let bindings = http_bindings(crate::proto::descriptor_pool()).expect("routes");
+        let list_agents = bindings
+            .iter()
+            .find(|binding| binding.grpc_path == "/turbocat.v1.AgentService/ListAgents")
+            .expect("ListAgents");
+        let parts = RequestParts {
+            path_values: Vec::new(),
+            query_pairs: vec![(String::new(), "x".to_owned())],
+            if_match: None,
+        };
+        let error =
+            request_message(list_agents, &http::HeaderMap::new(), &bytes::Bytes::new(), parts)
+                .expect_err("refused");
+        assert_eq!(error.field_errors.len(), 1);
+        assert_eq!(error.field_errors[0].field, "query");
+        assert_eq!(error.field_errors[0].message, "has a parameter without a name");
+    }
 }
 
 /// Properties of the transcoder over every route of the contract: any body, query string or

@@ -48,15 +48,25 @@ pub struct StepWork {
     pub llm_keys: std::sync::Arc<llm::LlmKeyPolicy>,
 }
 
+/// The furthest ahead an assignment's deadline is taken to be: a year, as good as none.
+const MAX_DEADLINE_AHEAD: Duration = Duration::from_secs(365 * 24 * 3600);
+
 impl StepWork {
     /// The deadline of an assignment (wall-clock time) as a monotonic instant; a deadline in the
-    /// past becomes "now".
+    /// past becomes "now", one further ahead than `MAX_DEADLINE_AHEAD` (or past what a clock
+    /// holds) that far, and nanoseconds out of range count as none. Never panics, whatever the
+    /// timestamp (found while writing the runner_protocol fuzz target: a deadline near the end
+    /// of time with 2 s of nanoseconds overflowed the clock).
     pub fn deadline_from_timestamp(deadline: &prost_types::Timestamp) -> Instant {
+        let now = Instant::now();
         let seconds = u64::try_from(deadline.seconds).unwrap_or(0);
-        let nanos = u32::try_from(deadline.nanos).unwrap_or(0);
-        let wall = SystemTime::UNIX_EPOCH + Duration::new(seconds, nanos);
-        let remaining = wall.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
-        Instant::now() + remaining
+        let nanos =
+            u32::try_from(deadline.nanos).ok().filter(|nanos| *nanos < 1_000_000_000).unwrap_or(0);
+        let remaining = match SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos)) {
+            Some(wall) => wall.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO),
+            None => MAX_DEADLINE_AHEAD,
+        };
+        now.checked_add(remaining.min(MAX_DEADLINE_AHEAD)).unwrap_or(now)
     }
 }
 
@@ -417,6 +427,40 @@ pub(crate) fn describe_duration(duration: Duration) -> String {
 mod tests {
     use super::*;
     use crate::text::truncate_text;
+
+    /// Found while writing the runner_protocol fuzz target: any timestamp becomes an instant
+    /// without a panic (it used to overflow the clock near the end of time).
+    #[test]
+    fn any_deadline_becomes_an_instant() {
+        let now = Instant::now();
+        let year = MAX_DEADLINE_AHEAD;
+        for (seconds, nanos) in [
+            (i64::MAX, i32::MAX),
+            (i64::MAX, 999_999_999),
+            (i64::MAX, -1),
+            (i64::MIN, i32::MIN),
+            (0, i32::MAX),
+            (-1, 0),
+        ] {
+            let deadline =
+                StepWork::deadline_from_timestamp(&prost_types::Timestamp { seconds, nanos });
+            assert!(deadline >= now, "{seconds} {nanos}");
+            assert!(deadline <= Instant::now() + year, "{seconds} {nanos}");
+        }
+        let far = StepWork::deadline_from_timestamp(&prost_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: i32::MAX,
+        });
+        assert!(far >= now + year, "the end of time is as good as no deadline");
+        let in_a_minute = SystemTime::now() + Duration::from_secs(60);
+        let since_epoch = in_a_minute.duration_since(SystemTime::UNIX_EPOCH).expect("after 1970");
+        let deadline = StepWork::deadline_from_timestamp(&prost_types::Timestamp {
+            seconds: i64::try_from(since_epoch.as_secs()).expect("fits"),
+            nanos: 0,
+        });
+        let ahead = deadline - now;
+        assert!(ahead > Duration::from_secs(55) && ahead <= Duration::from_secs(61), "{ahead:?}");
+    }
 
     #[test]
     fn limits_take_defaults_for_zero_and_missing_values() {
