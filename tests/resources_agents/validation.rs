@@ -140,6 +140,44 @@ fn bad_agents(other_users_workflow: &str) -> Vec<(&'static str, Value, Vec<&'sta
             ],
         ),
         (
+            "api URL too long",
+            api_config(
+                json!({ "urlTemplate": format!("https://example.com/{}", "a".repeat(2_048)) }),
+            ),
+            vec!["config.api.urlTemplate"],
+        ),
+        (
+            "api too many headers",
+            api_config(json!({
+                "headers": (0..51).map(|n| (format!("X-H{n}"), json!("v"))).collect::<serde_json::Map<_, _>>(),
+            })),
+            vec!["config.api.headers"],
+        ),
+        (
+            "api header values with a line break or too long",
+            api_config(json!({ "headers": { "X-A": "a\r\nb", "X-B": "b".repeat(8 * 1024 + 1) } })),
+            vec!["config.api.headers.X-A", "config.api.headers.X-B"],
+        ),
+        (
+            "api body template too big, timeout under a millisecond",
+            api_config(json!({ "bodyTemplate": "x".repeat(256 * 1024 + 1), "timeout": "0s" })),
+            vec!["config.api.bodyTemplate", "config.api.timeout"],
+        ),
+        (
+            "llm base URL, prompt and system prompt too long",
+            llm_config(json!({
+                "baseUrl": format!("https://example.com/{}", "a".repeat(2_048)),
+                "promptTemplate": "p".repeat(256 * 1024 + 1),
+                "systemPrompt": "s".repeat(256 * 1024 + 1),
+            })),
+            vec!["config.llm.baseUrl", "config.llm.promptTemplate", "config.llm.systemPrompt"],
+        ),
+        (
+            "llm without a base URL",
+            llm_config(json!({ "baseUrl": "" })),
+            vec!["config.llm.baseUrl"],
+        ),
+        (
             "llm key reference in lower case",
             llm_config(json!({ "apiKeyRef": "env:openai_key" })),
             vec!["config.llm.apiKeyRef"],
