@@ -634,7 +634,9 @@ const WEBHOOK_TOLERANCE: std::time::Duration = std::time::Duration::from_secs(30
 /// changed byte or another secret is refused; the checks never panic.
 pub fn webhook_signature(data: &[u8]) {
     use crate::service::deployments::{WebhookCall, verify_webhook_call, webhook_input};
-    use crate::service::signing::{SIGNATURE_PREFIX, sign, signature_matches, signed_payload};
+    use crate::service::signing::{
+        SIGNATURE_PREFIX, payload_readings, sign, signature_matches, signed_payload,
+    };
 
     let mut fields = data.splitn(5, |byte| *byte == b'\n');
     let mut next_text = || fields.next().map(|field| std::str::from_utf8(field).ok());
@@ -692,35 +694,20 @@ pub fn webhook_signature(data: &[u8]) {
         return;
     }
     // No other split of the signed bytes into timestamp, delivery id and body passes.
-    let dots: Vec<usize> = payload
-        .iter()
-        .enumerate()
-        .filter_map(|(position, byte)| (*byte == b'.').then_some(position))
-        .take(64)
-        .collect();
-    for (rank, first) in dots.iter().enumerate() {
-        for second in &dots[rank + 1..] {
-            let (Ok(other_timestamp), Ok(other_delivery)) = (
-                std::str::from_utf8(&payload[..*first]),
-                std::str::from_utf8(&payload[first + 1..*second]),
-            ) else {
-                continue;
-            };
-            let other_body = &payload[second + 1..];
-            if (other_timestamp, other_delivery, other_body) == (timestamp, delivery, body) {
-                continue;
-            }
-            let other = WebhookCall {
-                signature: Some(signature.as_str()),
-                timestamp: Some(other_timestamp),
-                delivery: Some(other_delivery),
-                body: other_body,
-            };
-            assert!(
-                !accepted(&other),
-                "{other_timestamp:?} {other_delivery:?} passes as {timestamp:?} {delivery:?}"
-            );
+    for (other_timestamp, other_delivery, other_body) in payload_readings(&payload, 64) {
+        if (other_timestamp, other_delivery, other_body) == (timestamp, delivery, body) {
+            continue;
         }
+        let other = WebhookCall {
+            signature: Some(signature.as_str()),
+            timestamp: Some(other_timestamp),
+            delivery: Some(other_delivery),
+            body: other_body,
+        };
+        assert!(
+            !accepted(&other),
+            "{other_timestamp:?} {other_delivery:?} passes as {timestamp:?} {delivery:?}"
+        );
     }
 }
 

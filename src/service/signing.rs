@@ -38,6 +38,30 @@ pub fn signed_payload(timestamp: &str, delivery: &str, body: &[u8]) -> Vec<u8> {
     payload
 }
 
+/// Every reading of `payload` as `<timestamp>.<delivery id>.<body>` with text parts in UTF-8,
+/// splitting at any two of its first `max_dots` dots: what a signed payload could be taken for.
+/// The checks that no other accepted call shares a call's signed bytes walk these.
+pub fn payload_readings(payload: &[u8], max_dots: usize) -> Vec<(&str, &str, &[u8])> {
+    let dots: Vec<usize> = payload
+        .iter()
+        .enumerate()
+        .filter_map(|(position, byte)| (*byte == b'.').then_some(position))
+        .take(max_dots)
+        .collect();
+    let mut readings = Vec::new();
+    for (rank, first) in dots.iter().enumerate() {
+        for second in &dots[rank + 1..] {
+            if let (Ok(timestamp), Ok(delivery)) = (
+                std::str::from_utf8(&payload[..*first]),
+                std::str::from_utf8(&payload[first + 1..*second]),
+            ) {
+                readings.push((timestamp, delivery, &payload[second + 1..]));
+            }
+        }
+    }
+    readings
+}
+
 /// The `X-Turbocat-Signature` value of `payload`: `sha256=` and the lowercase hex HMAC-SHA256
 /// keyed with the text of `secret`.
 pub fn sign(secret: &str, payload: &[u8]) -> String {

@@ -1083,7 +1083,6 @@ struct AgentStepCountRow {
     failed: i64,
 }
 
-/// Names the unique constraint an execution insert tripped over, the same on both backends.
 /// The condition under which a step run may move on from PENDING at the time in `at` (a column
 /// of the statement's `VALUES` list `v`): it is due, and its execution is live and not being
 /// cancelled.
@@ -1097,6 +1096,7 @@ fn pending_and_due_in_a_live_execution(at: &str) -> String {
     )
 }
 
+/// Names the unique constraint an execution insert tripped over, the same on both backends.
 fn name_execution_conflict(error: StoreError) -> StoreError {
     let StoreError::AlreadyExists(constraint) = error else { return error };
     if constraint.contains("step_key") {
