@@ -229,8 +229,46 @@ pub fn pinned_client(url: &Url, addresses: &[SocketAddr]) -> Result<reqwest::Cli
     pinned_client_as(url, addresses, concat!("turbocat-runner/", env!("CARGO_PKG_VERSION")))
 }
 
-/// [`pinned_client`] sending `user_agent`.
+/// How many clients [`pinned_client_as`] keeps for reuse.
+const KEPT_CLIENTS: usize = 256;
+
+/// A kept client's key: the URL's host, the addresses it is pinned to (sorted) and its user
+/// agent.
+type ClientKey = (String, Vec<SocketAddr>, String);
+
+/// [`pinned_client`] sending `user_agent`. Clients are kept by host, addresses and user agent,
+/// so that calls to the same place reuse one client: its open connections (keep-alive) and its
+/// TLS setup, which building a client for every call cost (a new connection and a few
+/// milliseconds a call). A DNS answer that changed makes another key, so a kept client still
+/// only reaches addresses vetted for the call at hand. At most `KEPT_CLIENTS` are kept (all
+/// are dropped when that many are).
 pub fn pinned_client_as(
+    url: &Url,
+    addresses: &[SocketAddr],
+    user_agent: &str,
+) -> Result<reqwest::Client, String> {
+    static KEPT: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<ClientKey, reqwest::Client>>,
+    > = std::sync::OnceLock::new();
+    let kept = KEPT.get_or_init(Default::default);
+    let mut pinned = addresses.to_vec();
+    pinned.sort_unstable();
+    pinned.dedup();
+    let key = (url.host_str().unwrap_or_default().to_owned(), pinned, user_agent.to_owned());
+    if let Some(client) = kept.lock().ok().and_then(|kept| kept.get(&key).cloned()) {
+        return Ok(client);
+    }
+    let client = build_pinned_client(url, addresses, user_agent)?;
+    if let Ok(mut kept) = kept.lock() {
+        if kept.len() >= KEPT_CLIENTS {
+            kept.clear();
+        }
+        kept.insert(key, client.clone());
+    }
+    Ok(client)
+}
+
+fn build_pinned_client(
     url: &Url,
     addresses: &[SocketAddr],
     user_agent: &str,
@@ -348,5 +386,64 @@ mod tests {
         assert_eq!(allowed, vec!["127.0.0.1:8080".parse().unwrap()]);
         let metadata = vet_url(&Url::parse("http://169.254.169.254/").unwrap(), true).await;
         assert!(matches!(metadata, Err(SsrfError::Refused { class: "cloud metadata", .. })));
+    }
+
+    /// A loopback HTTP/1.1 server answering every request `ok` on a kept-alive connection;
+    /// counts the connections it accepted.
+    async fn counting_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buffer = [0_u8; 1024];
+                    while let Ok(read) = socket.read(&mut buffer).await {
+                        if read == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buffer[..read]);
+                        while let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                            request.drain(..end + 4);
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if socket.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (address, accepted)
+    }
+
+    #[tokio::test]
+    async fn calls_to_the_same_place_share_a_client_and_its_connection() {
+        let (address, accepted) = counting_server().await;
+        let url = Url::parse(&format!("http://localhost:{}/step", address.port())).unwrap();
+        for _ in 0..3 {
+            let client = pinned_client(&url, &[address]).unwrap();
+            let body = client.get(url.clone()).send().await.unwrap().text().await.unwrap();
+            assert_eq!(body, "ok");
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one kept-alive connection"
+        );
+
+        // Pinned elsewhere (another vetted answer), or sent as someone else: another client.
+        let (other, other_accepted) = counting_server().await;
+        let moved = Url::parse(&format!("http://localhost:{}/step", other.port())).unwrap();
+        let client = pinned_client(&moved, &[other]).unwrap();
+        assert_eq!(client.get(moved.clone()).send().await.unwrap().text().await.unwrap(), "ok");
+        assert_eq!(other_accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let webhook = pinned_client_as(&url, &[address], "turbocat-alerts").unwrap();
+        webhook.get(url.clone()).send().await.unwrap();
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2, "its own connection");
     }
 }
