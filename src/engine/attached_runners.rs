@@ -197,8 +197,36 @@ impl AttachedRunner {
     /// Takes a slot for `key`; `false` when no slot is free (the dispatcher raced itself) or
     /// the runner holds `key` already.
     pub fn hold(&self, key: AttemptKey, execution_id: Uuid, deadline: DateTime<Utc>) -> bool {
+        self.hold_in_place_of(None, key, execution_id, deadline)
+    }
+
+    /// `hold` for a step that becomes ready with the result of `done`, an attempt this runner
+    /// holds and has reported on: `done`'s slot counts as free (the runner freed it when it
+    /// sent the result; the server frees it once the result is committed), so the step can
+    /// take it over.
+    pub fn hold_after(
+        &self,
+        done: AttemptKey,
+        key: AttemptKey,
+        execution_id: Uuid,
+        deadline: DateTime<Utc>,
+    ) -> bool {
+        self.hold_in_place_of(Some(done), key, execution_id, deadline)
+    }
+
+    fn hold_in_place_of(
+        &self,
+        done: Option<AttemptKey>,
+        key: AttemptKey,
+        execution_id: Uuid,
+        deadline: DateTime<Utc>,
+    ) -> bool {
         let Ok(mut state) = self.state.lock() else { return false };
-        if state.draining || state.held.len() >= self.capacity || state.held.contains_key(&key) {
+        let freed = usize::from(done.is_some_and(|done| state.held.contains_key(&done)));
+        if state.draining
+            || state.held.len() - freed >= self.capacity
+            || state.held.contains_key(&key)
+        {
             return false;
         }
         let held = HeldStep {
@@ -508,7 +536,23 @@ mod tests {
         );
         assert!(registry.pick(&place(user, "CODE", &eu)).is_none(), "no free slot");
         assert!(registry.any_accepts(&place(user, "CODE", &eu)));
+        let next = AttemptKey { step_run_id: Uuid::new_v4(), attempt: 1 };
+        let stranger = AttemptKey { step_run_id: Uuid::new_v4(), attempt: 1 };
+        assert!(
+            !mine.hold_after(stranger, next, Uuid::new_v4(), Utc::now()),
+            "an attempt it does not hold frees no slot"
+        );
+        assert!(
+            mine.hold_after(key, next, Uuid::new_v4(), Utc::now()),
+            "the slot of the attempt it reported on"
+        );
+        assert!(
+            !mine.hold_after(key, stranger, Uuid::new_v4(), Utc::now()),
+            "that slot is taken over once"
+        );
         assert!(mine.release(key));
+        assert_eq!(mine.free_slots(), 0, "the step that took the slot over holds it");
+        assert!(mine.release(next));
         assert_eq!(mine.free_slots(), 1);
         mine.set_draining();
         assert_eq!(mine.free_slots(), 0, "a draining runner takes nothing");

@@ -113,13 +113,21 @@ impl Engine {
         let mut failure = None;
         let items = self.queue.peek(PEEK_BATCH).await?;
         let peeked = items.len();
+        // The most urgent entry left waiting for a slot of a runner here (entries come most
+        // urgent first, so the first one found is it).
+        let mut waiting = None;
         for item in items {
             let placement = Placement {
                 owner_id: item.owner_id,
                 agent_type: &item.agent_type,
                 required_labels: &item.required_labels,
             };
-            let Some(runner) = self.attached_runners.pick(&placement) else { continue };
+            let Some(runner) = self.attached_runners.pick(&placement) else {
+                if waiting.is_none() && self.attached_runners.any_accepts(&placement) {
+                    waiting = Some(item.priority);
+                }
+                continue;
+            };
             let key = attempt_of(&item);
             if runner.held(key).is_some() {
                 // The runner holds this very attempt: the entry is a late duplicate (offered
@@ -132,6 +140,7 @@ impl Engine {
             let provisional = Utc::now() + chrono::Duration::seconds(30);
             if !runner.hold(key, item.execution_id, provisional) {
                 // The slot went meanwhile (the runner started draining): the next pass.
+                waiting.get_or_insert(item.priority);
                 continue;
             }
             placing.push(self.place(runner, item));
@@ -144,6 +153,10 @@ impl Engine {
         while let Some(placed) = placing.next().await {
             tally(placed, &mut assigned, &mut failure);
         }
+        self.waiting_priority.store(
+            waiting.unwrap_or(crate::queue::MIN_PRIORITY),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         for duplicate in duplicates {
             self.queue.remove(duplicate).await?;
         }

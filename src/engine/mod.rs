@@ -174,11 +174,13 @@ pub struct Engine {
         Option<serde_json::Value>,
         crate::store::StepAssignment,
     )>,
-    /// Results of attempts, with the steps they make ready, committed in groups.
-    completing: group_commit::GroupCommit<
-        (crate::store::FinishedAttempt, Vec<crate::store::NextStep>),
-        scheduler::Completed,
-    >,
+    /// Results of attempts, with the steps they make ready or the execution they end,
+    /// committed in groups.
+    completing: group_commit::GroupCommit<scheduler::Completing, scheduler::Completed>,
+    /// The highest priority of queue entries this replica last saw waiting for a slot (as
+    /// of the dispatcher's last pass and its own enqueues since): a step only takes over the
+    /// slot its predecessor freed when it is at least as urgent (`take_over_slot`).
+    waiting_priority: std::sync::atomic::AtomicI32,
     /// Cancelled when the process shuts down: the loops end after their current pass.
     stopping: tokio_util::sync::CancellationToken,
     /// Executions this process finished, for `finished_executions`.
@@ -210,13 +212,20 @@ impl Engine {
         }));
         let store = parts.store.clone();
         let bus = parts.bus.clone();
-        let completing = group_commit::GroupCommit::start(Arc::new(
-            move |batch: Vec<(crate::store::FinishedAttempt, Vec<crate::store::NextStep>)>| {
+        let completing =
+            group_commit::GroupCommit::start(Arc::new(move |batch: Vec<scheduler::Completing>| {
                 let (store, bus) = (store.clone(), bus.clone());
                 Box::pin(async move {
-                    let (finished, next): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                    let next: Vec<crate::store::NextStep> = next.into_iter().flatten().collect();
-                    let mut completed = store.complete_steps_then(&finished, &next).await?;
+                    let mut finished = Vec::with_capacity(batch.len());
+                    let mut next = Vec::new();
+                    let mut finishing = Vec::new();
+                    for completing in batch {
+                        finished.push(completing.result);
+                        next.extend(completing.next);
+                        finishing.extend(completing.finishing);
+                    }
+                    let mut completed =
+                        store.complete_steps_then(&finished, &next, &finishing).await?;
                     // The lines that travelled with a result reach watchers in its event; those
                     // of a result the store refused, now.
                     let applied: std::collections::HashSet<crate::store::AttemptKey> = completed
@@ -229,10 +238,9 @@ impl Engine {
                             scheduler::log_attempt(line).is_some_and(|key| applied.contains(&key))
                         });
                     scheduler::publish_logs(bus.as_ref(), alone).await;
-                    Ok(scheduler::completed_per_result(completed, &next, with_results))
+                    Ok(scheduler::completed_per_result(completed, &next, &finishing, with_results))
                 })
-            },
-        ));
+            }));
         Arc::new(Self {
             handing,
             completing,
@@ -248,6 +256,7 @@ impl Engine {
             runner_directory: parts.runner_directory,
             child_workflows: OnceLock::new(),
             definitions: definition::DefinitionCache::new(DEFINITION_CACHE_CAPACITY),
+            waiting_priority: std::sync::atomic::AtomicI32::new(crate::queue::MIN_PRIORITY),
             stopping: tokio_util::sync::CancellationToken::new(),
             finished: tokio::sync::broadcast::channel(FINISHED_EXECUTIONS_CAPACITY).0,
         })

@@ -377,7 +377,9 @@ impl Engine {
                         .complete_attempt(key, Completion::Failed { error, retryable: false })
                         .await;
                 }
-                if runner.release(key) {
+                // A step that took the slot over (`take_over_slot`) leaves none free: the
+                // dispatcher need not look.
+                if runner.release(key) && runner.free_slots() > 0 {
                     self.attached_runners.capacity_changed.notify_waiters();
                 }
                 outcome?;

@@ -22,8 +22,8 @@ use crate::proto::v1 as pb;
 use crate::queue::{QueueError, QueueItem};
 use crate::store::{
     AttemptKey, Completion, CompletionOutcome, Execution, ExecutionChange, ExecutionLog,
-    ExecutionStatus, FinishedAttempt, InFlightStepRun, NewExecutionLog, NextStep, OwnerScope,
-    StepRun, StepRunStatus, StepTransitionOutcome,
+    ExecutionStatus, FinishedAttempt, FinishingExecution, InFlightStepRun, NewExecutionLog,
+    NextStep, OwnerScope, StepRun, StepRunStatus, StepTransitionOutcome,
 };
 
 /// What the commit of a result did for its caller: the step run as it ended, the steps it
@@ -33,6 +33,17 @@ pub struct Completed {
     pub step_run: StepRun,
     pub next: Vec<StepRun>,
     pub logs: Vec<ExecutionLog>,
+    /// Whether the same commit finished the execution (`FinishingExecution`).
+    pub finished_execution: bool,
+}
+
+/// A result handed to the group commit, with what its commit is to do when it is a success:
+/// move the steps it makes ready on (`next`), or end its execution (`finishing`).
+#[derive(Clone)]
+pub struct Completing {
+    pub result: FinishedAttempt,
+    pub next: Vec<NextStep>,
+    pub finishing: Option<FinishingExecution>,
 }
 
 /// The attempt a log line is about, when it names one.
@@ -51,8 +62,14 @@ impl super::group_commit::Changed for Completed {
 pub(super) fn completed_per_result(
     completed: crate::store::CompletedSteps,
     next: &[NextStep],
+    finishing: &[FinishingExecution],
     logs: Vec<ExecutionLog>,
 ) -> Vec<Completed> {
+    let ended: std::collections::HashSet<AttemptKey> = finishing
+        .iter()
+        .filter(|finish| completed.finished.contains(&finish.execution_id))
+        .map(|finish| finish.after)
+        .collect();
     let after: HashMap<AttemptKey, AttemptKey> =
         next.iter().map(|step| (step.key, step.after)).collect();
     let mut moved: HashMap<AttemptKey, Vec<StepRun>> = HashMap::new();
@@ -74,7 +91,8 @@ pub(super) fn completed_per_result(
             let key = step_run.attempt_key();
             let next = moved.remove(&key).unwrap_or_default();
             let logs = lines.remove(&key).unwrap_or_default();
-            Completed { step_run, next, logs }
+            let finished_execution = ended.contains(&key);
+            Completed { step_run, next, logs, finished_execution }
         })
         .collect()
 }
@@ -534,7 +552,8 @@ impl Engine {
             let runner = self
                 .attached_runners
                 .pick(&placement)
-                .filter(|runner| runner.hold(key, execution_id, provisional));
+                .filter(|runner| runner.hold(key, execution_id, provisional))
+                .or_else(|| self.take_over_slot(done, &placement, item.priority, key, provisional));
             let runner = match runner {
                 None => None,
                 Some(runner) => {
@@ -562,6 +581,61 @@ impl Engine {
             planned.push(PlannedStep { request, item, runner });
         }
         Some(planned)
+    }
+
+    /// The end of the execution that the success of `done` (its row as this process assigned
+    /// it) with `output` brings, worked out before that success is committed so that the same
+    /// commit records it (with the facts it was decided on): when `done` is the workflow's
+    /// only sink, of a top-level execution within its deadline that this process keeps. The
+    /// store then finishes it only if every other step succeeded and no cancel was requested
+    /// (as `advance_after_success` does after the commit otherwise).
+    fn plan_finish(
+        &self,
+        done: &StepRun,
+        output: &Value,
+        now: DateTime<Utc>,
+    ) -> Option<(FinishingExecution, FixedFacts)> {
+        let (definition, facts) = self.definitions.known(done.execution_id)?;
+        let in_time = facts.deadline_at.is_none_or(|deadline| deadline > now);
+        let last = successors_of(&definition, &done.step_key).is_empty()
+            && definition.sink_keys() == [done.step_key.as_str()];
+        if facts.depth != 0 || !in_time || !last {
+            return None;
+        }
+        let change = ExecutionChange {
+            output: Some(output.clone()),
+            finished_at: Some(now),
+            only_when_every_step_succeeded: true,
+            ..ExecutionChange::new(ExecutionStatus::Succeeded, now)
+        };
+        let finish = FinishingExecution {
+            after: done.attempt_key(),
+            execution_id: done.execution_id,
+            change,
+        };
+        Some((finish, facts))
+    }
+
+    /// The slot of `done` on the runner that ran it, held for `key` (a step that became ready
+    /// with `done`'s result) when no runner here has a free slot: the runner freed that slot
+    /// when it sent the result, so an execution that is running goes on there rather than
+    /// waiting behind work queued later. Not while this replica last saw the queue hold work
+    /// of a higher priority than `priority`, which the freed slot goes to instead.
+    fn take_over_slot(
+        &self,
+        done: &StepRun,
+        placement: &crate::engine::attached_runners::Placement<'_>,
+        priority: i32,
+        key: AttemptKey,
+        provisional: DateTime<Utc>,
+    ) -> Option<Arc<super::attached_runners::AttachedRunner>> {
+        if priority < self.waiting_priority.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let runner = self.attached_runners.get(done.runner_id.as_deref()?)?;
+        let taken = runner.accepts(placement)
+            && runner.hold_after(done.attempt_key(), key, done.execution_id, provisional);
+        taken.then_some(runner)
     }
 
     /// Frees the slots held for planned steps that were not moved on.
@@ -705,29 +779,37 @@ impl Engine {
             Completion::TimedOut => true,
             Completion::Succeeded { .. } | Completion::Cancelled => false,
         };
-        let planned = match (&completion, assigned) {
+        let (planned, finishing) = match (&completion, assigned) {
             (Completion::Succeeded { output }, Some(done)) if done.attempt_key() == key => {
-                self.plan_next(done, output, now)
+                match self.plan_next(done, output, now) {
+                    Some(planned) => (Some(planned), None),
+                    None => (None, self.plan_finish(done, output, now)),
+                }
             }
-            _ => None,
+            _ => (None, None),
         };
         let next: Vec<NextStep> =
             planned.iter().flatten().map(|step| step.request.clone()).collect();
-        let finished = FinishedAttempt { key, completion, started_at, finished_at: now, logs };
-        let committed = match self.completing.submit(key, (finished, next)).await {
+        let result = FinishedAttempt { key, completion, started_at, finished_at: now, logs };
+        let request = Completing {
+            result,
+            next,
+            finishing: finishing.as_ref().map(|(finish, _)| finish.clone()),
+        };
+        let committed = match self.completing.submit(key, request).await {
             Ok(committed) => committed,
             Err(error) => {
                 self.release_planned(planned.as_deref().unwrap_or_default());
                 return Err(error.into());
             }
         };
-        let (outcome, moved, lines) = match committed {
-            Some(Completed { step_run, next, logs }) => {
-                (CompletionOutcome::Applied(step_run), next, logs)
+        let (outcome, moved, lines, finished_execution) = match committed {
+            Some(Completed { step_run, next, logs, finished_execution }) => {
+                (CompletionOutcome::Applied(step_run), next, logs, finished_execution)
             }
             None => {
                 self.release_planned(planned.as_deref().unwrap_or_default());
-                (self.store.refused_completion(key).await?, Vec::new(), Vec::new())
+                (self.store.refused_completion(key).await?, Vec::new(), Vec::new(), false)
             }
         };
         let CompletionOutcome::Applied(step_run) = &outcome else { return Ok(outcome) };
@@ -763,9 +845,17 @@ impl Engine {
             }
         }
         if step_run.status == StepRunStatus::Succeeded {
-            match planned {
-                Some(planned) => self.moved_on(step_run, &lines, planned, moved).await?,
-                None => self.advance_after_success(step_run).await?,
+            match (planned, finishing) {
+                (Some(planned), _) => self.moved_on(step_run, &lines, planned, moved).await?,
+                (None, Some((_, facts))) if finished_execution => {
+                    let execution_id = step_run.execution_id;
+                    self.execution_finished(execution_id, &facts, ExecutionStatus::Succeeded, None);
+                    self.publish_execution(execution_id).await;
+                }
+                // Not every step succeeded after all, or a cancel came first: the full
+                // advance sees what is due.
+                (None, Some(_)) => self.advance(step_run.execution_id).await?,
+                (None, None) => self.advance_after_success(step_run).await?,
             }
         } else {
             self.advance(step_run.execution_id).await?;
@@ -932,6 +1022,7 @@ impl Engine {
     /// Puts an entry in the ready queue; see `enqueue`.
     async fn enqueue_item(&self, item: QueueItem) -> EngineResult<()> {
         let step_run_id = item.step_run_id;
+        self.waiting_priority.fetch_max(item.priority, std::sync::atomic::Ordering::Relaxed);
         match self.queue.enqueue(item).await {
             Ok(_) => Ok(()),
             Err(QueueError::Full { max_len }) => {

@@ -532,6 +532,18 @@ pub struct CompletedSteps {
     pub step_runs: Vec<StepRun>,
     pub logs: Vec<ExecutionLog>,
     pub next: Vec<StepRun>,
+    /// The executions the same commit finished (`FinishingExecution`).
+    pub finished: Vec<Uuid>,
+}
+
+/// An execution that the success of attempt `after` (its last step) ends, finished with
+/// `change` in that result's commit (`complete_steps_then`) as `transition_execution` from
+/// QUEUED or RUNNING would finish it, and refused alike (`change` says on which condition).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishingExecution {
+    pub after: AttemptKey,
+    pub execution_id: Uuid,
+    pub change: ExecutionChange,
 }
 
 /// A step that the success of attempt `after` makes ready, moved on in that result's commit
@@ -935,6 +947,7 @@ pub trait ExecutionStore: Send + Sync {
         &self,
         completions: &[FinishedAttempt],
         next: &[NextStep],
+        finishing: &[FinishingExecution],
     ) -> StoreResult<CompletedSteps>;
 
     /// Why a completion of `key` that `complete_steps` left out was refused: `Duplicate` or
@@ -975,8 +988,9 @@ pub trait ExecutionStore: Send + Sync {
 
     /// Step runs the dispatcher should act on, across executions: QUEUED ones (to put in the
     /// queue if missing) and PENDING retries whose backoff ended by `now` (to `mark_step_queued`).
-    /// Only unfinished executions without a cancel request. Highest execution priority first,
-    /// then longest waiting.
+    /// Only unfinished executions without a cancel request. Of the `limit` longest waiting of
+    /// each kind (a read bounded by `limit`, not by the backlog), the `limit` of highest
+    /// execution priority, longest waiting first within a priority.
     async fn list_ready_step_runs(
         &self,
         now: DateTime<Utc>,
@@ -1432,6 +1446,45 @@ macro_rules! impl_executions_store {
                 }
                 Ok(written)
             }
+            /// The `UPDATE` of `transition_execution` (one statement, no transaction of its
+            /// own): it changes one row or none.
+            fn execution_transition(
+                execution_id: Uuid,
+                from: &[ExecutionStatus],
+                change: ExecutionChange,
+            ) -> sqlx::QueryBuilder<$db> {
+                let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE executions SET status = ");
+                update.push_bind(change.to);
+                update.push(", output = COALESCE(");
+                update.push_bind(change.output.map(Json));
+                update.push(", output), error = COALESCE(");
+                update.push_bind(change.error);
+                update.push(", error), started_at = COALESCE(started_at, ");
+                update.push_bind(change.started_at.map(stored_time));
+                update.push("), finished_at = COALESCE(");
+                update.push_bind(change.finished_at.map(stored_time));
+                update.push(", finished_at), deadline_at = COALESCE(");
+                update.push_bind(change.deadline_at.map(stored_time));
+                update.push(", deadline_at), updated_at = ");
+                update.push_bind(stored_time(change.at));
+                update.push(", version = version + 1 WHERE id = ");
+                update.push_bind(execution_id);
+                update.push(" AND status IN (");
+                let mut statuses = update.separated(", ");
+                for status in from {
+                    statuses.push_bind(*status);
+                }
+                update.push(")");
+                if change.only_when_every_step_succeeded {
+                    update.push(
+                        " AND cancel_requested_at IS NULL AND NOT EXISTS (SELECT 1 FROM step_runs \
+                         WHERE step_runs.execution_id = executions.id \
+                         AND step_runs.status <> 'SUCCEEDED')",
+                    );
+                }
+                update
+            }
+
 
             /// The statement of `complete_steps`, on `connection`.
             async fn complete_steps_on(
@@ -1742,35 +1795,7 @@ macro_rules! impl_executions_store {
                 if from.is_empty() {
                     return Ok(false);
                 }
-                let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE executions SET status = ");
-                update.push_bind(change.to);
-                update.push(", output = COALESCE(");
-                update.push_bind(change.output.map(Json));
-                update.push(", output), error = COALESCE(");
-                update.push_bind(change.error);
-                update.push(", error), started_at = COALESCE(started_at, ");
-                update.push_bind(change.started_at.map(stored_time));
-                update.push("), finished_at = COALESCE(");
-                update.push_bind(change.finished_at.map(stored_time));
-                update.push(", finished_at), deadline_at = COALESCE(");
-                update.push_bind(change.deadline_at.map(stored_time));
-                update.push(", deadline_at), updated_at = ");
-                update.push_bind(stored_time(change.at));
-                update.push(", version = version + 1 WHERE id = ");
-                update.push_bind(execution_id);
-                update.push(" AND status IN (");
-                let mut statuses = update.separated(", ");
-                for status in from {
-                    statuses.push_bind(*status);
-                }
-                update.push(")");
-                if change.only_when_every_step_succeeded {
-                    update.push(
-                        " AND cancel_requested_at IS NULL AND NOT EXISTS (SELECT 1 FROM step_runs \
-                         WHERE step_runs.execution_id = executions.id \
-                         AND step_runs.status <> 'SUCCEEDED')",
-                    );
-                }
+                let mut update = <$store>::execution_transition(execution_id, from, change);
                 let updated = update.build().execute(&self.pool).await?;
                 if updated.rows_affected() == 1 {
                     return Ok(true);
@@ -2010,21 +2035,27 @@ macro_rules! impl_executions_store {
                     // One statement, atomic by itself: no transaction around it.
                     let mut connection = self.connection_pool().acquire().await?;
                     let step_runs = self.complete_steps_on(&mut connection, completions).await?;
-                    return Ok(CompletedSteps { step_runs, logs: Vec::new(), next: Vec::new() });
+                    return Ok(CompletedSteps {
+                        step_runs,
+                        logs: Vec::new(),
+                        next: Vec::new(),
+                        finished: Vec::new(),
+                    });
                 }
                 let mut transaction = self.begin_write_transaction().await?;
                 let step_runs = self.complete_steps_on(&mut transaction, completions).await?;
                 let logs = self.insert_execution_logs(&mut transaction, &logs).await?;
                 transaction.commit().await?;
-                Ok(CompletedSteps { step_runs, logs, next: Vec::new() })
+                Ok(CompletedSteps { step_runs, logs, next: Vec::new(), finished: Vec::new() })
             }
 
             async fn complete_steps_then(
                 &self,
                 completions: &[FinishedAttempt],
                 next: &[NextStep],
+                finishing: &[FinishingExecution],
             ) -> StoreResult<CompletedSteps> {
-                if next.is_empty() {
+                if next.is_empty() && finishing.is_empty() {
                     return self.complete_steps(completions).await;
                 }
                 let completions = &completions[..completions.len().min(MAX_TRANSITION_BATCH)];
@@ -2054,13 +2085,24 @@ macro_rules! impl_executions_store {
                 for chunk in queued.chunks(MAX_TRANSITION_BATCH) {
                     moved.extend(self.mark_steps_queued_on(&mut *transaction, chunk).await?);
                 }
+                let mut finished = Vec::new();
+                for finish in finishing.iter().filter(|finish| succeeded.contains(&finish.after)) {
+                    let mut update = <$store>::execution_transition(
+                        finish.execution_id,
+                        ExecutionStatus::UNFINISHED,
+                        finish.change.clone(),
+                    );
+                    if update.build().execute(&mut *transaction).await?.rows_affected() == 1 {
+                        finished.push(finish.execution_id);
+                    }
+                }
                 let logs = if logs.is_empty() {
                     Vec::new()
                 } else {
                     self.insert_execution_logs(&mut transaction, &logs).await?
                 };
                 transaction.commit().await?;
-                Ok(CompletedSteps { step_runs, logs, next: moved })
+                Ok(CompletedSteps { step_runs, logs, next: moved, finished })
             }
 
             async fn schedule_retry(
@@ -2195,21 +2237,46 @@ macro_rules! impl_executions_store {
                 now: DateTime<Utc>,
                 limit: u32,
             ) -> StoreResult<Vec<ReadyStepRun>> {
-                let ready = sqlx::query_as::<$db, ReadyStepRun>(concat!(
+                // Each kind in the order of its partial index (`step_runs_queued`,
+                // `step_runs_retries_due`), so a read stops at `limit` rows however long
+                // the backlog; the two are then ordered by priority.
+                let mut ready = sqlx::query_as::<$db, ReadyStepRun>(concat!(
                     "SELECT ",
                     step_run_columns!(s),
                     ", e.priority AS execution_priority \
                      FROM step_runs s JOIN executions e ON e.id = s.execution_id \
-                     WHERE (s.status = 'QUEUED' \
-                     OR (s.status = 'PENDING' AND s.next_attempt_at <= $1)) \
+                     WHERE s.status = 'QUEUED' \
                      AND e.status IN ('QUEUED', 'RUNNING') AND e.cancel_requested_at IS NULL \
-                     ORDER BY e.priority DESC, COALESCE(s.queued_at, s.next_attempt_at), s.id \
-                     LIMIT $2"
+                     ORDER BY s.queued_at, s.id LIMIT $1"
+                ))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                let retries = sqlx::query_as::<$db, ReadyStepRun>(concat!(
+                    "SELECT ",
+                    step_run_columns!(s),
+                    ", e.priority AS execution_priority \
+                     FROM step_runs s JOIN executions e ON e.id = s.execution_id \
+                     WHERE s.status = 'PENDING' AND s.next_attempt_at IS NOT NULL \
+                     AND s.next_attempt_at <= $1 \
+                     AND e.status IN ('QUEUED', 'RUNNING') AND e.cancel_requested_at IS NULL \
+                     ORDER BY s.next_attempt_at, s.id LIMIT $2"
                 ))
                 .bind(stored_time(now))
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
                 .await?;
+                ready.extend(retries);
+                ready.sort_by(|a, b| {
+                    let waiting = |ready: &ReadyStepRun| {
+                        ready.step_run.queued_at.or(ready.step_run.next_attempt_at)
+                    };
+                    b.execution_priority
+                        .cmp(&a.execution_priority)
+                        .then_with(|| waiting(a).cmp(&waiting(b)))
+                        .then_with(|| a.step_run.id.cmp(&b.step_run.id))
+                });
+                ready.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
                 Ok(ready)
             }
 

@@ -367,6 +367,68 @@ async fn queued_steps_go_out_by_priority_then_age() {
     assert_eq!(order, ["high-first", "high-second", "middle", "low"]);
 }
 
+/// A full runner that reports a success has the successor take over the slot it freed, in the
+/// result's commit: a running execution goes on before one queued after it starts. Not when the
+/// queue holds a step of a higher priority: the freed slot goes to that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_takes_over_its_predecessors_slot_unless_more_urgent_work_waits() {
+    let (server, _database, bench, key) = serve_with_account(&[]).await;
+    let _runner = RunnerProcess::start(&server.base_url(), &key, "one-slot", 1, "", &[]);
+    wait_for_runners(&bench.api, &bench.auth, &["one-slot"]).await;
+    let slow = bench
+        .code(
+            "slow-first",
+            "python",
+            "import json, sys, time\ndata = json.load(sys.stdin)\ntime.sleep(1)\nprint(json.dumps(data))\n",
+            json!({}),
+        )
+        .await;
+    let echo = bench.jq("then", ".").await;
+    let workflow = bench
+        .workflow(
+            "two steps",
+            json!([
+                { "key": "first", "agentId": slow },
+                { "key": "second", "agentId": echo, "dependsOn": ["first"] },
+            ]),
+            json!({}),
+        )
+        .await;
+    for later_priority in [5, 9] {
+        let running = bench.execute(&workflow, json!({ "priority": 5 })).await;
+        bench
+            .wait_for(&running, LIMIT, "running its first step", |execution| {
+                step(execution, "first")["status"] == "RUNNING"
+            })
+            .await;
+        let later = bench.execute(&workflow, json!({ "priority": later_priority })).await;
+        let running = bench.finished(&running, LIMIT).await;
+        let later = bench.finished(&later, LIMIT).await;
+        assert_eq!(
+            (&running["status"], &later["status"]),
+            (&json!("SUCCEEDED"), &json!("SUCCEEDED"))
+        );
+        let finished = time(&step(&running, "first")["finishedAt"]);
+        let second = step(&running, "second");
+        let second_assigned = time(&second["attempts"][0]["assignedAt"]);
+        let later_assigned = time(&step(&later, "first")["attempts"][0]["assignedAt"]);
+        if later_priority == 5 {
+            assert_eq!(
+                second_assigned, finished,
+                "took the slot over in the result's commit: {second}"
+            );
+            assert!(second_assigned < later_assigned, "{running} {later}");
+        } else {
+            assert!(
+                later_assigned < second_assigned,
+                "the more urgent step first: {running} {later}"
+            );
+            assert_eq!(time(&second["queuedAt"]), finished, "queued with the result: {second}");
+            assert!(second_assigned > finished, "then waited for the slot: {second}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_told_to_stop_finishes_its_step_and_takes_no_more() {
     let (server, _database, bench, key) = serve_with_account(&[]).await;

@@ -9,10 +9,10 @@ use turbocat::store::{
     AgentLimits, AgentType, AttemptKey, CancelRequestOutcome, ChildExecutionStart, Completion,
     CompletionOutcome, DeploymentEnvironment, DeploymentTarget, DeploymentTrigger, Execution,
     ExecutionChange, ExecutionCursor, ExecutionFilter, ExecutionLogFilter, ExecutionLogLevel,
-    ExecutionLogSource, ExecutionStatus, ExecutionTrigger, FinishedAttempt, InFlightStepRun,
-    NewAgent, NewDeployment, NewExecution, NewExecutionLog, NewStepRun, NewUser, NewWorkflow,
-    NextStep, OwnerScope, PageRequest, ParentStep, StepAssignment, StepAttemptStatus, StepRun,
-    StepRunStatus, StepTransitionOutcome, Store, StoreError,
+    ExecutionLogSource, ExecutionStatus, ExecutionTrigger, FinishedAttempt, FinishingExecution,
+    InFlightStepRun, NewAgent, NewDeployment, NewExecution, NewExecutionLog, NewStepRun, NewUser,
+    NewWorkflow, NextStep, OwnerScope, PageRequest, ParentStep, StepAssignment, StepAttemptStatus,
+    StepRun, StepRunStatus, StepTransitionOutcome, Store, StoreError,
 };
 use uuid::Uuid;
 
@@ -869,9 +869,14 @@ async fn ready_step_runs_by_priority_and_backoff(store: Arc<dyn Store>) {
             ("b".to_owned(), StepRunStatus::Queued, 3),
         ]
     );
+    // A read bounded by the limit, not by the backlog: the `limit` longest waiting of each
+    // kind (QUEUED a and b, the retry d), then the `limit` of highest priority among them.
     let limited = store.list_ready_step_runs(t0 + seconds(60), 2).await.expect("ready");
-    assert_eq!(limited.len(), 2);
-    assert_eq!(limited[1].step_run.attempt, 2);
+    assert_eq!(limited[0].step_run.attempt, 2, "the retry");
+    assert_eq!(
+        ready_keys(limited),
+        [("d".to_owned(), StepRunStatus::Pending, 8), ("a".to_owned(), StepRunStatus::Queued, 3)]
+    );
     // Once assigned, a step is no longer ready.
     assign(&store, high_steps[0].attempt_key(), "runner", t0 + seconds(61)).await;
     let remaining = store.list_ready_step_runs(t0 + seconds(60), 10).await.expect("ready");
@@ -1946,6 +1951,7 @@ async fn a_result_moves_its_next_steps_in_its_own_commit(store: Arc<dyn Store>) 
                 next(keys[0], keys[2], None),
                 next(keys[0], stale_d, Some("runner-d")),
             ],
+            &[],
         )
         .await
         .expect("complete and move on");
@@ -1980,7 +1986,7 @@ async fn a_result_moves_its_next_steps_in_its_own_commit(store: Arc<dyn Store>) 
 
     // The same result again is refused: the next step it names stays where it is.
     let again = store
-        .complete_steps_then(&[succeeded(keys[0])], &[next(keys[0], keys[3], None)])
+        .complete_steps_then(&[succeeded(keys[0])], &[next(keys[0], keys[3], None)], &[])
         .await
         .expect("complete again");
     assert!(again.step_runs.is_empty() && again.next.is_empty(), "{again:?}");
@@ -1997,6 +2003,7 @@ async fn a_result_moves_its_next_steps_in_its_own_commit(store: Arc<dyn Store>) 
         .complete_steps_then(
             &[failed],
             &[next(x, y, Some("runner-y")), next(keys[0], keys[3], None)],
+            &[],
         )
         .await
         .expect("fail");
@@ -2015,15 +2022,107 @@ async fn a_result_moves_its_next_steps_in_its_own_commit(store: Arc<dyn Store>) 
     assign(&store, p, "runner-1", t0).await;
     store.request_cancel(OwnerScope::All, cancelling.id, t0).await.expect("cancel");
     let completed = store
-        .complete_steps_then(&[succeeded(p)], &[next(p, q, Some("runner-q"))])
+        .complete_steps_then(&[succeeded(p)], &[next(p, q, Some("runner-q"))], &[])
         .await
         .expect("complete");
     assert_eq!(completed.step_runs.len(), 1);
     assert!(completed.next.is_empty(), "{:?}", completed.next);
 }
 
+/// The last step's success and the end of its execution in one commit (`complete_steps_then`
+/// with a `FinishingExecution`): finished as `transition_execution` finishes it when every
+/// step succeeded, and refused alike: not when the result is refused or not a success, not
+/// while another step has not succeeded, not when a cancel was requested.
+async fn the_last_result_finishes_its_execution_in_its_own_commit(store: Arc<dyn Store>) {
+    let fixture = fixture(&store).await;
+    let t0 = now();
+    let succeeded = |key: AttemptKey| FinishedAttempt {
+        key,
+        completion: Completion::Succeeded { output: json!({"n": 2}) },
+        started_at: Some(t0 + seconds(1)),
+        finished_at: t0 + seconds(2),
+        logs: Vec::new(),
+    };
+    let finishing = |after: AttemptKey, execution_id: Uuid| FinishingExecution {
+        after,
+        execution_id,
+        change: ExecutionChange {
+            output: Some(json!({"n": 2})),
+            finished_at: Some(t0 + seconds(2)),
+            only_when_every_step_succeeded: true,
+            ..ExecutionChange::new(ExecutionStatus::Succeeded, t0 + seconds(2))
+        },
+    };
+    let running = |key: AttemptKey| {
+        let store = store.clone();
+        async move {
+            queue(&store, key, t0).await;
+            assign(&store, key, "runner-1", t0).await;
+        }
+    };
+
+    // b is not done yet: a's success finishes nothing.
+    let (waiting, steps) = simple_execution(&store, fixture.owner, &["a", "b"], 1).await;
+    let (a, b) = (steps[0].attempt_key(), steps[1].attempt_key());
+    running(a).await;
+    let completed = store
+        .complete_steps_then(&[succeeded(a)], &[], &[finishing(a, waiting.id)])
+        .await
+        .expect("complete a");
+    assert_eq!(completed.step_runs.len(), 1);
+    assert!(completed.finished.is_empty(), "{:?}", completed.finished);
+    running(b).await;
+    // A failure of b finishes nothing either (the engine fails the execution its own way).
+    let failed = FinishedAttempt { completion: failure(false), ..succeeded(b) };
+    let completed = store
+        .complete_steps_then(&[failed], &[], &[finishing(b, waiting.id)])
+        .await
+        .expect("fail b");
+    assert_eq!(completed.step_runs[0].status, StepRunStatus::Failed);
+    assert!(completed.finished.is_empty());
+    let unfinished = store.get_execution(OwnerScope::All, waiting.id).await.expect("read");
+    assert!(!unfinished.status.is_finished(), "{:?}", unfinished.status);
+
+    // The last success ends its execution with the output, in the same commit.
+    let (done, steps) = simple_execution(&store, fixture.owner, &["a", "b"], 1).await;
+    let (a, b) = (steps[0].attempt_key(), steps[1].attempt_key());
+    running(a).await;
+    store.complete_steps_then(&[succeeded(a)], &[], &[]).await.expect("a");
+    running(b).await;
+    let completed = store
+        .complete_steps_then(&[succeeded(b)], &[], &[finishing(b, done.id)])
+        .await
+        .expect("complete b");
+    assert_eq!(completed.finished, vec![done.id]);
+    let finished = store.get_execution(OwnerScope::All, done.id).await.expect("read");
+    assert_eq!(
+        (finished.status, finished.output, finished.finished_at),
+        (ExecutionStatus::Succeeded, Some(json!({"n": 2})), Some(t0 + seconds(2)))
+    );
+    // The same result again is refused, and so is the end it names.
+    let again = store
+        .complete_steps_then(&[succeeded(b)], &[], &[finishing(b, done.id)])
+        .await
+        .expect("again");
+    assert!(again.step_runs.is_empty() && again.finished.is_empty(), "{again:?}");
+
+    // A cancel requested before the last result: the result stands, the end waits for the
+    // engine to cancel the execution.
+    let (cancelling, steps) = simple_execution(&store, fixture.owner, &["p"], 1).await;
+    let p = steps[0].attempt_key();
+    running(p).await;
+    store.request_cancel(OwnerScope::All, cancelling.id, t0).await.expect("cancel");
+    let completed = store
+        .complete_steps_then(&[succeeded(p)], &[], &[finishing(p, cancelling.id)])
+        .await
+        .expect("complete p");
+    assert_eq!(completed.step_runs[0].status, StepRunStatus::Succeeded);
+    assert!(completed.finished.is_empty());
+}
+
 crate::conformance!(
     a_result_moves_its_next_steps_in_its_own_commit,
+    the_last_result_finishes_its_execution_in_its_own_commit,
     execution_and_step_runs_are_created_atomically,
     finishing_when_every_step_succeeded,
     merged_transitions_record_every_stage,

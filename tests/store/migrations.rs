@@ -662,6 +662,12 @@ const RELEASED: &[(&str, i64, &str)] = &[
       caca3ec65e8bc54037c8b5eeffd1d401f0b7046636bd9691",
     ),
     (
+        "postgres",
+        11,
+        "0556522606f28071216f7571e373bf4233b8c58807f7d653\
+      7ef1743ffdfcfbf728c60afa53653b897e8bf4da871c844f",
+    ),
+    (
         "sqlite",
         1,
         "477ed46f428bbee793b00b2124a20394c052d258bdd9f1af\
@@ -720,6 +726,12 @@ const RELEASED: &[(&str, i64, &str)] = &[
         10,
         "b441f10319accaa6b9c7f9a39177bb557b9700ebf001f3e6\
       60215781a0147fccf1d2357ad7a21b180c762f6f651cbc0d",
+    ),
+    (
+        "sqlite",
+        11,
+        "052fe60470ff6c76340e45499afbcfb22e76652344145c05\
+      c696718f5f8d843c84fdf6618626f0b6f667cee359837330",
     ),
 ];
 
