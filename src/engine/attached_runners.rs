@@ -50,6 +50,8 @@ pub struct HeldStep {
     pub assigned_row: Option<Arc<StepRun>>,
     /// When the runner said it started the attempt.
     pub started_at: Option<DateTime<Utc>>,
+    /// Whether watchers were told of that start (`announce_start`).
+    pub start_announced: bool,
 }
 
 /// One attached runner.
@@ -237,6 +239,7 @@ impl AttachedRunner {
             deadline,
             assigned_row: None,
             started_at: None,
+            start_announced: false,
         };
         state.held.insert(key, held);
         true
@@ -253,6 +256,7 @@ impl AttachedRunner {
                 deadline,
                 assigned_row: None,
                 started_at: None,
+                start_announced: false,
             };
             state.held.insert(key, held);
         }
@@ -294,6 +298,20 @@ impl AttachedRunner {
         held.acknowledged = true;
         held.started_at.get_or_insert(at);
         Some(held.clone())
+    }
+
+    /// Takes the telling of watchers that the runner started attempt `key`: `true` for the
+    /// first caller once the start is recorded (the delayed start event or the result that
+    /// carries the start), `false` after, or when the runner does not hold `key`.
+    pub fn announce_start(&self, key: AttemptKey) -> bool {
+        let Ok(mut state) = self.state.lock() else { return false };
+        match state.held.get_mut(&key) {
+            Some(held) if held.started_at.is_some() && !held.start_announced => {
+                held.start_announced = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Keeps log lines of attempt `key` until its result carries them or `take_logs` flushes

@@ -49,14 +49,19 @@ enum Placed {
 /// What one pass of the dispatcher saw and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DispatchPass {
-    /// Queue entries it looked at; `None` when it did not look (no runner is attached).
+    /// Queue entries it looked at; `None` when it did not look (no runner here has a free
+    /// slot).
     pub peeked: Option<usize>,
     /// Steps it assigned.
     pub assigned: usize,
 }
 
-/// How many ready items one pass looks at.
+/// The most ready items one pass looks at.
 const PEEK_BATCH: usize = 256;
+/// Ready items a pass looks at first per free slot of the runners here…
+const PEEK_PER_FREE_SLOT: usize = 4;
+/// …and at least.
+const PEEK_AT_LEAST: usize = 16;
 /// How many of them are being placed at once.
 const PLACING_AT_ONCE: usize = 32;
 /// Extra time past an attempt's deadline before the server takes it back as timed out.
@@ -102,16 +107,32 @@ impl Engine {
 
     /// One pass over the ready queue. Up to `PLACING_AT_ONCE` items are placed at once; each
     /// takes its runner's slot before any round trip, so the placements that follow see the
-    /// slot taken.
+    /// slot taken. `peeked` is `None` when it did not look (no runner here has a free slot).
     pub async fn dispatch_once(self: &Arc<Self>) -> EngineResult<DispatchPass> {
-        if self.attached_runners.all().is_empty() {
+        // Nothing can be placed while every runner here is full (or none is attached): the
+        // queue is not even read; a slot that frees wakes the loop.
+        let free: usize =
+            self.attached_runners.all().iter().map(|runner| runner.free_slots()).sum();
+        if free == 0 {
             return Ok(DispatchPass { peeked: None, assigned: 0 });
         }
+        // As many entries as the free slots can take, a few times over (some may be for
+        // runners elsewhere); all of `PEEK_BATCH` when those placed none.
+        let first_look = (free * PEEK_PER_FREE_SLOT).clamp(PEEK_AT_LEAST, PEEK_BATCH);
+        let mut pass = self.dispatch_from(first_look).await?;
+        if pass.assigned == 0 && pass.peeked == Some(first_look) && first_look < PEEK_BATCH {
+            pass = self.dispatch_from(PEEK_BATCH).await?;
+        }
+        Ok(pass)
+    }
+
+    /// A pass over the first `limit` entries of the ready queue.
+    async fn dispatch_from(self: &Arc<Self>, limit: usize) -> EngineResult<DispatchPass> {
         let mut placing = FuturesUnordered::new();
         let mut duplicates = Vec::new();
         let mut assigned = 0;
         let mut failure = None;
-        let items = self.queue.peek(PEEK_BATCH).await?;
+        let items = self.queue.peek(limit).await?;
         let peeked = items.len();
         // The most urgent entry left waiting for a slot of a runner here (entries come most
         // urgent first, so the first one found is it).

@@ -35,6 +35,9 @@ const MAX_LOG_LINE_CHARS: usize = 16 * 1024;
 
 /// How long an attempt runs before its start is committed on its own (see `runner_started`).
 const START_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long an attempt runs before watchers are told of its start on its own (a shorter one's
+/// start goes out in its result's event).
+const START_EVENT_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// How long a held attempt's log lines wait to travel with its result before they are written
 /// on their own (a short step's lines share its result's commit).
@@ -328,6 +331,13 @@ impl Engine {
                 };
                 let completion = self.completion_of(result.outcome.as_ref());
                 let logs = runner.take_logs(key);
+                // A start watchers were not told of yet goes out with the result.
+                let unannounced_start = match (&held.assigned_row, held.started_at) {
+                    (Some(assigned_row), Some(at)) if runner.announce_start(key) => {
+                        Some(running_row(assigned_row, at))
+                    }
+                    _ => None,
+                };
                 // Free the slot only once the result is committed, so the attempt's end is
                 // recorded before the next assignment to this slot starts.
                 let mut outcome = self
@@ -337,6 +347,7 @@ impl Engine {
                         held.started_at,
                         logs.clone(),
                         held.assigned_row.as_deref(),
+                        unannounced_start,
                     )
                     .await;
                 if let Err(error) = &outcome
@@ -399,7 +410,9 @@ impl Engine {
         Ok(())
     }
 
-    /// A runner started an attempt it holds. Watchers hear of it at once; the database only
+    /// A runner started an attempt it holds. Watchers hear of it when the attempt still runs
+    /// `START_EVENT_DELAY` later, or else in its result's event (one event a short step instead
+    /// of two: the row as it was RUNNING comes first among the event's rows); the database only
     /// if the attempt still runs `START_COMMIT_DELAY` later: a shorter attempt records its
     /// start with its result, which saves a commit a step (and whose `version` then counts the
     /// start it stands for, so watchers order the rows as if it had been committed). A watcher
@@ -420,18 +433,14 @@ impl Engine {
             }
             return Ok(());
         };
-        let running = StepRun {
-            status: StepRunStatus::Running,
-            started_at: Some(at),
-            updated_at: at,
-            version: assigned_row.version + 1,
-            ..(*assigned_row).clone()
-        };
-        self.publish_step(&running).await;
         let engine = self.clone();
         let runner = runner.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(START_COMMIT_DELAY).await;
+            tokio::time::sleep(START_EVENT_DELAY).await;
+            if runner.announce_start(key) {
+                engine.publish_step(&running_row(&assigned_row, at)).await;
+            }
+            tokio::time::sleep(START_COMMIT_DELAY.saturating_sub(START_EVENT_DELAY)).await;
             if runner.held(key).is_none() {
                 return;
             }
@@ -474,6 +483,7 @@ impl Engine {
                     completion.clone(),
                     held.started_at,
                     logs.clone(),
+                    None,
                     None,
                 )
                 .await;
@@ -642,6 +652,18 @@ pub(crate) fn completion(
 }
 
 /// `text` with every NUL character (which PostgreSQL cannot store) replaced by U+FFFD.
+/// The row of a step its runner started at `at`, as watchers are told of it before (or
+/// without) its own commit: the assigned row one version on.
+fn running_row(assigned_row: &StepRun, at: chrono::DateTime<Utc>) -> StepRun {
+    StepRun {
+        status: StepRunStatus::Running,
+        started_at: Some(at),
+        updated_at: at,
+        version: assigned_row.version + 1,
+        ..assigned_row.clone()
+    }
+}
+
 fn without_nul(text: &str) -> String {
     text.replace('\0', "\u{FFFD}")
 }

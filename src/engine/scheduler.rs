@@ -649,13 +649,14 @@ impl Engine {
         }
     }
 
-    /// After the commit of the success `done` (with the log `lines` that travelled with it)
-    /// that moved on its `planned` successors (`moved`, the rows it moved): tells watchers of
-    /// all of it in one event, then sends the assignments, queues the QUEUED ones, frees the
+    /// After the commit of the success `done` (with the log `lines` that travelled with it,
+    /// and its `start` row when watchers were not told of it) that moved on its `planned`
+    /// successors (`moved`, the rows it moved): tells watchers of all of it in one event, then sends the assignments, queues the QUEUED ones, frees the
     /// slots of those it refused and, when it refused any, lets the full `advance` see why.
     async fn moved_on(
         self: &Arc<Self>,
         done: &StepRun,
+        start: Vec<StepRun>,
         lines: &[ExecutionLog],
         planned: Vec<PlannedStep>,
         moved: Vec<StepRun>,
@@ -664,7 +665,8 @@ impl Engine {
         let mut moved: HashMap<AttemptKey, StepRun> =
             moved.into_iter().map(|row| (row.attempt_key(), row)).collect();
         let mut refused = false;
-        let mut rows = vec![done.clone()];
+        let mut rows = start;
+        rows.push(done.clone());
         let mut assignments = Vec::new();
         let mut queued = Vec::new();
         for step in planned {
@@ -754,7 +756,7 @@ impl Engine {
         key: AttemptKey,
         completion: Completion,
     ) -> EngineResult<CompletionOutcome> {
-        self.complete_started_attempt(key, completion, None, Vec::new(), None).await
+        self.complete_started_attempt(key, completion, None, Vec::new(), None, None).await
     }
 
     /// `complete_attempt` for a result reported by the runner that said it started the attempt
@@ -765,6 +767,9 @@ impl Engine {
     /// then moves the steps it makes ready on in the result's own commit, when this process
     /// knows enough to (`plan_next`): straight to a runner here with a free slot, QUEUED
     /// otherwise. One commit for a step's end and its successors' start.
+    ///
+    /// `unannounced_start` is the attempt's row as it was RUNNING when watchers were not told
+    /// of its start yet: it goes out first in the result's event.
     pub async fn complete_started_attempt(
         self: &Arc<Self>,
         key: AttemptKey,
@@ -772,6 +777,7 @@ impl Engine {
         started_at: Option<DateTime<Utc>>,
         logs: Vec<NewExecutionLog>,
         assigned: Option<&StepRun>,
+        unannounced_start: Option<StepRun>,
     ) -> EngineResult<CompletionOutcome> {
         let now = Utc::now();
         let retryable = match &completion {
@@ -815,9 +821,10 @@ impl Engine {
         let CompletionOutcome::Applied(step_run) = &outcome else { return Ok(outcome) };
         self.step_finished(step_run);
         self.leases.forget(key).await;
+        let start: Vec<StepRun> = unannounced_start.into_iter().collect();
         let told_with_next = planned.is_some() && step_run.status == StepRunStatus::Succeeded;
         if !told_with_next {
-            self.publish_steps(&lines, &[], step_run).await;
+            self.publish_steps(&lines, &start, step_run).await;
         }
         if retryable && step_run.user_attempts_used() < step_run.max_attempts {
             let execution =
@@ -846,7 +853,9 @@ impl Engine {
         }
         if step_run.status == StepRunStatus::Succeeded {
             match (planned, finishing) {
-                (Some(planned), _) => self.moved_on(step_run, &lines, planned, moved).await?,
+                (Some(planned), _) => {
+                    self.moved_on(step_run, start, &lines, planned, moved).await?;
+                }
                 (None, Some((_, facts))) if finished_execution => {
                     let execution_id = step_run.execution_id;
                     self.execution_finished(execution_id, &facts, ExecutionStatus::Succeeded, None);
