@@ -651,8 +651,9 @@ impl Engine {
 
     /// After the commit of the success `done` (with the log `lines` that travelled with it,
     /// and its `start` row when watchers were not told of it) that moved on its `planned`
-    /// successors (`moved`, the rows it moved): tells watchers of all of it in one event, then sends the assignments, queues the QUEUED ones, frees the
-    /// slots of those it refused and, when it refused any, lets the full `advance` see why.
+    /// successors (`moved`, the rows it moved): tells watchers of all of it in one event, then
+    /// sends the assignments, queues the QUEUED ones, frees the slots of those it refused and,
+    /// when it refused any, lets the full `advance` see why.
     async fn moved_on(
         self: &Arc<Self>,
         done: &StepRun,
