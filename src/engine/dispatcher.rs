@@ -82,7 +82,11 @@ impl Engine {
             // then are handed to runners directly); anything queued meanwhile wakes `ready`.
             let queue_empty = match self.dispatch_once().await {
                 Ok(pass) => {
-                    outage.succeeded();
+                    // Only a pass that read the queue says it works again (one that had no
+                    // slot to fill did not ask Redis anything).
+                    if pass.peeked.is_some() {
+                        outage.succeeded();
+                    }
                     pass.peeked == Some(0)
                 }
                 Err(error) => {
