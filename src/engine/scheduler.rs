@@ -97,6 +97,21 @@ pub(super) fn completed_per_result(
         .collect()
 }
 
+/// The change that ends an execution SUCCEEDED with `output` at `now` (with
+/// `when_every_step_succeeded`, only if every step did and no cancel was requested).
+fn succeeded_change(
+    output: Value,
+    now: DateTime<Utc>,
+    when_every_step_succeeded: bool,
+) -> ExecutionChange {
+    ExecutionChange {
+        output: Some(output),
+        finished_at: Some(now),
+        only_when_every_step_succeeded: when_every_step_succeeded,
+        ..ExecutionChange::new(ExecutionStatus::Succeeded, now)
+    }
+}
+
 /// The steps of `definition` that depend on `step_key`.
 fn successors_of<'a>(
     definition: &'a super::definition::ExecutionDefinition,
@@ -299,13 +314,7 @@ impl Engine {
         is_child: bool,
         when_every_step_succeeded: bool,
     ) -> EngineResult<bool> {
-        let now = Utc::now();
-        let change = ExecutionChange {
-            output: Some(output),
-            finished_at: Some(now),
-            only_when_every_step_succeeded: when_every_step_succeeded,
-            ..ExecutionChange::new(ExecutionStatus::Succeeded, now)
-        };
+        let change = succeeded_change(output, Utc::now(), when_every_step_succeeded);
         if !self
             .store
             .transition_execution(execution_id, ExecutionStatus::UNFINISHED, change)
@@ -313,12 +322,18 @@ impl Engine {
         {
             return Ok(false);
         }
+        self.succeeded(execution_id, facts, is_child).await;
+        Ok(true)
+    }
+
+    /// After the commit that ended an execution SUCCEEDED: the hook, watchers, and the parent
+    /// step of a child.
+    async fn succeeded(self: &Arc<Self>, execution_id: Uuid, facts: &FixedFacts, is_child: bool) {
         self.execution_finished(execution_id, facts, ExecutionStatus::Succeeded, None);
         self.publish_execution(execution_id).await;
         if is_child {
             self.child_execution_finished(execution_id).await;
         }
-        Ok(true)
     }
 
     /// The input of a step whose dependencies all succeeded: its mapping rendered against
@@ -597,17 +612,12 @@ impl Engine {
     ) -> Option<(FinishingExecution, FixedFacts)> {
         let (definition, facts) = self.definitions.known(done.execution_id)?;
         let in_time = facts.deadline_at.is_none_or(|deadline| deadline > now);
-        let last = successors_of(&definition, &done.step_key).is_empty()
-            && definition.sink_keys() == [done.step_key.as_str()];
+        // The only step nothing depends on (so it has no successors either).
+        let last = definition.sink_keys() == [done.step_key.as_str()];
         if facts.depth != 0 || !in_time || !last {
             return None;
         }
-        let change = ExecutionChange {
-            output: Some(output.clone()),
-            finished_at: Some(now),
-            only_when_every_step_succeeded: true,
-            ..ExecutionChange::new(ExecutionStatus::Succeeded, now)
-        };
+        let change = succeeded_change(output.clone(), now, true);
         let finish = FinishingExecution {
             after: done.attempt_key(),
             execution_id: done.execution_id,
@@ -858,9 +868,7 @@ impl Engine {
                     self.moved_on(step_run, start, &lines, planned, moved).await?;
                 }
                 (None, Some((_, facts))) if finished_execution => {
-                    let execution_id = step_run.execution_id;
-                    self.execution_finished(execution_id, &facts, ExecutionStatus::Succeeded, None);
-                    self.publish_execution(execution_id).await;
+                    self.succeeded(step_run.execution_id, &facts, false).await;
                 }
                 // Not every step succeeded after all, or a cancel came first: the full
                 // advance sees what is due.

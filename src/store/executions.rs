@@ -2240,27 +2240,36 @@ macro_rules! impl_executions_store {
                 // Each kind in the order of its partial index (`step_runs_queued`,
                 // `step_runs_retries_due`), so a read stops at `limit` rows however long
                 // the backlog; the two are then ordered by priority.
-                let mut ready = sqlx::query_as::<$db, ReadyStepRun>(concat!(
-                    "SELECT ",
-                    step_run_columns!(s),
-                    ", e.priority AS execution_priority \
-                     FROM step_runs s JOIN executions e ON e.id = s.execution_id \
-                     WHERE s.status = 'QUEUED' \
-                     AND e.status IN ('QUEUED', 'RUNNING') AND e.cancel_requested_at IS NULL \
-                     ORDER BY s.queued_at, s.id LIMIT $1"
+                macro_rules! ready_of_one_kind {
+                    ($condition:literal, $order:literal, $limit:literal) => {
+                        concat!(
+                            "SELECT ",
+                            step_run_columns!(s),
+                            ", e.priority AS execution_priority \
+                             FROM step_runs s JOIN executions e ON e.id = s.execution_id \
+                             WHERE ",
+                            $condition,
+                            " AND e.status IN ('QUEUED', 'RUNNING') \
+                             AND e.cancel_requested_at IS NULL ORDER BY ",
+                            $order,
+                            ", s.id LIMIT ",
+                            $limit
+                        )
+                    };
+                }
+                let mut ready = sqlx::query_as::<$db, ReadyStepRun>(ready_of_one_kind!(
+                    "s.status = 'QUEUED'",
+                    "s.queued_at",
+                    "$1"
                 ))
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
                 .await?;
-                let retries = sqlx::query_as::<$db, ReadyStepRun>(concat!(
-                    "SELECT ",
-                    step_run_columns!(s),
-                    ", e.priority AS execution_priority \
-                     FROM step_runs s JOIN executions e ON e.id = s.execution_id \
-                     WHERE s.status = 'PENDING' AND s.next_attempt_at IS NOT NULL \
-                     AND s.next_attempt_at <= $1 \
-                     AND e.status IN ('QUEUED', 'RUNNING') AND e.cancel_requested_at IS NULL \
-                     ORDER BY s.next_attempt_at, s.id LIMIT $2"
+                let retries = sqlx::query_as::<$db, ReadyStepRun>(ready_of_one_kind!(
+                    "s.status = 'PENDING' AND s.next_attempt_at IS NOT NULL \
+                     AND s.next_attempt_at <= $1",
+                    "s.next_attempt_at",
+                    "$2"
                 ))
                 .bind(stored_time(now))
                 .bind(i64::from(limit))
