@@ -67,9 +67,41 @@ fn captured_log_filters() -> impl Iterator<Item = Fun<JqData>> {
     filters.into_iter().map(native::run::<JqData>)
 }
 
+/// Programs of at most this many bytes that compiled are remembered (`known_to_compile`).
+const REMEMBERED_PROGRAM_BYTES: usize = 4 * 1024;
+
+/// How many compiled programs are remembered; all are forgotten when that many are.
+const REMEMBERED_PROGRAMS: usize = 1024;
+
+fn compiled_programs() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
+    static COMPILED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    COMPILED.get_or_init(Default::default)
+}
+
+/// Whether `program` is one `check_program` saw compile (a short one, recently): compiling
+/// parses jq's standard library every time, most of what creating or saving a DATA agent
+/// costs the server, and the same programs come back (duplicates, templates, edits of other
+/// fields). Whether a text compiles depends on nothing but the text.
+pub fn known_to_compile(program: &str) -> bool {
+    compiled_programs().lock().is_ok_and(|compiled| compiled.contains(program))
+}
+
 /// Checks that a jq program compiles; the error says what is wrong and where.
 pub fn check_program(program: &str) -> Result<(), String> {
-    compile(program).map(|_| ())
+    if known_to_compile(program) {
+        return Ok(());
+    }
+    compile(program)?;
+    if program.len() <= REMEMBERED_PROGRAM_BYTES
+        && let Ok(mut compiled) = compiled_programs().lock()
+    {
+        if compiled.len() >= REMEMBERED_PROGRAMS {
+            compiled.clear();
+        }
+        compiled.insert(program.to_owned());
+    }
+    Ok(())
 }
 
 pub fn compile(program: &str) -> Result<JqProgram, String> {
@@ -259,5 +291,22 @@ mod tests {
         }
         assert!(compile("import \"/etc/passwd\" as $f; $f").is_err());
         assert_eq!(check_program("def imported: 1; {imported: imported}"), Ok(()));
+    }
+
+    #[test]
+    fn a_program_that_compiled_is_remembered_and_one_that_did_not_is_checked_again() {
+        let good = "{remembered: (.a + 1)}";
+        assert!(!known_to_compile(good));
+        assert_eq!(check_program(good), Ok(()));
+        assert!(known_to_compile(good));
+        assert_eq!(check_program(good), Ok(()));
+        let bad = "{forgotten: nosuchfilter_for_the_memo}";
+        assert!(check_program(bad).is_err());
+        assert!(!known_to_compile(bad));
+        assert!(check_program(bad).unwrap_err().contains("nosuchfilter_for_the_memo"));
+        let long = format!("{{long: \"{}\"}}", "x".repeat(REMEMBERED_PROGRAM_BYTES));
+        assert!(long.len() > REMEMBERED_PROGRAM_BYTES);
+        assert_eq!(check_program(&long), Ok(()));
+        assert!(!known_to_compile(&long));
     }
 }
