@@ -317,12 +317,13 @@ macro_rules! impl_alert_store {
                 page: PageRequest,
             ) -> StoreResult<Page<AlertRule>> {
                 let list = PagedList {
+                    counted: None,
                     count_statement: "SELECT COUNT(*) FROM alert_rules",
                     rows_statement: RULE_COLUMNS,
                     order: SortOrder { field: "created_at", descending: false },
                     page,
                 };
-                fetch_page(&self.pool, list, |builder| push_visible_rows(builder, scope)).await
+                fetch_page(&self.pool, &self.totals, list, |builder| push_visible_rows(builder, scope)).await
             }
 
             async fn update_alert_rule(
@@ -482,6 +483,7 @@ macro_rules! impl_alert_store {
                 page: PageRequest,
             ) -> StoreResult<Page<AlertDelivery>> {
                 let list = PagedList {
+                    counted: None,
                     count_statement: "SELECT COUNT(*) FROM alert_deliveries",
                     rows_statement: "SELECT id, rule_id, incident_id, event, attempt, \
                          response_status, succeeded, error, duration_ms, attempted_at \
@@ -489,7 +491,7 @@ macro_rules! impl_alert_store {
                     order: SortOrder { field: "attempted_at", descending: true },
                     page,
                 };
-                fetch_page(&self.pool, list, |builder| {
+                fetch_page(&self.pool, &self.totals, list, |builder| {
                     builder.push(" WHERE rule_id = ").push_bind(rule_id);
                 })
                 .await
@@ -501,6 +503,7 @@ macro_rules! impl_alert_store {
                 page: PageRequest,
             ) -> StoreResult<Page<AlertIncident>> {
                 let list = PagedList {
+                    counted: None,
                     count_statement: "SELECT COUNT(*) FROM alert_incidents",
                     rows_statement: concat!(
                         "SELECT ",
@@ -510,7 +513,7 @@ macro_rules! impl_alert_store {
                     order: SortOrder { field: "opened_at", descending: true },
                     page,
                 };
-                fetch_page(&self.pool, list, |builder| {
+                fetch_page(&self.pool, &self.totals, list, |builder| {
                     builder.push(" WHERE rule_id = ").push_bind(rule_id);
                 })
                 .await

@@ -30,8 +30,8 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    CronRunClaim, CursorPage, Dialect, OwnerScope, Page, PageRequest, PagedList, SortOrder,
-    StoreError, StoreResult, fetch_page, push_visible_rows,
+    CountKey, CronRunClaim, CursorPage, Dialect, OwnerScope, Page, PageRequest, PagedList,
+    SortOrder, StoreError, StoreResult, fetch_page, push_visible_rows,
 };
 
 /// The largest page `list_execution_logs` returns.
@@ -1626,6 +1626,7 @@ macro_rules! impl_executions_store {
                     <$store>::insert_execution(&mut transaction, new_execution, step_runs, now)
                         .await?;
                 transaction.commit().await?;
+                self.totals.changed("executions");
                 Ok(created)
             }
 
@@ -1702,12 +1703,13 @@ macro_rules! impl_executions_store {
                 page: PageRequest,
             ) -> StoreResult<Page<Execution>> {
                 let list = PagedList {
+                    counted: Some(CountKey::new("executions", &filter)),
                     count_statement: "SELECT COUNT(*) FROM executions",
                     rows_statement: concat!("SELECT ", execution_columns!(), " FROM executions"),
                     order: SortOrder { field: "created_at", descending: true },
                     page,
                 };
-                fetch_page(&self.pool, list, |builder| {
+                fetch_page(&self.pool, &self.totals, list, |builder| {
                     <$store>::push_execution_filter(builder, &filter)
                 })
                 .await
@@ -1769,6 +1771,7 @@ macro_rules! impl_executions_store {
                 .execute(&self.pool)
                 .await?;
                 if deleted.rows_affected() == 1 {
+                    self.totals.changed("executions");
                     return Ok(());
                 }
                 let current_version: Option<i64> = sqlx::query_scalar::<$db, i64>(
@@ -1798,6 +1801,7 @@ macro_rules! impl_executions_store {
                 let mut update = <$store>::execution_transition(execution_id, from, change);
                 let updated = update.build().execute(&self.pool).await?;
                 if updated.rows_affected() == 1 {
+                    self.totals.changed("executions");
                     return Ok(true);
                 }
                 let exists: Option<Uuid> =
@@ -1995,6 +1999,7 @@ macro_rules! impl_executions_store {
                 let (child, _) =
                     <$store>::insert_execution(&mut transaction, child, step_runs, at).await?;
                 transaction.commit().await?;
+                self.totals.changed("executions");
                 Ok(ChildExecutionStart::Started { parent_step: step_run, child })
             }
 
@@ -2102,6 +2107,9 @@ macro_rules! impl_executions_store {
                     self.insert_execution_logs(&mut transaction, &logs).await?
                 };
                 transaction.commit().await?;
+                if !finished.is_empty() {
+                    self.totals.changed("executions");
+                }
                 Ok(CompletedSteps { step_runs, logs, next: moved, finished })
             }
 

@@ -1169,6 +1169,7 @@ macro_rules! impl_identity_store {
 
             async fn list_users(&self, filter: UserFilter) -> StoreResult<Page<User>> {
                 let list = PagedList {
+                    counted: None,
                     count_statement: "SELECT COUNT(*) FROM users WHERE deleted_at IS NULL",
                     rows_statement: concat!(
                         "SELECT ",
@@ -1178,7 +1179,7 @@ macro_rules! impl_identity_store {
                     order: sql_order(filter.sort),
                     page: filter.page,
                 };
-                fetch_page(&self.pool, list, |builder| <$store>::push_user_filter(builder, &filter))
+                fetch_page(&self.pool, &self.totals, list, |builder| <$store>::push_user_filter(builder, &filter))
                     .await
             }
 
@@ -1557,6 +1558,7 @@ macro_rules! impl_identity_store {
                     }
                 };
                 let list = PagedList {
+                    counted: None,
                     count_statement: "SELECT COUNT(*) FROM api_keys WHERE 1 = 1",
                     rows_statement: concat!(
                         "SELECT ",
@@ -1566,7 +1568,7 @@ macro_rules! impl_identity_store {
                     order: SortOrder { field: "created_at", descending: true },
                     page: filter.page,
                 };
-                fetch_page(&self.pool, list, push_filter).await
+                fetch_page(&self.pool, &self.totals, list, push_filter).await
             }
 
             async fn get_api_key_by_hash(&self, key_hash: &str) -> StoreResult<ApiKeyWithOwner> {

@@ -104,6 +104,7 @@ mod analytics;
 mod executions;
 mod identity;
 mod resources;
+mod totals;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -121,6 +122,8 @@ pub use analytics::*;
 pub use executions::*;
 pub use identity::*;
 pub use resources::*;
+pub use totals::KEPT_FOR as LIST_TOTALS_KEPT_FOR;
+use totals::{CountKey, ListTotals};
 
 static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -525,12 +528,16 @@ pub struct PoolConnections {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// The database's kept list totals (see `totals`).
+    totals: Arc<ListTotals>,
 }
 
 /// SQLite in WAL mode: the embedded default of `turbocat dev`.
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The database's kept list totals (see `totals`).
+    totals: Arc<ListTotals>,
 }
 
 impl PostgresStore {
@@ -549,6 +556,12 @@ impl PostgresStore {
         acquire_timeout: Duration,
     ) -> StoreResult<Self> {
         let options = PgConnectOptions::from_str(database_url)?;
+        let totals = ListTotals::of_database(&format!(
+            "postgres://{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or_default()
+        ));
         // No ping before each checkout (a round trip per query): a connection that broke is
         // closed by the error of the query that met it, and the pool opens a new one.
         let pool = PgPoolOptions::new()
@@ -557,7 +570,7 @@ impl PostgresStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, totals })
     }
 
     /// Applies the embedded migrations the database lacks, accepting newer ones (reported).
@@ -595,12 +608,16 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
+        let totals = ListTotals::of_database(&format!(
+            "sqlite://{}",
+            std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()).display()
+        ));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, totals })
     }
 
     /// Applies the embedded migrations the database lacks, accepting newer ones (reported).
@@ -855,6 +872,9 @@ impl Dialect for SqliteStore {
 /// read one page at a time in `order`. Both statements are static SQL that the conditions
 /// continue (`SELECT COUNT(*) FROM agents` / `SELECT <columns> FROM agents`).
 pub(crate) struct PagedList {
+    /// Which rows the total counts, when it may be kept (see `totals`); `None` counts on every
+    /// request.
+    pub counted: Option<CountKey>,
     pub count_statement: &'static str,
     pub rows_statement: &'static str,
     /// The sort expression and its direction (see `sql_order`); `id` in the same direction
@@ -863,10 +883,13 @@ pub(crate) struct PagedList {
     pub page: PageRequest,
 }
 
-/// Counts the rows a list keeps and reads the requested page of them. `push_conditions`
-/// appends the visibility check (see `push_visible_rows`) and the filters to both statements.
+/// Reads the requested page of the rows a list keeps, and their total: from the page itself
+/// when it is the last, else the one kept in `totals` when it agrees with the page, else
+/// counted (and kept). `push_conditions` appends the visibility check (see
+/// `push_visible_rows`) and the filters to both statements.
 pub(crate) async fn fetch_page<Database, Row>(
     pool: &sqlx::Pool<Database>,
+    totals: &ListTotals,
     list: PagedList,
     push_conditions: impl Fn(&mut sqlx::QueryBuilder<Database>),
 ) -> StoreResult<Page<Row>>
@@ -879,17 +902,45 @@ where
     (i64,): for<'row> sqlx::FromRow<'row, Database::Row>,
     Row: for<'row> sqlx::FromRow<'row, Database::Row> + Send + Unpin,
 {
-    let mut count_query = sqlx::QueryBuilder::<Database>::new(list.count_statement);
-    push_conditions(&mut count_query);
-    let total: i64 = count_query.build_query_scalar().fetch_one(pool).await?;
-
+    let generation = list.counted.as_ref().map(|key| totals.generation(key.table()));
     let mut rows_query = sqlx::QueryBuilder::<Database>::new(list.rows_statement);
     push_conditions(&mut rows_query);
     let direction = if list.order.descending { "DESC" } else { "ASC" };
     rows_query.push(format_args!(" ORDER BY {} {direction}, id {direction}", list.order.field));
-    rows_query.push(" LIMIT ").push_bind(list.page.limit());
-    rows_query.push(" OFFSET ").push_bind(list.page.offset());
+    let (limit, offset) = (list.page.limit(), list.page.offset());
+    rows_query.push(" LIMIT ").push_bind(limit);
+    rows_query.push(" OFFSET ").push_bind(offset);
     let items = rows_query.build_query_as::<Row>().fetch_all(pool).await?;
+
+    let shown = i64::try_from(items.len()).unwrap_or(i64::MAX);
+    // A page that is not full is the list's last: its rows say the total (an empty one only
+    // on the first page), and nothing is counted.
+    if shown < limit && (shown > 0 || offset == 0) {
+        let total = offset + shown;
+        if let (Some(key), Some(generation)) = (list.counted, generation) {
+            totals.keep(key, generation, total);
+        }
+        return Ok(Page { items, total });
+    }
+    // A kept total is used only if it agrees with the page: at least its rows, or (past the
+    // end) at most its offset.
+    let kept = list
+        .counted
+        .as_ref()
+        .and_then(|key| totals.get(key))
+        .filter(|&kept| if shown > 0 { kept >= offset + shown } else { kept <= offset });
+    let total = match kept {
+        Some(total) => total,
+        None => {
+            let mut count_query = sqlx::QueryBuilder::<Database>::new(list.count_statement);
+            push_conditions(&mut count_query);
+            let total: i64 = count_query.build_query_scalar().fetch_one(pool).await?;
+            if let (Some(key), Some(generation)) = (list.counted, generation) {
+                totals.keep(key, generation, total);
+            }
+            total
+        }
+    };
     Ok(Page { items, total })
 }
 

@@ -13,7 +13,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    Dialect, OwnerScope, Page, PageRequest, PagedList, SortField, SortOrder, StoreError,
+    CountKey, Dialect, OwnerScope, Page, PageRequest, PagedList, SortField, SortOrder, StoreError,
     StoreResult, fetch_page, push_visible_rows, sql_order,
 };
 
@@ -1641,6 +1641,7 @@ macro_rules! impl_resource_store {
                 let mut transaction = self.begin_write_transaction().await?;
                 let agent = Self::resources_insert_agent(&mut transaction, new_agent).await?;
                 transaction.commit().await?;
+                self.totals.changed("agents");
                 Ok(agent)
             }
 
@@ -1723,6 +1724,7 @@ macro_rules! impl_resource_store {
                 )
                 .await?;
                 transaction.commit().await?;
+                self.totals.changed("agents");
                 Ok(updated)
             }
 
@@ -1732,7 +1734,7 @@ macro_rules! impl_resource_store {
                 agent_id: Uuid,
                 status: AgentStatus,
             ) -> StoreResult<Agent> {
-                sqlx::query_as::<$db, Agent>(concat!(
+                let agent = sqlx::query_as::<$db, Agent>(concat!(
                     "UPDATE agents SET status = $3, updated_at = $4 \
                      WHERE id = $1 AND deleted_at IS NULL AND ($2 IS NULL OR owner_id = $2) \
                      RETURNING ",
@@ -1744,7 +1746,9 @@ macro_rules! impl_resource_store {
                 .bind(current_time())
                 .fetch_optional(&self.pool)
                 .await?
-                .ok_or(StoreError::NotFound)
+                .ok_or(StoreError::NotFound)?;
+                self.totals.changed("agents");
+                Ok(agent)
             }
 
             async fn soft_delete_agent(
@@ -1779,6 +1783,7 @@ macro_rules! impl_resource_store {
                     return Err(StoreError::InUse { by: using_workflows });
                 }
                 transaction.commit().await?;
+                self.totals.changed("agents");
                 Ok(())
             }
 
@@ -1799,12 +1804,16 @@ macro_rules! impl_resource_store {
                     }
                 }
                 let list = PagedList {
+                    counted: Some(CountKey::new(
+                        "agents",
+                        &(filter.scope, &filter.search, filter.agent_type, filter.status, &filter.tag),
+                    )),
                     count_statement: "SELECT COUNT(*) FROM agents",
                     rows_statement: concat!("SELECT ", agent_columns!(), " FROM agents"),
                     order: sql_order(filter.sort),
                     page: filter.page,
                 };
-                fetch_page(&self.pool, list, |builder| push_conditions(builder, &filter)).await
+                fetch_page(&self.pool, &self.totals, list, |builder| push_conditions(builder, &filter)).await
             }
 
             async fn list_agent_versions(
@@ -1914,6 +1923,7 @@ macro_rules! impl_resource_store {
                     Self::resources_load_workflow(&mut transaction, OwnerScope::All, workflow_id)
                         .await?;
                 transaction.commit().await?;
+                self.totals.changed("workflows");
                 Ok(created)
             }
 
@@ -1981,6 +1991,7 @@ macro_rules! impl_resource_store {
                     Self::resources_load_workflow(&mut transaction, OwnerScope::All, workflow_id)
                         .await?;
                 transaction.commit().await?;
+                self.totals.changed("workflows");
                 Ok(updated)
             }
 
@@ -1991,14 +2002,16 @@ macro_rules! impl_resource_store {
                 expected_version: Option<i64>,
             ) -> StoreResult<()> {
                 let mut connection = self.pool.acquire().await?;
-                Self::resources_soft_delete(
+                let deleted = Self::resources_soft_delete(
                     &mut connection,
                     (soft_delete_statement!("workflows"), live_version_statement!("workflows")),
                     workflow_id,
                     scope,
                     expected_version,
                 )
-                .await
+                .await;
+                self.totals.changed("workflows");
+                deleted
             }
 
             async fn list_workflows(&self, filter: WorkflowFilter) -> StoreResult<Page<Workflow>> {
@@ -2012,12 +2025,13 @@ macro_rules! impl_resource_store {
                     }
                 }
                 let list = PagedList {
+                    counted: Some(CountKey::new("workflows", &(filter.scope, &filter.search, &filter.tag))),
                     count_statement: "SELECT COUNT(*) FROM workflows",
                     rows_statement: concat!("SELECT ", workflow_columns!(), " FROM workflows"),
                     order: sql_order(filter.sort),
                     page: filter.page,
                 };
-                fetch_page(&self.pool, list, |builder| push_conditions(builder, &filter)).await
+                fetch_page(&self.pool, &self.totals, list, |builder| push_conditions(builder, &filter)).await
             }
 
             // ----- templates -----
@@ -2043,6 +2057,7 @@ macro_rules! impl_resource_store {
                 .bind(current_time())
                 .fetch_one(&self.pool)
                 .await?;
+                self.totals.changed("templates");
                 Ok(template)
             }
 
@@ -2121,6 +2136,7 @@ macro_rules! impl_resource_store {
                     .await);
                 };
                 transaction.commit().await?;
+                self.totals.changed("templates");
                 Ok(updated)
             }
 
@@ -2131,14 +2147,16 @@ macro_rules! impl_resource_store {
                 expected_version: Option<i64>,
             ) -> StoreResult<()> {
                 let mut connection = self.pool.acquire().await?;
-                Self::resources_soft_delete(
+                let deleted = Self::resources_soft_delete(
                     &mut connection,
                     (soft_delete_statement!("templates"), live_version_statement!("templates")),
                     template_id,
                     scope,
                     expected_version,
                 )
-                .await
+                .await;
+                self.totals.changed("templates");
+                deleted
             }
 
             async fn list_templates(&self, filter: TemplateFilter) -> StoreResult<Page<Template>> {
@@ -2168,12 +2186,23 @@ macro_rules! impl_resource_store {
                     }
                 }
                 let list = PagedList {
+                    counted: Some(CountKey::new(
+                        "templates",
+                        &(
+                            filter.viewer,
+                            &filter.search,
+                            &filter.category,
+                            filter.kind,
+                            &filter.tag,
+                            filter.mine_only,
+                        ),
+                    )),
                     count_statement: "SELECT COUNT(*) FROM templates",
                     rows_statement: concat!("SELECT ", template_columns!(), " FROM templates"),
                     order: sql_order(filter.sort),
                     page: filter.page,
                 };
-                fetch_page(&self.pool, list, |builder| push_conditions(builder, &filter)).await
+                fetch_page(&self.pool, &self.totals, list, |builder| push_conditions(builder, &filter)).await
             }
 
             async fn upsert_builtin_template(
@@ -2241,6 +2270,7 @@ macro_rules! impl_resource_store {
                     }
                 };
                 transaction.commit().await?;
+                self.totals.changed("templates");
                 Ok(outcome)
             }
 
@@ -2292,6 +2322,7 @@ macro_rules! impl_resource_store {
                 )
                 .await?;
                 transaction.commit().await?;
+                self.totals.changed("deployments");
                 Ok(deployment)
             }
 
@@ -2376,6 +2407,7 @@ macro_rules! impl_resource_store {
                 )
                 .await?;
                 transaction.commit().await?;
+                self.totals.changed("deployments");
                 Ok(updated)
             }
 
@@ -2386,14 +2418,16 @@ macro_rules! impl_resource_store {
                 expected_version: Option<i64>,
             ) -> StoreResult<()> {
                 let mut connection = self.pool.acquire().await?;
-                Self::resources_soft_delete(
+                let deleted = Self::resources_soft_delete(
                     &mut connection,
                     (soft_delete_statement!("deployments"), live_version_statement!("deployments")),
                     deployment_id,
                     scope,
                     expected_version,
                 )
-                .await
+                .await;
+                self.totals.changed("deployments");
+                deleted
             }
 
             async fn list_deployments(
@@ -2425,13 +2459,25 @@ macro_rules! impl_resource_store {
                     }
                 }
                 let list = PagedList {
+                    counted: Some(CountKey::new(
+                        "deployments",
+                        &(
+                            filter.scope,
+                            &filter.search,
+                            filter.status,
+                            filter.environment,
+                            filter.trigger_type,
+                            filter.workflow_id,
+                            filter.agent_id,
+                        ),
+                    )),
                     count_statement: "SELECT COUNT(*) FROM deployments",
                     rows_statement: concat!("SELECT ", deployment_columns!(), " FROM deployments"),
                     order: sql_order(filter.sort),
                     page: filter.page,
                 };
                 let rows: Page<DeploymentRow> =
-                    fetch_page(&self.pool, list, |builder| push_conditions(builder, &filter))
+                    fetch_page(&self.pool, &self.totals, list, |builder| push_conditions(builder, &filter))
                         .await?;
                 Ok(Page { items: deployments_from_rows(rows.items)?, total: rows.total })
             }
@@ -2467,6 +2513,7 @@ macro_rules! impl_resource_store {
                 )
                 .await?;
                 transaction.commit().await?;
+                self.totals.changed("deployments");
                 Ok(deployment)
             }
 
@@ -2662,6 +2709,7 @@ macro_rules! impl_resource_store {
                         .await?;
                 }
                 transaction.commit().await?;
+                self.totals.changed("agents");
                 Ok(wanted)
             }
         }

@@ -1835,3 +1835,139 @@ mod schema_constraints {
         assert_exactly_one_target_checked(&mut connection, owner, agent_id, workflow_id).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// List totals: kept between requests, seen at once after this process's writes, within
+// `LIST_TOTALS_KEPT_FOR` after another process's
+// ---------------------------------------------------------------------------------------------
+
+mod list_totals {
+    use sqlx::Connection;
+    use turbocat::store::LIST_TOTALS_KEPT_FOR;
+
+    use super::*;
+
+    /// The total of `owner`'s DATA agents, as a list of `page_size` a page reports it.
+    async fn data_agents(store: &Arc<dyn Store>, owner: Uuid, page_size: u32) -> i64 {
+        let mut filter = AgentFilter::new(OwnerScope::Owner(owner));
+        filter.agent_type = Some(AgentType::Data);
+        filter.page = page(1, page_size);
+        store.list_agents(filter).await.expect("list").total
+    }
+
+    fn data_agent(owner: Uuid, name: &str) -> NewAgent {
+        NewAgent { agent_type: AgentType::Data, ..new_agent(owner, name) }
+    }
+
+    /// `store` and `same_database` are two stores of this process on one database; `insert`
+    /// writes a DATA agent of `owner` past both, as another replica would. Pages of one row are
+    /// full (the total is kept or counted); a page of 20 is the last (its rows are the total).
+    async fn totals_follow_writes<F, Fut>(
+        store: Arc<dyn Store>,
+        same_database: Arc<dyn Store>,
+        insert: F,
+    ) where
+        F: Fn(Uuid) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let owner = create_owner(&store, "owner").await;
+        let first = store.create_agent(data_agent(owner, "one")).await.expect("create");
+        store.create_agent(data_agent(owner, "two")).await.expect("create");
+        store.create_agent(new_agent(owner, "code")).await.expect("create");
+        assert_eq!(data_agents(&store, owner, 1).await, 2);
+
+        // Another process's write: a full page uses the kept total until it is `KEPT_FOR`
+        // old; a last page says the exact total at once (and keeps it).
+        insert(owner).await;
+        assert_eq!(data_agents(&store, owner, 1).await, 2, "the total was counted again");
+        assert_eq!(data_agents(&store, owner, 20).await, 3, "the last page's rows");
+        assert_eq!(data_agents(&store, owner, 1).await, 3, "the last page's total was kept");
+        insert(owner).await;
+        assert_eq!(data_agents(&store, owner, 1).await, 3, "the total was counted again");
+        tokio::time::sleep(LIST_TOTALS_KEPT_FOR + std::time::Duration::from_millis(100)).await;
+        assert_eq!(data_agents(&store, owner, 1).await, 4);
+
+        // This process's writes, through either store, are seen at once.
+        store.create_agent(data_agent(owner, "five")).await.expect("create");
+        assert_eq!(data_agents(&store, owner, 1).await, 5);
+        same_database.create_agent(data_agent(owner, "six")).await.expect("create");
+        assert_eq!(data_agents(&store, owner, 1).await, 6);
+        store.soft_delete_agent(OwnerScope::Owner(owner), first.id, None).await.expect("delete");
+        assert_eq!(data_agents(&same_database, owner, 1).await, 5);
+        let mut stopped = AgentFilter::new(OwnerScope::Owner(owner));
+        stopped.status = Some(AgentStatus::Stopped);
+        stopped.page = page(1, 1);
+        assert_eq!(store.list_agents(stopped.clone()).await.expect("list").total, 0);
+        for agent in store
+            .list_agents(AgentFilter::new(OwnerScope::Owner(owner)))
+            .await
+            .expect("list")
+            .items
+            .iter()
+            .take(2)
+        {
+            store
+                .set_agent_status(OwnerScope::All, agent.id, AgentStatus::Stopped)
+                .await
+                .expect("stop");
+        }
+        assert_eq!(store.list_agents(stopped.clone()).await.expect("list").total, 2);
+
+        // Past the end: an empty page still says the total.
+        stopped.page = page(3, 1);
+        let past = store.list_agents(stopped).await.expect("list");
+        assert!(past.items.is_empty());
+        assert_eq!(past.total, 2);
+    }
+
+    const RAW_AGENT: &str = "INSERT INTO agents (id, owner_id, name, agent_type, timeout_seconds, \
+         memory_mb, cpu_seconds, max_output_bytes, created_at, updated_at) \
+         VALUES ($1, $2, 'raw', 'DATA', 30, 256, 30, 1048576, $3, $3)";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_list_totals_follow_writes() {
+        let database = crate::support::postgres().await;
+        let same_database =
+            turbocat::store::PostgresStore::connect(&database.url, 2).await.expect("second store");
+        let url = database.url.clone();
+        totals_follow_writes(database.store(), Arc::new(same_database), |owner| {
+            let url = url.clone();
+            async move {
+                let mut connection = sqlx::PgConnection::connect(&url).await.expect("connect");
+                sqlx::query(RAW_AGENT)
+                    .bind(Uuid::now_v7())
+                    .bind(owner)
+                    .bind(Utc::now())
+                    .execute(&mut connection)
+                    .await
+                    .expect("raw insert");
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_list_totals_follow_writes() {
+        let database = crate::support::sqlite().await;
+        let path = database.url.trim_start_matches("sqlite://").to_owned();
+        let same_database = turbocat::store::SqliteStore::open(std::path::Path::new(&path))
+            .await
+            .expect("second store");
+        totals_follow_writes(database.store(), Arc::new(same_database), |owner| {
+            let path = path.clone();
+            async move {
+                let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
+                let mut connection =
+                    sqlx::SqliteConnection::connect_with(&options).await.expect("connect");
+                sqlx::query(RAW_AGENT)
+                    .bind(Uuid::now_v7())
+                    .bind(owner)
+                    .bind(Utc::now())
+                    .execute(&mut connection)
+                    .await
+                    .expect("raw insert");
+            }
+        })
+        .await;
+    }
+}
