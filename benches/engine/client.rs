@@ -346,6 +346,16 @@ impl EngineDatabase {
         }
     }
 
+    /// Gives PostgreSQL's planner statistics of what the bench just wrote (`ANALYZE`), as
+    /// autovacuum does within a minute on a live installation; SQLite keeps none to give.
+    pub async fn analyze(&self) -> Outcome<()> {
+        if let Self::Postgres { connection, own_transactions } = self {
+            own_transactions.fetch_add(1, Ordering::SeqCst);
+            sqlx::query("ANALYZE").execute(&mut *connection.lock().await).await?;
+        }
+        Ok(())
+    }
+
     /// (finished, succeeded) executions of a workflow.
     pub async fn finished(&self, workflow_id: &str) -> Outcome<(u64, u64)> {
         let workflow_id = uuid::Uuid::parse_str(workflow_id)?;

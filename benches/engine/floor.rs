@@ -43,10 +43,10 @@ async fn measure(scratch: &ScratchDatabase, sizes: &Sizes, report: &mut Report) 
             if clients == 1 { "" } else { "s" }
         );
         let mut entry = Entry::new(None, Scenario::Floor, &variant);
-        pgbench(scratch, &script, clients, 1).await?;
+        pgbench(scratch, &script, clients, 1, &[]).await?;
         for _ in 0..sizes.floor_rounds {
             let window = probe.begin().await?;
-            let result = pgbench(scratch, &script, clients, sizes.floor_seconds).await?;
+            let result = pgbench(scratch, &script, clients, sizes.floor_seconds, &[]).await?;
             let costs = probe.end(window).await?;
             let mut round = Round::default();
             round.set("commits_per_second", "commit/s", result.transactions_per_second);
@@ -66,16 +66,19 @@ async fn measure(scratch: &ScratchDatabase, sizes: &Sizes, report: &mut Report) 
     Ok(())
 }
 
-struct PgbenchResult {
-    transactions_per_second: f64,
-    latency_ms_average: f64,
+pub struct PgbenchResult {
+    pub transactions_per_second: f64,
+    pub latency_ms_average: f64,
 }
 
-async fn pgbench(
+/// Runs `script` with `clients` clients for `seconds` on `scratch`; `extra` goes to pgbench
+/// as it is (`-M prepared`).
+pub async fn pgbench(
     scratch: &ScratchDatabase,
     script: &std::path::Path,
     clients: u32,
     seconds: u32,
+    extra: &[&str],
 ) -> Outcome<PgbenchResult> {
     let url = url::Url::parse(&scratch.url)?;
     let threads = clients.min(u32::try_from(crate::measure::cores())?.max(1));
@@ -90,6 +93,7 @@ async fn pgbench(
             "-T",
             &seconds.to_string(),
         ])
+        .args(extra)
         .arg("-f")
         .arg(script)
         .args(["-h", url.host_str().unwrap_or("127.0.0.1")])

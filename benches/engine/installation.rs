@@ -152,6 +152,14 @@ impl Installation {
         })
     }
 
+    /// The run's PostgreSQL database (`serve`).
+    pub fn postgres_database(&self) -> Option<&ScratchDatabase> {
+        match &self.storage {
+            Storage::Postgres { database, .. } => Some(database),
+            Storage::Sqlite { .. } => None,
+        }
+    }
+
     pub fn agent(&self, kind: StepKind) -> &str {
         match kind {
             StepKind::Data => &self.data_agent,
