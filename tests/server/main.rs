@@ -630,7 +630,7 @@ async fn assert_migrate_command(url: &str, backend: &str, newer: impl AsyncFn())
     let (success, stdout, stderr) = migrate_command(url, &[]).await;
     assert!(success, "{stderr}");
     assert!(stdout.contains("applied 0001 users\n"), "{stdout}");
-    assert!(stdout.contains("applied 0011 rollup shards step indexes\n"), "{stdout}");
+    assert!(stdout.contains("applied 0012 duration bucket plpgsql\n"), "{stdout}");
     assert!(stdout.contains(&format!("migrations applied ({backend})")), "{stdout}");
 
     let (success, stdout, stderr) = migrate_command(url, &["--down", "2"]).await;
@@ -638,14 +638,16 @@ async fn assert_migrate_command(url: &str, backend: &str, newer: impl AsyncFn())
     assert_eq!(
         stdout,
         format!(
-            "reverted 0011 rollup shards step indexes\nreverted 0010 alerts\n\
+            "reverted 0012 duration bucket plpgsql\nreverted 0011 rollup shards step indexes\n\
              migrations reverted ({backend})\n"
         )
     );
     let (success, stdout, stderr) = migrate_command(url, &[]).await;
     assert!(success, "{stderr}");
     assert!(
-        stdout.starts_with("applied 0010 alerts\napplied 0011 rollup shards step indexes\n"),
+        stdout.starts_with(
+            "applied 0011 rollup shards step indexes\napplied 0012 duration bucket plpgsql\n"
+        ),
         "{stdout}"
     );
     let (success, stdout, _) = migrate_command(url, &["--down", "0"]).await;

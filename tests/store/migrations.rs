@@ -733,6 +733,18 @@ const RELEASED: &[(&str, i64, &str)] = &[
         "052fe60470ff6c76340e45499afbcfb22e76652344145c05\
       c696718f5f8d843c84fdf6618626f0b6f667cee359837330",
     ),
+    (
+        "postgres",
+        12,
+        "b43f813fb384a109b8862d4c056196cee3f86e3a91300763\
+      4bc7082f906b3be5c134e73c0940a541169df2ce479ec724",
+    ),
+    (
+        "sqlite",
+        12,
+        "44bc988442b62bc25220c555ba0535c37ad83c87fb148f18\
+      6fde379d0eb3d662cde70ae4c0aa1cd89eed03246a511c12",
+    ),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,2 @@
+-- Nothing to revert (see the up script).
+SELECT 1;
