@@ -8,6 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     // The console's built bundle is embedded (`api::console`); a new file in it must rebuild.
     println!("cargo:rerun-if-changed=assets/console");
+    // So are the migrations (`sqlx::migrate!`): a new one must rebuild, or a build from a tree
+    // that only gained a migration file would ship without it.
+    println!("cargo:rerun-if-changed=migrations");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
 
     let mut proto_files: Vec<PathBuf> = std::fs::read_dir("proto/turbocat/v1")?
