@@ -1924,24 +1924,31 @@ mod list_totals {
          memory_mb, cpu_seconds, max_output_bytes, created_at, updated_at) \
          VALUES ($1, $2, 'raw', 'DATA', 30, 256, 30, 1048576, $3, $3)";
 
+    /// Another process's write: a DATA agent of `owner`, inserted on a connection of its own.
+    async fn insert_raw_agent<C: Connection>(url: String, owner: Uuid)
+    where
+        for<'c> &'c mut C: sqlx::Executor<'c, Database = C::Database>,
+        for<'q> Uuid: sqlx::Encode<'q, C::Database> + sqlx::Type<C::Database>,
+        for<'q> DateTime<Utc>: sqlx::Encode<'q, C::Database> + sqlx::Type<C::Database>,
+        for<'q> <C::Database as sqlx::Database>::Arguments: sqlx::IntoArguments<C::Database>,
+    {
+        let mut connection = C::connect(&url).await.expect("connect");
+        sqlx::query::<C::Database>(RAW_AGENT)
+            .bind(Uuid::now_v7())
+            .bind(owner)
+            .bind(Utc::now())
+            .execute(&mut connection)
+            .await
+            .expect("raw insert");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_list_totals_follow_writes() {
         let database = crate::support::postgres().await;
         let same_database =
             turbocat::store::PostgresStore::connect(&database.url, 2).await.expect("second store");
-        let url = database.url.clone();
         totals_follow_writes(database.store(), Arc::new(same_database), |owner| {
-            let url = url.clone();
-            async move {
-                let mut connection = sqlx::PgConnection::connect(&url).await.expect("connect");
-                sqlx::query(RAW_AGENT)
-                    .bind(Uuid::now_v7())
-                    .bind(owner)
-                    .bind(Utc::now())
-                    .execute(&mut connection)
-                    .await
-                    .expect("raw insert");
-            }
+            insert_raw_agent::<sqlx::PgConnection>(database.url.clone(), owner)
         })
         .await;
     }
@@ -1949,24 +1956,12 @@ mod list_totals {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite_list_totals_follow_writes() {
         let database = crate::support::sqlite().await;
-        let path = database.url.trim_start_matches("sqlite://").to_owned();
-        let same_database = turbocat::store::SqliteStore::open(std::path::Path::new(&path))
+        let path = database.url.trim_start_matches("sqlite://");
+        let same_database = turbocat::store::SqliteStore::open(std::path::Path::new(path))
             .await
             .expect("second store");
         totals_follow_writes(database.store(), Arc::new(same_database), |owner| {
-            let path = path.clone();
-            async move {
-                let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
-                let mut connection =
-                    sqlx::SqliteConnection::connect_with(&options).await.expect("connect");
-                sqlx::query(RAW_AGENT)
-                    .bind(Uuid::now_v7())
-                    .bind(owner)
-                    .bind(Utc::now())
-                    .execute(&mut connection)
-                    .await
-                    .expect("raw insert");
-            }
+            insert_raw_agent::<sqlx::SqliteConnection>(database.url.clone(), owner)
         })
         .await;
     }
