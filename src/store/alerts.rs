@@ -323,7 +323,10 @@ macro_rules! impl_alert_store {
                     order: SortOrder { field: "created_at", descending: false },
                     page,
                 };
-                fetch_page(&self.pool, &self.totals, list, |builder| push_visible_rows(builder, scope)).await
+                fetch_page(&self.pool, &self.totals, list, |builder| {
+                    push_visible_rows(builder, scope)
+                })
+                .await
             }
 
             async fn update_alert_rule(

@@ -30,7 +30,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    CountKey, CronRunClaim, CursorPage, Dialect, OwnerScope, Page, PageRequest, PagedList,
+    CountKey, CronRunClaim, CursorPage, Dialect, Listed, OwnerScope, Page, PageRequest, PagedList,
     SortOrder, StoreError, StoreResult, fetch_page, push_visible_rows,
 };
 
@@ -1626,7 +1626,7 @@ macro_rules! impl_executions_store {
                     <$store>::insert_execution(&mut transaction, new_execution, step_runs, now)
                         .await?;
                 transaction.commit().await?;
-                self.totals.changed("executions");
+                self.totals.changed(Listed::Executions);
                 Ok(created)
             }
 
@@ -1703,7 +1703,7 @@ macro_rules! impl_executions_store {
                 page: PageRequest,
             ) -> StoreResult<Page<Execution>> {
                 let list = PagedList {
-                    counted: Some(CountKey::new("executions", &filter)),
+                    counted: Some(CountKey::new(Listed::Executions, &filter)),
                     count_statement: "SELECT COUNT(*) FROM executions",
                     rows_statement: concat!("SELECT ", execution_columns!(), " FROM executions"),
                     order: SortOrder { field: "created_at", descending: true },
@@ -1771,7 +1771,7 @@ macro_rules! impl_executions_store {
                 .execute(&self.pool)
                 .await?;
                 if deleted.rows_affected() == 1 {
-                    self.totals.changed("executions");
+                    self.totals.changed(Listed::Executions);
                     return Ok(());
                 }
                 let current_version: Option<i64> = sqlx::query_scalar::<$db, i64>(
@@ -1801,7 +1801,7 @@ macro_rules! impl_executions_store {
                 let mut update = <$store>::execution_transition(execution_id, from, change);
                 let updated = update.build().execute(&self.pool).await?;
                 if updated.rows_affected() == 1 {
-                    self.totals.changed("executions");
+                    self.totals.changed(Listed::Executions);
                     return Ok(true);
                 }
                 let exists: Option<Uuid> =
@@ -1999,7 +1999,7 @@ macro_rules! impl_executions_store {
                 let (child, _) =
                     <$store>::insert_execution(&mut transaction, child, step_runs, at).await?;
                 transaction.commit().await?;
-                self.totals.changed("executions");
+                self.totals.changed(Listed::Executions);
                 Ok(ChildExecutionStart::Started { parent_step: step_run, child })
             }
 
@@ -2108,7 +2108,7 @@ macro_rules! impl_executions_store {
                 };
                 transaction.commit().await?;
                 if !finished.is_empty() {
-                    self.totals.changed("executions");
+                    self.totals.changed(Listed::Executions);
                 }
                 Ok(CompletedSteps { step_runs, logs, next: moved, finished })
             }

@@ -1179,8 +1179,10 @@ macro_rules! impl_identity_store {
                     order: sql_order(filter.sort),
                     page: filter.page,
                 };
-                fetch_page(&self.pool, &self.totals, list, |builder| <$store>::push_user_filter(builder, &filter))
-                    .await
+                fetch_page(&self.pool, &self.totals, list, |builder| {
+                    <$store>::push_user_filter(builder, &filter)
+                })
+                .await
             }
 
             async fn soft_delete_user(

@@ -123,7 +123,7 @@ pub use executions::*;
 pub use identity::*;
 pub use resources::*;
 pub use totals::KEPT_FOR as LIST_TOTALS_KEPT_FOR;
-use totals::{CountKey, ListTotals};
+use totals::{CountKey, ListTotals, Listed};
 
 static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");

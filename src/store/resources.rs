@@ -13,8 +13,8 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    CountKey, Dialect, OwnerScope, Page, PageRequest, PagedList, SortField, SortOrder, StoreError,
-    StoreResult, fetch_page, push_visible_rows, sql_order,
+    CountKey, Dialect, Listed, OwnerScope, Page, PageRequest, PagedList, SortField, SortOrder,
+    StoreError, StoreResult, fetch_page, push_visible_rows, sql_order,
 };
 
 /// The current time at the precision both backends store (microseconds), so a value written
@@ -1641,7 +1641,7 @@ macro_rules! impl_resource_store {
                 let mut transaction = self.begin_write_transaction().await?;
                 let agent = Self::resources_insert_agent(&mut transaction, new_agent).await?;
                 transaction.commit().await?;
-                self.totals.changed("agents");
+                self.totals.changed(Listed::Agents);
                 Ok(agent)
             }
 
@@ -1724,7 +1724,7 @@ macro_rules! impl_resource_store {
                 )
                 .await?;
                 transaction.commit().await?;
-                self.totals.changed("agents");
+                self.totals.changed(Listed::Agents);
                 Ok(updated)
             }
 
@@ -1747,7 +1747,7 @@ macro_rules! impl_resource_store {
                 .fetch_optional(&self.pool)
                 .await?
                 .ok_or(StoreError::NotFound)?;
-                self.totals.changed("agents");
+                self.totals.changed(Listed::Agents);
                 Ok(agent)
             }
 
@@ -1783,7 +1783,7 @@ macro_rules! impl_resource_store {
                     return Err(StoreError::InUse { by: using_workflows });
                 }
                 transaction.commit().await?;
-                self.totals.changed("agents");
+                self.totals.changed(Listed::Agents);
                 Ok(())
             }
 
@@ -1805,15 +1805,24 @@ macro_rules! impl_resource_store {
                 }
                 let list = PagedList {
                     counted: Some(CountKey::new(
-                        "agents",
-                        &(filter.scope, &filter.search, filter.agent_type, filter.status, &filter.tag),
+                        Listed::Agents,
+                        &(
+                            filter.scope,
+                            &filter.search,
+                            filter.agent_type,
+                            filter.status,
+                            &filter.tag,
+                        ),
                     )),
                     count_statement: "SELECT COUNT(*) FROM agents",
                     rows_statement: concat!("SELECT ", agent_columns!(), " FROM agents"),
                     order: sql_order(filter.sort),
                     page: filter.page,
                 };
-                fetch_page(&self.pool, &self.totals, list, |builder| push_conditions(builder, &filter)).await
+                fetch_page(&self.pool, &self.totals, list, |builder| {
+                    push_conditions(builder, &filter)
+                })
+                .await
             }
 
             async fn list_agent_versions(
@@ -1923,7 +1932,7 @@ macro_rules! impl_resource_store {
                     Self::resources_load_workflow(&mut transaction, OwnerScope::All, workflow_id)
                         .await?;
                 transaction.commit().await?;
-                self.totals.changed("workflows");
+                self.totals.changed(Listed::Workflows);
                 Ok(created)
             }
 
@@ -1991,7 +2000,7 @@ macro_rules! impl_resource_store {
                     Self::resources_load_workflow(&mut transaction, OwnerScope::All, workflow_id)
                         .await?;
                 transaction.commit().await?;
-                self.totals.changed("workflows");
+                self.totals.changed(Listed::Workflows);
                 Ok(updated)
             }
 
@@ -2010,7 +2019,7 @@ macro_rules! impl_resource_store {
                     expected_version,
                 )
                 .await;
-                self.totals.changed("workflows");
+                self.totals.changed(Listed::Workflows);
                 deleted
             }
 
@@ -2025,13 +2034,19 @@ macro_rules! impl_resource_store {
                     }
                 }
                 let list = PagedList {
-                    counted: Some(CountKey::new("workflows", &(filter.scope, &filter.search, &filter.tag))),
+                    counted: Some(CountKey::new(
+                        Listed::Workflows,
+                        &(filter.scope, &filter.search, &filter.tag),
+                    )),
                     count_statement: "SELECT COUNT(*) FROM workflows",
                     rows_statement: concat!("SELECT ", workflow_columns!(), " FROM workflows"),
                     order: sql_order(filter.sort),
                     page: filter.page,
                 };
-                fetch_page(&self.pool, &self.totals, list, |builder| push_conditions(builder, &filter)).await
+                fetch_page(&self.pool, &self.totals, list, |builder| {
+                    push_conditions(builder, &filter)
+                })
+                .await
             }
 
             // ----- templates -----
@@ -2057,7 +2072,7 @@ macro_rules! impl_resource_store {
                 .bind(current_time())
                 .fetch_one(&self.pool)
                 .await?;
-                self.totals.changed("templates");
+                self.totals.changed(Listed::Templates);
                 Ok(template)
             }
 
@@ -2136,7 +2151,7 @@ macro_rules! impl_resource_store {
                     .await);
                 };
                 transaction.commit().await?;
-                self.totals.changed("templates");
+                self.totals.changed(Listed::Templates);
                 Ok(updated)
             }
 
@@ -2155,7 +2170,7 @@ macro_rules! impl_resource_store {
                     expected_version,
                 )
                 .await;
-                self.totals.changed("templates");
+                self.totals.changed(Listed::Templates);
                 deleted
             }
 
@@ -2187,7 +2202,7 @@ macro_rules! impl_resource_store {
                 }
                 let list = PagedList {
                     counted: Some(CountKey::new(
-                        "templates",
+                        Listed::Templates,
                         &(
                             filter.viewer,
                             &filter.search,
@@ -2202,7 +2217,10 @@ macro_rules! impl_resource_store {
                     order: sql_order(filter.sort),
                     page: filter.page,
                 };
-                fetch_page(&self.pool, &self.totals, list, |builder| push_conditions(builder, &filter)).await
+                fetch_page(&self.pool, &self.totals, list, |builder| {
+                    push_conditions(builder, &filter)
+                })
+                .await
             }
 
             async fn upsert_builtin_template(
@@ -2270,7 +2288,7 @@ macro_rules! impl_resource_store {
                     }
                 };
                 transaction.commit().await?;
-                self.totals.changed("templates");
+                self.totals.changed(Listed::Templates);
                 Ok(outcome)
             }
 
@@ -2322,7 +2340,7 @@ macro_rules! impl_resource_store {
                 )
                 .await?;
                 transaction.commit().await?;
-                self.totals.changed("deployments");
+                self.totals.changed(Listed::Deployments);
                 Ok(deployment)
             }
 
@@ -2407,7 +2425,7 @@ macro_rules! impl_resource_store {
                 )
                 .await?;
                 transaction.commit().await?;
-                self.totals.changed("deployments");
+                self.totals.changed(Listed::Deployments);
                 Ok(updated)
             }
 
@@ -2426,7 +2444,7 @@ macro_rules! impl_resource_store {
                     expected_version,
                 )
                 .await;
-                self.totals.changed("deployments");
+                self.totals.changed(Listed::Deployments);
                 deleted
             }
 
@@ -2460,7 +2478,7 @@ macro_rules! impl_resource_store {
                 }
                 let list = PagedList {
                     counted: Some(CountKey::new(
-                        "deployments",
+                        Listed::Deployments,
                         &(
                             filter.scope,
                             &filter.search,
@@ -2477,8 +2495,10 @@ macro_rules! impl_resource_store {
                     page: filter.page,
                 };
                 let rows: Page<DeploymentRow> =
-                    fetch_page(&self.pool, &self.totals, list, |builder| push_conditions(builder, &filter))
-                        .await?;
+                    fetch_page(&self.pool, &self.totals, list, |builder| {
+                        push_conditions(builder, &filter)
+                    })
+                    .await?;
                 Ok(Page { items: deployments_from_rows(rows.items)?, total: rows.total })
             }
 
@@ -2513,7 +2533,7 @@ macro_rules! impl_resource_store {
                 )
                 .await?;
                 transaction.commit().await?;
-                self.totals.changed("deployments");
+                self.totals.changed(Listed::Deployments);
                 Ok(deployment)
             }
 
@@ -2709,7 +2729,7 @@ macro_rules! impl_resource_store {
                         .await?;
                 }
                 transaction.commit().await?;
-                self.totals.changed("agents");
+                self.totals.changed(Listed::Agents);
                 Ok(wanted)
             }
         }

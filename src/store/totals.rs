@@ -23,20 +23,30 @@ pub const KEPT_FOR: Duration = Duration::from_secs(1);
 /// Totals kept at most per database; all are dropped when that many are.
 const KEPT_TOTALS: usize = 4_096;
 
+/// The tables whose list totals are kept: the one name a list's key and its writes share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Listed {
+    Agents,
+    Workflows,
+    Templates,
+    Deployments,
+    Executions,
+}
+
 /// Which rows a list's total counts: the table and its filter, written out
-/// (`CountKey::new("agents", &(scope, search, …))`).
+/// (`CountKey::new(Listed::Agents, &(scope, search, …))`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct CountKey {
-    table: &'static str,
+    table: Listed,
     filter: String,
 }
 
 impl CountKey {
-    pub fn new(table: &'static str, filter: &impl std::fmt::Debug) -> Self {
+    pub fn new(table: Listed, filter: &impl std::fmt::Debug) -> Self {
         Self { table, filter: format!("{filter:?}") }
     }
 
-    pub fn table(&self) -> &'static str {
+    pub fn table(&self) -> Listed {
         self.table
     }
 }
@@ -49,7 +59,7 @@ struct Kept {
 
 #[derive(Default)]
 struct State {
-    generations: HashMap<&'static str, u64>,
+    generations: HashMap<Listed, u64>,
     totals: HashMap<CountKey, Kept>,
 }
 
@@ -72,17 +82,17 @@ impl ListTotals {
     }
 
     /// The table's generation now: read before counting, kept with the total.
-    pub fn generation(&self, table: &'static str) -> u64 {
+    pub fn generation(&self, table: Listed) -> u64 {
         self.state
             .lock()
-            .map(|state| state.generations.get(table).copied().unwrap_or_default())
+            .map(|state| state.generations.get(&table).copied().unwrap_or_default())
             .unwrap_or_default()
     }
 
     /// The kept total of `key`, if it may still be used.
     pub fn get(&self, key: &CountKey) -> Option<i64> {
         let state = self.state.lock().ok()?;
-        let generation = state.generations.get(key.table).copied().unwrap_or_default();
+        let generation = state.generations.get(&key.table).copied().unwrap_or_default();
         let kept = state.totals.get(key)?;
         (kept.generation == generation && kept.counted_at.elapsed() < KEPT_FOR)
             .then_some(kept.total)
@@ -98,7 +108,7 @@ impl ListTotals {
     }
 
     /// Rows of `table` changed (called after the commit that changed them).
-    pub fn changed(&self, table: &'static str) {
+    pub fn changed(&self, table: Listed) {
         if let Ok(mut state) = self.state.lock() {
             *state.generations.entry(table).or_default() += 1;
         }
@@ -112,25 +122,25 @@ mod tests {
     #[test]
     fn a_total_is_used_again_until_its_table_changes() {
         let totals = ListTotals::default();
-        let key = CountKey::new("agents", &("owner", Some("DATA")));
+        let key = CountKey::new(Listed::Agents, &("owner", Some("DATA")));
         assert_eq!(totals.get(&key), None);
-        let generation = totals.generation("agents");
+        let generation = totals.generation(Listed::Agents);
         totals.keep(key.clone(), generation, 7);
         assert_eq!(totals.get(&key), Some(7));
-        assert_eq!(totals.get(&CountKey::new("agents", &("owner", Some("API")))), None);
-        totals.changed("workflows");
+        assert_eq!(totals.get(&CountKey::new(Listed::Agents, &("owner", Some("API")))), None);
+        totals.changed(Listed::Workflows);
         assert_eq!(totals.get(&key), Some(7), "another table's write");
-        totals.changed("agents");
+        totals.changed(Listed::Agents);
         assert_eq!(totals.get(&key), None);
     }
 
     #[test]
     fn a_total_counted_before_a_write_committed_is_not_used_after_it() {
         let totals = ListTotals::default();
-        let key = CountKey::new("executions", &"all");
-        let before_the_count = totals.generation("executions");
+        let key = CountKey::new(Listed::Executions, &"all");
+        let before_the_count = totals.generation(Listed::Executions);
         // The write commits and bumps while the count runs.
-        totals.changed("executions");
+        totals.changed(Listed::Executions);
         totals.keep(key.clone(), before_the_count, 3);
         assert_eq!(totals.get(&key), None);
     }
