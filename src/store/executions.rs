@@ -9,11 +9,11 @@
 //!   `Duplicate`), so late, duplicate or concurrent reports are harmless.
 //! - A step run's `attempt` is its fencing token. Lease loss and user retries both start a new
 //!   attempt; `infra_reassignments` counts the former so they never eat the user's retry budget.
-//! - `step_attempts` keeps one row per (step run, attempt). A transition within an attempt
-//!   is one `UPDATE step_runs … RETURNING`, committed on its own: the database mirrors it into
-//!   the attempt's row in the same statement (trigger `step_runs_mirror_attempt`, migration 6).
-//!   Transitions that start a new attempt write the attempt rows themselves, in a transaction.
-//!   Older rows are final.
+//! - A step run's current attempt is the step run itself: a transition within an attempt is
+//!   one `UPDATE step_runs … RETURNING` and writes nothing else. `step_attempts` keeps the
+//!   attempts that are over, one final row each, written by the transitions that start the
+//!   next attempt (`schedule_retry`, `requeue_after_lease_loss`) in their transaction; readers
+//!   take those rows and the step run's current attempt together (migration 13).
 //! - Retry backoff: `schedule_retry` puts the step back to `PENDING` with `next_attempt_at`.
 //!   `list_ready_step_runs` returns it once the backoff is over and `mark_step_queued` moves it
 //!   to `QUEUED` (committed) before it is pushed to the queue. `QUEUED` therefore always means
@@ -955,7 +955,8 @@ pub trait ExecutionStore: Send + Sync {
     async fn refused_completion(&self, key: AttemptKey) -> StoreResult<CompletionOutcome>;
 
     /// Starts attempt `key.attempt + 1` after attempt `key.attempt` FAILED or TIMED_OUT: the
-    /// step goes back to PENDING with `next_attempt_at` (the backoff) and a new attempt row.
+    /// step goes back to PENDING with `next_attempt_at` (the backoff), and the finished attempt
+    /// is kept in the step's attempt history.
     /// Rejected when the attempt is not the current one or not failed, when the user's retry
     /// budget is spent (`user_attempts_used() >= max_attempts`), or when the execution is
     /// finished or being cancelled.
@@ -977,7 +978,7 @@ pub trait ExecutionStore: Send + Sync {
         at: DateTime<Utc>,
     ) -> StoreResult<StepTransitionOutcome>;
 
-    /// Cancels every unfinished step run of an execution (and its current attempt row) in one
+    /// Cancels every unfinished step run of an execution in one
     /// statement. Returns those a runner was holding (ASSIGNED/RUNNING) so the engine can send
     /// them a cancel; their late results will then be `Duplicate`.
     async fn cancel_pending_steps(
@@ -1181,6 +1182,12 @@ macro_rules! step_attempt_columns {
         "step_run_id, attempt, status, runner_id, input, output, error, retryable, queued_at, \
          assigned_at, started_at, finished_at, created_at, updated_at"
     };
+    // The current attempt of a step run, read from the step run (the columns above, in order).
+    (current) => {
+        "id, attempt, status, runner_id, input, output, error, error_retryable, queued_at, \
+         assigned_at, started_at, finished_at, COALESCE(attempt_created_at, created_at), \
+         updated_at"
+    };
 }
 
 macro_rules! execution_log_columns {
@@ -1343,19 +1350,6 @@ macro_rules! impl_executions_store {
                         .await
                         .map_err(|error| name_execution_conflict(error.into()))?;
 
-                    let mut attempt_insert = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO step_attempts (step_run_id, attempt, status, input, \
-                         created_at, updated_at) ",
-                    );
-                    attempt_insert.push_values(chunk, |mut row, (step_run_id, step_run)| {
-                        row.push_bind(*step_run_id)
-                            .push("1")
-                            .push("'PENDING'")
-                            .push_bind(step_run.input.clone().map(Json))
-                            .push_bind(now)
-                            .push_bind(now);
-                    });
-                    attempt_insert.build().execute(&mut **transaction).await?;
                 }
                 let created_step_runs = sqlx::query_as::<$db, StepRun>(concat!(
                     "SELECT ",
@@ -1581,6 +1575,47 @@ macro_rules! impl_executions_store {
                 .await
             }
 
+            /// Writes the current attempt `key` of a step run, if the step run is at it and
+            /// matches `condition`, into `step_attempts` as a finished attempt, and holds the
+            /// step run until `transaction` ends; the caller then starts the next attempt.
+            /// `lease_lost_at`: the attempt ends LEASE_LOST at that time, not as it stands.
+            /// False (nothing written) when the step run is not there.
+            async fn archive_attempt(
+                transaction: &mut sqlx::Transaction<'_, $db>,
+                key: AttemptKey,
+                condition: &str,
+                lease_lost_at: Option<DateTime<Utc>>,
+            ) -> StoreResult<bool> {
+                let mut archive = sqlx::QueryBuilder::<$db>::new(concat!(
+                    "INSERT INTO step_attempts (",
+                    step_attempt_columns!(),
+                    ") SELECT "
+                ));
+                match lease_lost_at {
+                    Some(at) => {
+                        archive.push(
+                            "id, attempt, 'LEASE_LOST', runner_id, input, output, error, \
+                             error_retryable, queued_at, assigned_at, started_at, ",
+                        );
+                        archive.push_bind(at);
+                        archive.push(", COALESCE(attempt_created_at, created_at), ");
+                        archive.push_bind(at);
+                    }
+                    None => {
+                        archive.push(step_attempt_columns!(current));
+                    }
+                }
+                archive.push(" FROM step_runs WHERE id = ");
+                archive.push_bind(key.step_run_id);
+                archive.push(" AND attempt = ");
+                archive.push_bind(key.attempt);
+                archive.push(" AND ");
+                archive.push(condition);
+                archive.push(<$store as Dialect>::UPDATE_ROW_LOCK);
+                let written = archive.build().execute(&mut **transaction).await?;
+                Ok(written.rows_affected() == 1)
+            }
+
             /// The status and attempt of a step run (to explain a rejected transition).
             async fn step_run_position(
                 &self,
@@ -1688,6 +1723,9 @@ macro_rules! impl_executions_store {
                     step_attempt_columns!(),
                     " FROM step_attempts WHERE step_run_id IN \
                      (SELECT id FROM step_runs WHERE execution_id = $1) \
+                     UNION ALL SELECT ",
+                    step_attempt_columns!(current),
+                    " FROM step_runs WHERE execution_id = $1 \
                      ORDER BY step_run_id, attempt"
                 ))
                 .bind(execution_id)
@@ -2121,38 +2159,29 @@ macro_rules! impl_executions_store {
             ) -> StoreResult<StepTransitionOutcome> {
                 let at = stored_time(at);
                 let mut transaction = self.begin_write_transaction().await?;
+                let condition = "status IN ('FAILED', 'TIMED_OUT') \
+                     AND attempt - infra_reassignments < max_attempts \
+                     AND EXISTS (SELECT 1 FROM executions WHERE executions.id = \
+                     step_runs.execution_id AND executions.status IN ('QUEUED', 'RUNNING') \
+                     AND executions.cancel_requested_at IS NULL)";
+                if !Self::archive_attempt(&mut transaction, key, condition, None).await? {
+                    transaction.rollback().await?;
+                    return rejection(self.step_run_position(key.step_run_id).await?);
+                }
                 let step_run = sqlx::query_as::<$db, StepRun>(concat!(
                     "UPDATE step_runs SET attempt = attempt + 1, status = 'PENDING', \
                      next_attempt_at = $3, output = NULL, error = NULL, error_retryable = NULL, \
                      runner_id = NULL, lease_expires_at = NULL, queued_at = NULL, \
                      assigned_at = NULL, started_at = NULL, finished_at = NULL, \
-                     updated_at = $4, version = version + 1 \
-                     WHERE id = $1 AND attempt = $2 AND status IN ('FAILED', 'TIMED_OUT') \
-                     AND attempt - infra_reassignments < max_attempts \
-                     AND EXISTS (SELECT 1 FROM executions WHERE executions.id = \
-                     step_runs.execution_id AND executions.status IN ('QUEUED', 'RUNNING') \
-                     AND executions.cancel_requested_at IS NULL) RETURNING ",
+                     attempt_created_at = $4, updated_at = $4, version = version + 1 \
+                     WHERE id = $1 AND attempt = $2 RETURNING ",
                     step_run_columns!()
                 ))
                 .bind(key.step_run_id)
                 .bind(key.attempt)
                 .bind(stored_time(next_attempt_at))
                 .bind(at)
-                .fetch_optional(&mut *transaction)
-                .await?;
-                let Some(step_run) = step_run else {
-                    transaction.rollback().await?;
-                    return rejection(self.step_run_position(key.step_run_id).await?);
-                };
-                sqlx::query::<$db>(
-                    "INSERT INTO step_attempts (step_run_id, attempt, status, input, created_at, \
-                     updated_at) VALUES ($1, $2, 'PENDING', $3, $4, $4)",
-                )
-                .bind(step_run.id)
-                .bind(step_run.attempt)
-                .bind(step_run.input.clone().map(Json))
-                .bind(at)
-                .execute(&mut *transaction)
+                .fetch_one(&mut *transaction)
                 .await?;
                 transaction.commit().await?;
                 Ok(StepTransitionOutcome::Applied(step_run))
@@ -2165,43 +2194,24 @@ macro_rules! impl_executions_store {
             ) -> StoreResult<StepTransitionOutcome> {
                 let at = stored_time(at);
                 let mut transaction = self.begin_write_transaction().await?;
+                let condition = "status IN ('ASSIGNED', 'RUNNING')";
+                if !Self::archive_attempt(&mut transaction, key, condition, Some(at)).await? {
+                    transaction.rollback().await?;
+                    return rejection(self.step_run_position(key.step_run_id).await?);
+                }
                 let step_run = sqlx::query_as::<$db, StepRun>(concat!(
                     "UPDATE step_runs SET attempt = attempt + 1, \
                      infra_reassignments = infra_reassignments + 1, status = 'QUEUED', \
                      queued_at = $3, runner_id = NULL, lease_expires_at = NULL, \
                      assigned_at = NULL, started_at = NULL, next_attempt_at = NULL, \
-                     updated_at = $3, version = version + 1 \
-                     WHERE id = $1 AND attempt = $2 AND status IN ('ASSIGNED', 'RUNNING') \
-                     RETURNING ",
+                     attempt_created_at = $3, updated_at = $3, version = version + 1 \
+                     WHERE id = $1 AND attempt = $2 RETURNING ",
                     step_run_columns!()
                 ))
                 .bind(key.step_run_id)
                 .bind(key.attempt)
                 .bind(at)
-                .fetch_optional(&mut *transaction)
-                .await?;
-                let Some(step_run) = step_run else {
-                    transaction.rollback().await?;
-                    return rejection(self.step_run_position(key.step_run_id).await?);
-                };
-                sqlx::query::<$db>(
-                    "UPDATE step_attempts SET status = 'LEASE_LOST', finished_at = $3, \
-                     updated_at = $3 WHERE step_run_id = $1 AND attempt = $2",
-                )
-                .bind(key.step_run_id)
-                .bind(key.attempt)
-                .bind(at)
-                .execute(&mut *transaction)
-                .await?;
-                sqlx::query::<$db>(
-                    "INSERT INTO step_attempts (step_run_id, attempt, status, input, queued_at, \
-                     created_at, updated_at) VALUES ($1, $2, 'QUEUED', $3, $4, $4, $4)",
-                )
-                .bind(step_run.id)
-                .bind(step_run.attempt)
-                .bind(step_run.input.clone().map(Json))
-                .bind(at)
-                .execute(&mut *transaction)
+                .fetch_one(&mut *transaction)
                 .await?;
                 transaction.commit().await?;
                 Ok(StepTransitionOutcome::Applied(step_run))
@@ -2382,7 +2392,9 @@ macro_rules! impl_executions_store {
                 let attempts = sqlx::query_as::<$db, StepAttempt>(concat!(
                     "SELECT ",
                     step_attempt_columns!(),
-                    " FROM step_attempts WHERE step_run_id = $1 ORDER BY attempt"
+                    " FROM step_attempts WHERE step_run_id = $1 UNION ALL SELECT ",
+                    step_attempt_columns!(current),
+                    " FROM step_runs WHERE id = $1 ORDER BY attempt"
                 ))
                 .bind(step_run_id)
                 .fetch_all(&self.pool)

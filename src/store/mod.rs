@@ -731,6 +731,9 @@ pub(crate) trait Dialect {
     /// Appended to a `SELECT` to hold rows against a concurrent soft delete until commit.
     const SHARE_ROW_LOCK: &'static str;
 
+    /// Appended to a `SELECT` to hold rows against any concurrent write until commit.
+    const UPDATE_ROW_LOCK: &'static str;
+
     /// `$1` agent id: a live agent's status, its row locked until commit (the write lock of
     /// `BEGIN_WRITE_TRANSACTION` does that on SQLite).
     const LOCK_AGENT_STATUS: &'static str;
@@ -783,6 +786,8 @@ impl Dialect for PostgresStore {
     // agent's soft delete serialise: whichever commits second sees the first.
     const SHARE_ROW_LOCK: &'static str = " FOR SHARE";
 
+    const UPDATE_ROW_LOCK: &'static str = " FOR UPDATE";
+
     const LOCK_AGENT_STATUS: &'static str =
         "SELECT status FROM agents WHERE id = $1 AND deleted_at IS NULL FOR UPDATE";
 
@@ -825,6 +830,8 @@ impl Dialect for SqliteStore {
     const BEGIN_SNAPSHOT_READ: &'static str = "BEGIN";
 
     const SHARE_ROW_LOCK: &'static str = "";
+
+    const UPDATE_ROW_LOCK: &'static str = "";
 
     const LOCK_AGENT_STATUS: &'static str =
         "SELECT status FROM agents WHERE id = $1 AND deleted_at IS NULL";

@@ -7,7 +7,8 @@
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, Connection, SqlSafeStr};
 use turbocat::store::{
-    MigrationEntry, MigrationError, MigrationReport, NewerMigrations, PostgresStore, SqliteStore,
+    ExecutionStore, MigrationEntry, MigrationError, MigrationReport, NewerMigrations, OwnerScope,
+    PostgresStore, SqliteStore,
 };
 
 use crate::support;
@@ -347,6 +348,95 @@ async fn sqlite_rollups_start_with_the_history_of_an_upgraded_installation() {
     let seconds: (f64, f64) =
         sqlx::query_as(ROLLED_UP_SECONDS).fetch_one(&mut connection).await.expect("read");
     assert!((seconds.0 - 3.0).abs() < 0.01 && (seconds.1 - 3.0).abs() < 0.01, "{seconds:?}");
+}
+
+/// After migration 13 a step run's current attempt is the step run itself: the history of
+/// `BEFORE_ROLLUPS` (attempt 1 FAILED, attempt 2 SUCCEEDED and current) keeps attempt 1 as its
+/// one row, the step run keeps when attempt 2 began, and the store still lists both attempts.
+/// 13's down script writes attempt 2's row again.
+async fn assert_current_attempt_moves<S: ExecutionStore>(
+    store: &S,
+    step_run_id: uuid::Uuid,
+    rows: Vec<i32>,
+) {
+    assert_eq!(rows, [1], "the finished attempt alone keeps its row");
+    let attempts =
+        store.list_step_attempts(OwnerScope::All, step_run_id).await.expect("list attempts");
+    let listed: Vec<(i32, &str, String)> = attempts
+        .iter()
+        .map(|attempt| (attempt.attempt, attempt.status.as_str(), attempt.created_at.to_rfc3339()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (1, "FAILED", "2026-01-01T10:00:00+00:00".to_owned()),
+            (2, "SUCCEEDED", "2026-01-01T10:00:02+00:00".to_owned())
+        ]
+    );
+}
+
+const ATTEMPT_ROWS: &str = "SELECT attempt FROM step_attempts ORDER BY attempt";
+const SECOND_ATTEMPT_BEGAN: &str = "SELECT created_at FROM step_attempts WHERE attempt = 2";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_current_attempts_move_to_their_step_runs_and_back() {
+    let migrator = migrator("postgres").await;
+    let (url, name) = support::create_postgres_database().await;
+    let _database = support::ServeDatabase::new(url.clone(), name);
+    let mut connection = sqlx::PgConnection::connect(&url).await.expect("connect");
+    migrator.run_to(12, &mut connection).await.expect("migrate to 12");
+    let ids: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
+    for statement in BEFORE_ROLLUPS {
+        let mut query = sqlx::query(statement);
+        for id in ids.iter().take(highest_parameter(statement)) {
+            query = query.bind(*id);
+        }
+        query.execute(&mut connection).await.expect(statement);
+    }
+    migrator.run_to(13, &mut connection).await.expect("migrate to 13");
+    let rows: Vec<i32> =
+        sqlx::query_scalar(ATTEMPT_ROWS).fetch_all(&mut connection).await.expect("read");
+    let store = PostgresStore::connect(&url, 2).await.expect("connect the store");
+    assert_current_attempt_moves(&store, ids[2], rows).await;
+    migrator.undo(&mut connection, 12).await.expect("revert to 12");
+    let rows: Vec<i32> =
+        sqlx::query_scalar(ATTEMPT_ROWS).fetch_all(&mut connection).await.expect("read");
+    assert_eq!(rows, [1, 2]);
+    let began: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar(SECOND_ATTEMPT_BEGAN).fetch_one(&mut connection).await.expect("read");
+    assert_eq!(began.to_rfc3339(), "2026-01-01T10:00:02+00:00");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_current_attempts_move_to_their_step_runs_and_back() {
+    let migrator = migrator("sqlite").await;
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let path = directory.path().join("old.db");
+    std::fs::File::create(&path).expect("create file");
+    let mut connection = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("connect");
+    migrator.run_to(12, &mut connection).await.expect("migrate to 12");
+    let ids: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
+    for statement in BEFORE_ROLLUPS {
+        let mut query = sqlx::query(statement);
+        for id in ids.iter().take(highest_parameter(statement)) {
+            query = query.bind(*id);
+        }
+        query.execute(&mut connection).await.expect(statement);
+    }
+    migrator.run_to(13, &mut connection).await.expect("migrate to 13");
+    let rows: Vec<i32> =
+        sqlx::query_scalar(ATTEMPT_ROWS).fetch_all(&mut connection).await.expect("read");
+    let store = SqliteStore::open(&path).await.expect("open the store");
+    assert_current_attempt_moves(&store, ids[2], rows).await;
+    migrator.undo(&mut connection, 12).await.expect("revert to 12");
+    let rows: Vec<i32> =
+        sqlx::query_scalar(ATTEMPT_ROWS).fetch_all(&mut connection).await.expect("read");
+    assert_eq!(rows, [1, 2]);
+    let began: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar(SECOND_ATTEMPT_BEGAN).fetch_one(&mut connection).await.expect("read");
+    assert_eq!(began.to_rfc3339(), "2026-01-01T10:00:02+00:00");
 }
 
 /// The migrations as the releases before reversible migrations embedded them: one simple
@@ -744,6 +834,18 @@ const RELEASED: &[(&str, i64, &str)] = &[
         12,
         "44bc988442b62bc25220c555ba0535c37ad83c87fb148f18\
       6fde379d0eb3d662cde70ae4c0aa1cd89eed03246a511c12",
+    ),
+    (
+        "postgres",
+        13,
+        "a755d53814a3aeda82597db10ab9ca5e98195c11c6e7fa8c\
+      edc090b6723edbf89cd4fe7ec1476ff756de126c72a14eab",
+    ),
+    (
+        "sqlite",
+        13,
+        "2a0c6f2fdf2a3e6d9af1cac82a6b60facecd542920c22b49\
+      8820c8c2611007622d90803b9dc9b22e3124774931df629e",
     ),
 ];
 
