@@ -57,27 +57,51 @@ const LANE_BUFFER: usize = 64;
 pub struct RunnerInbox {
     engine: Arc<Engine>,
     runner: Arc<AttachedRunner>,
-    lanes: Vec<mpsc::Sender<pb::attach_request::Message>>,
-    workers: Vec<JoinHandle<()>>,
+    /// Started by the first message that needs one: an idle runner, which only heartbeats, has
+    /// none (eight tasks and channels per runner are most of what a thousand idle runners
+    /// cost otherwise).
+    lanes: Vec<Option<Lane>>,
+}
+
+/// One lane: messages about the attempts it owns, applied in order by its task.
+struct Lane {
+    /// Boxed, so a channel's buffer holds pointers and not whole messages.
+    sender: mpsc::Sender<Box<pb::attach_request::Message>>,
+    worker: JoinHandle<()>,
 }
 
 impl RunnerInbox {
     /// Applies `message`, or queues it behind the earlier messages about the same attempt.
-    pub async fn deliver(&self, message: pb::attach_request::Message) {
-        if let Some(lane) = lane_of(&message).and_then(|index| self.lanes.get(index)) {
-            if lane.send(message).await.is_ok() {
-                return;
-            }
-            tracing::warn!(runner_id = %self.runner.id, "a runner lane stopped; its message is dropped");
+    pub async fn deliver(&mut self, message: pb::attach_request::Message) {
+        let Some(index) = lane_of(&message) else {
+            apply(&self.engine, &self.runner, message).await;
             return;
+        };
+        let Some(slot) = self.lanes.get_mut(index) else {
+            apply(&self.engine, &self.runner, message).await;
+            return;
+        };
+        let lane = slot.get_or_insert_with(|| {
+            let (sender, mut receiver) =
+                mpsc::channel::<Box<pb::attach_request::Message>>(LANE_BUFFER);
+            let engine = self.engine.clone();
+            let runner = self.runner.clone();
+            let worker = tokio::spawn(async move {
+                while let Some(message) = receiver.recv().await {
+                    apply(&engine, &runner, *message).await;
+                }
+            });
+            Lane { sender, worker }
+        });
+        if lane.sender.send(Box::new(message)).await.is_err() {
+            tracing::warn!(runner_id = %self.runner.id, "a runner lane stopped; its message is dropped");
         }
-        apply(&self.engine, &self.runner, message).await;
     }
 
     /// Stops taking messages and waits until every delivered one is applied.
     pub async fn close(self) {
-        drop(self.lanes);
-        for worker in self.workers {
+        for Lane { sender, worker } in self.lanes.into_iter().flatten() {
+            drop(sender);
             let _ = worker.await;
         }
     }
@@ -215,20 +239,11 @@ impl Engine {
 
     /// The inbox that applies `runner`'s messages from now on.
     pub fn runner_inbox(self: &Arc<Self>, runner: Arc<AttachedRunner>) -> RunnerInbox {
-        let mut lanes = Vec::with_capacity(RUNNER_LANES);
-        let mut workers = Vec::with_capacity(RUNNER_LANES);
-        for _ in 0..RUNNER_LANES {
-            let (sender, mut receiver) = mpsc::channel(LANE_BUFFER);
-            let engine = self.clone();
-            let runner = runner.clone();
-            workers.push(tokio::spawn(async move {
-                while let Some(message) = receiver.recv().await {
-                    apply(&engine, &runner, message).await;
-                }
-            }));
-            lanes.push(sender);
+        RunnerInbox {
+            engine: self.clone(),
+            runner,
+            lanes: std::iter::repeat_with(|| None).take(RUNNER_LANES).collect(),
         }
-        RunnerInbox { engine: self.clone(), runner, lanes, workers }
     }
 
     /// Forgets a runner whose stream ended. Its attempts keep their leases until they run out,

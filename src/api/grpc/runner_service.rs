@@ -71,7 +71,7 @@ impl runner_service_server::RunnerService for RunnerGrpc {
                 sender.try_send(Err(Status::unavailable(crate::engine::shutdown::SHUTTING_DOWN)));
         }
         tokio::spawn(async move {
-            let inbox = engine.runner_inbox(runner.clone());
+            let mut inbox = engine.runner_inbox(runner.clone());
             loop {
                 let next = tokio::select! {
                     next = inbound.message() => next,
