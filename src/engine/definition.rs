@@ -117,6 +117,15 @@ impl DefinitionCache {
         Ok(parsed)
     }
 
+    /// Drops what is kept of `execution_id` (it finished: nothing of it is needed any more,
+    /// and a late use decodes again). Its place in the insertion order stays until it comes
+    /// round, so the order never holds more than `capacity` ids.
+    pub fn forget(&self, execution_id: Uuid) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.by_execution.remove(&execution_id);
+        }
+    }
+
     /// The definition and fixed facts of `execution_id` when this process keeps them.
     pub fn known(&self, execution_id: Uuid) -> Option<(Arc<ExecutionDefinition>, FixedFacts)> {
         let entries = self.entries.lock().ok()?;
@@ -363,6 +372,60 @@ mod tests {
         assert_eq!(definition.step_timeout(c), Duration::from_secs(30), "the agent's limit");
         assert_eq!(definition.sink_keys(), vec!["b", "c"]);
         assert!(ExecutionDefinition::parse(&json!({})).is_err());
+    }
+
+    fn execution(definition: Value) -> crate::store::Execution {
+        let now = chrono::Utc::now();
+        crate::store::Execution {
+            id: Uuid::now_v7(),
+            owner_id: Uuid::now_v7(),
+            workflow_id: None,
+            deployment_id: None,
+            parent_execution_id: None,
+            parent_step_run_id: None,
+            parent_attempt: None,
+            depth: 0,
+            trigger: crate::store::ExecutionTrigger::Manual,
+            status: crate::store::ExecutionStatus::Running,
+            priority: 5,
+            input: json!({ "n": 1 }),
+            output: None,
+            error: None,
+            definition,
+            timeout_seconds: None,
+            deadline_at: None,
+            started_at: Some(now),
+            finished_at: None,
+            cancel_requested_at: None,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// A finished execution's definition is let go at once, not when 4,096 newer ones pushed
+    /// it out; a late use decodes it again, and the capacity still bounds what is kept.
+    #[test]
+    fn a_forgotten_execution_is_decoded_again_and_the_capacity_holds() {
+        let cache = DefinitionCache::new(2);
+        let stored = ExecutionDefinition::snapshot(&workflow(), &[]);
+        let first = execution(stored.clone());
+        cache.get_or_parse(&first).expect("parses");
+        assert!(cache.known_with_input(first.id).is_some());
+        cache.forget(first.id);
+        assert!(cache.known(first.id).is_none(), "forgotten");
+        cache.get_or_parse(&first).expect("decodes again");
+        assert!(cache.known(first.id).is_some(), "kept again");
+        let others: Vec<_> = (0..3).map(|_| execution(stored.clone())).collect();
+        for other in &others {
+            cache.get_or_parse(other).expect("parses");
+        }
+        let kept = std::iter::once(&first)
+            .chain(&others)
+            .filter(|execution| cache.known(execution.id).is_some())
+            .count();
+        assert!(kept <= 2, "{kept} kept with a capacity of 2");
+        assert!(cache.known(others[2].id).is_some(), "the newest is kept");
     }
 
     #[test]

@@ -268,8 +268,8 @@ impl Engine {
         self.finished.subscribe()
     }
 
-    /// The one hook where an execution reached `status` (after the commit): the metrics, and
-    /// the listeners if there are any. No I/O.
+    /// The one hook where an execution reached `status` (after the commit): the metrics, the
+    /// listeners if there are any, and its kept definition let go. No I/O.
     fn execution_finished(
         &self,
         execution_id: uuid::Uuid,
@@ -278,6 +278,7 @@ impl Engine {
         error: Option<&str>,
     ) {
         metrics::execution_finished(status);
+        self.definitions.forget(execution_id);
         if self.finished.receiver_count() == 0 {
             return;
         }
