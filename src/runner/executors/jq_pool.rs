@@ -315,7 +315,14 @@ impl JqPool {
                 memory: MemoryLimit::Data(key.memory_bytes),
             },
         };
-        let environment = [("LANG", std::ffi::OsString::from("C.UTF-8"))];
+        // The allocator (mimalloc) takes address space in small steps: with its default
+        // (1 GiB arenas) a worker under a small RLIMIT_DATA (64 MiB for the program) ended
+        // with "the jq thread failed" instead of the program's out-of-memory failure
+        // (`tests/runner_executors`, `runaway_programs_fail_alone…`).
+        let environment = [
+            ("LANG", std::ffi::OsString::from("C.UTF-8")),
+            ("MIMALLOC_ARENA_RESERVE", std::ffi::OsString::from("4MiB")),
+        ];
         let mut command = child_command(&spec, &environment, sandboxed)?;
         let mut child = command.as_std_mut().spawn().map_err(|error| {
             StepError::retryable(format!("cannot start the jq worker: {error}"))
