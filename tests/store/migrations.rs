@@ -7,8 +7,8 @@
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, Connection, SqlSafeStr};
 use turbocat::store::{
-    ExecutionStore, MigrationEntry, MigrationError, MigrationReport, NewerMigrations, OwnerScope,
-    PostgresStore, SqliteStore,
+    ExecutionStore as _, MigrationEntry, MigrationError, MigrationReport, NewerMigrations,
+    OwnerScope, PostgresStore, SqliteStore,
 };
 
 use crate::support;
@@ -353,26 +353,50 @@ async fn sqlite_rollups_start_with_the_history_of_an_upgraded_installation() {
 /// After migration 13 a step run's current attempt is the step run itself: the history of
 /// `BEFORE_ROLLUPS` (attempt 1 FAILED, attempt 2 SUCCEEDED and current) keeps attempt 1 as its
 /// one row, the step run keeps when attempt 2 began, and the store still lists both attempts.
-/// 13's down script writes attempt 2's row again.
-async fn assert_current_attempt_moves<S: ExecutionStore>(
-    store: &S,
-    step_run_id: uuid::Uuid,
-    rows: Vec<i32>,
-) {
-    assert_eq!(rows, [1], "the finished attempt alone keeps its row");
-    let attempts =
-        store.list_step_attempts(OwnerScope::All, step_run_id).await.expect("list attempts");
-    let listed: Vec<(i32, &str, String)> = attempts
-        .iter()
-        .map(|attempt| (attempt.attempt, attempt.status.as_str(), attempt.created_at.to_rfc3339()))
-        .collect();
-    assert_eq!(
-        listed,
-        [
-            (1, "FAILED", "2026-01-01T10:00:00+00:00".to_owned()),
-            (2, "SUCCEEDED", "2026-01-01T10:00:02+00:00".to_owned())
-        ]
-    );
+/// 13's down script writes attempt 2's row again. One body for both backends: `$connection`
+/// is a connection to a fresh database, `$store` opens the store on it.
+macro_rules! current_attempts_move_and_back {
+    ($backend:literal, $connection:expr, $store:expr) => {{
+        let migrator = migrator($backend).await;
+        let mut connection = $connection;
+        migrator.run_to(12, &mut connection).await.expect("migrate to 12");
+        let ids: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
+        for statement in BEFORE_ROLLUPS {
+            let mut query = sqlx::query(statement);
+            for id in ids.iter().take(highest_parameter(statement)) {
+                query = query.bind(*id);
+            }
+            query.execute(&mut connection).await.expect(statement);
+        }
+        migrator.run_to(13, &mut connection).await.expect("migrate to 13");
+        let rows: Vec<i32> =
+            sqlx::query_scalar(ATTEMPT_ROWS).fetch_all(&mut connection).await.expect("read");
+        assert_eq!(rows, [1], "the finished attempt alone keeps its row");
+        let attempts =
+            $store.list_step_attempts(OwnerScope::All, ids[2]).await.expect("list attempts");
+        let listed: Vec<(i32, &str, String)> = attempts
+            .iter()
+            .map(|attempt| {
+                (attempt.attempt, attempt.status.as_str(), attempt.created_at.to_rfc3339())
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (1, "FAILED", "2026-01-01T10:00:00+00:00".to_owned()),
+                (2, "SUCCEEDED", "2026-01-01T10:00:02+00:00".to_owned())
+            ]
+        );
+        migrator.undo(&mut connection, 12).await.expect("revert to 12");
+        let rows: Vec<i32> =
+            sqlx::query_scalar(ATTEMPT_ROWS).fetch_all(&mut connection).await.expect("read");
+        assert_eq!(rows, [1, 2]);
+        let began: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(SECOND_ATTEMPT_BEGAN)
+            .fetch_one(&mut connection)
+            .await
+            .expect("read");
+        assert_eq!(began.to_rfc3339(), "2026-01-01T10:00:02+00:00");
+    }};
 }
 
 const ATTEMPT_ROWS: &str = "SELECT attempt FROM step_attempts ORDER BY attempt";
@@ -380,63 +404,27 @@ const SECOND_ATTEMPT_BEGAN: &str = "SELECT created_at FROM step_attempts WHERE a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_current_attempts_move_to_their_step_runs_and_back() {
-    let migrator = migrator("postgres").await;
     let (url, name) = support::create_postgres_database().await;
     let _database = support::ServeDatabase::new(url.clone(), name);
-    let mut connection = sqlx::PgConnection::connect(&url).await.expect("connect");
-    migrator.run_to(12, &mut connection).await.expect("migrate to 12");
-    let ids: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
-    for statement in BEFORE_ROLLUPS {
-        let mut query = sqlx::query(statement);
-        for id in ids.iter().take(highest_parameter(statement)) {
-            query = query.bind(*id);
-        }
-        query.execute(&mut connection).await.expect(statement);
-    }
-    migrator.run_to(13, &mut connection).await.expect("migrate to 13");
-    let rows: Vec<i32> =
-        sqlx::query_scalar(ATTEMPT_ROWS).fetch_all(&mut connection).await.expect("read");
-    let store = PostgresStore::connect(&url, 2).await.expect("connect the store");
-    assert_current_attempt_moves(&store, ids[2], rows).await;
-    migrator.undo(&mut connection, 12).await.expect("revert to 12");
-    let rows: Vec<i32> =
-        sqlx::query_scalar(ATTEMPT_ROWS).fetch_all(&mut connection).await.expect("read");
-    assert_eq!(rows, [1, 2]);
-    let began: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar(SECOND_ATTEMPT_BEGAN).fetch_one(&mut connection).await.expect("read");
-    assert_eq!(began.to_rfc3339(), "2026-01-01T10:00:02+00:00");
+    current_attempts_move_and_back!(
+        "postgres",
+        sqlx::PgConnection::connect(&url).await.expect("connect"),
+        PostgresStore::connect(&url, 2).await.expect("connect the store")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_current_attempts_move_to_their_step_runs_and_back() {
-    let migrator = migrator("sqlite").await;
     let directory = tempfile::tempdir().expect("temporary directory");
     let path = directory.path().join("old.db");
     std::fs::File::create(&path).expect("create file");
-    let mut connection = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .expect("connect");
-    migrator.run_to(12, &mut connection).await.expect("migrate to 12");
-    let ids: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
-    for statement in BEFORE_ROLLUPS {
-        let mut query = sqlx::query(statement);
-        for id in ids.iter().take(highest_parameter(statement)) {
-            query = query.bind(*id);
-        }
-        query.execute(&mut connection).await.expect(statement);
-    }
-    migrator.run_to(13, &mut connection).await.expect("migrate to 13");
-    let rows: Vec<i32> =
-        sqlx::query_scalar(ATTEMPT_ROWS).fetch_all(&mut connection).await.expect("read");
-    let store = SqliteStore::open(&path).await.expect("open the store");
-    assert_current_attempt_moves(&store, ids[2], rows).await;
-    migrator.undo(&mut connection, 12).await.expect("revert to 12");
-    let rows: Vec<i32> =
-        sqlx::query_scalar(ATTEMPT_ROWS).fetch_all(&mut connection).await.expect("read");
-    assert_eq!(rows, [1, 2]);
-    let began: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar(SECOND_ATTEMPT_BEGAN).fetch_one(&mut connection).await.expect("read");
-    assert_eq!(began.to_rfc3339(), "2026-01-01T10:00:02+00:00");
+    current_attempts_move_and_back!(
+        "sqlite",
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("connect"),
+        SqliteStore::open(&path).await.expect("open the store")
+    );
 }
 
 /// The migrations as the releases before reversible migrations embedded them: one simple
