@@ -60,7 +60,7 @@ pub struct RunnerInbox {
     /// Started by the first message that needs one: an idle runner, which only heartbeats, has
     /// none (eight tasks and channels per runner are most of what a thousand idle runners
     /// cost otherwise).
-    lanes: Vec<Option<Lane>>,
+    lanes: [Option<Lane>; RUNNER_LANES],
 }
 
 /// One lane: messages about the attempts it owns, applied in order by its task.
@@ -77,11 +77,7 @@ impl RunnerInbox {
             apply(&self.engine, &self.runner, message).await;
             return;
         };
-        let Some(slot) = self.lanes.get_mut(index) else {
-            apply(&self.engine, &self.runner, message).await;
-            return;
-        };
-        let lane = slot.get_or_insert_with(|| {
+        let lane = self.lanes[index % RUNNER_LANES].get_or_insert_with(|| {
             let (sender, mut receiver) =
                 mpsc::channel::<Box<pb::attach_request::Message>>(LANE_BUFFER);
             let engine = self.engine.clone();
@@ -239,11 +235,7 @@ impl Engine {
 
     /// The inbox that applies `runner`'s messages from now on.
     pub fn runner_inbox(self: &Arc<Self>, runner: Arc<AttachedRunner>) -> RunnerInbox {
-        RunnerInbox {
-            engine: self.clone(),
-            runner,
-            lanes: std::iter::repeat_with(|| None).take(RUNNER_LANES).collect(),
-        }
+        RunnerInbox { engine: self.clone(), runner, lanes: std::array::from_fn(|_| None) }
     }
 
     /// Forgets a runner whose stream ended. Its attempts keep their leases until they run out,

@@ -1349,7 +1349,6 @@ macro_rules! impl_executions_store {
                         .execute(&mut **transaction)
                         .await
                         .map_err(|error| name_execution_conflict(error.into()))?;
-
                 }
                 let created_step_runs = sqlx::query_as::<$db, StepRun>(concat!(
                     "SELECT ",
@@ -1579,7 +1578,8 @@ macro_rules! impl_executions_store {
             /// matches `condition`, into `step_attempts` as a finished attempt, and holds the
             /// step run until `transaction` ends; the caller then starts the next attempt.
             /// `lease_lost_at`: the attempt ends LEASE_LOST at that time, not as it stands.
-            /// False (nothing written) when the step run is not there.
+            /// False (nothing written) when the step run is not at that attempt or does not
+            /// match `condition`.
             async fn archive_attempt(
                 transaction: &mut sqlx::Transaction<'_, $db>,
                 key: AttemptKey,
