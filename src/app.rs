@@ -51,6 +51,9 @@ pub struct AppContext {
     pub public_url: String,
     pub probes: Vec<Arc<dyn HealthProbe>>,
     pub started_at: Instant,
+    /// Audit rows, committed in groups (`service::audit` appends through it).
+    pub audit_trail:
+        crate::store::group_commit::GroupCommit<crate::store::NewAuditLog, crate::store::AuditLog>,
     /// Runs executions: schedules steps, hands them to attached runners, repairs what is lost.
     pub engine: Arc<crate::engine::Engine>,
     /// The credential of the runner `turbocat dev` starts in-process: random per process,

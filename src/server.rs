@@ -525,7 +525,13 @@ fn build_context(parts: ContextParts<'_>) -> Result<Arc<AppContext>, StartupErro
     engine.install_child_workflows(crate::service::subworkflows::ChildWorkflowBuilder::new(
         parts.store.clone(),
     ));
+    let audit_store = parts.store.clone();
+    let audit_trail = crate::store::group_commit::GroupCommit::start(Arc::new(move |batch| {
+        let store = audit_store.clone();
+        Box::pin(async move { store.append_audit_logs(&batch).await })
+    }));
     Ok(Arc::new(AppContext {
+        audit_trail,
         trigger_limits: parts.listen.triggers.limits(),
         alerts: parts.listen.alerts.settings(),
         api_calls: Arc::default(),

@@ -264,6 +264,7 @@ impl ExternalVerifier {
     /// Appends the `auth.external_user_created` row; a failure is logged, never the caller's.
     async fn audit_user_created(&self, user: &User, client: &ClientInfo) {
         let entry = NewAuditLog {
+            id: Uuid::now_v7(),
             actor_id: Some(user.id),
             actor_kind: AuditActorKind::User,
             action: "auth.external_user_created".to_owned(),

@@ -4,9 +4,9 @@
 //! `dispatcher` (handing queued steps to attached runners), `reconciler` (repairing what the queue
 //! or a crash lost, from the database), `attached_runners` (the runners attached to this process),
 //! `leases` (runner liveness, kept off the database), `runner_directory` (the runners attached to
-//! every replica, shared through Redis), `group_commit` (steps becoming ready, assignments, starts
-//! and results that arrive together share one commit) and `subworkflow` (WORKFLOW steps, which the
-//! engine runs itself as child executions); `metrics` records the operators' series,
+//! every replica, shared through Redis) and `subworkflow` (WORKFLOW steps, which the engine runs
+//! itself as child executions); steps becoming ready, assignments, starts and results that
+//! arrive together share one commit (the store's `group_commit`); `metrics` records the operators' series,
 //! `Engine::finished_executions` tells listeners in memory (the alert rules) which executions
 //! ended, and `shutdown` stops the loops and moves the attached runners away when the process
 //! stops. The `{{…}}` mappings it renders are `crate::mapping`, shared with the runner.
@@ -24,7 +24,6 @@ pub mod attached_runners;
 pub mod dag;
 pub mod definition;
 pub mod dispatcher;
-pub mod group_commit;
 pub mod leases;
 mod metrics;
 pub mod protocol;
@@ -40,6 +39,7 @@ use std::time::Duration;
 
 use crate::bus::Bus;
 use crate::queue::{Queue, QueueError};
+use crate::store::group_commit::GroupCommit;
 use crate::store::{Store, StoreError};
 
 use self::attached_runners::AttachedRunners;
@@ -158,25 +158,25 @@ pub struct Engine {
     /// Decoded definitions of the executions this process moved recently.
     definitions: definition::DefinitionCache,
     /// Steps that became ready (PENDING -> QUEUED), committed in groups.
-    queueing: group_commit::GroupCommit<(
+    queueing: GroupCommit<(
         crate::store::AttemptKey,
         Option<serde_json::Value>,
         chrono::DateTime<chrono::Utc>,
     )>,
     /// Assignments, committed in groups.
-    assigning: group_commit::GroupCommit<(crate::store::AttemptKey, crate::store::StepAssignment)>,
+    assigning: GroupCommit<(crate::store::AttemptKey, crate::store::StepAssignment)>,
     /// Starts reported by runners (ASSIGNED -> RUNNING), committed in groups.
-    starting: group_commit::GroupCommit<(crate::store::AttemptKey, chrono::DateTime<chrono::Utc>)>,
+    starting: GroupCommit<(crate::store::AttemptKey, chrono::DateTime<chrono::Utc>)>,
     /// Steps that become ready while a runner here has a slot for them (PENDING -> ASSIGNED
     /// at once), committed in groups.
-    handing: group_commit::GroupCommit<(
+    handing: GroupCommit<(
         crate::store::AttemptKey,
         Option<serde_json::Value>,
         crate::store::StepAssignment,
     )>,
     /// Results of attempts, with the steps they make ready or the execution they end,
     /// committed in groups.
-    completing: group_commit::GroupCommit<scheduler::Completing, scheduler::Completed>,
+    completing: GroupCommit<scheduler::Completing, scheduler::Completed>,
     /// The highest priority of queue entries this replica last saw waiting for a slot (as
     /// of the dispatcher's last pass and its own enqueues since): a step only takes over the
     /// slot its predecessor freed when it is at least as urgent (`take_over_slot`).
@@ -191,56 +191,51 @@ impl Engine {
     /// Builds the engine; call it inside the runtime (its group commits start tasks).
     pub fn new(parts: EngineParts) -> Arc<Self> {
         let store = parts.store.clone();
-        let queueing = group_commit::GroupCommit::start(Arc::new(move |batch| {
+        let queueing = GroupCommit::start(Arc::new(move |batch| {
             let store = store.clone();
             Box::pin(async move { store.mark_steps_queued(&batch).await })
         }));
         let store = parts.store.clone();
-        let assigning = group_commit::GroupCommit::start(Arc::new(move |batch| {
+        let assigning = GroupCommit::start(Arc::new(move |batch| {
             let store = store.clone();
             Box::pin(async move { store.assign_steps(&batch).await })
         }));
         let store = parts.store.clone();
-        let starting = group_commit::GroupCommit::start(Arc::new(move |batch| {
+        let starting = GroupCommit::start(Arc::new(move |batch| {
             let store = store.clone();
             Box::pin(async move { store.mark_steps_running(&batch).await })
         }));
         let store = parts.store.clone();
-        let handing = group_commit::GroupCommit::start(Arc::new(move |batch| {
+        let handing = GroupCommit::start(Arc::new(move |batch| {
             let store = store.clone();
             Box::pin(async move { store.queue_and_assign_steps(&batch).await })
         }));
         let store = parts.store.clone();
         let bus = parts.bus.clone();
-        let completing =
-            group_commit::GroupCommit::start(Arc::new(move |batch: Vec<scheduler::Completing>| {
-                let (store, bus) = (store.clone(), bus.clone());
-                Box::pin(async move {
-                    let mut finished = Vec::with_capacity(batch.len());
-                    let mut next = Vec::new();
-                    let mut finishing = Vec::new();
-                    for completing in batch {
-                        finished.push(completing.result);
-                        next.extend(completing.next);
-                        finishing.extend(completing.finishing);
-                    }
-                    let mut completed =
-                        store.complete_steps_then(&finished, &next, &finishing).await?;
-                    // The lines that travelled with a result reach watchers in its event; those
-                    // of a result the store refused, now.
-                    let applied: std::collections::HashSet<crate::store::AttemptKey> = completed
-                        .step_runs
-                        .iter()
-                        .map(crate::store::StepRun::attempt_key)
-                        .collect();
-                    let (with_results, alone): (Vec<_>, Vec<_>) =
-                        std::mem::take(&mut completed.logs).into_iter().partition(|line| {
-                            scheduler::log_attempt(line).is_some_and(|key| applied.contains(&key))
-                        });
-                    scheduler::publish_logs(bus.as_ref(), alone).await;
-                    Ok(scheduler::completed_per_result(completed, &next, &finishing, with_results))
-                })
-            }));
+        let completing = GroupCommit::start(Arc::new(move |batch: Vec<scheduler::Completing>| {
+            let (store, bus) = (store.clone(), bus.clone());
+            Box::pin(async move {
+                let mut finished = Vec::with_capacity(batch.len());
+                let mut next = Vec::new();
+                let mut finishing = Vec::new();
+                for completing in batch {
+                    finished.push(completing.result);
+                    next.extend(completing.next);
+                    finishing.extend(completing.finishing);
+                }
+                let mut completed = store.complete_steps_then(&finished, &next, &finishing).await?;
+                // The lines that travelled with a result reach watchers in its event; those
+                // of a result the store refused, now.
+                let applied: std::collections::HashSet<crate::store::AttemptKey> =
+                    completed.step_runs.iter().map(crate::store::StepRun::attempt_key).collect();
+                let (with_results, alone): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut completed.logs).into_iter().partition(|line| {
+                        scheduler::log_attempt(line).is_some_and(|key| applied.contains(&key))
+                    });
+                scheduler::publish_logs(bus.as_ref(), alone).await;
+                Ok(scheduler::completed_per_result(completed, &next, &finishing, with_results))
+            })
+        }));
         Arc::new(Self {
             handing,
             completing,

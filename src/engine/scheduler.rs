@@ -51,8 +51,10 @@ pub(super) fn log_attempt(line: &ExecutionLog) -> Option<AttemptKey> {
     Some(AttemptKey { step_run_id: line.step_run_id?, attempt: line.attempt? })
 }
 
-impl super::group_commit::Changed for Completed {
-    fn attempt_key(&self) -> AttemptKey {
+impl crate::store::group_commit::Changed for Completed {
+    type Key = AttemptKey;
+
+    fn key(&self) -> AttemptKey {
         self.step_run.attempt_key()
     }
 }

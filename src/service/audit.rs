@@ -1,5 +1,7 @@
 //! Writing the audit trail. A failure to write an audit row is logged, never shown to the
-//! caller as the failure of the operation that already happened.
+//! caller as the failure of the operation that already happened. Rows appended at the same
+//! moment share one commit (`AppContext::audit_trail`, the store's group commit); a caller
+//! still returns only after its row is committed.
 
 use crate::app::AppContext;
 use crate::auth::caller::{Caller, ClientInfo, Credential};
@@ -75,6 +77,7 @@ pub async fn record(
         target.extend(extra);
     }
     let entry = NewAuditLog {
+        id: uuid::Uuid::now_v7(),
         actor_id,
         actor_kind,
         action: event.action.to_owned(),
@@ -87,7 +90,12 @@ pub async fn record(
         changes: event.changes,
         metadata,
     };
-    if let Err(error) = context.store.append_audit_log(entry).await {
-        tracing::error!(%error, action = event.action, "could not write an audit row");
+    // With the rows other requests append at the same moment, in one commit.
+    match context.audit_trail.submit(entry.id, entry).await {
+        Ok(Some(_)) => {}
+        Ok(None) => tracing::error!(action = event.action, "an audit row was not written"),
+        Err(error) => {
+            tracing::error!(%error, action = event.action, "could not write an audit row")
+        }
     }
 }

@@ -40,12 +40,12 @@ pub const MAX_EXECUTION_LOG_PAGE_SIZE: u32 = 1000;
 /// Rows per INSERT statement in batch inserts (well under both backends' bind limits).
 const INSERT_BATCH_ROWS: usize = 500;
 
+/// The most writes one batch statement takes: the transitions `mark_steps_queued`,
+/// `assign_steps`, `mark_steps_running`… apply at once, the rows `append_audit_logs` inserts.
+pub const MAX_WRITE_BATCH: usize = 64;
+
 /// Times are stored with microsecond precision (PostgreSQL's), so both backends hold and return
 /// exactly the same values.
-/// The most transitions `mark_steps_queued`, `assign_steps` and `mark_steps_running` apply in
-/// one statement.
-pub const MAX_TRANSITION_BATCH: usize = 64;
-
 fn stored_time(at: DateTime<Utc>) -> DateTime<Utc> {
     at.trunc_subsecs(6)
 }
@@ -861,7 +861,7 @@ pub trait ExecutionStore: Send + Sync {
     ) -> StoreResult<StepTransitionOutcome>;
 
     /// `mark_step_queued` for many attempts in one statement (one commit): the rows it moved;
-    /// an attempt left out was refused. At most `MAX_TRANSITION_BATCH` at once.
+    /// an attempt left out was refused. At most `MAX_WRITE_BATCH` at once.
     async fn mark_steps_queued(
         &self,
         queued: &[(AttemptKey, Option<Value>, DateTime<Utc>)],
@@ -877,7 +877,7 @@ pub trait ExecutionStore: Send + Sync {
     ) -> StoreResult<StepTransitionOutcome>;
 
     /// `assign_step` for many attempts in one statement (one commit): the rows it assigned;
-    /// an attempt left out was refused. At most `MAX_TRANSITION_BATCH` at once.
+    /// an attempt left out was refused. At most `MAX_WRITE_BATCH` at once.
     async fn assign_steps(
         &self,
         assignments: &[(AttemptKey, StepAssignment)],
@@ -887,7 +887,7 @@ pub trait ExecutionStore: Send + Sync {
     /// free slot for them: `mark_steps_queued` and `assign_steps` in one statement (queued and
     /// assigned at the same instant, the assignment's). Refused like both: a step not PENDING
     /// at this attempt or still in its backoff, an execution finished or being cancelled. The
-    /// rows it moved; at most `MAX_TRANSITION_BATCH` at once.
+    /// rows it moved; at most `MAX_WRITE_BATCH` at once.
     async fn queue_and_assign_steps(
         &self,
         handed: &[(AttemptKey, Option<Value>, StepAssignment)],
@@ -901,7 +901,7 @@ pub trait ExecutionStore: Send + Sync {
     ) -> StoreResult<StepTransitionOutcome>;
 
     /// `mark_step_running` for many attempts in one statement (one commit): the rows it
-    /// moved; an attempt left out was refused. At most `MAX_TRANSITION_BATCH` at once.
+    /// moved; an attempt left out was refused. At most `MAX_WRITE_BATCH` at once.
     async fn mark_steps_running(
         &self,
         started: &[(AttemptKey, DateTime<Utc>)],
@@ -933,7 +933,7 @@ pub trait ExecutionStore: Send + Sync {
 
     /// `complete_step` for many attempts in one commit, with the log lines they carry: the
     /// rows it changed and the lines it appended; an attempt left out was refused
-    /// (`complete_step` explains why). At most `MAX_TRANSITION_BATCH` at once, each attempt
+    /// (`complete_step` explains why). At most `MAX_WRITE_BATCH` at once, each attempt
     /// once. A line the store refuses fails the whole batch.
     async fn complete_steps(&self, completions: &[FinishedAttempt]) -> StoreResult<CompletedSteps>;
 
@@ -941,7 +941,7 @@ pub trait ExecutionStore: Send + Sync {
     /// `NextStep` moves only when the result of its `after` attempt is applied in this call and
     /// SUCCEEDED (so a refused or stale result moves nothing), and is refused as
     /// `queue_and_assign_steps` or `mark_steps_queued` would refuse it. One commit for a
-    /// step's end and its successors' start. At most `MAX_TRANSITION_BATCH` completions; any
+    /// step's end and its successors' start. At most `MAX_WRITE_BATCH` completions; any
     /// number of next steps.
     async fn complete_steps_then(
         &self,
@@ -1376,7 +1376,7 @@ macro_rules! impl_executions_store {
 
             /// Moves many step runs in one statement: `UPDATE step_runs SET <set> FROM
             /// (VALUES <one row per item>) AS v WHERE` the row's id and attempt are v's first
-            /// two columns `AND <condition> RETURNING` the rows moved (`MAX_TRANSITION_BATCH`
+            /// two columns `AND <condition> RETURNING` the rows moved (`MAX_WRITE_BATCH`
             /// at most). `set` and `condition` read the values as `v.column3`, … (the names
             /// VALUES columns have on both databases). `set` bumps `version` by one for each
             /// transition the change stands for (watchers order rows by it).
@@ -1396,7 +1396,7 @@ macro_rules! impl_executions_store {
                 }
                 let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE step_runs SET ");
                 update.push(set).push(" FROM (");
-                update.push_values(items.iter().take(MAX_TRANSITION_BATCH), push_row);
+                update.push_values(items.iter().take(MAX_WRITE_BATCH), push_row);
                 update
                     .push(
                         ") AS v WHERE step_runs.id = v.column1 AND step_runs.attempt = v.column2 \
@@ -2071,7 +2071,7 @@ macro_rules! impl_executions_store {
             ) -> StoreResult<CompletedSteps> {
                 let logs: Vec<NewExecutionLog> = completions
                     .iter()
-                    .take(MAX_TRANSITION_BATCH)
+                    .take(MAX_WRITE_BATCH)
                     .flat_map(|finished| finished.logs.iter().cloned())
                     .collect();
                 if logs.is_empty() {
@@ -2101,7 +2101,7 @@ macro_rules! impl_executions_store {
                 if next.is_empty() && finishing.is_empty() {
                     return self.complete_steps(completions).await;
                 }
-                let completions = &completions[..completions.len().min(MAX_TRANSITION_BATCH)];
+                let completions = &completions[..completions.len().min(MAX_WRITE_BATCH)];
                 let logs: Vec<NewExecutionLog> =
                     completions.iter().flat_map(|finished| finished.logs.iter().cloned()).collect();
                 let mut transaction = self.begin_write_transaction().await?;
@@ -2122,10 +2122,10 @@ macro_rules! impl_executions_store {
                     }
                 }
                 let mut moved = Vec::new();
-                for chunk in handed.chunks(MAX_TRANSITION_BATCH) {
+                for chunk in handed.chunks(MAX_WRITE_BATCH) {
                     moved.extend(self.queue_and_assign_steps_on(&mut *transaction, chunk).await?);
                 }
-                for chunk in queued.chunks(MAX_TRANSITION_BATCH) {
+                for chunk in queued.chunks(MAX_WRITE_BATCH) {
                     moved.extend(self.mark_steps_queued_on(&mut *transaction, chunk).await?);
                 }
                 let mut finished = Vec::new();

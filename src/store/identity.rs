@@ -484,9 +484,11 @@ pub struct AuditLog {
     pub created_at: DateTime<Utc>,
 }
 
-/// An entry to append; id and time are assigned by the store.
+/// An entry to append; its time is assigned by the store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewAuditLog {
+    /// The row's id, a UUIDv7 made with the entry (`new`), so rows keep the order of events.
+    pub id: Uuid,
     /// The acting user (for an API key: its owner, with the key id in `metadata`).
     pub actor_id: Option<Uuid>,
     pub actor_kind: AuditActorKind,
@@ -510,6 +512,7 @@ impl NewAuditLog {
         resource_type: impl Into<String>,
     ) -> Self {
         Self {
+            id: Uuid::now_v7(),
             actor_id: None,
             actor_kind,
             action: action.into(),
@@ -769,7 +772,14 @@ pub trait IdentityStore: Send + Sync {
     // Audit trail.
 
     /// Appends an entry.
-    async fn append_audit_log(&self, entry: NewAuditLog) -> StoreResult<AuditLog>;
+    async fn append_audit_log(&self, entry: NewAuditLog) -> StoreResult<AuditLog> {
+        let mut appended = self.append_audit_logs(std::slice::from_ref(&entry)).await?;
+        appended.pop().ok_or_else(|| StoreError::Database(sqlx::Error::RowNotFound))
+    }
+
+    /// Appends entries in one statement and one commit (at most `MAX_WRITE_BATCH`): the rows,
+    /// in no particular order. Entries share their `created_at`.
+    async fn append_audit_logs(&self, entries: &[NewAuditLog]) -> StoreResult<Vec<AuditLog>>;
 
     /// A page of entries, newest first; constant cost however deep the cursor.
     async fn list_audit_logs(&self, filter: AuditLogFilter) -> StoreResult<CursorPage<AuditLog>>;
@@ -1643,30 +1653,36 @@ macro_rules! impl_identity_store {
                 Ok(())
             }
 
-            async fn append_audit_log(&self, entry: NewAuditLog) -> StoreResult<AuditLog> {
-                let audit_log = sqlx::query_as::<$db, AuditLog>(concat!(
+            async fn append_audit_logs(
+                &self,
+                entries: &[NewAuditLog],
+            ) -> StoreResult<Vec<AuditLog>> {
+                if entries.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let created_at = Utc::now();
+                let mut builder = sqlx::QueryBuilder::<$db>::new(
                     "INSERT INTO audit_logs (id, actor_id, actor_kind, action, resource_type, \
                      resource_id, outcome, ip_address, user_agent, request_id, changes, \
-                     metadata, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
-                    audit_log_columns!()
-                ))
-                .bind(Uuid::now_v7())
-                .bind(entry.actor_id)
-                .bind(entry.actor_kind)
-                .bind(entry.action)
-                .bind(entry.resource_type)
-                .bind(entry.resource_id)
-                .bind(entry.outcome)
-                .bind(entry.ip_address)
-                .bind(entry.user_agent)
-                .bind(entry.request_id)
-                .bind(entry.changes.map(Json))
-                .bind(Json(entry.metadata))
-                .bind(Utc::now())
-                .fetch_one(&self.pool)
-                .await?;
-                Ok(audit_log)
+                     metadata, created_at) ",
+                );
+                builder.push_values(entries, |mut row, entry| {
+                    row.push_bind(entry.id)
+                        .push_bind(entry.actor_id)
+                        .push_bind(entry.actor_kind)
+                        .push_bind(entry.action.as_str())
+                        .push_bind(entry.resource_type.as_str())
+                        .push_bind(entry.resource_id.as_deref())
+                        .push_bind(entry.outcome)
+                        .push_bind(entry.ip_address.as_deref())
+                        .push_bind(entry.user_agent.as_deref())
+                        .push_bind(entry.request_id.as_deref())
+                        .push_bind(entry.changes.as_ref().map(Json))
+                        .push_bind(Json(&entry.metadata))
+                        .push_bind(created_at);
+                });
+                builder.push(concat!(" RETURNING ", audit_log_columns!()));
+                Ok(builder.build_query_as::<AuditLog>().fetch_all(&self.pool).await?)
             }
 
             async fn list_audit_logs(

@@ -102,6 +102,7 @@ macro_rules! text_enum {
 mod alerts;
 mod analytics;
 mod executions;
+pub mod group_commit;
 mod identity;
 mod resources;
 mod totals;

@@ -988,6 +988,53 @@ async fn audit_append_and_filter(store: Arc<dyn Store>) {
     assert_eq!(ids(store.list_audit_logs(window).await.expect("window")), vec![update.id]);
 }
 
+async fn audit_batch_append(store: Arc<dyn Store>) {
+    let ann = create_user(&store, "ann@example.com", "Ann").await;
+    assert!(store.append_audit_logs(&[]).await.expect("nothing").is_empty());
+
+    let entries: Vec<NewAuditLog> = ["agent.create", "agent.update", "agent.delete"]
+        .into_iter()
+        .map(|action| {
+            let mut entry = audit_entry(Some(ann.id), action, "agent", "agent-1");
+            entry.changes = Some(json!({ "action": action }));
+            entry
+        })
+        .collect();
+    let appended = store.append_audit_logs(&entries).await.expect("batch");
+    let mut by_id: Vec<(Uuid, String, Option<serde_json::Value>)> =
+        appended.iter().map(|row| (row.id, row.action.clone(), row.changes.clone())).collect();
+    by_id.sort_by_key(|(id, _, _)| *id);
+    let expected: Vec<(Uuid, String, Option<serde_json::Value>)> = entries
+        .iter()
+        .map(|entry| (entry.id, entry.action.clone(), entry.changes.clone()))
+        .collect();
+    assert_eq!(by_id, expected, "each entry once, with its own id and fields");
+    assert!(
+        appended.iter().all(|row| row.created_at == appended[0].created_at),
+        "one statement, one time"
+    );
+    let listed: Vec<Uuid> = store
+        .list_audit_logs(audit_filter())
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .map(|row| row.id)
+        .collect();
+    assert_eq!(
+        listed,
+        entries.iter().rev().map(|entry| entry.id).collect::<Vec<_>>(),
+        "newest first"
+    );
+
+    // One bad entry fails the statement: nothing of the batch is written.
+    let good = audit_entry(Some(ann.id), "agent.create", "agent", "agent-2");
+    let ghost = audit_entry(Some(Uuid::now_v7()), "agent.create", "agent", "agent-3");
+    let refused = store.append_audit_logs(&[good, ghost]).await;
+    assert!(matches!(refused, Err(StoreError::ReferenceViolated(_))), "{refused:?}");
+    assert_eq!(store.list_audit_logs(audit_filter()).await.expect("list").items.len(), 3);
+}
+
 async fn audit_cursor_paging(store: Arc<dyn Store>) {
     let ann = create_user(&store, "ann@example.com", "Ann").await;
     let mut appended = Vec::new();
@@ -1086,5 +1133,6 @@ crate::conformance!(
     password_reset_is_single_use_and_atomic,
     api_key_lifecycle_and_scoping,
     audit_append_and_filter,
+    audit_batch_append,
     audit_cursor_paging,
 );
