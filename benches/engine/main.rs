@@ -161,7 +161,7 @@ impl Sizes {
             constant_rate: 3000.0,
             constant_rate_seconds: 3.0,
             idle_runners: 1000,
-            pause_after_load_seconds: 5.0,
+            pause_after_load_seconds: 60.0,
             floor_rounds: 2,
             floor_seconds: 3,
         };

@@ -61,10 +61,21 @@ pub async fn run(
     set_megabytes(&mut round, "rss_mb_server_peak_under_load", memory.server_peak_under_load_bytes);
     set_megabytes(&mut round, "rss_mb_runner_peak_under_load", memory.runner_peak_under_load_bytes);
     set_megabytes(&mut round, "rss_mb_server_after_load", resident_bytes(server_pid));
-    tokio::time::sleep(Duration::from_secs_f64(sizes.pause_after_load_seconds)).await;
+    // Read every second of the pause: whether the server gives memory back, and when.
+    let pause = Duration::from_secs_f64(sizes.pause_after_load_seconds);
+    let paused = std::time::Instant::now();
+    let mut after_5_seconds = None;
+    while paused.elapsed() < pause {
+        tokio::time::sleep(Duration::from_secs(1).min(pause.saturating_sub(paused.elapsed())))
+            .await;
+        if after_5_seconds.is_none() && paused.elapsed() >= Duration::from_secs(5) {
+            after_5_seconds = resident_bytes(server_pid);
+        }
+    }
+    set_megabytes(&mut round, "rss_mb_server_after_5_seconds", after_5_seconds);
     set_megabytes(&mut round, "rss_mb_server_after_pause", resident_bytes(server_pid));
     round.note(&format!(
-        "\"after load\" is read when this scenario starts (after scenarios 1-3 when they ran), \"after pause\" {} s later",
+        "\"after load\" is read when this scenario starts (after scenarios 1-3 when they ran), \"after 5 s\" and \"after pause\" 5 and {} s later",
         sizes.pause_after_load_seconds
     ));
 
@@ -183,6 +194,7 @@ pub fn print(report: &Report, mode: Mode) {
         Column::new("rss_mb_server_idle", "server idle MB"),
         Column::new("rss_mb_server_peak_under_load", "peak under s2"),
         Column::new("rss_mb_server_after_load", "after load"),
+        Column::new("rss_mb_server_after_5_seconds", "after 5 s"),
         Column::new("rss_mb_server_after_pause", "after pause"),
         Column::new("rss_mb_added_by_idle_runners", "+ idle runners"),
         Column::new("rss_mb_runner_idle", "runner idle MB"),
