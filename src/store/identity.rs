@@ -777,8 +777,10 @@ pub trait IdentityStore: Send + Sync {
         appended.pop().ok_or_else(|| StoreError::Database(sqlx::Error::RowNotFound))
     }
 
-    /// Appends entries in one statement and one commit (at most `MAX_WRITE_BATCH`): the rows,
-    /// in no particular order. Entries share their `created_at`.
+    /// Appends entries in one statement and one commit: the rows, in no particular order.
+    /// Entries share their `created_at`. One bad entry (an actor that does not exist) fails the
+    /// whole statement. The audit trail's group commit hands it at most `MAX_WRITE_BATCH`; a
+    /// slice far larger (thousands) would pass a backend's limit of bound values.
     async fn append_audit_logs(&self, entries: &[NewAuditLog]) -> StoreResult<Vec<AuditLog>>;
 
     /// A page of entries, newest first; constant cost however deep the cursor.

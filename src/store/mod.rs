@@ -2,6 +2,9 @@
 //! audit trail, with one PostgreSQL and one SQLite implementation. May call: sqlx. Knows nothing
 //! of proto, HTTP, the queue or the engine.
 //!
+//! `group_commit` batches writes of one kind that arrive together (the engine's step
+//! transitions, the audit trail's rows) into one statement; it also uses tokio.
+//!
 //! Each area (`identity`, `resources`, `executions`, `analytics`, `alerts`) owns its model types, its
 //! sub-trait and one `macro_rules!` body that is instantiated for both backends, so the two
 //! implementations cannot drift apart. Where the SQL dialects differ, the body asks the `Dialect` trait, which both
