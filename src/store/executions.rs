@@ -29,6 +29,7 @@ use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use super::batch::BatchRows;
 use super::{
     CountKey, CronRunClaim, CursorPage, Dialect, Listed, OwnerScope, Page, PageRequest, PagedList,
     SortOrder, StoreError, StoreResult, fetch_page, push_visible_rows,
@@ -1325,25 +1326,28 @@ macro_rules! impl_executions_store {
                 let step_rows: Vec<(Uuid, NewStepRun)> =
                     step_runs.into_iter().map(|step_run| (Uuid::now_v7(), step_run)).collect();
                 for chunk in step_rows.chunks(INSERT_BATCH_ROWS) {
+                    // v: id, step key, agent, max attempts, input.
                     let mut step_insert = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO step_runs (id, execution_id, step_key, agent_id, status, \
                          attempt, max_attempts, infra_reassignments, input, created_at, \
-                         updated_at, version) ",
+                         updated_at, version) SELECT v.column1, ",
                     );
-                    step_insert.push_values(chunk, |mut row, (step_run_id, step_run)| {
-                        row.push_bind(*step_run_id)
-                            .push_bind(execution.id)
-                            .push_bind(step_run.step_key.clone())
-                            .push_bind(step_run.agent_id)
-                            .push("'PENDING'")
-                            .push("1")
-                            .push_bind(step_run.max_attempts)
-                            .push("0")
-                            .push_bind(step_run.input.clone().map(Json))
-                            .push_bind(now)
-                            .push_bind(now)
-                            .push("1");
-                    });
+                    step_insert.push_bind(execution.id);
+                    step_insert.push(
+                        ", v.column2, v.column3, 'PENDING', 1, v.column4, 0, v.column5, ",
+                    );
+                    step_insert.push_bind(now);
+                    step_insert.push(", ");
+                    step_insert.push_bind(now);
+                    step_insert.push(", 1 FROM (");
+                    BatchRows::<$db>::new(chunk.len())
+                        .column(chunk.iter().map(|(step_run_id, _)| *step_run_id))
+                        .column(chunk.iter().map(|(_, step_run)| step_run.step_key.as_str()))
+                        .column(chunk.iter().map(|(_, step_run)| step_run.agent_id))
+                        .column(chunk.iter().map(|(_, step_run)| step_run.max_attempts))
+                        .column(chunk.iter().map(|(_, step_run)| step_run.input.as_ref().map(Json)))
+                        .push_rows(&mut step_insert);
+                    step_insert.push(") AS v");
                     step_insert
                         .build()
                         .execute(&mut **transaction)
@@ -1375,28 +1379,27 @@ macro_rules! impl_executions_store {
             }
 
             /// Moves many step runs in one statement: `UPDATE step_runs SET <set> FROM
-            /// (VALUES <one row per item>) AS v WHERE` the row's id and attempt are v's first
-            /// two columns `AND <condition> RETURNING` the rows moved (`MAX_WRITE_BATCH`
-            /// at most). `set` and `condition` read the values as `v.column3`, … (the names
-            /// VALUES columns have on both databases). `set` bumps `version` by one for each
-            /// transition the change stands for (watchers order rows by it).
+            /// (<the rows of items>) AS v WHERE` the row's id and attempt are v's first two
+            /// columns `AND <condition> RETURNING` the rows moved (the first `MAX_WRITE_BATCH`
+            /// items). `rows` gives the columns of the items it is handed (`BatchRows`: the
+            /// statement's text is the same for any number of items); `set` and `condition`
+            /// read them as `v.column3`, …. `set` bumps `version` by one for each transition
+            /// the change stands for (watchers order rows by it).
             async fn transition_step_runs<'c, T>(
                 &self,
                 connection: impl sqlx::Executor<'c, Database = $db>,
                 items: &[T],
                 set: &str,
                 condition: &str,
-                push_row: impl FnMut(
-                    sqlx::query_builder::Separated<'_, $db, &'static str>,
-                    &T,
-                ),
+                rows: impl for<'i> FnOnce(&'i [T]) -> BatchRows<'i, $db>,
             ) -> StoreResult<Vec<StepRun>> {
                 if items.is_empty() {
                     return Ok(Vec::new());
                 }
+                let items = &items[..items.len().min(MAX_WRITE_BATCH)];
                 let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE step_runs SET ");
                 update.push(set).push(" FROM (");
-                update.push_values(items.iter().take(MAX_WRITE_BATCH), push_row);
+                rows(items).push_table(&mut update);
                 update
                     .push(
                         ") AS v WHERE step_runs.id = v.column1 AND step_runs.attempt = v.column2 \
@@ -1420,16 +1423,16 @@ macro_rules! impl_executions_store {
                         "INSERT INTO execution_logs (execution_id, step_run_id, attempt, level, \
                          source, message, fields, created_at) ",
                     );
-                    insert.push_values(chunk, |mut row, log| {
-                        row.push_bind(log.execution_id)
-                            .push_bind(log.step_run_id)
-                            .push_bind(log.attempt)
-                            .push_bind(log.level)
-                            .push_bind(log.source)
-                            .push_bind(log.message.clone())
-                            .push_bind(log.fields.clone().map(Json))
-                            .push_bind(stored_time(log.created_at));
-                    });
+                    BatchRows::<$db>::new(chunk.len())
+                        .column(chunk.iter().map(|log| log.execution_id))
+                        .column(chunk.iter().map(|log| log.step_run_id))
+                        .column(chunk.iter().map(|log| log.attempt))
+                        .column(chunk.iter().map(|log| log.level))
+                        .column(chunk.iter().map(|log| log.source))
+                        .column(chunk.iter().map(|log| log.message.as_str()))
+                        .column(chunk.iter().map(|log| log.fields.as_ref().map(Json)))
+                        .column(chunk.iter().map(|log| stored_time(log.created_at)))
+                        .push_rows(&mut insert);
                     insert.push(concat!(" RETURNING ", execution_log_columns!()));
                     let mut rows = insert
                         .build_query_as::<ExecutionLog>()
@@ -1500,24 +1503,33 @@ macro_rules! impl_executions_store {
                     "(step_runs.status IN ('ASSIGNED', 'RUNNING') \
                      OR (v.column3 IN ('TIMED_OUT', 'CANCELLED') \
                      AND step_runs.status IN ('PENDING', 'QUEUED')))",
-                    |mut row, finished| {
-                        let (output, error, retryable) = match &finished.completion {
-                            Completion::Succeeded { output } => {
-                                (Some(Json(output.clone())), None, None)
-                            }
-                            Completion::Failed { error, retryable } => {
-                                (None, Some(error.clone()), Some(*retryable))
-                            }
-                            Completion::TimedOut | Completion::Cancelled => (None, None, None),
-                        };
-                        row.push_bind(finished.key.step_run_id)
-                            .push_bind(finished.key.attempt)
-                            .push_bind(finished.completion.status())
-                            .push_bind(output)
-                            .push_bind(error)
-                            .push_bind(retryable)
-                            .push_bind(stored_time(finished.finished_at))
-                            .push_bind(finished.started_at.map(stored_time));
+                    |completions| {
+                        BatchRows::<$db>::new(completions.len())
+                            .column(completions.iter().map(|finished| finished.key.step_run_id))
+                            .column(completions.iter().map(|finished| finished.key.attempt))
+                            .column(completions.iter().map(|finished| finished.completion.status()))
+                            .column(completions.iter().map(|finished| match &finished.completion {
+                                Completion::Succeeded { output } => Some(Json(output)),
+                                _ => None,
+                            }))
+                            .column(completions.iter().map(|finished| match &finished.completion {
+                                Completion::Failed { error, .. } => Some(error.as_str()),
+                                _ => None,
+                            }))
+                            .column(completions.iter().map(|finished| match &finished.completion {
+                                Completion::Failed { retryable, .. } => Some(*retryable),
+                                _ => None,
+                            }))
+                            .column(
+                                completions
+                                    .iter()
+                                    .map(|finished| stored_time(finished.finished_at)),
+                            )
+                            .column(
+                                completions
+                                    .iter()
+                                    .map(|finished| finished.started_at.map(stored_time)),
+                            )
                     },
                 )
                 .await
@@ -1537,11 +1549,12 @@ macro_rules! impl_executions_store {
                      queued_at = v.column4, next_attempt_at = NULL, updated_at = v.column4, \
                      version = version + 1",
                     &pending_and_due_in_a_live_execution("v.column4"),
-                    |mut row, (key, input, at)| {
-                        row.push_bind(key.step_run_id)
-                            .push_bind(key.attempt)
-                            .push_bind(input.clone().map(Json))
-                            .push_bind(stored_time(*at));
+                    |queued| {
+                        BatchRows::<$db>::new(queued.len())
+                            .column(queued.iter().map(|(key, _, _)| key.step_run_id))
+                            .column(queued.iter().map(|(key, _, _)| key.attempt))
+                            .column(queued.iter().map(|(_, input, _)| input.as_ref().map(Json)))
+                            .column(queued.iter().map(|(_, _, at)| stored_time(*at)))
                     },
                 )
                 .await
@@ -1562,13 +1575,20 @@ macro_rules! impl_executions_store {
                      lease_expires_at = v.column5, assigned_at = v.column6, \
                      updated_at = v.column6, version = version + 2",
                     &pending_and_due_in_a_live_execution("v.column6"),
-                    |mut row, (key, input, assignment)| {
-                        row.push_bind(key.step_run_id)
-                            .push_bind(key.attempt)
-                            .push_bind(input.clone().map(Json))
-                            .push_bind(assignment.runner_id.clone())
-                            .push_bind(stored_time(assignment.lease_expires_at))
-                            .push_bind(stored_time(assignment.assigned_at));
+                    |handed| {
+                        BatchRows::<$db>::new(handed.len())
+                            .column(handed.iter().map(|(key, _, _)| key.step_run_id))
+                            .column(handed.iter().map(|(key, _, _)| key.attempt))
+                            .column(handed.iter().map(|(_, input, _)| input.as_ref().map(Json)))
+                            .column(handed.iter().map(|(_, _, handed)| handed.runner_id.as_str()))
+                            .column(
+                                handed
+                                    .iter()
+                                    .map(|(_, _, handed)| stored_time(handed.lease_expires_at)),
+                            )
+                            .column(
+                                handed.iter().map(|(_, _, handed)| stored_time(handed.assigned_at)),
+                            )
                     },
                 )
                 .await
@@ -1949,12 +1969,13 @@ macro_rules! impl_executions_store {
                      WHERE executions.id = step_runs.execution_id \
                      AND executions.status IN ('QUEUED', 'RUNNING') \
                      AND executions.cancel_requested_at IS NULL)",
-                    |mut row, (key, assignment)| {
-                        row.push_bind(key.step_run_id)
-                            .push_bind(key.attempt)
-                            .push_bind(assignment.runner_id.clone())
-                            .push_bind(stored_time(assignment.lease_expires_at))
-                            .push_bind(stored_time(assignment.assigned_at));
+                    |assignments| {
+                        BatchRows::<$db>::new(assignments.len())
+                            .column(assignments.iter().map(|(key, _)| key.step_run_id))
+                            .column(assignments.iter().map(|(key, _)| key.attempt))
+                            .column(assignments.iter().map(|(_, to)| to.runner_id.as_str()))
+                            .column(assignments.iter().map(|(_, to)| stored_time(to.lease_expires_at)))
+                            .column(assignments.iter().map(|(_, to)| stored_time(to.assigned_at)))
                     },
                 )
                 .await
@@ -1987,10 +2008,11 @@ macro_rules! impl_executions_store {
                     "status = 'RUNNING', started_at = v.column3, updated_at = v.column3, \
                      version = version + 1",
                     "step_runs.status = 'ASSIGNED'",
-                    |mut row, (key, at)| {
-                        row.push_bind(key.step_run_id)
-                            .push_bind(key.attempt)
-                            .push_bind(stored_time(*at));
+                    |started| {
+                        BatchRows::<$db>::new(started.len())
+                            .column(started.iter().map(|(key, _)| key.step_run_id))
+                            .column(started.iter().map(|(key, _)| key.attempt))
+                            .column(started.iter().map(|(_, at)| stored_time(*at)))
                     },
                 )
                 .await

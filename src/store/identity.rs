@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use super::batch::BatchRows;
 use super::{
     CursorPage, Dialect, OwnerScope, Page, PageRequest, PagedList, SortField, SortOrder,
     StoreError, StoreResult, fetch_page, sql_order,
@@ -1668,21 +1669,21 @@ macro_rules! impl_identity_store {
                      resource_id, outcome, ip_address, user_agent, request_id, changes, \
                      metadata, created_at) ",
                 );
-                builder.push_values(entries, |mut row, entry| {
-                    row.push_bind(entry.id)
-                        .push_bind(entry.actor_id)
-                        .push_bind(entry.actor_kind)
-                        .push_bind(entry.action.as_str())
-                        .push_bind(entry.resource_type.as_str())
-                        .push_bind(entry.resource_id.as_deref())
-                        .push_bind(entry.outcome)
-                        .push_bind(entry.ip_address.as_deref())
-                        .push_bind(entry.user_agent.as_deref())
-                        .push_bind(entry.request_id.as_deref())
-                        .push_bind(entry.changes.as_ref().map(Json))
-                        .push_bind(Json(&entry.metadata))
-                        .push_bind(created_at);
-                });
+                BatchRows::<$db>::new(entries.len())
+                    .column(entries.iter().map(|entry| entry.id))
+                    .column(entries.iter().map(|entry| entry.actor_id))
+                    .column(entries.iter().map(|entry| entry.actor_kind))
+                    .column(entries.iter().map(|entry| entry.action.as_str()))
+                    .column(entries.iter().map(|entry| entry.resource_type.as_str()))
+                    .column(entries.iter().map(|entry| entry.resource_id.as_deref()))
+                    .column(entries.iter().map(|entry| entry.outcome))
+                    .column(entries.iter().map(|entry| entry.ip_address.as_deref()))
+                    .column(entries.iter().map(|entry| entry.user_agent.as_deref()))
+                    .column(entries.iter().map(|entry| entry.request_id.as_deref()))
+                    .column(entries.iter().map(|entry| entry.changes.as_ref().map(Json)))
+                    .column(entries.iter().map(|entry| Json(&entry.metadata)))
+                    .column(entries.iter().map(|_| created_at))
+                    .push_rows(&mut builder);
                 builder.push(concat!(" RETURNING ", audit_log_columns!()));
                 Ok(builder.build_query_as::<AuditLog>().fetch_all(&self.pool).await?)
             }

@@ -3,7 +3,8 @@
 //! of proto, HTTP, the queue or the engine.
 //!
 //! `group_commit` batches writes of one kind that arrive together (the engine's step
-//! transitions, the audit trail's rows) into one statement; it also uses tokio.
+//! transitions, the audit trail's rows) into one statement; it also uses tokio. `batch` binds
+//! the rows of such a statement so that its text is the same for any number of rows.
 //!
 //! Each area (`identity`, `resources`, `executions`, `analytics`, `alerts`) owns its model types, its
 //! sub-trait and one `macro_rules!` body that is instantiated for both backends, so the two
@@ -76,6 +77,16 @@ macro_rules! text_enum {
             }
         }
 
+        impl sqlx::postgres::PgHasArrayType for $name {
+            fn array_type_info() -> sqlx::postgres::PgTypeInfo {
+                <&str as sqlx::postgres::PgHasArrayType>::array_type_info()
+            }
+
+            fn array_compatible(type_info: &sqlx::postgres::PgTypeInfo) -> bool {
+                <&str as sqlx::postgres::PgHasArrayType>::array_compatible(type_info)
+            }
+        }
+
         impl<'query, Db: sqlx::Database> sqlx::Encode<'query, Db> for $name
         where
             for<'text> &'text str: sqlx::Encode<'query, Db>,
@@ -104,6 +115,7 @@ macro_rules! text_enum {
 
 mod alerts;
 mod analytics;
+mod batch;
 mod executions;
 pub mod group_commit;
 mod identity;

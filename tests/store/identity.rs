@@ -1136,3 +1136,31 @@ crate::conformance!(
     audit_batch_append,
     audit_cursor_paging,
 );
+
+/// On PostgreSQL a batch statement's text does not depend on its number of rows: every
+/// connection prepares the audit trail's `INSERT` once, whatever the batch sizes it meets
+/// (with one `VALUES` row per entry it prepared, and kept, one statement per size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_audit_batches_share_one_prepared_statement() {
+    use turbocat::store::IdentityStore as _;
+    let database = crate::support::postgres().await;
+    // One connection, so every statement below is prepared on the connection asked last.
+    let store =
+        turbocat::store::PostgresStore::connect(&database.url, 1).await.expect("connect store");
+    let ann = store.create_user(NewUser::new("ann@example.com", "Ann")).await.expect("user");
+    let mut appended = 0;
+    for size in 1..=6 {
+        let entries: Vec<NewAuditLog> = (0..size)
+            .map(|index| audit_entry(Some(ann.id), "agent.create", "agent", &format!("a-{index}")))
+            .collect();
+        appended += store.append_audit_logs(&entries).await.expect("batch").len();
+    }
+    assert_eq!(appended, 21);
+    let prepared: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'INSERT INTO audit_logs%'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("prepared statements");
+    assert_eq!(prepared, 1, "one prepared INSERT for batches of 1 to 6 rows");
+}
