@@ -1381,10 +1381,10 @@ macro_rules! impl_executions_store {
             /// Moves many step runs in one statement: `UPDATE step_runs SET <set> FROM
             /// (<the rows of items>) AS v WHERE` the row's id and attempt are v's first two
             /// columns `AND <condition> RETURNING` the rows moved (the first `MAX_WRITE_BATCH`
-            /// items). `rows` gives the columns of the items it is handed (`BatchRows`: the
-            /// statement's text is the same for any number of items); `set` and `condition`
-            /// read them as `v.column3`, …. `set` bumps `version` by one for each transition
-            /// the change stands for (watchers order rows by it).
+            /// items). `rows` gives the columns of the items it is handed (`BatchRows`, joined
+            /// as a padded table: seven statement texts for 1 to 64 items); `set` and
+            /// `condition` read them as `v.column3`, …. `set` bumps `version` by one for each
+            /// transition the change stands for (watchers order rows by it).
             async fn transition_step_runs<'c, T>(
                 &self,
                 connection: impl sqlx::Executor<'c, Database = $db>,
