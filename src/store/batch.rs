@@ -17,6 +17,7 @@
 //!
 //! SQLite prepares in process and keeps `VALUES` with exactly the rows given.
 
+use sqlx::postgres::PgHasArrayType;
 use sqlx::query_builder::{QueryBuilder, Separated};
 use sqlx::{Encode, Postgres, Sqlite, Type};
 
@@ -79,6 +80,23 @@ impl<'a, DB: BindRows> BatchRows<'a, DB> {
     }
 }
 
+/// Appends `VALUES` of `rows` rows, `push_row` binding the values of each.
+fn push_values<DB: sqlx::Database>(
+    builder: &mut QueryBuilder<DB>,
+    rows: usize,
+    mut push_row: impl FnMut(usize, &mut Separated<'_, DB, &'static str>),
+) {
+    builder.push("VALUES ");
+    for row in 0..rows {
+        if row > 0 {
+            builder.push(", ");
+        }
+        builder.push("(");
+        push_row(row, &mut builder.separated(", "));
+        builder.push(")");
+    }
+}
+
 /// A column's values on PostgreSQL, bound as one array or one at a time.
 pub trait PgColumn: Send {
     fn push_array(self: Box<Self>, arrays: &mut Separated<'_, Postgres, &'static str>);
@@ -87,13 +105,7 @@ pub trait PgColumn: Send {
 
 impl<'a, T> PgColumn for Vec<T>
 where
-    T: Encode<'a, Postgres>
-        + Type<Postgres>
-        + sqlx::postgres::PgHasArrayType
-        + Clone
-        + Send
-        + Sync
-        + 'a,
+    T: Encode<'a, Postgres> + Type<Postgres> + PgHasArrayType + Clone + Send + Sync + 'a,
 {
     fn push_array(self: Box<Self>, arrays: &mut Separated<'_, Postgres, &'static str>) {
         arrays.push_bind(*self);
@@ -129,30 +141,17 @@ impl BindRows for Postgres {
         rows: usize,
         columns: Vec<Self::BatchColumn<'_>>,
     ) {
-        builder.push("VALUES ");
-        for row in 0..rows.next_power_of_two() {
-            if row > 0 {
-                builder.push(", ");
-            }
-            builder.push("(");
-            let mut values = builder.separated(", ");
+        push_values(builder, rows.next_power_of_two(), |row, values| {
             for column in &columns {
-                column.push_value(row, &mut values);
+                column.push_value(row, values);
             }
-            builder.push(")");
-        }
+        });
     }
 }
 
 impl<'a, T> BatchValue<'a, Postgres> for T
 where
-    T: Encode<'a, Postgres>
-        + Type<Postgres>
-        + sqlx::postgres::PgHasArrayType
-        + Clone
-        + Send
-        + Sync
-        + 'a,
+    T: Encode<'a, Postgres> + Type<Postgres> + PgHasArrayType + Clone + Send + Sync + 'a,
 {
     fn column(values: Vec<T>) -> Box<dyn PgColumn + 'a> {
         Box::new(values)
@@ -167,18 +166,11 @@ impl BindRows for Sqlite {
         rows: usize,
         columns: Vec<Self::BatchColumn<'_>>,
     ) {
-        builder.push("VALUES ");
-        for row in 0..rows {
-            if row > 0 {
-                builder.push(", ");
-            }
-            builder.push("(");
-            let mut values = builder.separated(", ");
+        push_values(builder, rows, |row, values| {
             for column in &columns {
-                column(row, &mut values);
+                column(row, values);
             }
-            builder.push(")");
-        }
+        });
     }
 
     fn push_table(
