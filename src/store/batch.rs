@@ -197,28 +197,37 @@ where
 mod tests {
     use super::*;
 
+    /// The text of `prefix`, then `rows` rows of `columns` integer columns pushed by `push`.
+    fn text<DB: BindRows>(
+        prefix: &str,
+        rows: usize,
+        columns: usize,
+        push: fn(BatchRows<'_, DB>, &mut QueryBuilder<DB>),
+    ) -> String
+    where
+        i32: for<'a> BatchValue<'a, DB>,
+    {
+        let mut builder = QueryBuilder::<DB>::new(prefix);
+        let values = || 0..i32::try_from(rows).unwrap_or(0);
+        let batch =
+            (0..columns).fold(BatchRows::<DB>::new(rows), |batch, _| batch.column(values()));
+        push(batch, &mut builder);
+        builder.sql().as_str().to_owned()
+    }
+
     fn table<DB: BindRows>(rows: usize) -> String
     where
         i32: for<'a> BatchValue<'a, DB>,
     {
-        let mut builder = QueryBuilder::<DB>::new("SELECT * FROM (");
-        BatchRows::<DB>::new(rows)
-            .column(0..i32::try_from(rows).unwrap_or(0))
-            .push_table(&mut builder);
-        builder.push(") AS v");
-        builder.sql().as_str().to_owned()
+        text::<DB>("SELECT * FROM (", rows, 1, |batch, builder| batch.push_table(builder))
+            + ") AS v"
     }
 
     fn inserted<DB: BindRows>(rows: usize) -> String
     where
         i32: for<'a> BatchValue<'a, DB>,
     {
-        let mut builder = QueryBuilder::<DB>::new("INSERT INTO t (a, b) ");
-        BatchRows::<DB>::new(rows)
-            .column(0..i32::try_from(rows).unwrap_or(0))
-            .column(0..i32::try_from(rows).unwrap_or(0))
-            .push_rows(&mut builder);
-        builder.sql().as_str().to_owned()
+        text::<DB>("INSERT INTO t (a, b) ", rows, 2, |batch, builder| batch.push_rows(builder))
     }
 
     #[test]

@@ -1504,22 +1504,24 @@ macro_rules! impl_executions_store {
                      OR (v.column3 IN ('TIMED_OUT', 'CANCELLED') \
                      AND step_runs.status IN ('PENDING', 'QUEUED')))",
                     |completions| {
+                        // Each completion's output, error and retryable flag, in one match.
+                        let parts: Vec<_> = completions
+                            .iter()
+                            .map(|finished| match &finished.completion {
+                                Completion::Succeeded { output } => (Some(Json(output)), None, None),
+                                Completion::Failed { error, retryable } => {
+                                    (None, Some(error.as_str()), Some(*retryable))
+                                }
+                                Completion::TimedOut | Completion::Cancelled => (None, None, None),
+                            })
+                            .collect();
                         BatchRows::<$db>::new(completions.len())
                             .column(completions.iter().map(|finished| finished.key.step_run_id))
                             .column(completions.iter().map(|finished| finished.key.attempt))
                             .column(completions.iter().map(|finished| finished.completion.status()))
-                            .column(completions.iter().map(|finished| match &finished.completion {
-                                Completion::Succeeded { output } => Some(Json(output)),
-                                _ => None,
-                            }))
-                            .column(completions.iter().map(|finished| match &finished.completion {
-                                Completion::Failed { error, .. } => Some(error.as_str()),
-                                _ => None,
-                            }))
-                            .column(completions.iter().map(|finished| match &finished.completion {
-                                Completion::Failed { retryable, .. } => Some(*retryable),
-                                _ => None,
-                            }))
+                            .column(parts.iter().map(|(output, _, _)| *output))
+                            .column(parts.iter().map(|(_, error, _)| *error))
+                            .column(parts.iter().map(|(_, _, retryable)| *retryable))
                             .column(
                                 completions
                                     .iter()

@@ -4,7 +4,8 @@
 //!
 //! `group_commit` batches writes of one kind that arrive together (the engine's step
 //! transitions, the audit trail's rows) into one statement; it also uses tokio. `batch` binds
-//! the rows of such a statement so that its text is the same for any number of rows.
+//! the rows of such a statement, differently on each backend, so that it takes a few texts
+//! (not one per number of rows) and each connection prepares it once per text.
 //!
 //! Each area (`identity`, `resources`, `executions`, `analytics`, `alerts`) owns its model types, its
 //! sub-trait and one `macro_rules!` body that is instantiated for both backends, so the two
