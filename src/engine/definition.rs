@@ -87,11 +87,18 @@ impl DefinitionCache {
         &self,
         execution: &crate::store::Execution,
     ) -> Result<Arc<ExecutionDefinition>, String> {
-        let execution_id = execution.id;
-        if let Some(found) = self.known(execution_id) {
+        if let Some(found) = self.known(execution.id) {
             return Ok(found.0);
         }
         let parsed = Arc::new(ExecutionDefinition::parse(&execution.definition)?);
+        self.keep(execution, parsed.clone());
+        Ok(parsed)
+    }
+
+    /// Keeps `parsed`, the decoded definition of `execution`, with its fixed facts and its input
+    /// when small (unless it is kept already).
+    pub fn keep(&self, execution: &crate::store::Execution, parsed: Arc<ExecutionDefinition>) {
+        let execution_id = execution.id;
         let facts = FixedFacts::of(execution);
         let input = serde_json::to_string(&execution.input)
             .is_ok_and(|text| text.len() <= MAX_KEPT_INPUT_BYTES)
@@ -105,7 +112,7 @@ impl DefinitionCache {
                 entries.by_execution.remove(&oldest);
             }
             let cached = CachedExecution {
-                definition: parsed.clone(),
+                definition: parsed,
                 facts,
                 input,
                 waiting: HashMap::new(),
@@ -114,7 +121,6 @@ impl DefinitionCache {
             entries.by_execution.insert(execution_id, cached);
             entries.insertion_order.push_back(execution_id);
         }
-        Ok(parsed)
     }
 
     /// Drops what is kept of `execution_id` (it finished: nothing of it is needed any more,

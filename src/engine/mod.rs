@@ -1,6 +1,7 @@
 //! The execution engine: workflow definitions as DAGs (`dag`), the snapshot an execution runs from
 //! (`definition`), the cron schedules of deployments (`schedule`), and the machinery that runs
-//! executions: `scheduler` (moving an execution forward, retries, timeouts, cancellation),
+//! executions: `start` (creating an execution and moving its first steps on in that one
+//! commit), `scheduler` (moving an execution forward, retries, timeouts, cancellation),
 //! `dispatcher` (handing queued steps to attached runners), `reconciler` (repairing what the queue
 //! or a crash lost, from the database), `attached_runners` (the runners attached to this process),
 //! `leases` (runner liveness, kept off the database), `runner_directory` (the runners attached to
@@ -32,6 +33,7 @@ pub mod runner_directory;
 pub mod schedule;
 pub mod scheduler;
 pub mod shutdown;
+mod start;
 pub mod subworkflow;
 
 use std::sync::{Arc, OnceLock};

@@ -341,7 +341,7 @@ impl Engine {
     /// The input of a step whose dependencies all succeeded: its mapping rendered against
     /// `scope` (the execution's input when it has none), within the depth and size limits. The
     /// error is the execution's error.
-    fn resolve_input(
+    pub(super) fn resolve_input(
         &self,
         step: &pb::WorkflowStep,
         execution_input: &Value,
@@ -480,7 +480,7 @@ impl Engine {
             if let Some(queued) = made? {
                 let queued_at = queued.queued_at.unwrap_or(now);
                 if let Some(item) =
-                    self.queue_item(execution_id, &facts, &definition, &queued, queued_at)
+                    self.queue_item(execution_id, &facts, &definition, stage(&queued), queued_at)
                 {
                     self.enqueue_item(item).await?;
                 }
@@ -553,7 +553,7 @@ impl Engine {
         let mut planned: Vec<PlannedStep> = Vec::with_capacity(rows.len());
         for (step, row) in successors.into_iter().zip(rows) {
             let step_input = self.resolve_input(step, &input, &scope).ok();
-            let item = self.queue_item(execution_id, &facts, &definition, &row, now);
+            let item = self.queue_item(execution_id, &facts, &definition, stage(&row), now);
             let (Some(step_input), Some(item)) = (step_input, item) else {
                 // The full advance fails the execution (or finds what is amiss).
                 self.release_planned(&planned);
@@ -732,7 +732,7 @@ impl Engine {
         now: DateTime<Utc>,
     ) -> EngineResult<Option<StepRun>> {
         let key = step_run.attempt_key();
-        if let Some(item) = self.queue_item(execution_id, facts, definition, step_run, now)
+        if let Some(item) = self.queue_item(execution_id, facts, definition, stage(step_run), now)
             && let Some(handed) = self.hand_off(&item, input.clone()).await
         {
             handed?;
@@ -1033,14 +1033,14 @@ impl Engine {
         }
         let queued_at = step_run.queued_at.unwrap_or_else(Utc::now);
         let facts = FixedFacts::of(execution);
-        match self.queue_item(execution.id, &facts, definition, step_run, queued_at) {
+        match self.queue_item(execution.id, &facts, definition, stage(step_run), queued_at) {
             Some(item) => self.enqueue_item(item).await,
             None => Ok(()),
         }
     }
 
     /// Puts an entry in the ready queue; see `enqueue`.
-    async fn enqueue_item(&self, item: QueueItem) -> EngineResult<()> {
+    pub(super) async fn enqueue_item(&self, item: QueueItem) -> EngineResult<()> {
         let step_run_id = item.step_run_id;
         self.waiting_priority.fetch_max(item.priority, std::sync::atomic::Ordering::Relaxed);
         match self.queue.enqueue(item).await {
@@ -1060,10 +1060,10 @@ impl Engine {
         execution_id: Uuid,
         facts: &FixedFacts,
         definition: &ExecutionDefinition,
-        step_run: &StepRun,
+        (key, step_key): (AttemptKey, &str),
         enqueued_at: DateTime<Utc>,
     ) -> Option<QueueItem> {
-        let step = definition.step(&step_run.step_key)?;
+        let step = definition.step(step_key)?;
         if super::subworkflow::is_sub_workflow(definition, step) {
             return None;
         }
@@ -1073,10 +1073,10 @@ impl Engine {
             .map(|agent_type| agent_type_name(agent_type).to_owned())
             .unwrap_or_default();
         Some(QueueItem {
-            step_run_id: step_run.id,
-            attempt: step_run.attempt,
+            step_run_id: key.step_run_id,
+            attempt: key.attempt,
             execution_id,
-            step_key: step_run.step_key.clone(),
+            step_key: step_key.to_owned(),
             owner_id: facts.owner_id,
             priority: facts.priority.clamp(crate::queue::MIN_PRIORITY, crate::queue::MAX_PRIORITY),
             enqueued_at,
@@ -1214,8 +1214,13 @@ fn mapping_of(step: &pb::WorkflowStep) -> Option<Value> {
         .filter(|mapping_json| !mapping_json.is_null())
 }
 
+/// A step run's attempt and step key, as `queue_item` takes them.
+fn stage(step_run: &StepRun) -> (AttemptKey, &str) {
+    (step_run.attempt_key(), &step_run.step_key)
+}
+
 /// The scope step input mappings render against.
-fn step_scope(input: &Value, outputs: &HashMap<String, Value>) -> Value {
+pub(super) fn step_scope(input: &Value, outputs: &HashMap<String, Value>) -> Value {
     let steps: serde_json::Map<String, Value> =
         outputs.iter().map(|(key, output)| (key.clone(), json!({ "output": output }))).collect();
     json!({ "input": input, "steps": steps })

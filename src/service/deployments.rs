@@ -970,10 +970,8 @@ pub async fn start_agent_execution(
     let runnable = agents::agent_to_run(context.store.as_ref(), agent).await;
     let definition = ExecutionDefinition::snapshot(&workflow, &[runnable]);
     let step_runs = vec![NewStepRun {
-        step_key: AGENT_STEP_KEY.to_owned(),
         agent_id: Some(agent.id),
-        max_attempts: retry.max_attempts.max(1),
-        input: None,
+        ..NewStepRun::new(AGENT_STEP_KEY, retry.max_attempts.max(1))
     }];
     executions::create_execution(context, agent.owner_id, None, definition, step_runs, start).await
 }

@@ -137,18 +137,17 @@ pub(crate) async fn snapshot_workflow(
         .steps
         .iter()
         .map(|step| NewStepRun {
-            step_key: step.step_key.clone(),
             agent_id: Some(step.agent_id),
-            max_attempts: step.retry_policy.max_attempts.max(1),
-            input: None,
+            ..NewStepRun::new(step.step_key.clone(), step.retry_policy.max_attempts.max(1))
         })
         .collect();
     Ok((definition, step_runs))
 }
 
-/// Commits a QUEUED execution of `owner_id` with its PENDING `step_runs` and the `definition`
-/// snapshot (see `start_workflow_execution`), then asks the engine to queue its first steps.
-/// The deadline is the creation time plus `start.timeout_seconds` (queue time counts).
+/// Creates an execution of `owner_id` with its `step_runs` and the `definition` snapshot (see
+/// `start_workflow_execution`) through the engine, which starts it in the same commit (see
+/// `Engine::create_execution`). The deadline is the creation time plus
+/// `start.timeout_seconds` (queue time counts).
 pub async fn create_execution(
     context: &AppContext,
     owner_id: Uuid,
@@ -158,16 +157,11 @@ pub async fn create_execution(
     start: ExecutionStart,
 ) -> ServiceResult<(Execution, Vec<StepRun>)> {
     let new_execution = new_execution(owner_id, workflow_id, definition, start, Utc::now());
-    let (execution, step_runs) = context
-        .store
+    context
+        .engine
         .create_execution(new_execution, step_runs)
         .await
-        .map_err(|error| ServiceError::from_store(error, "execution"))?;
-    // Committed: queue the first steps now. A failure here is repaired by the reconciler.
-    if let Err(error) = context.engine.advance_created(&execution, &step_runs).await {
-        tracing::warn!(%error, execution_id = %execution.id, "could not start the execution yet");
-    }
-    Ok((execution, step_runs))
+        .map_err(|error| ServiceError::from_store(error, "execution"))
 }
 
 /// The row of a new execution created at `now`: its deadline is `now` plus

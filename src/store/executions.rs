@@ -231,9 +231,13 @@ pub struct ParentStep {
     pub attempt: i32,
 }
 
-/// The fields of a new execution; it starts `QUEUED`, at depth 0 or its parent's depth + 1.
+/// The fields of a new execution; it starts `QUEUED` (or `RUNNING`, see `running`), at depth 0
+/// or its parent's depth + 1.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewExecution {
+    /// Made by `new` (a UUIDv7), so that the engine can hold runner slots for its first steps
+    /// before the creation commits.
+    pub id: Uuid,
     pub owner_id: Uuid,
     pub workflow_id: Option<Uuid>,
     pub deployment_id: Option<Uuid>,
@@ -252,6 +256,9 @@ pub struct NewExecution {
     /// execution exists exactly when the claim won, so a replica that dies mid-tick leaves the
     /// tick to another (see `CronRunClaim`).
     pub cron_claim: Option<CronRunClaim>,
+    /// Starts `RUNNING` (started at its creation) instead of `QUEUED`: the engine moves its
+    /// first steps on in the same commit (`NewStepRun::start`).
+    pub running: bool,
 }
 
 impl NewExecution {
@@ -261,6 +268,7 @@ impl NewExecution {
     /// A top-level execution with empty input, default priority and no timeout.
     pub fn new(owner_id: Uuid, trigger: ExecutionTrigger, definition: Value) -> Self {
         Self {
+            id: Uuid::now_v7(),
             owner_id,
             workflow_id: None,
             deployment_id: None,
@@ -272,6 +280,7 @@ impl NewExecution {
             timeout_seconds: None,
             deadline_at: None,
             cron_claim: None,
+            running: false,
         }
     }
 }
@@ -433,22 +442,61 @@ impl StepRun {
     }
 }
 
-/// A step run to create with its execution: it starts `PENDING` at attempt 1.
+/// A step run to create with its execution: it starts `PENDING` at attempt 1 (or as `start`
+/// says).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewStepRun {
+    /// Made by `new` (a UUIDv7: step runs made in order list in that order).
+    pub id: Uuid,
     pub step_key: String,
     pub agent_id: Option<Uuid>,
     /// At least 1.
     pub max_attempts: i32,
     /// Usually `None`: the input is resolved when the step is queued.
     pub input: Option<Value>,
+    /// Set by the engine for a first step it moves on in its execution's creation commit
+    /// (of an execution created `running`): the step starts `QUEUED` at the creation time,
+    /// or `ASSIGNED` to a runner then.
+    pub start: Option<StepStart>,
 }
 
 impl NewStepRun {
     /// A step without agent or input.
     pub fn new(step_key: impl Into<String>, max_attempts: i32) -> Self {
-        Self { step_key: step_key.into(), agent_id: None, max_attempts, input: None }
+        Self {
+            id: Uuid::now_v7(),
+            step_key: step_key.into(),
+            agent_id: None,
+            max_attempts,
+            input: None,
+            start: None,
+        }
     }
+
+    /// PENDING, or as `start` says.
+    fn initial_status(&self) -> StepRunStatus {
+        match &self.start {
+            None => StepRunStatus::Pending,
+            Some(StepStart { runner_id: None, .. }) => StepRunStatus::Queued,
+            Some(StepStart { runner_id: Some(_), .. }) => StepRunStatus::Assigned,
+        }
+    }
+
+    /// The runner `start` assigns it to.
+    fn runner_id(&self) -> Option<&str> {
+        self.start.as_ref().and_then(|start| start.runner_id.as_deref())
+    }
+}
+
+/// How a step run starts when its execution's creation moves it on: with its resolved input,
+/// `QUEUED`, or `ASSIGNED` to `runner_id` until `lease_expires_at` when both are set. Its
+/// `queued_at` (and `assigned_at`) is the creation time, and its `version` counts the
+/// transitions it stands for (2 for QUEUED, 3 for ASSIGNED), as if each had been committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepStart {
+    pub input: Option<Value>,
+    pub runner_id: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
 }
 
 /// Identifies one attempt of one step run: the fence every step transition checks.
@@ -769,8 +817,9 @@ pub struct ExecutionStats {
 /// Executions, step runs, attempts and logs: the source of truth of the execution engine.
 #[async_trait]
 pub trait ExecutionStore: Send + Sync {
-    /// Creates a `QUEUED` execution and its `PENDING` step runs (attempt 1, with their attempt
-    /// rows) in one transaction: all of it or nothing. A missing parent execution is
+    /// Creates a `QUEUED` execution and its `PENDING` step runs (attempt 1) in one transaction:
+    /// all of it or nothing; an execution created `running` starts `RUNNING`, and its step runs
+    /// with a `start` start as that says. A missing parent execution is
     /// `ReferenceViolated("parent_execution_id")`; a repeated step key `AlreadyExists("step_key")`;
     /// a `cron_claim` that another claimant won first (or whose deployment stopped meanwhile)
     /// `ClaimTaken`, with nothing created.
@@ -1299,12 +1348,12 @@ macro_rules! impl_executions_store {
                     "INSERT INTO executions (id, owner_id, workflow_id, deployment_id, \
                      parent_execution_id, parent_step_run_id, parent_attempt, depth, trigger, \
                      status, priority, input, definition, timeout_seconds, deadline_at, \
-                     created_at, updated_at, version) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'QUEUED', $10, $11, $12, $13, \
-                     $14, $15, $15, 1) RETURNING ",
+                     started_at, created_at, updated_at, version) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $16, $10, $11, $12, $13, \
+                     $14, $17, $15, $15, $18) RETURNING ",
                     execution_columns!()
                 ))
-                .bind(Uuid::now_v7())
+                .bind(new_execution.id)
                 .bind(new_execution.owner_id)
                 .bind(new_execution.workflow_id)
                 .bind(new_execution.deployment_id)
@@ -1319,49 +1368,78 @@ macro_rules! impl_executions_store {
                 .bind(new_execution.timeout_seconds)
                 .bind(new_execution.deadline_at.map(stored_time))
                 .bind(now)
+                .bind(if new_execution.running {
+                    ExecutionStatus::Running
+                } else {
+                    ExecutionStatus::Queued
+                })
+                .bind(new_execution.running.then_some(now))
+                // RUNNING stands for its start as if it had been committed on its own.
+                .bind(if new_execution.running { 2_i64 } else { 1 })
                 .fetch_one(&mut **transaction)
                 .await?;
 
-                // Ids are v7 and made in order, so `ORDER BY id` returns the caller's order.
-                let step_rows: Vec<(Uuid, NewStepRun)> =
-                    step_runs.into_iter().map(|step_run| (Uuid::now_v7(), step_run)).collect();
-                for chunk in step_rows.chunks(INSERT_BATCH_ROWS) {
-                    // v: id, step key, agent, max attempts, input.
+                let mut created_step_runs = Vec::with_capacity(step_runs.len());
+                for chunk in step_runs.chunks(INSERT_BATCH_ROWS) {
+                    let started = |step_run: &NewStepRun| step_run.start.is_some().then_some(now);
+                    // v: id, step key, agent, max attempts, input, status, runner, lease,
+                    // queued at, assigned at, version.
                     let mut step_insert = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO step_runs (id, execution_id, step_key, agent_id, status, \
-                         attempt, max_attempts, infra_reassignments, input, created_at, \
-                         updated_at, version) SELECT v.column1, ",
+                         attempt, max_attempts, infra_reassignments, input, runner_id, \
+                         lease_expires_at, queued_at, assigned_at, created_at, updated_at, \
+                         version) SELECT v.column1, ",
                     );
                     step_insert.push_bind(execution.id);
                     step_insert.push(
-                        ", v.column2, v.column3, 'PENDING', 1, v.column4, 0, v.column5, ",
+                        ", v.column2, v.column3, v.column6, 1, v.column4, 0, v.column5, \
+                         v.column7, v.column8, v.column9, v.column10, ",
                     );
                     step_insert.push_bind(now);
                     step_insert.push(", ");
                     step_insert.push_bind(now);
-                    step_insert.push(", 1 FROM (");
+                    step_insert.push(", v.column11 FROM (");
                     BatchRows::<$db>::new(chunk.len())
-                        .column(chunk.iter().map(|(step_run_id, _)| *step_run_id))
-                        .column(chunk.iter().map(|(_, step_run)| step_run.step_key.as_str()))
-                        .column(chunk.iter().map(|(_, step_run)| step_run.agent_id))
-                        .column(chunk.iter().map(|(_, step_run)| step_run.max_attempts))
-                        .column(chunk.iter().map(|(_, step_run)| step_run.input.as_ref().map(Json)))
+                        .column(chunk.iter().map(|step_run| step_run.id))
+                        .column(chunk.iter().map(|step_run| step_run.step_key.as_str()))
+                        .column(chunk.iter().map(|step_run| step_run.agent_id))
+                        .column(chunk.iter().map(|step_run| step_run.max_attempts))
+                        .column(chunk.iter().map(|step_run| {
+                            step_run
+                                .start
+                                .as_ref()
+                                .map_or(step_run.input.as_ref(), |start| start.input.as_ref())
+                                .map(Json)
+                        }))
+                        .column(chunk.iter().map(NewStepRun::initial_status))
+                        .column(chunk.iter().map(NewStepRun::runner_id))
+                        .column(chunk.iter().map(|step_run| {
+                            step_run
+                                .start
+                                .as_ref()
+                                .and_then(|start| start.lease_expires_at.map(stored_time))
+                        }))
+                        .column(chunk.iter().map(started))
+                        .column(chunk.iter().map(|step_run| step_run.runner_id().and(Some(now))))
+                        // Each transition a started step stands for counts, as if committed.
+                        .column(chunk.iter().map(|step_run| match step_run.initial_status() {
+                            StepRunStatus::Queued => 2_i64,
+                            StepRunStatus::Assigned => 3,
+                            _ => 1,
+                        }))
                         .push_rows(&mut step_insert);
-                    step_insert.push(") AS v");
-                    step_insert
-                        .build()
-                        .execute(&mut **transaction)
+                    step_insert.push(concat!(") AS v RETURNING ", step_run_columns!()));
+                    let mut rows = step_insert
+                        .build_query_as::<StepRun>()
+                        .fetch_all(&mut **transaction)
                         .await
                         .map_err(|error| name_execution_conflict(error.into()))?;
+                    created_step_runs.append(&mut rows);
                 }
-                let created_step_runs = sqlx::query_as::<$db, StepRun>(concat!(
-                    "SELECT ",
-                    step_run_columns!(),
-                    " FROM step_runs WHERE execution_id = $1 ORDER BY id"
-                ))
-                .bind(execution.id)
-                .fetch_all(&mut **transaction)
-                .await?;
+                // In the caller's order.
+                let order: std::collections::HashMap<Uuid, usize> =
+                    step_runs.iter().enumerate().map(|(index, step_run)| (step_run.id, index)).collect();
+                created_step_runs.sort_by_key(|step_run| order.get(&step_run.id).copied());
                 Ok((execution, created_step_runs))
             }
 

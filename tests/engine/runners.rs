@@ -177,6 +177,92 @@ async fn a_result_hands_its_successors_on_in_its_own_commit() {
     assert_eq!(step(&execution, "d")["output"], json!({ "n": 1 }));
 }
 
+/// An execution is created RUNNING with its first steps already moved on, in the commit that
+/// creates it: handed to a runner attached with a free slot (with their input resolved), or
+/// QUEUED when no runner here takes them, and then dispatched through the queue. The execute
+/// answer shows it so, over REST and gRPC alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execution_starts_in_the_commit_that_creates_it() {
+    let (server, _database, bench, key) = serve_with_account(&[]).await;
+    let url = server.base_url();
+    let _runner = RunnerProcess::start(&url, &key, "start-box", 4, "", &[]);
+    let listed = wait_for_runners(&bench.api, &bench.auth, &["start-box"]).await;
+    let start_box = runner_id(&listed, "start-box");
+    let identity = bench.jq("identity", ".").await;
+    let steps = json!([
+        { "key": "a", "agentId": identity },
+        { "key": "b", "agentId": identity, "inputMapping": { "m": "{{input.n}}" } },
+        { "key": "moon", "agentId": identity, "requiredLabels": { "zone": "moon" } },
+        { "key": "c", "agentId": identity, "dependsOn": ["a", "b", "moon"] },
+    ]);
+    let workflow = bench.workflow("started at creation", steps, json!({})).await;
+
+    let (status, body) = bench
+        .api
+        .post(
+            &format!("/api/v1/workflows/{workflow}/execute"),
+            &bench.auth,
+            json!({ "input": { "n": 7 } }),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let created = &body["data"];
+    assert_eq!(created["status"], "RUNNING", "{created}");
+    let created_at = time(&created["createdAt"]);
+    assert_eq!(time(&created["startedAt"]), created_at, "{created}");
+    for key in ["a", "b"] {
+        let first = step(created, key);
+        assert_eq!(first["status"], "ASSIGNED", "{first}");
+        assert_eq!(first["runnerId"], start_box.as_str(), "{first}");
+        assert_eq!(time(&first["queuedAt"]), created_at, "{first}");
+    }
+    assert_eq!(step(created, "b")["input"], json!({ "m": 7 }), "{created}");
+    let moon = step(created, "moon");
+    assert_eq!(moon["status"], "QUEUED", "{moon}");
+    assert_eq!(time(&moon["queuedAt"]), created_at, "{moon}");
+    assert_eq!(moon["runnerId"], "", "{moon}");
+    assert_eq!(step(created, "c")["status"], "PENDING", "{created}");
+    let rest_execution = created["id"].as_str().expect("id").to_owned();
+
+    let mut client = turbocat::proto::v1::workflow_service_client::WorkflowServiceClient::new(
+        bench.api.channel().await,
+    );
+    let over_grpc = client
+        .execute_workflow(crate::support::api::grpc(
+            turbocat::proto::v1::ExecuteWorkflowRequest {
+                workflow_id: workflow.clone(),
+                input: Some(turbocat::proto::wkt::json_to_value(&json!({ "n": 8 }))),
+                ..Default::default()
+            },
+            &bench.auth,
+        ))
+        .await
+        .expect("execute over grpc")
+        .into_inner()
+        .execution
+        .expect("execution");
+    use turbocat::proto::v1::{ExecutionStatus, StepRunStatus};
+    assert_eq!(over_grpc.status(), ExecutionStatus::Running, "{over_grpc:?}");
+    assert_eq!(over_grpc.started_at, over_grpc.created_at, "{over_grpc:?}");
+    let status_of = |key: &str| {
+        let found = over_grpc.step_runs.iter().find(|step_run| step_run.step_key == key);
+        found.map(|step_run| (step_run.status(), step_run.runner_id.clone()))
+    };
+    assert_eq!(status_of("a"), Some((StepRunStatus::Assigned, start_box.clone())));
+    assert_eq!(status_of("b"), Some((StepRunStatus::Assigned, start_box.clone())));
+    assert_eq!(status_of("moon"), Some((StepRunStatus::Queued, String::new())));
+    assert_eq!(status_of("c"), Some((StepRunStatus::Pending, String::new())));
+
+    // The QUEUED first steps go out through the queue once a runner that takes them attaches.
+    let _moon_box = RunnerProcess::start(&url, &key, "moon-box", 2, "zone=moon", &[]);
+    for (execution_id, n) in [(rest_execution, 7), (over_grpc.id.clone(), 8)] {
+        let execution = bench.finished(&execution_id, LIMIT).await;
+        assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+        assert_eq!(step(&execution, "b")["output"], json!({ "m": n }), "{execution}");
+        assert_ne!(step(&execution, "moon")["runnerId"], start_box.as_str(), "{execution}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_whose_runner_is_killed_runs_again_on_another_runner() {
     let (server, _database, bench, key) =

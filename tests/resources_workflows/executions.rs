@@ -68,7 +68,10 @@ async fn execution_lifecycle(mode: Mode) {
     let first = body["data"].clone();
     let first_id = first["id"].as_str().expect("id").to_owned();
     let execute_request_id = body["meta"]["requestId"].as_str().expect("request id").to_owned();
-    assert_eq!(first["status"], "QUEUED");
+    // Started in the commit that created it: RUNNING, its first step QUEUED (no runner has
+    // its label), the one after it waiting.
+    assert_eq!(first["status"], "RUNNING");
+    assert_eq!(first["startedAt"], first["createdAt"]);
     assert_eq!(first["trigger"], "MANUAL");
     assert_eq!(first["workflowId"], workflow_id.as_str());
     assert_eq!(first["ownerId"], alice.id.as_str());
@@ -78,11 +81,14 @@ async fn execution_lifecycle(mode: Mode) {
     let step_runs = first["stepRuns"].as_array().expect("step runs");
     assert_eq!(step_runs.len(), 2);
     assert_eq!(step_runs[0]["stepKey"], "fetch");
-    assert_eq!(step_runs[0]["status"], "PENDING");
+    assert_eq!(step_runs[0]["status"], "QUEUED");
+    assert_eq!(step_runs[0]["queuedAt"], first["createdAt"]);
+    assert_eq!(step_runs[0]["input"], json!({ "name": "cat" }));
     assert_eq!(step_runs[0]["attempt"], 1);
     assert_eq!(step_runs[0]["maxAttempts"], 4);
     assert_eq!(step_runs[0]["agentId"], fetcher.as_str());
     assert_eq!(step_runs[1]["stepKey"], "shape");
+    assert_eq!(step_runs[1]["status"], "PENDING");
     assert_eq!(step_runs[1]["maxAttempts"], 1);
 
     // With overrides.
@@ -174,7 +180,8 @@ async fn execution_lifecycle(mode: Mode) {
             .execution
             .expect("execution");
         assert_eq!(execution.priority, priority);
-        assert_eq!(execution.status, pb::ExecutionStatus::Queued as i32);
+        assert_eq!(execution.status, pb::ExecutionStatus::Running as i32);
+        assert_eq!(execution.step_runs[0].status, pb::StepRunStatus::Queued as i32);
         assert_eq!(execution.step_runs.len(), 2);
         all_ids.push(execution.id);
     }

@@ -12,7 +12,7 @@ use turbocat::store::{
     ExecutionLogSource, ExecutionStatus, ExecutionTrigger, FinishedAttempt, FinishingExecution,
     InFlightStepRun, NewAgent, NewDeployment, NewExecution, NewExecutionLog, NewStepRun, NewUser,
     NewWorkflow, NextStep, OwnerScope, PageRequest, ParentStep, StepAssignment, StepAttemptStatus,
-    StepRun, StepRunStatus, StepTransitionOutcome, Store, StoreError,
+    StepRun, StepRunStatus, StepStart, StepTransitionOutcome, Store, StoreError,
 };
 use uuid::Uuid;
 
@@ -2120,8 +2120,73 @@ async fn the_last_result_finishes_its_execution_in_its_own_commit(store: Arc<dyn
     assert!(completed.finished.is_empty());
 }
 
+/// An execution created `running` starts RUNNING (started at its creation, its version
+/// counting that start), with the step runs given a `start` QUEUED or ASSIGNED at that time
+/// with their input, runner and lease, their versions counting each stage; the others PENDING.
+/// The rows come back in the order given, and read back the same.
+async fn an_execution_created_running_starts_its_first_steps(store: Arc<dyn Store>) {
+    let fixture = fixture(&store).await;
+    let lease = now() + seconds(30);
+    let started = |runner: Option<&str>| StepStart {
+        input: Some(json!({"for": runner})),
+        runner_id: runner.map(str::to_owned),
+        lease_expires_at: runner.map(|_| lease),
+    };
+    let new_execution = NewExecution {
+        running: true,
+        ..NewExecution::new(fixture.owner, ExecutionTrigger::Manual, definition())
+    };
+    let steps = vec![
+        NewStepRun { start: Some(started(Some("runner-a"))), ..NewStepRun::new("a", 2) },
+        NewStepRun::new("later", 1),
+        NewStepRun { start: Some(started(None)), ..NewStepRun::new("b", 1) },
+    ];
+    let ids: Vec<Uuid> = steps.iter().map(|step| step.id).collect();
+    let (execution, step_runs) =
+        store.create_execution(new_execution, steps).await.expect("create execution");
+    assert_eq!((execution.status, execution.version), (ExecutionStatus::Running, 2));
+    assert_eq!(execution.started_at, Some(execution.created_at));
+    let created_at = execution.created_at;
+    let read_ids: Vec<Uuid> = step_runs.iter().map(|step_run| step_run.id).collect();
+    assert_eq!(read_ids, ids, "the ids given, in the order given");
+
+    let (a, later, b) = (&step_runs[0], &step_runs[1], &step_runs[2]);
+    assert_eq!((a.status, a.version, a.attempt), (StepRunStatus::Assigned, 3, 1));
+    assert_eq!(a.runner_id.as_deref(), Some("runner-a"));
+    assert_eq!(a.lease_expires_at, Some(lease));
+    assert_eq!((a.queued_at, a.assigned_at), (Some(created_at), Some(created_at)));
+    assert_eq!(a.input, Some(json!({"for": "runner-a"})));
+    assert_eq!((b.status, b.version), (StepRunStatus::Queued, 2));
+    assert_eq!(
+        (b.queued_at, b.assigned_at, b.runner_id.as_deref()),
+        (Some(created_at), None, None)
+    );
+    assert_eq!(b.input, Some(json!({"for": null})));
+    assert_eq!((later.status, later.version, later.queued_at), (StepRunStatus::Pending, 1, None));
+
+    let (read, read_steps) = store
+        .get_execution_with_steps(OwnerScope::Owner(fixture.owner), execution.id)
+        .await
+        .expect("read back");
+    assert_eq!((read, read_steps), (execution, step_runs.clone()));
+    // The assigned one moves on from there like any other: its runner's result is taken.
+    let completed = store
+        .complete_steps(&[FinishedAttempt {
+            key: a.attempt_key(),
+            completion: Completion::Succeeded { output: json!({"done": true}) },
+            started_at: Some(created_at + seconds(1)),
+            finished_at: created_at + seconds(2),
+            logs: Vec::new(),
+        }])
+        .await
+        .expect("complete a");
+    assert_eq!(completed.step_runs.len(), 1, "{completed:?}");
+    assert_eq!(completed.step_runs[0].status, StepRunStatus::Succeeded);
+}
+
 crate::conformance!(
     a_result_moves_its_next_steps_in_its_own_commit,
+    an_execution_created_running_starts_its_first_steps,
     the_last_result_finishes_its_execution_in_its_own_commit,
     execution_and_step_runs_are_created_atomically,
     finishing_when_every_step_succeeded,
