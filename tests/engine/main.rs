@@ -88,6 +88,30 @@ impl Workbench {
         response["data"]["id"].as_str().expect("execution id").to_owned()
     }
 
+    /// Starts an execution over gRPC (`ExecuteWorkflow`) and returns it as the answer has it.
+    pub async fn execute_over_grpc(
+        &self,
+        workflow_id: &str,
+        input: Value,
+    ) -> turbocat::proto::v1::Execution {
+        let mut workflows =
+            turbocat::proto::v1::workflow_service_client::WorkflowServiceClient::new(
+                self.api.channel().await,
+            );
+        let request = turbocat::proto::v1::ExecuteWorkflowRequest {
+            workflow_id: workflow_id.to_owned(),
+            input: Some(turbocat::proto::wkt::json_to_value(&input)),
+            ..Default::default()
+        };
+        workflows
+            .execute_workflow(crate::support::api::grpc(request, &self.auth))
+            .await
+            .expect("ExecuteWorkflow")
+            .into_inner()
+            .execution
+            .expect("execution")
+    }
+
     pub async fn execution(&self, execution_id: &str) -> Value {
         let (status, body) =
             self.api.get(&format!("/api/v1/executions/{execution_id}"), &self.auth).await;

@@ -224,23 +224,7 @@ async fn an_execution_starts_in_the_commit_that_creates_it() {
     assert_eq!(step(created, "c")["status"], "PENDING", "{created}");
     let rest_execution = created["id"].as_str().expect("id").to_owned();
 
-    let mut client = turbocat::proto::v1::workflow_service_client::WorkflowServiceClient::new(
-        bench.api.channel().await,
-    );
-    let over_grpc = client
-        .execute_workflow(crate::support::api::grpc(
-            turbocat::proto::v1::ExecuteWorkflowRequest {
-                workflow_id: workflow.clone(),
-                input: Some(turbocat::proto::wkt::json_to_value(&json!({ "n": 8 }))),
-                ..Default::default()
-            },
-            &bench.auth,
-        ))
-        .await
-        .expect("execute over grpc")
-        .into_inner()
-        .execution
-        .expect("execution");
+    let over_grpc = bench.execute_over_grpc(&workflow, json!({ "n": 8 })).await;
     use turbocat::proto::v1::{ExecutionStatus, StepRunStatus};
     assert_eq!(over_grpc.status(), ExecutionStatus::Running, "{over_grpc:?}");
     assert_eq!(over_grpc.started_at, over_grpc.created_at, "{over_grpc:?}");

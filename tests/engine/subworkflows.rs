@@ -7,10 +7,8 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use turbocat::proto::v1::ExecuteWorkflowRequest;
-use turbocat::proto::v1::workflow_service_client::WorkflowServiceClient;
 
-use crate::support::api::{Api, grpc};
+use crate::support::api::Api;
 use crate::support::{ServeDatabase, TurbocatProcess, start_dev, start_serve};
 use crate::{RunnerProcess, Workbench, step};
 
@@ -158,30 +156,7 @@ async fn child_output_flows_to_later_steps(mode: Mode) {
     assert_eq!(step(&child_detail, "b")["output"], json!({ "value": 8 }));
 
     // The same over gRPC: ExecuteWorkflow starts the parent, the child runs the same way.
-    let mut workflows = WorkflowServiceClient::new(bench.api.channel().await);
-    let input = prost_types::Value {
-        kind: Some(prost_types::value::Kind::StructValue(prost_types::Struct {
-            fields: [(
-                "value".to_owned(),
-                prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(5.0)) },
-            )]
-            .into(),
-        })),
-    };
-    let started = workflows
-        .execute_workflow(grpc(
-            ExecuteWorkflowRequest {
-                workflow_id: parent.clone(),
-                input: Some(input),
-                ..Default::default()
-            },
-            &bench.auth,
-        ))
-        .await
-        .expect("ExecuteWorkflow")
-        .into_inner()
-        .execution
-        .expect("execution");
+    let started = bench.execute_over_grpc(&parent, json!({ "value": 5 })).await;
     let execution = bench.finished(&started.id, LIMIT).await;
     assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
     assert_eq!(execution["output"], json!({ "value": 80 }));
