@@ -6,9 +6,10 @@
 //! marking it RUNNING and handing its first step off took three.
 //!
 //! What cannot be decided before the commit takes the usual way (created QUEUED, then
-//! `advance_created`): a child execution, an execution already past its deadline, a definition
-//! that does not decode or lacks a step, a first step that runs a sub-workflow, an input
-//! mapping that cannot be resolved (the usual way fails the execution with its error).
+//! `advance_created`): an execution already past its deadline, a definition that does not
+//! decode or lacks a step, a first step that runs a sub-workflow, an input mapping that cannot
+//! be resolved (the usual way fails the execution with its error), and a child execution
+//! (which `subworkflow` creates apart, with its parent step; never through here).
 //!
 //! Nobody can watch an execution before its creation is answered (its id is new), so the
 //! transitions the creation stands for are not published; a watch starts from a snapshot.
