@@ -161,9 +161,7 @@ impl Engine {
                 duplicates.push(item.key());
                 continue;
             }
-            // A provisional deadline until the assignment knows the step's own.
-            let provisional = Utc::now() + chrono::Duration::seconds(30);
-            if !runner.hold(key, item.execution_id, provisional) {
+            if !runner.hold(key, item.execution_id, provisional_deadline(Utc::now())) {
                 // The slot went meanwhile (the runner started draining): the next pass.
                 waiting.get_or_insert(item.priority);
                 continue;
@@ -191,6 +189,32 @@ impl Engine {
         }
     }
 
+    /// A runner attached here that accepts `item` and has a free slot, the slot held for attempt
+    /// `key` from `now` (with a provisional deadline until the assignment knows the step's own).
+    pub(super) fn hold_slot(
+        &self,
+        item: &QueueItem,
+        key: AttemptKey,
+        now: chrono::DateTime<Utc>,
+    ) -> Option<Arc<AttachedRunner>> {
+        let placement = Placement {
+            owner_id: item.owner_id,
+            agent_type: &item.agent_type,
+            required_labels: &item.required_labels,
+        };
+        let provisional = provisional_deadline(now);
+        self.attached_runners
+            .pick(&placement)
+            .filter(|runner| runner.hold(key, item.execution_id, provisional))
+    }
+
+    /// Frees the slot `runner` held for `key`, and tells the dispatcher when that freed one.
+    pub(super) fn release_slot(&self, runner: &AttachedRunner, key: AttemptKey) {
+        if runner.release(key) {
+            self.attached_runners.capacity_changed.notify_waiters();
+        }
+    }
+
     /// Assigns a step that has just become ready (still PENDING, with its resolved `input`)
     /// straight to a runner attached here that accepts it and has a free slot: one commit
     /// (PENDING -> ASSIGNED) and none of the ready queue's round trips. `None` when no runner
@@ -201,20 +225,11 @@ impl Engine {
         item: &QueueItem,
         input: Option<serde_json::Value>,
     ) -> Option<EngineResult<()>> {
-        let placement = Placement {
-            owner_id: item.owner_id,
-            agent_type: &item.agent_type,
-            required_labels: &item.required_labels,
-        };
-        let runner = self.attached_runners.pick(&placement)?;
         let key = attempt_of(item);
-        let provisional = Utc::now() + chrono::Duration::seconds(30);
-        if !runner.hold(key, item.execution_id, provisional) {
-            return None;
-        }
+        let runner = self.hold_slot(item, key, Utc::now())?;
         let placed = self.assign(&runner, item, Some(input)).await;
-        if !matches!(placed, Ok(Placed::Assigned)) && runner.release(key) {
-            self.attached_runners.capacity_changed.notify_waiters();
+        if !matches!(placed, Ok(Placed::Assigned)) {
+            self.release_slot(&runner, key);
         }
         // Refused (the step moved on, or its execution is ending): nothing to queue.
         Some(placed.map(|_| ()))
@@ -229,9 +244,7 @@ impl Engine {
     ) -> EngineResult<bool> {
         let key = attempt_of(&item);
         let unreserve = || {
-            if runner.release(key) {
-                self.attached_runners.capacity_changed.notify_waiters();
-            }
+            self.release_slot(&runner, key);
         };
         let claim_timeout = self.settings.acknowledgement_timeout * 2;
         match self.queue.claim(item.key(), claim_timeout).await {
@@ -479,6 +492,11 @@ fn tally(
             failure.get_or_insert(error);
         }
     }
+}
+
+/// The deadline of a slot held at `now` until the assignment knows the step's own.
+pub(super) fn provisional_deadline(now: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
+    now + chrono::Duration::seconds(30)
 }
 
 /// The end of a lease granted or extended at `now`: a lease duration later, but never past the

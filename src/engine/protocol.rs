@@ -502,9 +502,7 @@ impl Engine {
             if let Err(error) = outcome {
                 tracing::warn!(%error, step_run_id = %key.step_run_id, attempt = key.attempt, "could not record a step result; its lease decides");
             }
-            if runner.release(key) {
-                self.attached_runners.capacity_changed.notify_waiters();
-            }
+            self.release_slot(runner, key);
             return;
         }
     }

@@ -565,11 +565,9 @@ impl Engine {
                 agent_type: &item.agent_type,
                 required_labels: &item.required_labels,
             };
-            let provisional = now + chrono::Duration::seconds(30);
+            let provisional = super::dispatcher::provisional_deadline(now);
             let runner = self
-                .attached_runners
-                .pick(&placement)
-                .filter(|runner| runner.hold(key, execution_id, provisional))
+                .hold_slot(&item, key, now)
                 .or_else(|| self.take_over_slot(done, &placement, item.priority, key, provisional));
             let runner = match runner {
                 None => None,
@@ -579,9 +577,7 @@ impl Engine {
                     match prepared {
                         Some(prepared) => Some((runner, prepared)),
                         None => {
-                            if runner.release(key) {
-                                self.attached_runners.capacity_changed.notify_waiters();
-                            }
+                            self.release_slot(&runner, key);
                             self.release_planned(&planned);
                             return None;
                         }
@@ -970,9 +966,7 @@ impl Engine {
             return;
         }
         if !sent {
-            if runner.release(key) {
-                self.attached_runners.capacity_changed.notify_waiters();
-            }
+            self.release_slot(runner, key);
             return;
         }
         let engine = self.clone();

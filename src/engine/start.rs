@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::Engine;
-use super::attached_runners::{AttachedRunner, Placement};
+use super::attached_runners::AttachedRunner;
 use super::definition::{ExecutionDefinition, FixedFacts};
 use super::dispatcher::PreparedAssignment;
 use super::scheduler::step_scope;
@@ -121,7 +121,7 @@ impl Engine {
                 self.release_first_steps(&first_steps);
                 return None;
             };
-            let runner = self.hold_slot(new_execution.id, &item, key, now).and_then(|runner| {
+            let runner = self.hold_slot(&item, key, now).and_then(|runner| {
                 let prepared = self.prepare_assignment(
                     &runner,
                     key,
@@ -154,31 +154,6 @@ impl Engine {
         }
         new_execution.running = true;
         Some(StartPlan { definition, first_steps })
-    }
-
-    /// A runner attached here that takes `item` now, its slot held for it.
-    fn hold_slot(
-        &self,
-        execution_id: uuid::Uuid,
-        item: &QueueItem,
-        key: AttemptKey,
-        now: DateTime<Utc>,
-    ) -> Option<Arc<AttachedRunner>> {
-        let placement = Placement {
-            owner_id: item.owner_id,
-            agent_type: &item.agent_type,
-            required_labels: &item.required_labels,
-        };
-        let provisional = now + chrono::Duration::seconds(30);
-        self.attached_runners
-            .pick(&placement)
-            .filter(|runner| runner.hold(key, execution_id, provisional))
-    }
-
-    fn release_slot(&self, runner: &AttachedRunner, key: AttemptKey) {
-        if runner.release(key) {
-            self.attached_runners.capacity_changed.notify_waiters();
-        }
     }
 
     fn release_first_steps(&self, first_steps: &[FirstStep]) {

@@ -482,6 +482,16 @@ impl NewStepRun {
         }
     }
 
+    /// 1, or with `start` one more for each transition it stands for, as if each had been
+    /// committed (2 for QUEUED, 3 for ASSIGNED).
+    fn initial_version(&self) -> i64 {
+        match self.initial_status() {
+            StepRunStatus::Queued => 2,
+            StepRunStatus::Assigned => 3,
+            _ => 1,
+        }
+    }
+
     /// The runner `start` assigns it to.
     fn runner_id(&self) -> Option<&str> {
         self.start.as_ref().and_then(|start| start.runner_id.as_deref())
@@ -1421,12 +1431,7 @@ macro_rules! impl_executions_store {
                         }))
                         .column(chunk.iter().map(started))
                         .column(chunk.iter().map(|step_run| step_run.runner_id().and(Some(now))))
-                        // Each transition a started step stands for counts, as if committed.
-                        .column(chunk.iter().map(|step_run| match step_run.initial_status() {
-                            StepRunStatus::Queued => 2_i64,
-                            StepRunStatus::Assigned => 3,
-                            _ => 1,
-                        }))
+                        .column(chunk.iter().map(NewStepRun::initial_version))
                         .push_rows(&mut step_insert);
                     step_insert.push(concat!(") AS v RETURNING ", step_run_columns!()));
                     let mut rows = step_insert
