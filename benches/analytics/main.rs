@@ -98,11 +98,11 @@ async fn prepare(name: &str) -> Result<History, Failure> {
 /// Loads executions `from..to` (0 is the newest): inserted RUNNING with a RUNNING step run, then
 /// finished by UPDATEs, which fire the rollup triggers as the engine's transitions do.
 async fn load(history: &History, from: i64, to: i64) -> Result<(), Failure> {
-    let pool = history.store.pool();
+    let connections = history.store.connections();
     let mut next = from;
     while next < to {
         let end = (next + BATCH).min(to);
-        let mut transaction = pool.begin().await?;
+        let mut transaction = connections.begin("BEGIN").await?;
         sqlx::query(
             "CREATE TEMPORARY TABLE bench_batch ON COMMIT DROP AS \
              SELECT gen_random_uuid() AS id, gen_random_uuid() AS step_id, i, \
@@ -159,7 +159,7 @@ async fn load(history: &History, from: i64, to: i64) -> Result<(), Failure> {
         next = end;
         println!("  loaded {next} executions");
     }
-    sqlx::query("ANALYZE").execute(pool).await?;
+    sqlx::query("ANALYZE").execute(connections).await?;
     Ok(())
 }
 
@@ -232,7 +232,7 @@ async fn measure(history: &History, loaded: i64) -> Result<(), Failure> {
     let rows: (i64, i64) = sqlx::query_as(
         "SELECT (SELECT COUNT(*) FROM execution_rollups), (SELECT COUNT(*) FROM step_rollups)",
     )
-    .fetch_one(history.store.pool())
+    .fetch_one(history.store.connections())
     .await?;
     println!("rollup rows: {} execution, {} step", rows.0, rows.1);
     Ok(())
@@ -252,7 +252,7 @@ async fn run(executions: i64) -> Result<(), Failure> {
         measure(&history, executions).await
     }
     .await;
-    history.store.pool().close().await;
+    history.store.close().await;
     let mut admin = sqlx::PgConnection::connect(&admin_url()).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
         .execute(&mut admin)

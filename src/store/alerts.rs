@@ -295,7 +295,7 @@ macro_rules! impl_alert_store {
                 .bind(&definition.webhook_secret)
                 .bind(definition.allow_private_network)
                 .bind(now)
-                .execute(&self.pool)
+                .execute(&self.connections)
                 .await?;
                 self.get_alert_rule(OwnerScope::Owner(owner_id), rule_id).await
             }
@@ -308,7 +308,7 @@ macro_rules! impl_alert_store {
                 let mut query = sqlx::QueryBuilder::<$db>::new(RULE_COLUMNS);
                 push_visible_rows(&mut query, scope);
                 query.push(" AND id = ").push_bind(rule_id);
-                query.build_query_as::<AlertRule>().fetch_optional(&self.pool).await?.ok_or(StoreError::NotFound)
+                query.build_query_as::<AlertRule>().fetch_optional(&self.connections).await?.ok_or(StoreError::NotFound)
             }
 
             async fn list_alert_rules(
@@ -323,7 +323,7 @@ macro_rules! impl_alert_store {
                     order: SortOrder { field: "created_at", descending: false },
                     page,
                 };
-                fetch_page(&self.pool, &self.totals, list, |builder| {
+                fetch_page(&self.connections, &self.totals, list, |builder| {
                     push_visible_rows(builder, scope)
                 })
                 .await
@@ -359,7 +359,7 @@ macro_rules! impl_alert_store {
                 push_visible_rows(&mut query, scope);
                 query.push(" AND id = ").push_bind(rule_id);
                 query.push(" AND version = ").push_bind(expected_version);
-                let updated = query.build().execute(&self.pool).await?.rows_affected();
+                let updated = query.build().execute(&self.connections).await?.rows_affected();
                 if updated == 0 {
                     return Err(self.alerts_missing_or_conflict(scope, rule_id).await);
                 }
@@ -383,7 +383,7 @@ macro_rules! impl_alert_store {
                 if let Some(version) = expected_version {
                     query.push(" AND version = ").push_bind(version);
                 }
-                let updated = query.build().execute(&self.pool).await?.rows_affected();
+                let updated = query.build().execute(&self.connections).await?.rows_affected();
                 if updated == 0 {
                     return Err(self.alerts_missing_or_conflict(scope, rule_id).await);
                 }
@@ -397,7 +397,7 @@ macro_rules! impl_alert_store {
                     " AND disabled = FALSE AND condition_type IN \
                      ('EXECUTION_FAILED', 'FAILURES_IN_WINDOW')",
                 );
-                Ok(query.build_query_as::<AlertRule>().fetch_all(&self.pool).await?)
+                Ok(query.build_query_as::<AlertRule>().fetch_all(&self.connections).await?)
             }
 
             async fn claim_due_alert_rules(
@@ -419,7 +419,7 @@ macro_rules! impl_alert_store {
                 .bind(now)
                 .bind(next)
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await?;
                 Ok(claimed.into_iter().map(|(id,)| id).collect())
             }
@@ -439,7 +439,7 @@ macro_rules! impl_alert_store {
                     .bind(rule_id)
                     .bind(summary)
                     .bind(current_time())
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.connections)
                     .await?)
             }
 
@@ -455,7 +455,7 @@ macro_rules! impl_alert_store {
                 Ok(sqlx::query_as::<$db, AlertIncident>(statement)
                     .bind(rule_id)
                     .bind(current_time())
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.connections)
                     .await?)
             }
 
@@ -475,7 +475,7 @@ macro_rules! impl_alert_store {
                 .bind(&delivery.error)
                 .bind(delivery.duration_ms)
                 .bind(current_time())
-                .execute(&self.pool)
+                .execute(&self.connections)
                 .await?;
                 Ok(())
             }
@@ -494,7 +494,7 @@ macro_rules! impl_alert_store {
                     order: SortOrder { field: "attempted_at", descending: true },
                     page,
                 };
-                fetch_page(&self.pool, &self.totals, list, |builder| {
+                fetch_page(&self.connections, &self.totals, list, |builder| {
                     builder.push(" WHERE rule_id = ").push_bind(rule_id);
                 })
                 .await
@@ -516,7 +516,7 @@ macro_rules! impl_alert_store {
                     order: SortOrder { field: "opened_at", descending: true },
                     page,
                 };
-                fetch_page(&self.pool, &self.totals, list, |builder| {
+                fetch_page(&self.connections, &self.totals, list, |builder| {
                     builder.push(" WHERE rule_id = ").push_bind(rule_id);
                 })
                 .await
@@ -536,7 +536,7 @@ macro_rules! impl_alert_store {
                 if let Some(deployment_id) = window.deployment_id {
                     query.push(" AND deployment_id = ").push_bind(deployment_id);
                 }
-                Ok(query.build_query_scalar::<i64>().fetch_one(&self.pool).await?)
+                Ok(query.build_query_scalar::<i64>().fetch_one(&self.connections).await?)
             }
         }
     };

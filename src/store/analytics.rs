@@ -256,7 +256,7 @@ macro_rules! impl_analytics_store {
                 push_hour_range(&mut query, range);
                 push_rollup_filter(&mut query, filter);
                 query.push(" GROUP BY 1, status ORDER BY 1, status");
-                Ok(query.build_query_as::<OutcomeTally>().fetch_all(&self.pool).await?)
+                Ok(query.build_query_as::<OutcomeTally>().fetch_all(&self.connections).await?)
             }
 
             async fn durations(
@@ -269,7 +269,7 @@ macro_rules! impl_analytics_store {
                 push_hour_range(&mut query, range);
                 push_rollup_filter(&mut query, filter);
                 query.push(" GROUP BY duration_bucket ORDER BY duration_bucket");
-                Ok(query.build_query_as::<DurationTally>().fetch_all(&self.pool).await?)
+                Ok(query.build_query_as::<DurationTally>().fetch_all(&self.connections).await?)
             }
         }
 
@@ -302,7 +302,7 @@ macro_rules! impl_analytics_store {
                 );
                 owner(&mut query);
                 query.push(") AS running_executions");
-                Ok(query.build_query_as::<ResourceCounts>().fetch_one(&self.pool).await?)
+                Ok(query.build_query_as::<ResourceCounts>().fetch_one(&self.connections).await?)
             }
 
             async fn execution_outcomes(
@@ -363,7 +363,7 @@ macro_rules! impl_analytics_store {
                     }
                 }
                 query.push(" LIMIT ").push_bind(i64::from(limit));
-                Ok(query.build_query_as::<WorkflowTally>().fetch_all(&self.pool).await?)
+                Ok(query.build_query_as::<WorkflowTally>().fetch_all(&self.connections).await?)
             }
 
             async fn step_outcomes(
@@ -410,7 +410,7 @@ macro_rules! impl_analytics_store {
                 query.push(" AND subject_id = ").push_bind(subject_id);
                 query.push(" GROUP BY message ORDER BY 2 DESC, message LIMIT ");
                 query.push_bind(i64::from(limit));
-                Ok(query.build_query_as::<ErrorTally>().fetch_all(&self.pool).await?)
+                Ok(query.build_query_as::<ErrorTally>().fetch_all(&self.connections).await?)
             }
 
             async fn usage(
@@ -433,7 +433,7 @@ macro_rules! impl_analytics_store {
                     query.push(" AND user_id = ").push_bind(owner_id);
                 }
                 query.push(" GROUP BY user_id, day_start ORDER BY day_start, user_id");
-                Ok(query.build_query_as::<UsageTally>().fetch_all(&self.pool).await?)
+                Ok(query.build_query_as::<UsageTally>().fetch_all(&self.connections).await?)
             }
 
             async fn add_api_calls(&self, counts: &[ApiCallCount]) -> StoreResult<()> {
@@ -443,7 +443,7 @@ macro_rules! impl_analytics_store {
                 // One order for every writer, so two replicas' flushes cannot deadlock.
                 let mut sorted = counts.to_vec();
                 sorted.sort_by_key(|count| (count.user_id, count.day_start));
-                let mut transaction = self.pool.begin().await?;
+                let mut transaction = self.connections.begin("BEGIN").await?;
                 for count in &sorted {
                     sqlx::query::<$db>(
                         "INSERT INTO usage_rollups (user_id, day_start, api_calls) \
@@ -470,7 +470,7 @@ macro_rules! impl_analytics_store {
                     query.push(" AND e.owner_id = ").push_bind(owner_id);
                 }
                 query.push(" GROUP BY e.priority ORDER BY e.priority DESC");
-                Ok(query.build_query_as::<QueueDepthTally>().fetch_all(&self.pool).await?)
+                Ok(query.build_query_as::<QueueDepthTally>().fetch_all(&self.connections).await?)
             }
         }
     };

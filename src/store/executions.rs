@@ -1312,7 +1312,7 @@ macro_rules! impl_executions_store {
             /// Inserts a QUEUED execution and its PENDING step runs (attempt 1, with their attempt
             /// rows) in `transaction`, created at `now`; see `create_execution`.
             async fn insert_execution(
-                transaction: &mut sqlx::Transaction<'static, $db>,
+                transaction: &mut crate::store::connections::Transaction<$db>,
                 new_execution: NewExecution,
                 step_runs: Vec<NewStepRun>,
                 now: DateTime<Utc>,
@@ -1686,7 +1686,7 @@ macro_rules! impl_executions_store {
             /// False (nothing written) when the step run is not at that attempt or does not
             /// match `condition`.
             async fn archive_attempt(
-                transaction: &mut sqlx::Transaction<'_, $db>,
+                transaction: &mut crate::store::connections::Transaction<$db>,
                 key: AttemptKey,
                 condition: &str,
                 lease_lost_at: Option<DateTime<Utc>>,
@@ -1730,7 +1730,7 @@ macro_rules! impl_executions_store {
                     "SELECT status, attempt FROM step_runs WHERE id = $1",
                 )
                 .bind(step_run_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?;
                 Ok(position)
             }
@@ -1747,7 +1747,7 @@ macro_rules! impl_executions_store {
                 )
                 .bind(execution_id)
                 .bind(scope.owner_id())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?;
                 Ok(found.is_some())
             }
@@ -1783,7 +1783,7 @@ macro_rules! impl_executions_store {
                 ))
                 .bind(execution_id)
                 .bind(scope.owner_id())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?;
                 execution.ok_or(StoreError::NotFound)
             }
@@ -1852,7 +1852,7 @@ macro_rules! impl_executions_store {
                     order: SortOrder { field: "created_at", descending: true },
                     page,
                 };
-                fetch_page(&self.pool, &self.totals, list, |builder| {
+                fetch_page(&self.connections, &self.totals, list, |builder| {
                     <$store>::push_execution_filter(builder, &filter)
                 })
                 .await
@@ -1882,7 +1882,7 @@ macro_rules! impl_executions_store {
                 // One row more than asked tells whether another page exists.
                 list_query.push_bind(limit + 1);
                 let mut items =
-                    list_query.build_query_as::<Execution>().fetch_all(&self.pool).await?;
+                    list_query.build_query_as::<Execution>().fetch_all(&self.connections).await?;
                 let has_more = i64::try_from(items.len()).unwrap_or(i64::MAX) > limit;
                 if has_more {
                     items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
@@ -1911,7 +1911,7 @@ macro_rules! impl_executions_store {
                 .bind(execution_id)
                 .bind(scope.owner_id())
                 .bind(expected_version)
-                .execute(&self.pool)
+                .execute(&self.connections)
                 .await?;
                 if deleted.rows_affected() == 1 {
                     self.totals.changed(Listed::Executions);
@@ -1923,7 +1923,7 @@ macro_rules! impl_executions_store {
                 )
                 .bind(execution_id)
                 .bind(scope.owner_id())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?;
                 match current_version {
                     None => Err(StoreError::NotFound),
@@ -1942,7 +1942,7 @@ macro_rules! impl_executions_store {
                     return Ok(false);
                 }
                 let mut update = <$store>::execution_transition(execution_id, from, change);
-                let updated = update.build().execute(&self.pool).await?;
+                let updated = update.build().execute(&self.connections).await?;
                 if updated.rows_affected() == 1 {
                     self.totals.changed(Listed::Executions);
                     return Ok(true);
@@ -1950,7 +1950,7 @@ macro_rules! impl_executions_store {
                 let exists: Option<Uuid> =
                     sqlx::query_scalar::<$db, Uuid>("SELECT id FROM executions WHERE id = $1")
                         .bind(execution_id)
-                        .fetch_optional(&self.pool)
+                        .fetch_optional(&self.connections)
                         .await?;
                 match exists {
                     None => Err(StoreError::NotFound),
@@ -1973,7 +1973,7 @@ macro_rules! impl_executions_store {
                 .bind(stored_time(at))
                 .bind(execution_id)
                 .bind(scope.owner_id())
-                .execute(&self.pool)
+                .execute(&self.connections)
                 .await?;
                 if updated.rows_affected() == 1 {
                     return Ok(CancelRequestOutcome::Recorded);
@@ -1984,7 +1984,7 @@ macro_rules! impl_executions_store {
                 )
                 .bind(execution_id)
                 .bind(scope.owner_id())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?;
                 let Some(state) = state else { return Err(StoreError::NotFound) };
                 if state.status.is_finished() {
@@ -2009,7 +2009,7 @@ macro_rules! impl_executions_store {
                 ))
                 .bind(stored_time(now))
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await?;
                 Ok(executions)
             }
@@ -2028,7 +2028,7 @@ macro_rules! impl_executions_store {
                 &self,
                 queued: &[(AttemptKey, Option<Value>, DateTime<Utc>)],
             ) -> StoreResult<Vec<StepRun>> {
-                self.mark_steps_queued_on(self.connection_pool(), queued).await
+                self.mark_steps_queued_on(self.connections(), queued).await
             }
 
             async fn assign_step(
@@ -2046,7 +2046,7 @@ macro_rules! impl_executions_store {
             ) -> StoreResult<Vec<StepRun>> {
                 // v: id, attempt, runner, lease, assigned at.
                 self.transition_step_runs(
-                    self.connection_pool(),
+                    self.connections(),
                     assignments,
                     "status = 'ASSIGNED', runner_id = v.column3, lease_expires_at = v.column4, \
                      assigned_at = v.column5, updated_at = v.column5, version = version + 1",
@@ -2070,7 +2070,7 @@ macro_rules! impl_executions_store {
                 &self,
                 handed: &[(AttemptKey, Option<Value>, StepAssignment)],
             ) -> StoreResult<Vec<StepRun>> {
-                self.queue_and_assign_steps_on(self.connection_pool(), handed).await
+                self.queue_and_assign_steps_on(self.connections(), handed).await
             }
 
             async fn mark_step_running(
@@ -2088,7 +2088,7 @@ macro_rules! impl_executions_store {
             ) -> StoreResult<Vec<StepRun>> {
                 // v: id, attempt, started at.
                 self.transition_step_runs(
-                    self.connection_pool(),
+                    self.connections(),
                     started,
                     "status = 'RUNNING', started_at = v.column3, updated_at = v.column3, \
                      version = version + 1",
@@ -2183,8 +2183,9 @@ macro_rules! impl_executions_store {
                     .collect();
                 if logs.is_empty() {
                     // One statement, atomic by itself: no transaction around it.
-                    let mut connection = self.connection_pool().acquire().await?;
-                    let step_runs = self.complete_steps_on(&mut connection, completions).await?;
+                    let mut connection = self.connections().acquire().await?;
+                    let step_runs = self.complete_steps_on(&mut connection, completions).await;
+                    let step_runs = connection.kept_if_ok(step_runs)?;
                     return Ok(CompletedSteps {
                         step_runs,
                         logs: Vec::new(),
@@ -2342,7 +2343,7 @@ macro_rules! impl_executions_store {
                 )
                 .bind(execution_id)
                 .bind(at)
-                .fetch_all(self.connection_pool())
+                .fetch_all(self.connections())
                 .await?;
                 let in_flight = cancelled
                     .into_iter()
@@ -2388,7 +2389,7 @@ macro_rules! impl_executions_store {
                     "$1"
                 ))
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await?;
                 let retries = sqlx::query_as::<$db, ReadyStepRun>(ready_of_one_kind!(
                     "s.status = 'PENDING' AND s.next_attempt_at IS NOT NULL \
@@ -2398,7 +2399,7 @@ macro_rules! impl_executions_store {
                 ))
                 .bind(stored_time(now))
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await?;
                 ready.extend(retries);
                 ready.sort_by(|a, b| {
@@ -2427,7 +2428,7 @@ macro_rules! impl_executions_store {
                 ))
                 .bind(stored_time(now))
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await?;
                 Ok(expired)
             }
@@ -2439,7 +2440,7 @@ macro_rules! impl_executions_store {
                     " FROM step_runs WHERE execution_id = $1 ORDER BY id"
                 ))
                 .bind(execution_id)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await?;
                 Ok(step_runs)
             }
@@ -2463,7 +2464,7 @@ macro_rules! impl_executions_store {
                     keys.push_bind(step_key.to_string());
                 }
                 select.push(")");
-                let step_runs = select.build_query_as::<StepRun>().fetch_all(&self.pool).await?;
+                let step_runs = select.build_query_as::<StepRun>().fetch_all(&self.connections).await?;
                 Ok(step_runs)
             }
 
@@ -2474,7 +2475,7 @@ macro_rules! impl_executions_store {
                     " FROM step_runs WHERE id = $1"
                 ))
                 .bind(step_run_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?;
                 step_run.ok_or(StoreError::NotFound)
             }
@@ -2491,7 +2492,7 @@ macro_rules! impl_executions_store {
                 )
                 .bind(step_run_id)
                 .bind(scope.owner_id())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?;
                 if visible.is_none() {
                     return Err(StoreError::NotFound);
@@ -2504,7 +2505,7 @@ macro_rules! impl_executions_store {
                     " FROM step_runs WHERE id = $1 ORDER BY attempt"
                 ))
                 .bind(step_run_id)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await?;
                 Ok(attempts)
             }
@@ -2519,8 +2520,9 @@ macro_rules! impl_executions_store {
                 // One chunk is one statement, atomic by itself: no transaction around it (two
                 // round trips fewer for the usual batch of a few lines).
                 if logs.len() <= INSERT_BATCH_ROWS {
-                    let mut connection = self.connection_pool().acquire().await?;
-                    return self.insert_execution_logs(&mut connection, &logs).await;
+                    let mut connection = self.connections().acquire().await?;
+                    let written = self.insert_execution_logs(&mut connection, &logs).await;
+                    return connection.kept_if_ok(written);
                 }
                 let mut transaction = self.begin_write_transaction().await?;
                 let written = self.insert_execution_logs(&mut transaction, &logs).await?;
@@ -2562,7 +2564,7 @@ macro_rules! impl_executions_store {
                 }
                 query.push(" ORDER BY id LIMIT ");
                 query.push_bind(limit + 1);
-                let mut items = query.build_query_as::<ExecutionLog>().fetch_all(&self.pool).await?;
+                let mut items = query.build_query_as::<ExecutionLog>().fetch_all(&self.connections).await?;
                 let has_more = i64::try_from(items.len()).unwrap_or(i64::MAX) > limit;
                 if has_more {
                     items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
@@ -2578,7 +2580,7 @@ macro_rules! impl_executions_store {
                 let latest: Option<i64> =
                     sqlx::query_scalar("SELECT max(id) FROM execution_logs WHERE execution_id = $1")
                         .bind(execution_id)
-                        .fetch_one(&self.pool)
+                        .fetch_one(&self.connections)
                         .await?;
                 Ok(latest)
             }
@@ -2595,7 +2597,7 @@ macro_rules! impl_executions_store {
                 <$store>::push_execution_stats_range(&mut status_query, scope, from, to);
                 status_query.push(" GROUP BY e.status");
                 let status_rows =
-                    status_query.build_query_as::<StatusCountRow>().fetch_all(&self.pool).await?;
+                    status_query.build_query_as::<StatusCountRow>().fetch_all(&self.connections).await?;
                 let mut status_counts = ExecutionStatusCounts::default();
                 for row in status_rows {
                     status_counts.add(row.status, row.count);
@@ -2614,7 +2616,7 @@ macro_rules! impl_executions_store {
                 );
                 let workflow_durations = duration_query
                     .build_query_as::<WorkflowDurationStats>()
-                    .fetch_all(&self.pool)
+                    .fetch_all(&self.connections)
                     .await?;
 
                 let mut agent_query = sqlx::QueryBuilder::<$db>::new(
@@ -2628,7 +2630,7 @@ macro_rules! impl_executions_store {
                     " AND s.agent_id IS NOT NULL GROUP BY s.agent_id ORDER BY s.agent_id",
                 );
                 let agent_rows =
-                    agent_query.build_query_as::<AgentStepCountRow>().fetch_all(&self.pool).await?;
+                    agent_query.build_query_as::<AgentStepCountRow>().fetch_all(&self.connections).await?;
                 let agent_steps = agent_rows
                     .into_iter()
                     .map(|row| {

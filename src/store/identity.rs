@@ -1033,7 +1033,7 @@ macro_rules! impl_identity_store {
                     " FROM users WHERE id = $1 AND deleted_at IS NULL"
                 ))
                 .bind(user_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?
                 .ok_or(StoreError::NotFound)
             }
@@ -1045,7 +1045,7 @@ macro_rules! impl_identity_store {
                     " FROM users WHERE email = $1 AND deleted_at IS NULL"
                 ))
                 .bind(email.to_lowercase())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?
                 .ok_or(StoreError::NotFound)
             }
@@ -1063,7 +1063,7 @@ macro_rules! impl_identity_store {
                 ))
                 .bind(issuer.to_owned())
                 .bind(subject.to_owned())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?
                 .ok_or(StoreError::NotFound)
             }
@@ -1072,7 +1072,7 @@ macro_rules! impl_identity_store {
                 let count = sqlx::query_scalar::<$db, i64>(
                     "SELECT COUNT(*) FROM users WHERE deleted_at IS NULL",
                 )
-                .fetch_one(&self.pool)
+                .fetch_one(&self.connections)
                 .await?;
                 Ok(count)
             }
@@ -1103,7 +1103,7 @@ macro_rules! impl_identity_store {
                 builder.push(" AND version = ");
                 builder.push_bind(expected_version);
                 builder.push(concat!(" AND deleted_at IS NULL RETURNING ", user_columns!()));
-                let mut connection = self.pool.acquire().await?;
+                let mut connection = self.connections.acquire().await?;
                 let updated =
                     builder.build_query_as::<User>().fetch_optional(&mut *connection).await?;
                 match updated {
@@ -1133,7 +1133,7 @@ macro_rules! impl_identity_store {
                     builder.push_bind(expected_version);
                 }
                 builder.push(concat!(" AND deleted_at IS NULL RETURNING ", user_columns!()));
-                let mut connection = self.pool.acquire().await?;
+                let mut connection = self.connections.acquire().await?;
                 let updated =
                     builder.build_query_as::<User>().fetch_optional(&mut *connection).await?;
                 match updated {
@@ -1158,7 +1158,7 @@ macro_rules! impl_identity_store {
                 .bind(password_hash)
                 .bind(Utc::now())
                 .bind(user_id)
-                .execute(&self.pool)
+                .execute(&self.connections)
                 .await?;
                 if result.rows_affected() == 0 {
                     return Err(StoreError::NotFound);
@@ -1172,7 +1172,7 @@ macro_rules! impl_identity_store {
                 )
                 .bind(at)
                 .bind(user_id)
-                .execute(&self.pool)
+                .execute(&self.connections)
                 .await?;
                 if result.rows_affected() == 0 {
                     return Err(StoreError::NotFound);
@@ -1192,7 +1192,7 @@ macro_rules! impl_identity_store {
                     order: sql_order(filter.sort),
                     page: filter.page,
                 };
-                fetch_page(&self.pool, &self.totals, list, |builder| {
+                fetch_page(&self.connections, &self.totals, list, |builder| {
                     <$store>::push_user_filter(builder, &filter)
                 })
                 .await
@@ -1278,7 +1278,7 @@ macro_rules! impl_identity_store {
                     " FROM sessions WHERE id = $1"
                 ))
                 .bind(session_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?
                 .ok_or(StoreError::NotFound)
             }
@@ -1289,7 +1289,7 @@ macro_rules! impl_identity_store {
                 reason: SessionRevokeReason,
                 at: DateTime<Utc>,
             ) -> StoreResult<bool> {
-                let mut connection = self.pool.acquire().await?;
+                let mut connection = self.connections.acquire().await?;
                 let revoked =
                     <$store>::revoke_session_on(&mut connection, session_id, reason, at).await?;
                 if revoked {
@@ -1313,7 +1313,7 @@ macro_rules! impl_identity_store {
                 reason: SessionRevokeReason,
                 at: DateTime<Utc>,
             ) -> StoreResult<Vec<Uuid>> {
-                let mut connection = self.pool.acquire().await?;
+                let mut connection = self.connections.acquire().await?;
                 let revoked =
                     <$store>::revoke_user_sessions_on(&mut connection, user_id, reason, at)
                         .await?;
@@ -1329,7 +1329,7 @@ macro_rules! impl_identity_store {
                      WHERE revoked_at IS NOT NULL AND revoked_at >= $1 ORDER BY revoked_at, id",
                 )
                 .bind(since)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await?;
                 Ok(revoked)
             }
@@ -1440,7 +1440,7 @@ macro_rules! impl_identity_store {
                      (SELECT session_id FROM refresh_tokens WHERE token_hash = $1)"
                 ))
                 .bind(token_hash.to_owned())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?
                 .ok_or(StoreError::NotFound)
             }
@@ -1459,7 +1459,7 @@ macro_rules! impl_identity_store {
                 .bind(Utc::now())
                 .bind(new_token.expires_at)
                 .bind(new_token.user_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?
                 .ok_or(StoreError::NotFound)
             }
@@ -1552,7 +1552,7 @@ macro_rules! impl_identity_store {
                 .bind(new_key.expires_at)
                 .bind(now)
                 .bind(new_key.user_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await
                 .map_err(|error| name_api_key_conflict(error.into()))?
                 .ok_or(StoreError::NotFound)
@@ -1583,7 +1583,7 @@ macro_rules! impl_identity_store {
                     order: SortOrder { field: "created_at", descending: true },
                     page: filter.page,
                 };
-                fetch_page(&self.pool, &self.totals, list, push_filter).await
+                fetch_page(&self.connections, &self.totals, list, push_filter).await
             }
 
             async fn get_api_key_by_hash(&self, key_hash: &str) -> StoreResult<ApiKeyWithOwner> {
@@ -1593,7 +1593,7 @@ macro_rules! impl_identity_store {
                      AND users.deleted_at IS NULL"
                 ))
                 .bind(key_hash.to_owned())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?;
                 row.map(ApiKeyWithOwner::from).ok_or(StoreError::NotFound)
             }
@@ -1608,7 +1608,7 @@ macro_rules! impl_identity_store {
                      AND users.deleted_at IS NULL"
                 ))
                 .bind(api_key_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?;
                 row.map(ApiKeyWithOwner::from).ok_or(StoreError::NotFound)
             }
@@ -1634,7 +1634,7 @@ macro_rules! impl_identity_store {
                 builder.push(concat!(" RETURNING ", api_key_columns!()));
                 builder
                     .build_query_as::<ApiKey>()
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.connections)
                     .await?
                     .ok_or(StoreError::NotFound)
             }
@@ -1648,7 +1648,7 @@ macro_rules! impl_identity_store {
                     sqlx::query::<$db>("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
                         .bind(at)
                         .bind(api_key_id)
-                        .execute(&self.pool)
+                        .execute(&self.connections)
                         .await?;
                 if result.rows_affected() == 0 {
                     return Err(StoreError::NotFound);
@@ -1685,7 +1685,7 @@ macro_rules! impl_identity_store {
                     .column(entries.iter().map(|_| created_at))
                     .push_rows(&mut builder);
                 builder.push(concat!(" RETURNING ", audit_log_columns!()));
-                Ok(builder.build_query_as::<AuditLog>().fetch_all(&self.pool).await?)
+                Ok(builder.build_query_as::<AuditLog>().fetch_all(&self.connections).await?)
             }
 
             async fn list_audit_logs(
@@ -1702,7 +1702,7 @@ macro_rules! impl_identity_store {
                 // One row more than the page tells whether another page follows.
                 builder.push(" ORDER BY created_at DESC, id DESC LIMIT ");
                 builder.push_bind(i64::from(limit) + 1);
-                let mut items = builder.build_query_as::<AuditLog>().fetch_all(&self.pool).await?;
+                let mut items = builder.build_query_as::<AuditLog>().fetch_all(&self.connections).await?;
                 let has_more = items.len() > limit as usize;
                 items.truncate(limit as usize);
                 let next_cursor = match items.last() {

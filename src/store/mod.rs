@@ -6,6 +6,9 @@
 //! transitions, the audit trail's rows) into one statement; it also uses tokio. `batch` binds
 //! the rows of such a statement, differently on each backend, so that it takes a few texts
 //! (not one per number of rows) and each connection prepares it once per text.
+//! `connections` is what every statement runs on: the pool's connections, kept out of it
+//! between clean uses so that the pool does not ping each one it takes back; it also uses
+//! tokio.
 //!
 //! Each area (`identity`, `resources`, `executions`, `analytics`, `alerts`) owns its model types, its
 //! sub-trait and one `macro_rules!` body that is instantiated for both backends, so the two
@@ -117,6 +120,7 @@ macro_rules! text_enum {
 mod alerts;
 mod analytics;
 mod batch;
+pub mod connections;
 mod executions;
 pub mod group_commit;
 mod identity;
@@ -129,13 +133,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::{Migrate, MigrateError, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 pub use alerts::*;
 pub use analytics::*;
+use connections::Connections;
 pub use executions::*;
 pub use identity::*;
 pub use resources::*;
@@ -544,15 +547,20 @@ pub struct PoolConnections {
 /// PostgreSQL: the source of truth in `serve` mode.
 #[derive(Clone)]
 pub struct PostgresStore {
-    pool: PgPool,
+    /// Every statement runs on these (see `connections`).
+    connections: Connections<sqlx::Postgres>,
     /// The database's kept list totals (see `totals`).
     totals: Arc<ListTotals>,
 }
 
+/// The connections of a SQLite store's pool.
+const SQLITE_CONNECTIONS: u32 = 8;
+
 /// SQLite in WAL mode: the embedded default of `turbocat dev`.
 #[derive(Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    /// Every statement runs on these (see `connections`).
+    connections: Connections<sqlx::Sqlite>,
     /// The database's kept list totals (see `totals`).
     totals: Arc<ListTotals>,
 }
@@ -587,7 +595,8 @@ impl PostgresStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        Ok(Self { pool, totals })
+        let connections = Connections::new(pool, max_connections as usize);
+        Ok(Self { connections, totals })
     }
 
     /// Applies the embedded migrations the database lacks, accepting newer ones (reported).
@@ -600,18 +609,24 @@ impl PostgresStore {
         &self,
         newer: NewerMigrations,
     ) -> Result<MigrationReport, MigrationError> {
-        let mut connection = self.pool.acquire().await?;
+        let mut connection = self.connections.acquire().await?;
         apply_migrations(&POSTGRES_MIGRATOR, &mut *connection, newer).await
     }
 
     /// Reverts the newest `count` applied migrations with their down scripts, newest first.
     pub async fn revert(&self, count: usize) -> Result<Vec<MigrationEntry>, MigrationError> {
-        let mut connection = self.pool.acquire().await?;
+        let mut connection = self.connections.acquire().await?;
         revert_migrations(&POSTGRES_MIGRATOR, &mut *connection, count).await
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    /// The connections the store's statements run on (an executor, as a pool is).
+    pub fn connections(&self) -> &Connections<sqlx::Postgres> {
+        &self.connections
+    }
+
+    /// Closes the store's connections.
+    pub async fn close(&self) {
+        self.connections.close().await;
     }
 }
 
@@ -630,11 +645,12 @@ impl SqliteStore {
             std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()).display()
         ));
         let pool = SqlitePoolOptions::new()
-            .max_connections(8)
+            .max_connections(SQLITE_CONNECTIONS)
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        Ok(Self { pool, totals })
+        let connections = Connections::new(pool, SQLITE_CONNECTIONS as usize);
+        Ok(Self { connections, totals })
     }
 
     /// Applies the embedded migrations the database lacks, accepting newer ones (reported).
@@ -647,18 +663,24 @@ impl SqliteStore {
         &self,
         newer: NewerMigrations,
     ) -> Result<MigrationReport, MigrationError> {
-        let mut connection = self.pool.acquire().await?;
+        let mut connection = self.connections.acquire().await?;
         apply_migrations(&SQLITE_MIGRATOR, &mut *connection, newer).await
     }
 
     /// Reverts the newest `count` applied migrations with their down scripts, newest first.
     pub async fn revert(&self, count: usize) -> Result<Vec<MigrationEntry>, MigrationError> {
-        let mut connection = self.pool.acquire().await?;
+        let mut connection = self.connections.acquire().await?;
         revert_migrations(&SQLITE_MIGRATOR, &mut *connection, count).await
     }
 
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+    /// The connections the store's statements run on (an executor, as a pool is).
+    pub fn connections(&self) -> &Connections<sqlx::Sqlite> {
+        &self.connections
+    }
+
+    /// Closes the store's connections.
+    pub async fn close(&self) {
+        self.connections.close().await;
     }
 }
 
@@ -669,15 +691,12 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.connections).await?;
         Ok(())
     }
 
     fn pool_connections(&self) -> PoolConnections {
-        PoolConnections {
-            open: self.pool.size(),
-            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
-        }
+        self.connections.counts()
     }
 }
 
@@ -688,15 +707,12 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.connections).await?;
         Ok(())
     }
 
     fn pool_connections(&self) -> PoolConnections {
-        PoolConnections {
-            open: self.pool.size(),
-            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
-        }
+        self.connections.counts()
     }
 }
 
@@ -734,7 +750,7 @@ pub(crate) fn like_pattern(search: &str) -> String {
 /// `macro_rules!` body is written once and calls these as `<$store as Dialect>::…` (or as
 /// methods) where the backends cannot share a statement; no other code branches on the backend.
 /// A transaction that owns its pooled connection.
-type Transaction<Database> = sqlx::Transaction<'static, Database>;
+type Transaction<Database> = connections::Transaction<Database>;
 
 pub(crate) trait Dialect {
     type Database: sqlx::Database;
@@ -762,8 +778,8 @@ pub(crate) trait Dialect {
     /// The wall-clock seconds from `started_at` to `finished_at` of an execution row.
     const EXECUTION_DURATION_SECONDS: &'static str;
 
-    /// The pool every statement of the store runs on.
-    fn connection_pool(&self) -> &sqlx::Pool<Self::Database>;
+    /// The connections every statement of the store runs on.
+    fn connections(&self) -> &Connections<Self::Database>;
 
     /// ` AND <the row's tags contain tag>`.
     fn push_tag_filter(builder: &mut sqlx::QueryBuilder<Self::Database>, tag: &str);
@@ -780,14 +796,14 @@ pub(crate) trait Dialect {
     fn begin_write_transaction(
         &self,
     ) -> impl Future<Output = Result<Transaction<Self::Database>, sqlx::Error>> + Send {
-        self.connection_pool().begin_with(Self::BEGIN_WRITE_TRANSACTION)
+        self.connections().begin(Self::BEGIN_WRITE_TRANSACTION)
     }
 
     /// A transaction begun with `BEGIN_SNAPSHOT_READ`.
     fn begin_snapshot_read(
         &self,
     ) -> impl Future<Output = Result<Transaction<Self::Database>, sqlx::Error>> + Send {
-        self.connection_pool().begin_with(Self::BEGIN_SNAPSHOT_READ)
+        self.connections().begin(Self::BEGIN_SNAPSHOT_READ)
     }
 }
 
@@ -813,8 +829,8 @@ impl Dialect for PostgresStore {
     const EXECUTION_DURATION_SECONDS: &'static str =
         "EXTRACT(EPOCH FROM (finished_at - started_at))::DOUBLE PRECISION";
 
-    fn connection_pool(&self) -> &PgPool {
-        &self.pool
+    fn connections(&self) -> &Connections<sqlx::Postgres> {
+        &self.connections
     }
 
     fn push_tag_filter(builder: &mut sqlx::QueryBuilder<sqlx::Postgres>, tag: &str) {
@@ -858,8 +874,8 @@ impl Dialect for SqliteStore {
     const EXECUTION_DURATION_SECONDS: &'static str =
         "((julianday(finished_at) - julianday(started_at)) * 86400.0)";
 
-    fn connection_pool(&self) -> &SqlitePool {
-        &self.pool
+    fn connections(&self) -> &Connections<sqlx::Sqlite> {
+        &self.connections
     }
 
     fn push_tag_filter(builder: &mut sqlx::QueryBuilder<sqlx::Sqlite>, tag: &str) {
@@ -912,7 +928,7 @@ pub(crate) struct PagedList {
 /// counted (and kept). `push_conditions` appends the visibility check (see
 /// `push_visible_rows`) and the filters to both statements.
 pub(crate) async fn fetch_page<Database, Row>(
-    pool: &sqlx::Pool<Database>,
+    connections: &Connections<Database>,
     totals: &ListTotals,
     list: PagedList,
     push_conditions: impl Fn(&mut sqlx::QueryBuilder<Database>),
@@ -934,7 +950,7 @@ where
     let (limit, offset) = (list.page.limit(), list.page.offset());
     rows_query.push(" LIMIT ").push_bind(limit);
     rows_query.push(" OFFSET ").push_bind(offset);
-    let items = rows_query.build_query_as::<Row>().fetch_all(pool).await?;
+    let items = rows_query.build_query_as::<Row>().fetch_all(connections).await?;
 
     let shown = i64::try_from(items.len()).unwrap_or(i64::MAX);
     // A page that is not full is the list's last: its rows say the total (an empty one only
@@ -958,7 +974,7 @@ where
         None => {
             let mut count_query = sqlx::QueryBuilder::<Database>::new(list.count_statement);
             push_conditions(&mut count_query);
-            let total: i64 = count_query.build_query_scalar().fetch_one(pool).await?;
+            let total: i64 = count_query.build_query_scalar().fetch_one(connections).await?;
             if let (Some(key), Some(generation)) = (list.counted, generation) {
                 totals.keep(key, generation, total);
             }

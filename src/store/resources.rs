@@ -1654,7 +1654,7 @@ macro_rules! impl_resource_store {
                 ))
                 .bind(agent_id)
                 .bind(scope.owner_id())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?
                 .ok_or(StoreError::NotFound)
             }
@@ -1744,7 +1744,7 @@ macro_rules! impl_resource_store {
                 .bind(scope.owner_id())
                 .bind(status)
                 .bind(current_time())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?
                 .ok_or(StoreError::NotFound)?;
                 self.totals.changed(Listed::Agents);
@@ -1819,7 +1819,7 @@ macro_rules! impl_resource_store {
                     order: sql_order(filter.sort),
                     page: filter.page,
                 };
-                fetch_page(&self.pool, &self.totals, list, |builder| {
+                fetch_page(&self.connections, &self.totals, list, |builder| {
                     push_conditions(builder, &filter)
                 })
                 .await
@@ -1835,7 +1835,7 @@ macro_rules! impl_resource_store {
                     sqlx::query_scalar::<$db, i64>(live_version_statement!("agents"))
                         .bind(agent_id)
                         .bind(scope.owner_id())
-                        .fetch_optional(&self.pool)
+                        .fetch_optional(&self.connections)
                         .await?;
                 if visible.is_none() {
                     return Err(StoreError::NotFound);
@@ -1844,7 +1844,7 @@ macro_rules! impl_resource_store {
                     "SELECT COUNT(*) FROM agent_versions WHERE agent_id = $1",
                 )
                 .bind(agent_id)
-                .fetch_one(&self.pool)
+                .fetch_one(&self.connections)
                 .await?;
                 let items = sqlx::query_as::<$db, AgentVersion>(concat!(
                     "SELECT ",
@@ -1855,7 +1855,7 @@ macro_rules! impl_resource_store {
                 .bind(agent_id)
                 .bind(page.limit())
                 .bind(page.offset())
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await?;
                 Ok(Page { items, total })
             }
@@ -1891,7 +1891,7 @@ macro_rules! impl_resource_store {
                      ORDER BY workflows.name, workflows.id",
                 )
                 .bind(agent_id)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await?;
                 Ok(workflows)
             }
@@ -1941,8 +1941,9 @@ macro_rules! impl_resource_store {
                 scope: OwnerScope,
                 workflow_id: Uuid,
             ) -> StoreResult<WorkflowWithSteps> {
-                let mut connection = self.pool.acquire().await?;
-                Self::resources_load_workflow(&mut connection, scope, workflow_id).await
+                let mut connection = self.connections.acquire().await?;
+                let workflow = Self::resources_load_workflow(&mut connection, scope, workflow_id).await;
+                connection.kept_if_ok(workflow)
             }
 
             async fn update_workflow(
@@ -2010,7 +2011,7 @@ macro_rules! impl_resource_store {
                 workflow_id: Uuid,
                 expected_version: Option<i64>,
             ) -> StoreResult<()> {
-                let mut connection = self.pool.acquire().await?;
+                let mut connection = self.connections.acquire().await?;
                 let deleted = Self::resources_soft_delete(
                     &mut connection,
                     (soft_delete_statement!("workflows"), live_version_statement!("workflows")),
@@ -2043,7 +2044,7 @@ macro_rules! impl_resource_store {
                     order: sql_order(filter.sort),
                     page: filter.page,
                 };
-                fetch_page(&self.pool, &self.totals, list, |builder| {
+                fetch_page(&self.connections, &self.totals, list, |builder| {
                     push_conditions(builder, &filter)
                 })
                 .await
@@ -2070,7 +2071,7 @@ macro_rules! impl_resource_store {
                 .bind(Json(new_template.body))
                 .bind(Json(new_template.parameters))
                 .bind(current_time())
-                .fetch_one(&self.pool)
+                .fetch_one(&self.connections)
                 .await?;
                 self.totals.changed(Listed::Templates);
                 Ok(template)
@@ -2089,7 +2090,7 @@ macro_rules! impl_resource_store {
                 ))
                 .bind(template_id)
                 .bind(viewer.owner_id())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.connections)
                 .await?
                 .ok_or(StoreError::NotFound)
             }
@@ -2161,7 +2162,7 @@ macro_rules! impl_resource_store {
                 template_id: Uuid,
                 expected_version: Option<i64>,
             ) -> StoreResult<()> {
-                let mut connection = self.pool.acquire().await?;
+                let mut connection = self.connections.acquire().await?;
                 let deleted = Self::resources_soft_delete(
                     &mut connection,
                     (soft_delete_statement!("templates"), live_version_statement!("templates")),
@@ -2217,7 +2218,7 @@ macro_rules! impl_resource_store {
                     order: sql_order(filter.sort),
                     page: filter.page,
                 };
-                fetch_page(&self.pool, &self.totals, list, |builder| {
+                fetch_page(&self.connections, &self.totals, list, |builder| {
                     push_conditions(builder, &filter)
                 })
                 .await
@@ -2349,8 +2350,10 @@ macro_rules! impl_resource_store {
                 scope: OwnerScope,
                 deployment_id: Uuid,
             ) -> StoreResult<Deployment> {
-                let mut connection = self.pool.acquire().await?;
-                Self::resources_load_deployment(&mut connection, scope, deployment_id).await
+                let mut connection = self.connections.acquire().await?;
+                let deployment =
+                    Self::resources_load_deployment(&mut connection, scope, deployment_id).await;
+                connection.kept_if_ok(deployment)
             }
 
             async fn get_deployment_unscoped(&self, deployment_id: Uuid) -> StoreResult<Deployment> {
@@ -2435,7 +2438,7 @@ macro_rules! impl_resource_store {
                 deployment_id: Uuid,
                 expected_version: Option<i64>,
             ) -> StoreResult<()> {
-                let mut connection = self.pool.acquire().await?;
+                let mut connection = self.connections.acquire().await?;
                 let deleted = Self::resources_soft_delete(
                     &mut connection,
                     (soft_delete_statement!("deployments"), live_version_statement!("deployments")),
@@ -2495,7 +2498,7 @@ macro_rules! impl_resource_store {
                     page: filter.page,
                 };
                 let rows: Page<DeploymentRow> =
-                    fetch_page(&self.pool, &self.totals, list, |builder| {
+                    fetch_page(&self.connections, &self.totals, list, |builder| {
                         push_conditions(builder, &filter)
                     })
                     .await?;
@@ -2573,7 +2576,7 @@ macro_rules! impl_resource_store {
                     sqlx::query_scalar::<$db, i64>(live_version_statement!("deployments"))
                         .bind(deployment_id)
                         .bind(scope.owner_id())
-                        .fetch_optional(&self.pool)
+                        .fetch_optional(&self.connections)
                         .await?;
                 if visible.is_none() {
                     return Err(StoreError::NotFound);
@@ -2582,7 +2585,7 @@ macro_rules! impl_resource_store {
                     "SELECT COUNT(*) FROM deployment_events WHERE deployment_id = $1",
                 )
                 .bind(deployment_id)
-                .fetch_one(&self.pool)
+                .fetch_one(&self.connections)
                 .await?;
                 let items = sqlx::query_as::<$db, DeploymentEvent>(concat!(
                     "SELECT ",
@@ -2593,7 +2596,7 @@ macro_rules! impl_resource_store {
                 .bind(deployment_id)
                 .bind(page.limit())
                 .bind(page.offset())
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await?;
                 Ok(Page { items, total })
             }
@@ -2612,7 +2615,7 @@ macro_rules! impl_resource_store {
                 ))
                 .bind(now)
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await?;
                 deployments_from_rows(rows)
             }
@@ -2631,7 +2634,7 @@ macro_rules! impl_resource_store {
                 .bind(deployment_id)
                 .bind(next_run_at.map(stored_time))
                 .bind(last_triggered_at.map(stored_time))
-                .execute(&self.pool)
+                .execute(&self.connections)
                 .await?;
                 if result.rows_affected() == 0 {
                     return Err(StoreError::NotFound);

@@ -1159,7 +1159,7 @@ async fn postgres_audit_batches_share_one_prepared_statement() {
     let prepared: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'INSERT INTO audit_logs%'",
     )
-    .fetch_one(store.pool())
+    .fetch_one(store.connections())
     .await
     .expect("prepared statements");
     assert_eq!(prepared, 1, "one prepared INSERT for batches of 1 to 6 rows");

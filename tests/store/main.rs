@@ -5,6 +5,7 @@ mod support;
 
 mod alerts;
 mod analytics;
+mod connections;
 mod executions;
 mod identity;
 mod migrations;

@@ -605,7 +605,7 @@ async fn fresh_postgres_schema() -> Vec<String> {
     let store = PostgresStore::connect(&url, 2).await.expect("connect");
     store.migrate().await.expect("migrate");
     let schema = postgres_schema(&url).await;
-    store.pool().close().await;
+    store.close().await;
     schema
 }
 
