@@ -1,5 +1,6 @@
 //! `turbocat serve` (PostgreSQL, Redis) with `turbocat runner` processes: label routing,
-//! capacity, a runner killed mid-step, the server killed and restarted mid-execution.
+//! capacity, a runner killed mid-step, the server killed and restarted mid-execution (and, on
+//! `dev` with its own runner, an execution started in its creation commit).
 
 use std::time::{Duration, Instant};
 
@@ -244,6 +245,67 @@ async fn an_execution_starts_in_the_commit_that_creates_it() {
         assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
         assert_eq!(step(&execution, "b")["output"], json!({ "m": n }), "{execution}");
         assert_ne!(step(&execution, "moon")["runnerId"], start_box.as_str(), "{execution}");
+    }
+}
+
+/// `dev` (SQLite, its own runner) starts an execution in its creation commit too: its first
+/// steps come back ASSIGNED to the in-process runner, over REST and gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execution_starts_in_the_commit_that_creates_it_on_dev() {
+    let (server, _data) = crate::support::start_dev(&[]);
+    let bench = Workbench::new(Api::new(&server), "dev-start@example.com").await;
+    let identity = bench.jq("identity", ".").await;
+    // Once an execution has finished, the in-process runner is attached.
+    let warm_up =
+        bench.workflow("warm-up", json!([{ "key": "a", "agentId": identity }]), json!({})).await;
+    let warm_up = bench.execute(&warm_up, json!({ "input": {} })).await;
+    assert_eq!(bench.finished(&warm_up, LIMIT).await["status"], "SUCCEEDED");
+
+    let steps = json!([
+        { "key": "a", "agentId": identity },
+        { "key": "b", "agentId": identity, "inputMapping": { "m": "{{input.n}}" } },
+        { "key": "c", "agentId": identity, "dependsOn": ["a", "b"] },
+    ]);
+    let workflow = bench.workflow("started at creation on dev", steps, json!({})).await;
+    let (status, body) = bench
+        .api
+        .post(
+            &format!("/api/v1/workflows/{workflow}/execute"),
+            &bench.auth,
+            json!({ "input": { "n": 5 } }),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let created = &body["data"];
+    assert_eq!(created["status"], "RUNNING", "{created}");
+    let created_at = time(&created["createdAt"]);
+    assert_eq!(time(&created["startedAt"]), created_at, "{created}");
+    let local_runner = step(created, "a")["runnerId"].as_str().unwrap_or_default().to_owned();
+    assert!(!local_runner.is_empty(), "{created}");
+    for key in ["a", "b"] {
+        let first = step(created, key);
+        assert_eq!(first["status"], "ASSIGNED", "{first}");
+        assert_eq!(first["runnerId"], local_runner.as_str(), "{first}");
+        assert_eq!(time(&first["queuedAt"]), created_at, "{first}");
+    }
+    assert_eq!(step(created, "b")["input"], json!({ "m": 5 }), "{created}");
+    assert_eq!(step(created, "c")["status"], "PENDING", "{created}");
+    let rest_execution = created["id"].as_str().expect("id").to_owned();
+
+    let over_grpc = bench.execute_over_grpc(&workflow, json!({ "n": 6 })).await;
+    use turbocat::proto::v1::{ExecutionStatus, StepRunStatus};
+    assert_eq!(over_grpc.status(), ExecutionStatus::Running, "{over_grpc:?}");
+    assert_eq!(over_grpc.started_at, over_grpc.created_at, "{over_grpc:?}");
+    for key in ["a", "b"] {
+        let first = over_grpc.step_runs.iter().find(|step_run| step_run.step_key == key);
+        let first = first.map(|step_run| (step_run.status(), step_run.runner_id.clone()));
+        assert_eq!(first, Some((StepRunStatus::Assigned, local_runner.clone())), "{over_grpc:?}");
+    }
+
+    for (execution_id, n) in [(rest_execution, 5), (over_grpc.id.clone(), 6)] {
+        let execution = bench.finished(&execution_id, LIMIT).await;
+        assert_eq!(execution["status"], "SUCCEEDED", "{execution}");
+        assert_eq!(step(&execution, "b")["output"], json!({ "m": n }), "{execution}");
     }
 }
 
