@@ -4,10 +4,12 @@
 //! whose use ended cleanly comes back here untested and the next statement takes it (the most
 //! recently used first); one whose use failed or was cancelled goes back to the pool, which tests
 //! it (and closes it when broken), as before. The connections kept here are checked out of the
-//! pool, so they count against its `max_connections`; at most `capacity` are kept, the rest go
-//! back to the pool.
+//! pool, so they count against its `max_connections`; one a caller waits for is handed to it
+//! directly (the pool, which never sees it come back, would not wake the caller); at most
+//! `capacity` are kept, the rest go back to the pool.
 //! May call: sqlx (and sqlx-core's `TransactionManager`) and tokio, nothing else.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,6 +20,7 @@ use futures::{StreamExt, TryStreamExt};
 use sqlx::pool::PoolConnection;
 use sqlx::{Database, Either, Execute, Executor, Pool, SqlStr};
 use sqlx_core::transaction::TransactionManager;
+use tokio::sync::oneshot;
 
 /// A pool's connections, and those of them kept checked out between uses.
 pub struct Connections<DB: Database> {
@@ -26,16 +29,39 @@ pub struct Connections<DB: Database> {
 
 struct Kept<DB: Database> {
     pool: Pool<DB>,
-    idle: Mutex<Vec<PoolConnection<DB>>>,
+    state: Mutex<State<DB>>,
     capacity: usize,
-    /// Woken when a connection is kept: the pool, which never saw it come back, would not.
-    returned: tokio::sync::Notify,
+}
+
+struct State<DB: Database> {
+    /// Kept connections, the most recently used last.
+    idle: Vec<PoolConnection<DB>>,
+    /// Callers waiting for a connection, first come first: a connection whose use ended
+    /// cleanly goes to the first of them still waiting (the pool, which never sees it come
+    /// back, would not wake them).
+    waiters: VecDeque<oneshot::Sender<PoolConnection<DB>>>,
 }
 
 impl<DB: Database> Kept<DB> {
-    fn idle(&self) -> MutexGuard<'_, Vec<PoolConnection<DB>>> {
-        // A panic while the lock was held left a valid `Vec`.
-        self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn state(&self) -> MutexGuard<'_, State<DB>> {
+        // A panic while the lock was held left a valid state.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hands `connection` to the first caller still waiting, or keeps it (up to `capacity`;
+    /// past that, or once the pool is closed, it goes back to the pool).
+    fn put_back(&self, mut connection: PoolConnection<DB>) {
+        let mut state = self.state();
+        while let Some(waiter) = state.waiters.pop_front() {
+            match waiter.send(connection) {
+                Ok(()) => return,
+                // That caller got one from the pool meanwhile, or gave up.
+                Err(unsent) => connection = unsent,
+            }
+        }
+        if state.idle.len() < self.capacity && !self.pool.is_closed() {
+            state.idle.push(connection);
+        }
     }
 }
 
@@ -59,14 +85,8 @@ impl<DB: Database> fmt::Debug for Connections<DB> {
 impl<DB: Database> Connections<DB> {
     /// Keeps up to `capacity` of `pool`'s connections between uses.
     pub fn new(pool: Pool<DB>, capacity: usize) -> Self {
-        Self {
-            inner: Arc::new(Kept {
-                pool,
-                idle: Mutex::new(Vec::new()),
-                capacity,
-                returned: tokio::sync::Notify::new(),
-            }),
-        }
+        let state = Mutex::new(State { idle: Vec::new(), waiters: VecDeque::new() });
+        Self { inner: Arc::new(Kept { pool, state, capacity }) }
     }
 
     /// The pool the connections come from.
@@ -76,7 +96,7 @@ impl<DB: Database> Connections<DB> {
 
     /// How many connections are kept here, idle.
     pub fn kept(&self) -> usize {
-        self.inner.idle().len()
+        self.inner.state().idle.len()
     }
 
     /// The pool's open connections, and how many of them are idle (in the pool or kept here).
@@ -88,32 +108,47 @@ impl<DB: Database> Connections<DB> {
         }
     }
 
-    /// A connection: the last one kept, or else one from the pool, whichever comes first
-    /// (a connection kept while this waits for the pool's wakes it). Waits at most the pool's
-    /// `acquire_timeout`. Call `Connection::keep` when its use ended cleanly; dropped, it goes
+    /// A connection: the last one kept; else the first that another caller is done with or
+    /// that the pool gives (which opens one while it may, and bounds the wait by its
+    /// `acquire_timeout`). Call `Connection::keep` when its use ended cleanly; dropped, it goes
     /// back to the pool.
     pub async fn acquire(&self) -> Result<Connection<DB>, sqlx::Error> {
-        let deadline =
-            tokio::time::Instant::now() + self.inner.pool.options().get_acquire_timeout();
-        loop {
-            if self.inner.pool.is_closed() {
-                self.inner.idle().clear();
+        let pool = &self.inner.pool;
+        let (mut handed, may_open) = {
+            let mut state = self.inner.state();
+            if pool.is_closed() {
+                state.idle.clear();
                 return Err(sqlx::Error::PoolClosed);
             }
-            let kept = self.inner.returned.notified();
-            tokio::pin!(kept);
-            // Listening before looking: a connection kept after this look wakes the wait below.
-            kept.as_mut().enable();
-            let connection = self.inner.idle().pop();
-            if let Some(connection) = connection {
+            if let Some(connection) = state.idle.pop() {
                 return Ok(self.checked_out(connection));
             }
-            tokio::select! {
-                connection = self.inner.pool.acquire() => return Ok(self.checked_out(connection?)),
-                () = &mut kept => {}
-                () = tokio::time::sleep_until(deadline) => return Err(sqlx::Error::PoolTimedOut),
-            }
+            let (sender, receiver) = oneshot::channel();
+            state.waiters.push_back(sender);
+            (receiver, pool.size() < pool.options().get_max_connections())
+        };
+        let mut pooled = Box::pin(pool.acquire());
+        let (connection, from_pool) = tokio::select! {
+            biased;
+            connection = &mut handed => (connection.map_err(|_| sqlx::Error::PoolClosed), false),
+            connection = &mut pooled => (connection, true),
+        };
+        // A connection handed over after the pool's came is kept for the next caller.
+        handed.close();
+        if let Ok(unused) = handed.try_recv() {
+            self.inner.put_back(unused);
         }
+        if !from_pool && may_open {
+            // The pool may be opening a connection for this caller: dropped half-open it would
+            // be closed, and opened again for the next. Kept once open instead.
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                if let Ok(opened) = pooled.await {
+                    inner.put_back(opened);
+                }
+            });
+        }
+        Ok(self.checked_out(connection?))
     }
 
     fn checked_out(&self, connection: PoolConnection<DB>) -> Connection<DB> {
@@ -133,8 +168,12 @@ impl<DB: Database> Connections<DB> {
     /// Hands the kept connections back and closes the pool, waiting for every connection in
     /// use to be returned.
     pub async fn close(&self) {
-        let kept = std::mem::take(&mut *self.inner.idle());
-        drop(kept);
+        let (kept, waiters) = {
+            let mut state = self.inner.state();
+            (std::mem::take(&mut state.idle), std::mem::take(&mut state.waiters))
+        };
+        // Waiters learn that the pool is closed; the kept connections go back to it.
+        drop((kept, waiters));
         self.inner.pool.close().await;
     }
 }
@@ -153,12 +192,7 @@ impl<DB: Database> Connection<DB> {
         if DB::TransactionManager::get_transaction_depth(&connection) > 0 {
             return;
         }
-        let mut idle = self.home.idle();
-        if idle.len() < self.home.capacity && !self.home.pool.is_closed() {
-            idle.push(connection);
-            drop(idle);
-            self.home.returned.notify_one();
-        }
+        self.home.put_back(connection);
     }
 }
 

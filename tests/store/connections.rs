@@ -123,6 +123,30 @@ async fn postgres_one_connection_serves_everyone_waiting_for_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_busy_statements_reuse_the_same_few_connections() {
+    // Waves of concurrent statements, more than the pool holds: every one is served by one of
+    // at most `max_connections` backends, none opened and closed again along the way.
+    let (_database, store) = postgres_store(4).await;
+    let store = std::sync::Arc::new(store);
+    let mut backends = std::collections::HashSet::new();
+    for _ in 0..10 {
+        let statements = (0..24).map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid() FROM pg_sleep(0.002)")
+                    .fetch_one(store.connections())
+                    .await
+            })
+        });
+        for statement in futures::future::join_all(statements).await {
+            backends.insert(statement.expect("task").expect("statement"));
+        }
+    }
+    assert!(backends.len() <= 4, "{} backends served the statements", backends.len());
+    assert!(store.pool_connections().open <= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_kept_connection_that_broke_is_replaced() {
     let (_database, store) = postgres_store(2).await;
     let pid = backend_pid(&store).await.expect("first statement");
