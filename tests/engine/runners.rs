@@ -57,6 +57,25 @@ async fn serve_with_account(extra: &[&str]) -> (TurbocatProcess, ServeDatabase, 
     (server, database, bench, key)
 }
 
+/// Executes `workflow` with input `{"n": n}` over REST; the answer says the execution started
+/// in its creation (RUNNING, started when created). Returns it and its creation time.
+async fn execute_started(bench: &Workbench, workflow: &str, n: i64) -> (Value, Time) {
+    let (status, body) = bench
+        .api
+        .post(
+            &format!("/api/v1/workflows/{workflow}/execute"),
+            &bench.auth,
+            json!({ "input": { "n": n } }),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let created = body["data"].clone();
+    assert_eq!(created["status"], "RUNNING", "{created}");
+    let created_at = time(&created["createdAt"]);
+    assert_eq!(time(&created["startedAt"]), created_at, "{created}");
+    (created, created_at)
+}
+
 /// `[startedAt, finishedAt]` of a step run's last attempt.
 fn interval(step_run: &Value) -> (Time, Time) {
     (time(&step_run["startedAt"]), time(&step_run["finishedAt"]))
@@ -198,19 +217,8 @@ async fn an_execution_starts_in_the_commit_that_creates_it() {
     ]);
     let workflow = bench.workflow("started at creation", steps, json!({})).await;
 
-    let (status, body) = bench
-        .api
-        .post(
-            &format!("/api/v1/workflows/{workflow}/execute"),
-            &bench.auth,
-            json!({ "input": { "n": 7 } }),
-        )
-        .await;
-    assert_eq!(status, 202, "{body}");
-    let created = &body["data"];
-    assert_eq!(created["status"], "RUNNING", "{created}");
-    let created_at = time(&created["createdAt"]);
-    assert_eq!(time(&created["startedAt"]), created_at, "{created}");
+    let (created, created_at) = execute_started(&bench, &workflow, 7).await;
+    let created = &created;
     for key in ["a", "b"] {
         let first = step(created, key);
         assert_eq!(first["status"], "ASSIGNED", "{first}");
@@ -267,19 +275,8 @@ async fn an_execution_starts_in_the_commit_that_creates_it_on_dev() {
         { "key": "c", "agentId": identity, "dependsOn": ["a", "b"] },
     ]);
     let workflow = bench.workflow("started at creation on dev", steps, json!({})).await;
-    let (status, body) = bench
-        .api
-        .post(
-            &format!("/api/v1/workflows/{workflow}/execute"),
-            &bench.auth,
-            json!({ "input": { "n": 5 } }),
-        )
-        .await;
-    assert_eq!(status, 202, "{body}");
-    let created = &body["data"];
-    assert_eq!(created["status"], "RUNNING", "{created}");
-    let created_at = time(&created["createdAt"]);
-    assert_eq!(time(&created["startedAt"]), created_at, "{created}");
+    let (created, created_at) = execute_started(&bench, &workflow, 5).await;
+    let created = &created;
     let local_runner = step(created, "a")["runnerId"].as_str().unwrap_or_default().to_owned();
     assert!(!local_runner.is_empty(), "{created}");
     for key in ["a", "b"] {
