@@ -99,13 +99,9 @@ impl<DB: Database> Connections<DB> {
         self.inner.state().idle.len()
     }
 
-    /// The pool's open connections, and how many of them are idle (in the pool or kept here).
-    pub fn counts(&self) -> super::PoolConnections {
-        let idle = self.inner.pool.num_idle().saturating_add(self.kept());
-        super::PoolConnections {
-            open: self.inner.pool.size(),
-            idle: u32::try_from(idle).unwrap_or(u32::MAX),
-        }
+    /// How many of the pool's connections are idle: in the pool or kept here.
+    pub fn idle(&self) -> usize {
+        self.inner.pool.num_idle().saturating_add(self.kept())
     }
 
     /// A connection: the last one kept; else the first that another caller is done with or

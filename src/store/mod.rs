@@ -696,7 +696,10 @@ impl Store for PostgresStore {
     }
 
     fn pool_connections(&self) -> PoolConnections {
-        self.connections.counts()
+        PoolConnections {
+            open: self.connections.pool().size(),
+            idle: u32::try_from(self.connections.idle()).unwrap_or(u32::MAX),
+        }
     }
 }
 
@@ -712,7 +715,10 @@ impl Store for SqliteStore {
     }
 
     fn pool_connections(&self) -> PoolConnections {
-        self.connections.counts()
+        PoolConnections {
+            open: self.connections.pool().size(),
+            idle: u32::try_from(self.connections.idle()).unwrap_or(u32::MAX),
+        }
     }
 }
 
