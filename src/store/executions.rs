@@ -2333,10 +2333,14 @@ macro_rules! impl_executions_store {
                 let at = stored_time(at);
                 // One statement, so no step can slip from QUEUED to ASSIGNED in between. Only
                 // ASSIGNED/RUNNING step runs carry a runner_id (it is cleared on requeue/retry).
+                // An ASSIGNED step may have started on its runner, and watchers may have heard
+                // of it at the next version before the start is committed (the engine records a
+                // short attempt's start with its result): its cancel counts that stage too, so
+                // it is newer than the start watchers saw.
                 let cancelled = sqlx::query_as::<$db, CancelledStepRunRow>(
                     "UPDATE step_runs SET status = 'CANCELLED', finished_at = $2, \
                      lease_expires_at = NULL, next_attempt_at = NULL, updated_at = $2, \
-                     version = version + 1 \
+                     version = version + CASE WHEN status = 'ASSIGNED' THEN 2 ELSE 1 END \
                      WHERE execution_id = $1 \
                      AND status IN ('PENDING', 'QUEUED', 'ASSIGNED', 'RUNNING') \
                      RETURNING id, attempt, runner_id",

@@ -757,6 +757,7 @@ async fn cancel_pending_steps_reports_in_flight_work(store: Arc<dyn Store>) {
         drive_step(&store, &steps[4], Completion::Succeeded { output: json!(true) }, t0).await;
     queue(&store, bystander[0].attempt_key(), t0).await;
 
+    let before = store.list_step_runs(execution.id).await.expect("list");
     let t1 = t0 + seconds(5);
     let mut in_flight = store.cancel_pending_steps(execution.id, t1).await.expect("cancel");
     in_flight.sort_by(|left, right| left.runner_id.cmp(&right.runner_id));
@@ -788,6 +789,11 @@ async fn cancel_pending_steps_reports_in_flight_work(store: Arc<dyn Store>) {
         ]
     );
     assert!(after[..4].iter().all(|step_run| step_run.finished_at == Some(t1)));
+    // An ASSIGNED step's start may have been announced at the next version before it was
+    // committed: its cancel counts that stage too, so watchers see it as newer.
+    let bumps: Vec<i64> =
+        before.iter().zip(&after).map(|(old, new)| new.version - old.version).collect();
+    assert_eq!(bumps, [1, 1, 2, 1, 0], "{before:?}");
     assert_eq!(after[4], done, "finished steps are left alone");
     for step_run in &after[..4] {
         let attempts =
