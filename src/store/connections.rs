@@ -155,7 +155,7 @@ impl<DB: Database> Connections<DB> {
     pub async fn begin(&self, statement: &'static str) -> Result<Transaction<DB>, sqlx::Error> {
         let connection = self.acquire().await?;
         // Open from the start: should `BEGIN` fail or be cancelled, the drop rolls back.
-        let mut transaction = Transaction { connection: Some(connection), open: true };
+        let mut transaction = Transaction { connection: Some(connection) };
         DB::TransactionManager::begin(&mut transaction, Some(SqlStr::from_static(statement)))
             .await?;
         Ok(transaction)
@@ -190,9 +190,7 @@ impl<DB: Database> Connection<DB> {
         }
         self.home.put_back(connection);
     }
-}
 
-impl<DB: Database> Connection<DB> {
     /// `result` of a use of this connection, keeping the connection when it is a success.
     pub fn kept_if_ok<T, E>(self, result: Result<T, E>) -> Result<T, E> {
         if result.is_ok() {
@@ -221,9 +219,9 @@ impl<DB: Database> DerefMut for Connection<DB> {
 /// connection is kept after `commit` or `rollback`; dropped while open, it queues a rollback
 /// and its connection goes back to the pool, whose test on return sends it.
 pub struct Transaction<DB: Database> {
-    /// Taken out only by `commit` and `rollback`, which consume the transaction.
+    /// There while the transaction is open (from before its `BEGIN`, so that a failed or
+    /// cancelled `BEGIN` rolls back too); taken out when `commit` or `rollback` ends it.
     connection: Option<Connection<DB>>,
-    open: bool,
 }
 
 impl<DB: Database> Transaction<DB> {
@@ -242,7 +240,6 @@ impl<DB: Database> Transaction<DB> {
     }
 
     fn end(&mut self) {
-        self.open = false;
         if let Some(connection) = self.connection.take() {
             connection.keep();
         }
@@ -251,9 +248,7 @@ impl<DB: Database> Transaction<DB> {
 
 impl<DB: Database> Drop for Transaction<DB> {
     fn drop(&mut self) {
-        if self.open
-            && let Some(connection) = self.connection.as_mut()
-        {
+        if let Some(connection) = self.connection.as_mut() {
             DB::TransactionManager::start_rollback(connection);
         }
     }
