@@ -36,10 +36,12 @@ pub trait BindRows: sqlx::Database {
 
     /// Appends the rows as `VALUES` to stand in parentheses as a derived table
     /// (`FROM (…) AS v`), its columns named `column1`, `column2`, …; it may carry extra rows of
-    /// NULLs, which no condition on a column matches.
+    /// NULLs, which no condition on a column matches, and carries at least `at_least` rows
+    /// where it pads at all.
     fn push_table(
         builder: &mut QueryBuilder<Self>,
         rows: usize,
+        at_least: usize,
         columns: Vec<Self::BatchColumn<'_>>,
     );
 }
@@ -53,12 +55,21 @@ pub trait BatchValue<'a, DB: BindRows>: Sized + 'a {
 /// each column giving one value per row, in row order.
 pub struct BatchRows<'a, DB: BindRows> {
     rows: usize,
+    at_least: usize,
     columns: Vec<DB::BatchColumn<'a>>,
 }
 
 impl<'a, DB: BindRows> BatchRows<'a, DB> {
     pub fn new(rows: usize) -> Self {
-        Self { rows, columns: Vec::new() }
+        Self { rows, at_least: 0, columns: Vec::new() }
+    }
+
+    /// Pads the derived table of `push_table` to at least `rows` rows where the database pads
+    /// (PostgreSQL): the tables of one statement padded to one size give it one text for all
+    /// their sizes together, not one for each combination.
+    pub fn padded_to(mut self, rows: usize) -> Self {
+        self.at_least = rows;
+        self
     }
 
     /// Adds the next column (`column1` first). It must give exactly one value per row.
@@ -76,7 +87,7 @@ impl<'a, DB: BindRows> BatchRows<'a, DB> {
 
     /// Appends the rows as a derived table (see `BindRows::push_table`).
     pub fn push_table(self, builder: &mut QueryBuilder<DB>) {
-        DB::push_table(builder, self.rows, self.columns);
+        DB::push_table(builder, self.rows, self.at_least, self.columns);
     }
 }
 
@@ -139,9 +150,11 @@ impl BindRows for Postgres {
     fn push_table(
         builder: &mut QueryBuilder<Self>,
         rows: usize,
+        at_least: usize,
         columns: Vec<Self::BatchColumn<'_>>,
     ) {
-        push_values(builder, rows.next_power_of_two(), |row, values| {
+        // `push_value` binds NULL past a column's last value.
+        push_values(builder, rows.max(at_least).next_power_of_two(), |row, values| {
             for column in &columns {
                 column.push_value(row, values);
             }
@@ -176,6 +189,7 @@ impl BindRows for Sqlite {
     fn push_table(
         builder: &mut QueryBuilder<Self>,
         rows: usize,
+        _at_least: usize,
         columns: Vec<Self::BatchColumn<'_>>,
     ) {
         Self::push_rows(builder, rows, columns);
@@ -202,7 +216,7 @@ mod tests {
         prefix: &str,
         rows: usize,
         columns: usize,
-        push: fn(BatchRows<'_, DB>, &mut QueryBuilder<DB>),
+        push: impl FnOnce(BatchRows<'_, DB>, &mut QueryBuilder<DB>),
     ) -> String
     where
         i32: for<'a> BatchValue<'a, DB>,
@@ -248,6 +262,21 @@ mod tests {
         assert_ne!(table::<Postgres>(4), table::<Postgres>(5));
         let texts: std::collections::HashSet<String> = (1..=64).map(table::<Postgres>).collect();
         assert_eq!(texts.len(), 7, "1, 2, 4, … 64 rows");
+    }
+
+    #[test]
+    fn a_table_padded_to_a_size_takes_the_text_of_that_size() {
+        let padded = |rows: usize, at_least: usize| {
+            text::<Postgres>("", rows, 1, move |batch, builder| {
+                batch.padded_to(at_least).push_table(builder)
+            })
+        };
+        assert_eq!(padded(1, 5), padded(8, 0));
+        assert_eq!(padded(6, 2), padded(8, 0));
+        assert_ne!(padded(1, 5), padded(4, 0));
+        let sqlite =
+            text::<Sqlite>("", 1, 1, |batch, builder| batch.padded_to(5).push_table(builder));
+        assert_eq!(sqlite, "VALUES (?)");
     }
 
     #[test]

@@ -1171,6 +1171,54 @@ fn pending_and_due_in_a_live_execution(at: &str) -> String {
     )
 }
 
+/// The `SET` of a result (`complete_steps`), from the row `v` of `completion_rows`: id,
+/// attempt, status, output, error, retryable, finished at, started at.
+const COMPLETE_SET: &str = "status = v.column3, output = v.column4, error = v.column5, \
+     error_retryable = v.column6, finished_at = v.column7, \
+     started_at = COALESCE(step_runs.started_at, v.column8), \
+     lease_expires_at = NULL, next_attempt_at = NULL, updated_at = v.column7, \
+     version = version + CASE WHEN step_runs.status = 'ASSIGNED' \
+     AND v.column8 IS NOT NULL THEN 2 ELSE 1 END";
+
+/// Which step runs a result applies to. Results come from a runner, which only ever holds
+/// ASSIGNED/RUNNING attempts; timeouts and cancels are the engine's verdicts on any unfinished
+/// attempt.
+const COMPLETE_CONDITION: &str = "(step_runs.status IN ('ASSIGNED', 'RUNNING') \
+     OR (v.column3 IN ('TIMED_OUT', 'CANCELLED') \
+     AND step_runs.status IN ('PENDING', 'QUEUED')))";
+
+/// The `SET` of a step put in the queue (`mark_steps_queued`), from the row `v` of
+/// `queued_rows`: id, attempt, input, queued at.
+const QUEUE_SET: &str = "status = 'QUEUED', input = COALESCE(v.column3, input), \
+     queued_at = v.column4, next_attempt_at = NULL, updated_at = v.column4, \
+     version = version + 1";
+
+/// The `SET` of a step handed straight to a runner (`queue_and_assign_steps`), from the row
+/// `v` of `handed_rows`: id, attempt, input, runner, lease, queued and assigned at.
+const HAND_SET: &str = "status = 'ASSIGNED', input = COALESCE(v.column3, input), \
+     queued_at = v.column6, next_attempt_at = NULL, runner_id = v.column4, \
+     lease_expires_at = v.column5, assigned_at = v.column6, \
+     updated_at = v.column6, version = version + 2";
+
+/// The `SET` of an execution's change (`transition_execution`), from the row `v` of
+/// `execution_change_rows`: id, status, output, error, started, finished, deadline, at.
+const EXECUTION_CHANGE_SET: &str = "status = v.column2, output = COALESCE(v.column3, output), \
+     error = COALESCE(v.column4, error), started_at = COALESCE(started_at, v.column5), \
+     finished_at = COALESCE(v.column6, finished_at), \
+     deadline_at = COALESCE(v.column7, deadline_at), updated_at = v.column8, \
+     version = version + 1";
+
+/// The condition of `ExecutionChange::only_when_every_step_succeeded` on an `UPDATE
+/// executions`; `besides` excludes more step runs from the count (those the same statement
+/// just made SUCCEEDED, which it still reads as they were).
+fn every_step_succeeded(besides: &str) -> String {
+    format!(
+        "executions.cancel_requested_at IS NULL AND NOT EXISTS (SELECT 1 FROM step_runs \
+         WHERE step_runs.execution_id = executions.id \
+         AND step_runs.status <> 'SUCCEEDED'{besides})"
+    )
+}
+
 /// Names the unique constraint an execution insert tripped over, the same on both backends.
 fn name_execution_conflict(error: StoreError) -> StoreError {
     let StoreError::AlreadyExists(constraint) = error else { return error };
@@ -1480,18 +1528,29 @@ macro_rules! impl_executions_store {
                     return Ok(Vec::new());
                 }
                 let items = &items[..items.len().min(MAX_WRITE_BATCH)];
-                let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE step_runs SET ");
-                update.push(set).push(" FROM (");
-                rows(items).push_table(&mut update);
+                let mut update = sqlx::QueryBuilder::<$db>::new("");
+                <$store>::push_step_transition(&mut update, set, rows(items), condition);
+                update.push(concat!(" RETURNING ", step_run_columns!()));
+                let moved = update.build_query_as::<StepRun>().fetch_all(connection).await?;
+                Ok(moved)
+            }
+
+            /// Appends `UPDATE step_runs SET <set> FROM (<rows>) AS v WHERE` the row's id and
+            /// attempt are v's first two columns `AND <condition>` (`transition_step_runs`).
+            fn push_step_transition(
+                update: &mut sqlx::QueryBuilder<$db>,
+                set: &str,
+                rows: BatchRows<'_, $db>,
+                condition: &str,
+            ) {
+                update.push("UPDATE step_runs SET ").push(set).push(" FROM (");
+                rows.push_table(update);
                 update
                     .push(
                         ") AS v WHERE step_runs.id = v.column1 AND step_runs.attempt = v.column2 \
                          AND ",
                     )
-                    .push(condition)
-                    .push(concat!(" RETURNING ", step_run_columns!()));
-                let moved = update.build_query_as::<StepRun>().fetch_all(connection).await?;
-                Ok(moved)
+                    .push(condition);
             }
 
             /// Inserts log lines (one statement per `INSERT_BATCH_ROWS`) on `connection`.
@@ -1502,21 +1561,8 @@ macro_rules! impl_executions_store {
             ) -> StoreResult<Vec<ExecutionLog>> {
                 let mut written = Vec::with_capacity(logs.len());
                 for chunk in logs.chunks(INSERT_BATCH_ROWS) {
-                    let mut insert = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO execution_logs (execution_id, step_run_id, attempt, level, \
-                         source, message, fields, created_at) ",
-                    );
-                    BatchRows::<$db>::new(chunk.len())
-                        .column(chunk.iter().map(|log| log.execution_id))
-                        .column(chunk.iter().map(|log| log.step_run_id))
-                        .column(chunk.iter().map(|log| log.attempt))
-                        .column(chunk.iter().map(|log| log.level))
-                        .column(chunk.iter().map(|log| log.source))
-                        .column(chunk.iter().map(|log| log.message.as_str()))
-                        .column(chunk.iter().map(|log| log.fields.as_ref().map(Json)))
-                        .column(chunk.iter().map(|log| stored_time(log.created_at)))
-                        .push_rows(&mut insert);
-                    insert.push(concat!(" RETURNING ", execution_log_columns!()));
+                    let mut insert = sqlx::QueryBuilder::<$db>::new("");
+                    <$store>::push_log_insert(&mut insert, chunk);
                     let mut rows = insert
                         .build_query_as::<ExecutionLog>()
                         .fetch_all(&mut *connection)
@@ -1525,6 +1571,26 @@ macro_rules! impl_executions_store {
                 }
                 Ok(written)
             }
+
+            /// Appends the `INSERT … RETURNING` of `logs` (at most `INSERT_BATCH_ROWS`).
+            fn push_log_insert(insert: &mut sqlx::QueryBuilder<$db>, logs: &[NewExecutionLog]) {
+                insert.push(
+                    "INSERT INTO execution_logs (execution_id, step_run_id, attempt, level, \
+                     source, message, fields, created_at) ",
+                );
+                BatchRows::<$db>::new(logs.len())
+                    .column(logs.iter().map(|log| log.execution_id))
+                    .column(logs.iter().map(|log| log.step_run_id))
+                    .column(logs.iter().map(|log| log.attempt))
+                    .column(logs.iter().map(|log| log.level))
+                    .column(logs.iter().map(|log| log.source))
+                    .column(logs.iter().map(|log| log.message.as_str()))
+                    .column(logs.iter().map(|log| log.fields.as_ref().map(Json)))
+                    .column(logs.iter().map(|log| stored_time(log.created_at)))
+                    .push_rows(insert);
+                insert.push(concat!(" RETURNING ", execution_log_columns!()));
+            }
+
             /// The `UPDATE` of `transition_execution` (one statement, no transaction of its
             /// own): it changes one row or none.
             fn execution_transition(
@@ -1532,36 +1598,34 @@ macro_rules! impl_executions_store {
                 from: &[ExecutionStatus],
                 change: ExecutionChange,
             ) -> sqlx::QueryBuilder<$db> {
-                let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE executions SET status = ");
-                update.push_bind(change.to);
-                update.push(", output = COALESCE(");
-                update.push_bind(change.output.map(Json));
-                update.push(", output), error = COALESCE(");
-                update.push_bind(change.error);
-                update.push(", error), started_at = COALESCE(started_at, ");
-                update.push_bind(change.started_at.map(stored_time));
-                update.push("), finished_at = COALESCE(");
-                update.push_bind(change.finished_at.map(stored_time));
-                update.push(", finished_at), deadline_at = COALESCE(");
-                update.push_bind(change.deadline_at.map(stored_time));
-                update.push(", deadline_at), updated_at = ");
-                update.push_bind(stored_time(change.at));
-                update.push(", version = version + 1 WHERE id = ");
-                update.push_bind(execution_id);
-                update.push(" AND status IN (");
+                let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE executions SET ");
+                update.push(EXECUTION_CHANGE_SET).push(" FROM (");
+                <$store>::execution_change_rows(&[(execution_id, &change)]).push_table(&mut update);
+                update.push(") AS v WHERE executions.id = v.column1 AND executions.status IN (");
                 let mut statuses = update.separated(", ");
                 for status in from {
                     statuses.push_bind(*status);
                 }
                 update.push(")");
                 if change.only_when_every_step_succeeded {
-                    update.push(
-                        " AND cancel_requested_at IS NULL AND NOT EXISTS (SELECT 1 FROM step_runs \
-                         WHERE step_runs.execution_id = executions.id \
-                         AND step_runs.status <> 'SUCCEEDED')",
-                    );
+                    update.push(" AND ").push(every_step_succeeded(""));
                 }
                 update
+            }
+
+            /// The rows of `EXECUTION_CHANGE_SET`: each execution's id and change.
+            fn execution_change_rows<'i>(
+                changes: &[(Uuid, &'i ExecutionChange)],
+            ) -> BatchRows<'i, $db> {
+                BatchRows::<$db>::new(changes.len())
+                    .column(changes.iter().map(|&(id, _)| id))
+                    .column(changes.iter().map(|&(_, change)| change.to))
+                    .column(changes.iter().map(|&(_, change)| change.output.as_ref().map(Json)))
+                    .column(changes.iter().map(|&(_, change)| change.error.as_deref()))
+                    .column(changes.iter().map(|&(_, change)| change.started_at.map(stored_time)))
+                    .column(changes.iter().map(|&(_, change)| change.finished_at.map(stored_time)))
+                    .column(changes.iter().map(|&(_, change)| change.deadline_at.map(stored_time)))
+                    .column(changes.iter().map(|&(_, change)| stored_time(change.at)))
             }
 
 
@@ -1571,53 +1635,40 @@ macro_rules! impl_executions_store {
                 connection: &mut <$db as sqlx::Database>::Connection,
                 completions: &[FinishedAttempt],
             ) -> StoreResult<Vec<StepRun>> {
-                // v: id, attempt, status, output, error, retryable, finished at, started at.
-                // Results come from a runner, which only ever holds ASSIGNED/RUNNING attempts;
-                // timeouts and cancels are the engine's verdicts on any unfinished attempt.
                 self.transition_step_runs(
                     &mut *connection,
                     completions,
-                    "status = v.column3, output = v.column4, error = v.column5, \
-                     error_retryable = v.column6, finished_at = v.column7, \
-                     started_at = COALESCE(step_runs.started_at, v.column8), \
-                     lease_expires_at = NULL, next_attempt_at = NULL, updated_at = v.column7, \
-                     version = version + CASE WHEN step_runs.status = 'ASSIGNED' \
-                     AND v.column8 IS NOT NULL THEN 2 ELSE 1 END",
-                    "(step_runs.status IN ('ASSIGNED', 'RUNNING') \
-                     OR (v.column3 IN ('TIMED_OUT', 'CANCELLED') \
-                     AND step_runs.status IN ('PENDING', 'QUEUED')))",
-                    |completions| {
-                        // Each completion's output, error and retryable flag, in one match.
-                        let parts: Vec<_> = completions
-                            .iter()
-                            .map(|finished| match &finished.completion {
-                                Completion::Succeeded { output } => (Some(Json(output)), None, None),
-                                Completion::Failed { error, retryable } => {
-                                    (None, Some(error.as_str()), Some(*retryable))
-                                }
-                                Completion::TimedOut | Completion::Cancelled => (None, None, None),
-                            })
-                            .collect();
-                        BatchRows::<$db>::new(completions.len())
-                            .column(completions.iter().map(|finished| finished.key.step_run_id))
-                            .column(completions.iter().map(|finished| finished.key.attempt))
-                            .column(completions.iter().map(|finished| finished.completion.status()))
-                            .column(parts.iter().map(|(output, _, _)| *output))
-                            .column(parts.iter().map(|(_, error, _)| *error))
-                            .column(parts.iter().map(|(_, _, retryable)| *retryable))
-                            .column(
-                                completions
-                                    .iter()
-                                    .map(|finished| stored_time(finished.finished_at)),
-                            )
-                            .column(
-                                completions
-                                    .iter()
-                                    .map(|finished| finished.started_at.map(stored_time)),
-                            )
-                    },
+                    COMPLETE_SET,
+                    COMPLETE_CONDITION,
+                    <$store>::completion_rows,
                 )
                 .await
+            }
+
+            /// The rows of `COMPLETE_SET`.
+            fn completion_rows(completions: &[FinishedAttempt]) -> BatchRows<'_, $db> {
+                // Each completion's output, error and retryable flag, in one match.
+                let parts: Vec<_> = completions
+                    .iter()
+                    .map(|finished| match &finished.completion {
+                        Completion::Succeeded { output } => (Some(Json(output)), None, None),
+                        Completion::Failed { error, retryable } => {
+                            (None, Some(error.as_str()), Some(*retryable))
+                        }
+                        Completion::TimedOut | Completion::Cancelled => (None, None, None),
+                    })
+                    .collect();
+                BatchRows::<$db>::new(completions.len())
+                    .column(completions.iter().map(|finished| finished.key.step_run_id))
+                    .column(completions.iter().map(|finished| finished.key.attempt))
+                    .column(completions.iter().map(|finished| finished.completion.status()))
+                    .column(parts.iter().map(|(output, _, _)| *output))
+                    .column(parts.iter().map(|(_, error, _)| *error))
+                    .column(parts.iter().map(|(_, _, retryable)| *retryable))
+                    .column(completions.iter().map(|finished| stored_time(finished.finished_at)))
+                    .column(
+                        completions.iter().map(|finished| finished.started_at.map(stored_time)),
+                    )
             }
 
             /// The statement of `mark_steps_queued`, on `connection`.
@@ -1626,23 +1677,25 @@ macro_rules! impl_executions_store {
                 connection: impl sqlx::Executor<'c, Database = $db>,
                 queued: &[(AttemptKey, Option<Value>, DateTime<Utc>)],
             ) -> StoreResult<Vec<StepRun>> {
-                // v: id, attempt, input, queued at.
                 self.transition_step_runs(
                     connection,
                     queued,
-                    "status = 'QUEUED', input = COALESCE(v.column3, input), \
-                     queued_at = v.column4, next_attempt_at = NULL, updated_at = v.column4, \
-                     version = version + 1",
+                    QUEUE_SET,
                     &pending_and_due_in_a_live_execution("v.column4"),
-                    |queued| {
-                        BatchRows::<$db>::new(queued.len())
-                            .column(queued.iter().map(|(key, _, _)| key.step_run_id))
-                            .column(queued.iter().map(|(key, _, _)| key.attempt))
-                            .column(queued.iter().map(|(_, input, _)| input.as_ref().map(Json)))
-                            .column(queued.iter().map(|(_, _, at)| stored_time(*at)))
-                    },
+                    <$store>::queued_rows,
                 )
                 .await
+            }
+
+            /// The rows of `QUEUE_SET`.
+            fn queued_rows(
+                queued: &[(AttemptKey, Option<Value>, DateTime<Utc>)],
+            ) -> BatchRows<'_, $db> {
+                BatchRows::<$db>::new(queued.len())
+                    .column(queued.iter().map(|(key, _, _)| key.step_run_id))
+                    .column(queued.iter().map(|(key, _, _)| key.attempt))
+                    .column(queued.iter().map(|(_, input, _)| input.as_ref().map(Json)))
+                    .column(queued.iter().map(|(_, _, at)| stored_time(*at)))
             }
 
             /// The statement of `queue_and_assign_steps`, on `connection`.
@@ -1651,32 +1704,170 @@ macro_rules! impl_executions_store {
                 connection: impl sqlx::Executor<'c, Database = $db>,
                 handed: &[(AttemptKey, Option<Value>, StepAssignment)],
             ) -> StoreResult<Vec<StepRun>> {
-                // v: id, attempt, input, runner, lease, queued and assigned at.
                 self.transition_step_runs(
                     connection,
                     handed,
-                    "status = 'ASSIGNED', input = COALESCE(v.column3, input), \
-                     queued_at = v.column6, next_attempt_at = NULL, runner_id = v.column4, \
-                     lease_expires_at = v.column5, assigned_at = v.column6, \
-                     updated_at = v.column6, version = version + 2",
+                    HAND_SET,
                     &pending_and_due_in_a_live_execution("v.column6"),
-                    |handed| {
-                        BatchRows::<$db>::new(handed.len())
-                            .column(handed.iter().map(|(key, _, _)| key.step_run_id))
-                            .column(handed.iter().map(|(key, _, _)| key.attempt))
-                            .column(handed.iter().map(|(_, input, _)| input.as_ref().map(Json)))
-                            .column(handed.iter().map(|(_, _, handed)| handed.runner_id.as_str()))
-                            .column(
-                                handed
-                                    .iter()
-                                    .map(|(_, _, handed)| stored_time(handed.lease_expires_at)),
-                            )
-                            .column(
-                                handed.iter().map(|(_, _, handed)| stored_time(handed.assigned_at)),
-                            )
-                    },
+                    <$store>::handed_rows,
                 )
                 .await
+            }
+
+            /// The rows of `HAND_SET`.
+            fn handed_rows(
+                handed: &[(AttemptKey, Option<Value>, StepAssignment)],
+            ) -> BatchRows<'_, $db> {
+                BatchRows::<$db>::new(handed.len())
+                    .column(handed.iter().map(|(key, _, _)| key.step_run_id))
+                    .column(handed.iter().map(|(key, _, _)| key.attempt))
+                    .column(handed.iter().map(|(_, input, _)| input.as_ref().map(Json)))
+                    .column(handed.iter().map(|(_, _, handed)| handed.runner_id.as_str()))
+                    .column(handed.iter().map(|(_, _, handed)| stored_time(handed.lease_expires_at)))
+                    .column(handed.iter().map(|(_, _, handed)| stored_time(handed.assigned_at)))
+            }
+
+            /// `complete_steps_then` (and `complete_steps` with log lines) for at most
+            /// `MAX_WRITE_BATCH` results, next steps and finishing executions and
+            /// `INSERT_BATCH_ROWS` log lines (`logs`: those the results carry), in one statement where the database can write
+            /// several tables in one (`Dialect::DATA_MODIFYING_WITH`): one round trip and one
+            /// commit instead of `BEGIN`, a statement for each part and `COMMIT`. Every part of
+            /// it reads the rows as they were before the statement, so a next step or a
+            /// finishing execution asks whether its `after` is among the results the statement
+            /// applied (`done`), "every step succeeded" counts those as succeeded, and a step the
+            /// results finished (a timeout of a PENDING step) is not moved on as well. Its
+            /// tables are padded to one size: seven statement texts in all.
+            async fn complete_steps_then_together(
+                &self,
+                completions: &[FinishedAttempt],
+                logs: &[NewExecutionLog],
+                next: &[NextStep],
+                finishing: &[FinishingExecution],
+            ) -> StoreResult<CompletedSteps> {
+                use sqlx::{FromRow as _, Row as _};
+                let completions = &completions[..completions.len().min(MAX_WRITE_BATCH)];
+                let (handed, queued): (Vec<&NextStep>, Vec<&NextStep>) =
+                    next.iter().partition(|step| step.assignment.is_some());
+                let handed: Vec<_> = handed
+                    .iter()
+                    .filter_map(|step| {
+                        let assignment = step.assignment.clone()?;
+                        Some((step.key, step.input.clone(), assignment))
+                    })
+                    .collect();
+                let handed_after: Vec<AttemptKey> = next
+                    .iter()
+                    .filter(|step| step.assignment.is_some())
+                    .map(|step| step.after)
+                    .collect();
+                let queued_after: Vec<AttemptKey> = queued.iter().map(|step| step.after).collect();
+                let queued: Vec<_> =
+                    queued.iter().map(|step| (step.key, step.input.clone(), step.at)).collect();
+                let changes: Vec<(Uuid, &ExecutionChange)> =
+                    finishing.iter().map(|finish| (finish.execution_id, &finish.change)).collect();
+                let rows = completions.len().max(handed.len()).max(queued.len()).max(changes.len());
+                let after_succeeded = |id: &str, attempt: &str| {
+                    format!(
+                        " AND EXISTS (SELECT 1 FROM done WHERE done.id = {id} \
+                         AND done.attempt = {attempt} AND done.status = 'SUCCEEDED')"
+                    )
+                };
+                let not_done = " AND step_runs.id NOT IN (SELECT id FROM done)";
+                let mut statement = sqlx::QueryBuilder::<$db>::new("WITH done AS (");
+                <$store>::push_step_transition(
+                    &mut statement,
+                    COMPLETE_SET,
+                    <$store>::completion_rows(completions).padded_to(rows),
+                    COMPLETE_CONDITION,
+                );
+                statement.push(concat!(" RETURNING ", step_run_columns!(), "), queued AS ("));
+                <$store>::push_step_transition(
+                    &mut statement,
+                    QUEUE_SET,
+                    <$store>::queued_rows(&queued)
+                        .column(queued_after.iter().map(|after| after.step_run_id))
+                        .column(queued_after.iter().map(|after| after.attempt))
+                        .padded_to(rows),
+                    &(pending_and_due_in_a_live_execution("v.column4")
+                        + &after_succeeded("v.column5", "v.column6")
+                        + not_done),
+                );
+                statement.push(concat!(" RETURNING ", step_run_columns!(), "), handed AS ("));
+                <$store>::push_step_transition(
+                    &mut statement,
+                    HAND_SET,
+                    <$store>::handed_rows(&handed)
+                        .column(handed_after.iter().map(|after| after.step_run_id))
+                        .column(handed_after.iter().map(|after| after.attempt))
+                        .padded_to(rows),
+                    &(pending_and_due_in_a_live_execution("v.column6")
+                        + &after_succeeded("v.column7", "v.column8")
+                        + not_done),
+                );
+                statement.push(concat!(
+                    " RETURNING ",
+                    step_run_columns!(),
+                    "), finished AS (UPDATE executions SET "
+                ));
+                statement.push(EXECUTION_CHANGE_SET).push(" FROM (");
+                <$store>::execution_change_rows(&changes)
+                    .column(finishing.iter().map(|finish| finish.after.step_run_id))
+                    .column(finishing.iter().map(|finish| finish.after.attempt))
+                    .column(
+                        finishing.iter().map(|finish| finish.change.only_when_every_step_succeeded),
+                    )
+                    .padded_to(rows)
+                    .push_table(&mut statement);
+                statement.push(") AS v WHERE executions.id = v.column1 AND executions.status IN (");
+                let mut statuses = statement.separated(", ");
+                for status in ExecutionStatus::UNFINISHED {
+                    statuses.push_bind(*status);
+                }
+                statement
+                    .push(")")
+                    .push(after_succeeded("v.column9", "v.column10"))
+                    .push(" AND (v.column11 IS NOT TRUE OR ")
+                    .push(every_step_succeeded(
+                        " AND step_runs.id NOT IN (SELECT id FROM done \
+                         WHERE done.status = 'SUCCEEDED')",
+                    ))
+                    .push(") RETURNING executions.id), logs AS (");
+                <$store>::push_log_insert(&mut statement, logs);
+                // Rows of four kinds, told apart by `part`: a step run (a result or a step
+                // moved on) in the step run's columns, a finished execution's id in `id`, a
+                // log line as JSON in `log`.
+                let nulls = |columns: usize| ", NULL".repeat(columns);
+                let step_run_columns = step_run_columns!().split(',').count();
+                statement
+                    .push(concat!(
+                        ") SELECT 0 AS part, ",
+                        step_run_columns!(),
+                        ", NULL::jsonb AS log FROM done UNION ALL SELECT 1, ",
+                        step_run_columns!(),
+                        ", NULL FROM queued UNION ALL SELECT 1, ",
+                        step_run_columns!(),
+                        ", NULL FROM handed UNION ALL SELECT 2, id"
+                    ))
+                    .push(nulls(step_run_columns))
+                    .push(" FROM finished UNION ALL SELECT 3")
+                    .push(nulls(step_run_columns))
+                    .push(", to_jsonb(line) FROM logs AS line");
+                let mut completed = CompletedSteps::default();
+                for row in statement.build().fetch_all(&self.connections).await? {
+                    match row.try_get::<i32, _>("part")? {
+                        0 => completed.step_runs.push(StepRun::from_row(&row)?),
+                        1 => completed.next.push(StepRun::from_row(&row)?),
+                        2 => completed.finished.push(row.try_get("id")?),
+                        _ => {
+                            let Json(line) = row.try_get::<Json<ExecutionLog>, _>("log")?;
+                            completed.logs.push(line);
+                        }
+                    }
+                }
+                if !completed.finished.is_empty() {
+                    self.totals.changed(Listed::Executions);
+                }
+                Ok(completed)
             }
 
             /// Writes the current attempt `key` of a step run, if the step run is at it and
@@ -2193,6 +2384,9 @@ macro_rules! impl_executions_store {
                         finished: Vec::new(),
                     });
                 }
+                if <$store as Dialect>::DATA_MODIFYING_WITH && logs.len() <= INSERT_BATCH_ROWS {
+                    return self.complete_steps_then_together(completions, &logs, &[], &[]).await;
+                }
                 let mut transaction = self.begin_write_transaction().await?;
                 let step_runs = self.complete_steps_on(&mut transaction, completions).await?;
                 let logs = self.insert_execution_logs(&mut transaction, &logs).await?;
@@ -2212,6 +2406,15 @@ macro_rules! impl_executions_store {
                 let completions = &completions[..completions.len().min(MAX_WRITE_BATCH)];
                 let logs: Vec<NewExecutionLog> =
                     completions.iter().flat_map(|finished| finished.logs.iter().cloned()).collect();
+                if <$store as Dialect>::DATA_MODIFYING_WITH
+                    && logs.len() <= INSERT_BATCH_ROWS
+                    && next.len() <= MAX_WRITE_BATCH
+                    && finishing.len() <= MAX_WRITE_BATCH
+                {
+                    return self
+                        .complete_steps_then_together(completions, &logs, next, finishing)
+                        .await;
+                }
                 let mut transaction = self.begin_write_transaction().await?;
                 let step_runs = self.complete_steps_on(&mut transaction, completions).await?;
                 let succeeded: std::collections::HashSet<AttemptKey> = step_runs

@@ -784,6 +784,11 @@ pub(crate) trait Dialect {
     /// The wall-clock seconds from `started_at` to `finished_at` of an execution row.
     const EXECUTION_DURATION_SECONDS: &'static str;
 
+    /// Whether several writes can share one statement, `WITH done AS (UPDATE …) UPDATE …`
+    /// (PostgreSQL's data-modifying `WITH`; SQLite has none, and prepares and runs statements
+    /// in process, so a transaction of several costs it no round trips).
+    const DATA_MODIFYING_WITH: bool;
+
     /// The connections every statement of the store runs on.
     fn connections(&self) -> &Connections<Self::Database>;
 
@@ -835,6 +840,8 @@ impl Dialect for PostgresStore {
     const EXECUTION_DURATION_SECONDS: &'static str =
         "EXTRACT(EPOCH FROM (finished_at - started_at))::DOUBLE PRECISION";
 
+    const DATA_MODIFYING_WITH: bool = true;
+
     fn connections(&self) -> &Connections<sqlx::Postgres> {
         &self.connections
     }
@@ -879,6 +886,8 @@ impl Dialect for SqliteStore {
 
     const EXECUTION_DURATION_SECONDS: &'static str =
         "((julianday(finished_at) - julianday(started_at)) * 86400.0)";
+
+    const DATA_MODIFYING_WITH: bool = false;
 
     fn connections(&self) -> &Connections<sqlx::Sqlite> {
         &self.connections

@@ -2126,6 +2126,99 @@ async fn the_last_result_finishes_its_execution_in_its_own_commit(store: Arc<dyn
     assert!(completed.finished.is_empty());
 }
 
+/// Results that share one `complete_steps_then` see each other as a commit after them would:
+/// two last steps that succeed together end their execution (each counts the other as
+/// succeeded), one of them failing ends nothing, and a step a verdict of the same batch finished
+/// (a timeout of a PENDING step) is not moved on by a next step naming it.
+async fn results_of_one_batch_count_each_other(store: Arc<dyn Store>) {
+    let fixture = fixture(&store).await;
+    let t0 = now();
+    let succeeded = |key: AttemptKey| FinishedAttempt {
+        key,
+        completion: Completion::Succeeded { output: json!({"k": key.step_run_id}) },
+        started_at: Some(t0 + seconds(1)),
+        finished_at: t0 + seconds(2),
+        logs: Vec::new(),
+    };
+    let finishing = |after: AttemptKey, execution_id: Uuid| FinishingExecution {
+        after,
+        execution_id,
+        change: ExecutionChange {
+            output: Some(json!({"n": 2})),
+            finished_at: Some(t0 + seconds(2)),
+            only_when_every_step_succeeded: true,
+            ..ExecutionChange::new(ExecutionStatus::Succeeded, t0 + seconds(2))
+        },
+    };
+    let running = |keys: Vec<AttemptKey>| {
+        let store = store.clone();
+        async move {
+            for key in keys {
+                queue(&store, key, t0).await;
+                assign(&store, key, "runner-1", t0).await;
+            }
+        }
+    };
+
+    // a and b, the last two, succeed together: the execution ends.
+    let (both, steps) = simple_execution(&store, fixture.owner, &["a", "b"], 1).await;
+    let (a, b) = (steps[0].attempt_key(), steps[1].attempt_key());
+    running(vec![a, b]).await;
+    let completed = store
+        .complete_steps_then(&[succeeded(a), succeeded(b)], &[], &[finishing(b, both.id)])
+        .await
+        .expect("complete a and b");
+    assert_eq!(completed.step_runs.len(), 2);
+    assert_eq!(completed.finished, vec![both.id]);
+    let finished = store.get_execution(OwnerScope::All, both.id).await.expect("read");
+    assert_eq!(finished.status, ExecutionStatus::Succeeded);
+
+    // a fails while b succeeds: nothing ends.
+    let (failing, steps) = simple_execution(&store, fixture.owner, &["a", "b"], 1).await;
+    let (a, b) = (steps[0].attempt_key(), steps[1].attempt_key());
+    running(vec![a, b]).await;
+    let failed = FinishedAttempt { completion: failure(false), ..succeeded(a) };
+    let completed = store
+        .complete_steps_then(&[failed, succeeded(b)], &[], &[finishing(b, failing.id)])
+        .await
+        .expect("fail a, complete b");
+    assert_eq!(completed.step_runs.len(), 2);
+    assert!(completed.finished.is_empty(), "{:?}", completed.finished);
+    let unfinished = store.get_execution(OwnerScope::All, failing.id).await.expect("read");
+    assert!(!unfinished.status.is_finished(), "{:?}", unfinished.status);
+
+    // c times out while PENDING in the batch whose other result names it as a next step: it
+    // stays TIMED_OUT, and the result stands.
+    let (timing_out, steps) = simple_execution(&store, fixture.owner, &["x", "c"], 1).await;
+    let (x, c) = (steps[0].attempt_key(), steps[1].attempt_key());
+    running(vec![x]).await;
+    let timed_out = FinishedAttempt {
+        key: c,
+        completion: Completion::TimedOut,
+        started_at: None,
+        finished_at: t0 + seconds(2),
+        logs: Vec::new(),
+    };
+    let next = NextStep {
+        after: x,
+        key: c,
+        input: None,
+        at: t0 + seconds(2),
+        assignment: Some(assignment("runner-c", t0 + seconds(2))),
+    };
+    let completed = store
+        .complete_steps_then(&[succeeded(x), timed_out], &[next], &[])
+        .await
+        .expect("complete x, time c out");
+    assert_eq!(completed.step_runs.len(), 2);
+    assert!(completed.next.is_empty(), "{:?}", completed.next);
+    let row = store.get_step_run(c.step_run_id).await.expect("c");
+    assert_eq!((row.status, row.runner_id), (StepRunStatus::TimedOut, None));
+    assert_eq!(row.version, steps[1].version + 1, "one transition, counted once");
+    let execution = store.get_execution(OwnerScope::All, timing_out.id).await.expect("read");
+    assert!(!execution.status.is_finished());
+}
+
 /// An execution created `running` starts RUNNING (started at its creation, its version
 /// counting that start), with the step runs given a `start` QUEUED or ASSIGNED at that time
 /// with their input, runner and lease, their versions counting each stage; the others PENDING.
@@ -2194,6 +2287,7 @@ crate::conformance!(
     a_result_moves_its_next_steps_in_its_own_commit,
     an_execution_created_running_starts_its_first_steps,
     the_last_result_finishes_its_execution_in_its_own_commit,
+    results_of_one_batch_count_each_other,
     execution_and_step_runs_are_created_atomically,
     finishing_when_every_step_succeeded,
     merged_transitions_record_every_stage,
