@@ -1172,13 +1172,15 @@ fn pending_and_due_in_a_live_execution(at: &str) -> String {
 }
 
 /// The `SET` of a result (`complete_steps`), from the row `v` of `completion_rows`: id,
-/// attempt, status, output, error, retryable, finished at, started at.
+/// attempt, status, output, error, retryable, finished at, started at. The end of an ASSIGNED
+/// attempt counts two transitions, as a cancel does (`cancel_pending_steps`): its start may
+/// have been announced to watchers at the next version without a commit (a result carries it
+/// in `v.column8`; an engine's verdict may meet one announced a moment before).
 const COMPLETE_SET: &str = "status = v.column3, output = v.column4, error = v.column5, \
      error_retryable = v.column6, finished_at = v.column7, \
      started_at = COALESCE(step_runs.started_at, v.column8), \
      lease_expires_at = NULL, next_attempt_at = NULL, updated_at = v.column7, \
-     version = version + CASE WHEN step_runs.status = 'ASSIGNED' \
-     AND v.column8 IS NOT NULL THEN 2 ELSE 1 END";
+     version = version + CASE WHEN step_runs.status = 'ASSIGNED' THEN 2 ELSE 1 END";
 
 /// Which step runs a result applies to. Results come from a runner, which only ever holds
 /// ASSIGNED/RUNNING attempts; timeouts and cancels are the engine's verdicts on any unfinished

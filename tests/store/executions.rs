@@ -372,7 +372,8 @@ async fn execution_and_step_runs_are_created_atomically(store: Arc<dyn Store>) {
 
 async fn step_transitions_in_order(store: Arc<dyn Store>) {
     let fixture = fixture(&store).await;
-    let (_, steps) = simple_execution(&store, fixture.owner, &["happy", "sad", "slow"], 2).await;
+    let (_, steps) =
+        simple_execution(&store, fixture.owner, &["happy", "sad", "slow", "late"], 2).await;
     let key = steps[0].attempt_key();
     let t0 = now();
 
@@ -465,7 +466,14 @@ async fn step_transitions_in_order(store: Arc<dyn Store>) {
         CompletionOutcome::Stale { current_attempt: 1, current_status: StepRunStatus::Queued }
     );
     let timed_out = complete(&store, slow_key, Completion::TimedOut, t3).await;
-    assert_eq!(timed_out.status, StepRunStatus::TimedOut);
+    assert_eq!((timed_out.status, timed_out.version), (StepRunStatus::TimedOut, 3));
+    // A verdict on an ASSIGNED attempt counts the start watchers may have been told of
+    // without a commit, as a result that carries its start does.
+    let late_key = steps[3].attempt_key();
+    queue(&store, late_key, t3).await;
+    assign(&store, late_key, "runner-1", t3).await;
+    let late = complete(&store, late_key, Completion::TimedOut, t3).await;
+    assert_eq!((late.status, late.version), (StepRunStatus::TimedOut, 5));
 
     let unknown = AttemptKey { step_run_id: Uuid::now_v7(), attempt: 1 };
     assert!(matches!(
