@@ -130,6 +130,32 @@ pub(crate) async fn queue(store: &Arc<dyn Store>, key: AttemptKey, at: DateTime<
     applied(store.mark_step_queued(key, Some(json!({"resolved": true})), at).await.expect("queue"))
 }
 
+/// A success of attempt `key` with `output`, started a second after `t0` and finished two after.
+fn success_of(key: AttemptKey, output: Value, t0: DateTime<Utc>) -> FinishedAttempt {
+    FinishedAttempt {
+        key,
+        completion: Completion::Succeeded { output },
+        started_at: Some(t0 + seconds(1)),
+        finished_at: t0 + seconds(2),
+        logs: Vec::new(),
+    }
+}
+
+/// The end of execution `execution_id` with output `{"n": 2}` that the success of `after` brings
+/// two seconds after `t0`, on the condition that every step succeeded.
+fn finishing_after(after: AttemptKey, execution_id: Uuid, t0: DateTime<Utc>) -> FinishingExecution {
+    FinishingExecution {
+        after,
+        execution_id,
+        change: ExecutionChange {
+            output: Some(json!({"n": 2})),
+            finished_at: Some(t0 + seconds(2)),
+            only_when_every_step_succeeded: true,
+            ..ExecutionChange::new(ExecutionStatus::Succeeded, t0 + seconds(2))
+        },
+    }
+}
+
 fn assignment(runner_id: &str, at: DateTime<Utc>) -> StepAssignment {
     StepAssignment {
         runner_id: runner_id.to_owned(),
@@ -2050,23 +2076,9 @@ async fn a_result_moves_its_next_steps_in_its_own_commit(store: Arc<dyn Store>) 
 async fn the_last_result_finishes_its_execution_in_its_own_commit(store: Arc<dyn Store>) {
     let fixture = fixture(&store).await;
     let t0 = now();
-    let succeeded = |key: AttemptKey| FinishedAttempt {
-        key,
-        completion: Completion::Succeeded { output: json!({"n": 2}) },
-        started_at: Some(t0 + seconds(1)),
-        finished_at: t0 + seconds(2),
-        logs: Vec::new(),
-    };
-    let finishing = |after: AttemptKey, execution_id: Uuid| FinishingExecution {
-        after,
-        execution_id,
-        change: ExecutionChange {
-            output: Some(json!({"n": 2})),
-            finished_at: Some(t0 + seconds(2)),
-            only_when_every_step_succeeded: true,
-            ..ExecutionChange::new(ExecutionStatus::Succeeded, t0 + seconds(2))
-        },
-    };
+    let succeeded = |key: AttemptKey| success_of(key, json!({"n": 2}), t0);
+    let finishing =
+        |after: AttemptKey, execution_id: Uuid| finishing_after(after, execution_id, t0);
     let running = |key: AttemptKey| {
         let store = store.clone();
         async move {
@@ -2141,23 +2153,9 @@ async fn the_last_result_finishes_its_execution_in_its_own_commit(store: Arc<dyn
 async fn results_of_one_batch_count_each_other(store: Arc<dyn Store>) {
     let fixture = fixture(&store).await;
     let t0 = now();
-    let succeeded = |key: AttemptKey| FinishedAttempt {
-        key,
-        completion: Completion::Succeeded { output: json!({"k": key.step_run_id}) },
-        started_at: Some(t0 + seconds(1)),
-        finished_at: t0 + seconds(2),
-        logs: Vec::new(),
-    };
-    let finishing = |after: AttemptKey, execution_id: Uuid| FinishingExecution {
-        after,
-        execution_id,
-        change: ExecutionChange {
-            output: Some(json!({"n": 2})),
-            finished_at: Some(t0 + seconds(2)),
-            only_when_every_step_succeeded: true,
-            ..ExecutionChange::new(ExecutionStatus::Succeeded, t0 + seconds(2))
-        },
-    };
+    let succeeded = |key: AttemptKey| success_of(key, json!({"k": key.step_run_id}), t0);
+    let finishing =
+        |after: AttemptKey, execution_id: Uuid| finishing_after(after, execution_id, t0);
     let running = |keys: Vec<AttemptKey>| {
         let store = store.clone();
         async move {
