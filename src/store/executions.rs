@@ -1738,7 +1738,8 @@ macro_rules! impl_executions_store {
             /// finishing execution asks whether its `after` is among the results the statement
             /// applied (`done`), "every step succeeded" counts those as succeeded, and a step the
             /// results finished (a timeout of a PENDING step) is not moved on as well. Its
-            /// tables are padded to one size: seven statement texts in all.
+            /// tables are padded to one size: seven statement texts, and seven more for results
+            /// that move nothing on.
             async fn complete_steps_then_together(
                 &self,
                 completions: &[FinishedAttempt],
@@ -1775,6 +1776,9 @@ macro_rules! impl_executions_store {
                     )
                 };
                 let not_done = " AND step_runs.id NOT IN (SELECT id FROM done)";
+                // Results alone (with their log lines) leave the parts that move on out: their
+                // tables, padded to the results' size, would be rows of NULLs to plan and join.
+                let moves_on = !next.is_empty() || !finishing.is_empty();
                 let mut statement = sqlx::QueryBuilder::<$db>::new("WITH done AS (");
                 <$store>::push_step_transition(
                     &mut statement,
@@ -1782,76 +1786,90 @@ macro_rules! impl_executions_store {
                     <$store>::completion_rows(completions).padded_to(rows),
                     COMPLETE_CONDITION,
                 );
-                statement.push(concat!(" RETURNING ", step_run_columns!(), "), queued AS ("));
-                <$store>::push_step_transition(
-                    &mut statement,
-                    QUEUE_SET,
-                    <$store>::queued_rows(&queued)
-                        .column(queued_after.iter().map(|after| after.step_run_id))
-                        .column(queued_after.iter().map(|after| after.attempt))
-                        .padded_to(rows),
-                    &(pending_and_due_in_a_live_execution("v.column4")
-                        + &after_succeeded("v.column5", "v.column6")
-                        + not_done),
-                );
-                statement.push(concat!(" RETURNING ", step_run_columns!(), "), handed AS ("));
-                <$store>::push_step_transition(
-                    &mut statement,
-                    HAND_SET,
-                    <$store>::handed_rows(&handed)
-                        .column(handed_after.iter().map(|after| after.step_run_id))
-                        .column(handed_after.iter().map(|after| after.attempt))
-                        .padded_to(rows),
-                    &(pending_and_due_in_a_live_execution("v.column6")
-                        + &after_succeeded("v.column7", "v.column8")
-                        + not_done),
-                );
-                statement.push(concat!(
-                    " RETURNING ",
-                    step_run_columns!(),
-                    "), finished AS (UPDATE executions SET "
-                ));
-                statement.push(EXECUTION_CHANGE_SET).push(" FROM (");
-                <$store>::execution_change_rows(&changes)
-                    .column(finishing.iter().map(|finish| finish.after.step_run_id))
-                    .column(finishing.iter().map(|finish| finish.after.attempt))
-                    .column(
-                        finishing.iter().map(|finish| finish.change.only_when_every_step_succeeded),
-                    )
-                    .padded_to(rows)
-                    .push_table(&mut statement);
-                statement.push(") AS v WHERE executions.id = v.column1 AND executions.status IN (");
-                let mut statuses = statement.separated(", ");
-                for status in ExecutionStatus::UNFINISHED {
-                    statuses.push_bind(*status);
+                statement.push(concat!(" RETURNING ", step_run_columns!(), ")"));
+                if moves_on {
+                    statement.push(", queued AS (");
+                    <$store>::push_step_transition(
+                        &mut statement,
+                        QUEUE_SET,
+                        <$store>::queued_rows(&queued)
+                            .column(queued_after.iter().map(|after| after.step_run_id))
+                            .column(queued_after.iter().map(|after| after.attempt))
+                            .padded_to(rows),
+                        &(pending_and_due_in_a_live_execution("v.column4")
+                            + &after_succeeded("v.column5", "v.column6")
+                            + not_done),
+                    );
+                    statement.push(concat!(" RETURNING ", step_run_columns!(), "), handed AS ("));
+                    <$store>::push_step_transition(
+                        &mut statement,
+                        HAND_SET,
+                        <$store>::handed_rows(&handed)
+                            .column(handed_after.iter().map(|after| after.step_run_id))
+                            .column(handed_after.iter().map(|after| after.attempt))
+                            .padded_to(rows),
+                        &(pending_and_due_in_a_live_execution("v.column6")
+                            + &after_succeeded("v.column7", "v.column8")
+                            + not_done),
+                    );
+                    statement.push(concat!(
+                        " RETURNING ",
+                        step_run_columns!(),
+                        "), finished AS (UPDATE executions SET "
+                    ));
+                    statement.push(EXECUTION_CHANGE_SET).push(" FROM (");
+                    <$store>::execution_change_rows(&changes)
+                        .column(finishing.iter().map(|finish| finish.after.step_run_id))
+                        .column(finishing.iter().map(|finish| finish.after.attempt))
+                        .column(
+                            finishing
+                                .iter()
+                                .map(|finish| finish.change.only_when_every_step_succeeded),
+                        )
+                        .padded_to(rows)
+                        .push_table(&mut statement);
+                    statement
+                        .push(") AS v WHERE executions.id = v.column1 AND executions.status IN (");
+                    let mut statuses = statement.separated(", ");
+                    for status in ExecutionStatus::UNFINISHED {
+                        statuses.push_bind(*status);
+                    }
+                    statement
+                        .push(")")
+                        .push(after_succeeded("v.column9", "v.column10"))
+                        .push(" AND (v.column11 IS NOT TRUE OR ")
+                        .push(every_step_succeeded(
+                            " AND step_runs.id NOT IN (SELECT id FROM done \
+                             WHERE done.status = 'SUCCEEDED')",
+                        ))
+                        .push(") RETURNING executions.id)");
                 }
-                statement
-                    .push(")")
-                    .push(after_succeeded("v.column9", "v.column10"))
-                    .push(" AND (v.column11 IS NOT TRUE OR ")
-                    .push(every_step_succeeded(
-                        " AND step_runs.id NOT IN (SELECT id FROM done \
-                         WHERE done.status = 'SUCCEEDED')",
-                    ))
-                    .push(") RETURNING executions.id), logs AS (");
+                statement.push(", logs AS (");
                 <$store>::push_log_insert(&mut statement, logs);
                 // Rows of four kinds, told apart by `part`: a step run (a result or a step
                 // moved on) in the step run's columns, a finished execution's id in `id`, a
                 // log line as JSON in `log`.
                 let nulls = |columns: usize| ", NULL".repeat(columns);
                 let step_run_columns = step_run_columns!().split(',').count();
+                statement.push(concat!(
+                    ") SELECT 0 AS part, ",
+                    step_run_columns!(),
+                    ", NULL::jsonb AS log FROM done"
+                ));
+                if moves_on {
+                    statement
+                        .push(concat!(
+                            " UNION ALL SELECT 1, ",
+                            step_run_columns!(),
+                            ", NULL FROM queued UNION ALL SELECT 1, ",
+                            step_run_columns!(),
+                            ", NULL FROM handed UNION ALL SELECT 2, id"
+                        ))
+                        .push(nulls(step_run_columns))
+                        .push(" FROM finished");
+                }
                 statement
-                    .push(concat!(
-                        ") SELECT 0 AS part, ",
-                        step_run_columns!(),
-                        ", NULL::jsonb AS log FROM done UNION ALL SELECT 1, ",
-                        step_run_columns!(),
-                        ", NULL FROM queued UNION ALL SELECT 1, ",
-                        step_run_columns!(),
-                        ", NULL FROM handed UNION ALL SELECT 2, id"
-                    ))
-                    .push(nulls(step_run_columns))
-                    .push(" FROM finished UNION ALL SELECT 3")
+                    .push(" UNION ALL SELECT 3")
                     .push(nulls(step_run_columns))
                     .push(", to_jsonb(line) FROM logs AS line");
                 let mut completed = CompletedSteps::default();
