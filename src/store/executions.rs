@@ -1731,8 +1731,9 @@ macro_rules! impl_executions_store {
 
             /// `complete_steps_then` (and `complete_steps` with log lines) for at most
             /// `MAX_WRITE_BATCH` results, next steps and finishing executions and
-            /// `INSERT_BATCH_ROWS` log lines (`logs`: those the results carry), in one statement where the database can write
-            /// several tables in one (`Dialect::DATA_MODIFYING_WITH`): one round trip and one
+            /// `INSERT_BATCH_ROWS` log lines (`logs`: those the results carry), in one statement
+            /// where the database can write several tables in one
+            /// (`Dialect::DATA_MODIFYING_WITH`): one round trip and one
             /// commit instead of `BEGIN`, a statement for each part and `COMMIT`. Every part of
             /// it reads the rows as they were before the statement, so a next step or a
             /// finishing execution asks whether its `after` is among the results the statement
@@ -1751,17 +1752,10 @@ macro_rules! impl_executions_store {
                 let completions = &completions[..completions.len().min(MAX_WRITE_BATCH)];
                 let (handed, queued): (Vec<&NextStep>, Vec<&NextStep>) =
                     next.iter().partition(|step| step.assignment.is_some());
+                let handed_after: Vec<AttemptKey> = handed.iter().map(|step| step.after).collect();
                 let handed: Vec<_> = handed
                     .iter()
-                    .filter_map(|step| {
-                        let assignment = step.assignment.clone()?;
-                        Some((step.key, step.input.clone(), assignment))
-                    })
-                    .collect();
-                let handed_after: Vec<AttemptKey> = next
-                    .iter()
-                    .filter(|step| step.assignment.is_some())
-                    .map(|step| step.after)
+                    .filter_map(|step| Some((step.key, step.input.clone(), step.assignment.clone()?)))
                     .collect();
                 let queued_after: Vec<AttemptKey> = queued.iter().map(|step| step.after).collect();
                 let queued: Vec<_> =

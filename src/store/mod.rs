@@ -696,10 +696,7 @@ impl Store for PostgresStore {
     }
 
     fn pool_connections(&self) -> PoolConnections {
-        PoolConnections {
-            open: self.connections.pool().size(),
-            idle: u32::try_from(self.connections.idle()).unwrap_or(u32::MAX),
-        }
+        pool_connections(&self.connections)
     }
 }
 
@@ -715,10 +712,7 @@ impl Store for SqliteStore {
     }
 
     fn pool_connections(&self) -> PoolConnections {
-        PoolConnections {
-            open: self.connections.pool().size(),
-            idle: u32::try_from(self.connections.idle()).unwrap_or(u32::MAX),
-        }
+        pool_connections(&self.connections)
     }
 }
 
@@ -746,6 +740,14 @@ pub(crate) fn like_pattern(search: &str) -> String {
     }
     pattern.push('%');
     pattern
+}
+
+/// The pool's open connections, and how many of them are idle (in the pool or kept).
+fn pool_connections<DB: sqlx::Database>(connections: &Connections<DB>) -> PoolConnections {
+    PoolConnections {
+        open: connections.pool().size(),
+        idle: u32::try_from(connections.idle()).unwrap_or(u32::MAX),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
