@@ -130,17 +130,17 @@ impl Engine {
         Ok(pass)
     }
 
-    /// A pass over the first `limit` entries of the ready queue.
+    /// A pass over the first `limit` entries of the ready queue: it holds a runner's slot for
+    /// each entry one here can take, claims them all in one round trip, places the claimed
+    /// ones (`PLACING_AT_ONCE` at a time) and acknowledges the settled ones in one round trip.
     async fn dispatch_from(self: &Arc<Self>, limit: usize) -> EngineResult<DispatchPass> {
-        let mut placing = FuturesUnordered::new();
         let mut duplicates = Vec::new();
-        let mut assigned = 0;
-        let mut failure = None;
         let items = self.queue.peek(limit).await?;
         let peeked = items.len();
         // The most urgent entry left waiting for a slot of a runner here (entries come most
         // urgent first, so the first one found is it).
         let mut waiting = None;
+        let mut picked = Vec::new();
         for item in items {
             let placement = Placement {
                 owner_id: item.owner_id,
@@ -166,26 +166,77 @@ impl Engine {
                 waiting.get_or_insert(item.priority);
                 continue;
             }
-            placing.push(self.place(runner, item));
-            if placing.len() >= PLACING_AT_ONCE
-                && let Some(placed) = placing.next().await
-            {
-                tally(placed, &mut assigned, &mut failure);
-            }
-        }
-        while let Some(placed) = placing.next().await {
-            tally(placed, &mut assigned, &mut failure);
+            picked.push((runner, item));
         }
         self.waiting_priority.store(
             waiting.unwrap_or(crate::queue::MIN_PRIORITY),
             std::sync::atomic::Ordering::Relaxed,
         );
+        let placed = self.place_all(picked).await;
         for duplicate in duplicates {
             self.queue.remove(duplicate).await?;
         }
+        let assigned = placed?;
+        Ok(DispatchPass { peeked: Some(peeked), assigned })
+    }
+
+    /// Claims the `picked` entries (each with its runner, whose slot is held for it), assigns
+    /// the claimed ones and acknowledges those settled (assigned, or stale); answers how many
+    /// it assigned. A slot is freed again unless its assignment was made; an entry whose
+    /// assignment failed goes back to the queue.
+    async fn place_all(
+        self: &Arc<Self>,
+        picked: Vec<(Arc<AttachedRunner>, QueueItem)>,
+    ) -> EngineResult<usize> {
+        if picked.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<_> = picked.iter().map(|(_, item)| item.key()).collect();
+        let claim_timeout = self.settings.acknowledgement_timeout * 2;
+        let claimed = match self.queue.claim_many(&keys, claim_timeout).await {
+            Ok(claimed) => claimed,
+            Err(error) => {
+                for (runner, item) in &picked {
+                    self.release_slot(runner, attempt_of(item));
+                }
+                return Err(error.into());
+            }
+        };
+        let mut placing = FuturesUnordered::new();
+        let mut settled = Vec::new();
+        let mut assigned = 0;
+        let mut failure = None;
+        let mut tally = |(key, placed): (crate::queue::QueueKey, EngineResult<bool>)| match placed {
+            Ok(made) => {
+                assigned += usize::from(made);
+                settled.push(key);
+            }
+            Err(error) => {
+                failure.get_or_insert(error);
+            }
+        };
+        for ((runner, item), claimed) in picked.into_iter().zip(claimed) {
+            if !claimed {
+                // Another replica took it, or it left the queue since the peek.
+                self.release_slot(&runner, attempt_of(&item));
+                continue;
+            }
+            placing.push(async move { (item.key(), self.place(runner, item).await) });
+            if placing.len() >= PLACING_AT_ONCE
+                && let Some(placed) = placing.next().await
+            {
+                tally(placed);
+            }
+        }
+        while let Some(placed) = placing.next().await {
+            tally(placed);
+        }
+        if !settled.is_empty() {
+            self.queue.ack_many(&settled).await?;
+        }
         match failure {
             Some(error) => Err(error),
-            None => Ok(DispatchPass { peeked: Some(peeked), assigned }),
+            None => Ok(assigned),
         }
     }
 
@@ -235,42 +286,24 @@ impl Engine {
         Some(placed.map(|_| ()))
     }
 
-    /// Claims `item`, assigns it to `runner` (whose slot is already held for it) and settles
-    /// its queue entry; the slot is freed again unless the assignment was made.
+    /// Assigns the claimed `item` to `runner` (whose slot is already held for it): `true` when
+    /// made, `false` when the step moved on (cancelled, finished, another attempt), whose entry
+    /// is to be dropped too. The slot is freed again unless the assignment was made; an entry
+    /// whose assignment failed goes back to the queue here.
     async fn place(
         self: &Arc<Self>,
         runner: Arc<AttachedRunner>,
         item: QueueItem,
     ) -> EngineResult<bool> {
         let key = attempt_of(&item);
-        let unreserve = || {
-            self.release_slot(&runner, key);
-        };
-        let claim_timeout = self.settings.acknowledgement_timeout * 2;
-        match self.queue.claim(item.key(), claim_timeout).await {
-            Ok(true) => {}
-            Ok(false) => {
-                unreserve();
-                return Ok(false);
-            }
-            Err(error) => {
-                unreserve();
-                return Err(error.into());
-            }
-        }
         match self.assign(&runner, &item, None).await {
-            Ok(Placed::Assigned) => {
-                self.queue.ack(item.key()).await?;
-                Ok(true)
-            }
-            // The step moved on (cancelled, finished, another attempt): drop the entry.
+            Ok(Placed::Assigned) => Ok(true),
             Ok(Placed::Stale) => {
-                unreserve();
-                self.queue.ack(item.key()).await?;
+                self.release_slot(&runner, key);
                 Ok(false)
             }
             Err(error) => {
-                unreserve();
+                self.release_slot(&runner, key);
                 let _ = self.queue.release(item.key()).await;
                 Err(error)
             }
@@ -480,20 +513,6 @@ fn attempt_of(item: &QueueItem) -> AttemptKey {
 }
 
 /// Counts one placement's outcome, keeping the first failure.
-fn tally(
-    placed: EngineResult<bool>,
-    assigned: &mut usize,
-    failure: &mut Option<super::EngineError>,
-) {
-    match placed {
-        Ok(true) => *assigned += 1,
-        Ok(false) => {}
-        Err(error) => {
-            failure.get_or_insert(error);
-        }
-    }
-}
-
 /// The deadline of a slot held at `now` until the assignment knows the step's own.
 pub(super) fn provisional_deadline(now: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
     now + chrono::Duration::seconds(30)

@@ -19,7 +19,7 @@ use super::{Engine, EngineResult};
 use crate::bus::topics;
 use crate::mapping;
 use crate::proto::v1 as pb;
-use crate::queue::{QueueError, QueueItem};
+use crate::queue::{EnqueueOutcome, QueueItem};
 use crate::store::{
     AttemptKey, Completion, CompletionOutcome, Execution, ExecutionChange, ExecutionLog,
     ExecutionStatus, FinishedAttempt, FinishingExecution, InFlightStepRun, NewExecutionLog,
@@ -476,17 +476,30 @@ impl Engine {
                 now,
             )
         });
+        let mut items = Vec::new();
+        let mut failure = None;
         for made in futures::future::join_all(made_ready).await {
-            if let Some(queued) = made? {
-                let queued_at = queued.queued_at.unwrap_or(now);
-                if let Some(item) =
-                    self.queue_item(execution_id, &facts, &definition, stage(&queued), queued_at)
-                {
-                    self.enqueue_item(item).await?;
+            match made {
+                Ok(Some(queued)) => {
+                    let queued_at = queued.queued_at.unwrap_or(now);
+                    let stage = stage(&queued);
+                    items.extend(self.queue_item(
+                        execution_id,
+                        &facts,
+                        &definition,
+                        stage,
+                        queued_at,
+                    ));
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    failure.get_or_insert(error);
                 }
             }
         }
-        Ok(())
+        // The ones committed QUEUED go into the queue even when another failed.
+        self.enqueue_items(items).await?;
+        failure.map_or(Ok(()), Err)
     }
 
     /// Moves a PENDING step whose time has come on: straight to a runner attached here with a
@@ -707,9 +720,7 @@ impl Engine {
         for (runner, row, prepared) in assignments {
             self.send_assignment(&runner, execution_id, row, prepared).await;
         }
-        for item in queued {
-            self.enqueue_item(item).await?;
-        }
+        self.enqueue_items(queued).await?;
         if refused {
             self.advance(execution_id).await?;
         }
@@ -1028,23 +1039,26 @@ impl Engine {
         let queued_at = step_run.queued_at.unwrap_or_else(Utc::now);
         let facts = FixedFacts::of(execution);
         match self.queue_item(execution.id, &facts, definition, stage(step_run), queued_at) {
-            Some(item) => self.enqueue_item(item).await,
+            Some(item) => self.enqueue_items(vec![item]).await,
             None => Ok(()),
         }
     }
 
-    /// Puts an entry in the ready queue; see `enqueue`.
-    pub(super) async fn enqueue_item(&self, item: QueueItem) -> EngineResult<()> {
-        let step_run_id = item.step_run_id;
-        self.waiting_priority.fetch_max(item.priority, std::sync::atomic::Ordering::Relaxed);
-        match self.queue.enqueue(item).await {
-            Ok(_) => Ok(()),
-            Err(QueueError::Full { max_len }) => {
+    /// Puts entries in the ready queue, in one round trip; see `enqueue`.
+    pub(super) async fn enqueue_items(&self, items: Vec<QueueItem>) -> EngineResult<()> {
+        let Some(most_urgent) = items.iter().map(|item| item.priority).max() else {
+            return Ok(());
+        };
+        self.waiting_priority.fetch_max(most_urgent, std::sync::atomic::Ordering::Relaxed);
+        let step_run_ids: Vec<Uuid> = items.iter().map(|item| item.step_run_id).collect();
+        let outcomes = self.queue.enqueue_many(items).await?;
+        for (step_run_id, outcome) in step_run_ids.iter().zip(outcomes) {
+            if outcome == EnqueueOutcome::Full {
+                let max_len = self.queue.max_len();
                 tracing::warn!(max_len, %step_run_id, "the queue is full; the reconciler will offer the step again");
-                Ok(())
             }
-            Err(error) => Err(error.into()),
         }
+        Ok(())
     }
 
     /// The queue entry of a step run that runners execute (`None` for a WORKFLOW step, which

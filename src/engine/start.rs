@@ -192,9 +192,7 @@ impl Engine {
                 }),
             }
         }
-        for item in queued {
-            self.enqueue_item(item).await?;
-        }
+        self.enqueue_items(queued).await?;
         Ok(())
     }
 }

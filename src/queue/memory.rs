@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
 use super::{
-    EnqueueOutcome, MAX_PEEK_LIMIT, Queue, QueueError, QueueItem, QueueKey, QueueResult,
-    QueueStats, ReadyRank, claim_deadline_millis,
+    EnqueueOutcome, MAX_PEEK_LIMIT, Queue, QueueItem, QueueKey, QueueResult, QueueStats, ReadyRank,
+    claim_deadline_millis,
 };
 
 /// A bounded in-process queue. Its wake-up counter changes on every enqueue, release and
@@ -78,23 +78,33 @@ impl MemoryQueueState {
 
 #[async_trait]
 impl Queue for MemoryQueue {
-    async fn enqueue(&self, item: QueueItem) -> QueueResult<EnqueueOutcome> {
-        item.validate()?;
-        let key = item.key();
+    async fn enqueue_many(&self, items: Vec<QueueItem>) -> QueueResult<Vec<EnqueueOutcome>> {
+        for item in &items {
+            item.validate()?;
+        }
+        let mut outcomes = Vec::with_capacity(items.len());
         {
             let mut state = self.lock_state();
-            if state.entries.contains_key(&key) {
-                return Ok(EnqueueOutcome::AlreadyQueued);
+            for item in items {
+                let key = item.key();
+                let outcome = if state.entries.contains_key(&key) {
+                    EnqueueOutcome::AlreadyQueued
+                } else if state.entries.len() >= self.max_len {
+                    EnqueueOutcome::Full
+                } else {
+                    let rank = ReadyRank::of(&item);
+                    state.ready.insert((rank, key));
+                    let entry = MemoryEntry { item, rank, placement: Placement::Ready };
+                    state.entries.insert(key, entry);
+                    EnqueueOutcome::Enqueued
+                };
+                outcomes.push(outcome);
             }
-            if state.entries.len() >= self.max_len {
-                return Err(QueueError::Full { max_len: self.max_len });
-            }
-            let rank = ReadyRank::of(&item);
-            state.ready.insert((rank, key));
-            state.entries.insert(key, MemoryEntry { item, rank, placement: Placement::Ready });
         }
-        self.signal_new_work();
-        Ok(EnqueueOutcome::Enqueued)
+        if outcomes.contains(&EnqueueOutcome::Enqueued) {
+            self.signal_new_work();
+        }
+        Ok(outcomes)
     }
 
     async fn peek(&self, limit: usize) -> QueueResult<Vec<QueueItem>> {
@@ -109,27 +119,45 @@ impl Queue for MemoryQueue {
         Ok(items)
     }
 
-    async fn claim(&self, key: QueueKey, visibility_timeout: Duration) -> QueueResult<bool> {
+    async fn claim_many(
+        &self,
+        keys: &[QueueKey],
+        visibility_timeout: Duration,
+    ) -> QueueResult<Vec<bool>> {
         let deadline_millis = claim_deadline_millis(visibility_timeout);
         let mut state = self.lock_state();
         let MemoryQueueState { entries, ready, in_flight } = &mut *state;
-        let Some(entry) = entries.get_mut(&key) else { return Ok(false) };
-        if entry.placement != Placement::Ready {
-            return Ok(false);
-        }
-        ready.remove(&(entry.rank, key));
-        in_flight.insert((deadline_millis, key));
-        entry.placement = Placement::InFlight { deadline_millis };
-        Ok(true)
+        let claimed = keys
+            .iter()
+            .map(|key| {
+                let Some(entry) = entries.get_mut(key) else { return false };
+                if entry.placement != Placement::Ready {
+                    return false;
+                }
+                ready.remove(&(entry.rank, *key));
+                in_flight.insert((deadline_millis, *key));
+                entry.placement = Placement::InFlight { deadline_millis };
+                true
+            })
+            .collect();
+        Ok(claimed)
     }
 
-    async fn ack(&self, key: QueueKey) -> QueueResult<bool> {
+    async fn ack_many(&self, keys: &[QueueKey]) -> QueueResult<Vec<bool>> {
         let mut state = self.lock_state();
-        let Some(entry) = state.entries.get(&key) else { return Ok(false) };
-        let Placement::InFlight { deadline_millis } = entry.placement else { return Ok(false) };
-        state.in_flight.remove(&(deadline_millis, key));
-        state.entries.remove(&key);
-        Ok(true)
+        let acknowledged = keys
+            .iter()
+            .map(|key| {
+                let Some(entry) = state.entries.get(key) else { return false };
+                let Placement::InFlight { deadline_millis } = entry.placement else {
+                    return false;
+                };
+                state.in_flight.remove(&(deadline_millis, *key));
+                state.entries.remove(key);
+                true
+            })
+            .collect();
+        Ok(acknowledged)
     }
 
     async fn release(&self, key: QueueKey) -> QueueResult<bool> {

@@ -162,9 +162,17 @@ pub(crate) fn claim_deadline_millis(visibility_timeout: Duration) -> i64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnqueueOutcome {
     Enqueued,
-    /// An entry with the same key is already ready or in flight; it was left untouched.
+    /// An entry with the same key is already ready or in flight (or came earlier in the same
+    /// batch); it was left untouched.
     AlreadyQueued,
+    /// The queue held `max_len` items, so this one was not added. Only `enqueue_many` answers
+    /// it; `enqueue` answers `QueueError::Full` instead.
+    Full,
 }
+
+/// The most items one `enqueue_many`, `claim_many` or `ack_many` round trip carries; longer
+/// batches are split (a Lua script unpacks its arguments onto a bounded stack).
+pub const MAX_BATCH: usize = 256;
 
 /// How many items wait (`ready`) and how many are claimed but not yet acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -221,20 +229,50 @@ pub type QueueResult<T> = Result<T, QueueError>;
 /// ```
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
-    /// Adds a ready item. Idempotent on `item.key()`: an existing entry (ready or in flight)
-    /// is kept as it is and `AlreadyQueued` is returned, even when the queue is full.
-    async fn enqueue(&self, item: QueueItem) -> QueueResult<EnqueueOutcome>;
+    /// Adds ready items, in one round trip per `MAX_BATCH`, and answers what became of each, in
+    /// their order. Idempotent on `item.key()`: an existing entry (ready or in flight, or one
+    /// earlier in the batch) is kept as it is and is `AlreadyQueued`, even when the queue is
+    /// full; a new one is `Full` once the queue holds `max_len` items. A batch with an invalid
+    /// item is refused whole (`InvalidItem`), before anything is added.
+    async fn enqueue_many(&self, items: Vec<QueueItem>) -> QueueResult<Vec<EnqueueOutcome>>;
+
+    /// Adds a ready item (`enqueue_many` of one). Idempotent on `item.key()`: an existing entry
+    /// (ready or in flight) is kept as it is and `AlreadyQueued` is returned, even when the
+    /// queue is full; a new one fails with `Full` when the queue holds `max_len` items.
+    async fn enqueue(&self, item: QueueItem) -> QueueResult<EnqueueOutcome> {
+        match self.enqueue_many(vec![item]).await?.first() {
+            Some(EnqueueOutcome::Full) | None => Err(QueueError::Full { max_len: self.max_len() }),
+            Some(outcome) => Ok(*outcome),
+        }
+    }
 
     /// The first `limit` ready items in queue order (at most `MAX_PEEK_LIMIT`), not claimed.
     async fn peek(&self, limit: usize) -> QueueResult<Vec<QueueItem>>;
 
-    /// Atomically moves a ready item to in-flight until now + `visibility_timeout`. Exactly one
-    /// of several racing claimers (in this process or another replica) gets `true`.
-    async fn claim(&self, key: QueueKey, visibility_timeout: Duration) -> QueueResult<bool>;
+    /// Atomically moves ready items to in-flight until now + `visibility_timeout`, in one round
+    /// trip per `MAX_BATCH`, and answers for each key, in their order, whether this caller
+    /// claimed it. Exactly one of several racing claimers (in this process or another replica)
+    /// gets `true` for a key; a key given twice is claimed by its first mention.
+    async fn claim_many(
+        &self,
+        keys: &[QueueKey],
+        visibility_timeout: Duration,
+    ) -> QueueResult<Vec<bool>>;
 
-    /// Drops an in-flight item once its assignment is durable. `false` when the item is not in
-    /// flight (never claimed, or its claim expired and it went back to ready).
-    async fn ack(&self, key: QueueKey) -> QueueResult<bool>;
+    /// `claim_many` of one key.
+    async fn claim(&self, key: QueueKey, visibility_timeout: Duration) -> QueueResult<bool> {
+        Ok(self.claim_many(&[key], visibility_timeout).await?.first() == Some(&true))
+    }
+
+    /// Drops in-flight items once their assignments are durable, in one round trip per
+    /// `MAX_BATCH`, and answers for each key, in their order, whether it was in flight (`false`:
+    /// never claimed, its claim expired and it went back to ready, or mentioned earlier).
+    async fn ack_many(&self, keys: &[QueueKey]) -> QueueResult<Vec<bool>>;
+
+    /// `ack_many` of one key.
+    async fn ack(&self, key: QueueKey) -> QueueResult<bool> {
+        Ok(self.ack_many(&[key]).await?.first() == Some(&true))
+    }
 
     /// Puts an in-flight item back in its place among the ready items (a runner refused it).
     /// `false` when the item is not in flight.

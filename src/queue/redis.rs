@@ -19,7 +19,7 @@ use redis::Script;
 use tokio::sync::watch;
 
 use super::{
-    EnqueueOutcome, MAX_PEEK_LIMIT, Queue, QueueError, QueueItem, QueueKey, QueueResult,
+    EnqueueOutcome, MAX_BATCH, MAX_PEEK_LIMIT, Queue, QueueError, QueueItem, QueueKey, QueueResult,
     QueueStats, ReadyRank, claim_deadline_millis,
 };
 use crate::redis_pool::RedisPool;
@@ -94,16 +94,46 @@ impl QueueKeys {
     }
 }
 
-/// Returns {1, version} when added, {0, 0} when the key exists, {-1, 0} when full.
+/// ARGV: the bound, then (member, rank, item JSON) for each item. Returns {version, statuses}:
+/// the new version (0 when nothing was added), and for each item 1 when added, 0 when its key
+/// exists (or came earlier in the batch), -1 when the queue was full. Reads before it writes,
+/// and writes each key once for the whole batch.
 const ENQUEUE_SCRIPT: &str = r"
 local ready, items, ranks, version = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local member, rank, item_json, max_len = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-if redis.call('HEXISTS', items, member) == 1 then return {0, 0} end
-if redis.call('HLEN', items) >= max_len then return {-1, 0} end
-redis.call('HSET', items, member, item_json)
-redis.call('HSET', ranks, member, rank)
-redis.call('ZADD', ready, rank, member)
-return {1, redis.call('INCR', version)}
+local max_len = tonumber(ARGV[1])
+local count = (#ARGV - 1) / 3
+local members = {}
+for index = 1, count do members[index] = ARGV[3 * index - 1] end
+local existing = redis.call('HMGET', items, unpack(members))
+local room = max_len - redis.call('HLEN', items)
+local version_now, statuses, seen = 0, {}, {}
+local item_fields, rank_fields, scored = {}, {}, {}
+for index = 1, count do
+  local member = members[index]
+  local rank, item_json = ARGV[3 * index], ARGV[3 * index + 1]
+  if existing[index] or seen[member] then
+    statuses[index] = 0
+  elseif room <= 0 then
+    statuses[index] = -1
+  else
+    seen[member] = true
+    room = room - 1
+    statuses[index] = 1
+    table.insert(item_fields, member)
+    table.insert(item_fields, item_json)
+    table.insert(rank_fields, member)
+    table.insert(rank_fields, rank)
+    table.insert(scored, rank)
+    table.insert(scored, member)
+  end
+end
+if #item_fields > 0 then
+  redis.call('HSET', items, unpack(item_fields))
+  redis.call('HSET', ranks, unpack(rank_fields))
+  redis.call('ZADD', ready, unpack(scored))
+  version_now = redis.call('INCR', version)
+end
+return {version_now, statuses}
 ";
 
 /// Returns {member, item JSON, …} of the first ARGV[1] ready members (JSON nil if missing).
@@ -119,19 +149,67 @@ end
 return result
 ";
 
-/// Returns 1 when this caller moved the member from ready to in-flight, 0 otherwise.
+/// ARGV: the claim deadline, then the members. Returns, for each member, 1 when this caller
+/// moved it from ready to in-flight, 0 otherwise (not ready, or mentioned earlier). One member
+/// takes two commands, a batch three.
 const CLAIM_SCRIPT: &str = r"
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-return 1
+local ready, in_flight = KEYS[1], KEYS[2]
+local deadline = ARGV[1]
+if #ARGV == 2 then
+  if redis.call('ZREM', ready, ARGV[2]) == 0 then return {0} end
+  redis.call('ZADD', in_flight, deadline, ARGV[2])
+  return {1}
+end
+local members = {}
+for index = 2, #ARGV do members[index - 1] = ARGV[index] end
+local scores = redis.call('ZMSCORE', ready, unpack(members))
+local result, seen, moving, deadlines = {}, {}, {}, {}
+for index, member in ipairs(members) do
+  if scores[index] and not seen[member] then
+    seen[member] = true
+    result[index] = 1
+    table.insert(moving, member)
+    table.insert(deadlines, deadline)
+    table.insert(deadlines, member)
+  else
+    result[index] = 0
+  end
+end
+if #moving > 0 then
+  redis.call('ZREM', ready, unpack(moving))
+  redis.call('ZADD', in_flight, unpack(deadlines))
+end
+return result
 ";
 
-/// Returns 1 when the member was in flight and is now gone, 0 otherwise.
+/// ARGV: the members. Returns, for each member, 1 when it was in flight and is now gone, 0
+/// otherwise (not in flight, or mentioned earlier). One member takes three commands, a batch
+/// four.
 const ACK_SCRIPT: &str = r"
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-return 1
+local in_flight, items, ranks = KEYS[1], KEYS[2], KEYS[3]
+if #ARGV == 1 then
+  if redis.call('ZREM', in_flight, ARGV[1]) == 0 then return {0} end
+  redis.call('HDEL', items, ARGV[1])
+  redis.call('HDEL', ranks, ARGV[1])
+  return {1}
+end
+local scores = redis.call('ZMSCORE', in_flight, unpack(ARGV))
+local result, seen, gone = {}, {}, {}
+for index, member in ipairs(ARGV) do
+  if scores[index] and not seen[member] then
+    seen[member] = true
+    result[index] = 1
+    table.insert(gone, member)
+  else
+    result[index] = 0
+  end
+end
+if #gone > 0 then
+  redis.call('ZREM', in_flight, unpack(gone))
+  redis.call('HDEL', items, unpack(gone))
+  redis.call('HDEL', ranks, unpack(gone))
+end
+return result
 ";
 
 /// Returns the new version when the member went back to ready, 0 when it was not in flight.
@@ -311,35 +389,41 @@ fn decode_item(member: &str, item_json: &str) -> QueueResult<QueueItem> {
 
 #[async_trait]
 impl Queue for RedisQueue {
-    async fn enqueue(&self, item: QueueItem) -> QueueResult<EnqueueOutcome> {
-        item.validate()?;
-        let shared = &self.shared;
-        let member = item.key().to_member();
-        let rank = ReadyRank::of(&item).to_score();
-        let item_json = serde_json::to_string(&item)
-            .map_err(|source| QueueError::CorruptEntry { member: member.clone(), source })?;
-        let mut connection = shared.pool.connection().await?;
-        let (status, version): (i64, u64) = shared
-            .scripts
-            .enqueue
-            .key(&shared.keys.ready)
-            .key(&shared.keys.items)
-            .key(&shared.keys.ranks)
-            .key(&shared.keys.version)
-            .arg(&member)
-            .arg(rank)
-            .arg(item_json)
-            .arg(shared.max_len)
-            .invoke_async(&mut *connection)
-            .await?;
-        match status {
-            ENQUEUE_STATUS_ADDED => {
-                shared.observe_local_change(version);
-                Ok(EnqueueOutcome::Enqueued)
-            }
-            ENQUEUE_STATUS_EXISTS => Ok(EnqueueOutcome::AlreadyQueued),
-            _ => Err(QueueError::Full { max_len: shared.max_len }),
+    async fn enqueue_many(&self, items: Vec<QueueItem>) -> QueueResult<Vec<EnqueueOutcome>> {
+        for item in &items {
+            item.validate()?;
         }
+        let shared = &self.shared;
+        let mut outcomes = Vec::with_capacity(items.len());
+        for batch in items.chunks(MAX_BATCH) {
+            let mut invocation = shared.scripts.enqueue.prepare_invoke();
+            invocation
+                .key(&shared.keys.ready)
+                .key(&shared.keys.items)
+                .key(&shared.keys.ranks)
+                .key(&shared.keys.version)
+                .arg(shared.max_len);
+            for item in batch {
+                let member = item.key().to_member();
+                let item_json = serde_json::to_string(item).map_err(|source| {
+                    QueueError::CorruptEntry { member: member.clone(), source }
+                })?;
+                invocation.arg(member).arg(ReadyRank::of(item).to_score()).arg(item_json);
+            }
+            let mut connection = shared.pool.connection().await?;
+            let (version, statuses): (u64, Vec<i64>) =
+                invocation.invoke_async(&mut *connection).await?;
+            drop(connection);
+            if version > 0 {
+                shared.observe_local_change(version);
+            }
+            outcomes.extend(statuses.iter().map(|status| match *status {
+                ENQUEUE_STATUS_ADDED => EnqueueOutcome::Enqueued,
+                ENQUEUE_STATUS_EXISTS => EnqueueOutcome::AlreadyQueued,
+                _ => EnqueueOutcome::Full,
+            }));
+        }
+        Ok(outcomes)
     }
 
     async fn peek(&self, limit: usize) -> QueueResult<Vec<QueueItem>> {
@@ -365,35 +449,41 @@ impl Queue for RedisQueue {
         Ok(items)
     }
 
-    async fn claim(&self, key: QueueKey, visibility_timeout: Duration) -> QueueResult<bool> {
+    async fn claim_many(
+        &self,
+        keys: &[QueueKey],
+        visibility_timeout: Duration,
+    ) -> QueueResult<Vec<bool>> {
         let shared = &self.shared;
         let deadline_millis = claim_deadline_millis(visibility_timeout);
-        let mut connection = shared.pool.connection().await?;
-        let claimed: i64 = shared
-            .scripts
-            .claim
-            .key(&shared.keys.ready)
-            .key(&shared.keys.in_flight)
-            .arg(key.to_member())
-            .arg(deadline_millis)
-            .invoke_async(&mut *connection)
-            .await?;
-        Ok(claimed == 1)
+        let mut claimed = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(MAX_BATCH) {
+            let mut invocation = shared.scripts.claim.prepare_invoke();
+            invocation.key(&shared.keys.ready).key(&shared.keys.in_flight).arg(deadline_millis);
+            for key in batch {
+                invocation.arg(key.to_member());
+            }
+            let mut connection = shared.pool.connection().await?;
+            let reply: Vec<i64> = invocation.invoke_async(&mut *connection).await?;
+            claimed.extend(reply.iter().map(|moved| *moved == 1));
+        }
+        Ok(claimed)
     }
 
-    async fn ack(&self, key: QueueKey) -> QueueResult<bool> {
+    async fn ack_many(&self, keys: &[QueueKey]) -> QueueResult<Vec<bool>> {
         let shared = &self.shared;
-        let mut connection = shared.pool.connection().await?;
-        let acknowledged: i64 = shared
-            .scripts
-            .ack
-            .key(&shared.keys.in_flight)
-            .key(&shared.keys.items)
-            .key(&shared.keys.ranks)
-            .arg(key.to_member())
-            .invoke_async(&mut *connection)
-            .await?;
-        Ok(acknowledged == 1)
+        let mut acknowledged = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(MAX_BATCH) {
+            let mut invocation = shared.scripts.ack.prepare_invoke();
+            invocation.key(&shared.keys.in_flight).key(&shared.keys.items).key(&shared.keys.ranks);
+            for key in batch {
+                invocation.arg(key.to_member());
+            }
+            let mut connection = shared.pool.connection().await?;
+            let reply: Vec<i64> = invocation.invoke_async(&mut *connection).await?;
+            acknowledged.extend(reply.iter().map(|gone| *gone == 1));
+        }
+        Ok(acknowledged)
     }
 
     async fn release(&self, key: QueueKey) -> QueueResult<bool> {

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use tokio::sync::Barrier;
-use turbocat::queue::{EnqueueOutcome, Queue, QueueError, QueueItem, QueueKey, QueueStats};
+use turbocat::queue::{
+    EnqueueOutcome, MAX_BATCH, Queue, QueueError, QueueItem, QueueKey, QueueStats,
+};
 use uuid::Uuid;
 
 use crate::{Backend, TEST_WAKE_POLL_INTERVAL};
@@ -21,6 +23,9 @@ conformance!(
     remove_contains_and_clear,
     wake_up_signals_new_work,
     invalid_items_are_refused,
+    batches_answer_for_each_item_in_order,
+    batches_longer_than_one_round_trip,
+    racing_batch_claims_have_exactly_one_winner_per_key,
 );
 
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -416,6 +421,137 @@ async fn invalid_items_are_refused(backend: Backend) {
     let message = queue.enqueue(too_low).await.expect_err("refused").to_string();
     assert_eq!(message, "invalid queue item: priority 0 is outside 1..=10");
     assert_eq!(queue.stats().await.expect("stats"), QueueStats::default());
+}
+
+async fn batches_answer_for_each_item_in_order(backend: Backend) {
+    let harness = backend.queue(4).await;
+    let queue = Arc::clone(&harness.queue);
+    let mut ready = queue.subscribe_ready();
+    ready.borrow_and_update();
+    let now = base_time();
+    let queued = ready_item(5, now);
+    enqueue_all(queue.as_ref(), std::slice::from_ref(&queued)).await;
+    ready.borrow_and_update();
+
+    // Known keys (queued before, or earlier in the batch) are kept; new ones fill the bound
+    // of four in their order, and the rest are refused as full.
+    let (urgent, old, young, late) = (
+        ready_item(9, now),
+        ready_item(5, now - TimeDelta::seconds(1)),
+        ready_item(5, now + TimeDelta::seconds(1)),
+        ready_item(10, now),
+    );
+    let batch = vec![
+        young.clone(),
+        queued.clone(),
+        urgent.clone(),
+        young.clone(),
+        old.clone(),
+        late.clone(),
+    ];
+    let outcomes = queue.enqueue_many(batch).await.expect("enqueue many");
+    use EnqueueOutcome::{AlreadyQueued, Enqueued, Full};
+    assert_eq!(outcomes, vec![Enqueued, AlreadyQueued, Enqueued, AlreadyQueued, Enqueued, Full]);
+    assert!(ready.has_changed().expect("sender alive"), "a batch that adds signals");
+    ready.borrow_and_update();
+    let in_order = vec![urgent.key(), old.key(), queued.key(), young.key()];
+    assert_eq!(keys_of(&queue.peek(10).await.expect("peek")), in_order);
+    assert!(!queue.contains(late.key()).await.expect("contains"), "the full one is not kept");
+
+    // A batch that adds nothing is silent, and a batch with an invalid item adds nothing.
+    let outcomes = queue.enqueue_many(vec![old.clone(), late.clone()]).await.expect("again");
+    assert_eq!(outcomes, vec![AlreadyQueued, Full]);
+    assert!(!ready.has_changed().expect("sender alive"), "a batch that adds nothing is silent");
+    assert!(queue.enqueue_many(Vec::new()).await.expect("empty batch").is_empty());
+    let mut invalid = ready_item(5, now);
+    invalid.attempt = -1;
+    let refused = queue.enqueue_many(vec![invalid]).await;
+    assert!(matches!(refused, Err(QueueError::InvalidItem { .. })), "got {refused:?}");
+
+    // Claims answer per key: a ready key once (its second mention loses), an unknown key never.
+    let unknown = ready_item(5, now).key();
+    let asked = [old.key(), unknown, old.key(), urgent.key()];
+    let claimed = queue.claim_many(&asked, CLAIM_TIMEOUT).await.expect("claim many");
+    assert_eq!(claimed, vec![true, false, false, true]);
+    assert_eq!(queue.stats().await.expect("stats"), QueueStats { ready: 2, in_flight: 2 });
+    assert_eq!(keys_of(&queue.peek(10).await.expect("peek")), vec![queued.key(), young.key()]);
+    assert!(!queue.claim(old.key(), CLAIM_TIMEOUT).await.expect("claimed already"));
+    assert!(queue.claim_many(&[], CLAIM_TIMEOUT).await.expect("empty claim").is_empty());
+
+    // Acks answer per key: in flight once; ready, unknown or repeated keys are left alone.
+    let asked = [queued.key(), old.key(), unknown, old.key(), urgent.key()];
+    let acknowledged = queue.ack_many(&asked).await.expect("ack many");
+    assert_eq!(acknowledged, vec![false, true, false, false, true]);
+    assert_eq!(queue.stats().await.expect("stats"), QueueStats { ready: 2, in_flight: 0 });
+    assert!(!queue.contains(old.key()).await.expect("gone after ack"));
+    assert!(queue.contains(queued.key()).await.expect("a ready key stays"));
+    assert!(queue.ack_many(&[]).await.expect("empty ack").is_empty());
+
+    // The acknowledged items freed room for new ones.
+    let outcomes = queue.enqueue_many(vec![late.clone(), old.clone()]).await.expect("room");
+    assert_eq!(outcomes, vec![Enqueued, Enqueued]);
+    let in_order = vec![late.key(), old.key(), queued.key(), young.key()];
+    assert_eq!(keys_of(&queue.peek(10).await.expect("peek")), in_order);
+}
+
+async fn batches_longer_than_one_round_trip(backend: Backend) {
+    let harness = backend.queue(10_000).await;
+    let queue = harness.queue.as_ref();
+    let now = base_time();
+    let count = MAX_BATCH * 2 + 3;
+    let items: Vec<QueueItem> = (0..count)
+        .map(|index| {
+            let offset = i64::try_from(index).expect("small index");
+            ready_item(5, now + TimeDelta::milliseconds(offset))
+        })
+        .collect();
+    let outcomes = queue.enqueue_many(items.clone()).await.expect("enqueue many");
+    assert_eq!(outcomes, vec![EnqueueOutcome::Enqueued; count]);
+    let again = queue.enqueue_many(items.clone()).await.expect("enqueue again");
+    assert_eq!(again, vec![EnqueueOutcome::AlreadyQueued; count]);
+    assert_eq!(queue.peek(count).await.expect("peek"), items);
+
+    let keys = keys_of(&items);
+    assert_eq!(queue.claim_many(&keys, CLAIM_TIMEOUT).await.expect("claim"), vec![true; count]);
+    let stats = queue.stats().await.expect("stats");
+    assert_eq!(stats, QueueStats { ready: 0, in_flight: u64::try_from(count).expect("count") });
+    assert_eq!(queue.ack_many(&keys).await.expect("ack"), vec![true; count]);
+    assert_eq!(queue.stats().await.expect("stats"), QueueStats::default());
+}
+
+async fn racing_batch_claims_have_exactly_one_winner_per_key(backend: Backend) {
+    let harness = backend.queue(1_000).await;
+    let queue = Arc::clone(&harness.queue);
+    let now = base_time();
+    let items: Vec<QueueItem> =
+        (0..40).map(|index| ready_item(5, now + TimeDelta::milliseconds(index))).collect();
+    enqueue_all(queue.as_ref(), &items).await;
+    let keys = keys_of(&items);
+
+    // Four claimers ask for all of them at once, each in its own order.
+    let start = Arc::new(Barrier::new(4));
+    let claimers: Vec<_> = (0..4_usize)
+        .map(|claimer| {
+            let queue = Arc::clone(&queue);
+            let start = Arc::clone(&start);
+            let mut keys = keys.clone();
+            keys.rotate_left(claimer * 10);
+            tokio::spawn(async move {
+                start.wait().await;
+                let claimed = queue.claim_many(&keys, CLAIM_TIMEOUT).await.expect("claim many");
+                keys.into_iter().zip(claimed).filter_map(|(key, won)| won.then_some(key)).collect()
+            })
+        })
+        .collect();
+    let mut won: Vec<QueueKey> = Vec::new();
+    for claimer in claimers {
+        let claimed: Vec<QueueKey> = claimer.await.expect("claimer task");
+        won.extend(claimed);
+    }
+    let distinct: HashSet<QueueKey> = won.iter().copied().collect();
+    assert_eq!(won.len(), keys.len(), "every key was claimed once: {won:?}");
+    assert_eq!(distinct.len(), keys.len(), "no key was claimed twice");
+    assert_eq!(queue.stats().await.expect("stats"), QueueStats { ready: 0, in_flight: 40 });
 }
 
 mod redis_only {
