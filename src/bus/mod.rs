@@ -6,9 +6,12 @@
 //! a subscriber learns when it may have missed something (`BusMessage::Lagged`,
 //! `BusMessage::Reconnected`) so it can re-read the state it shows from the database.
 //!
-//! Payloads are `serde_json::Value`: every event we carry is a small structured document, JSON
-//! keeps the two implementations identical (the in-process bus hands the very value over, the
-//! Redis bus serializes it), and a JSON payload stays readable in `redis-cli MONITOR`.
+//! Payloads are JSON documents: every event we carry is a small structured document, JSON
+//! keeps the two implementations identical, and a JSON payload stays readable in `redis-cli
+//! MONITOR`. A publisher hands over a `serde_json::Value` (`publish`) or the document already
+//! encoded (`publish_json`: a hot path serializes its event straight to text, never building
+//! the value tree it would only encode and drop). The in-process bus hands a value over as it
+//! is and decodes a text only when the topic has subscribers; the Redis bus sends the text.
 //! Subscribers get the value behind an `Arc`, so fan-out to many subscribers never copies it.
 
 pub mod memory;
@@ -104,9 +107,17 @@ pub type BusResult<T> = Result<T, BusError>;
 /// The event bus seam. Services hold an `Arc<dyn Bus>`.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Sends `payload` to every current subscriber of `topic` (on every replica). Messages of
-    /// one publisher arrive in the order they were published. No subscriber: it is dropped.
-    async fn publish(&self, topic: &str, payload: serde_json::Value) -> BusResult<()>;
+    /// Sends the JSON document `json` to every current subscriber of `topic` (on every replica),
+    /// who receive it decoded. Messages of one publisher arrive in the order they were
+    /// published. No subscriber: it is dropped. A text that is not JSON reaches no subscriber
+    /// (it is dropped with a warning where it is decoded).
+    async fn publish_json(&self, topic: &str, json: String) -> BusResult<()>;
+
+    /// `publish_json` of `payload`, encoded.
+    async fn publish(&self, topic: &str, payload: serde_json::Value) -> BusResult<()> {
+        let json = serde_json::to_string(&payload).map_err(BusError::Encode)?;
+        self.publish_json(topic, json).await
+    }
 
     /// Every message published on `topic` after this returns, until the stream is dropped.
     async fn subscribe(&self, topic: &str) -> BusResult<BusStream>;

@@ -141,13 +141,12 @@ async fn open_pubsub(pool: &RedisPool, timeout: Duration) -> BusResult<redis::ai
 
 #[async_trait]
 impl Bus for RedisBus {
-    async fn publish(&self, topic: &str, payload: serde_json::Value) -> BusResult<()> {
+    async fn publish_json(&self, topic: &str, json: String) -> BusResult<()> {
         validate_topic(topic)?;
-        let encoded = serde_json::to_vec(&payload).map_err(BusError::Encode)?;
         let mut connection = self.pool.connection().await?;
         let _receiving_connections: u64 = redis::cmd("PUBLISH")
             .arg(self.channel_of(topic))
-            .arg(encoded)
+            .arg(json)
             .query_async(&mut *connection)
             .await?;
         Ok(())

@@ -1129,21 +1129,12 @@ impl Engine {
         earlier: &[StepRun],
         step_run: &StepRun,
     ) {
-        let mut event = match (serde_json::to_value(step_run), serde_json::to_value(earlier)) {
-            (Ok(row), Ok(earlier)) if !earlier.as_array().is_some_and(Vec::is_empty) => {
-                json!({ "kind": WATCH_STEP, "stepRun": row, "earlier": earlier })
-            }
-            (Ok(row), _) => json!({ "kind": WATCH_STEP, "stepRun": row }),
-            (Err(_), _) => json!({ "kind": WATCH_STEP }),
-        };
-        if !lines.is_empty()
-            && let Some(fields) = event.as_object_mut()
-        {
-            // Lines that do not encode are read back by watchers (`lines` present but unusable).
-            let lines = serde_json::to_value(lines).unwrap_or(Value::Null);
-            fields.insert("lines".to_owned(), lines);
-        }
-        self.publish(step_run.execution_id, event).await;
+        let event = StepEvent { kind: WATCH_STEP, step_run, earlier, lines };
+        // Encoded straight to text; one that does not encode goes out without its rows, and
+        // watchers read them back.
+        let json = serde_json::to_string(&event)
+            .unwrap_or_else(|_| json!({ "kind": WATCH_STEP }).to_string());
+        publish_on(self.bus.as_ref(), step_run.execution_id, json).await;
     }
 
     /// Tells watchers that the execution changed status (they read it back).
@@ -1152,7 +1143,7 @@ impl Engine {
     }
 
     pub(super) async fn publish(&self, execution_id: Uuid, event: Value) {
-        publish_on(self.bus.as_ref(), execution_id, event).await;
+        publish_on(self.bus.as_ref(), execution_id, event.to_string()).await;
     }
 
     /// Writes a log line of the engine's own about a step.
@@ -1181,18 +1172,38 @@ pub(super) async fn publish_logs(bus: &dyn crate::bus::Bus, logs: Vec<ExecutionL
         by_execution.entry(line.execution_id).or_default().push(line);
     }
     for (execution_id, lines) in by_execution {
-        let event = match serde_json::to_value(&lines) {
-            Ok(lines) => json!({ "kind": WATCH_LOG, "lines": lines }),
-            Err(_) => json!({ "kind": WATCH_LOG }),
-        };
-        publish_on(bus, execution_id, event).await;
+        let event = LogEvent { kind: WATCH_LOG, lines: &lines };
+        // One that does not encode goes out without its lines, which watchers read back.
+        let json = serde_json::to_string(&event)
+            .unwrap_or_else(|_| json!({ "kind": WATCH_LOG }).to_string());
+        publish_on(bus, execution_id, json).await;
     }
 }
 
-/// Publishes `event` on the topic of execution `execution_id` (best effort: watchers re-read
-/// the database when the bus loses messages).
-async fn publish_on(bus: &dyn crate::bus::Bus, execution_id: Uuid, event: Value) {
-    if let Err(error) = bus.publish(&topics::execution(execution_id), event).await {
+/// A `step` event as watchers read it (`service::watch`): the row, the rows of the same commit
+/// that came before it, and the log lines that commit appended.
+#[derive(serde::Serialize)]
+struct StepEvent<'a> {
+    kind: &'static str,
+    #[serde(rename = "stepRun")]
+    step_run: &'a StepRun,
+    #[serde(skip_serializing_if = "<[StepRun]>::is_empty")]
+    earlier: &'a [StepRun],
+    #[serde(skip_serializing_if = "<[ExecutionLog]>::is_empty")]
+    lines: &'a [ExecutionLog],
+}
+
+/// A `log` event: lines appended to one execution.
+#[derive(serde::Serialize)]
+struct LogEvent<'a> {
+    kind: &'static str,
+    lines: &'a [ExecutionLog],
+}
+
+/// Publishes the event `json` on the topic of execution `execution_id` (best effort: watchers
+/// re-read the database when the bus loses messages).
+async fn publish_on(bus: &dyn crate::bus::Bus, execution_id: Uuid, json: String) {
+    if let Err(error) = bus.publish_json(&topics::execution(execution_id), json).await {
         tracing::debug!(%error, "could not publish an execution event");
     }
 }

@@ -16,6 +16,7 @@ conformance!(
     dropping_subscriptions_cleans_up,
     lagging_subscriber_gets_a_lagged_marker,
     invalid_topics_are_refused,
+    encoded_documents_arrive_decoded_in_order,
 );
 
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -373,4 +374,30 @@ mod redis_only {
                 ::redis::cmd("ACL").arg("DELUSER").arg(&self.name).query(&mut connection);
         }
     }
+}
+
+async fn encoded_documents_arrive_decoded_in_order(backend: Backend) {
+    let harness = backend.bus(64).await;
+    let bus = harness.bus.as_ref();
+    let topic = topics::execution(Uuid::new_v4());
+    let mut subscription = bus.subscribe(&topic).await.expect("subscribe");
+
+    // Text and values from one publisher keep their order; the text arrives as its value.
+    let encoded = r#"{"kind":"step","stepRun":{"id":"a","version":3},"lines":[{"message":"é"}]}"#;
+    bus.publish(&topic, numbered(1)).await.expect("publish a value");
+    bus.publish_json(&topic, encoded.to_owned()).await.expect("publish text");
+    bus.publish_json(&topic, numbered(2).to_string()).await.expect("publish text");
+    assert_eq!(next_payload(&mut subscription).await, numbered(1));
+    let decoded: serde_json::Value = serde_json::from_str(encoded).expect("valid json");
+    assert_eq!(next_payload(&mut subscription).await, decoded);
+    assert_eq!(next_payload(&mut subscription).await, numbered(2));
+
+    // A text that is not JSON reaches nobody, and what follows still does.
+    bus.publish_json(&topic, "{not json".to_owned()).await.expect("publish is best effort");
+    bus.publish_json(&topic, numbered(3).to_string()).await.expect("publish after");
+    assert_eq!(next_payload(&mut subscription).await, numbered(3));
+    assert_silent(&mut subscription).await;
+
+    let refused = bus.publish_json("", "{}".to_owned()).await;
+    assert!(matches!(refused, Err(BusError::InvalidTopic { .. })), "got {refused:?}");
 }
