@@ -23,7 +23,7 @@ use crate::queue::{EnqueueOutcome, QueueItem};
 use crate::store::{
     AttemptKey, Completion, CompletionOutcome, Execution, ExecutionChange, ExecutionLog,
     ExecutionStatus, FinishedAttempt, FinishingExecution, InFlightStepRun, NewExecutionLog,
-    NextStep, OwnerScope, StepRun, StepRunStatus, StepTransitionOutcome,
+    NextStep, OwnerScope, StepRun, StepRunState, StepRunStatus, StepTransitionOutcome,
 };
 
 /// What the commit of a result did for its caller: the step run as it ended, the steps it
@@ -437,7 +437,11 @@ impl Engine {
             needed.extend(read);
         }
         needed.remove(&done.step_key);
-        if !needed.is_empty() {
+        let not_ready = self.not_ready_yet(execution_id, done, &successors, &rows, &needed).await?;
+        let all_settled = successors.iter().all(|step| {
+            not_ready.contains(&step.key) || rows.iter().any(|row| row.step_key == step.key)
+        });
+        if !needed.is_empty() && !all_settled {
             let keys: Vec<&str> = needed.iter().map(String::as_str).collect();
             rows.extend(self.store.list_step_runs_by_keys(execution_id, &keys).await?);
         }
@@ -450,6 +454,9 @@ impl Engine {
         let scope = step_scope(&input, &outputs);
         let mut ready = Vec::new();
         for step in successors {
+            if not_ready.contains(&step.key) {
+                continue;
+            }
             let Some(step_run) = rows.iter().find(|row| row.step_key == step.key) else {
                 return self.advance(execution_id).await;
             };
@@ -500,6 +507,52 @@ impl Engine {
         // The ones committed QUEUED go into the queue even when another failed.
         self.enqueue_items(items).await?;
         failure.map_or(Ok(()), Err)
+    }
+
+    /// The successors of `done` (whose rows are not in `rows` already) that cannot be ready
+    /// yet: a step that waits for others too is ready only once all of them succeeded. Their
+    /// states are read without inputs and outputs, so that of the N completions of a fan-in
+    /// only the ones that may make it ready read the rows it needs (N rows, not N²). Empty when
+    /// every successor waits for `done` alone (nothing to ask).
+    async fn not_ready_yet(
+        &self,
+        execution_id: Uuid,
+        done: &StepRun,
+        successors: &[&pb::WorkflowStep],
+        rows: &[StepRun],
+        needed: &std::collections::BTreeSet<String>,
+    ) -> EngineResult<std::collections::HashSet<String>> {
+        let mut not_ready = std::collections::HashSet::new();
+        let waits_for_others =
+            successors.iter().any(|step| step.depends_on.iter().any(|key| *key != done.step_key));
+        if !waits_for_others || needed.is_empty() {
+            return Ok(not_ready);
+        }
+        let keys: Vec<&str> = needed.iter().map(String::as_str).collect();
+        let states: HashMap<String, StepRunState> = self
+            .store
+            .list_step_run_states_by_keys(execution_id, &keys)
+            .await?
+            .into_iter()
+            .map(|state| (state.step_key.clone(), state))
+            .collect();
+        let succeeded = |key: &String| {
+            *key == done.step_key
+                || states.get(key).is_some_and(|state| state.status == StepRunStatus::Succeeded)
+        };
+        for step in successors {
+            if rows.iter().any(|row| row.step_key == step.key) {
+                continue;
+            }
+            // A row that is missing is left to the full read (and `advance`) to explain.
+            let waiting = states.get(&step.key).is_none_or(|state| {
+                state.status == StepRunStatus::Pending && !state.waiting_for_retry
+            });
+            if !waiting || !step.depends_on.iter().all(succeeded) {
+                not_ready.insert(step.key.clone());
+            }
+        }
+        Ok(not_ready)
     }
 
     /// Moves a PENDING step whose time has come on: straight to a runner attached here with a

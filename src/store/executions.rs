@@ -392,6 +392,15 @@ impl ExecutionCursor {
 // Step runs and attempts
 // ---------------------------------------------------------------------------------------------
 
+/// Where one step run stands (`list_step_run_states_by_keys`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StepRunState {
+    pub step_key: String,
+    pub status: StepRunStatus,
+    /// A failed attempt waits for its retry (`next_attempt_at` is set).
+    pub waiting_for_retry: bool,
+}
+
 /// One step of an execution, with the state of its current attempt. Serializable because the
 /// engine publishes every transition's row to watchers.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
@@ -1076,6 +1085,15 @@ pub trait ExecutionStore: Send + Sync {
         execution_id: Uuid,
         step_keys: &[&str],
     ) -> StoreResult<Vec<StepRun>>;
+
+    /// Where the step runs with these keys of one execution stand, without their inputs and
+    /// outputs (unscoped: for the engine, which asks whether a step waiting for several others
+    /// may be ready before it reads what it needs to start it). Keys it lacks are left out.
+    async fn list_step_run_states_by_keys(
+        &self,
+        execution_id: Uuid,
+        step_keys: &[&str],
+    ) -> StoreResult<Vec<StepRunState>>;
 
     /// One step run (unscoped: for the engine).
     async fn get_step_run(&self, step_run_id: Uuid) -> StoreResult<StepRun>;
@@ -2687,6 +2705,29 @@ macro_rules! impl_executions_store {
                 select.push(")");
                 let step_runs = select.build_query_as::<StepRun>().fetch_all(&self.connections).await?;
                 Ok(step_runs)
+            }
+
+            async fn list_step_run_states_by_keys(
+                &self,
+                execution_id: Uuid,
+                step_keys: &[&str],
+            ) -> StoreResult<Vec<StepRunState>> {
+                if step_keys.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut select = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT step_key, status, next_attempt_at IS NOT NULL AS waiting_for_retry \
+                     FROM step_runs WHERE execution_id = ",
+                );
+                select.push_bind(execution_id).push(" AND step_key IN (");
+                let mut keys = select.separated(", ");
+                for step_key in step_keys {
+                    keys.push_bind(step_key.to_string());
+                }
+                select.push(")");
+                let states =
+                    select.build_query_as::<StepRunState>().fetch_all(&self.connections).await?;
+                Ok(states)
             }
 
             async fn get_step_run(&self, step_run_id: Uuid) -> StoreResult<StepRun> {

@@ -636,6 +636,14 @@ async fn retry_scheduling_creates_attempt_rows(store: Arc<dyn Store>) {
     );
     assert_eq!(retried.input, failed.input, "the resolved input is kept for the retry");
     assert_eq!(retried.user_attempts_used(), 2);
+    // Its state says it waits for its retry, without reading its input or output.
+    assert_eq!(
+        states_of(&store, execution.id, &["flaky", "doomed", "nope"]).await,
+        [
+            ("doomed".to_owned(), StepRunStatus::Pending, false),
+            ("flaky".to_owned(), StepRunStatus::Pending, true)
+        ]
+    );
     // Scheduling the same retry twice does nothing.
     let again =
         store.schedule_retry(first, backoff_over, t0 + seconds(1)).await.expect("retry twice");
@@ -654,6 +662,8 @@ async fn retry_scheduling_creates_attempt_rows(store: Arc<dyn Store>) {
     let requeued =
         applied(store.mark_step_queued(second, None, backoff_over).await.expect("queue retry"));
     assert_eq!((requeued.status, requeued.next_attempt_at), (StepRunStatus::Queued, None));
+    let flaky = states_of(&store, execution.id, &["flaky"]).await;
+    assert_eq!(flaky, [("flaky".to_owned(), StepRunStatus::Queued, false)]);
     assign(&store, second, "runner-2", backoff_over).await;
     complete(&store, second, failure(true), backoff_over + seconds(1)).await;
     let exhausted = store
@@ -1901,6 +1911,25 @@ async fn merged_transitions_record_every_stage(store: Arc<dyn Store>) {
         .collect();
     by_keys.sort();
     assert_eq!(by_keys, ["a", "c"]);
+    let states = states_of(&store, a.execution_id, &["a", "nope"]).await;
+    assert_eq!(states, [("a".to_owned(), StepRunStatus::Succeeded, false)]);
+}
+
+/// `list_step_run_states_by_keys`, sorted by key, as (key, status, waiting for a retry).
+async fn states_of(
+    store: &Arc<dyn Store>,
+    execution_id: Uuid,
+    keys: &[&str],
+) -> Vec<(String, StepRunStatus, bool)> {
+    let mut states: Vec<_> = store
+        .list_step_run_states_by_keys(execution_id, keys)
+        .await
+        .expect("states by keys")
+        .into_iter()
+        .map(|state| (state.step_key, state.status, state.waiting_for_retry))
+        .collect();
+    states.sort_by(|left, right| left.0.cmp(&right.0));
+    states
 }
 
 /// Steps of an execution being cancelled are neither queued nor handed to a runner.
