@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redis::Script;
+use redis::{Script, ScriptInvocation};
 use tokio::sync::watch;
 
 use super::{
@@ -149,10 +149,35 @@ end
 return result
 ";
 
+/// A Lua function of the claim and acknowledgement scripts: given members and their scores
+/// (`ZMSCORE`), 1 for each member found at its first mention and 0 for the others, and the
+/// members found.
+macro_rules! first_found_lua {
+    () => {
+        r"
+local function first_found(members, scores)
+  local flags, seen, found = {}, {}, {}
+  for index, member in ipairs(members) do
+    if scores[index] and not seen[member] then
+      seen[member] = true
+      flags[index] = 1
+      table.insert(found, member)
+    else
+      flags[index] = 0
+    end
+  end
+  return flags, found
+end
+"
+    };
+}
+
 /// ARGV: the claim deadline, then the members. Returns, for each member, 1 when this caller
 /// moved it from ready to in-flight, 0 otherwise (not ready, or mentioned earlier). One member
 /// takes two commands, a batch three.
-const CLAIM_SCRIPT: &str = r"
+const CLAIM_SCRIPT: &str = concat!(
+    first_found_lua!(),
+    r"
 local ready, in_flight = KEYS[1], KEYS[2]
 local deadline = ARGV[1]
 if #ARGV == 2 then
@@ -162,30 +187,26 @@ if #ARGV == 2 then
 end
 local members = {}
 for index = 2, #ARGV do members[index - 1] = ARGV[index] end
-local scores = redis.call('ZMSCORE', ready, unpack(members))
-local result, seen, moving, deadlines = {}, {}, {}, {}
-for index, member in ipairs(members) do
-  if scores[index] and not seen[member] then
-    seen[member] = true
-    result[index] = 1
-    table.insert(moving, member)
-    table.insert(deadlines, deadline)
-    table.insert(deadlines, member)
-  else
-    result[index] = 0
-  end
+local result, moving = first_found(members, redis.call('ZMSCORE', ready, unpack(members)))
+local deadlines = {}
+for _, member in ipairs(moving) do
+  table.insert(deadlines, deadline)
+  table.insert(deadlines, member)
 end
 if #moving > 0 then
   redis.call('ZREM', ready, unpack(moving))
   redis.call('ZADD', in_flight, unpack(deadlines))
 end
 return result
-";
+"
+);
 
 /// ARGV: the members. Returns, for each member, 1 when it was in flight and is now gone, 0
 /// otherwise (not in flight, or mentioned earlier). One member takes three commands, a batch
 /// four.
-const ACK_SCRIPT: &str = r"
+const ACK_SCRIPT: &str = concat!(
+    first_found_lua!(),
+    r"
 local in_flight, items, ranks = KEYS[1], KEYS[2], KEYS[3]
 if #ARGV == 1 then
   if redis.call('ZREM', in_flight, ARGV[1]) == 0 then return {0} end
@@ -193,24 +214,15 @@ if #ARGV == 1 then
   redis.call('HDEL', ranks, ARGV[1])
   return {1}
 end
-local scores = redis.call('ZMSCORE', in_flight, unpack(ARGV))
-local result, seen, gone = {}, {}, {}
-for index, member in ipairs(ARGV) do
-  if scores[index] and not seen[member] then
-    seen[member] = true
-    result[index] = 1
-    table.insert(gone, member)
-  else
-    result[index] = 0
-  end
-end
+local result, gone = first_found(ARGV, redis.call('ZMSCORE', in_flight, unpack(ARGV)))
 if #gone > 0 then
   redis.call('ZREM', in_flight, unpack(gone))
   redis.call('HDEL', items, unpack(gone))
   redis.call('HDEL', ranks, unpack(gone))
 end
 return result
-";
+"
+);
 
 /// Returns the new version when the member went back to ready, 0 when it was not in flight.
 /// Checks before writing: a script that fails halfway does not roll back its writes.
@@ -351,6 +363,30 @@ impl RedisQueueShared {
     }
 }
 
+impl RedisQueueShared {
+    /// Runs `script` over `keys`, one round trip a `MAX_BATCH`: its keys and leading arguments
+    /// from `prepare`, then one member a key. Answers its 1/0 replies as flags, in key order.
+    async fn flags_per_key(
+        &self,
+        script: &Script,
+        keys: &[QueueKey],
+        prepare: impl Fn(&mut ScriptInvocation<'_>),
+    ) -> QueueResult<Vec<bool>> {
+        let mut flags = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(MAX_BATCH) {
+            let mut invocation = script.prepare_invoke();
+            prepare(&mut invocation);
+            for key in batch {
+                invocation.arg(key.to_member());
+            }
+            let mut connection = self.pool.connection().await?;
+            let reply: Vec<i64> = invocation.invoke_async(&mut *connection).await?;
+            flags.extend(reply.iter().map(|flag| *flag == 1));
+        }
+        Ok(flags)
+    }
+}
+
 /// Reads the shared version every `interval` while the queue exists and someone listens.
 async fn poll_version(queue: Weak<RedisQueueShared>, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
@@ -456,34 +492,23 @@ impl Queue for RedisQueue {
     ) -> QueueResult<Vec<bool>> {
         let shared = &self.shared;
         let deadline_millis = claim_deadline_millis(visibility_timeout);
-        let mut claimed = Vec::with_capacity(keys.len());
-        for batch in keys.chunks(MAX_BATCH) {
-            let mut invocation = shared.scripts.claim.prepare_invoke();
-            invocation.key(&shared.keys.ready).key(&shared.keys.in_flight).arg(deadline_millis);
-            for key in batch {
-                invocation.arg(key.to_member());
-            }
-            let mut connection = shared.pool.connection().await?;
-            let reply: Vec<i64> = invocation.invoke_async(&mut *connection).await?;
-            claimed.extend(reply.iter().map(|moved| *moved == 1));
-        }
-        Ok(claimed)
+        shared
+            .flags_per_key(&shared.scripts.claim, keys, |invocation| {
+                invocation.key(&shared.keys.ready).key(&shared.keys.in_flight).arg(deadline_millis);
+            })
+            .await
     }
 
     async fn ack_many(&self, keys: &[QueueKey]) -> QueueResult<Vec<bool>> {
         let shared = &self.shared;
-        let mut acknowledged = Vec::with_capacity(keys.len());
-        for batch in keys.chunks(MAX_BATCH) {
-            let mut invocation = shared.scripts.ack.prepare_invoke();
-            invocation.key(&shared.keys.in_flight).key(&shared.keys.items).key(&shared.keys.ranks);
-            for key in batch {
-                invocation.arg(key.to_member());
-            }
-            let mut connection = shared.pool.connection().await?;
-            let reply: Vec<i64> = invocation.invoke_async(&mut *connection).await?;
-            acknowledged.extend(reply.iter().map(|gone| *gone == 1));
-        }
-        Ok(acknowledged)
+        shared
+            .flags_per_key(&shared.scripts.ack, keys, |invocation| {
+                invocation
+                    .key(&shared.keys.in_flight)
+                    .key(&shared.keys.items)
+                    .key(&shared.keys.ranks);
+            })
+            .await
     }
 
     async fn release(&self, key: QueueKey) -> QueueResult<bool> {
