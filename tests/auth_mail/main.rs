@@ -360,9 +360,11 @@ async fn check_mailed_reset_flow(server: &support::TurbocatProcess, smtp: &SmtpC
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mail_server_that_cannot_be_reached_is_logged_and_the_answer_stays_202() {
-    // A port that was free a moment ago: nothing listens on it.
-    let port =
-        TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("address").port();
+    // A port bound but never listened on, and held for the whole test: a connection to it is
+    // refused, and no other socket (the server's own listener above all) can be given it.
+    let unreachable = tokio::net::TcpSocket::new_v4().expect("socket");
+    unreachable.bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+    let port = unreachable.local_addr().expect("address").port();
     let smtp_url = format!("smtp://{SMTP_USER}:{SMTP_PASSWORD}@127.0.0.1:{port}");
     let (server, _data) = support::start_dev(&[
         "--smtp-url",
