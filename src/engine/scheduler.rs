@@ -1195,8 +1195,10 @@ impl Engine {
         self.publish(execution_id, json!({ "kind": WATCH_EXECUTION })).await;
     }
 
+    /// Publishes `event` as it is: the in-process bus hands the value over without encoding it.
     pub(super) async fn publish(&self, execution_id: Uuid, event: Value) {
-        publish_on(self.bus.as_ref(), execution_id, event.to_string()).await;
+        let published = self.bus.publish(&topics::execution(execution_id), event).await;
+        report_unpublished(published);
     }
 
     /// Writes a log line of the engine's own about a step.
@@ -1256,7 +1258,12 @@ struct LogEvent<'a> {
 /// Publishes the event `json` on the topic of execution `execution_id` (best effort: watchers
 /// re-read the database when the bus loses messages).
 async fn publish_on(bus: &dyn crate::bus::Bus, execution_id: Uuid, json: String) {
-    if let Err(error) = bus.publish_json(&topics::execution(execution_id), json).await {
+    report_unpublished(bus.publish_json(&topics::execution(execution_id), json).await);
+}
+
+/// An execution event the bus did not take is only worth a debug line: watchers re-read.
+fn report_unpublished(published: crate::bus::BusResult<()>) {
+    if let Err(error) = published {
         tracing::debug!(%error, "could not publish an execution event");
     }
 }
