@@ -2604,18 +2604,23 @@ macro_rules! impl_executions_store {
             ) -> StoreResult<Vec<ReadyStepRun>> {
                 // Each kind in the order of its partial index (`step_runs_queued`,
                 // `step_runs_retries_due`), so a read stops at `limit` rows however long
-                // the backlog; the two are then ordered by priority.
+                // the backlog; the two are then ordered by priority. The execution is looked
+                // up for each step the scan meets (scalar sub-selects, which PostgreSQL never
+                // turns into a join): as a join, a planner that believed the executions few
+                // (a table younger than its statistics) walked the index of every QUEUED step
+                // once per unfinished execution, 392,000 entries and 25-50 ms a pass behind a
+                // backlog of 1,120 steps in 350 executions.
                 macro_rules! ready_of_one_kind {
                     ($condition:literal, $order:literal, $limit:literal) => {
                         concat!(
                             "SELECT ",
                             step_run_columns!(s),
-                            ", e.priority AS execution_priority \
-                             FROM step_runs s JOIN executions e ON e.id = s.execution_id \
-                             WHERE ",
+                            ", (SELECT e.priority FROM executions e WHERE e.id = s.execution_id) \
+                             AS execution_priority FROM step_runs s WHERE ",
                             $condition,
-                            " AND e.status IN ('QUEUED', 'RUNNING') \
-                             AND e.cancel_requested_at IS NULL ORDER BY ",
+                            " AND (SELECT e.status IN ('QUEUED', 'RUNNING') \
+                             AND e.cancel_requested_at IS NULL \
+                             FROM executions e WHERE e.id = s.execution_id) ORDER BY ",
                             $order,
                             ", s.id LIMIT ",
                             $limit

@@ -934,6 +934,62 @@ async fn ready_step_runs_by_priority_and_backoff(store: Arc<dyn Store>) {
     assert!(remaining.iter().all(|ready| ready.step_run.step_key != "c"));
 }
 
+/// What PostgreSQL's statistics say the reads of a store's one backend have done so far: scans
+/// of the QUEUED steps' index and entries they read, and rows of `executions` read (by any
+/// scan). The store's backend reports its counts first.
+async fn postgres_reads(store: &turbocat::store::PostgresStore) -> (i64, i64, i64) {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(store.connections())
+        .await
+        .expect("report statistics");
+    sqlx::query_as(
+        "SELECT i.idx_scan, i.idx_tup_read, \
+         t.seq_tup_read + COALESCE(t.idx_tup_fetch, 0) \
+         FROM pg_stat_user_indexes i, pg_stat_user_tables t \
+         WHERE i.indexrelname = 'step_runs_queued' AND t.relname = 'executions'",
+    )
+    .fetch_one(store.connections())
+    .await
+    .expect("statistics")
+}
+
+/// PostgreSQL: the reconciler's read of the ready steps scans the QUEUED steps' index once and
+/// looks up each one's execution once, however many executions are unfinished. Read as a join,
+/// it had plans, on tables younger than their statistics, that scanned the index once per
+/// unfinished execution or every execution once per QUEUED step (executions x queued steps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_ready_steps_read_each_queued_step_once() {
+    const EXECUTIONS: i64 = 120;
+    let database = crate::support::postgres().await;
+    // One connection: the statistics it reports are those of every read below.
+    let postgres = turbocat::store::PostgresStore::connect_with_timeout(
+        &database.url,
+        1,
+        std::time::Duration::from_secs(3),
+    )
+    .await
+    .expect("connect");
+    let store: Arc<dyn Store> = Arc::new(postgres.clone());
+    let fixture = fixture(&store).await;
+    let t0 = now() - seconds(600);
+    for index in 0..EXECUTIONS {
+        let (_, steps) = simple_execution(&store, fixture.owner, &["first", "second"], 1).await;
+        queue(&store, steps[0].attempt_key(), t0 + seconds(index)).await;
+    }
+    let before = postgres_reads(&postgres).await;
+    let ready = store.list_ready_step_runs(now(), 500).await.expect("ready");
+    assert_eq!(ready.len() as i64, EXECUTIONS, "every execution's queued step");
+    let after = postgres_reads(&postgres).await;
+    let (scans, entries, execution_rows) =
+        (after.0 - before.0, after.1 - before.1, after.2 - before.2);
+    assert!(scans <= 1, "{scans} scans of the QUEUED steps' index");
+    assert!(entries <= EXECUTIONS, "{entries} index entries read for {EXECUTIONS} queued steps");
+    assert!(
+        execution_rows <= 2 * EXECUTIONS,
+        "{execution_rows} rows of executions read for {EXECUTIONS} queued steps"
+    );
+}
+
 async fn expired_leases_oldest_first(store: Arc<dyn Store>) {
     let fixture = fixture(&store).await;
     let (_, steps) = simple_execution(&store, fixture.owner, &["f", "g", "h", "queued"], 1).await;
