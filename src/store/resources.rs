@@ -1092,7 +1092,29 @@ macro_rules! workflow_columns {
     };
 }
 
+/// A workflow's columns as `resources_load_workflow` reads them beside its steps' (named
+/// `workflow_…`, so that neither set's names hide the other's).
+macro_rules! workflow_columns_beside_steps {
+    () => {
+        "workflows.id AS workflow_id_, workflows.owner_id AS workflow_owner_id, \
+         workflows.name AS workflow_name, workflows.description AS workflow_description, \
+         workflows.default_input AS workflow_default_input, \
+         workflows.priority AS workflow_priority, \
+         workflows.timeout_seconds AS workflow_timeout_seconds, workflows.tags AS workflow_tags, \
+         workflows.version AS workflow_version, workflows.created_at AS workflow_created_at, \
+         workflows.updated_at AS workflow_updated_at, workflows.deleted_at AS workflow_deleted_at, \
+         (SELECT COUNT(*) FROM workflow_steps WHERE workflow_steps.workflow_id = workflows.id) \
+         AS workflow_step_count"
+    };
+}
+
 macro_rules! workflow_step_columns {
+    (step) => {
+        "step.id, step.workflow_id, step.step_key, step.name, step.agent_id, step.depends_on, \
+         step.input_mapping, step.retry_max_attempts, step.retry_initial_backoff_ms, \
+         step.retry_max_backoff_ms, step.retry_multiplier, step.timeout_seconds, \
+         step.required_labels, step.position, step.created_at, step.updated_at"
+    };
     () => {
         "id, workflow_id, step_key, name, agent_id, depends_on, input_mapping, \
          retry_max_attempts, retry_initial_backoff_ms, retry_max_backoff_ms, retry_multiplier, \
@@ -1534,31 +1556,53 @@ macro_rules! impl_resource_store {
                 Ok(())
             }
 
-            /// A live workflow in scope and its steps in definition order.
+            /// A live workflow in scope and its steps in definition order, in one statement
+            /// (one round trip, and the workflow and its steps as of one moment): a row per
+            /// step, each with the workflow's columns beside it; one row of NULL steps when it
+            /// has none.
             async fn resources_load_workflow(
                 connection: &mut <$db as sqlx::Database>::Connection,
                 scope: OwnerScope,
                 workflow_id: Uuid,
             ) -> StoreResult<WorkflowWithSteps> {
-                let workflow = sqlx::query_as::<$db, Workflow>(concat!(
+                use sqlx::{FromRow as _, Row as _};
+                let rows = sqlx::query::<$db>(concat!(
                     "SELECT ",
-                    workflow_columns!(),
-                    " FROM workflows WHERE id = $1 AND deleted_at IS NULL \
-                     AND ($2 IS NULL OR owner_id = $2)"
+                    workflow_columns_beside_steps!(),
+                    ", ",
+                    workflow_step_columns!(step),
+                    " FROM workflows LEFT JOIN workflow_steps AS step \
+                     ON step.workflow_id = workflows.id \
+                     WHERE workflows.id = $1 AND workflows.deleted_at IS NULL \
+                     AND ($2 IS NULL OR workflows.owner_id = $2) \
+                     ORDER BY step.position, step.id"
                 ))
                 .bind(workflow_id)
                 .bind(scope.owner_id())
-                .fetch_optional(&mut *connection)
-                .await?
-                .ok_or(StoreError::NotFound)?;
-                let steps = sqlx::query_as::<$db, WorkflowStep>(concat!(
-                    "SELECT ",
-                    workflow_step_columns!(),
-                    " FROM workflow_steps WHERE workflow_id = $1 ORDER BY position, id"
-                ))
-                .bind(workflow_id)
                 .fetch_all(&mut *connection)
                 .await?;
+                let first = rows.first().ok_or(StoreError::NotFound)?;
+                let workflow = Workflow {
+                    id: first.try_get("workflow_id_")?,
+                    owner_id: first.try_get("workflow_owner_id")?,
+                    name: first.try_get("workflow_name")?,
+                    description: first.try_get("workflow_description")?,
+                    default_input: first.try_get::<Json<Value>, _>("workflow_default_input")?.0,
+                    priority: first.try_get("workflow_priority")?,
+                    timeout_seconds: first.try_get("workflow_timeout_seconds")?,
+                    tags: first.try_get::<Json<Vec<String>>, _>("workflow_tags")?.0,
+                    version: first.try_get("workflow_version")?,
+                    created_at: first.try_get("workflow_created_at")?,
+                    updated_at: first.try_get("workflow_updated_at")?,
+                    deleted_at: first.try_get("workflow_deleted_at")?,
+                    step_count: first.try_get("workflow_step_count")?,
+                };
+                let mut steps = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
+                        steps.push(WorkflowStep::from_row(row)?);
+                    }
+                }
                 Ok(WorkflowWithSteps { workflow, steps })
             }
 

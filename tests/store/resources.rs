@@ -761,6 +761,14 @@ async fn workflow_crud_with_atomic_step_replacement(store: Arc<dyn Store>) {
     assert_eq!(listed.expect("list").total, 0);
     let after = store.update_workflow(OwnerScope::All, workflow.id, 4, WorkflowChanges::default());
     assert!(is_not_found(&after.await));
+
+    // A workflow without steps reads back with none.
+    let empty = store.create_workflow(new_workflow(owner, "Empty", Vec::new())).await;
+    let empty = empty.expect("create a workflow without steps");
+    let fetched = store.get_workflow(OwnerScope::Owner(owner), empty.workflow.id).await;
+    let fetched = fetched.expect("get a workflow without steps");
+    assert_eq!((fetched.workflow.step_count, fetched.steps.len()), (0, 0));
+    assert_eq!(fetched, empty);
 }
 
 async fn workflow_list_pages_filters_sorts_and_searches(store: Arc<dyn Store>) {
