@@ -3,7 +3,8 @@
 //!
 //! Evaluation (`run_alert_evaluation`, started with the engine on every replica): the executions
 //! this replica finishes arrive from the engine in memory (`Engine::finished_executions`, no
-//! round trip on the engine's path) and are judged against the owner's EXECUTION_FAILED and
+//! round trip on the engine's path), gathered for a tenth of a second so that one read of an
+//! owner's rules serves all of them, and are judged against the owner's EXECUTION_FAILED and
 //! FAILURES_IN_WINDOW rules; the time-based conditions are evaluated by a periodic pass in which
 //! every replica polls and the database hands each due rule to one of them
 //! (`Store::claim_due_alert_rules`). The numbers are the analytics service's: the agent health
@@ -66,6 +67,10 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 const CLAIM_BATCH: u32 = 100;
 /// Finished executions judged together at most.
 const JUDGE_BATCH: usize = 256;
+/// How long after an execution finishes the judge waits for others to judge with it: an
+/// owner's rules are read once for all of them (under load, one read a gathering instead of
+/// about one an execution), and an alert goes out at most this much later.
+const JUDGE_GATHERING: Duration = Duration::from_millis(100);
 /// Queue entries NO_RUNNER_AVAILABLE looks at (the front of the queue).
 const QUEUE_PEEK: usize = 1_000;
 /// The most characters of an execution's error a notification quotes.
@@ -762,7 +767,8 @@ async fn judge_finished_executions(
             }
             Err(RecvError::Closed) => return,
         };
-        // What finished meanwhile is judged with it: one read of the rules per owner.
+        // What finishes meanwhile is judged with it: one read of the rules per owner.
+        tokio::time::sleep(JUDGE_GATHERING).await;
         let mut batch = vec![first];
         while batch.len() < JUDGE_BATCH {
             match finished.try_recv() {
