@@ -1555,6 +1555,25 @@ macro_rules! impl_executions_store {
                 Ok(moved)
             }
 
+            /// `SELECT <columns> FROM step_runs` of one execution's step runs with these keys
+            /// (`list_step_runs_by_keys`, `list_step_run_states_by_keys`).
+            fn select_step_runs_by_keys(
+                columns: &str,
+                execution_id: Uuid,
+                step_keys: &[&str],
+            ) -> sqlx::QueryBuilder<$db> {
+                let mut select = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT {columns} FROM step_runs WHERE execution_id = "
+                ));
+                select.push_bind(execution_id).push(" AND step_key IN (");
+                let mut keys = select.separated(", ");
+                for step_key in step_keys {
+                    keys.push_bind(step_key.to_string());
+                }
+                select.push(")");
+                select
+            }
+
             /// Appends `UPDATE step_runs SET <set> FROM (<rows>) AS v WHERE` the row's id and
             /// attempt are v's first two columns `AND <condition>` (`transition_step_runs`).
             fn push_step_transition(
@@ -2697,17 +2716,8 @@ macro_rules! impl_executions_store {
                 if step_keys.is_empty() {
                     return Ok(Vec::new());
                 }
-                let mut select = sqlx::QueryBuilder::<$db>::new(concat!(
-                    "SELECT ",
-                    step_run_columns!(),
-                    " FROM step_runs WHERE execution_id = "
-                ));
-                select.push_bind(execution_id).push(" AND step_key IN (");
-                let mut keys = select.separated(", ");
-                for step_key in step_keys {
-                    keys.push_bind(step_key.to_string());
-                }
-                select.push(")");
+                let mut select =
+                    <$store>::select_step_runs_by_keys(step_run_columns!(), execution_id, step_keys);
                 let step_runs = select.build_query_as::<StepRun>().fetch_all(&self.connections).await?;
                 Ok(step_runs)
             }
@@ -2720,16 +2730,11 @@ macro_rules! impl_executions_store {
                 if step_keys.is_empty() {
                     return Ok(Vec::new());
                 }
-                let mut select = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT step_key, status, next_attempt_at IS NOT NULL AS waiting_for_retry \
-                     FROM step_runs WHERE execution_id = ",
+                let mut select = <$store>::select_step_runs_by_keys(
+                    "step_key, status, next_attempt_at IS NOT NULL AS waiting_for_retry",
+                    execution_id,
+                    step_keys,
                 );
-                select.push_bind(execution_id).push(" AND step_key IN (");
-                let mut keys = select.separated(", ");
-                for step_key in step_keys {
-                    keys.push_bind(step_key.to_string());
-                }
-                select.push(")");
                 let states =
                     select.build_query_as::<StepRunState>().fetch_all(&self.connections).await?;
                 Ok(states)

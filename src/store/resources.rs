@@ -1093,7 +1093,7 @@ macro_rules! workflow_columns {
 }
 
 /// A workflow's columns as `resources_load_workflow` reads them beside its steps' (named
-/// `workflow_…`, so that neither set's names hide the other's).
+/// `workflow_…`, so that neither set's names hide the other's; its step count is the rows').
 macro_rules! workflow_columns_beside_steps {
     () => {
         "workflows.id AS workflow_id_, workflows.owner_id AS workflow_owner_id, \
@@ -1102,23 +1102,17 @@ macro_rules! workflow_columns_beside_steps {
          workflows.priority AS workflow_priority, \
          workflows.timeout_seconds AS workflow_timeout_seconds, workflows.tags AS workflow_tags, \
          workflows.version AS workflow_version, workflows.created_at AS workflow_created_at, \
-         workflows.updated_at AS workflow_updated_at, workflows.deleted_at AS workflow_deleted_at, \
-         (SELECT COUNT(*) FROM workflow_steps WHERE workflow_steps.workflow_id = workflows.id) \
-         AS workflow_step_count"
+         workflows.updated_at AS workflow_updated_at, workflows.deleted_at AS workflow_deleted_at"
     };
 }
 
+/// A step's columns, qualified by the alias `step` (read beside its workflow's).
 macro_rules! workflow_step_columns {
     (step) => {
         "step.id, step.workflow_id, step.step_key, step.name, step.agent_id, step.depends_on, \
          step.input_mapping, step.retry_max_attempts, step.retry_initial_backoff_ms, \
          step.retry_max_backoff_ms, step.retry_multiplier, step.timeout_seconds, \
          step.required_labels, step.position, step.created_at, step.updated_at"
-    };
-    () => {
-        "id, workflow_id, step_key, name, agent_id, depends_on, input_mapping, \
-         retry_max_attempts, retry_initial_backoff_ms, retry_max_backoff_ms, retry_multiplier, \
-         timeout_seconds, required_labels, position, created_at, updated_at"
     };
 }
 
@@ -1582,6 +1576,12 @@ macro_rules! impl_resource_store {
                 .fetch_all(&mut *connection)
                 .await?;
                 let first = rows.first().ok_or(StoreError::NotFound)?;
+                let mut steps = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
+                        steps.push(WorkflowStep::from_row(row)?);
+                    }
+                }
                 let workflow = Workflow {
                     id: first.try_get("workflow_id_")?,
                     owner_id: first.try_get("workflow_owner_id")?,
@@ -1595,14 +1595,8 @@ macro_rules! impl_resource_store {
                     created_at: first.try_get("workflow_created_at")?,
                     updated_at: first.try_get("workflow_updated_at")?,
                     deleted_at: first.try_get("workflow_deleted_at")?,
-                    step_count: first.try_get("workflow_step_count")?,
+                    step_count: i64::try_from(steps.len()).unwrap_or(i64::MAX),
                 };
-                let mut steps = Vec::with_capacity(rows.len());
-                for row in &rows {
-                    if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
-                        steps.push(WorkflowStep::from_row(row)?);
-                    }
-                }
                 Ok(WorkflowWithSteps { workflow, steps })
             }
 
