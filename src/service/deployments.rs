@@ -1019,10 +1019,11 @@ async fn start_target(
     let config = config_from_json(&deployment.config);
     match deployment.target {
         DeploymentTarget::Workflow(workflow_id) => {
-            let workflow =
-                context.store.get_workflow(OwnerScope::All, workflow_id).await.map_err(
+            let to_run =
+                context.store.get_workflow_to_run(OwnerScope::All, workflow_id).await.map_err(
                     |error| ServiceError::from_store(error, "the deployment's workflow"),
                 )?;
+            let workflow = &to_run.workflow;
             let start = ExecutionStart {
                 trigger: trigger.execution_trigger(),
                 input: execution_input(&workflow.workflow.default_input, &config, given),
@@ -1032,7 +1033,7 @@ async fn start_target(
                 parent: None,
                 cron_claim: trigger.cron_claim(),
             };
-            executions::start_workflow_execution(context, &workflow, start).await
+            executions::start_workflow_execution(context, &to_run, start).await
         }
         DeploymentTarget::Agent(agent_id) => {
             let agent = context

@@ -28,7 +28,7 @@ use crate::store::{
     self, Agent, CancelRequestOutcome, Execution, ExecutionCursor, ExecutionFilter, ExecutionLog,
     ExecutionLogFilter, ExecutionLogLevel, ExecutionLogSource, ExecutionStatus, ExecutionTrigger,
     MAX_EXECUTION_LOG_PAGE_SIZE, NewExecution, NewExecutionLog, NewStepRun, OwnerScope,
-    StepAttempt, StepAttemptStatus, StepRun, StepRunStatus, WorkflowWithSteps,
+    StepAttempt, StepAttemptStatus, StepRun, StepRunStatus, WorkflowToRun,
 };
 
 /// Log lines per page when the caller gives no page size.
@@ -58,7 +58,7 @@ pub struct ExecutionStart {
     pub cron_claim: Option<store::CronRunClaim>,
 }
 
-/// Creates a QUEUED execution of `workflow` and one PENDING step run per step, in one
+/// Creates a QUEUED execution of `to_run`'s workflow and one PENDING step run per step, in one
 /// transaction, with the definition snapshot the engine runs from. The snapshot is a JSON
 /// object of this shape, so later edits of the workflow or its agents never change a run in
 /// flight:
@@ -74,59 +74,45 @@ pub struct ExecutionStart {
 /// workflow's owner, whoever started it (an administrator, a schedule). Its deadline is its
 /// creation time plus `timeout_seconds` (queue time counts). Every agent must still be live
 /// (ownership was checked when the workflow was saved and never changes); otherwise the
-/// execution is refused with CONFLICT.
+/// execution is refused with CONFLICT. `to_run` is the workflow read with its agents in one
+/// statement (`Store::get_workflow_to_run`).
 pub async fn start_workflow_execution(
     context: &AppContext,
-    workflow: &WorkflowWithSteps,
+    to_run: &WorkflowToRun,
     start: ExecutionStart,
 ) -> ServiceResult<(Execution, Vec<StepRun>)> {
-    let (definition, step_runs) = snapshot_workflow(context.store.as_ref(), workflow).await?;
-    create_execution(
-        context,
-        workflow.workflow.owner_id,
-        Some(workflow.workflow.id),
-        definition,
-        step_runs,
-        start,
-    )
-    .await
+    let (definition, step_runs) = snapshot_workflow(context.store.as_ref(), to_run).await?;
+    let workflow = &to_run.workflow.workflow;
+    create_execution(context, workflow.owner_id, Some(workflow.id), definition, step_runs, start)
+        .await
 }
 
-/// The definition snapshot of an execution of `workflow` (see `start_workflow_execution`)
+/// The definition snapshot of an execution of `to_run` (see `start_workflow_execution`)
 /// and its step runs, built but not stored. A workflow whose steps are not a valid DAG (it
 /// was saved, then its steps' agents changed, or it has none) and a deleted agent are a
 /// CONFLICT, the latter naming the step.
 pub(crate) async fn snapshot_workflow(
     store: &dyn store::Store,
-    workflow: &WorkflowWithSteps,
+    to_run: &WorkflowToRun,
 ) -> ServiceResult<(Value, Vec<NewStepRun>)> {
+    let workflow = &to_run.workflow;
     let dag_steps: Vec<DagStep> = workflow.steps.iter().map(DagStep::from).collect();
     if workflow.steps.is_empty() || !dag::validate(&dag_steps).is_empty() {
         return Err(ServiceError::conflict(
             "the workflow's definition is not a valid DAG: fix its steps first",
         ));
     }
-    let mut agents: BTreeMap<Uuid, Agent> = BTreeMap::new();
-    for step in &workflow.steps {
-        if agents.contains_key(&step.agent_id) {
-            continue;
-        }
-        match store.get_agent(OwnerScope::All, step.agent_id).await {
-            Ok(agent) => {
-                agents.insert(agent.id, agent);
-            }
-            Err(store::StoreError::NotFound) => {
-                return Err(ServiceError::conflict(format!(
-                    "step {:?} uses an agent that no longer exists",
-                    step.step_key
-                ))
-                .with_metadata("stepKey", &step.step_key));
-            }
-            Err(error) => return Err(ServiceError::from_store(error, "agent")),
-        }
+    let agents: BTreeMap<Uuid, &Agent> =
+        to_run.agents.iter().map(|agent| (agent.id, agent)).collect();
+    if let Some(step) = workflow.steps.iter().find(|step| !agents.contains_key(&step.agent_id)) {
+        return Err(ServiceError::conflict(format!(
+            "step {:?} uses an agent that no longer exists",
+            step.step_key
+        ))
+        .with_metadata("stepKey", &step.step_key));
     }
     let mut agent_messages: Vec<pb::Agent> = Vec::with_capacity(agents.len());
-    for agent in agents.values() {
+    for agent in agents.into_values() {
         agent_messages.push(agents::agent_to_run(store, agent).await);
     }
     let definition = crate::engine::definition::ExecutionDefinition::snapshot(

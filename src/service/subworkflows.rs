@@ -35,17 +35,20 @@ impl ChildWorkflows for ChildWorkflowBuilder {
     /// `request.deadline_at`.
     async fn plan_child(&self, request: ChildRequest) -> Result<ChildPlan, ChildPlanError> {
         let workflow_id = request.workflow_id;
-        let workflow =
-            match self.store.get_workflow(OwnerScope::Owner(request.owner_id), workflow_id).await {
-                Ok(workflow) => workflow,
-                Err(StoreError::NotFound) => {
-                    return Err(ChildPlanError::Refused(format!(
-                        "workflow {workflow_id} does not exist or was deleted"
-                    )));
-                }
-                Err(error) => return Err(ChildPlanError::Unavailable(error.to_string())),
-            };
-        let (definition, step_runs) = executions::snapshot_workflow(self.store.as_ref(), &workflow)
+        let to_run = match self
+            .store
+            .get_workflow_to_run(OwnerScope::Owner(request.owner_id), workflow_id)
+            .await
+        {
+            Ok(to_run) => to_run,
+            Err(StoreError::NotFound) => {
+                return Err(ChildPlanError::Refused(format!(
+                    "workflow {workflow_id} does not exist or was deleted"
+                )));
+            }
+            Err(error) => return Err(ChildPlanError::Unavailable(error.to_string())),
+        };
+        let (definition, step_runs) = executions::snapshot_workflow(self.store.as_ref(), &to_run)
             .await
             .map_err(|error| match error.code {
                 ErrorCode::InternalError
@@ -56,6 +59,7 @@ impl ChildWorkflows for ChildWorkflowBuilder {
                     error.message
                 )),
             })?;
+        let workflow = &to_run.workflow;
         let input = match request.input {
             Value::Null => workflow.workflow.default_input.clone(),
             given => given,

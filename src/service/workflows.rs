@@ -724,7 +724,12 @@ pub async fn execute_workflow(
     );
     validator.finish()?;
 
-    let workflow = load_workflow(context, caller, workflow_id).await?;
+    let to_run = context
+        .store
+        .get_workflow_to_run(caller.owner_scope(), workflow_id)
+        .await
+        .map_err(|error| ServiceError::from_store(error, "workflow"))?;
+    let workflow = &to_run.workflow;
     let start = ExecutionStart {
         trigger: ExecutionTrigger::Manual,
         input: input.unwrap_or_else(|| workflow.workflow.default_input.clone()),
@@ -735,7 +740,7 @@ pub async fn execute_workflow(
         cron_claim: None,
     };
     let (execution, step_runs) =
-        executions::start_workflow_execution(context, &workflow, start).await?;
+        executions::start_workflow_execution(context, &to_run, start).await?;
     audit::record(
         context,
         Actor::Caller(caller),

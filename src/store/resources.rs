@@ -289,6 +289,15 @@ pub struct WorkflowWithSteps {
     pub steps: Vec<WorkflowStep>,
 }
 
+/// What an execution of a workflow is made from: the workflow with its steps and the live
+/// agents those steps use (each once, in the order of the first step using it), all as of one
+/// moment. A step whose agent was deleted has no agent here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkflowToRun {
+    pub workflow: WorkflowWithSteps,
+    pub agents: Vec<Agent>,
+}
+
 /// The fields of a new workflow and its steps, written in one transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewWorkflow {
@@ -904,6 +913,14 @@ pub trait ResourceStore: Send + Sync {
         workflow_id: Uuid,
     ) -> StoreResult<WorkflowWithSteps>;
 
+    /// A live workflow in scope with its steps and the live agents they use, whoever owns
+    /// them, in one statement (one round trip, one moment): what an execution snapshots.
+    async fn get_workflow_to_run(
+        &self,
+        scope: OwnerScope,
+        workflow_id: Uuid,
+    ) -> StoreResult<WorkflowToRun>;
+
     /// Applies `changes`; `steps: Some(..)` replaces the steps in the same transaction (a step
     /// whose key survives keeps its id). Changes that alter nothing write nothing.
     async fn update_workflow(
@@ -1103,6 +1120,44 @@ macro_rules! workflow_columns_beside_steps {
          workflows.timeout_seconds AS workflow_timeout_seconds, workflows.tags AS workflow_tags, \
          workflows.version AS workflow_version, workflows.created_at AS workflow_created_at, \
          workflows.updated_at AS workflow_updated_at, workflows.deleted_at AS workflow_deleted_at"
+    };
+}
+
+/// What `resources_load_workflow` reads from, binding the workflow's id to `$1` and the
+/// scope's owner to `$2`: a live workflow joined to its steps, in definition order; with
+/// `agents`, each step joined to its live agent too (as `agent`).
+macro_rules! workflow_with_steps_from {
+    () => {
+        workflow_with_steps_from!("")
+    };
+    (agents) => {
+        workflow_with_steps_from!(
+            " LEFT JOIN agents AS agent ON agent.id = step.agent_id AND agent.deleted_at IS NULL"
+        )
+    };
+    ($agents:literal) => {
+        concat!(
+            " FROM workflows LEFT JOIN workflow_steps AS step ON step.workflow_id = workflows.id",
+            $agents,
+            " WHERE workflows.id = $1 AND workflows.deleted_at IS NULL \
+             AND ($2 IS NULL OR workflows.owner_id = $2) \
+             ORDER BY step.position, step.id"
+        )
+    };
+}
+
+/// An agent's columns beside the step that uses it (named `agent_…`; its id `agent_id_` and
+/// its type `agent_type_`, the step's `agent_id` and no column of a step being hidden).
+macro_rules! agent_columns_beside_steps {
+    () => {
+        "agent.id AS agent_id_, agent.owner_id AS agent_owner_id, agent.name AS agent_name, \
+         agent.description AS agent_description, agent.agent_type AS agent_type_, \
+         agent.config AS agent_config, agent.timeout_seconds AS agent_timeout_seconds, \
+         agent.memory_mb AS agent_memory_mb, agent.cpu_seconds AS agent_cpu_seconds, \
+         agent.max_output_bytes AS agent_max_output_bytes, agent.status AS agent_status, \
+         agent.tags AS agent_tags, agent.version AS agent_version, \
+         agent.created_at AS agent_created_at, agent.updated_at AS agent_updated_at, \
+         agent.deleted_at AS agent_deleted_at"
     };
 }
 
@@ -1559,25 +1614,84 @@ macro_rules! impl_resource_store {
                 scope: OwnerScope,
                 workflow_id: Uuid,
             ) -> StoreResult<WorkflowWithSteps> {
-                use sqlx::{FromRow as _, Row as _};
                 let rows = sqlx::query::<$db>(concat!(
                     "SELECT ",
                     workflow_columns_beside_steps!(),
                     ", ",
                     workflow_step_columns!(step),
-                    " FROM workflows LEFT JOIN workflow_steps AS step \
-                     ON step.workflow_id = workflows.id \
-                     WHERE workflows.id = $1 AND workflows.deleted_at IS NULL \
-                     AND ($2 IS NULL OR workflows.owner_id = $2) \
-                     ORDER BY step.position, step.id"
+                    workflow_with_steps_from!()
                 ))
                 .bind(workflow_id)
                 .bind(scope.owner_id())
                 .fetch_all(&mut *connection)
                 .await?;
+                Self::resources_workflow_from_rows(&rows)
+            }
+
+            /// `resources_load_workflow`'s rows with each step's agent beside it (NULL when
+            /// it was deleted), decoded as `WorkflowToRun`.
+            async fn resources_load_workflow_to_run(
+                connection: &mut <$db as sqlx::Database>::Connection,
+                scope: OwnerScope,
+                workflow_id: Uuid,
+            ) -> StoreResult<WorkflowToRun> {
+                use sqlx::Row as _;
+                let rows = sqlx::query::<$db>(concat!(
+                    "SELECT ",
+                    workflow_columns_beside_steps!(),
+                    ", ",
+                    workflow_step_columns!(step),
+                    ", ",
+                    agent_columns_beside_steps!(),
+                    workflow_with_steps_from!(agents),
+                ))
+                .bind(workflow_id)
+                .bind(scope.owner_id())
+                .fetch_all(&mut *connection)
+                .await?;
+                let workflow = Self::resources_workflow_from_rows(&rows)?;
+                let mut agents: Vec<Agent> = Vec::new();
+                for row in &rows {
+                    let Some(agent_id) = row.try_get::<Option<Uuid>, _>("agent_id_")? else {
+                        continue;
+                    };
+                    if agents.iter().any(|agent| agent.id == agent_id) {
+                        continue;
+                    }
+                    agents.push(Agent {
+                        id: agent_id,
+                        owner_id: row.try_get("agent_owner_id")?,
+                        name: row.try_get("agent_name")?,
+                        description: row.try_get("agent_description")?,
+                        agent_type: row.try_get("agent_type_")?,
+                        config: row.try_get::<Json<Value>, _>("agent_config")?.0,
+                        limits: AgentLimits {
+                            timeout_seconds: row.try_get("agent_timeout_seconds")?,
+                            memory_mb: row.try_get("agent_memory_mb")?,
+                            cpu_seconds: row.try_get("agent_cpu_seconds")?,
+                            max_output_bytes: row.try_get("agent_max_output_bytes")?,
+                        },
+                        status: row.try_get("agent_status")?,
+                        tags: row.try_get::<Json<Vec<String>>, _>("agent_tags")?.0,
+                        version: row.try_get("agent_version")?,
+                        created_at: row.try_get("agent_created_at")?,
+                        updated_at: row.try_get("agent_updated_at")?,
+                        deleted_at: row.try_get("agent_deleted_at")?,
+                    });
+                }
+                Ok(WorkflowToRun { workflow, agents })
+            }
+
+            /// A workflow and its steps from `workflow_with_steps_from!`'s rows: the
+            /// workflow's columns (`workflow_…`) from the first, a step from each row with
+            /// one. No row is `NotFound`.
+            fn resources_workflow_from_rows(
+                rows: &[<$db as sqlx::Database>::Row],
+            ) -> StoreResult<WorkflowWithSteps> {
+                use sqlx::{FromRow as _, Row as _};
                 let first = rows.first().ok_or(StoreError::NotFound)?;
                 let mut steps = Vec::with_capacity(rows.len());
-                for row in &rows {
+                for row in rows {
                     if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
                         steps.push(WorkflowStep::from_row(row)?);
                     }
@@ -1981,6 +2095,17 @@ macro_rules! impl_resource_store {
             ) -> StoreResult<WorkflowWithSteps> {
                 let mut connection = self.connections.acquire().await?;
                 let workflow = Self::resources_load_workflow(&mut connection, scope, workflow_id).await;
+                connection.kept_if_ok(workflow)
+            }
+
+            async fn get_workflow_to_run(
+                &self,
+                scope: OwnerScope,
+                workflow_id: Uuid,
+            ) -> StoreResult<WorkflowToRun> {
+                let mut connection = self.connections.acquire().await?;
+                let workflow =
+                    Self::resources_load_workflow_to_run(&mut connection, scope, workflow_id).await;
                 connection.kept_if_ok(workflow)
             }
 

@@ -771,6 +771,74 @@ async fn workflow_crud_with_atomic_step_replacement(store: Arc<dyn Store>) {
     assert_eq!(fetched, empty);
 }
 
+/// What an execution is made from: the workflow and its steps as `get_workflow` reads them,
+/// with each agent the steps use once, in the order of the first step using it.
+async fn workflow_to_run_reads_each_agent_once(store: Arc<dyn Store>) {
+    let owner = create_owner(&store, "owner").await;
+    let stranger = create_owner(&store, "stranger").await;
+    let fetcher = store.create_agent(new_agent(owner, "Fetcher")).await.expect("agent");
+    let parser = store.create_agent(new_agent(owner, "Parser")).await.expect("agent");
+    let mut limited = new_agent(owner, "Limited");
+    limited.agent_type = AgentType::Data;
+    limited.config = json!({ "jqProgram": ".a" });
+    limited.limits =
+        AgentLimits { timeout_seconds: 7, memory_mb: 64, cpu_seconds: 3, max_output_bytes: 4_096 };
+    limited.tags = vec!["etl".to_owned()];
+    let limited = store.create_agent(limited).await.expect("agent");
+    let unused = store.create_agent(new_agent(owner, "Unused")).await.expect("agent");
+    let steps = vec![
+        new_step("parse", parser.id, &[]),
+        new_step("fetch", fetcher.id, &["parse"]),
+        new_step("reparse", parser.id, &["fetch"]),
+        new_step("trim", limited.id, &["reparse"]),
+        new_step("refetch", fetcher.id, &["trim"]),
+    ];
+    let created = store.create_workflow(new_workflow(owner, "Pipeline", steps)).await;
+    let created = created.expect("workflow");
+    let workflow_id = created.workflow.id;
+
+    let to_run = store.get_workflow_to_run(OwnerScope::Owner(owner), workflow_id).await;
+    let to_run = to_run.expect("the workflow to run");
+    assert_eq!(to_run.workflow, created);
+    assert_eq!(
+        to_run.workflow,
+        store.get_workflow(OwnerScope::All, workflow_id).await.expect("get")
+    );
+    let read_alone = [
+        store.get_agent(OwnerScope::All, parser.id).await.expect("parser"),
+        store.get_agent(OwnerScope::All, fetcher.id).await.expect("fetcher"),
+        store.get_agent(OwnerScope::All, limited.id).await.expect("limited"),
+    ];
+    assert_eq!(to_run.agents, read_alone, "each agent once, as it reads alone");
+    assert!(!agent_ids(&to_run.agents).contains(&unused.id));
+
+    // It reads the agents as they are now.
+    let renamed = store
+        .update_agent(
+            OwnerScope::Owner(owner),
+            limited.id,
+            limited.version,
+            AgentChanges { name: Some("Limited v2".to_owned()), ..Default::default() },
+            owner,
+        )
+        .await
+        .expect("rename");
+    let to_run = store.get_workflow_to_run(OwnerScope::All, workflow_id).await.expect("again");
+    assert_eq!(to_run.agents[2], renamed);
+
+    // Scope, deletion and a workflow without steps.
+    let foreign = store.get_workflow_to_run(OwnerScope::Owner(stranger), workflow_id).await;
+    assert!(is_not_found(&foreign));
+    assert!(is_not_found(&store.get_workflow_to_run(OwnerScope::All, Uuid::now_v7()).await));
+    let empty = store.create_workflow(new_workflow(owner, "Empty", Vec::new())).await;
+    let empty = empty.expect("a workflow without steps");
+    let empty_to_run = store.get_workflow_to_run(OwnerScope::Owner(owner), empty.workflow.id).await;
+    let empty_to_run = empty_to_run.expect("read a workflow without steps");
+    assert_eq!((empty_to_run.workflow, empty_to_run.agents), (empty, Vec::new()));
+    store.soft_delete_workflow(OwnerScope::Owner(owner), workflow_id, None).await.expect("delete");
+    assert!(is_not_found(&store.get_workflow_to_run(OwnerScope::All, workflow_id).await));
+}
+
 async fn workflow_list_pages_filters_sorts_and_searches(store: Arc<dyn Store>) {
     let owner = create_owner(&store, "owner").await;
     let other = create_owner(&store, "other").await;
@@ -1751,6 +1819,7 @@ crate::conformance!(
     agent_delete_refused_while_a_live_workflow_uses_it,
     agent_list_pages_filters_sorts_and_searches,
     workflow_crud_with_atomic_step_replacement,
+    workflow_to_run_reads_each_agent_once,
     workflow_list_pages_filters_sorts_and_searches,
     template_crud_and_visibility,
     template_list_pages_filters_sorts_and_searches,
@@ -1841,6 +1910,68 @@ mod schema_constraints {
         let (owner, agent_id, workflow_id) = seed(&database.store()).await;
         let mut connection = sqlx::SqliteConnection::connect(&database.url).await.expect("connect");
         assert_exactly_one_target_checked(&mut connection, owner, agent_id, workflow_id).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A step whose agent was deleted behind the store's back (its own deletion refuses an agent in
+// use): the workflow to run has no agent for it, which the service refuses to start
+// ---------------------------------------------------------------------------------------------
+
+mod deleted_agent {
+    use sqlx::Connection;
+
+    use super::*;
+
+    async fn delete_behind_the_store<C: Connection>(connection: &mut C, agent_id: Uuid)
+    where
+        for<'c> &'c mut C: sqlx::Executor<'c, Database = C::Database>,
+        for<'q> Uuid: sqlx::Encode<'q, C::Database> + sqlx::Type<C::Database>,
+        for<'q> DateTime<Utc>: sqlx::Encode<'q, C::Database> + sqlx::Type<C::Database>,
+        for<'q> <C::Database as sqlx::Database>::Arguments: sqlx::IntoArguments<C::Database>,
+    {
+        sqlx::query::<C::Database>("UPDATE agents SET deleted_at = $1 WHERE id = $2")
+            .bind(Utc::now())
+            .bind(agent_id)
+            .execute(&mut *connection)
+            .await
+            .expect("delete the agent");
+    }
+
+    async fn seed(store: &Arc<dyn Store>) -> (Uuid, Uuid, Uuid) {
+        let owner = create_owner(store, "owner").await;
+        let kept = store.create_agent(new_agent(owner, "Kept")).await.expect("agent");
+        let gone = store.create_agent(new_agent(owner, "Gone")).await.expect("agent");
+        let steps = vec![new_step("a", kept.id, &[]), new_step("b", gone.id, &["a"])];
+        let workflow = store.create_workflow(new_workflow(owner, "Pipeline", steps)).await;
+        (kept.id, gone.id, workflow.expect("workflow").workflow.id)
+    }
+
+    async fn assert_read_without(store: &Arc<dyn Store>, kept: Uuid, workflow_id: Uuid) {
+        let to_run = store.get_workflow_to_run(OwnerScope::All, workflow_id).await;
+        let to_run = to_run.expect("the workflow to run");
+        assert_eq!(step_keys(&to_run.workflow.steps), vec!["a", "b"]);
+        assert_eq!(agent_ids(&to_run.agents), vec![kept]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_workflow_to_run_leaves_a_deleted_agent_out() {
+        let database = crate::support::postgres().await;
+        let store = database.store();
+        let (kept, gone, workflow_id) = seed(&store).await;
+        let mut connection = sqlx::PgConnection::connect(&database.url).await.expect("connect");
+        delete_behind_the_store(&mut connection, gone).await;
+        assert_read_without(&store, kept, workflow_id).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_workflow_to_run_leaves_a_deleted_agent_out() {
+        let database = crate::support::sqlite().await;
+        let store = database.store();
+        let (kept, gone, workflow_id) = seed(&store).await;
+        let mut connection = sqlx::SqliteConnection::connect(&database.url).await.expect("connect");
+        delete_behind_the_store(&mut connection, gone).await;
+        assert_read_without(&store, kept, workflow_id).await;
     }
 }
 
