@@ -179,6 +179,10 @@ pub struct Engine {
     /// Results of attempts, with the steps they make ready or the execution they end,
     /// committed in groups.
     completing: GroupCommit<scheduler::Completing, scheduler::Completed>,
+    /// Completions' questions where the steps a successor waits for stand, read in groups
+    /// (`scheduler::StatesAsked`); `state_tickets` numbers them.
+    reading_states: GroupCommit<scheduler::StatesAsked, scheduler::StatesRead>,
+    state_tickets: std::sync::atomic::AtomicU64,
     /// The highest priority of queue entries this replica last saw waiting for a slot (as
     /// of the dispatcher's last pass and its own enqueues since): a step only takes over the
     /// slot its predecessor freed when it is at least as urgent (`take_over_slot`).
@@ -238,9 +242,22 @@ impl Engine {
                 Ok(scheduler::completed_per_result(completed, &next, &finishing, with_results))
             })
         }));
+        let store = parts.store.clone();
+        let reading_states =
+            GroupCommit::start(Arc::new(move |batch: Vec<scheduler::StatesAsked>| {
+                let store = store.clone();
+                Box::pin(async move {
+                    let wanted: Vec<crate::store::StepKeys> =
+                        batch.iter().map(|asked| asked.wanted.clone()).collect();
+                    let states = store.list_step_run_states_by_keys(&wanted).await?;
+                    Ok(scheduler::states_per_question(&batch, &states))
+                })
+            }));
         Arc::new(Self {
             handing,
             completing,
+            reading_states,
+            state_tickets: std::sync::atomic::AtomicU64::new(0),
             queueing,
             assigning,
             starting,

@@ -23,7 +23,7 @@ use crate::queue::{EnqueueOutcome, QueueItem};
 use crate::store::{
     AttemptKey, Completion, CompletionOutcome, Execution, ExecutionChange, ExecutionLog,
     ExecutionStatus, FinishedAttempt, FinishingExecution, InFlightStepRun, NewExecutionLog,
-    NextStep, OwnerScope, StepRun, StepRunState, StepRunStatus, StepTransitionOutcome,
+    NextStep, OwnerScope, StepKeys, StepRun, StepRunState, StepRunStatus, StepTransitionOutcome,
 };
 
 /// What the commit of a result did for its caller: the step run as it ended, the steps it
@@ -95,6 +95,50 @@ pub(super) fn completed_per_result(
             let logs = lines.remove(&key).unwrap_or_default();
             let finished_execution = ended.contains(&key);
             Completed { step_run, next, logs, finished_execution }
+        })
+        .collect()
+}
+
+/// A completion's question where some steps of its execution stand, asked together with the
+/// questions of the completions beside it (`Engine::reading_states`); `ticket` tells their
+/// answers apart.
+#[derive(Clone)]
+pub struct StatesAsked {
+    pub ticket: u64,
+    pub wanted: StepKeys,
+}
+
+/// The answer to a `StatesAsked`: where the steps it asked about stand.
+pub struct StatesRead {
+    pub ticket: u64,
+    pub states: Vec<StepRunState>,
+}
+
+impl crate::store::group_commit::Changed for StatesRead {
+    type Key = u64;
+
+    fn key(&self) -> u64 {
+        self.ticket
+    }
+}
+
+/// Splits the states one read found among the questions it answered.
+pub(super) fn states_per_question(
+    asked: &[StatesAsked],
+    states: &[StepRunState],
+) -> Vec<StatesRead> {
+    asked
+        .iter()
+        .map(|question| StatesRead {
+            ticket: question.ticket,
+            states: states
+                .iter()
+                .filter(|state| {
+                    state.execution_id == question.wanted.execution_id
+                        && question.wanted.step_keys.contains(&state.step_key)
+                })
+                .cloned()
+                .collect(),
         })
         .collect()
 }
@@ -512,8 +556,10 @@ impl Engine {
     /// The successors of `done` (whose rows are not in `rows` already) that cannot be ready
     /// yet: a step that waits for others too is ready only once all of them succeeded. Their
     /// states are read without inputs and outputs, so that of the N completions of a fan-in
-    /// only the ones that may make it ready read the rows it needs (N rows, not N²). Empty when
-    /// every successor waits for `done` alone (nothing to ask).
+    /// only the ones that may make it ready read the rows it needs (N rows, not N²), and
+    /// together with the other completions asking meanwhile (one statement for all of them,
+    /// begun after each one's commit). Empty when every successor waits for `done` alone
+    /// (nothing to ask).
     async fn not_ready_yet(
         &self,
         execution_id: Uuid,
@@ -528,11 +574,14 @@ impl Engine {
         if !waits_for_others || needed.is_empty() {
             return Ok(not_ready);
         }
-        let keys: Vec<&str> = needed.iter().map(String::as_str).collect();
+        let ticket = self.state_tickets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let wanted = StepKeys { execution_id, step_keys: needed.iter().cloned().collect() };
         let states: HashMap<String, StepRunState> = self
-            .store
-            .list_step_run_states_by_keys(execution_id, &keys)
+            .reading_states
+            .submit(ticket, StatesAsked { ticket, wanted })
             .await?
+            .map(|read| read.states)
+            .unwrap_or_default()
             .into_iter()
             .map(|state| (state.step_key.clone(), state))
             .collect();

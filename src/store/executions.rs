@@ -392,9 +392,17 @@ impl ExecutionCursor {
 // Step runs and attempts
 // ---------------------------------------------------------------------------------------------
 
+/// The steps of one execution asked about by key (`list_step_run_states_by_keys`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepKeys {
+    pub execution_id: Uuid,
+    pub step_keys: Vec<String>,
+}
+
 /// Where one step run stands (`list_step_run_states_by_keys`).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct StepRunState {
+    pub execution_id: Uuid,
     pub step_key: String,
     pub status: StepRunStatus,
     /// A failed attempt waits for its retry (`next_attempt_at` is set).
@@ -1086,13 +1094,14 @@ pub trait ExecutionStore: Send + Sync {
         step_keys: &[&str],
     ) -> StoreResult<Vec<StepRun>>;
 
-    /// Where the step runs with these keys of one execution stand, without their inputs and
-    /// outputs (unscoped: for the engine, which asks whether a step waiting for several others
-    /// may be ready before it reads what it needs to start it). Keys it lacks are left out.
+    /// Where the step runs with these keys of these executions stand, without their inputs
+    /// and outputs, in one statement however many executions are asked about (unscoped: for
+    /// the engine, whose completions ask together whether a step waiting for several others
+    /// may be ready before they read what they need to start it). Keys an execution lacks are
+    /// left out; a step asked about twice is there once.
     async fn list_step_run_states_by_keys(
         &self,
-        execution_id: Uuid,
-        step_keys: &[&str],
+        wanted: &[StepKeys],
     ) -> StoreResult<Vec<StepRunState>>;
 
     /// One step run (unscoped: for the engine).
@@ -1556,7 +1565,7 @@ macro_rules! impl_executions_store {
             }
 
             /// `SELECT <columns> FROM step_runs` of one execution's step runs with these keys
-            /// (`list_step_runs_by_keys`, `list_step_run_states_by_keys`).
+            /// (`list_step_runs_by_keys`).
             fn select_step_runs_by_keys(
                 columns: &str,
                 execution_id: Uuid,
@@ -2724,16 +2733,28 @@ macro_rules! impl_executions_store {
 
             async fn list_step_run_states_by_keys(
                 &self,
-                execution_id: Uuid,
-                step_keys: &[&str],
+                wanted: &[StepKeys],
             ) -> StoreResult<Vec<StepRunState>> {
-                if step_keys.is_empty() {
+                let pairs: std::collections::BTreeSet<(Uuid, &str)> = wanted
+                    .iter()
+                    .flat_map(|asked| {
+                        asked.step_keys.iter().map(|key| (asked.execution_id, key.as_str()))
+                    })
+                    .collect();
+                if pairs.is_empty() {
                     return Ok(Vec::new());
                 }
-                let mut select = <$store>::select_step_runs_by_keys(
-                    "step_key, status, next_attempt_at IS NOT NULL AS waiting_for_retry",
-                    execution_id,
-                    step_keys,
+                let mut select = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT step_runs.execution_id, step_runs.step_key, step_runs.status, \
+                     step_runs.next_attempt_at IS NOT NULL AS waiting_for_retry FROM (",
+                );
+                BatchRows::<$db>::new(pairs.len())
+                    .column(pairs.iter().map(|(execution_id, _)| *execution_id))
+                    .column(pairs.iter().map(|(_, step_key)| *step_key))
+                    .push_table(&mut select);
+                select.push(
+                    ") AS v JOIN step_runs ON step_runs.execution_id = v.column1 \
+                     AND step_runs.step_key = v.column2",
                 );
                 let states =
                     select.build_query_as::<StepRunState>().fetch_all(&self.connections).await?;

@@ -3,7 +3,9 @@
 //! batch of that kind is being committed wait for it and are then committed together, in one
 //! statement: under load many writes share one commit; alone, a write goes at once (nothing
 //! waits for company). Durability is unchanged: every caller gets its row back only after the
-//! commit that holds it, exactly as from the one-row store methods.
+//! commit that holds it, exactly as from the one-row store methods. Reads that must see what
+//! their callers committed (where the steps a fan-in waits for stand) group the same way: each
+//! batch's statement begins after every caller in it handed its read in.
 //! May call: the store (through the batch function it is given) and tokio, nothing else.
 
 use std::collections::{HashMap, HashSet};

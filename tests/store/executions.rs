@@ -12,7 +12,7 @@ use turbocat::store::{
     ExecutionLogSource, ExecutionStatus, ExecutionTrigger, FinishedAttempt, FinishingExecution,
     InFlightStepRun, NewAgent, NewDeployment, NewExecution, NewExecutionLog, NewStepRun, NewUser,
     NewWorkflow, NextStep, OwnerScope, PageRequest, ParentStep, StepAssignment, StepAttemptStatus,
-    StepRun, StepRunStatus, StepStart, StepTransitionOutcome, Store, StoreError,
+    StepKeys, StepRun, StepRunStatus, StepStart, StepTransitionOutcome, Store, StoreError,
 };
 use uuid::Uuid;
 
@@ -1969,6 +1969,31 @@ async fn merged_transitions_record_every_stage(store: Arc<dyn Store>) {
     assert_eq!(by_keys, ["a", "c"]);
     let states = states_of(&store, a.execution_id, &["a", "nope"]).await;
     assert_eq!(states, [("a".to_owned(), StepRunStatus::Succeeded, false)]);
+
+    // Several executions asked about in one read: each keeps to its own steps, and a step
+    // asked about twice is there once.
+    let (other, _) = simple_execution(&store, fixture.owner, &["a", "x"], 1).await;
+    let wanted = [
+        StepKeys { execution_id, step_keys: vec!["a".to_owned(), "b".to_owned()] },
+        StepKeys { execution_id: other.id, step_keys: vec!["x".to_owned(), "b".to_owned()] },
+        StepKeys { execution_id, step_keys: vec!["a".to_owned()] },
+    ];
+    let mut together: Vec<(Uuid, String, StepRunStatus)> = store
+        .list_step_run_states_by_keys(&wanted)
+        .await
+        .expect("states of two executions")
+        .into_iter()
+        .map(|state| (state.execution_id, state.step_key, state.status))
+        .collect();
+    together.sort_by(|left, right| (left.0, &left.1).cmp(&(right.0, &right.1)));
+    let mut expected = vec![
+        (execution_id, "a".to_owned(), StepRunStatus::Succeeded),
+        (execution_id, "b".to_owned(), StepRunStatus::Succeeded),
+        (other.id, "x".to_owned(), StepRunStatus::Pending),
+    ];
+    expected.sort_by(|left, right| (left.0, &left.1).cmp(&(right.0, &right.1)));
+    assert_eq!(together, expected);
+    assert!(store.list_step_run_states_by_keys(&[]).await.expect("nothing asked").is_empty());
 }
 
 /// `list_step_run_states_by_keys`, sorted by key, as (key, status, waiting for a retry).
@@ -1977,8 +2002,9 @@ async fn states_of(
     execution_id: Uuid,
     keys: &[&str],
 ) -> Vec<(String, StepRunStatus, bool)> {
+    let step_keys = keys.iter().map(|key| (*key).to_owned()).collect();
     let mut states: Vec<_> = store
-        .list_step_run_states_by_keys(execution_id, keys)
+        .list_step_run_states_by_keys(&[StepKeys { execution_id, step_keys }])
         .await
         .expect("states by keys")
         .into_iter()
