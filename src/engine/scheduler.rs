@@ -1363,3 +1363,67 @@ pub fn agent_type_name(agent_type: pb::AgentType) -> &'static str {
 pub(super) fn step_ref(key: AttemptKey) -> pb::StepRef {
     pb::StepRef { step_run_id: key.step_run_id.to_string(), attempt: key.attempt }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(execution_id: Uuid, step_key: &str, status: StepRunStatus) -> StepRunState {
+        StepRunState {
+            execution_id,
+            step_key: step_key.to_owned(),
+            status,
+            waiting_for_retry: false,
+        }
+    }
+
+    /// An answer as (execution, step key, status) triples.
+    type Found<'a> = Vec<(Uuid, &'a str, StepRunStatus)>;
+
+    fn asked(ticket: u64, execution_id: Uuid, step_keys: &[&str]) -> StatesAsked {
+        let step_keys = step_keys.iter().map(|key| (*key).to_owned()).collect();
+        StatesAsked { ticket, wanted: StepKeys { execution_id, step_keys } }
+    }
+
+    #[test]
+    fn a_group_read_answers_each_question_with_its_own_steps() {
+        let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+        let states = [
+            state(first, "a", StepRunStatus::Succeeded),
+            state(first, "join", StepRunStatus::Pending),
+            state(second, "a", StepRunStatus::Running),
+            state(second, "b", StepRunStatus::Succeeded),
+        ];
+        let questions = [
+            asked(7, first, &["a", "join"]),
+            asked(8, second, &["a"]),
+            asked(9, first, &["a", "missing"]),
+        ];
+        let answers = states_per_question(&questions, &states);
+        let summary: Vec<(u64, Found<'_>)> = answers
+            .iter()
+            .map(|read| {
+                let found = read
+                    .states
+                    .iter()
+                    .map(|state| (state.execution_id, state.step_key.as_str(), state.status))
+                    .collect();
+                (read.ticket, found)
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    7,
+                    vec![
+                        (first, "a", StepRunStatus::Succeeded),
+                        (first, "join", StepRunStatus::Pending)
+                    ]
+                ),
+                (8, vec![(second, "a", StepRunStatus::Running)]),
+                (9, vec![(first, "a", StepRunStatus::Succeeded)]),
+            ]
+        );
+    }
+}
