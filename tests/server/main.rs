@@ -630,7 +630,7 @@ async fn assert_migrate_command(url: &str, backend: &str, newer: impl AsyncFn())
     let (success, stdout, stderr) = migrate_command(url, &[]).await;
     assert!(success, "{stderr}");
     assert!(stdout.contains("applied 0001 users\n"), "{stdout}");
-    assert!(stdout.contains("applied 0013 current attempt on step run\n"), "{stdout}");
+    assert!(stdout.contains("applied 0014 executions started shard per connection\n"), "{stdout}");
     assert!(stdout.contains(&format!("migrations applied ({backend})")), "{stdout}");
 
     let (success, stdout, stderr) = migrate_command(url, &["--down", "2"]).await;
@@ -638,15 +638,16 @@ async fn assert_migrate_command(url: &str, backend: &str, newer: impl AsyncFn())
     assert_eq!(
         stdout,
         format!(
-            "reverted 0013 current attempt on step run\nreverted 0012 duration bucket plpgsql\n\
-             migrations reverted ({backend})\n"
+            "reverted 0014 executions started shard per connection\n\
+             reverted 0013 current attempt on step run\nmigrations reverted ({backend})\n"
         )
     );
     let (success, stdout, stderr) = migrate_command(url, &[]).await;
     assert!(success, "{stderr}");
     assert!(
         stdout.starts_with(
-            "applied 0012 duration bucket plpgsql\napplied 0013 current attempt on step run\n"
+            "applied 0013 current attempt on step run\n\
+             applied 0014 executions started shard per connection\n"
         ),
         "{stdout}"
     );

@@ -990,6 +990,42 @@ async fn postgres_ready_steps_read_each_queued_step_once() {
     );
 }
 
+/// PostgreSQL: the executions a user starts count in the shard of the connection that commits
+/// their creation (8 plus its backend's process id modulo 64, migration 0014), so creations
+/// committed on different connections never wait for one row, and one connection's land on
+/// one row whatever their ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_executions_started_count_in_the_committing_connections_shard() {
+    const EXECUTIONS: i64 = 12;
+    let database = crate::support::postgres().await;
+    let postgres = turbocat::store::PostgresStore::connect_with_timeout(
+        &database.url,
+        1,
+        std::time::Duration::from_secs(3),
+    )
+    .await
+    .expect("connect");
+    let store: Arc<dyn Store> = Arc::new(postgres.clone());
+    let fixture = fixture(&store).await;
+    for _ in 0..EXECUTIONS {
+        simple_execution(&store, fixture.owner, &["only"], 1).await;
+    }
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(postgres.connections())
+        .await
+        .expect("the connection's process id");
+    let counted: Vec<(i16, i64)> = sqlx::query_as(
+        "SELECT shard, executions_started FROM usage_rollups \
+         WHERE user_id = $1 AND executions_started > 0",
+    )
+    .bind(fixture.owner)
+    .fetch_all(postgres.connections())
+    .await
+    .expect("usage rows");
+    let shard = i16::try_from(8 + backend % 64).expect("a shard");
+    assert_eq!(counted, [(shard, EXECUTIONS)], "one row, the connection's own");
+}
+
 async fn expired_leases_oldest_first(store: Arc<dyn Store>) {
     let fixture = fixture(&store).await;
     let (_, steps) = simple_execution(&store, fixture.owner, &["f", "g", "h", "queued"], 1).await;
