@@ -953,6 +953,22 @@ async fn postgres_reads(store: &turbocat::store::PostgresStore) -> (i64, i64, i6
     .expect("statistics")
 }
 
+/// A store on `database` with one connection (one backend: its statistics and its process
+/// id are those of every statement the store runs).
+async fn one_connection(
+    database: &crate::support::TestDatabase,
+) -> (turbocat::store::PostgresStore, Arc<dyn Store>) {
+    let postgres = turbocat::store::PostgresStore::connect_with_timeout(
+        &database.url,
+        1,
+        std::time::Duration::from_secs(3),
+    )
+    .await
+    .expect("connect");
+    let store: Arc<dyn Store> = Arc::new(postgres.clone());
+    (postgres, store)
+}
+
 /// PostgreSQL: the reconciler's read of the ready steps scans the QUEUED steps' index once and
 /// looks up each one's execution once, however many executions are unfinished. Read as a join,
 /// it had plans, on tables younger than their statistics, that scanned the index once per
@@ -962,14 +978,7 @@ async fn postgres_ready_steps_read_each_queued_step_once() {
     const EXECUTIONS: i64 = 120;
     let database = crate::support::postgres().await;
     // One connection: the statistics it reports are those of every read below.
-    let postgres = turbocat::store::PostgresStore::connect_with_timeout(
-        &database.url,
-        1,
-        std::time::Duration::from_secs(3),
-    )
-    .await
-    .expect("connect");
-    let store: Arc<dyn Store> = Arc::new(postgres.clone());
+    let (postgres, store) = one_connection(&database).await;
     let fixture = fixture(&store).await;
     let t0 = now() - seconds(600);
     for index in 0..EXECUTIONS {
@@ -998,14 +1007,7 @@ async fn postgres_ready_steps_read_each_queued_step_once() {
 async fn postgres_executions_started_count_in_the_committing_connections_shard() {
     const EXECUTIONS: i64 = 12;
     let database = crate::support::postgres().await;
-    let postgres = turbocat::store::PostgresStore::connect_with_timeout(
-        &database.url,
-        1,
-        std::time::Duration::from_secs(3),
-    )
-    .await
-    .expect("connect");
-    let store: Arc<dyn Store> = Arc::new(postgres.clone());
+    let (postgres, store) = one_connection(&database).await;
     let fixture = fixture(&store).await;
     for _ in 0..EXECUTIONS {
         simple_execution(&store, fixture.owner, &["only"], 1).await;
