@@ -1564,25 +1564,6 @@ macro_rules! impl_executions_store {
                 Ok(moved)
             }
 
-            /// `SELECT <columns> FROM step_runs` of one execution's step runs with these keys
-            /// (`list_step_runs_by_keys`).
-            fn select_step_runs_by_keys(
-                columns: &str,
-                execution_id: Uuid,
-                step_keys: &[&str],
-            ) -> sqlx::QueryBuilder<$db> {
-                let mut select = sqlx::QueryBuilder::<$db>::new(format!(
-                    "SELECT {columns} FROM step_runs WHERE execution_id = "
-                ));
-                select.push_bind(execution_id).push(" AND step_key IN (");
-                let mut keys = select.separated(", ");
-                for step_key in step_keys {
-                    keys.push_bind(step_key.to_string());
-                }
-                select.push(")");
-                select
-            }
-
             /// Appends `UPDATE step_runs SET <set> FROM (<rows>) AS v WHERE` the row's id and
             /// attempt are v's first two columns `AND <condition>` (`transition_step_runs`).
             fn push_step_transition(
@@ -2725,8 +2706,17 @@ macro_rules! impl_executions_store {
                 if step_keys.is_empty() {
                     return Ok(Vec::new());
                 }
-                let mut select =
-                    <$store>::select_step_runs_by_keys(step_run_columns!(), execution_id, step_keys);
+                let mut select = sqlx::QueryBuilder::<$db>::new(concat!(
+                    "SELECT ",
+                    step_run_columns!(),
+                    " FROM step_runs WHERE execution_id = "
+                ));
+                select.push_bind(execution_id).push(" AND step_key IN (");
+                let mut keys = select.separated(", ");
+                for step_key in step_keys {
+                    keys.push_bind(step_key.to_string());
+                }
+                select.push(")");
                 let step_runs = select.build_query_as::<StepRun>().fetch_all(&self.connections).await?;
                 Ok(step_runs)
             }
